@@ -6,7 +6,8 @@
 Stages (each logged to runs/miniworld/<stage>.log and, all together, to train.log):
   1. render   — the training scenes and their captions (grammar.py, render.py)
   2. vae      — AutoencoderKL, 64×64 pixels <-> 16×16×4 latents; scaling factor from the latents
-  3. teacher  — CLIP text encoder and ε-prediction UNet, jointly, from scratch
+  3. teacher  — CLIP text encoder pretrained to read the captions' attributes, then text encoder
+                and ε-prediction UNet jointly (training.py says why both, and why offset noise)
   4. student  — a copy of the teacher distilled to one step at t = 999 (training.py explains how)
   5. write    — fp16 diffusers folders into echodistill/assets/miniworld/models/{teacher,student}
   6. oracle   — attribute reader and subject encoder into echodistill/assets/miniworld/oracle/
@@ -49,9 +50,11 @@ from echodistill.miniworld.evaluate import image_grid, prompt_fidelity_report  #
 from echodistill.miniworld.oracle import Oracle  # noqa: E402
 from echodistill.miniworld.oracle_train import OracleSettings, train_oracles  # noqa: E402
 from echodistill.miniworld.training import (  # noqa: E402
-    StudentSettings, TeacherSettings, VaeSettings, distill_student, encode_latents, reconstruction_psnr,
-    set_scaling_factor, teacher_pairs, train_teacher, train_vae,
+    StudentSettings, TeacherSettings, TextSettings, VaeSettings, distill_student, encode_latents,
+    pretrain_text_encoder, reconstruction_psnr, save_atomically, set_scaling_factor, stated_labels, teacher_pairs,
+    train_teacher, train_vae,
 )
+from echodistill.miniworld.grammar import Caption  # noqa: E402
 
 STAGES = ("render", "vae", "teacher", "student", "write", "oracle", "eval")
 
@@ -60,20 +63,24 @@ STAGES = ("render", "vae", "teacher", "student", "write", "oracle", "eval")
 class RunSettings:
     train_images: int = 24000
     vae: VaeSettings = field(default_factory=VaeSettings)
+    text: TextSettings = field(default_factory=TextSettings)
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     student: StudentSettings = field(default_factory=StudentSettings)
     oracle: OracleSettings = field(default_factory=OracleSettings)
     eval_prompts: int = 300
 
 
+# Sized for about an hour on one busy 2-core CPU (see the README for the measured time).
 FULL = RunSettings(
-    vae=VaeSettings(steps=600, batch=32, lr=2e-3),
-    teacher=TeacherSettings(steps=2500, batch=64),
-    student=StudentSettings(pairs=4096, pair_steps=10, steps=1200, batch=64),
+    vae=VaeSettings(steps=1500, full_steps=150),
+    teacher=TeacherSettings(steps=5000, batch=64),
+    student=StudentSettings(pairs=3072, pair_steps=8, steps=800, batch=64),
+    oracle=OracleSettings(steps=1000),
 )
 QUICK = RunSettings(
     train_images=512,
-    vae=VaeSettings(steps=4, batch=8),
+    vae=VaeSettings(steps=4, batch=8, full_steps=2),
+    text=TextSettings(steps=4, batch=8),
     teacher=TeacherSettings(steps=4, batch=8, warmup=2),
     student=StudentSettings(pairs=16, pair_steps=2, pair_batch=8, steps=4, batch=8, warmup=2),
     oracle=OracleSettings(images=256, steps=4, batch=8),
@@ -91,20 +98,13 @@ class RunLog:
 
     def __call__(self, stage: str, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')} +{time.time() - self.start:7.0f}s] {message}"
-        for name in (f"{stage}.log", "train.log"):
+        for name in dict.fromkeys((f"{stage}.log", "train.log")):  # once when the stage is "train"
             with open(self.folder / name, "a") as handle:
                 handle.write(line + "\n")
         print(line, flush=True)
 
     def stage(self, stage: str):
         return lambda message: self(stage, message)
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
 
 
 def hardware() -> dict:
@@ -127,11 +127,16 @@ def save_png(array: np.ndarray, path: Path, scale: int = 2) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # One thread by default: on a shared 2-core machine a second OpenMP thread waits on a busy
+    # core at every op, and steps measured 2-15x slower than with one.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--workers", type=int, default=2, help="processes rendering scenes")
     parser.add_argument("--log-dir", type=Path, default=REPO / "runs" / "miniworld")
     parser.add_argument("--from-stage", choices=STAGES, default="render",
                         help="redo this stage and the later ones, reading earlier results from <log-dir>/ckpt")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run into <log-dir>/quick")
+    parser.add_argument("--oracle-only", action="store_true",
+                        help="train only the oracles (they need no other stage), e.g. in a second process")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -149,9 +154,13 @@ def main() -> None:
     teacher_config = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["teacher"]).scheduler
     student_config = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["student"]).scheduler
 
+    if args.oracle_only:
+        train_oracle_stage(settings, args, oracle_root, log)
+        return
+
     # 1. render -----------------------------------------------------------------------------
     started = time.time()
-    rendered = render_set(settings.train_images, args.seed, workers=args.threads)
+    rendered = render_set(settings.train_images, args.seed, workers=args.workers)
     log("render", f"{len(rendered.images)} scenes rendered in {time.time() - started:.0f} s; "
                   f"e.g. {rendered.captions[0].text!r}")
     tokenizer = load_clip_tokenizer("sd2")
@@ -162,9 +171,9 @@ def main() -> None:
         vae = train_vae(rendered.images, settings.vae, args.seed, log.stage("vae"))
         latents = encode_latents(vae, rendered.images)
         factor = set_scaling_factor(vae, latents)
-        save_checkpoint(ckpt / "vae.pt", {"state": vae.state_dict(), "scaling_factor": factor})
+        save_atomically(ckpt / "vae.pt", {"state": vae.state_dict(), "scaling_factor": factor})
     else:
-        saved = torch.load(ckpt / "vae.pt")
+        saved = torch.load(ckpt / "vae.pt", weights_only=True)
         vae.load_state_dict(saved["state"])
         vae.register_to_config(scaling_factor=saved["scaling_factor"])
         vae.eval()
@@ -180,13 +189,20 @@ def main() -> None:
         ids = tokenizer([c.text for c in rendered.captions], padding="max_length", max_length=77, truncation=True,
                         return_tensors="pt").input_ids  # (N, 77)
         empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
-        checkpoint = lambda step, u, t: save_checkpoint(  # noqa: E731
-            ckpt / f"teacher_{step}.pt", {"unet": u.state_dict(), "text_encoder": t.state_dict()})
+        resume = ckpt / "teacher_running.pt"
+        if resume.is_file():  # the pretrained encoder's weights are in the loop state
+            text_encoder = arch.build_text_encoder()
+        else:
+            captions = rendered.captions + [Caption("", {})] * (len(rendered.captions) // 10)  # the empty prompt too
+            caption_ids = torch.cat([ids, empty.expand(len(captions) - len(ids), -1)])
+            text_encoder = pretrain_text_encoder(caption_ids, stated_labels(captions), settings.text, args.seed,
+                                                 log.stage("teacher"))
         unet, text_encoder = train_teacher(latents, ids, empty, teacher_config, settings.teacher, args.seed,
-                                           log.stage("teacher"), checkpoint)
-        save_checkpoint(ckpt / "teacher.pt", {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()})
+                                           log.stage("teacher"), text_encoder, resume)
+        save_atomically(ckpt / "teacher.pt", {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()})
+        resume.unlink(missing_ok=True)
     else:
-        saved = torch.load(ckpt / "teacher.pt")
+        saved = torch.load(ckpt / "teacher.pt", weights_only=True)
         unet.load_state_dict(saved["unet"])
         text_encoder.load_state_dict(saved["text_encoder"])
     unet.eval().requires_grad_(False)
@@ -205,9 +221,9 @@ def main() -> None:
         targets = teacher_pairs(unet, cond, uncond, noise, teacher_config, settings.student, log.stage("student"))
         student = distill_student(unet, noise, cond, targets, student_config, settings.student, args.seed,
                                   log.stage("student"))
-        save_checkpoint(ckpt / "student.pt", {"unet": student.state_dict()})
+        save_atomically(ckpt / "student.pt", {"unet": student.state_dict()})
     else:
-        student.load_state_dict(torch.load(ckpt / "student.pt")["unet"])
+        student.load_state_dict(torch.load(ckpt / "student.pt", weights_only=True)["unet"])
 
     # 5. write the diffusers folders --------------------------------------------------------
     if redo("write"):
@@ -218,13 +234,7 @@ def main() -> None:
 
     # 6. oracles ----------------------------------------------------------------------------
     if redo("oracle"):
-        started = time.time()
-        train = render_set(settings.oracle.images, args.seed + 30_000, concepts=True, workers=args.threads)
-        valid = render_set(max(256, settings.oracle.images // 10), args.seed + 40_000, concepts=True)
-        log("oracle", f"{len(train.images)} + {len(valid.images)} oracle scenes in {time.time() - started:.0f} s")
-        oracle = train_oracles(train, valid, settings.oracle, args.seed, log.stage("oracle"))
-        oracle.save(oracle_root)
-        log("oracle", f"wrote {oracle_root} ({arch.folder_size(oracle_root) / 1e6:.2f} MB)")
+        train_oracle_stage(settings, args, oracle_root, log)
 
     # 7. evaluation through the shipped files -----------------------------------------------
     with warnings.catch_warnings(record=True) as caught:
@@ -241,6 +251,16 @@ def main() -> None:
                      "hardware": hardware(), "shipped_bytes": arch.folder_size(model_root) + arch.folder_size(oracle_root)}
     (log_dir / "eval.json").write_text(json.dumps(report, indent=2))
     log("train", f"done in {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU; report in {log_dir / 'eval.json'}")
+
+
+def train_oracle_stage(settings: RunSettings, args: argparse.Namespace, oracle_root: Path, log: RunLog) -> None:
+    started = time.time()
+    train = render_set(settings.oracle.images, args.seed + 30_000, concepts=True, workers=args.workers)
+    valid = render_set(max(256, settings.oracle.images // 10), args.seed + 40_000, concepts=True)
+    log("oracle", f"{len(train.images)} + {len(valid.images)} oracle scenes in {time.time() - started:.0f} s")
+    oracle = train_oracles(train, valid, settings.oracle, args.seed, log.stage("oracle"))
+    oracle.save(oracle_root)
+    log("oracle", f"wrote {oracle_root} ({arch.folder_size(oracle_root) / 1e6:.2f} MB)")
 
 
 def concept_prior(pair, oracle: Oracle, log) -> dict[str, dict[str, float]]:

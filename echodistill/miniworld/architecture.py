@@ -71,9 +71,9 @@ UNET_CONFIG: dict = {
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 1,
-    "block_out_channels": [32, 64, 96],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64, 96],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "cross_attention_dim": TEXT_WIDTH,
     "attention_head_dim": 4,  # diffusers reads this as the number of heads, as SD 2.1's config does
     "use_linear_projection": True,  # as SD 2.x

@@ -182,14 +182,18 @@ def compose(background: np.ndarray, layers: list[Layer]) -> np.ndarray:
     return np.clip(np.rint(pooled * 255.0), 0, 255).astype(np.uint8)
 
 
+def _concept(name: str):
+    from .concepts import CONCEPTS  # deferred: concepts.py draws with this module's primitives
+
+    if name not in CONCEPTS:
+        raise ValueError(f"unknown subject {name!r}: use a shape {SHAPES} or a concept {tuple(CONCEPTS)}")
+    return CONCEPTS[name]
+
+
 def painter_for(scene: Scene) -> Painter:
     if not scene.is_concept:
         return shape_painter(scene.subject, scene.color)
-    from .concepts import CONCEPTS  # deferred: concepts.py draws with this module's primitives
-
-    if scene.subject not in CONCEPTS:
-        raise ValueError(f"unknown subject {scene.subject!r}: use a shape {SHAPES} or a concept {tuple(CONCEPTS)}")
-    return CONCEPTS[scene.subject].paint
+    return _concept(scene.subject).paint
 
 
 def render_layout(scene: Scene, layout: Layout) -> np.ndarray:
@@ -200,17 +204,8 @@ def render_layout(scene: Scene, layout: Layout) -> np.ndarray:
 
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """(64, 64, 3) uint8 picture of `scene`; the layout is drawn from `rng`."""
-    angle = ANGLE_JITTER
-    if scene.is_concept:
-        from .concepts import CONCEPTS
-
-        angle = CONCEPTS[scene.subject].angle_jitter if scene.subject in CONCEPTS else angle
+    angle = _concept(scene.subject).angle_jitter if scene.is_concept else ANGLE_JITTER
     return render_layout(scene, sample_layout(scene, rng, angle))
-
-
-def to_tensor_range(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, R, R, 3) -> float32 (N, 3, R, R) in [-1, 1], the VAE's input range."""
-    return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
 
 
 assert set(POSITION_CENTRES) == set(POSITIONS)
