@@ -288,6 +288,11 @@ class ModelPair:
         return self.text_encoder.dtype
 
     @property
+    def vae_downscale(self) -> int:
+        """Pixels per latent cell along a side: 8 for SD's VAE (three downsamplings)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def device(self) -> torch.device:
         return self.text_encoder.device
 

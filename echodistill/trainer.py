@@ -7,6 +7,9 @@ One iteration (`train_step`) reads top to bottom, in the order of DESIGN §1:
   4. student step   adversarial (ensemble) + ᾱ_t·(latent MSE, semantic cosine, MS-SWD); student K/V only
   5. heads step     ½[CE(D(x_real), real) + CE(D(sg[x_s]), fake)] for every discriminator head
   6. echo           (scheduled) the student's best generations join the teacher's data
+Ablations switch parts off: `schedule="sequential"` runs step 1 alone for the first half of the
+steps and 2-5 alone after it; `weight_adversarial=0` drops the adversarial term and step 5;
+`shared_text_encoder=False` gives the student a token row of its own, trained in step 4.
 Randomness comes only from the trainer's own generators, so a run resumed from a checkpoint on
 the CPU reproduces the uninterrupted run exactly.
 """
@@ -23,7 +26,7 @@ from . import __version__
 from .adapters import add_adapter, adapter_state_dict, load_adapter_state_dict
 from .bundle import ConceptBundle
 from .checkpointing import TrainingCheckpoint
-from .concept import add_concept_token, concept_embedding, concept_parameters
+from .concept import add_concept_token, concept_embedding, concept_parameters, own_concept_embedding, reading_with
 from .config import TrainConfig
 from .data import ConceptDataset, ConceptImage
 from .diffusion import alphas_cumprod_for, encode_prompts, student_one_step, teacher_target, unet_call
@@ -94,10 +97,15 @@ class Trainer:
 
         self.concept = add_concept_token(pair.tokenizer, pair.text_encoder, config.token, config.initializer_word)
         self.dataset = ConceptDataset(
-            images, token=config.token, class_word=config.class_word, resolution=config.resolution
+            images, token=config.token, class_word=config.class_word, resolution=config.resolution,
+            latent_scale=pair.vae_downscale,
         )
         teacher_params = add_adapter(pair.teacher.unet, config)
         student_params = add_adapter(pair.student.unet, config)
+        # No shared encoder (ablation): the student reads the prompts with its own token row, trained by its losses.
+        self.student_row = None if config.shared_text_encoder else own_concept_embedding(pair.text_encoder)
+        if self.student_row is not None:
+            student_params = student_params + [self.student_row.concept_row]
         if config.gradient_checkpointing:
             pair.teacher.unet.enable_gradient_checkpointing()
             pair.student.unet.enable_gradient_checkpointing()
@@ -201,6 +209,9 @@ class Trainer:
     # --- one iteration ---------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         cfg, pair = self.config, self.pair
+        teacher_trains = self.step < cfg.teacher_phase_steps  # False only in a sequential run's second half
+        student_trains = cfg.schedule == "joint" or not teacher_trains
+        adversarial = cfg.weight_adversarial > 0  # 0: no generator term, no heads to train
         logs: dict[str, torch.Tensor] = {}  # turned into floats once, at the end
         batch = self.dataset.sample_batch(cfg.batch_size, self.data_generator)
         real_pixels = batch.pixel_values.to(self.device)  # (B, 3, H, W) in [-1, 1]
@@ -216,24 +227,30 @@ class Trainer:
             weights = torch.cat([weights, torch.full((len(echo_prompts),), cfg.echo_weight, device=self.device)])
 
         # 1. Teacher step: masked denoising on real (+ echoed) latents; reaches teacher K/V and the token row.
-        with self._autocast():
+        with self._autocast(), torch.set_grad_enabled(teacher_trains):
             cond = encode_prompts(pair.tokenizer, pair.text_encoder, prompts)  # (B', 77, D)
-            noise = self._randn(teacher_latents.shape)
-            t = self._randint(0, 999, teacher_latents.shape[0])
-            prediction = unet_call(pair.teacher.unet, add_noise(teacher_latents, noise, t, self.teacher_abar), t, cond)
-        target = denoising_target(teacher_latents, noise, t, self.teacher_abar, pair.teacher.prediction_type)
-        per_sample = masked_denoising_loss(prediction, target, mask)  # (B',)
-        teacher_loss = (per_sample * weights).sum() / weights.sum()
-        self._check_finite({"teacher/denoise": teacher_loss})
-        self._backward(teacher_loss, self.teacher_optimizer)
-        self._apply(self.teacher_optimizer)
-        logs["teacher/denoise"] = teacher_loss.detach()
+        if teacher_trains:
+            with self._autocast():
+                noise = self._randn(teacher_latents.shape)
+                t = self._randint(0, 999, teacher_latents.shape[0])
+                noisy = add_noise(teacher_latents, noise, t, self.teacher_abar)
+                prediction = unet_call(pair.teacher.unet, noisy, t, cond)
+            target = denoising_target(teacher_latents, noise, t, self.teacher_abar, pair.teacher.prediction_type)
+            per_sample = masked_denoising_loss(prediction, target, mask)  # (B',)
+            teacher_loss = (per_sample * weights).sum() / weights.sum()
+            self._check_finite({"teacher/denoise": teacher_loss})
+            self._backward(teacher_loss, self.teacher_optimizer)
+            self._apply(self.teacher_optimizer)
+            logs["teacher/denoise"] = logs["loss/teacher"] = teacher_loss.detach()
+        if not student_trains:  # sequential, first half: the student waits for the finished teacher
+            return self._end_step(logs)
 
         # 2. Student generation from detached prompt embeddings (real prompts only).
         real_count = cfg.batch_size
-        student_cond = cond[:real_count].detach().float()  # (B, 77, D)
+        teacher_cond = cond[:real_count].detach().float()  # (B, 77, D): the teacher's target and features read it
         student_noise = self._randn(real_latents.shape)  # (B, 4, h, w)
         with self._autocast():
+            student_cond = self._student_cond(batch.prompts, teacher_cond)  # (B, 77, D)
             student_latents = student_one_step(
                 pair.student.unet,
                 student_noise,
@@ -251,7 +268,7 @@ class Trainer:
                 student_latents.detach(),
                 student_noise,
                 target_t,
-                student_cond,
+                teacher_cond,
                 self.uncond,
                 cfg.teacher_cfg,
                 self.teacher_abar,
@@ -266,7 +283,7 @@ class Trainer:
 
         # 4. Student step: adversarial + alignment; gradients reach the student's K/V only.
         needs_pixels = (
-            self.ensemble.needs_images
+            (adversarial and self.ensemble.needs_images)
             or cfg.weight_ms_swd > 0
             or (self.clip_member is not None and cfg.weight_semantic > 0)
         )
@@ -274,7 +291,10 @@ class Trainer:
             student_images = self._decode(student_latents) if needs_pixels else None
             with torch.no_grad():
                 target_images = self._decode(target_latents) if needs_pixels else None
-            fake_logits = self.ensemble(**self._ensemble_inputs(student_latents, student_images, student_cond))
+            fake_logits = (
+                self.ensemble(**self._ensemble_inputs(student_latents, student_images, teacher_cond))
+                if adversarial else {}
+            )
         student_terms = {
             f"student/adv_{name}": generator_adversarial_loss(logits).mean() * cfg.weight_adversarial
             for name, logits in fake_logits.items()
@@ -303,36 +323,42 @@ class Trainer:
         self._backward(student_loss, self.student_optimizer)
         self._apply(self.student_optimizer)
         logs.update({k: v.detach() for k, v in student_terms.items()})
+        logs["loss/student"] = student_loss.detach()
 
         # 5. Heads step: real photos vs the student's (detached) images, every member.
-        self.heads_optimizer.zero_grad(set_to_none=True)  # drop what the generator loss left in the heads
-        real_cond = cond[:real_count].detach()
-        with self._autocast():
-            real_logits = self.ensemble(**self._ensemble_inputs(real_latents, real_pixels, real_cond))
-            fake_images = student_images.detach() if student_images is not None else None
-            fake_logits = self.ensemble(**self._ensemble_inputs(student_latents.detach(), fake_images, real_cond))
-        heads_terms = {
-            f"heads/{name}": discriminator_loss(real_logits[name], fake_logits[name]).mean() for name in real_logits
-        }
-        heads_loss = sum(heads_terms.values())
-        self._check_finite({"heads": heads_loss})
-        self._backward(heads_loss, self.heads_optimizer)
-        self._apply(self.heads_optimizer)
-        logs.update({k: v.detach() for k, v in heads_terms.items()})
-        logs.update(
-            {
-                "loss/teacher": logs["teacher/denoise"],
-                "loss/student": student_loss.detach(),
-                "loss/heads": heads_loss.detach(),
+        if adversarial:
+            self.heads_optimizer.zero_grad(set_to_none=True)  # drop what the generator loss left in the heads
+            real_cond = cond[:real_count].detach()
+            with self._autocast():
+                real_logits = self.ensemble(**self._ensemble_inputs(real_latents, real_pixels, real_cond))
+                fake_images = student_images.detach() if student_images is not None else None
+                fake_logits = self.ensemble(**self._ensemble_inputs(student_latents.detach(), fake_images, real_cond))
+            heads_terms = {
+                f"heads/{name}": discriminator_loss(real_logits[name], fake_logits[name]).mean() for name in real_logits
             }
-        )
+            heads_loss = sum(heads_terms.values())
+            self._check_finite({"heads": heads_loss})
+            self._backward(heads_loss, self.heads_optimizer)
+            self._apply(self.heads_optimizer)
+            logs.update({k: v.detach() for k, v in heads_terms.items()})
+            logs["loss/heads"] = heads_loss.detach()
+        return self._end_step(logs)
 
-        # 6. Echo: on schedule, the student's best generations join the teacher's data.
+    def _end_step(self, logs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """6. Echo: on schedule, the student's best generations join the teacher's data. Then the logs, as floats."""
+        cfg = self.config
         self.step += 1
         if cfg.echo and self.step >= cfg.echo_start and (self.step - cfg.echo_start) % cfg.echo_every == 0:
             logs["echo/kept"] = torch.tensor(float(self.echo_round()))
         values = torch.stack([v.float().to(self.device) for v in logs.values()]).tolist()  # one sync
         return dict(zip(logs, values))
+
+    def _student_cond(self, prompts: list[str], teacher_cond: torch.Tensor) -> torch.Tensor:
+        """The student's prompt embeddings: the teacher's, detached, or read through its own token row."""
+        if self.student_row is None:
+            return teacher_cond.detach().float()
+        with reading_with(self.pair.text_encoder, self.student_row):
+            return encode_prompts(self.pair.tokenizer, self.pair.text_encoder, prompts).float()  # (B, 77, D)
 
     def _semantic_embedding(self, images: torch.Tensor) -> torch.Tensor:
         features = self.clip_member.backbone(images)  # (B, D_clip)
@@ -351,15 +377,18 @@ class Trainer:
             latents = student_one_step(
                 pair.student.unet,
                 self._randn((len(prompts), pair.student.unet.config.in_channels, *self._latent_size())),
-                cond,
+                self._student_cond(prompts, cond),
                 self.student_abar,
                 pair.student.prediction_type,
                 cfg.student_timestep,
             )
             images = self._decode(latents) if self.ensemble.needs_images else None
-            logits = self.ensemble(**self._ensemble_inputs(latents, images, cond))
-        realness = torch.stack([real_probability(v) for v in logits.values()]).mean(0)  # (N,)
-        keep = select_best(realness + self._reference_similarity(latents, images), cfg.echo_keep_ratio)
+            # Without the adversarial loss the heads stay untrained: their realness would be noise.
+            logits = self.ensemble(**self._ensemble_inputs(latents, images, cond)) if cfg.weight_adversarial > 0 else {}
+        scores = self._reference_similarity(latents, images)  # (N,)
+        if logits:
+            scores = torch.stack([real_probability(v) for v in logits.values()]).mean(0) + scores
+        keep = select_best(scores, cfg.echo_keep_ratio)
         self.echo.add(latents[keep], [prompts[i] for i in keep.tolist()])
         return len(keep)
 
@@ -385,7 +414,7 @@ class Trainer:
         return torch.nn.functional.cosine_similarity(embed(latents), anchor)
 
     def _latent_size(self) -> tuple[int, int]:
-        side = self.config.resolution // (2 ** (len(self.pair.vae.config.block_out_channels) - 1))
+        side = self.config.resolution // self.pair.vae_downscale
         return side, side
 
     # --- previews, checkpoints, the loop -----------------------------------------------------
@@ -394,8 +423,9 @@ class Trainer:
         """One-step student images (N, 3, H, W) in [0, 1] for fixed seeds 0..N-1, for progress displays."""
         prompt = PREVIEW_PROMPT.format(token=self.config.token, class_word=self.config.class_word)
         size = self.config.resolution
-        return sample_student(self.pair, [prompt] * count, seeds=list(range(count)), width=size, height=size,
-                              return_latents=False).images
+        with reading_with(self.pair.text_encoder, self.student_row):
+            return sample_student(self.pair, [prompt] * count, seeds=list(range(count)), width=size, height=size,
+                                  return_latents=False).images
 
     def checkpoint(self) -> TrainingCheckpoint:
         return TrainingCheckpoint(
@@ -406,6 +436,8 @@ class Trainer:
                 "student_adapter": adapter_state_dict(self.pair.student.unet),
                 "concept_row": {"row": concept_embedding(self.pair.text_encoder).concept_row.detach().clone()},
                 "heads": self.ensemble.heads_state_dict(),
+                **({} if self.student_row is None else
+                   {"student_row": {"row": self.student_row.concept_row.detach().clone()}}),
             },
             optimizers={
                 "teacher": self.teacher_optimizer.state_dict(),
@@ -435,6 +467,8 @@ class Trainer:
         load_adapter_state_dict(self.pair.student.unet, state.weights["student_adapter"])
         with torch.no_grad():
             concept_embedding(self.pair.text_encoder).concept_row.copy_(state.weights["concept_row"]["row"])
+            if self.student_row is not None:
+                self.student_row.concept_row.copy_(state.weights["student_row"]["row"])
         self.ensemble.load_heads_state_dict(state.weights["heads"])
         self.teacher_optimizer.load_state_dict(state.optimizers["teacher"])
         self.student_optimizer.load_state_dict(state.optimizers["student"])
@@ -461,6 +495,7 @@ class Trainer:
             config=self.config.to_dict(),
             step=self.step,
             version=__version__,
+            student_embedding=None if self.student_row is None else self.student_row.concept_row.detach().clone(),
         )
 
     def train(self) -> ConceptBundle:
