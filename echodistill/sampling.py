@@ -45,6 +45,17 @@ from .diffusion import alphas_cumprod_for, encode_prompts, guided_epsilon_and_x0
 from .errors import EchoDistillError
 from .losses import predict_epsilon, predict_x0
 from .models import ModelPair, resolve_dtype
+from .sampling_speed import (
+    SamplerOptions,
+    captured_student,
+    check_cuda_graph,
+    compiled,
+    encoder_state,
+    fused_self_attention,
+    module_identity,
+    prompt_cache,
+    to_channels_last,
+)
 
 
 class SamplingError(EchoDistillError, ValueError):
@@ -162,10 +173,19 @@ def _precision(pair: ModelPair, dtype: torch.dtype | str | None):
     return torch.autocast(pair.device.type, dtype=dtype)
 
 
-def _encode(pair: ModelPair, prompts: list[str], negative_prompt: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond (N, 77, D), uncond (1, 77, D) or None), from ONE text-encoder call over the distinct prompts."""
+def _encode(pair: ModelPair, prompts: list[str], negative_prompt: str | None,
+            cache: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cond (N, 77, D), uncond (1, 77, D) or None), from at most ONE text-encoder call over the
+    distinct prompts; with `cache`, only over those not encoded since the encoder last changed."""
     unique = list(dict.fromkeys(prompts + ([] if negative_prompt is None else [negative_prompt])))
-    embeds = encode_prompts(pair.tokenizer, pair.text_encoder, unique)  # (U, 77, D)
+    if cache:
+        def encode(missing: list[str]) -> torch.Tensor:
+            return encode_prompts(pair.tokenizer, pair.text_encoder, missing)
+
+        state = encoder_state(pair.tokenizer, pair.text_encoder)
+        embeds = prompt_cache(pair.text_encoder).encode(unique, state, encode)  # (U, 77, D)
+    else:
+        embeds = encode_prompts(pair.tokenizer, pair.text_encoder, unique)  # (U, 77, D)
     row = {p: i for i, p in enumerate(unique)}
     cond = embeds[[row[p] for p in prompts]]  # (N, 77, D)
     uncond = None if negative_prompt is None else embeds[row[negative_prompt]][None]  # (1, 77, D)
@@ -183,13 +203,20 @@ def _epsilon_and_x0(unet, latents, timestep: int, cond, uncond, guidance: float,
 
 def denoise(unet, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
             schedule: Schedule, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Deterministic Euler/DDIM from `noise` (the model input at the first timestep) to x0 latents."""
+    """Deterministic Euler/DDIM from `noise` (the model input at the first timestep) to x0 latents.
+
+    The schedule moves to the device once, before the loop: inside it nothing is copied between
+    host and device and nothing is read back, so the host only queues work.
+    """
+    finals = [a is None for a in schedule.next_alpha_bars]
+    next_alpha_bars = torch.stack([torch.zeros(()) if a is None else a for a in schedule.next_alpha_bars])
+    next_alpha_bars = next_alpha_bars.to(noise.device)  # (S,): the one host-to-device copy
     latents = noise  # (N, 4, h, w)
-    for timestep, next_alpha_bar in zip(schedule.timesteps, schedule.next_alpha_bars):
+    for index, timestep in enumerate(schedule.timesteps):
         eps, x0 = _epsilon_and_x0(unet, latents, timestep, cond, uncond, guidance, alphas_cumprod, prediction_type)
-        if next_alpha_bar is None:
+        if finals[index]:
             return x0
-        next_alpha_bar = next_alpha_bar.to(latents.device)
+        next_alpha_bar = next_alpha_bars[index]
         latents = next_alpha_bar.sqrt() * x0 + (1 - next_alpha_bar).sqrt() * eps  # (N, 4, h, w)
     return latents
 
@@ -216,54 +243,81 @@ def _result(pair: ModelPair, latents: torch.Tensor, seeds, prompts, return_laten
 def sample_student(
     pair: ModelPair, prompts: list[str], *, seeds: list[int] | int, steps: int = 1, width: int = 512,
     height: int = 512, dtype: torch.dtype | str | None = None, guidance: float = 0.0, return_latents: bool = True,
+    options: SamplerOptions | None = None,
 ) -> SampleResult:
     """The student's images: one step at t = 999 (steps = 1), or Euler "trailing" for 2–4 steps.
 
     guidance > 1 adds classifier-free guidance against the empty prompt (as diffusers does);
     the default 0 is how SD-Turbo is meant to run. `dtype` autocasts the models to a lower
     precision (e.g. "bf16"); None runs them in the dtype they were loaded in. An int `seeds`
-    gives consecutive seeds seeds, seeds + 1, ...
+    gives consecutive seeds seeds, seeds + 1, ... `options` switches speed features on
+    (see `SamplerOptions`); the default caches prompt embeddings and nothing else.
     """
+    options = options or SamplerOptions()
     prompts, seeds = _check_prompts_and_seeds(prompts, seeds)
     student, device = pair.student, pair.device
+    guided = guidance > 1.0
+    if options.cuda_graph:
+        check_cuda_graph(device, steps, guided)
     h, w = latent_size(student.unet, pair.vae, width, height)
     alphas_cumprod = alphas_cumprod_for(student.scheduler_config, device)  # (T,)
     schedule = euler_trailing_schedule(student.scheduler_config, steps, alphas_cumprod)
     noise = initial_noise(seeds, (student.unet.config.in_channels, h, w)).to(device)  # (N, 4, h, w)
-    guided = guidance > 1.0
-    with _precision(pair, dtype):
-        cond, uncond = _encode(pair, prompts, "" if guided else None)
+    with _precision(pair, dtype), _speedups(pair, student.unet, options) as unet:
+        noise = noise.contiguous(memory_format=torch.channels_last) if options.channels_last else noise
+        cond, uncond = _encode(pair, prompts, "" if guided else None, options.cache_prompts)
         if steps == 1 and not guided:
             # Exactly the trainer's student generation, so previews and training see one model.
-            latents = student_one_step(student.unet, noise, cond, alphas_cumprod, student.prediction_type,
-                                       schedule.timesteps[0])
+            def one_step(noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+                return student_one_step(unet, noise, cond, alphas_cumprod, student.prediction_type,
+                                        schedule.timesteps[0])
+
+            if options.cuda_graph:
+                key = (tuple(noise.shape), tuple(cond.shape), cond.dtype, torch.get_autocast_dtype("cuda"),
+                       torch.is_autocast_enabled("cuda"), schedule.timesteps[0], module_identity(unet))
+                latents = captured_student(unet, key, one_step, noise, cond)(noise, cond).clone()
+            else:
+                latents = one_step(noise, cond)
         else:
-            latents = denoise(student.unet, noise, cond, uncond, guidance, schedule, alphas_cumprod,
+            latents = denoise(unet, noise, cond, uncond, guidance, schedule, alphas_cumprod,
                               student.prediction_type)
         return _result(pair, latents, seeds, prompts, return_latents)
+
+
+@contextlib.contextmanager
+def _speedups(pair: ModelPair, unet, options: SamplerOptions):
+    """The UNet to call under `options`: channels-last, fused self-attention, compiled."""
+    if options.channels_last:
+        to_channels_last(unet, pair.vae)
+    with fused_self_attention(unet) if options.fuse_qkv else contextlib.nullcontext():
+        yield compiled(unet, options.compile_backend, options.compile_mode) if options.compile else unet
 
 
 @torch.no_grad()
 def sample_teacher(
     pair: ModelPair, prompts: list[str], *, seeds: list[int] | int, steps: int = 25, guidance: float = 7.5,
     negative_prompt: str = "", width: int = 512, height: int = 512, dtype: torch.dtype | str | None = None,
-    return_latents: bool = True,
+    return_latents: bool = True, options: SamplerOptions | None = None,
 ) -> SampleResult:
     """The teacher's images: DDIM (η = 0) from its own scheduler config, CFG when guidance > 1.
 
     The teacher's parameterization (ε or v) is read from its config. Seeds, `dtype` and the
     result are as for `sample_student`; the SD 2.1 768-v teacher wants width = height = 768.
+    `options` as for `sample_student`, except cuda_graph (one-step student only).
     """
+    options = options or SamplerOptions()
     prompts, seeds = _check_prompts_and_seeds(prompts, seeds)
     teacher, device = pair.teacher, pair.device
+    if options.cuda_graph:
+        raise SamplingError("cuda_graph=True captures the one-step student only; the teacher samples in many steps")
     h, w = latent_size(teacher.unet, pair.vae, width, height)
     alphas_cumprod = alphas_cumprod_for(teacher.scheduler_config, device)  # (T,)
     schedule = ddim_schedule(teacher.scheduler_config, steps, alphas_cumprod)
     noise = initial_noise(seeds, (teacher.unet.config.in_channels, h, w)).to(device)  # (N, 4, h, w)
-    with _precision(pair, dtype):
-        cond, uncond = _encode(pair, prompts, negative_prompt if guidance > 1.0 else None)
-        latents = denoise(teacher.unet, noise, cond, uncond, guidance, schedule, alphas_cumprod,
-                          teacher.prediction_type)
+    with _precision(pair, dtype), _speedups(pair, teacher.unet, options) as unet:
+        noise = noise.contiguous(memory_format=torch.channels_last) if options.channels_last else noise
+        cond, uncond = _encode(pair, prompts, negative_prompt if guidance > 1.0 else None, options.cache_prompts)
+        latents = denoise(unet, noise, cond, uncond, guidance, schedule, alphas_cumprod, teacher.prediction_type)
         return _result(pair, latents, seeds, prompts, return_latents)
 
 
