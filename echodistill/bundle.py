@@ -1,9 +1,11 @@
 """ConceptBundle: everything a trained concept needs, in one self-describing safetensors file.
 
 Tensors: ``embedding`` (the token's row), ``student.<param>`` and ``teacher.<param>`` (adapter
-weights). Header metadata key ``echodistill`` holds JSON: token, initializer, class word,
-adapter kind and LoRA settings, base-model fingerprints, families, training config, step,
-pack version. Applying a bundle to models it was not trained on is refused.
+weights; none for a part that was not adapted, e.g. Textual Inversion), and ``student_embedding``
+only for a concept trained without the shared text encoder (the student's own token row).
+Header metadata key ``echodistill`` holds JSON: token, initializer, class word, adapter kind and
+LoRA settings, base-model fingerprints, families, training config, step, pack version. Applying
+a bundle to models it was not trained on is refused.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ class ConceptBundle:
     config: dict = field(default_factory=dict)
     step: int = 0
     version: str = __version__
+    student_embedding: torch.Tensor | None = None  # (D,) the student's own row (shared_text_encoder=False)
+
+    def embedding_for(self, part: str) -> torch.Tensor:
+        """The token row `part` ("student" or "teacher") reads the prompts with."""
+        if part == "student" and self.student_embedding is not None:
+            return self.student_embedding
+        return self.embedding
 
     # --- file ------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -62,6 +71,8 @@ class ConceptBundle:
 
     def save(self, path: str | os.PathLike) -> Path:
         tensors = {"embedding": self.embedding.float()}
+        if self.student_embedding is not None:
+            tensors["student_embedding"] = self.student_embedding.float()
         tensors.update({f"student.{k}": v for k, v in self.student_adapter.items()})
         tensors.update({f"teacher.{k}": v for k, v in self.teacher_adapter.items()})
         return atomic_save_safetensors(tensors, path, {METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
@@ -93,6 +104,7 @@ class ConceptBundle:
             config=meta.get("config", {}),
             step=meta.get("step", 0),
             version=meta.get("version", "unknown"),
+            student_embedding=tensors.get("student_embedding"),
         )
 
     # --- applying ----------------------------------------------------------------------------
@@ -109,17 +121,28 @@ class ConceptBundle:
                 )
 
     def apply(self, pair: ModelPair, parts: Iterable[str] = ("student", "teacher")) -> None:
-        """Add the token (or reuse it), set its row, and install + load the adapters of `parts`."""
+        """Add the token (or reuse it), set its row, and install + load the adapters of `parts`.
+
+        A part with no adapter weights (Textual Inversion) runs its base UNet with the token row.
+        """
         parts = tuple(parts)
+        rows = {id(self.embedding_for(part)) for part in parts}
+        if len(rows) > 1:
+            raise EchoDistillError(
+                "this concept was trained without a shared text encoder: the teacher and the student read the "
+                "token through different rows, so apply one part at a time (parts=('student',) or ('teacher',))"
+            )
         self.check_base(pair, parts)
         if self.token not in pair.tokenizer.get_vocab():
             add_concept_token(pair.tokenizer, pair.text_encoder, self.token, self.initializer)
         elif concept_embedding(pair.text_encoder).token_id != pair.tokenizer.convert_tokens_to_ids(self.token):
             raise EchoDistillError(f"the text encoder carries another concept than {self.token!r}; load fresh models")
-        set_concept_row(pair.text_encoder, self.embedding)
+        set_concept_row(pair.text_encoder, self.embedding_for(parts[0]) if parts else self.embedding)
         for part in parts:
             unet = getattr(pair, part).unet
             state = self.student_adapter if part == "student" else self.teacher_adapter
+            if not state and adapter_kind(unet) is None:
+                continue
             if adapter_kind(unet) is None:
                 self._install(unet)
             load_adapter_state_dict(unet, state)

@@ -55,11 +55,13 @@ class TrainingCheckpoint:
 
     def check_compatible(self, config: TrainConfig, fingerprints: dict[str, str]) -> None:
         saved = TrainConfig.from_dict(self.config).to_dict()
-        changed = sorted(k for k, v in config.to_dict().items() if saved[k] != v and k not in RESUMABLE_CHANGES)
+        # A sequential run switches phase at steps // 2: changing steps would move that switch.
+        resumable = RESUMABLE_CHANGES - ({"steps"} if config.schedule == "sequential" else set())
+        changed = sorted(k for k, v in config.to_dict().items() if saved[k] != v and k not in resumable)
         if changed:
             raise EchoDistillError(
                 f"cannot resume: the config differs from the checkpoint's in {', '.join(changed)}; "
-                f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume"
+                f"only {', '.join(sorted(resumable))} may change on resume"
             )
         if fingerprints != self.fingerprints:
             raise EchoDistillError(

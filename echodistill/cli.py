@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import bench as bench_jobs
 from . import cli_jobs
+from . import quality as quality_jobs
 from .errors import ConfigError, EchoDistillError
 
 
@@ -293,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train = bench_commands.add_parser("train", help="EchoDistill train_step per preset vs Custom Diffusion")
     bench_jobs.add_train_arguments(bench_train)
     bench_train.set_defaults(run=bench_jobs.run_train)
+    bench_quality = bench_commands.add_parser(
+        "quality", help="subject/prompt fidelity and training time of EchoDistill, its ablations and baselines"
+    )
+    quality_jobs.add_arguments(bench_quality)
+    bench_quality.set_defaults(run=quality_jobs.run_from_args)
     return parser
 
 

@@ -79,7 +79,17 @@ class TrainConfig:
     echo_buffer_size: int = _f(32, "most recent echoed samples kept")
     # --- precision / memory -----------------------------------------------------------------
     mixed_precision: Precision = _f("no", "autocast dtype for forwards: no, bf16 or fp16")
-    gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)")
+    gradient_checkpointing: bool = _f(
+        False, "recompute UNet and VAE-decoder activations in backward (less memory, ~30% slower)"
+    )
+    cache_latents: bool = _f(
+        False,
+        "encode each reference photo and its mirror image with the VAE once, not every iteration; drops the "
+        "rescale augmentation (far away / zoomed in), since a rescaled photo's latent cannot be cached",
+    )
+    offload: bool = _f(
+        False, "CUDA: keep the text encoder, VAE and image backbones on the CPU while a stage does not use them"
+    )
     # --- observation --------------------------------------------------------------------------
     sample_every: int = _f(100, "one-step preview images every N iterations (0: never)")
     save_every: int = _f(250, "resumable checkpoint every N iterations (0: only at the end or on cancel)")
@@ -193,7 +203,8 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "balanced": {"mixed_precision": "bf16", "gradient_checkpointing": True},
-    "lite": {"mixed_precision": "bf16", "gradient_checkpointing": True, "batch_size": 1, "echo_samples": 8},
+    "lite": {"mixed_precision": "bf16", "gradient_checkpointing": True, "batch_size": 1, "echo_samples": 8,
+             "cache_latents": True, "offload": True},
 }
 
 

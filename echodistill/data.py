@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ class ConceptBatch:
     mask: torch.Tensor  # (B, 1, H/latent_scale, W/latent_scale) float32, 1 = latent cell valid
     prompts: list[str]
     indices: list[int]  # which reference image each sample came from
+    flipped: list[bool] = field(default_factory=list)  # whether each sample is the mirror image
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -142,13 +143,15 @@ class ConceptDataset:
             mask=torch.stack([s[1] for s in samples]),  # (B, 1, R/f, R/f)
             prompts=[s[2] for s in samples],
             indices=indices,
+            flipped=[s[3] for s in samples],
         )
 
-    def _sample(self, index: int, u: list[float]) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def _sample(self, index: int, u: list[float]) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
         u_branch, u_scale, u_prefix, u_top, u_left, u_flip, u_template = u
         size, cells = self.resolution, self.resolution // self.latent_scale
         image = _to_signed(self._pixels[index])  # (3, R, R)
-        if self.flip and u_flip < 0.5:
+        flipped = self.flip and u_flip < 0.5
+        if flipped:
             image = image.flip(-1)
         mask = torch.ones(1, cells, cells)
         prefix = ""
@@ -172,7 +175,7 @@ class ConceptDataset:
         else:
             template = self.templates[_pick(u_template, len(self.templates))]
             prompt = render_prompt(template, self.token, self.class_word, prefix)
-        return image.contiguous(), mask, prompt
+        return image.contiguous(), mask, prompt, flipped
 
     def _draw_scale(self, u_branch: float, u_scale: float) -> int:
         """Custom Diffusion's scale: 2/3 of the time in [R/3, R], else in [1.2R, 1.4R]; even."""

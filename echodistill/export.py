@@ -323,7 +323,7 @@ def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrit
     target = _target(path, overwrite)
     width = _text_width(bundle)
     key = EMBEDDING_KEYS.get(width, FALLBACK_EMBEDDING_KEY)
-    row = bundle.embedding.detach().float().reshape(1, width)  # (1, D)
+    row = bundle.embedding_for("student").detach().float().reshape(1, width)  # (1, D): the student reads it
     if not torch.isfinite(row).all():
         raise ExportError("the bundle's embedding row is not finite; refusing to export it")
     info = {

@@ -31,6 +31,8 @@ def pristine(pair: ModelPair) -> Iterator[ModelPair]:
             if unet.is_gradient_checkpointing:
                 unet.disable_gradient_checkpointing()
             unet.requires_grad_(False)
+        if pair.vae.is_gradient_checkpointing:  # the trainer's gradient_checkpointing covers the VAE decoder
+            pair.vae.disable_gradient_checkpointing()
         embeddings.weight.data, embeddings.num_embeddings = table, rows
         pair.text_encoder.set_input_embeddings(embeddings)
         pair.text_encoder.config.vocab_size = vocab_size

@@ -33,6 +33,7 @@ from .diffusion import alphas_cumprod_for, encode_prompts, student_one_step, tea
 from .discriminators import build_ensemble
 from .echo import EchoBuffer, echo_prompt, select_best
 from .errors import EchoDistillError
+from .offload import Offloader
 from .losses import (
     add_noise,
     alpha_bar_weight,
@@ -98,7 +99,7 @@ class Trainer:
         self.concept = add_concept_token(pair.tokenizer, pair.text_encoder, config.token, config.initializer_word)
         self.dataset = ConceptDataset(
             images, token=config.token, class_word=config.class_word, resolution=config.resolution,
-            latent_scale=pair.vae_downscale,
+            latent_scale=pair.vae_downscale, augment=not config.cache_latents,
         )
         teacher_params = add_adapter(pair.teacher.unet, config)
         student_params = add_adapter(pair.student.unet, config)
@@ -109,6 +110,7 @@ class Trainer:
         if config.gradient_checkpointing:
             pair.teacher.unet.enable_gradient_checkpointing()
             pair.student.unet.enable_gradient_checkpointing()
+            pair.vae.enable_gradient_checkpointing()  # the pixel losses' decode: the largest activations at 512 px
         paths = backbone_paths or {}
         members = [(name, paths.get(name)) for name in config.discriminators]
         self.ensemble = build_ensemble(
@@ -119,6 +121,12 @@ class Trainer:
             device=self.device,
         )
         self.clip_member = self.ensemble.members["clip_vit_h14"] if "clip_vit_h14" in self.ensemble.members else None
+        backbones = {name: member.backbone for name, member in self.ensemble.members.items() if member.inputs == "images"}
+        self.offloader = Offloader({"text_encoder": pair.text_encoder, "vae": pair.vae, **backbones}, self.device,
+                                   enabled=config.offload)
+        self.backbone_names = tuple(backbones)
+        self.reference_posteriors = self._encode_references() if config.cache_latents else None
+        self.reference_anchor: torch.Tensor | None = None  # mean backbone embedding of the references, made once
 
         adamw = dict(
             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, weight_decay=config.weight_decay,
@@ -163,6 +171,29 @@ class Trainer:
             noise = self._randn(posterior.mean.shape)
             latents = posterior.mean + posterior.std * noise  # (B, 4, h, w)
         return latents.float() * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def _encode_references(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior (mean, std), each (R, 2, 4, h, w), of every reference photo and its mirror image."""
+        vae, pixels = self.pair.vae, self.dataset.reference_pixel_values()  # (R, 3, H, W)
+        both = torch.stack([pixels, pixels.flip(-1)], dim=1).flatten(0, 1)  # (2R, 3, H, W): photo, mirror, ...
+        means, stds = [], []
+        for chunk in both.split(4):  # bounded VAE memory with many references
+            posterior = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
+            means.append(posterior.mean.float())
+            stds.append(posterior.std.float())
+        shape = (len(pixels), 2, *means[0].shape[1:])
+        return torch.cat(means).view(shape), torch.cat(stds).view(shape)
+
+    def _real_latents(self, batch) -> torch.Tensor:
+        """Latents (B, 4, h, w) of the batch's photos: a fresh posterior draw, from the cache with cache_latents."""
+        if not self.config.cache_latents:
+            return self._encode_images(batch.pixel_values.to(self.device))
+        means, stds = self.reference_posteriors
+        index = torch.tensor(batch.indices, device=self.device)
+        mirror = torch.tensor([int(f) for f in batch.flipped], device=self.device)
+        mean, std = means[index, mirror], stds[index, mirror]  # (B, 4, h, w)
+        return (mean + std * self._randn(mean.shape)) * self.pair.vae.config.scaling_factor
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pair.vae
@@ -215,7 +246,8 @@ class Trainer:
         logs: dict[str, torch.Tensor] = {}  # turned into floats once, at the end
         batch = self.dataset.sample_batch(cfg.batch_size, self.data_generator)
         real_pixels = batch.pixel_values.to(self.device)  # (B, 3, H, W) in [-1, 1]
-        real_latents = self._encode_images(real_pixels)  # (B, 4, h, w)
+        self.offloader.use("text_encoder", *(() if cfg.cache_latents else ("vae",)))
+        real_latents = self._real_latents(batch)  # (B, 4, h, w)
         mask = batch.mask.to(self.device)  # (B, 1, h, w)
         prompts, weights = list(batch.prompts), torch.ones(len(batch.prompts), device=self.device)
         teacher_latents = real_latents
@@ -248,6 +280,7 @@ class Trainer:
         # 2. Student generation from detached prompt embeddings (real prompts only).
         real_count = cfg.batch_size
         teacher_cond = cond[:real_count].detach().float()  # (B, 77, D): the teacher's target and features read it
+        self.offloader.use("vae", *self.backbone_names, *(() if self.student_row is None else ("text_encoder",)))
         student_noise = self._randn(real_latents.shape)  # (B, 4, h, w)
         with self._autocast():
             student_cond = self._student_cond(batch.prompts, teacher_cond)  # (B, 77, D)
@@ -282,15 +315,15 @@ class Trainer:
         )  # (B,)
 
         # 4. Student step: adversarial + alignment; gradients reach the student's K/V only.
-        needs_pixels = (
-            (adversarial and self.ensemble.needs_images)
-            or cfg.weight_ms_swd > 0
-            or (self.clip_member is not None and cfg.weight_semantic > 0)
-        )
+        # One differentiable decode of the student serves every pixel loss (and, detached, the heads);
+        # the target is decoded, without grad, only for the losses that compare two images.
+        semantic = self.clip_member is not None and cfg.weight_semantic > 0
+        needs_target_pixels = cfg.weight_ms_swd > 0 or semantic
+        needs_pixels = (adversarial and self.ensemble.needs_images) or needs_target_pixels
         with self._autocast():
             student_images = self._decode(student_latents) if needs_pixels else None
             with torch.no_grad():
-                target_images = self._decode(target_latents) if needs_pixels else None
+                target_images = self._decode(target_latents) if needs_target_pixels else None
             fake_logits = (
                 self.ensemble(**self._ensemble_inputs(student_latents, student_images, teacher_cond))
                 if adversarial else {}
@@ -311,7 +344,7 @@ class Trainer:
                 generator=self.noise_generator,
             )
             student_terms["student/ms_swd"] = (alignment_weight * swd).mean() * cfg.weight_ms_swd
-        if self.clip_member is not None and cfg.weight_semantic > 0:
+        if semantic:
             with self._autocast():
                 embed_student = self._semantic_embedding(student_images)
                 with torch.no_grad():
@@ -349,6 +382,7 @@ class Trainer:
         cfg = self.config
         self.step += 1
         if cfg.echo and self.step >= cfg.echo_start and (self.step - cfg.echo_start) % cfg.echo_every == 0:
+            self.offloader.use_all()
             logs["echo/kept"] = torch.tensor(float(self.echo_round()))
         values = torch.stack([v.float().to(self.device) for v in logs.values()]).tolist()  # one sync
         return dict(zip(logs, values))
@@ -398,13 +432,15 @@ class Trainer:
         Measured in the first image backbone's embedding when there is one; otherwise in the
         teacher UNet's own mid-block features of the clean latents (no extra weights needed).
         """
-        references = self.dataset.reference_pixel_values().to(self.device)  # (R, 3, H, W)
         member = next((m for m in self.ensemble.members.values() if m.inputs == "images"), None)
         if member is not None:
-            anchor = member.backbone(references).float().mean(0, keepdim=True)  # (1, D)
-            return torch.nn.functional.cosine_similarity(member.backbone(images).float(), anchor)
-        vae = self.pair.vae
-        reference_latents = vae.encode(references.to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+            if self.reference_anchor is None:  # frozen backbone, fixed photos: the same every round
+                references = self.dataset.reference_pixel_values().to(self.device)  # (R, 3, H, W)
+                self.reference_anchor = member.backbone(references).float().mean(0, keepdim=True)  # (1, D)
+            return torch.nn.functional.cosine_similarity(member.backbone(images).float(), self.reference_anchor)
+        if self.reference_posteriors is None:  # encoded once, reused every round (cache_latents: at the start)
+            self.reference_posteriors = self._encode_references()
+        reference_latents = self.reference_posteriors[0][:, 0] * self.pair.vae.config.scaling_factor  # (R, 4, h, w)
         features = self.ensemble.members["teacher_features"].features
 
         def embed(z: torch.Tensor) -> torch.Tensor:  # mid-block features at t = 0, unconditional
@@ -423,6 +459,7 @@ class Trainer:
         """One-step student images (N, 3, H, W) in [0, 1] for fixed seeds 0..N-1, for progress displays."""
         prompt = PREVIEW_PROMPT.format(token=self.config.token, class_word=self.config.class_word)
         size = self.config.resolution
+        self.offloader.use_all()
         with reading_with(self.pair.text_encoder, self.student_row):
             return sample_student(self.pair, [prompt] * count, seeds=list(range(count)), width=size, height=size,
                                   return_latents=False).images

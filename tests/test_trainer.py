@@ -381,3 +381,132 @@ def test_echo_ranks_samples_by_realness_and_closeness_to_the_references(make_tra
     kept = trainer.echo_round()
     assert kept == 3 and len(trainer.echo) == 3
     assert all("<v*> dog" in prompt for prompt in trainer.echo.prompts)
+
+
+# --- ablations: sequential schedule, no adversarial loss, no shared text encoder -------------------
+
+
+def test_ablation_options_are_validated_and_round_trip():
+    config = _config(schedule="sequential", echo=False, shared_text_encoder=False)
+    assert TrainConfig.from_json(config.to_json()) == config
+    assert config.teacher_phase_steps == 2 and _config(steps=5).teacher_phase_steps == 5
+    with pytest.raises(ConfigError, match="schedule='alternating' is not one of 'joint', 'sequential'"):
+        _config(schedule="alternating")
+    with pytest.raises(ConfigError, match="schedule='sequential' with echo=True: .* set echo=False"):
+        _config(schedule="sequential")
+    with pytest.raises(ConfigError, match="schedule='sequential' needs steps >= 2 .* got steps=1"):
+        _config(schedule="sequential", echo=False, steps=1)
+    assert TrainConfig().shared_text_encoder and TrainConfig().schedule == "joint"
+
+
+def _applied_optimizers(trainer: Trainer, monkeypatch) -> list[str]:
+    names = {id(trainer.teacher_optimizer): "teacher", id(trainer.student_optimizer): "student",
+             id(trainer.heads_optimizer): "heads"}
+    applied = []
+    original = Trainer._apply
+
+    def spy(self, optimizer):
+        applied.append(names[id(optimizer)])
+        original(self, optimizer)
+
+    monkeypatch.setattr(Trainer, "_apply", spy)
+    return applied
+
+
+def test_sequential_trains_the_teacher_alone_then_the_student_against_the_frozen_teacher(make_trainer, monkeypatch):
+    trainer = make_trainer(_config(steps=4, schedule="sequential", echo=False))
+    applied = _applied_optimizers(trainer, monkeypatch)
+    start = _trained_state(trainer)
+    phase_one_logs = [trainer.train_step() for _ in range(2)]
+    middle = _trained_state(trainer)
+    assert applied == ["teacher", "teacher"]
+    assert all(set(logs) == {"teacher/denoise", "loss/teacher"} for logs in phase_one_logs)
+    for key in start:  # phase 1: the teacher and the token move; the student and the heads wait
+        moved = not torch.equal(start[key], middle[key])
+        assert moved == (key.startswith("teacher.") or key == "row"), key
+
+    phase_two_logs = [trainer.train_step() for _ in range(2)]
+    end = _trained_state(trainer)
+    assert applied[2:] == ["student", "heads", "student", "heads"]
+    assert all("loss/teacher" not in logs and {"loss/student", "loss/heads"} <= set(logs) for logs in phase_two_logs)
+    for key in middle:  # phase 2: the teacher and the token are frozen
+        moved = not torch.equal(middle[key], end[key])
+        assert moved == (key.startswith("student.") or key.startswith("heads.")), key
+    assert not any(p.grad is not None for p in concept_embedding(trainer.pair.text_encoder).parameters())
+
+
+def test_sequential_resume_refuses_a_changed_step_count(make_trainer, tmp_path):
+    trainer = make_trainer(_config(steps=4, schedule="sequential", echo=False))
+    trainer.train_step()
+    checkpoint = trainer.save_checkpoint(tmp_path / "s.pt")
+    longer = make_trainer(_config(steps=6, schedule="sequential", echo=False))
+    with pytest.raises(EchoDistillError, match="differs from the checkpoint's in steps"):
+        longer.resume(checkpoint)
+
+
+def test_without_adversarial_weight_no_head_trains_and_echo_ranks_by_similarity(make_trainer, monkeypatch):
+    trainer = make_trainer(_config(steps=2, weight_adversarial=0.0, echo_start=1, echo_every=1))
+    applied = _applied_optimizers(trainer, monkeypatch)
+    heads_before = trainer.ensemble.heads_state_dict()
+    monkeypatch.setattr(trainer.ensemble, "forward", lambda **_: pytest.fail("the heads were evaluated"))
+    logs = trainer.train_step()
+    assert applied == ["teacher", "student"]
+    assert not any(k.startswith(("heads/", "student/adv_")) for k in logs) and "loss/heads" not in logs
+    assert logs["echo/kept"] == 2.0 and len(trainer.echo) == 2
+    for key, value in trainer.ensemble.heads_state_dict().items():
+        assert torch.equal(value, heads_before[key]), key
+
+
+def test_without_shared_encoder_the_student_trains_its_own_token_row(make_trainer, monkeypatch):
+    trainer = make_trainer(_config(steps=1, shared_text_encoder=False, echo=False))
+    teacher_row = concept_embedding(trainer.pair.text_encoder).concept_row
+    student_row = trainer.student_row.concept_row
+    assert student_row is not teacher_row and torch.equal(student_row, teacher_row)  # both start at the class word
+    grads = []
+    original = Trainer._apply
+
+    def spy(self, optimizer):
+        grads.append((teacher_row.grad is not None and bool(teacher_row.grad.abs().sum() > 0),
+                      student_row.grad is not None and bool(student_row.grad.abs().sum() > 0)))
+        original(self, optimizer)
+
+    monkeypatch.setattr(Trainer, "_apply", spy)
+    teacher_before, student_before = teacher_row.detach().clone(), student_row.detach().clone()
+    trainer.train_step()
+    teacher_step, student_step, heads_step = grads
+    assert teacher_step == (True, False)  # the teacher's loss reaches its row only
+    assert student_step == (False, True)  # the student's losses reach the student's row, never the teacher's
+    assert heads_step == (False, False)
+    assert not torch.equal(teacher_row, teacher_before) and not torch.equal(student_row, student_before)
+    # The student's row lives beside the encoder, not in it: the encoder still reads the teacher's row.
+    assert concept_embedding(trainer.pair.text_encoder).concept_row is teacher_row
+
+
+def test_separate_token_rows_checkpoint_and_bundle_round_trip(make_trainer, tiny_pair_folders, tmp_path):
+    from echodistill.jobs import sample
+
+    config = _config(steps=2, shared_text_encoder=False, echo_start=1, echo_every=1)
+    trainer = make_trainer(config)
+    trainer.train_step()
+    checkpoint = trainer.save_checkpoint(tmp_path / "half.pt")
+    trainer.train_step()
+    resumed = make_trainer(config)
+    resumed.resume(checkpoint)
+    resumed.train_step()
+    assert torch.equal(resumed.student_row.concept_row, trainer.student_row.concept_row)
+
+    bundle = trainer.bundle()
+    assert not torch.equal(bundle.student_embedding, bundle.embedding)
+    loaded = ConceptBundle.load(bundle.save(tmp_path / "concept.safetensors"))
+    assert torch.equal(loaded.student_embedding, bundle.student_embedding)
+    assert torch.equal(loaded.embedding_for("teacher"), bundle.embedding)
+    # What the trainer's previews showed is what the saved concept samples, through the student's own row.
+    preview = trainer.preview()
+    fresh = load_model_pair(*tiny_pair_folders)
+    prompt = trainer_module.PREVIEW_PROMPT.format(token="<v*>", class_word="dog")
+    images = sample(fresh, [prompt] * 2, concept=loaded, seeds=[0, 1], width=64, height=64, return_latents=False)
+    assert torch.allclose(images.images, preview, atol=1e-6)
+    loaded.apply(fresh, parts=("teacher",))
+    assert torch.equal(concept_embedding(fresh.text_encoder).concept_row, bundle.embedding)
+    with pytest.raises(EchoDistillError, match="trained without a shared text encoder.*apply one part at a time"):
+        loaded.apply(load_model_pair(*tiny_pair_folders))

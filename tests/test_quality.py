@@ -1,0 +1,148 @@
+"""`echodistill bench quality`: every row trained, sampled and scored; the report's numbers add up.
+
+Runs on the tiny random pair with an untrained oracle (the pipeline, not the scores, is tested);
+the command-line smoke test uses the shipped mini-world models when they are present.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from echodistill import quality
+from echodistill.benchmarking import BenchError
+from echodistill.errors import ConfigError
+from echodistill.miniworld.oracle import AttributeReader, Oracle, SubjectEncoder
+from echodistill.models import load_model_pair
+
+
+@pytest.fixture(scope="module")
+def random_oracle():
+    torch.manual_seed(0)
+    return Oracle(AttributeReader(width=8, hidden=16).eval(), SubjectEncoder(width=8, dim=16).eval())
+
+
+def _forbid_training(monkeypatch):
+    monkeypatch.setattr(quality, "train_method", lambda *a, **k: pytest.fail("a method was trained"))
+
+
+def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
+    tiny_pair_folders, random_oracle, tmp_path, monkeypatch
+):
+    pair = load_model_pair(*tiny_pair_folders)
+    trained = []
+    original = quality.train_method
+
+    def spy(pair, name, config, images):
+        trained.append((name, config.steps, config.seed))
+        return original(pair, name, config, images)
+
+    monkeypatch.setattr(quality, "train_method", spy)
+    out = tmp_path / "quality"
+    report = quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=2,
+                                 methods=list(quality.METHODS), images_per_prompt=1, out=out, log=lambda _: None)
+    # One training per method, the teacher row sampling the full run's teacher: equal budgets, one seed.
+    assert sorted(trained) == sorted((m, 2, 3) for m in quality.METHODS if m != "teacher")
+    records = {r["method"]: r for r in report["records"]}
+    assert set(records) == {quality.PRIOR, *quality.METHODS}
+    assert all(r["concept"] == "smiley" and r["seed"] == 3 for r in records.values())
+    for record in records.values():
+        assert 0 <= record["subject_fidelity"] <= 1 and 0 <= record["prompt_fidelity"] <= 1
+    assert records["teacher"]["trained_as"] == "echodistill"
+    assert records["teacher"]["train_seconds"] == records["echodistill"]["train_seconds"] > 0
+    assert records[quality.PRIOR]["train_seconds"] is None
+    assert records["sequential"]["seconds_per_step"] == pytest.approx(records["sequential"]["train_seconds"] / 2)
+    assert [row["method"] for row in report["summary"]] == [quality.PRIOR, *quality.METHODS]
+
+    assert json.loads((out / "quality.json").read_text()) == json.loads(json.dumps(report))
+    table = (out / "quality.md").read_text()
+    for method in quality.METHODS.values():
+        assert f"| {method.label} |" in table
+    assert (out / "sheets" / "smiley-seed3.png").is_file()
+    assert len(list((out / "bundles").glob("smiley-seed3-*.safetensors"))) == len(quality.METHODS) - 1
+
+    _forbid_training(monkeypatch)  # a finished concept x seed is kept by --resume, not retrained
+    again = quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=2,
+                                methods=list(quality.METHODS), images_per_prompt=1, out=out, resume=True,
+                                log=lambda _: None)
+    assert again["records"] == json.loads(json.dumps(report["records"]))
+    with pytest.raises(BenchError, match="was written with other settings"):
+        quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=5,
+                            methods=list(quality.METHODS), out=out, resume=True, log=lambda _: None)
+
+
+def test_the_teacher_row_alone_trains_the_full_run_but_reports_only_the_teacher(
+    tiny_pair_folders, random_oracle, monkeypatch
+):
+    pair = load_model_pair(*tiny_pair_folders)
+    report = quality.run_quality(pair, random_oracle, concepts=["window"], seeds=[0], steps=2, methods=["teacher"],
+                                 images_per_prompt=1, log=lambda _: None)
+    assert [r["method"] for r in report["records"]] == [quality.PRIOR, "teacher"]
+
+
+def test_bad_requests_fail_before_anything_trains(tiny_pair_folders, random_oracle, monkeypatch):
+    pair = load_model_pair(*tiny_pair_folders)
+    _forbid_training(monkeypatch)
+    common = dict(seeds=[0], steps=2, log=lambda _: None)
+    with pytest.raises(BenchError, match="methods \\['dreambooth'\\]: give one or more of echodistill, no_echo"):
+        quality.run_quality(pair, random_oracle, concepts=["smiley"], methods=["dreambooth"], **common)
+    with pytest.raises(BenchError, match="concepts \\['dog'\\]: give one or more of checker_diamond"):
+        quality.run_quality(pair, random_oracle, concepts=["dog"], methods=["echodistill"], **common)
+    with pytest.raises(ConfigError, match="schedule='sequential' needs steps >= 2"):
+        quality.run_quality(pair, random_oracle, concepts=["smiley"], methods=["sequential"], seeds=[0], steps=1,
+                            log=lambda _: None)
+
+
+def test_summary_is_mean_and_sample_std_over_concepts_and_seeds():
+    records = [
+        {"method": quality.PRIOR, "concept": "a", "seed": 0, "subject_fidelity": 0.2, "prompt_fidelity": 0.5,
+         "train_seconds": None, "seconds_per_step": None},
+        {"method": "echodistill", "concept": "a", "seed": 0, "subject_fidelity": 0.6, "prompt_fidelity": 0.7,
+         "train_seconds": 10.0, "seconds_per_step": 1.0},
+        {"method": "echodistill", "concept": "a", "seed": 1, "subject_fidelity": 0.8, "prompt_fidelity": 0.7,
+         "train_seconds": 12.0, "seconds_per_step": 1.2},
+        {"method": "echodistill", "concept": "b", "seed": 0, "subject_fidelity": 0.4, "prompt_fidelity": 0.4,
+         "train_seconds": 14.0, "seconds_per_step": 1.4},
+    ]
+    prior, full = quality.summarize(records, ["echodistill"])
+    assert prior["runs"] == 1 and prior["subject_fidelity"] == {"mean": 0.2, "std": 0.0}
+    assert prior["train_seconds"] == {"mean": None, "std": None}
+    assert full["runs"] == 3
+    assert full["subject_fidelity"]["mean"] == pytest.approx(0.6)
+    assert full["subject_fidelity"]["std"] == pytest.approx(0.2)  # sample std of 0.6, 0.8, 0.4
+    assert full["train_seconds"] == {"mean": pytest.approx(12.0), "std": pytest.approx(2.0)}
+    assert full["subject_fidelity_per_concept"] == {"a": pytest.approx(0.7), "b": pytest.approx(0.4)}
+    report = {"settings": {"concepts": ["a", "b"], "seeds": [0, 1], "steps": 10, "images_per_prompt": 1,
+                           "student_steps": 1, "teacher_steps": 25, "teacher_guidance": 7.5, "resolution": 64,
+                           "fingerprints": {}, "command": "echodistill bench quality --steps 10"},
+              "summary": [prior, full]}
+    table = quality.markdown(report)
+    assert "Command: `echodistill bench quality --steps 10`" in table
+    assert "| EchoDistill (full), student 1 step | 0.600 ± 0.200 | 0.600 ± 0.173 | 12.0 ± 2.0 | 1.200 ± 0.200 | 3 |" \
+        in table
+    assert "| EchoDistill (full), student 1 step | 0.700 | 0.400 |" in table
+
+
+def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
+    from echodistill.cli import main
+    from echodistill.miniworld import STUDENT_DIR, TEACHER_DIR
+
+    if not (TEACHER_DIR / "model_index.json").is_file() or not (STUDENT_DIR / "model_index.json").is_file():
+        pytest.skip("the mini-world models are not shipped in this checkout")
+    random_oracle.save(tmp_path / "oracle")
+    out = tmp_path / "report"
+    argv = ["bench", "quality", "--concepts", "crossed_ring", "--seeds", "0", "--steps", "2", "--methods",
+            "textual_inversion", "teacher", "--images-per-prompt", "1", "--oracle", str(tmp_path / "oracle"),
+            "--out", str(out), "--threads", "1"]
+    assert main(argv) == 0
+    report = json.loads((out / "quality.json").read_text())
+    command = report["settings"]["command"]
+    assert command.startswith("echodistill bench quality --concepts crossed_ring --seeds 0 --steps 2 --methods "
+                              "textual_inversion teacher --images-per-prompt 1 --oracle ")
+    assert {r["method"] for r in report["records"]} == {quality.PRIOR, "textual_inversion", "teacher"}
+    assert set(report["settings"]["oracle"]["digests"]) == {"attribute_reader.safetensors",
+                                                            "subject_encoder.safetensors"}
+    printed = capsys.readouterr().out
+    assert command in printed and "| Textual Inversion on the student |" in printed
