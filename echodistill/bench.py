@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -64,6 +65,7 @@ from .tensor_files import atomic_write_text
 
 if TYPE_CHECKING:  # models imports diffusers: load it only when a benchmark runs
     from .models import ModelPair
+    from .sampling_speed import SamplerOptions
 
 __all__ = ["PEAK_TFLOPS", "BenchError", "Measurement", "MemoryProbe", "bench_sample", "bench_train", "build_pair",
            "count_flops", "peak_tflops"]
@@ -181,10 +183,13 @@ def diffusers_pipeline(pair: ModelPair):
 
 def bench_sample(
     model: str = "sd", device: str = "cpu", dtype: str | None = None, batches: tuple[int, ...] = (1, 16),
-    size: int = 512, repeats: int = 10, warmup: int = 2,
+    size: int = 512, repeats: int = 10, warmup: int = 2, options: "SamplerOptions | None" = None,
 ) -> dict:
-    """Latency, throughput, memory and FLOPs of `sample_student` vs diffusers, per batch size."""
+    """Latency, throughput, memory and FLOPs of `sample_student` (with `options`) vs diffusers, per batch size."""
     from .sampling import sample_student
+    from .sampling_speed import SamplerOptions
+
+    options = options or SamplerOptions()
 
     torch_device = check_device(device)
     dtype = dtype or ("bf16" if torch_device.type == "cuda" else "fp32")
@@ -202,7 +207,8 @@ def bench_sample(
         seeds = list(range(batch))
 
         def ours():
-            return sample_student(pair, prompts, seeds=seeds, width=size, height=size, return_latents=False).images
+            return sample_student(pair, prompts, seeds=seeds, width=size, height=size, return_latents=False,
+                                  options=options).images
 
         def peer():
             generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU noise, as ours draws it
@@ -224,13 +230,16 @@ def bench_sample(
         "benchmark": "sample",
         "settings": {"model": model, "device": str(torch_device), "dtype": dtype, "batches": list(batches),
                      "size": size, "repeats": repeats, "warmup": warmup, "steps": 1, "guidance": 0.0,
+                     "options": dataclasses.asdict(options),
                      "peer": "diffusers StableDiffusionPipeline, EulerDiscreteScheduler trailing, same modules"},
         "device": _device_facts(torch_device, name, peak),
         "notes": ["ratios are echodistill / diffusers: below 1 is better for latency, above 1 for images/s",
                   "both sides run the same student UNet, text encoder and VAE objects; with --model sd the "
                   "teacher UNet is not built (sampling never calls it)",
                   "echodistill returns images on the CPU (its contract); diffusers' output_type 'pt' leaves them "
-                  "on the device"],
+                  "on the device",
+                  "with cache_prompts (the default) repeated calls reuse the prompt embeddings; diffusers re-encodes "
+                  "every call: --no-prompt-cache times both doing the same work"],
         "results": results,
     }
 
@@ -347,7 +356,8 @@ def bench_train(
         # Previews and checkpoints live in Trainer.train(), not in train_step: nothing to switch off here.
         config = preset(preset_name, resolution=resolution, class_word="toy")
         row = {"preset": preset_name, "config": {k: getattr(config, k) for k in
-               ("batch_size", "mixed_precision", "gradient_checkpointing", "adapter", "discriminators", "echo")}}
+               ("batch_size", "mixed_precision", "gradient_checkpointing", "cache_latents", "offload", "adapter",
+                "discriminators", "echo")}}
         for impl, make in (("echodistill", echodistill_step), ("custom_diffusion", custom_diffusion_step)):
             _log(f"train: {impl}, preset {preset_name}")
             # One case at a time: both adapt the teacher, so they cannot share the pair at once;
@@ -403,8 +413,9 @@ def sample_table(report: dict) -> str:
         rows.append([str(row["batch"]), "ours/peer", _fmt(r["latency_ms_p50"], ".3f") + "x",
                      _fmt(r["latency_ms_p95"], ".3f") + "x", _fmt(r["memory_growth"], ".2f") + "x",
                      _fmt(r["flops"], ".3f") + "x", "", "", _fmt(r["images_per_s"], ".3f") + "x"])
+    switched_on = [name for name, value in s["options"].items() if value is True] or ["none"]
     title = (f"bench sample: model {s['model']}, {s['size']}x{s['size']}, {s['dtype']}, {s['repeats']} timed + "
-             f"{s['warmup']} warm-up calls\ndevice: {d['name']}; peak {_fmt(d['peak_tflops'], '.0f')} TFLOP/s; "
+             f"{s['warmup']} warm-up calls; echodistill options: {', '.join(switched_on)}\ndevice: {d['name']}; peak {_fmt(d['peak_tflops'], '.0f')} TFLOP/s; "
              f"memory: {d['memory_method']}")
     headers = ["batch", "impl", "p50 ms", "p95 ms", "mem+ MB", "GFLOP/call", "TFLOP/s", "util %", "img/s"]
     return title + "\n" + format_table(headers, rows)
@@ -446,6 +457,13 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
     parser.add_argument("--out", default="bench_sample.json")
+    speed = parser.add_argument_group("speed options of echodistill's sampler (SamplerOptions)")
+    speed.add_argument("--no-prompt-cache", action="store_true", help="re-encode the prompts every call")
+    speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions (UNet and VAE)")
+    speed.add_argument("--fuse-qkv", action="store_true", help="fused self-attention q/k/v projections")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the student UNet (compiles in warm-up)")
+    speed.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    speed.add_argument("--cuda-graph", action="store_true", help="capture the one-step student in a CUDA graph")
     _add_threads_argument(parser)
 
 
@@ -485,7 +503,13 @@ def _finish(report: dict, table: str, out: str) -> int:
 
 def run_sample(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
-    report = bench_sample(args.model, args.device, args.dtype, tuple(args.batch), args.size, args.repeats, args.warmup)
+    from .sampling_speed import SamplerOptions
+
+    options = SamplerOptions(cache_prompts=not args.no_prompt_cache, channels_last=args.channels_last,
+                             fuse_qkv=args.fuse_qkv, compile=args.compile, compile_mode=args.compile_mode,
+                             cuda_graph=args.cuda_graph)
+    report = bench_sample(args.model, args.device, args.dtype, tuple(args.batch), args.size, args.repeats, args.warmup,
+                          options)
     return _finish(report, sample_table(report), args.out)
 
 

@@ -127,3 +127,16 @@ def test_bad_settings_are_refused():
         bench.build_pair("xl", "cpu", "fp32")
     with pytest.raises(bench.BenchError, match=r"presets \['fast'\] \(valid: paper, balanced, lite\)"):
         bench.bench_train("tiny", "cpu", presets=("fast",))
+
+
+def test_bench_sample_passes_the_speed_options_and_records_them(tmp_path, capsys):
+    out = tmp_path / "sample.json"
+    argv = ["bench", "sample", "--model", "tiny", "--device", "cpu", "--size", "64", "--batch", "1", "--repeats", "1",
+            "--warmup", "0", "--channels-last", "--fuse-qkv", "--no-prompt-cache", "--out", str(out)]
+    assert main(argv) == 0
+    options = json.loads(out.read_text())["settings"]["options"]
+    assert options | {} == {**options, "channels_last": True, "fuse_qkv": True, "cache_prompts": False,
+                            "cuda_graph": False, "compile": False}
+    assert "echodistill options: channels_last, fuse_qkv" in capsys.readouterr().out
+    assert main([*argv[:-2], "--cuda-graph", "--out", str(out)]) != 0
+    assert "cuda_graph=True needs the models on a CUDA device; they are on cpu" in capsys.readouterr().err
