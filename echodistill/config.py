@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 AdapterKind = Literal["custom_diffusion", "lora"]
 Precision = Literal["no", "bf16", "fp16"]
+TrainingSchedule = Literal["joint", "sequential"]
 DISCRIMINATOR_KINDS = ("teacher_features", "dino_vits16", "dinov2_vitl14", "clip_vit_h14")
 
 
@@ -31,12 +32,22 @@ class TrainConfig:
     batch_size: int = _f(2, "real concept images per iteration")
     resolution: int = _f(512, "training resolution in pixels (square)")
     seed: int = _f(42, "seed of every random draw (data, noise, timesteps)")
+    schedule: TrainingSchedule = _f(
+        "joint",
+        "joint: teacher and student train together every iteration; sequential (the 'teacher first, then distill' "
+        "baseline): the teacher alone for the first half of the steps, then the student against the frozen teacher",
+    )
     # --- concept --------------------------------------------------------------------------
     token: str = _f("<v*>", "the new concept word added to the shared tokenizer")
     class_word: str = _f("object", "the subject's class word, e.g. 'dog'; also the token's initializer")
     initializer: str = _f("", "word(s) the token's embedding starts from (empty: the class word)")
+    shared_text_encoder: bool = _f(
+        True,
+        "one text encoder for both UNets, its token row trained by the teacher's loss alone; False (ablation): "
+        "the student reads the prompts through its own copy, its own token row trained by the student's losses",
+    )
     # --- optimisation (paper: AdamW, constant LRs) ------------------------------------------
-    lr_student: float = _f(2e-5, "learning rate of the student's adapters")
+    lr_student: float = _f(2e-5, "learning rate of the student's adapters (and own token row, if not shared)")
     lr_teacher: float = _f(1e-5, "learning rate of the teacher's adapters and the concept token row")
     lr_heads: float = _f(1e-4, "learning rate of the discriminator heads")
     adam_beta1: float = _f(0.9, "AdamW beta1")
@@ -162,11 +173,24 @@ class TrainConfig:
             raise ConfigError(f"token={self.token!r} must be one word without whitespace, e.g. '<v*>'")
         if not self.class_word.strip():
             raise ConfigError("class_word is empty: give the subject's class, e.g. 'dog'")
+        if self.schedule == "sequential":
+            if self.echo:
+                raise ConfigError(
+                    "schedule='sequential' with echo=True: the teacher is frozen once the student trains, so "
+                    "nothing could be echoed back to it; set echo=False"
+                )
+            if self.steps < 2:
+                raise ConfigError(f"schedule='sequential' needs steps >= 2 (one per phase), got steps={self.steps}")
 
     # --- derived ------------------------------------------------------------------------------
     @property
     def initializer_word(self) -> str:
         return self.initializer or self.class_word
+
+    @property
+    def teacher_phase_steps(self) -> int:
+        """Iterations in which the teacher trains: all of them (joint), or the first half (sequential)."""
+        return self.steps if self.schedule == "joint" else self.steps // 2
 
     # --- (de)serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
