@@ -294,7 +294,7 @@ def markdown(report: dict) -> str:
     if "oracle" in s:
         lines.append(f"- oracle: `{s['oracle']['path']}` ({json.dumps(s['oracle']['digests'], sort_keys=True)})")
     if "device" in s:
-        lines.append(f"- device: {s['device']}, torch {s.get('torch')}, {s.get('threads')} thread(s)")
+        lines.append(f"- device: {s['device']}, torch {s.get('torch')}")
     lines += [
         "- mean ± std over concepts x seeds; train s is wall time of one training run (the teacher row's is the full "
         "EchoDistill run it samples); subject and prompt fidelity are the mini world's oracles, higher is better",
