@@ -13,6 +13,7 @@ from pathlib import Path
 from . import bench as bench_jobs
 from . import cli_jobs
 from . import quality as quality_jobs
+from . import demo as demo_job
 from .errors import ConfigError, EchoDistillError
 
 
@@ -166,8 +167,8 @@ def _demo_images(count: int = 4, size: int = 64):
     return pictures
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Smoke run on a tiny pair: load it like real checkpoints, encode a concept prompt, train briefly."""
+def _smoke(args: argparse.Namespace) -> int:
+    """Smoke run on a tiny random pair: load it like real checkpoints, encode a concept prompt, train briefly."""
     import torch
 
     from . import tiny
@@ -176,7 +177,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .data import load_concept_images
     from .models import load_model_pair
 
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="echodistill-demo-"))
+    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="echodistill-smoke-"))
     started = time.perf_counter()
     world = tiny.build_tiny_pair(root)
     families = world["families"]
@@ -231,12 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echodistill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="smoke run on a tiny embedded model pair")
-    demo.add_argument("--out", help="folder for the tiny models (default: a temp folder)")
-    demo.add_argument("--token", default="<v*>")
-    demo.add_argument("--class-word", default="toy")
-    demo.add_argument("--steps", type=int, default=20)
-    demo.set_defaults(run=_demo)
+    demo = commands.add_parser("demo", help="the main job on the shipped mini world: train a held-out concept, "
+                                            "sample it, write a contact sheet, print the oracle metrics")
+    demo_job.add_arguments(demo)
+    demo.set_defaults(run=lambda args: demo_job.run_from_args(args, run_training))
+
+    smoke = commands.add_parser("smoke", help="seconds-long check on a tiny random model pair written to disk")
+    smoke.add_argument("--out", help="folder for the tiny models (default: a temp folder)")
+    smoke.add_argument("--token", default="<v*>")
+    smoke.add_argument("--class-word", default="toy")
+    smoke.add_argument("--steps", type=int, default=20)
+    smoke.set_defaults(run=_smoke)
 
     train = commands.add_parser("train", help="train a concept: teacher + one-step student through one text encoder")
     train.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors) or diffusers folder")

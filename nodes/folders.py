@@ -6,14 +6,18 @@
     concepts/*.safetensors   saved concept bundles
     backbones/<name>    discriminator / metric backbones (DINO, DINOv2, CLIP folders or files)
     runs/<key>/         training checkpoints and previews
+Shipped with the pack: the mini world's teacher and student (`miniworld/teacher|student` in the
+model lists) and its held-out subjects' references (`miniworld/<subject>` in the photo folders).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import folder_paths
+from PIL import Image
 
 KIND = "echodistill"
 NONE = "none"
@@ -125,6 +129,18 @@ def backbone_choices() -> list[str]:
     return [NONE] + _subdirs("backbones")
 
 
+def shipped_concept_references() -> dict[str, Callable[[], list[Image.Image]]]:
+    """The mini world's held-out subjects as read-only "folders" of reference pictures (drawn, not stored)."""
+    from echodistill.miniworld import CONCEPTS, reference_images
+
+    def drawer(concept):
+        return lambda: [Image.fromarray(array) for array in reference_images(concept)]
+
+    return {f"{SHIPPED_PREFIX}{name}": drawer(concept) for name, concept in sorted(CONCEPTS.items())}
+
+
 def input_folder_choices() -> list[str]:
+    """Folders inside ComfyUI's input directory, then the shipped mini-world subjects."""
     base = Path(folder_paths.get_input_directory())
-    return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_dir()) if base.is_dir() else []
+    found = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_dir()) if base.is_dir() else []
+    return found + list(shipped_concept_references())

@@ -116,7 +116,8 @@ class LoadImagesFromFolder(io.ComfyNode):
                         "(EXIF-rotated, converted to RGB, center-cropped to a square).",
             inputs=[
                 io.Combo.Input("folder", options=folders.input_folder_choices(),
-                               tooltip="A folder inside ComfyUI's input directory holding 3-20 photos."),
+                               tooltip="A folder inside ComfyUI's input directory holding 3-20 photos, or a shipped "
+                                       "mini-world subject (miniworld/<name>)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip="Side of the square crops (the training resolution)."),
             ],
@@ -131,7 +132,9 @@ class LoadImagesFromFolder(io.ComfyNode):
     @classmethod
     def execute(cls, folder, resolution) -> io.NodeOutput:
         path = folders.safe_join(Path(folder_paths.get_input_directory()), folder)
-        images = load_concept_images(path, resolution=resolution)
+        shipped = folders.shipped_concept_references()
+        source = shipped[folder]() if folder in shipped and not path.is_dir() else path
+        images = load_concept_images(source, resolution=resolution)
         crops = [_square(item.image, resolution) for item in images]
         return io.NodeOutput(torch.cat([from_pil(c) for c in crops]), len(crops))
 

@@ -34,8 +34,8 @@ SD_TURBO = {
     "directory": "checkpoints",
 }
 
-# (class_type, input) -> the value a user starts from
-USER_VALUES = {
+# (class_type, input) -> the value a user starts from, in a graph on SD 2.1 + SD-Turbo
+SD_USER_VALUES = {
     ("EchoDistillLoadModels", "teacher"): SD21["name"],
     ("EchoDistillLoadModels", "student"): SD_TURBO["name"],
     ("EchoDistillLoadModels", "teacher_family"): "auto",
@@ -59,9 +59,26 @@ USER_VALUES = {
 }
 TEXT_SWAPS = {"embedding:mini_mug": "embedding:my_mug"}
 
+# ... and in a graph on the shipped mini world (64×64 pictures; runs with no downloads, in minutes on a CPU)
+MINIWORLD_USER_VALUES = {
+    ("EchoDistillTrainConcept", "steps"): 200,
+    ("EchoDistillTrainConcept", "sample_every"): 50,
+    ("EchoDistillTrainConcept", "save_every"): 100,
+    ("EchoDistillTrainConcept", "echo"): True,
+    ("EchoDistillOneStepSampler", "batch_size"): 4,
+    ("EchoDistillTeacherSampler", "steps"): 25,
+}
+
+
+def on_miniworld(graph: dict) -> bool:
+    return any(str(v).startswith("miniworld/") for n in graph.values() for v in n["inputs"].values())
+
 DESCRIPTIONS = {
-    "echodistill_train_and_sample": "Train a concept on your photos (input/concept_photos), then draw it in one step.",
-    "echodistill_sample_saved_concept": "Draw a saved concept in one step with the student, and with the teacher.",
+    "echodistill_train_and_sample": "Train a concept, then draw it in one step. Runs as shipped on the mini world "
+                                    "(a held-out subject, no downloads); pick SD 2.1 + SD-Turbo and your photos' "
+                                    "folder for real pictures.",
+    "echodistill_sample_saved_concept": "Draw a saved concept (my_diamond, from the workflow above) in one step with "
+                                        "the student, and with the teacher.",
     "echodistill_train_and_export": "Train a concept and export it as a LoRA + embedding for core nodes.",
     "core_nodes_sample_exported_concept": "Core nodes only: SD-Turbo + the exported LoRA + embedding:my_mug, one step.",
 }
@@ -78,12 +95,13 @@ FIX_SEEDS_AND_ARRANGE = """async ([graph, name]) => {
 
 
 def user_graph(graph: dict) -> dict:
+    values = MINIWORLD_USER_VALUES if on_miniworld(graph) else SD_USER_VALUES
     graph = json.loads(json.dumps(graph))
     for node in graph.values():
         for name, value in list(node["inputs"].items()):
             key = (node["class_type"], name)
-            if key in USER_VALUES:
-                node["inputs"][name] = USER_VALUES[key]
+            if key in values:
+                node["inputs"][name] = values[key]
             elif isinstance(value, str):
                 for old, new in TEXT_SWAPS.items():
                     node["inputs"][name] = node["inputs"][name].replace(old, new)

@@ -16,12 +16,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from echodistill.miniworld import architecture as arch  # noqa: E402
-from echodistill.miniworld.evaluate import evaluation_captions, fidelity_summary, generate  # noqa: E402
+from echodistill.miniworld.evaluate import evaluation_captions, fidelity_summary, generate, image_grid  # noqa: E402
 from echodistill.miniworld.oracle import Oracle  # noqa: E402
 from echodistill.models import load_model_pair  # noqa: E402
 
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--grid", type=Path, help="also save the first 32 pictures here (PNG)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -50,10 +52,13 @@ def main() -> None:
         teacher = arch.write_model_folder(Path(scratch) / "teacher", "teacher", unet, text_encoder, vae)
         student = arch.write_model_folder(Path(scratch) / "student", "student", unet, text_encoder, vae)
         pair = load_model_pair(teacher, student)
-    _, captions = evaluation_captions(args.prompts, args.seed)
-    prompts = [caption.text for caption in captions]
-    seeds = list(range(args.prompts))
-    images = generate(pair, "teacher", prompts, seeds, steps=args.steps, guidance=args.guidance)
+        _, captions = evaluation_captions(args.prompts, args.seed)
+        prompts = [caption.text for caption in captions]
+        seeds = list(range(args.prompts))
+        images = generate(pair, "teacher", prompts, seeds, steps=args.steps, guidance=args.guidance)
+    if args.grid:
+        Image.fromarray(image_grid(images[:32])).resize((8 * 64 * 2, 4 * 64 * 2), Image.NEAREST).save(args.grid)
+        print("\n".join(f"{i:2d} {p}" for i, p in enumerate(prompts[:32])))
     summary = fidelity_summary(Oracle.load(args.oracle), images, captions)
     print(f"{args.checkpoint.name} step {state.get('step', 'final')}: teacher {args.steps} steps, "
           f"guidance {args.guidance}: {summary}")

@@ -117,8 +117,8 @@ def test_inspect_says_how_a_file_is_read(tiny_world, tmp_path, capsys):
     assert "family tiny-turbo" in out and "layout sgm" in out and "prediction epsilon" in out
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
+def test_smoke_runs_end_to_end_on_a_tiny_random_pair(tmp_path, capsys):
+    assert main(["smoke", "--out", str(tmp_path), "--steps", "2"]) == 0
     assert ConceptBundle.load(tmp_path / "concept.safetensors").step == 2
     assert "concept bundle written" in capsys.readouterr().out
 

@@ -147,3 +147,22 @@ def test_backbones_feed_training_and_evaluation(comfy):
                                                          "tiny_clip_metric", "none").result[0]
     values = json.loads(scores)
     assert set(values) == {"clip_t", "clip_i"} and 0 <= values["clip_i"] <= 1
+
+
+@torch.inference_mode()
+def test_shipped_mini_world_is_listed_and_loads_without_any_file_in_input(comfy):
+    from echodistill.miniworld import CONCEPTS, reference_images
+
+    nodes = comfy["nodes"]
+    loader_inputs = {p.id: p for p in nodes["EchoDistillLoadModels"].define_schema().inputs}
+    assert {"miniworld/teacher", "miniworld/student"} <= set(loader_inputs["teacher"].options)
+    folder_input = next(p for p in nodes["EchoDistillLoadImagesFromFolder"].define_schema().inputs if p.id == "folder")
+    assert {f"miniworld/{name}" for name in CONCEPTS} <= set(folder_input.options)
+    assert "mug" in folder_input.options  # real input folders are still listed first
+    images, count = nodes["EchoDistillLoadImagesFromFolder"].execute("miniworld/smiley", 64).result
+    references = reference_images(CONCEPTS["smiley"])
+    assert count == len(references) and images.shape == (len(references), 64, 64, 3)
+    torch.testing.assert_close(images, torch.from_numpy(references).float() / 255, atol=1 / 255, rtol=0)
+    models = nodes["EchoDistillLoadModels"].execute("miniworld/teacher", "miniworld/student", "auto", "auto",
+                                                    "auto").result[0]
+    assert models.student.unet.config.sample_size == 16 and models.vae_downscale == 4

@@ -1,0 +1,260 @@
+"""The shipped mini world: renderer, grammar, concepts, shipped models and oracles. Nothing trains here."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from echodistill.diffusion import alphas_cumprod_for, encode_prompts, student_one_step
+from echodistill.miniworld import architecture as arch
+from echodistill.miniworld.concepts import CONCEPTS, TOKEN_PLACEHOLDER, evaluation_prompts, reference_images
+from echodistill.miniworld.grammar import (
+    ATTRIBUTES, POSITION_PHRASES, SHAPES, Scene, describe, sample_scene, training_caption,
+)
+from echodistill.miniworld.oracle import Oracle, OracleError
+from echodistill.miniworld.render import render
+from echodistill.models import load_model_pair
+from echodistill.sampling import decode_latents
+from echodistill.tokenizer import load_clip_tokenizer
+
+SHIPPED_LIMIT = 25 * 1024 * 1024
+
+
+def _scenes(count: int, seed: int, subject: str | None = None) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, subject) for _ in range(count)]
+
+
+def _renders(scenes: list[Scene], seed: int) -> np.ndarray:
+    return np.stack([render(scene, np.random.default_rng([seed, i])) for i, scene in enumerate(scenes)])
+
+
+# --- renderer and grammar -----------------------------------------------------------------------
+
+def test_render_is_deterministic_and_seed_dependent():
+    scene = Scene("star", "red", "large", "left", "blue", "striped")
+    first = render(scene, np.random.default_rng(3))
+    assert first.shape == (64, 64, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, render(scene, np.random.default_rng(3)))
+    assert not np.array_equal(first, render(scene, np.random.default_rng(4)))  # jitter moves it
+    assert _scenes(5, 1) == _scenes(5, 1)
+
+
+def test_render_follows_the_attributes():
+    image = render(Scene("square", "red", "large", "left", "blue", "plain"), np.random.default_rng(0)).astype(int)
+    red, blue = np.array([219, 41, 41]), np.array([41, 79, 219])
+    assert np.abs(image[32, 19] - red).max() <= 2  # the object's centre, on the left
+    assert np.abs(image[32, 56] - blue).max() <= 2  # plain background on the right
+    small = render(Scene("circle", "white", "small", "center", "black", "plain"), np.random.default_rng(0))
+    large = render(Scene("circle", "white", "large", "center", "black", "plain"), np.random.default_rng(0))
+    assert (small.mean(-1) > 128).sum() * 3 < (large.mean(-1) > 128).sum()
+
+
+def test_captions_state_their_attributes():
+    rng = np.random.default_rng(0)
+    for scene in _scenes(200, 2):
+        caption = describe(scene)
+        assert dict(caption.stated) == scene.attributes()
+        text = caption.text
+        for word in (scene.size, scene.color, scene.subject, POSITION_PHRASES[scene.position], scene.bg_color):
+            assert word in text
+        assert scene.bg_pattern in text and text.endswith("background")
+        assert scene.color != scene.bg_color  # an object never vanishes into its background
+        drawn_scene, drawn = training_caption(scene, rng)
+        assert drawn.stated.items() <= drawn_scene.attributes().items()
+        assert drawn.stated["shape"] == scene.subject and scene.subject in drawn.text
+
+
+def test_caption_example_and_partial_statement():
+    scene = Scene("circle", "red", "large", "left", "blue", "striped")
+    assert describe(scene).text == "a large red circle on the left, on a blue striped background"
+    partial = describe(scene, frozenset({"color", "bg_color", "bg_pattern"}))
+    assert partial.text == "a red circle on a blue striped background"
+    assert set(partial.stated) == {"shape", "color", "bg_color", "bg_pattern"}
+
+
+def test_scene_rejects_unknown_words():
+    with pytest.raises(ValueError, match="Scene.bg_pattern='dotted'"):
+        Scene("circle", "red", "large", "left", "blue", "dotted")
+    with pytest.raises(ValueError, match="a grammar shape needs a colour"):
+        Scene("circle", None, "large", "left", "blue", "plain")
+
+
+def test_vocabulary_is_known_to_the_clip_tokenizer():
+    tokenizer = load_clip_tokenizer("sd2")
+    words = {w for choices in ATTRIBUTES.values() for w in choices} | {"on", "the", "at", "in", "background"}
+    for word in sorted(words):
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert ids and tokenizer.unk_token_id not in ids, word
+        assert len(ids) <= 2, f"{word!r} splits into {len(ids)} pieces"
+
+
+# --- concepts -----------------------------------------------------------------------------------
+
+def test_concepts_have_references_and_prompts():
+    assert len(CONCEPTS) >= 6
+    for concept in CONCEPTS.values():
+        assert concept.name not in SHAPES and concept.class_word in SHAPES
+        refs = reference_images(concept)
+        assert 4 <= len(refs) <= 6 and refs.shape[1:] == (64, 64, 3) and refs.dtype == np.uint8
+        assert len({r.tobytes() for r in refs}) == len(refs)  # varied poses, no duplicates
+        np.testing.assert_array_equal(refs, reference_images(concept))
+        prompts = evaluation_prompts(concept)
+        assert len(prompts) >= 10 and len({p.text for p in prompts}) == len(prompts)
+        for prompt in prompts:
+            assert f"{TOKEN_PLACEHOLDER} {concept.class_word}" in prompt.text
+            assert "<v*>" in prompt.text.format(token="<v*>")
+            assert prompt.stated == prompt.scene.attributes()
+            assert prompt.scene.bg_color not in concept.clashes
+
+
+# --- shipped models -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pair():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shipped pair loads without a single warning
+        return load_model_pair(arch.TEACHER_DIR, arch.STUDENT_DIR)
+
+
+def test_shipped_assets_fit_the_size_budget():
+    total = arch.folder_size(arch.ASSET_ROOT)
+    assert total <= SHIPPED_LIMIT, f"{total / 1e6:.1f} MB shipped"
+    for folder in (arch.TEACHER_DIR, arch.STUDENT_DIR):
+        for weights in folder.rglob("*.safetensors"):
+            header = json.loads(weights.read_bytes()[8 : 8 + int.from_bytes(weights.read_bytes()[:8], "little")])
+            assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}, weights
+
+
+def test_shipped_folders_share_encoder_and_vae_and_have_the_right_schedulers():
+    for part in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (arch.TEACHER_DIR / part).read_bytes() == (arch.STUDENT_DIR / part).read_bytes(), part
+    assert not (arch.TEACHER_DIR / "tokenizer").exists()  # the shipped CLIP vocabulary serves
+    teacher = json.loads((arch.TEACHER_DIR / "scheduler" / "scheduler_config.json").read_text())
+    student = json.loads((arch.STUDENT_DIR / "scheduler" / "scheduler_config.json").read_text())
+    assert teacher["_class_name"] == "DDIMScheduler" and teacher["prediction_type"] == "epsilon"
+    assert student["_class_name"] == "EulerDiscreteScheduler" and student["timestep_spacing"] == "trailing"
+    assert student["prediction_type"] == "epsilon"
+
+
+def test_shipped_student_makes_finite_64px_images_in_one_step(pair):
+    assert pair.text_encoder.config.vocab_size == 49408
+    assert pair.teacher.prediction_type == pair.student.prediction_type == "epsilon"
+    cond = encode_prompts(pair.tokenizer, pair.text_encoder, ["a large red circle on the left, on a blue striped background"] * 2)
+    noise = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latents = student_one_step(pair.student.unet, noise, cond, alphas_cumprod_for(pair.student.scheduler_config),
+                                   pair.student.prediction_type)  # (2, 4, 16, 16)
+    images = decode_latents(pair.vae, latents)
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    assert images.std() > 0.05  # a picture, not a flat field
+
+
+# --- oracles ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def oracle():
+    return Oracle.load()
+
+
+def test_prompt_fidelity_of_real_renders_is_near_one(oracle):
+    scenes = _scenes(96, 5)
+    images = _renders(scenes, 6)
+    captions = [describe(scene) for scene in scenes]
+    score = oracle.prompt_fidelity(images, [c.stated for c in captions])
+    assert score.shape == (96,) and float(score.mean()) >= 0.9
+    # The same pictures under shuffled prompts: clearly worse, so the score measures the prompt.
+    shuffled = [captions[(i + 1) % len(captions)].stated for i in range(len(captions))]
+    assert float(oracle.prompt_fidelity(images, shuffled).mean()) < 0.6
+    # Floats in [0, 1] (what the samplers return) read like uint8 renders.
+    as_float = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(oracle.prompt_fidelity(as_float, [c.stated for c in captions]), score)
+
+
+def test_prompt_fidelity_reads_concept_contexts(oracle):
+    for concept in CONCEPTS.values():
+        prompts = evaluation_prompts(concept)
+        images = _renders([p.scene for p in prompts], 7)
+        assert float(oracle.prompt_fidelity(images, [p.stated for p in prompts]).mean()) >= 0.9, concept.name
+
+
+def test_subject_fidelity_separates_subjects(oracle):
+    names = sorted(CONCEPTS)
+    renders = {name: _renders([p.scene for p in evaluation_prompts(CONCEPTS[name])], 8) for name in names}
+    same, other = [], []
+    for name in names:
+        references = reference_images(CONCEPTS[name])
+        same.append(oracle.subject_fidelity(renders[name], references))
+        other += [oracle.subject_fidelity(renders[o], references) for o in names if o != name]
+    # measured: same subject 0.76-0.91, another concept at most 0.30
+    assert min(same) >= 0.7 and max(other) <= min(same) - 0.3, (same, other)
+
+
+def test_oracle_rejects_bad_input(oracle, tmp_path):
+    with pytest.raises(OracleError, match="one per image"):
+        oracle.prompt_fidelity(np.zeros((2, 64, 64, 3), np.uint8), [{"size": "small"}])
+    with pytest.raises(OracleError, match="unknown attributes"):
+        oracle.prompt_fidelity(np.zeros((1, 64, 64, 3), np.uint8), [{"mood": "happy"}])
+    with pytest.raises(OracleError, match="run scripts/train_miniworld.py"):
+        Oracle.load(tmp_path)
+
+
+# --- training script pieces ---------------------------------------------------------------------
+
+def test_teacher_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
+    from echodistill.families import CONFIG_ROOT, family_config
+    from echodistill.miniworld import training
+
+    scheduler = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["teacher"]).scheduler
+    latents = torch.randn((6, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    tokenizer = load_clip_tokenizer("sd2")
+    ids = tokenizer(["a red circle"] * 6, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    settings = training.TeacherSettings(steps=4, batch=2, warmup=1, checkpoint_every=2)
+    quiet = lambda message: None  # noqa: E731
+
+    uncut, _ = training.train_teacher(latents, ids, empty, scheduler, settings, 0, quiet)
+
+    state = tmp_path / "teacher_running.pt"
+    real_save = training.save_atomically
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        raise KeyboardInterrupt  # the session ends right after the first checkpoint
+
+    monkeypatch.setattr(training, "save_atomically", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_teacher(latents, ids, empty, scheduler, settings, 0, quiet, resume_path=state)
+    assert torch.load(state, weights_only=True)["step"] == 2
+    monkeypatch.setattr(training, "save_atomically", real_save)
+    lines = []
+    resumed, _ = training.train_teacher(latents, ids, empty, scheduler, settings, 0, lines.append, resume_path=state)
+    assert any("resumed" in line and "step 2/4" in line for line in lines), lines
+    for (name, a), b in zip(uncut.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# --- the main job -------------------------------------------------------------------------------
+
+def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path):
+    from echodistill.cli import main
+
+    assert main(["demo", "--steps", "2", "--concept", "window", "--out", str(tmp_path), "--threads", "1"]) == 0
+    metrics = json.loads((tmp_path / "window_metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["concept"] == "window"
+    for key in ("student_subject_fidelity", "teacher_subject_fidelity", "student_prompt_fidelity",
+                "teacher_prompt_fidelity", "base_student_subject_fidelity"):
+        assert -1.0 <= metrics[key] <= 1.0, key
+    from PIL import Image
+
+    sheet = Image.open(tmp_path / "window_contact_sheet.png")
+    prompts = len(evaluation_prompts(CONCEPTS["window"]))
+    assert sheet.width >= 64 * min(prompts, 8) and sheet.height >= 3 * 64  # three rows of pictures
+    assert json.loads(sheet.info["echodistill"])["concept"] == "window"
+    from echodistill.bundle import ConceptBundle
+
+    assert ConceptBundle.load(tmp_path / "window.safetensors").step == 2
