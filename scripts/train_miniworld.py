@@ -6,8 +6,8 @@
 Stages (each logged to runs/miniworld/<stage>.log and, all together, to train.log):
   1. render   — the training scenes and their captions (grammar.py, render.py)
   2. vae      — AutoencoderKL, 64×64 pixels <-> 16×16×4 latents; scaling factor from the latents
-  3. teacher  — CLIP text encoder pretrained to read the captions' attributes, then text encoder
-                and ε-prediction UNet jointly (training.py says why both, and why offset noise)
+  3. teacher  — CLIP text encoder pretrained to read the captions' attributes, then frozen (as SD's
+                CLIP is) under an ε-prediction UNet (training.py says why, and why offset noise)
   4. student  — a copy of the teacher distilled to one step at t = 999 (training.py explains how)
   5. write    — fp16 diffusers folders into echodistill/assets/miniworld/models/{teacher,student}
   6. oracle   — attribute reader and subject encoder into echodistill/assets/miniworld/oracle/
@@ -73,7 +73,7 @@ class RunSettings:
 # Sized for about an hour on one busy 2-core CPU (see the README for the measured time).
 FULL = RunSettings(
     vae=VaeSettings(steps=1500, full_steps=150),
-    teacher=TeacherSettings(steps=5000, batch=64),
+    teacher=TeacherSettings(steps=5000, batch=64, text_lr=0.0),
     student=StudentSettings(pairs=3072, pair_steps=8, steps=800, batch=64),
     oracle=OracleSettings(steps=1000),
 )
@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--from-stage", choices=STAGES, default="render",
                         help="redo this stage and the later ones, reading earlier results from <log-dir>/ckpt")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run into <log-dir>/quick")
+    parser.add_argument("--models-to", type=Path, help="write the teacher/student folders here instead of the package")
+    parser.add_argument("--keep-oracle", action="store_true", help="skip the oracle stage; evaluate with the shipped oracle")
     parser.add_argument("--oracle-only", action="store_true",
                         help="train only the oracles (they need no other stage), e.g. in a second process")
     args = parser.parse_args()
@@ -142,7 +144,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     log_dir = args.log_dir / "quick" if args.quick else args.log_dir
-    model_root = log_dir / "models" if args.quick else arch.MODEL_ROOT
+    model_root = log_dir / "models" if args.quick else (args.models_to or arch.MODEL_ROOT)
     oracle_root = log_dir / "oracle" if args.quick else arch.ORACLE_ROOT
     ckpt = log_dir / "ckpt"
     log = RunLog(log_dir)
@@ -233,7 +235,7 @@ def main() -> None:
                      f"{student_dir} ({arch.folder_size(student_dir) / 1e6:.2f} MB)")
 
     # 6. oracles ----------------------------------------------------------------------------
-    if redo("oracle"):
+    if redo("oracle") and not args.keep_oracle:
         train_oracle_stage(settings, args, oracle_root, log)
 
     # 7. evaluation through the shipped files -----------------------------------------------
