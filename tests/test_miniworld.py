@@ -258,3 +258,24 @@ def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path):
     from echodistill.bundle import ConceptBundle
 
     assert ConceptBundle.load(tmp_path / "window.safetensors").step == 2
+
+
+def test_teacher_stage_with_text_lr_zero_leaves_the_pretrained_encoder_untouched():
+    from echodistill.families import CONFIG_ROOT, family_config
+    from echodistill.miniworld import training
+
+    scheduler = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["teacher"]).scheduler
+    latents = torch.randn((4, 4, 16, 16), generator=torch.Generator().manual_seed(1))
+    tokenizer = load_clip_tokenizer("sd2")
+    ids = tokenizer(["a small red ring on the left"] * 4, padding="max_length", max_length=77,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    encoder = arch.build_text_encoder()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    settings = training.TeacherSettings(steps=2, batch=2, warmup=1, text_lr=0.0)
+    unet, returned = training.train_teacher(latents, ids, empty, scheduler, settings, 0, lambda m: None, encoder)
+    assert returned is encoder and not any(p.requires_grad for p in encoder.parameters())
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    torch.manual_seed(0)  # train_teacher's own seeding: this is the UNet it started from
+    start = arch.build_unet()
+    assert not torch.equal(unet.conv_in.weight, start.conv_in.weight)  # the UNet did train
