@@ -28,7 +28,7 @@ import resource
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ from echodistill.diffusion import encode_prompts  # noqa: E402
 from echodistill.families import CONFIG_ROOT, family_config  # noqa: E402
 from echodistill.models import load_model_pair  # noqa: E402
 from echodistill.sampling import sample_student  # noqa: E402
+from echodistill.tensor_files import atomic_write_text  # noqa: E402
 from echodistill.tokenizer import load_clip_tokenizer  # noqa: E402
 from echodistill.miniworld import architecture as arch  # noqa: E402
 from echodistill.miniworld.concepts import CONCEPTS, TOKEN_PLACEHOLDER, evaluation_prompts, reference_images  # noqa: E402
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run into <log-dir>/quick")
     parser.add_argument("--models-to", type=Path, help="write the teacher/student folders here instead of the package")
     parser.add_argument("--keep-oracle", action="store_true", help="skip the oracle stage; evaluate with the shipped oracle")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="only score the models in --models-to (default: the package's) with the oracle")
     parser.add_argument("--oracle-only", action="store_true",
                         help="train only the oracles (they need no other stage), e.g. in a second process")
     args = parser.parse_args()
@@ -158,6 +161,10 @@ def main() -> None:
 
     if args.oracle_only:
         train_oracle_stage(settings, args, oracle_root, log)
+        return
+    if args.eval_only:
+        report = evaluate_stage(model_root, oracle_root, settings, args, log_dir, log)
+        atomic_write_text(log_dir / "eval.json", json.dumps({**report, "models": str(model_root)}, indent=2))
         return
 
     # 1. render -----------------------------------------------------------------------------
@@ -239,6 +246,17 @@ def main() -> None:
         train_oracle_stage(settings, args, oracle_root, log)
 
     # 7. evaluation through the shipped files -----------------------------------------------
+    report = evaluate_stage(model_root, oracle_root, settings, args, log_dir, log)
+    elapsed, cpu = time.time() - wall_start, cpu_seconds() - cpu_start
+    report["run"] = {"wall_s": round(elapsed), "cpu_s": round(cpu), "command": " ".join(sys.argv), "seed": args.seed,
+                     "hardware": hardware(), "shipped_bytes": arch.folder_size(model_root) + arch.folder_size(oracle_root)}
+    atomic_write_text(log_dir / "eval.json", json.dumps(report, indent=2))
+    log("train", f"done in {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU; report in {log_dir / 'eval.json'}")
+
+
+def evaluate_stage(model_root: Path, oracle_root: Path, settings: RunSettings, args: argparse.Namespace,
+                   log_dir: Path, log: RunLog) -> dict:
+    """Load the written folders with load_model_pair, sample through echodistill.sampling, score with the oracle."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pair = load_model_pair(model_root / "teacher", model_root / "student")
@@ -248,11 +266,7 @@ def main() -> None:
     for name, batch in images.items():
         save_png(image_grid(batch[:64]), log_dir / f"eval_{name}.png")
     report["concept_prior"] = concept_prior(pair, oracle, log.stage("eval"))
-    elapsed, cpu = time.time() - wall_start, cpu_seconds() - cpu_start
-    report["run"] = {"wall_s": round(elapsed), "cpu_s": round(cpu), "command": " ".join(sys.argv), "seed": args.seed,
-                     "hardware": hardware(), "shipped_bytes": arch.folder_size(model_root) + arch.folder_size(oracle_root)}
-    (log_dir / "eval.json").write_text(json.dumps(report, indent=2))
-    log("train", f"done in {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU; report in {log_dir / 'eval.json'}")
+    return report
 
 
 def train_oracle_stage(settings: RunSettings, args: argparse.Namespace, oracle_root: Path, log: RunLog) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from ..models import ModelPair
 from ..sampling import sample_student, sample_teacher
-from .grammar import ATTRIBUTES, Caption, Scene, describe, sample_scene
+from .grammar import ATTRIBUTES, CONTEXT_ATTRIBUTES, Caption, Scene, describe, sample_scene
 from .oracle import Oracle
 from .render import RESOLUTION, render
 
@@ -29,9 +29,16 @@ def evaluation_captions(count: int, seed: int) -> tuple[list[Scene], list[Captio
 
 
 def fidelity_summary(oracle: Oracle, images: torch.Tensor | np.ndarray, captions: list[Caption]) -> dict[str, float]:
-    """Mean prompt fidelity and the accuracy of each attribute separately."""
+    """Prompt fidelity, the same with the object's shape and colour counted too, and each attribute's accuracy.
+
+    Prompt fidelity counts the context a prompt asks for (background colour and pattern, position,
+    size): the attributes a personalized subject's prompts state too, so one number means the same
+    for world prompts and concept prompts. `all_attributes` adds the grammar object's shape and colour.
+    """
     stated = [caption.stated for caption in captions]
-    summary = {"prompt_fidelity": float(oracle.prompt_fidelity(images, stated).mean())}
+    context = [{k: v for k, v in s.items() if k in CONTEXT_ATTRIBUTES} for s in stated]
+    summary = {"prompt_fidelity": float(oracle.prompt_fidelity(images, context).mean()),
+               "all_attributes": float(oracle.prompt_fidelity(images, stated).mean())}
     read = oracle.read(images)
     for name in ATTRIBUTES:
         hits = [r[name] == s[name] for r, s in zip(read, stated) if name in s]
