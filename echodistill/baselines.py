@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .adapters import add_custom_diffusion, add_lora, adapter_state_dict
+from .adapters import add_custom_diffusion, add_lora
 from .bundle import ConceptBundle
 from .concept import add_concept_token, concept_embedding, concept_parameters
 from .config import TrainConfig
@@ -164,17 +163,4 @@ class StudentBaseline:
         return self.bundle()
 
     def bundle(self) -> ConceptBundle:
-        return ConceptBundle(
-            token=self.config.token,
-            initializer=self.config.initializer_word,
-            class_word=self.config.class_word,
-            embedding=concept_embedding(self.pair.text_encoder).concept_row.detach().clone(),
-            adapter=self.config.adapter,
-            student_adapter=adapter_state_dict(self.pair.student.unet),  # empty for Textual Inversion
-            teacher_adapter={},
-            fingerprints=self.pair.fingerprints(),
-            families={"teacher": self.pair.teacher.family, "student": self.pair.student.family},
-            config=self.config.to_dict(),
-            step=self.step,
-            version=__version__,
-        )
+        return ConceptBundle.from_trained_pair(self.pair, self.config, self.step, teacher_adapter={})

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
-from .adapters import add_custom_diffusion, add_lora, adapter_kind, load_adapter_state_dict
+from .adapters import add_custom_diffusion, add_lora, adapter_kind, adapter_state_dict, load_adapter_state_dict
 from .concept import add_concept_token, concept_embedding, set_concept_row
 from .errors import EchoDistillError
 from .models import ModelPair
@@ -48,6 +48,25 @@ class ConceptBundle:
     step: int = 0
     version: str = __version__
     student_embedding: torch.Tensor | None = None  # (D,) the student's own row (shared_text_encoder=False)
+
+    @classmethod
+    def from_trained_pair(cls, pair: ModelPair, config, step: int, *, teacher_adapter: dict[str, torch.Tensor],
+                          student_embedding: torch.Tensor | None = None) -> "ConceptBundle":
+        """What a training run leaves on `pair` (token row, student adapter), with the run's config and provenance."""
+        return cls(
+            token=config.token,
+            initializer=config.initializer_word,
+            class_word=config.class_word,
+            embedding=concept_embedding(pair.text_encoder).concept_row.detach().clone(),
+            adapter=config.adapter,
+            student_adapter=adapter_state_dict(pair.student.unet),
+            teacher_adapter=teacher_adapter,
+            fingerprints=pair.fingerprints(),
+            families={"teacher": pair.teacher.family, "student": pair.student.family},
+            config=config.to_dict(),
+            step=step,
+            student_embedding=None if student_embedding is None else student_embedding.detach().clone(),
+        )
 
     def embedding_for(self, part: str) -> torch.Tensor:
         """The token row `part` ("student" or "teacher") reads the prompts with."""

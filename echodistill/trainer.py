@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from .adapters import add_adapter, adapter_state_dict, load_adapter_state_dict
 from .bundle import ConceptBundle
 from .checkpointing import TrainingCheckpoint
@@ -519,20 +518,9 @@ class Trainer:
         self.last_checkpoint = Path(path)
 
     def bundle(self) -> ConceptBundle:
-        return ConceptBundle(
-            token=self.config.token,
-            initializer=self.config.initializer_word,
-            class_word=self.config.class_word,
-            embedding=concept_embedding(self.pair.text_encoder).concept_row.detach().clone(),
-            adapter=self.config.adapter,
-            student_adapter=adapter_state_dict(self.pair.student.unet),
-            teacher_adapter=adapter_state_dict(self.pair.teacher.unet),
-            fingerprints=self.pair.fingerprints(),
-            families={"teacher": self.pair.teacher.family, "student": self.pair.student.family},
-            config=self.config.to_dict(),
-            step=self.step,
-            version=__version__,
-            student_embedding=None if self.student_row is None else self.student_row.concept_row.detach().clone(),
+        return ConceptBundle.from_trained_pair(
+            self.pair, self.config, self.step, teacher_adapter=adapter_state_dict(self.pair.teacher.unet),
+            student_embedding=None if self.student_row is None else self.student_row.concept_row,
         )
 
     def train(self) -> ConceptBundle:

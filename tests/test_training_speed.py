@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from echodistill.config import TrainConfig, preset
-from echodistill.data import load_concept_images
 from echodistill.errors import ConfigError
 from echodistill.models import load_model_pair
 from echodistill.offload import Offloader
 from echodistill.pristine import pristine
 from echodistill.trainer import Trainer
-
-
-def _images():
-    pictures = []
-    for i in range(3):
-        picture = Image.new("RGB", (64, 64), (200, 40 * i, 60))
-        picture.paste((20, 20, 220), (16 + 4 * i, 16, 40 + 4 * i, 48))
-        pictures.append(picture)
-    return load_concept_images(pictures, resolution=64)
+from test_trainer import _images
 
 
 def _config(**changes) -> TrainConfig:
