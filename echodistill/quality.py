@@ -331,11 +331,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
 
 
+def _shown(path: Path) -> str:
+    """A path as a reader can use it elsewhere: relative to the working folder when it lies inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The exact, complete command for these settings (every default spelled out)."""
     parts = ["echodistill", "bench", "quality", "--concepts", *args.concepts, "--seeds", *map(str, args.seeds),
              "--steps", str(args.steps), "--methods", *args.methods, "--images-per-prompt",
-             str(args.images_per_prompt), "--oracle", str(args.oracle), "--out", str(args.out),
+             str(args.images_per_prompt), "--oracle", _shown(args.oracle), "--out", str(args.out),
              "--device", args.device]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
@@ -360,7 +368,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR, device=args.device)
     settings = {
         "command": command_line(args),
-        "oracle": {"path": str(args.oracle),
+        "oracle": {"path": _shown(args.oracle),
                    "digests": {f: _file_digest(args.oracle / f) for f in (READER_FILE, ENCODER_FILE)}},
         "device": device_name(pair.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
