@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import bench as bench_jobs
 from . import cli_jobs
+from . import lr_sweep as lr_sweep_jobs
 from . import quality as quality_jobs
 from . import demo as demo_job
 from .errors import ConfigError, EchoDistillError
@@ -305,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quality_jobs.add_arguments(bench_quality)
     bench_quality.set_defaults(run=quality_jobs.run_from_args)
+    bench_lr_sweep = bench_commands.add_parser(
+        "lr-sweep", help="choose each quality-benchmark method's learning rate on a tuning concept and seed"
+    )
+    bench_quality_merge = bench_commands.add_parser(
+        "quality-merge", help="one quality table from runs made side by side (e.g. one process per seed)"
+    )
+    quality_jobs.add_merge_arguments(bench_quality_merge)
+    bench_quality_merge.set_defaults(run=quality_jobs.merge_from_args)
+    lr_sweep_jobs.add_arguments(bench_lr_sweep)
+    bench_lr_sweep.set_defaults(run=lr_sweep_jobs.run_from_args)
     return parser
 
 

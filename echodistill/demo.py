@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .quality import TOKEN, echodistill_config
-from .photos import load_concept_images
+from .quality import TOKEN, TUNED_LR_SCALES, method_config, training_references
 from .pristine import pristine
 from .imaging import grid, save_png
 from .jobs import sample
@@ -61,8 +60,9 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     concept = CONCEPTS[name]
     oracle = Oracle.load()  # before training: a missing file should cost seconds, not a run
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR)
-    references = load_concept_images([Image.fromarray(array) for array in reference_images(concept)], resolution=64)
-    config = echodistill_config(concept.class_word, steps, seed, **(overrides or {}))  # as bench quality trains it
+    references = training_references(concept)  # as bench quality trains them: captioned in the world's grammar
+    config = method_config("echodistill", concept.class_word, steps, seed, TUNED_LR_SCALES["echodistill"])
+    config = config.with_changes(**(overrides or {}))
 
     started = time.perf_counter()
     with pristine(pair):  # training adds the token and adapters; the samplers below apply the bundle themselves

@@ -12,12 +12,15 @@ import contextlib
 import copy
 from typing import Iterator
 
-from .adapters import remove_adapters
+from .adapters import adapter_kind, remove_adapters
+from .concept import ConceptEmbedding
+from .errors import EchoDistillError
 from .models import ModelPair
 
 
 @contextlib.contextmanager
 def pristine(pair: ModelPair) -> Iterator[ModelPair]:
+    _check_unadapted(pair)
     tokenizer = copy.deepcopy(pair.tokenizer)  # small: the vocabulary, not weights
     embeddings = pair.text_encoder.get_input_embeddings()
     # Resizing may grow the same module in place (new .data), so keep the original tensor too.
@@ -38,3 +41,16 @@ def pristine(pair: ModelPair) -> Iterator[ModelPair]:
         pair.text_encoder.config.vocab_size = vocab_size
         pair.text_encoder.requires_grad_(False)
         pair.tokenizer = tokenizer
+
+
+def _check_unadapted(pair: ModelPair) -> None:
+    """Only a base pair can be handed back as it was: one adapted in place has nothing to return to."""
+    adapted = [name for name, unet in (("teacher", pair.teacher.unet), ("student", pair.student.unet))
+               if adapter_kind(unet) is not None]
+    if isinstance(pair.text_encoder.get_input_embeddings(), ConceptEmbedding):
+        adapted.append("text encoder (concept token)")
+    if adapted:
+        raise EchoDistillError(
+            f"this pair already carries a trained concept ({', '.join(adapted)}), applied in place outside "
+            "pristine(pair): load a fresh pair, or train and apply concepts inside `with pristine(pair):`"
+        )

@@ -74,14 +74,47 @@ def echodistill_config(class_word: str, steps: int, seed: int, **changes) -> Tra
                   sample_every=0, save_every=0, **changes)
 
 
-def method_config(name: str, class_word: str, steps: int, seed: int) -> TrainConfig:
+# Learning rates are tuned per family: the ablations and the teacher row keep the full method's rates
+# (an ablation removes a part, not a setting), each baseline has its own.
+LR_FAMILIES = ("echodistill", "custom_diffusion", "textual_inversion", "dreambooth_lora")
+# Factors of the published rates chosen for the mini world at 100 steps by `echodistill bench lr-sweep
+# --concept smiley --seed 100` (docs/quality.md); the defaults of `bench quality` and the demo.
+TUNED_LR_SCALES: dict[str, float] = {"echodistill": 3.0, "custom_diffusion": 0.3, "textual_inversion": 10.0,
+                                     "dreambooth_lora": 3.0}
+
+
+def lr_family(name: str) -> str:
+    return METHODS[name].baseline or "echodistill"
+
+
+def parse_lr_scales(specs: Sequence[str]) -> dict[str, float]:
+    """`FAMILY=FACTOR` strings -> {family: factor} for every family (TUNED_LR_SCALES where not given)."""
+    scales = dict(TUNED_LR_SCALES)
+    for spec in specs:
+        family, _, factor = spec.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = float("nan")
+        if family not in LR_FAMILIES or not value > 0:
+            raise BenchError(f"--lr-scale {spec!r}: write FAMILY=FACTOR with a factor > 0 and FAMILY one of "
+                             f"{', '.join(LR_FAMILIES)}")
+        scales[family] = value
+    return scales
+
+
+def method_config(name: str, class_word: str, steps: int, seed: int, lr_scale: float = 1.0) -> TrainConfig:
+    """A method's config; `lr_scale` multiplies the rates of what it personalizes (adapters, token rows)."""
     from .baselines import baseline_config
 
     method = METHODS[name]
     if method.baseline:
-        return baseline_config(method.baseline, steps=steps, resolution=RESOLUTION, token=TOKEN,
-                               class_word=class_word, seed=seed)
-    return echodistill_config(class_word, steps, seed, **method.changes)
+        config = baseline_config(method.baseline, steps=steps, resolution=RESOLUTION, token=TOKEN,
+                                 class_word=class_word, seed=seed)
+        return config.with_changes(lr_student=config.lr_student * lr_scale)
+    config = echodistill_config(class_word, steps, seed, **method.changes)
+    # The discriminator heads start from scratch at every size: their rate is not scaled.
+    return config.with_changes(lr_student=config.lr_student * lr_scale, lr_teacher=config.lr_teacher * lr_scale)
 
 
 def _training_runs(methods: Sequence[str]) -> list[str]:
@@ -115,47 +148,113 @@ def _score(oracle, images: torch.Tensor, references: torch.Tensor, stated: list[
             "prompt_fidelity": float(oracle.prompt_fidelity(images, stated).mean())}
 
 
-def evaluate_unit(pair, oracle, concept, seed: int, *, steps: int, methods: Sequence[str], images_per_prompt: int,
-                  bundle_dir: Path | None = None, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
-    """Train every method on one concept with one seed and score it: (records, {row: images})."""
+def training_references(concept, captions: bool = True) -> list:
+    """A concept's references as training images, captioned in the world's grammar unless `captions` is False.
+
+    The mini world's text encoder learned the grammar ("a {} on a plain red background"); a template
+    ("a photo of a {}") is a context it saw in only a fifth of its captions, and what a concept learns
+    there carries over less to the grammar's evaluation prompts.
+    """
+    import dataclasses
+
     from PIL import Image
 
-    from .data import load_concept_images
-    from .jobs import sample
-    from .miniworld import evaluation_prompts, reference_images
+    from .miniworld import reference_captions, reference_images
+    from .photos import load_concept_images
 
-    references = reference_images(concept)  # (5, 64, 64, 3) uint8
-    reference_pixels = torch.from_numpy(references).permute(0, 3, 1, 2).float() / 255.0  # (5, 3, 64, 64)
-    images = load_concept_images([Image.fromarray(a) for a in references], resolution=RESOLUTION)
-    prompts = evaluation_prompts(concept)
-    texts = [p.text.format(token=TOKEN) for p in prompts for _ in range(images_per_prompt)]
-    stated = [p.stated for p in prompts for _ in range(images_per_prompt)]
-    # The same noise for every method of this unit: rows differ by training alone.
-    common = dict(seeds=[seed * 100_000 + i for i in range(len(texts))], width=RESOLUTION, height=RESOLUTION,
-                  return_latents=False)
+    images = load_concept_images([Image.fromarray(a) for a in reference_images(concept)], resolution=RESOLUTION)
+    if not captions:
+        return images
+    return [dataclasses.replace(image, caption=caption)
+            for image, caption in zip(images, reference_captions(concept), strict=True)]
 
-    base = {"concept": concept.name, "seed": seed}
-    prior_texts = [" ".join(text.replace(TOKEN, "").split()) for text in texts]
-    prior = sample(pair, prior_texts, part="student", **common).images  # (N, 3, 64, 64)
-    records = [{**base, "method": PRIOR, **_score(oracle, prior, reference_pixels, stated),
-                "train_seconds": None, "seconds_per_step": None}]
-    rows = {PRIOR: prior}
+
+@dataclass
+class UnitInputs:
+    """What every method of one concept x seed trains on and is scored against."""
+
+    concept: Any
+    seed: int
+    images: list  # the references as training images
+    reference_pixels: torch.Tensor  # (5, 3, 64, 64) in [0, 1]
+    texts: list[str]  # evaluation prompts with the token, each repeated images-per-prompt times
+    stated: list[dict]  # the attributes each prompt states
+    noise_seeds: list[int]  # the same noise for every method: rows differ by training alone
+
+    @classmethod
+    def build(cls, concept, seed: int, images_per_prompt: int, captions: bool = False) -> UnitInputs:
+        """`captions`: train on each reference's caption in the world's grammar instead of the templates."""
+        from .miniworld import evaluation_prompts, reference_images
+
+        references = reference_images(concept)  # (5, 64, 64, 3) uint8
+        prompts = evaluation_prompts(concept)
+        return cls(
+            concept=concept, seed=seed, images=training_references(concept, captions),
+            reference_pixels=torch.from_numpy(references).permute(0, 3, 1, 2).float() / 255.0,
+            texts=[p.text.format(token=TOKEN) for p in prompts for _ in range(images_per_prompt)],
+            stated=[p.stated for p in prompts for _ in range(images_per_prompt)],
+            noise_seeds=[seed * 100_000 + i for i in range(len(prompts) * images_per_prompt)],
+        )
+
+    def sample(self, pair, texts: list[str] | None = None, **options) -> torch.Tensor:
+        from .jobs import sample
+
+        return sample(pair, texts or self.texts, seeds=self.noise_seeds, width=RESOLUTION, height=RESOLUTION,
+                      return_latents=False, **options).images  # (N, 3, 64, 64)
+
+    def score(self, oracle, images: torch.Tensor) -> dict[str, float]:
+        return _score(oracle, images, self.reference_pixels, self.stated)
+
+
+def score_prior(pair, oracle, unit: UnitInputs) -> tuple[dict, torch.Tensor]:
+    """The class-word prior: the untrained student given the prompts without the token."""
+    prior_texts = [" ".join(text.replace(TOKEN, "").split()) for text in unit.texts]
+    images = unit.sample(pair, prior_texts, part="student")
+    record = {"concept": unit.concept.name, "seed": unit.seed, "method": PRIOR, **unit.score(oracle, images),
+              "train_seconds": None, "seconds_per_step": None}
+    return record, images
+
+
+def train_and_score(pair, oracle, unit: UnitInputs, run: str, rows: Sequence[str], *, steps: int,
+                    lr_scale: float = 1.0, bundle_path: Path | None = None,
+                    log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """Train one method and score the `rows` it serves (itself and/or the teacher row): (records, {row: images})."""
+    config = method_config(run, unit.concept.class_word, steps, unit.seed, lr_scale)
+    bundle, seconds = train_method(pair, run, config, unit.images)
+    if bundle_path is not None:
+        bundle.save(bundle_path)
+    records, images = [], {}
+    for row in rows:
+        options = {"steps": TEACHER_STEPS, "guidance": TEACHER_GUIDANCE} if METHODS[row].part == "teacher" else {}
+        generated = unit.sample(pair, concept=bundle, part=METHODS[row].part, **options)
+        scores = unit.score(oracle, generated)
+        records.append({"concept": unit.concept.name, "seed": unit.seed, "method": row, **scores,
+                        "train_seconds": seconds, "seconds_per_step": seconds / steps, "trained_as": run,
+                        "lr_scale": lr_scale})
+        images[row] = generated
+        log(f"{unit.concept.name} seed {unit.seed}: {row:<18} trained {seconds:7.1f} s ({seconds / steps:.3f} s/step)"
+            f"  lr x{lr_scale:g}  subject {scores['subject_fidelity']:.3f}  prompt {scores['prompt_fidelity']:.3f}")
+    return records, images
+
+
+def evaluate_unit(pair, oracle, concept, seed: int, *, steps: int, methods: Sequence[str], images_per_prompt: int,
+                  lr_scales: dict[str, float] | None = None, captions: bool = True, bundle_dir: Path | None = None,
+                  log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """Train every method on one concept with one seed and score it: (records, {row: images})."""
+    lr_scales = lr_scales or {}
+    unit = UnitInputs.build(concept, seed, images_per_prompt, captions=captions)
+    prior_record, prior_images = score_prior(pair, oracle, unit)
+    records, rows = [prior_record], {PRIOR: prior_images}
     for run in _training_runs(methods):
-        config = method_config(run, concept.class_word, steps, seed)
-        bundle, seconds = train_method(pair, run, config, images)
-        if bundle_dir is not None:
-            bundle.save(bundle_dir / f"{concept.name}-seed{seed}-{run}.safetensors")
-        sides = [(run, "student", {})] if run in methods else []
+        served = [run] if run in methods else []
         if run == "echodistill" and "teacher" in methods:
-            sides.append(("teacher", "teacher", {"steps": TEACHER_STEPS, "guidance": TEACHER_GUIDANCE}))
-        for row, part, options in sides:
-            generated = sample(pair, texts, concept=bundle, part=part, **common, **options).images
-            scores = _score(oracle, generated, reference_pixels, stated)
-            records.append({**base, "method": row, **scores, "train_seconds": seconds,
-                            "seconds_per_step": seconds / steps, "trained_as": run})
-            rows[row] = generated
-            log(f"{concept.name} seed {seed}: {row:<18} trained {seconds:7.1f} s ({seconds / steps:.3f} s/step)  "
-                f"subject {scores['subject_fidelity']:.3f}  prompt {scores['prompt_fidelity']:.3f}")
+            served.append("teacher")
+        bundle_path = bundle_dir / f"{concept.name}-seed{seed}-{run}.safetensors" if bundle_dir else None
+        run_records, run_rows = train_and_score(pair, oracle, unit, run, served, steps=steps,
+                                                lr_scale=lr_scales.get(lr_family(run), 1.0),
+                                                bundle_path=bundle_path, log=log)
+        records += run_records
+        rows.update(run_rows)
     return records, rows
 
 
@@ -194,9 +293,15 @@ def _file_digest(path: Path) -> str:
 
 
 def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], steps: int, methods: Sequence[str],
-                images_per_prompt: int = 4, out: str | Path | None = None, settings: dict | None = None,
-                resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Train, sample and score every method on every concept x seed; write the report as it grows."""
+                images_per_prompt: int = 4, lr_scales: dict[str, float] | None = None, captions: bool = True,
+                out: str | Path | None = None, settings: dict | None = None, resume: bool = False,
+                log: Callable[[str], None] = print) -> dict:
+    """Train, sample and score every method on every concept x seed; write the report as it grows.
+
+    `lr_scales` ({family: factor}, see LR_FAMILIES; TUNED_LR_SCALES where not given) multiplies each
+    family's published learning rates;
+    `captions` trains on the references' grammar captions (False: on the prompt templates).
+    """
     from .miniworld import CONCEPTS
 
     unknown = [m for m in methods if m not in METHODS]
@@ -207,11 +312,15 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
         raise BenchError(f"concepts {list(concepts)}: give one or more of {', '.join(sorted(CONCEPTS))}")
     if not seeds or min(seeds) < 0 or images_per_prompt < 1:
         raise BenchError(f"seeds {list(seeds)}, images per prompt {images_per_prompt}: need seeds >= 0, images >= 1")
+    lr_scales = {**TUNED_LR_SCALES, **(lr_scales or {})}
+    if set(lr_scales) != set(LR_FAMILIES) or not all(factor > 0 for factor in lr_scales.values()):
+        raise BenchError(f"learning-rate scales {lr_scales}: give factors > 0 for {', '.join(LR_FAMILIES)}")
     for run in _training_runs(methods):  # a bad config fails now, not hours into the run
-        method_config(run, CONCEPTS[concepts[0]].class_word, steps, 0)
+        method_config(run, CONCEPTS[concepts[0]].class_word, steps, 0, lr_scales[lr_family(run)])
 
     settings = {**(settings or {}), "concepts": list(concepts), "seeds": list(seeds), "steps": steps,
-                "methods": list(methods), "images_per_prompt": images_per_prompt, "resolution": RESOLUTION,
+                "methods": list(methods), "images_per_prompt": images_per_prompt, "lr_scales": lr_scales,
+                "captions": captions, "resolution": RESOLUTION,
                 "token": TOKEN, "student_steps": 1, "teacher_steps": TEACHER_STEPS,
                 "teacher_guidance": TEACHER_GUIDANCE, "fingerprints": pair.fingerprints()}
     out = Path(out) if out else None
@@ -237,7 +346,7 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
                 continue
             records = [r for r in records if not (r["concept"] == name and r["seed"] == seed)]
             unit, rows = evaluate_unit(pair, oracle, CONCEPTS[name], seed, steps=steps, methods=methods,
-                                       images_per_prompt=images_per_prompt,
+                                       images_per_prompt=images_per_prompt, lr_scales=lr_scales, captions=captions,
                                        bundle_dir=out / "bundles" if out else None, log=log)
             records += unit
             if out:
@@ -247,6 +356,52 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
     if out:
         atomic_write_text(out / "quality.md", markdown(final) + "\n")
     return final
+
+
+def merge_reports(folders: Sequence[str | Path], out: str | Path) -> dict:
+    """One report from runs made side by side (e.g. one process per seed) with the same settings.
+
+    Every run must share the settings that make numbers comparable (models, oracle, steps, methods,
+    learning rates, ...); their concept x seed units must not overlap. Writes quality.json and
+    quality.md into `out`; each run's sheets and bundles stay where they are.
+    """
+    reports = []
+    for folder in folders:
+        path = Path(folder) / "quality.json"
+        if not path.is_file():
+            raise BenchError(f"{path} does not exist: give folders written by `bench quality --out`")
+        reports.append(json.loads(path.read_text()))
+    if len(reports) < 2:
+        raise BenchError("give two or more report folders to merge")
+    private = ("command", "commands", "concepts", "seeds", "threads", "device")
+    first = {k: v for k, v in reports[0]["settings"].items() if k not in private}
+    for folder, report in zip(folders[1:], reports[1:], strict=True):
+        other = {k: v for k, v in report["settings"].items() if k not in private}
+        differing = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if differing:
+            raise BenchError(f"{folder} was run with other settings ({', '.join(differing)}); only runs of "
+                             "the same benchmark can be merged")
+    records, seen = [], set()
+    for folder, report in zip(folders, reports, strict=True):
+        for record in report["records"]:
+            key = (record["concept"], record["seed"], record["method"])
+            if key in seen:
+                raise BenchError(f"{folder} repeats {key[0]} seed {key[1]} ({key[2]}): the runs overlap")
+            seen.add(key)
+            records.append(record)
+    concepts = list(dict.fromkeys(c for r in reports for c in r["settings"]["concepts"]))
+    seeds = sorted({seed for r in reports for seed in r["settings"]["seeds"]})
+    commands = [r["settings"].get("command", "run_quality(...)") for r in reports]
+    devices = sorted({r["settings"].get("device") for r in reports if r["settings"].get("device")})
+    settings = {**reports[0]["settings"], "concepts": concepts, "seeds": seeds, "commands": commands,
+                "command": " ; ".join(commands), "device": " / ".join(devices) or None}
+    methods = settings["methods"]
+    merged = {"benchmark": "quality", "settings": settings, "records": records,
+              "summary": summarize(records, methods)}
+    out = Path(out)
+    atomic_write_text(out / "quality.json", json.dumps(merged, indent=2) + "\n")
+    atomic_write_text(out / "quality.md", markdown(merged) + "\n")
+    return merged
 
 
 def _save_sheet(path: Path, concept, rows: dict[str, torch.Tensor], images_per_prompt: int) -> None:
@@ -284,16 +439,25 @@ def markdown(report: dict) -> str:
     lines = [
         "# Quality benchmark: EchoDistill, its ablations and student-only baselines (mini world)",
         "",
-        f"Command: `{s.get('command', 'run_quality(...)')}`",
+        *(["Commands (run side by side, merged with `echodistill bench quality-merge`):", "",
+           *(f"- `{c}`" for c in s["commands"])] if "commands" in s
+          else [f"Command: `{s.get('command', 'run_quality(...)')}`"]),
         "",
         f"- {len(s['concepts'])} concepts x {len(s['seeds'])} seeds = {runs} runs per method, {s['steps']} training "
         f"steps each; {s['images_per_prompt']} image(s) per evaluation prompt; student {s['student_steps']} step, "
         f"teacher {s['teacher_steps']} DDIM steps at CFG {s['teacher_guidance']}; {s['resolution']}x{s['resolution']}",
         f"- models: {json.dumps(s['fingerprints'], sort_keys=True)}",
     ]
+    if "captions" in s:
+        lines.append("- references trained " + ("with their captions in the world's grammar (\"a {} on a plain red "
+                     "background\")" if s["captions"] else "with the trainer's prompt templates (\"a photo of a {}\")"))
+    scaled = {family: factor for family, factor in s.get("lr_scales", {}).items() if factor != 1.0}
+    if scaled:
+        lines.append("- learning rates scaled from the published ones (the ablations and the teacher row follow "
+                     "echodistill): " + ", ".join(f"{family} x{factor:g}" for family, factor in scaled.items()))
     if "oracle" in s:
         lines.append(f"- oracle: `{s['oracle']['path']}` ({json.dumps(s['oracle']['digests'], sort_keys=True)})")
-    if "device" in s:
+    if s.get("device"):
         lines.append(f"- device: {s['device']}, torch {s.get('torch')}")
     lines += [
         "- mean ± std over concepts x seeds; train s is wall time of one training run (the teacher row's is the full "
@@ -324,6 +488,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                         help=f"rows to train and score (default: all): {', '.join(METHODS)}")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="images per evaluation prompt and run")
+    parser.add_argument("--lr-scale", nargs="+", default=[], metavar="FAMILY=FACTOR",
+                        help="multiply a family's published learning rates (`bench lr-sweep` chooses them; "
+                             "default: " + " ".join(f"{f}={x:g}" for f, x in TUNED_LR_SCALES.items()) + "; "
+                             "1 for the published rates)")
+    parser.add_argument("--templates", action="store_true",
+                        help="train on the prompt templates instead of the references' grammar captions")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/quality", help="folder for quality.json, quality.md, sheets/, bundles/")
     parser.add_argument("--resume", action="store_true", help="keep the finished concept x seed runs in --out")
@@ -343,7 +513,10 @@ def command_line(args: argparse.Namespace) -> str:
     """The exact, complete command for these settings (every default spelled out)."""
     parts = ["echodistill", "bench", "quality", "--concepts", *args.concepts, "--seeds", *map(str, args.seeds),
              "--steps", str(args.steps), "--methods", *args.methods, "--images-per-prompt",
-             str(args.images_per_prompt), "--oracle", _shown(args.oracle), "--out", str(args.out),
+             str(args.images_per_prompt), "--lr-scale",
+             *(f"{family}={factor:g}" for family, factor in parse_lr_scales(args.lr_scale).items()),
+             *(["--templates"] if args.templates else []),
+             "--oracle", _shown(args.oracle), "--out", str(args.out),
              "--device", args.device]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
@@ -352,9 +525,10 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def load_world(args: argparse.Namespace) -> tuple[Any, Any, dict]:
+    """The shipped mini-world pair and the oracle of `args`, and the settings that identify them."""
     from .benchmarking import device_name
-    from .miniworld import CONCEPTS, ORACLE_ROOT, STUDENT_DIR, TEACHER_DIR, Oracle
+    from .miniworld import ORACLE_ROOT, STUDENT_DIR, TEACHER_DIR, Oracle
     from .miniworld.oracle import ENCODER_FILE, READER_FILE
     from .models import load_model_pair
 
@@ -362,19 +536,39 @@ def run_from_args(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise BenchError(f"--threads {args.threads} must be at least 1")
         torch.set_num_threads(args.threads)
-    args.concepts = args.concepts or sorted(CONCEPTS)
     args.oracle = Path(args.oracle or ORACLE_ROOT)
     oracle = Oracle.load(args.oracle)  # before anything trains: a missing oracle fails at once
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR, device=args.device)
     settings = {
-        "command": command_line(args),
         "oracle": {"path": _shown(args.oracle),
                    "digests": {f: _file_digest(args.oracle / f) for f in (READER_FILE, ENCODER_FILE)}},
         "device": device_name(pair.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
+    return pair, oracle, settings
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from .miniworld import CONCEPTS
+
+    args.concepts = args.concepts or sorted(CONCEPTS)
+    lr_scales = parse_lr_scales(args.lr_scale)
+    pair, oracle, settings = load_world(args)
     report = run_quality(pair, oracle, concepts=args.concepts, seeds=args.seeds, steps=args.steps,
-                         methods=args.methods, images_per_prompt=args.images_per_prompt, out=args.out,
-                         settings=settings, resume=args.resume, log=_log)
+                         methods=args.methods, images_per_prompt=args.images_per_prompt, lr_scales=lr_scales,
+                         captions=not args.templates, out=args.out,
+                         settings={**settings, "command": command_line(args)}, resume=args.resume, log=_log)
+    print(markdown(report))
+    print(f"wrote {Path(args.out) / 'quality.json'} and {Path(args.out) / 'quality.md'}")
+    return 0
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folders", nargs="+", help="--out folders of `bench quality` runs to merge")
+    parser.add_argument("--out", required=True, help="folder for the merged quality.json and quality.md")
+
+
+def merge_from_args(args: argparse.Namespace) -> int:
+    report = merge_reports(args.folders, args.out)
     print(markdown(report))
     print(f"wrote {Path(args.out) / 'quality.json'} and {Path(args.out) / 'quality.md'}")
     return 0

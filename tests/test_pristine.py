@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
 from echodistill.adapters import adapter_kind
+from echodistill.concept import ConceptEmbedding
 from echodistill.config import TrainConfig
 from echodistill.data import load_concept_images
+from echodistill.errors import EchoDistillError
 from echodistill.models import load_model_pair
 from echodistill.pristine import pristine
 from echodistill.sampling import sample_student
@@ -41,3 +44,16 @@ def test_training_twice_on_one_pair_leaves_it_pristine(tiny_pair_folders):
     assert not pair.student.unet.is_gradient_checkpointing
     again = sample_student(pair, ["a photo of a dog"], seeds=[3], width=64, height=64).latents
     assert torch.equal(again, baseline)
+
+
+def test_a_pair_adapted_in_place_is_refused_with_a_clear_error_and_left_as_it_is(tiny_pair_folders):
+    pair = load_model_pair(*tiny_pair_folders)
+    images = load_concept_images([Image.new("RGB", (64, 64), (20, 200, 30))] * 2, resolution=64)
+    config = TrainConfig(steps=1, resolution=64, class_word="dog", echo=False, sample_every=0, save_every=0)
+    Trainer(pair, images, config).train()  # outside pristine: the pair keeps the token and the K/V deltas
+    tokens = len(pair.tokenizer)
+    with pytest.raises(EchoDistillError, match="already carries a trained concept \\(teacher, student, text encoder"):
+        with pristine(pair):
+            pytest.fail("entered the borrow")
+    assert len(pair.tokenizer) == tokens and adapter_kind(pair.student.unet) == "custom_diffusion"
+    assert isinstance(pair.text_encoder.get_input_embeddings(), ConceptEmbedding)

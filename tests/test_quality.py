@@ -140,9 +140,75 @@ def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
     report = json.loads((out / "quality.json").read_text())
     command = report["settings"]["command"]
     assert command.startswith("echodistill bench quality --concepts crossed_ring --seeds 0 --steps 2 --methods "
-                              "textual_inversion teacher --images-per-prompt 1 --oracle ")
+                              "textual_inversion teacher --images-per-prompt 1 --lr-scale echodistill=3 "
+                              "custom_diffusion=0.3 textual_inversion=10 dreambooth_lora=3 --oracle ")
+    assert report["settings"]["lr_scales"] == quality.TUNED_LR_SCALES and report["settings"]["captions"] is True
     assert {r["method"] for r in report["records"]} == {quality.PRIOR, "textual_inversion", "teacher"}
     assert set(report["settings"]["oracle"]["digests"]) == {"attribute_reader.safetensors",
                                                             "subject_encoder.safetensors"}
     printed = capsys.readouterr().out
     assert command in printed and "| Textual Inversion on the student |" in printed
+
+
+def test_learning_rate_scales_multiply_each_familys_published_rates_and_ablations_follow_echodistill():
+    base = quality.method_config("no_echo", "ring", 10, 0)
+    scaled = quality.method_config("no_echo", "ring", 10, 0, lr_scale=3.0)
+    assert scaled.lr_student == pytest.approx(3 * base.lr_student)
+    assert scaled.lr_teacher == pytest.approx(3 * base.lr_teacher)
+    assert scaled.lr_heads == base.lr_heads  # heads start from scratch at any model size
+    ti = quality.method_config("textual_inversion", "ring", 10, 0, lr_scale=0.5)
+    assert ti.lr_student == pytest.approx(0.5 * 5e-3)
+    assert [quality.lr_family(m) for m in ("sequential", "teacher", "dreambooth_lora")] == [
+        "echodistill", "echodistill", "dreambooth_lora"]
+    assert quality.parse_lr_scales(["echodistill=1", "textual_inversion=0.3"]) == {
+        **quality.TUNED_LR_SCALES, "echodistill": 1.0, "textual_inversion": 0.3}
+    assert quality.parse_lr_scales([]) == quality.TUNED_LR_SCALES and set(quality.TUNED_LR_SCALES) == set(
+        quality.LR_FAMILIES)
+    for bad in ("no_echo=3", "echodistill", "echodistill=0", "echodistill=x"):
+        with pytest.raises(BenchError, match="write FAMILY=FACTOR"):
+            quality.parse_lr_scales([bad])
+
+
+def test_captioned_references_train_on_the_worlds_grammar_with_the_token():
+    from echodistill.data import ConceptDataset
+    from echodistill.miniworld import CONCEPTS
+
+    unit = quality.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=True)
+    assert all(image.caption.startswith("a {} on a plain ") for image in unit.images)
+    dataset = ConceptDataset(unit.images, token=quality.TOKEN, class_word="square", resolution=64, latent_scale=4)
+    batch = dataset.sample_batch(16, torch.Generator().manual_seed(0))
+    assert all("<v*> square on a plain " in prompt and "photo" not in prompt for prompt in batch.prompts)
+    templated = quality.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=False)
+    assert all(image.caption is None for image in templated.images)
+
+
+def _fake_report(folder, concepts, seeds, **changes):
+    records = [{"concept": c, "seed": s, "method": m, "subject_fidelity": 0.1 * (s + 1),
+                "prompt_fidelity": 0.9, "train_seconds": 1.0, "seconds_per_step": 0.1}
+               for c in concepts for s in seeds for m in (quality.PRIOR, "echodistill")]
+    settings = {"concepts": concepts, "seeds": seeds, "steps": 10, "methods": ["echodistill"],
+                "images_per_prompt": 1, "student_steps": 1, "teacher_steps": 25, "teacher_guidance": 7.5,
+                "resolution": 64, "fingerprints": {"vae": "abc"}, "command": f"run {folder.name}", **changes}
+    folder.mkdir(parents=True)
+    (folder / "quality.json").write_text(json.dumps({"settings": settings, "records": records}))
+
+
+def test_runs_made_side_by_side_merge_into_one_table_and_mismatches_are_refused(tmp_path):
+    _fake_report(tmp_path / "s0", ["a", "b"], [0])
+    _fake_report(tmp_path / "s1", ["a", "b"], [1])
+    merged = quality.merge_reports([tmp_path / "s0", tmp_path / "s1"], tmp_path / "all")
+    assert merged["settings"]["seeds"] == [0, 1] and merged["settings"]["concepts"] == ["a", "b"]
+    full = next(row for row in merged["summary"] if row["method"] == "echodistill")
+    assert full["runs"] == 4 and full["subject_fidelity"]["mean"] == pytest.approx(0.15)
+    table = (tmp_path / "all" / "quality.md").read_text()
+    assert "- `run s0`" in table and "- `run s1`" in table
+    assert json.loads((tmp_path / "all" / "quality.json").read_text())["records"] == merged["records"]
+
+    _fake_report(tmp_path / "other", ["c"], [0], steps=20)
+    with pytest.raises(BenchError, match="other settings \\(steps\\)"):
+        quality.merge_reports([tmp_path / "s0", tmp_path / "other"], tmp_path / "bad")
+    with pytest.raises(BenchError, match="repeats a seed 0"):
+        quality.merge_reports([tmp_path / "s0", tmp_path / "s0"], tmp_path / "bad")
+    with pytest.raises(BenchError, match="does not exist"):
+        quality.merge_reports([tmp_path / "s0", tmp_path / "missing"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

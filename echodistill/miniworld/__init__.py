@@ -16,7 +16,7 @@ Parts:
 """
 
 from .architecture import ORACLE_ROOT, STUDENT_DIR, TEACHER_DIR
-from .concepts import CONCEPTS, Concept, ConceptPrompt, evaluation_prompts, reference_images
+from .concepts import CONCEPTS, Concept, ConceptPrompt, evaluation_prompts, reference_captions, reference_images
 from .grammar import ATTRIBUTES, Caption, Scene, describe, sample_scene, training_caption
 from .oracle import Oracle
 from .render import render, render_layout
@@ -34,6 +34,7 @@ __all__ = [
     "TEACHER_DIR",
     "describe",
     "evaluation_prompts",
+    "reference_captions",
     "reference_images",
     "render",
     "render_layout",

@@ -165,3 +165,13 @@ def reference_layouts(concept: Concept) -> list[tuple[Scene, Layout]]:
 def reference_images(concept: Concept) -> np.ndarray:
     """(5, 64, 64, 3) uint8 reference renders of the concept on plain backgrounds."""
     return np.stack([render_layout(scene, layout) for scene, layout in reference_layouts(concept)])
+
+
+def reference_captions(concept: Concept) -> list[str]:
+    """One caption per reference in the world's grammar, "{}" standing for "<token> <class word>".
+
+    Only the background is stated ("a {} on a plain yellow background"): it stays true under the
+    trainer's augmentations, which move, shrink and zoom the subject (and mask the canvas it adds).
+    """
+    return [describe(scene, frozenset({"bg_color", "bg_pattern"}), noun="{}").text
+            for scene, _ in reference_layouts(concept)]
