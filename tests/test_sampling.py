@@ -253,3 +253,32 @@ def test_bf16_autocast_of_fp32_models_stays_close(pair):
     drift = (half.images - full.images).abs().mean().item()
     print(f"\nbf16 autocast vs fp32: mean|Δimages| {drift:.3g}")
     assert drift < 0.02
+
+
+def test_a_trained_concept_samples_from_its_bundle_as_it_did_in_place(tiny_pair_folders, tmp_path):
+    """Both sides: what `jobs.sample` draws from a saved bundle is what the trained pair drew."""
+    from PIL import Image
+
+    from echodistill.config import TrainConfig
+    from echodistill.jobs import sample
+    from echodistill.photos import load_concept_images
+    from echodistill.pristine import pristine
+    from echodistill.trainer import Trainer
+
+    trained = load_model_pair(*tiny_pair_folders)
+    images = load_concept_images([Image.new("RGB", (64, 64), (200, 30, 30))] * 2, resolution=64)
+    config = TrainConfig(steps=2, resolution=64, class_word="dog", echo=False, sample_every=0, save_every=0,
+                         lr_teacher=1e-2, lr_student=1e-2)  # large enough that the concept visibly moves
+    prompts, kwargs = ["a photo of a <v*> dog"], dict(seeds=[5], width=SIZE, height=SIZE)
+    with pristine(trained):
+        bundle = Trainer(trained, images, config).train()
+        in_place = {"student": sample_student(trained, prompts, **kwargs).images,
+                    "teacher": sample_teacher(trained, prompts, steps=3, **kwargs).images}
+    path = bundle.save(tmp_path / "concept.safetensors")
+    fresh = load_model_pair(*tiny_pair_folders)
+    for part, options in (("student", {}), ("teacher", {"steps": 3})):
+        from_bundle = sample(fresh, prompts, concept=ConceptBundle.load(path), part=part, return_latents=False,
+                             **kwargs, **options).images
+        torch.testing.assert_close(from_bundle, in_place[part], atol=1e-5, rtol=0)
+    untrained = sample_teacher(fresh, ["a photo of a dog"], steps=3, **kwargs).images
+    assert (in_place["teacher"] - untrained).abs().max() > 1e-3
