@@ -43,6 +43,7 @@ TOKEN = "<v*>"
 RESOLUTION = 64  # the mini world's image size
 TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
 PRIOR = "class_prior"
+TEACHER_PRIOR = "class_prior_teacher"  # shown when the teacher row is: what the teacher drew before training
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,13 @@ METHODS: dict[str, Method] = {
     "teacher": Method(f"EchoDistill teacher, {TEACHER_STEPS} DDIM steps", part="teacher"),
 }
 PRIOR_LABEL = "class-word prior (untrained student, token removed)"
+PRIOR_LABELS = {PRIOR: PRIOR_LABEL,
+                TEACHER_PRIOR: f"class-word prior of the teacher ({TEACHER_STEPS} steps, untrained, token removed)"}
+
+
+def prior_rows(methods: Sequence[str]) -> list[str]:
+    """The untrained reference rows a table of `methods` shows."""
+    return [PRIOR, *([TEACHER_PRIOR] if "teacher" in methods else [])]
 
 
 def echodistill_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
@@ -206,13 +214,24 @@ class UnitInputs:
         return _score(oracle, images, self.reference_pixels, self.stated)
 
 
-def score_prior(pair, oracle, unit: UnitInputs) -> tuple[dict, torch.Tensor]:
-    """The class-word prior: the untrained student given the prompts without the token."""
+def score_prior(pair, oracle, unit: UnitInputs, row: str = PRIOR) -> tuple[dict, torch.Tensor]:
+    """A class-word prior: the untrained student (or teacher) given the prompts without the token."""
     prior_texts = [" ".join(text.replace(TOKEN, "").split()) for text in unit.texts]
-    images = unit.sample(pair, prior_texts, part="student")
-    record = {"concept": unit.concept.name, "seed": unit.seed, "method": PRIOR, **unit.score(oracle, images),
+    if row == TEACHER_PRIOR:
+        images = unit.sample(pair, prior_texts, part="teacher", steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE)
+    else:
+        images = unit.sample(pair, prior_texts, part="student")
+    record = {"concept": unit.concept.name, "seed": unit.seed, "method": row, **unit.score(oracle, images),
               "train_seconds": None, "seconds_per_step": None}
     return record, images
+
+
+def score_priors(pair, oracle, unit: UnitInputs, rows: Sequence[str]) -> tuple[list[dict], dict]:
+    records, images = [], {}
+    for row in rows:
+        record, images[row] = score_prior(pair, oracle, unit, row)
+        records.append(record)
+    return records, images
 
 
 def train_and_score(pair, oracle, unit: UnitInputs, run: str, rows: Sequence[str], *, steps: int,
@@ -243,8 +262,7 @@ def evaluate_unit(pair, oracle, concept, seed: int, *, steps: int, methods: Sequ
     """Train every method on one concept with one seed and score it: (records, {row: images})."""
     lr_scales = lr_scales or {}
     unit = UnitInputs.build(concept, seed, images_per_prompt, captions=captions)
-    prior_record, prior_images = score_prior(pair, oracle, unit)
-    records, rows = [prior_record], {PRIOR: prior_images}
+    records, rows = score_priors(pair, oracle, unit, prior_rows(methods))
     for run in _training_runs(methods):
         served = [run] if run in methods else []
         if run == "echodistill" and "teacher" in methods:
@@ -269,13 +287,13 @@ def _mean_std(values: list[float]) -> dict[str, float | None]:
 def summarize(records: list[dict], methods: Sequence[str]) -> list[dict]:
     """One row per method (the prior first): mean ± std over concepts x seeds, and per concept."""
     summary = []
-    for name in [PRIOR, *methods]:
+    for name in [*prior_rows(methods), *methods]:
         runs = [r for r in records if r["method"] == name]
         timed = [r for r in runs if r["train_seconds"] is not None]
         concepts = sorted({r["concept"] for r in runs})
         summary.append({
             "method": name,
-            "label": PRIOR_LABEL if name == PRIOR else METHODS[name].label,
+            "label": PRIOR_LABELS[name] if name in PRIOR_LABELS else METHODS[name].label,
             "runs": len(runs),
             "subject_fidelity": _mean_std([r["subject_fidelity"] for r in runs]),
             "prompt_fidelity": _mean_std([r["prompt_fidelity"] for r in runs]),
@@ -337,12 +355,20 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
         return {"benchmark": "quality", "settings": settings, "records": records,
                 "summary": summarize(records, methods)}
 
-    wanted = {PRIOR, *methods}
+    priors = prior_rows(methods)
     for name in concepts:
         for seed in seeds:
             done = {r["method"] for r in records if r["concept"] == name and r["seed"] == seed}
-            if wanted <= done:
-                log(f"{name} seed {seed}: already in {report_path}, skipped")
+            if set(methods) <= done:
+                missing = [row for row in priors if row not in done]  # e.g. a row added since: no training
+                if missing:
+                    unit = UnitInputs.build(CONCEPTS[name], seed, images_per_prompt, captions=captions)
+                    records += score_priors(pair, oracle, unit, missing)[0]
+                    log(f"{name} seed {seed}: trained rows already in {report_path}; scored {', '.join(missing)}")
+                    if out:
+                        atomic_write_text(report_path, json.dumps(report(), indent=2) + "\n")
+                else:
+                    log(f"{name} seed {seed}: already in {report_path}, skipped")
                 continue
             records = [r for r in records if not (r["concept"] == name and r["seed"] == seed)]
             unit, rows = evaluate_unit(pair, oracle, CONCEPTS[name], seed, steps=steps, methods=methods,

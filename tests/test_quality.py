@@ -46,15 +46,15 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
     # One training per method, the teacher row sampling the full run's teacher: equal budgets, one seed.
     assert sorted(trained) == sorted((m, 2, 3) for m in quality.METHODS if m != "teacher")
     records = {r["method"]: r for r in report["records"]}
-    assert set(records) == {quality.PRIOR, *quality.METHODS}
+    assert set(records) == {quality.PRIOR, quality.TEACHER_PRIOR, *quality.METHODS}
     assert all(r["concept"] == "smiley" and r["seed"] == 3 for r in records.values())
     for record in records.values():
         assert 0 <= record["subject_fidelity"] <= 1 and 0 <= record["prompt_fidelity"] <= 1
     assert records["teacher"]["trained_as"] == "echodistill"
     assert records["teacher"]["train_seconds"] == records["echodistill"]["train_seconds"] > 0
-    assert records[quality.PRIOR]["train_seconds"] is None
+    assert records[quality.PRIOR]["train_seconds"] is None and records[quality.TEACHER_PRIOR]["train_seconds"] is None
     assert records["sequential"]["seconds_per_step"] == pytest.approx(records["sequential"]["train_seconds"] / 2)
-    assert [row["method"] for row in report["summary"]] == [quality.PRIOR, *quality.METHODS]
+    assert [row["method"] for row in report["summary"]] == [quality.PRIOR, quality.TEACHER_PRIOR, *quality.METHODS]
 
     assert json.loads((out / "quality.json").read_text()) == json.loads(json.dumps(report))
     table = (out / "quality.md").read_text()
@@ -68,6 +68,16 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
                                 methods=list(quality.METHODS), images_per_prompt=1, out=out, resume=True,
                                 log=lambda _: None)
     assert again["records"] == json.loads(json.dumps(report["records"]))
+    # a prior row missing from a finished unit (a row added since) is scored on resume, with no training
+    saved = json.loads((out / "quality.json").read_text())
+    saved["records"] = [r for r in saved["records"] if r["method"] != quality.TEACHER_PRIOR]
+    (out / "quality.json").write_text(json.dumps(saved))
+    filled = quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=2,
+                                 methods=list(quality.METHODS), images_per_prompt=1, out=out, resume=True,
+                                 log=lambda _: None)
+    by_method = {r["method"]: r for r in filled["records"]}
+    assert by_method[quality.TEACHER_PRIOR] == json.loads(json.dumps(records[quality.TEACHER_PRIOR]))
+    assert len(filled["records"]) == len(report["records"])
     with pytest.raises(BenchError, match="was written with other settings"):
         quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=5,
                             methods=list(quality.METHODS), out=out, resume=True, log=lambda _: None)
@@ -79,7 +89,9 @@ def test_the_teacher_row_alone_trains_the_full_run_but_reports_only_the_teacher(
     pair = load_model_pair(*tiny_pair_folders)
     report = quality.run_quality(pair, random_oracle, concepts=["window"], seeds=[0], steps=2, methods=["teacher"],
                                  images_per_prompt=1, log=lambda _: None)
-    assert [r["method"] for r in report["records"]] == [quality.PRIOR, "teacher"]
+    assert [r["method"] for r in report["records"]] == [quality.PRIOR, quality.TEACHER_PRIOR, "teacher"]
+    assert [row["label"] for row in report["summary"]][:2] == [
+        quality.PRIOR_LABEL, "class-word prior of the teacher (25 steps, untrained, token removed)"]
 
 
 def test_bad_requests_fail_before_anything_trains(tiny_pair_folders, random_oracle, monkeypatch):
@@ -143,7 +155,8 @@ def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
                               "textual_inversion teacher --images-per-prompt 1 --lr-scale echodistill=3 "
                               "custom_diffusion=0.3 textual_inversion=10 dreambooth_lora=3 --oracle ")
     assert report["settings"]["lr_scales"] == quality.TUNED_LR_SCALES and report["settings"]["captions"] is True
-    assert {r["method"] for r in report["records"]} == {quality.PRIOR, "textual_inversion", "teacher"}
+    assert {r["method"] for r in report["records"]} == {quality.PRIOR, quality.TEACHER_PRIOR, "textual_inversion",
+                                                        "teacher"}
     assert set(report["settings"]["oracle"]["digests"]) == {"attribute_reader.safetensors",
                                                             "subject_encoder.safetensors"}
     printed = capsys.readouterr().out
