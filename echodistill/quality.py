@@ -284,8 +284,40 @@ def _mean_std(values: list[float]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+REFERENCE_METHOD = "echodistill"  # the row every other row is paired against
+
+
+def _mean_se(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "se": None}
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "se": se}
+
+
+def paired_against_reference(records: list[dict], name: str) -> dict | None:
+    """EchoDistill (full) minus `name`, unit by unit (same concept, seed and sampling noise).
+
+    Concepts differ far more from each other than methods do, so the mean ± std columns hide
+    small but consistent differences; pairing by concept x seed removes that spread. None when
+    there is no reference row or `name` is the reference.
+    """
+    if name == REFERENCE_METHOD:
+        return None
+    scores = {(r["concept"], r["seed"], r["method"]): r for r in records}
+    units = sorted({(c, seed) for c, seed, m in scores if m == name}
+                   & {(c, seed) for c, seed, m in scores if m == REFERENCE_METHOD})
+    if not units:
+        return None
+    deltas = {key: [scores[(*u, REFERENCE_METHOD)][key] - scores[(*u, name)][key] for u in units]
+              for key in ("subject_fidelity", "prompt_fidelity")}
+    return {"units": len(units), "subject_fidelity": _mean_se(deltas["subject_fidelity"]),
+            "prompt_fidelity": _mean_se(deltas["prompt_fidelity"]),
+            "reference_wins_subject": sum(d > 0 for d in deltas["subject_fidelity"])}
+
+
 def summarize(records: list[dict], methods: Sequence[str]) -> list[dict]:
-    """One row per method (the prior first): mean ± std over concepts x seeds, and per concept."""
+    """One row per method (the priors first): mean ± std over concepts x seeds, per concept, and paired
+    against EchoDistill (full)."""
     summary = []
     for name in [*prior_rows(methods), *methods]:
         runs = [r for r in records if r["method"] == name]
@@ -302,6 +334,7 @@ def summarize(records: list[dict], methods: Sequence[str]) -> list[dict]:
             "subject_fidelity_per_concept": {
                 c: statistics.fmean(r["subject_fidelity"] for r in runs if r["concept"] == c) for c in concepts
             },
+            "reference_minus_this": paired_against_reference(records, name),
         })
     return summary
 
@@ -495,6 +528,17 @@ def markdown(report: dict) -> str:
     for row in summary:
         lines.append(f"| {row['label']} | {_pm(row['subject_fidelity'])} | {_pm(row['prompt_fidelity'])} | "
                      f"{_pm(row['train_seconds'], '.1f')} | {_pm(row['seconds_per_step'])} | {row['runs']} |")
+    paired = [row for row in summary if row.get("reference_minus_this")]
+    if paired:
+        reference = METHODS[REFERENCE_METHOD].label
+        lines += ["", f"Paired by concept x seed (same references, same sampling noise): {reference} minus each row, "
+                  "mean ± standard error over the units; wins = units where EchoDistill's subject fidelity is higher:",
+                  "", "| row | Δ subject fidelity | Δ prompt fidelity | EchoDistill wins |", "|:--|--:|--:|--:|"]
+        for row in paired:
+            d = row["reference_minus_this"]
+            subject, prompt = d["subject_fidelity"], d["prompt_fidelity"]
+            lines.append(f"| {row['label']} | {subject['mean']:+.4f} ± {subject['se']:.4f} | "
+                         f"{prompt['mean']:+.4f} ± {prompt['se']:.4f} | {d['reference_wins_subject']}/{d['units']} |")
     concepts = s["concepts"]
     lines += ["", "Subject fidelity per concept (mean over seeds):", "",
               "| method | " + " | ".join(concepts) + " |", "|:--|" + "--:|" * len(concepts)]

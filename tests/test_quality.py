@@ -126,6 +126,12 @@ def test_summary_is_mean_and_sample_std_over_concepts_and_seeds():
     assert full["subject_fidelity"]["std"] == pytest.approx(0.2)  # sample std of 0.6, 0.8, 0.4
     assert full["train_seconds"] == {"mean": pytest.approx(12.0), "std": pytest.approx(2.0)}
     assert full["subject_fidelity_per_concept"] == {"a": pytest.approx(0.7), "b": pytest.approx(0.4)}
+    # paired against EchoDistill on the units both have: only concept a, seed 0 for the prior
+    assert full["reference_minus_this"] is None
+    paired = prior["reference_minus_this"]
+    assert paired["units"] == 1 and paired["reference_wins_subject"] == 1
+    assert paired["subject_fidelity"] == {"mean": pytest.approx(0.4), "se": 0.0}
+    assert paired["prompt_fidelity"]["mean"] == pytest.approx(0.2)
     report = {"settings": {"concepts": ["a", "b"], "seeds": [0, 1], "steps": 10, "images_per_prompt": 1,
                            "student_steps": 1, "teacher_steps": 25, "teacher_guidance": 7.5, "resolution": 64,
                            "fingerprints": {}, "command": "echodistill bench quality --steps 10"},
@@ -135,6 +141,21 @@ def test_summary_is_mean_and_sample_std_over_concepts_and_seeds():
     assert "| EchoDistill (full), student 1 step | 0.600 ± 0.200 | 0.600 ± 0.173 | 12.0 ± 2.0 | 1.200 ± 0.200 | 3 |" \
         in table
     assert "| EchoDistill (full), student 1 step | 0.700 | 0.400 |" in table
+    assert "| class-word prior (untrained student, token removed) | +0.4000 ± 0.0000 | +0.2000 ± 0.0000 | 1/1 |" in table
+
+
+def test_pairing_by_unit_sees_a_consistent_difference_that_concept_spread_hides():
+    records = []
+    for unit, level in enumerate([0.1, 0.5, 0.9]):  # concepts far apart, the method always 0.01 behind
+        for method, score in (("echodistill", level + 0.01), ("custom_diffusion", level)):
+            records.append({"method": method, "concept": f"c{unit}", "seed": 0, "subject_fidelity": score,
+                            "prompt_fidelity": 0.5, "train_seconds": 1.0, "seconds_per_step": 0.1})
+    paired = quality.paired_against_reference(records, "custom_diffusion")
+    assert paired["subject_fidelity"]["mean"] == pytest.approx(0.01)
+    assert paired["subject_fidelity"]["se"] == pytest.approx(0.0, abs=1e-12)
+    assert paired["reference_wins_subject"] == 3 and paired["units"] == 3
+    assert quality.paired_against_reference(records, "echodistill") is None
+    assert quality.paired_against_reference(records, "textual_inversion") is None
 
 
 def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
