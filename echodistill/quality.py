@@ -44,6 +44,7 @@ RESOLUTION = 64  # the mini world's image size
 TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
 PRIOR = "class_prior"
 TEACHER_PRIOR = "class_prior_teacher"  # shown when the teacher row is: what the teacher drew before training
+START_PRIOR = "token_at_start"  # the untrained student with the token at its starting row: where training begins
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,13 @@ METHODS: dict[str, Method] = {
 }
 PRIOR_LABEL = "class-word prior (untrained student, token removed)"
 PRIOR_LABELS = {PRIOR: PRIOR_LABEL,
+                START_PRIOR: "untrained student, token at its starting row (the class word's)",
                 TEACHER_PRIOR: f"class-word prior of the teacher ({TEACHER_STEPS} steps, untrained, token removed)"}
 
 
 def prior_rows(methods: Sequence[str]) -> list[str]:
     """The untrained reference rows a table of `methods` shows."""
-    return [PRIOR, *([TEACHER_PRIOR] if "teacher" in methods else [])]
+    return [PRIOR, START_PRIOR, *([TEACHER_PRIOR] if "teacher" in methods else [])]
 
 
 def echodistill_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
@@ -215,8 +217,13 @@ class UnitInputs:
 
 
 def score_prior(pair, oracle, unit: UnitInputs, row: str = PRIOR) -> tuple[dict, torch.Tensor]:
-    """A class-word prior: the untrained student (or teacher) given the prompts without the token."""
-    prior_texts = [" ".join(text.replace(TOKEN, "").split()) for text in unit.texts]
+    """A class-word prior: the untrained student (or teacher) given the prompts without the token.
+
+    START_PRIOR keeps the token at the row every method but DreamBooth-LoRA starts from, the class
+    word's (its initializer): the same prompt embeddings as writing the class word in its place.
+    """
+    word = unit.concept.class_word if row == START_PRIOR else ""
+    prior_texts = [" ".join(text.replace(TOKEN, word).split()) for text in unit.texts]
     if row == TEACHER_PRIOR:
         images = unit.sample(pair, prior_texts, part="teacher", steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE)
     else:
@@ -321,6 +328,8 @@ def summarize(records: list[dict], methods: Sequence[str]) -> list[dict]:
     summary = []
     for name in [*prior_rows(methods), *methods]:
         runs = [r for r in records if r["method"] == name]
+        if not runs and name in PRIOR_LABELS:  # a report written before this prior row existed
+            continue
         timed = [r for r in runs if r["train_seconds"] is not None]
         concepts = sorted({r["concept"] for r in runs})
         summary.append({

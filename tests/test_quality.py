@@ -46,7 +46,7 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
     # One training per method, the teacher row sampling the full run's teacher: equal budgets, one seed.
     assert sorted(trained) == sorted((m, 2, 3) for m in quality.METHODS if m != "teacher")
     records = {r["method"]: r for r in report["records"]}
-    assert set(records) == {quality.PRIOR, quality.TEACHER_PRIOR, *quality.METHODS}
+    assert set(records) == {quality.PRIOR, quality.START_PRIOR, quality.TEACHER_PRIOR, *quality.METHODS}
     assert all(r["concept"] == "smiley" and r["seed"] == 3 for r in records.values())
     for record in records.values():
         assert 0 <= record["subject_fidelity"] <= 1 and 0 <= record["prompt_fidelity"] <= 1
@@ -54,7 +54,8 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
     assert records["teacher"]["train_seconds"] == records["echodistill"]["train_seconds"] > 0
     assert records[quality.PRIOR]["train_seconds"] is None and records[quality.TEACHER_PRIOR]["train_seconds"] is None
     assert records["sequential"]["seconds_per_step"] == pytest.approx(records["sequential"]["train_seconds"] / 2)
-    assert [row["method"] for row in report["summary"]] == [quality.PRIOR, quality.TEACHER_PRIOR, *quality.METHODS]
+    assert [row["method"] for row in report["summary"]] == [quality.PRIOR, quality.START_PRIOR, quality.TEACHER_PRIOR,
+                                                            *quality.METHODS]
 
     assert json.loads((out / "quality.json").read_text()) == json.loads(json.dumps(report))
     table = (out / "quality.md").read_text()
@@ -89,9 +90,24 @@ def test_the_teacher_row_alone_trains_the_full_run_but_reports_only_the_teacher(
     pair = load_model_pair(*tiny_pair_folders)
     report = quality.run_quality(pair, random_oracle, concepts=["window"], seeds=[0], steps=2, methods=["teacher"],
                                  images_per_prompt=1, log=lambda _: None)
-    assert [r["method"] for r in report["records"]] == [quality.PRIOR, quality.TEACHER_PRIOR, "teacher"]
-    assert [row["label"] for row in report["summary"]][:2] == [
-        quality.PRIOR_LABEL, "class-word prior of the teacher (25 steps, untrained, token removed)"]
+    assert [r["method"] for r in report["records"]] == [quality.PRIOR, quality.START_PRIOR, quality.TEACHER_PRIOR,
+                                                        "teacher"]
+    assert [row["label"] for row in report["summary"]][:3] == [
+        quality.PRIOR_LABEL, "untrained student, token at its starting row (the class word's)",
+        "class-word prior of the teacher (25 steps, untrained, token removed)"]
+
+
+def test_the_token_at_its_starting_row_reads_as_the_class_word_written_in_its_place(tiny_pair_folders):
+    from echodistill.concept import add_concept_token
+    from echodistill.sampling import sample_student
+
+    pair = load_model_pair(*tiny_pair_folders)
+    kwargs = dict(seeds=[2, 2], width=64, height=64)
+    plain = sample_student(pair, ["a dog dog on the left", "a dog on the left"], **kwargs).images
+    add_concept_token(pair.tokenizer, pair.text_encoder, quality.TOKEN, "dog")
+    with_token = sample_student(pair, [f"a {quality.TOKEN} dog on the left"], seeds=[2], width=64, height=64).images
+    torch.testing.assert_close(with_token[0], plain[0], atol=1e-5, rtol=0)  # batch 1 vs 2: float rounding only
+    assert (with_token[0] - plain[1]).abs().max() > 1e-4  # the token is not simply dropped
 
 
 def test_bad_requests_fail_before_anything_trains(tiny_pair_folders, random_oracle, monkeypatch):
@@ -176,7 +192,8 @@ def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
                               "textual_inversion teacher --images-per-prompt 1 --lr-scale echodistill=3 "
                               "custom_diffusion=0.3 textual_inversion=10 dreambooth_lora=3 --oracle ")
     assert report["settings"]["lr_scales"] == quality.TUNED_LR_SCALES and report["settings"]["captions"] is True
-    assert {r["method"] for r in report["records"]} == {quality.PRIOR, quality.TEACHER_PRIOR, "textual_inversion",
+    assert {r["method"] for r in report["records"]} == {quality.PRIOR, quality.START_PRIOR, quality.TEACHER_PRIOR,
+                                                        "textual_inversion",
                                                         "teacher"}
     assert set(report["settings"]["oracle"]["digests"]) == {"attribute_reader.safetensors",
                                                             "subject_encoder.safetensors"}
