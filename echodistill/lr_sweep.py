@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .benchmarking import BenchError
-from .quality import LR_FAMILIES, METHODS, UnitInputs, score_prior, train_and_score
+from .quality import LR_FAMILIES, METHODS, UnitInputs, score_prior, shown_path, train_and_score
 from .tensor_files import atomic_write_text
 
 PROMPT_TOLERANCE = 0.05  # prompt fidelity a chosen rate may lose against the class-word prior
@@ -132,12 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    from .quality import _shown
-
     parts = ["echodistill", "bench", "lr-sweep", "--concept", args.concept, "--seed", str(args.seed), "--steps",
              str(args.steps), "--factors", *(f"{f:g}" for f in args.factors), "--families", *args.families,
              "--images-per-prompt", str(args.images_per_prompt), *(["--templates"] if args.templates else []),
-             "--oracle", _shown(args.oracle), "--out", str(args.out), "--device", args.device]
+             "--oracle", shown_path(args.oracle), "--out", str(args.out), "--device", args.device]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     return shlex.join(parts)

@@ -3,17 +3,20 @@
     echodistill bench quality --steps 200 --seeds 0 1 --out runs/quality
 
 On the mini world's held-out concepts (echodistill.miniworld), for every concept x seed, each
-method trains with the same step budget on the concept's five references; its images for the
-concept's evaluation prompts (student: 1 step; teacher: 25 DDIM steps, CFG 7.5) are scored by
-the oracle: subject fidelity (is it the concept?) and prompt fidelity (is it where, how large and
-on what the prompt says?). The table reports mean ± std over concepts x seeds and training time.
+method trains with the same step budget on the concept's five references (captioned in the world's
+grammar), at its published learning rates times the factor `bench lr-sweep` chose for its family
+(TUNED_LR_SCALES); its images for the concept's evaluation prompts (student: 1 step; teacher: 25
+DDIM steps, CFG 7.5) are scored by the oracle: subject fidelity (is it the concept?) and prompt
+fidelity (is it where, how large and on what the prompt says?). The table reports mean ± std over
+concepts x seeds and training time, and every row paired against EchoDistill unit by unit.
 
 Rows (METHODS): EchoDistill and its ablations (no echo, no adversarial loss, no shared text
 encoder, sequential teacher-then-student) train with `Trainer`; the student-only baselines
 (Custom Diffusion, Textual Inversion, DreamBooth-LoRA) with `baselines.StudentBaseline`; the
 teacher row samples the teacher side of the full EchoDistill run (its training time is that
-run's). Every concept goes through `jobs.sample`, as a user's would. A reference row, the
-class-word prior (the untrained student given the prompts without the token), shows the floor.
+run's). Every concept goes through `jobs.sample`, as a user's would. Untrained reference rows show
+the floor: the class-word prior (the student given the prompts without the token; the teacher's too
+when the teacher row is asked for) and the student with the token at its starting row.
 
 Outputs in --out: quality.json (settings, every run's scores, the summary; rewritten after each
 concept x seed, so --resume continues a stopped run), quality.md (the tables and the exact
@@ -580,7 +583,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
 
 
-def _shown(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """A path as a reader can use it elsewhere: relative to the working folder when it lies inside it."""
     try:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
@@ -595,7 +598,7 @@ def command_line(args: argparse.Namespace) -> str:
              str(args.images_per_prompt), "--lr-scale",
              *(f"{family}={factor:g}" for family, factor in parse_lr_scales(args.lr_scale).items()),
              *(["--templates"] if args.templates else []),
-             "--oracle", _shown(args.oracle), "--out", str(args.out),
+             "--oracle", shown_path(args.oracle), "--out", str(args.out),
              "--device", args.device]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
@@ -619,7 +622,7 @@ def load_world(args: argparse.Namespace) -> tuple[Any, Any, dict]:
     oracle = Oracle.load(args.oracle)  # before anything trains: a missing oracle fails at once
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR, device=args.device)
     settings = {
-        "oracle": {"path": _shown(args.oracle),
+        "oracle": {"path": shown_path(args.oracle),
                    "digests": {f: _file_digest(args.oracle / f) for f in (READER_FILE, ENCODER_FILE)}},
         "device": device_name(pair.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
