@@ -9,6 +9,9 @@ _PACK_DIR = os.path.dirname(os.path.abspath(__file__))
 if _PACK_DIR not in sys.path:
     sys.path.append(_PACK_DIR)
 
-from .nodes import comfy_entrypoint  # noqa: E402
+# ComfyUI imports the pack as a package. Loaded as a lone file instead (pytest does so when the
+# clone's folder name is not an identifier, e.g. "comfyui-echodistill"), there is nothing to register.
+if __package__:
+    from .nodes import comfy_entrypoint  # noqa: E402
 
-__all__ = ["comfy_entrypoint"]
+    __all__ = ["comfy_entrypoint"]

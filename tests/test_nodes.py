@@ -46,6 +46,17 @@ def comfy(tmp_path_factory, tiny_pair_folders):
     return {"base": base, "nodes": {n.define_schema().node_id: n for n in node_list}, "folder_paths": folder_paths}
 
 
+def test_the_pack_file_loaded_alone_registers_nothing_and_does_not_fail():
+    """pytest loads the root __init__.py as a lone file when the clone's folder name is no identifier."""
+    from importlib.machinery import SourceFileLoader
+
+    loader = SourceFileLoader("comfyui-echodistill", str(comfy_support.REPO / "__init__.py"))
+    spec = importlib.util.spec_from_loader("comfyui-echodistill", loader, is_package=False)
+    lone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lone)
+    assert not lone.__package__ and not hasattr(lone, "comfy_entrypoint")
+
+
 def test_every_node_is_registered_with_tooltips(comfy):
     expected = {"EchoDistillLoadModels", "EchoDistillLoadBackbones", "EchoDistillLoadImagesFromFolder",
                 "EchoDistillTrainConcept", "EchoDistillOneStepSampler", "EchoDistillTeacherSampler",
