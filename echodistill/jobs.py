@@ -78,8 +78,12 @@ def train_concept(
     reuse_finished: bool = True,
     backbone_paths: dict[str, str | os.PathLike] | None = None,
     ip_adapter_path: str | os.PathLike | None = None,
+    captions: Sequence[str | None] | None = None,
 ) -> TrainingResult:
     """Train (or resume, or reuse) a concept in `run_dir`; the pair is left as it was.
+
+    `captions`, one per photo ("{}" for "<token> <class word>"; None: the prompt templates), override
+    the photos' sidecar captions (see `load_concept_images`); `run_key` should be given them too.
 
     `run_dir` names one run (see `run_key`): when it holds the finished bundle, that is reused
     (`reuse_finished`); when it holds a checkpoint of a stopped run, training resumes from it
@@ -94,7 +98,7 @@ def train_concept(
             preview = sample(pair, [prompt] * 2, concept=bundle, seeds=[0, 1], width=config.resolution,
                              height=config.resolution, return_latents=False).images
             return TrainingResult(bundle, preview=preview, reused=True)
-    concept_images = load_concept_images(images, resolution=config.resolution)
+    concept_images = load_concept_images(images, captions=captions, resolution=config.resolution)
     recorder = _Recorder(callbacks or Callbacks())
     with torch.inference_mode(False), torch.enable_grad(), pristine(pair):
         trainer = Trainer(pair, concept_images, config, backbone_paths=backbone_paths,

@@ -129,12 +129,13 @@ def backbone_choices() -> list[str]:
     return [NONE] + _subdirs("backbones")
 
 
-def shipped_concept_references() -> dict[str, Callable[[], list[Image.Image]]]:
-    """The mini world's held-out subjects as read-only "folders" of reference pictures (drawn, not stored)."""
-    from echodistill.miniworld import CONCEPTS, reference_images
+def shipped_concept_references() -> dict[str, Callable[[], tuple[list[Image.Image], list[str]]]]:
+    """The mini world's held-out subjects as read-only "folders" of (reference pictures, their captions in the
+    world's grammar), drawn rather than stored."""
+    from echodistill.miniworld import CONCEPTS, reference_captions, reference_images
 
     def drawer(concept):
-        return lambda: [Image.fromarray(array) for array in reference_images(concept)]
+        return lambda: ([Image.fromarray(array) for array in reference_images(concept)], reference_captions(concept))
 
     return {f"{SHIPPED_PREFIX}{name}": drawer(concept) for name, concept in sorted(CONCEPTS.items())}
 

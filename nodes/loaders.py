@@ -122,7 +122,10 @@ class LoadImagesFromFolder(io.ComfyNode):
                              tooltip="Side of the square crops (the training resolution)."),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="The photos, one batch."),
-                     io.Int.Output(display_name="count", tooltip="How many photos were loaded.")],
+                     io.Int.Output(display_name="count", tooltip="How many photos were loaded."),
+                     io.String.Output(display_name="captions",
+                                      tooltip="One line per photo: its caption from <photo>.txt beside it (the "
+                                              "world's grammar for mini-world subjects); empty where it has none.")],
         )
 
     @classmethod
@@ -133,10 +136,14 @@ class LoadImagesFromFolder(io.ComfyNode):
     def execute(cls, folder, resolution) -> io.NodeOutput:
         path = folders.safe_join(Path(folder_paths.get_input_directory()), folder)
         shipped = folders.shipped_concept_references()
-        source = shipped[folder]() if folder in shipped and not path.is_dir() else path
-        images = load_concept_images(source, resolution=resolution)
+        if folder in shipped and not path.is_dir():
+            pictures, captions = shipped[folder]()
+            images = load_concept_images(pictures, captions=captions, resolution=resolution)
+        else:
+            images = load_concept_images(path, resolution=resolution)
         crops = [_square(item.image, resolution) for item in images]
-        return io.NodeOutput(torch.cat([from_pil(c) for c in crops]), len(crops))
+        captions = "\n".join(" ".join((item.caption or "").split()) for item in images)  # one line each
+        return io.NodeOutput(torch.cat([from_pil(c) for c in crops]), len(crops), captions)
 
 
 def _square(picture: Image.Image, size: int) -> Image.Image:

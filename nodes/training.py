@@ -54,6 +54,9 @@ class TrainConcept(io.ComfyNode):
                 io.Boolean.Input("force", default=False, tooltip="Retrain even if this exact run has finished before."),
                 Backbones.Input("backbones", optional=True,
                                 tooltip="Optional discriminator backbones; without: the teacher-feature discriminator."),
+                io.String.Input("captions", optional=True, multiline=True, default="",
+                                tooltip="One line per photo, in batch order ({} stands for the token and class "
+                                        "word); e.g. from Load Images From Folder. Empty: the prompt templates."),
             ],
             outputs=[
                 Concept.Output(display_name="concept", tooltip="The trained concept (token + both adapters)."),
@@ -65,21 +68,25 @@ class TrainConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, models, images, token, class_word, preset, steps, resolution, lr_student, lr_teacher, lr_heads,
-                adapter, echo, sample_every, save_every, seed, resume, force, backbones=None) -> io.NodeOutput:
+                adapter, echo, sample_every, save_every, seed, resume, force, backbones=None,
+                captions="") -> io.NodeOutput:
         members = backbones["members"] if backbones else ["teacher_features"]
         config = preset_config(preset, steps=steps, resolution=resolution, token=token, class_word=class_word,
                          lr_student=lr_student, lr_teacher=lr_teacher, lr_heads=lr_heads, adapter=adapter, echo=echo,
                          sample_every=sample_every, save_every=save_every, seed=seed, discriminators=tuple(members))
         photos = to_pil_list(images)
+        per_photo = photo_captions(captions, len(photos))
         paths = dict(backbones["backbones"]) if backbones else {}
         ip_adapter = backbones["ip_adapter"] if backbones else None
-        run_dir = folders.writable("runs") / run_key(models, photos, config, {"backbones": paths, "ip": ip_adapter})
+        run_dir = folders.writable("runs") / run_key(models, photos, config,
+                                                     {"backbones": paths, "ip": ip_adapter, "captions": per_photo})
         comfy.model_management.unload_all_models()  # our models are not ComfyUI-managed: make room first
         comfy.model_management.soft_empty_cache()
         callbacks = ComfyCallbacks(steps, cls.hidden.unique_id if cls.hidden else None)
         try:
             result = train_concept(models, photos, config, run_dir=run_dir, callbacks=callbacks, resume=resume,
-                                   reuse_finished=not force, backbone_paths=paths, ip_adapter_path=ip_adapter)
+                                   reuse_finished=not force, backbone_paths=paths, ip_adapter_path=ip_adapter,
+                                   captions=per_photo)
         except TrainingCancelled as cancelled:
             logging.info("EchoDistill: training cancelled at step %d; checkpoint %s", cancelled.step, cancelled.checkpoint)
             raise comfy.model_management.InterruptProcessingException() from cancelled
@@ -88,6 +95,17 @@ class TrainConcept(io.ComfyNode):
         elif result.resumed_from:
             logging.info("EchoDistill: resumed from step %d of %s", result.resumed_from, run_dir)
         return io.NodeOutput(result.bundle, from_pil(loss_curve(result.history)), to_comfy_images(result.preview))
+
+
+def photo_captions(text: str, count: int) -> list[str | None] | None:
+    """The captions input as one caption per photo (None: templates for that photo), or None if blank."""
+    if not text.strip():
+        return None
+    lines = text.strip("\n").split("\n")
+    if len(lines) != count:
+        raise ValueError(f"captions has {len(lines)} lines for {count} photos: write one line per photo, in batch "
+                         "order (an empty line keeps the prompt templates for that photo), or leave it empty")
+    return [line.strip() or None for line in lines]
 
 
 NODES = [TrainConcept]

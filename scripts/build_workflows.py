@@ -21,6 +21,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import comfy_support  # noqa: E402
 from browser_support import launch_page  # noqa: E402
 
+from echodistill.config import TrainConfig  # noqa: E402
+from echodistill.quality import TUNED_LR_SCALES  # noqa: E402
 from echodistill.tensor_files import atomic_write_text  # noqa: E402
 
 SD21 = {
@@ -60,8 +62,12 @@ SD_USER_VALUES = {
 TEXT_SWAPS = {"embedding:mini_mug": "embedding:my_mug"}
 
 # ... and in a graph on the shipped mini world (64×64 pictures; runs with no downloads, in minutes on a CPU)
+# The mini world trains at the rates `bench quality` and the demo use (bench lr-sweep's factor of the paper's).
+_MINIWORLD_LR = TUNED_LR_SCALES["echodistill"]
 MINIWORLD_USER_VALUES = {
     ("EchoDistillTrainConcept", "steps"): 200,
+    ("EchoDistillTrainConcept", "lr_student"): TrainConfig().lr_student * _MINIWORLD_LR,
+    ("EchoDistillTrainConcept", "lr_teacher"): TrainConfig().lr_teacher * _MINIWORLD_LR,
     ("EchoDistillTrainConcept", "sample_every"): 50,
     ("EchoDistillTrainConcept", "save_every"): 100,
     ("EchoDistillTrainConcept", "echo"): True,

@@ -84,8 +84,8 @@ def test_train_sample_save_load_export_in_process(comfy):
 
     models = nodes["EchoDistillLoadModels"].execute("diffusers/tiny-teacher", "diffusers/tiny-student", "auto", "auto",
                                                     "auto").result[0]
-    images, count = nodes["EchoDistillLoadImagesFromFolder"].execute("mug", 64).result
-    assert images.shape == (3, 64, 64, 3) and count == 3
+    images, count, captions = nodes["EchoDistillLoadImagesFromFolder"].execute("mug", 64).result
+    assert images.shape == (3, 64, 64, 3) and count == 3 and captions == "\n\n"  # no sidecar captions
     train = nodes["EchoDistillTrainConcept"]
     args = dict(models=models, images=images, token="<v*>", class_word="mug", preset="paper", steps=2, resolution=64,
                 lr_student=2e-5, lr_teacher=1e-5, lr_heads=1e-4, adapter="custom_diffusion", echo=False,
@@ -94,6 +94,11 @@ def test_train_sample_save_load_export_in_process(comfy):
     assert concept.step == 2 and curve.shape[-1] == 3 and preview.shape == (2, 64, 64, 3)
     again = train.execute(**args).result[0]  # same inputs: the finished run is reused, not retrained
     assert torch.equal(again.embedding, concept.embedding)
+    assert torch.equal(train.execute(**args, captions=captions).result[0].embedding, concept.embedding)  # blank
+    captioned = train.execute(**args, captions="a {} on a table\n\na {} outside").result[0]  # a run of its own
+    assert captioned.step == 2 and not torch.equal(captioned.embedding, concept.embedding)
+    with pytest.raises(ValueError, match="captions has 2 lines for 3 photos"):
+        train.execute(**args, captions="a {} on a table\na {} outside")
     assert len(models.tokenizer) == 49408  # the loaded pair is untouched by training
 
     sampler = nodes["EchoDistillOneStepSampler"]
@@ -113,6 +118,26 @@ def test_train_sample_save_load_export_in_process(comfy):
     lora_name, prompt_word = nodes["EchoDistillExportConcept"].execute(concept, "mug", "diff", 0, False).result
     assert (base / "loras" / lora_name).is_file() and (base / "embeddings" / "mug.safetensors").is_file()
     assert prompt_word == "embedding:mug"
+
+
+def test_loader_reads_sidecar_captions_one_line_per_photo(comfy):
+    folder = comfy["base"] / "input" / "captioned"
+    _photos(folder)
+    (folder / "p0.txt").write_text("a {} on a\nwooden table\n")  # a caption's own line breaks become spaces
+    (folder / "p2.txt").write_text("a {} in the snow")
+    captions = comfy["nodes"]["EchoDistillLoadImagesFromFolder"].execute("captioned", 64).result[2]
+    assert captions == "a {} on a wooden table\n\na {} in the snow"
+
+
+def test_caption_lines_map_to_photos(comfy):
+    import importlib
+
+    photo_captions = importlib.import_module("comfyui_echodistill.nodes.training").photo_captions  # the pack's
+
+    assert photo_captions("", 3) is None and photo_captions("\n\n", 3) is None
+    assert photo_captions("a {} here\n\na {} there", 3) == ["a {} here", None, "a {} there"]
+    with pytest.raises(ValueError, match="captions has 1 lines for 2 photos"):
+        photo_captions("a {} here", 2)
 
 
 @torch.inference_mode()
@@ -162,7 +187,7 @@ def test_backbones_feed_training_and_evaluation(comfy):
 
 @torch.inference_mode()
 def test_shipped_mini_world_is_listed_and_loads_without_any_file_in_input(comfy):
-    from echodistill.miniworld import CONCEPTS, reference_images
+    from echodistill.miniworld import CONCEPTS, reference_captions, reference_images
 
     nodes = comfy["nodes"]
     loader_inputs = {p.id: p for p in nodes["EchoDistillLoadModels"].define_schema().inputs}
@@ -170,8 +195,9 @@ def test_shipped_mini_world_is_listed_and_loads_without_any_file_in_input(comfy)
     folder_input = next(p for p in nodes["EchoDistillLoadImagesFromFolder"].define_schema().inputs if p.id == "folder")
     assert {f"miniworld/{name}" for name in CONCEPTS} <= set(folder_input.options)
     assert "mug" in folder_input.options  # real input folders are still listed first
-    images, count = nodes["EchoDistillLoadImagesFromFolder"].execute("miniworld/smiley", 64).result
+    images, count, captions = nodes["EchoDistillLoadImagesFromFolder"].execute("miniworld/smiley", 64).result
     references = reference_images(CONCEPTS["smiley"])
+    assert captions.split("\n") == reference_captions(CONCEPTS["smiley"])  # the world's grammar, "{}" for the token
     assert count == len(references) and images.shape == (len(references), 64, 64, 3)
     torch.testing.assert_close(images, torch.from_numpy(references).float() / 255, atol=1 / 255, rtol=0)
     models = nodes["EchoDistillLoadModels"].execute("miniworld/teacher", "miniworld/student", "auto", "auto",
