@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .quality import TOKEN, TUNED_LR_SCALES, method_config, training_references
+from .quality import TEACHER_GUIDANCE, TEACHER_STEPS, TUNED_LR_SCALES, UnitInputs, method_config, score_prior
 from .pristine import pristine
-from .imaging import grid, save_png
-from .jobs import sample
+from .imaging import labelled_rows, save_png
 from .models import load_model_pair
 from .tensor_files import atomic_write_text
 
@@ -53,47 +52,41 @@ class DemoReport:
 def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int = DEFAULT_STEPS, seed: int = 0,
              run_training=None, overrides: dict | None = None) -> DemoReport:
     """Train, sample, measure; `run_training(pair, images, config, out=, run_dir=)` trains (the CLI's, with a bar)."""
-    from .miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle, evaluation_prompts, reference_images
+    from .bundle import ConceptBundle
+    from .miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle
 
     out_dir = Path(out_dir)
     name = concept_name or sorted(CONCEPTS)[0]
     concept = CONCEPTS[name]
     oracle = Oracle.load()  # before training: a missing file should cost seconds, not a run
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR)
-    references = training_references(concept)  # as bench quality trains them: captioned in the world's grammar
+    # Trained, drawn and scored as bench quality does it: captioned references, its rates, its prompts and noise.
+    unit = UnitInputs.build(concept, seed, images_per_prompt=1, captions=True)
     config = method_config("echodistill", concept.class_word, steps, seed, TUNED_LR_SCALES["echodistill"])
     config = config.with_changes(**(overrides or {}))
 
     started = time.perf_counter()
     with pristine(pair):  # training adds the token and adapters; the samplers below apply the bundle themselves
-        bundle_path = run_training(pair, references, config, out=out_dir / f"{name}.safetensors",
+        bundle_path = run_training(pair, unit.images, config, out=out_dir / f"{name}.safetensors",
                                    run_dir=out_dir / "run")
     train_seconds = time.perf_counter() - started
-    from .bundle import ConceptBundle
-
     bundle = ConceptBundle.load(bundle_path)
 
-    prompts = evaluation_prompts(concept)
-    texts = [p.text.format(token=TOKEN) for p in prompts]
-    seeds = list(range(len(texts)))
-    common = dict(seeds=seeds, width=64, height=64, return_latents=False)
-    student = sample(pair, texts, concept=bundle, part="student", **common).images
-    teacher = sample(pair, texts, concept=bundle, part="teacher", steps=25, **common).images
-    base = sample(pair, [" ".join(p.text.format(token="").split()) for p in prompts], part="student",
-                  **common).images
+    student = unit.sample(pair, concept=bundle, part="student")
+    teacher = unit.sample(pair, concept=bundle, part="teacher", steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE)
+    base, _ = score_prior(pair, oracle, unit)  # the untrained student, prompts without the token
+    student_scores, teacher_scores = unit.score(oracle, student), unit.score(oracle, teacher)
 
-    reference_pixels = torch.from_numpy(reference_images(concept)).permute(0, 3, 1, 2).float() / 255.0
-    stated = [p.stated for p in prompts]
-    sheet = _contact_sheet(reference_pixels, student, teacher)
-    sheet_path = save_png(sheet, out_dir / f"{name}_contact_sheet.png",
-                          {"echodistill": json.dumps({"concept": name, "prompts": texts, "seeds": seeds})})
+    sheet = _contact_sheet(unit.reference_pixels, student, teacher)
+    sheet_path = save_png(sheet, out_dir / f"{name}_contact_sheet.png", {"echodistill": json.dumps(
+        {"concept": name, "prompts": unit.texts, "seeds": unit.noise_seeds})})
     report = DemoReport(
         concept=name, steps=steps, train_seconds=train_seconds,
-        student_subject_fidelity=oracle.subject_fidelity(student, reference_pixels),
-        teacher_subject_fidelity=oracle.subject_fidelity(teacher, reference_pixels),
-        student_prompt_fidelity=float(oracle.prompt_fidelity(student, stated).mean()),
-        teacher_prompt_fidelity=float(oracle.prompt_fidelity(teacher, stated).mean()),
-        base_student_subject_fidelity=oracle.subject_fidelity(base, reference_pixels),
+        student_subject_fidelity=student_scores["subject_fidelity"],
+        teacher_subject_fidelity=teacher_scores["subject_fidelity"],
+        student_prompt_fidelity=student_scores["prompt_fidelity"],
+        teacher_prompt_fidelity=teacher_scores["prompt_fidelity"],
+        base_student_subject_fidelity=base["subject_fidelity"],
         contact_sheet=str(sheet_path), bundle=str(bundle_path),
     )
     atomic_write_text(out_dir / f"{name}_metrics.json", json.dumps(report.__dict__, indent=2) + "\n")
@@ -102,22 +95,8 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
 
 def _contact_sheet(references: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> Image.Image:
     """Three labelled rows: references | student samples | teacher samples (images in [0, 1])."""
-    from PIL import ImageDraw
-
     rows = [("references", references), ("student, 1 step", student), ("teacher, 25 steps", teacher)]
-    zoom = 2  # 64-pixel pictures are hard to judge at their own size
-    pictures = [picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
-                for picture in (grid(images, columns=6) for _, images in rows)]
-    label_width, gap = 120, 4
-    width = label_width + max(p.width for p in pictures)
-    sheet = Image.new("RGB", (width, sum(p.height + gap for p in pictures)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    top = 0
-    for (label, _), picture in zip(rows, pictures):
-        draw.text((6, top + picture.height // 2 - 6), label, fill=(30, 30, 30))
-        sheet.paste(picture, (label_width, top))
-        top += picture.height + gap
-    return sheet
+    return labelled_rows(rows, columns=6, zoom=2, label_width=120, gap=4)  # 64 px is hard to judge at its size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

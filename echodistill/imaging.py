@@ -27,6 +27,23 @@ def grid(images: torch.Tensor, columns: int | None = None) -> Image.Image:
     return sheet
 
 
+def labelled_rows(rows: list[tuple[str, torch.Tensor]], *, columns: int | None = None, zoom: int = 1,
+                  label_width: int = 130, gap: int = 2) -> Image.Image:
+    """One sheet: per (label, (N, 3, H, W) images in [0, 1]) a grid `columns` wide, its label on the left."""
+    from PIL import ImageDraw
+
+    pictures = [grid(images, columns) for _, images in rows]
+    pictures = [p.resize((p.width * zoom, p.height * zoom), Image.NEAREST) for p in pictures]
+    sheet = Image.new("RGB", (label_width + max(p.width for p in pictures), sum(p.height + gap for p in pictures)),
+                      (255, 255, 255))
+    draw, top = ImageDraw.Draw(sheet), 0
+    for (label, _), picture in zip(rows, pictures, strict=True):
+        draw.text((6, top + picture.height // 2 - 6), label, fill=(30, 30, 30))
+        sheet.paste(picture, (label_width, top))
+        top += picture.height + gap
+    return sheet
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -156,17 +156,12 @@ def train_method(pair, name: str, config: TrainConfig, images) -> tuple[Any, flo
 
 # --- one concept x seed ----------------------------------------------------------------------------
 
-def _score(oracle, images: torch.Tensor, references: torch.Tensor, stated: list[dict]) -> dict[str, float]:
-    return {"subject_fidelity": float(oracle.subject_fidelity(images, references)),
-            "prompt_fidelity": float(oracle.prompt_fidelity(images, stated).mean())}
-
-
-def training_references(concept, captions: bool = True) -> list:
+def training_references(concept, captions: bool = True, rendered=None) -> list:
     """A concept's references as training images, captioned in the world's grammar unless `captions` is False.
 
     The mini world's text encoder learned the grammar ("a {} on a plain red background"); a template
     ("a photo of a {}") is a context it saw in only a fifth of its captions, and what a concept learns
-    there carries over less to the grammar's evaluation prompts.
+    there carries over less to the grammar's evaluation prompts. `rendered`: the references already drawn.
     """
     import dataclasses
 
@@ -175,7 +170,8 @@ def training_references(concept, captions: bool = True) -> list:
     from .miniworld import reference_captions, reference_images
     from .photos import load_concept_images
 
-    images = load_concept_images([Image.fromarray(a) for a in reference_images(concept)], resolution=RESOLUTION)
+    rendered = reference_images(concept) if rendered is None else rendered  # (5, 64, 64, 3) uint8
+    images = load_concept_images([Image.fromarray(a) for a in rendered], resolution=RESOLUTION)
     if not captions:
         return images
     return [dataclasses.replace(image, caption=caption)
@@ -202,7 +198,7 @@ class UnitInputs:
         references = reference_images(concept)  # (5, 64, 64, 3) uint8
         prompts = evaluation_prompts(concept)
         return cls(
-            concept=concept, seed=seed, images=training_references(concept, captions),
+            concept=concept, seed=seed, images=training_references(concept, captions, rendered=references),
             reference_pixels=torch.from_numpy(references).permute(0, 3, 1, 2).float() / 255.0,
             texts=[p.text.format(token=TOKEN) for p in prompts for _ in range(images_per_prompt)],
             stated=[p.stated for p in prompts for _ in range(images_per_prompt)],
@@ -216,7 +212,8 @@ class UnitInputs:
                       return_latents=False, **options).images  # (N, 3, 64, 64)
 
     def score(self, oracle, images: torch.Tensor) -> dict[str, float]:
-        return _score(oracle, images, self.reference_pixels, self.stated)
+        return {"subject_fidelity": float(oracle.subject_fidelity(images, self.reference_pixels)),
+                "prompt_fidelity": float(oracle.prompt_fidelity(images, self.stated).mean())}
 
 
 def score_prior(pair, oracle, unit: UnitInputs, row: str = PRIOR) -> tuple[dict, torch.Tensor]:
@@ -477,22 +474,12 @@ def merge_reports(folders: Sequence[str | Path], out: str | Path) -> dict:
 
 def _save_sheet(path: Path, concept, rows: dict[str, torch.Tensor], images_per_prompt: int) -> None:
     """References, then one labelled row per method: the first image of each prompt."""
-    from PIL import Image, ImageDraw
-
-    from .imaging import grid, save_png
+    from .imaging import labelled_rows, save_png
     from .miniworld import reference_images
 
     references = torch.from_numpy(reference_images(concept)).permute(0, 3, 1, 2).float() / 255.0
-    pictures = [("references", grid(references))]
-    pictures += [(name, grid(images[::images_per_prompt])) for name, images in rows.items()]
-    label_width, gap = 130, 2
-    sheet = Image.new("RGB", (label_width + max(p.width for _, p in pictures),
-                              sum(p.height + gap for _, p in pictures)), (255, 255, 255))
-    draw, top = ImageDraw.Draw(sheet), 0
-    for label, picture in pictures:
-        draw.text((4, top + picture.height // 2 - 6), label, fill=(30, 30, 30))
-        sheet.paste(picture, (label_width, top))
-        top += picture.height + gap
+    sheet = labelled_rows([("references", references),
+                           *((name, images[::images_per_prompt]) for name, images in rows.items())])
     save_png(sheet, path, {"echodistill": json.dumps({"concept": concept.name, "rows": list(rows)})})
 
 
