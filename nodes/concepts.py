@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from echodistill.bundle import ConceptBundle
+from echodistill.concepts.bundle import ConceptBundle
 
 from . import folders
 from .types import Concept

@@ -8,8 +8,8 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from echodistill.export import export_embedding, export_lora
-from echodistill.metrics import evaluate
+from echodistill.concepts.export import export_embedding, export_lora
+from echodistill.evaluation.metrics import evaluate
 
 from . import folders
 from .convert import from_comfy_images

@@ -10,9 +10,9 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from echodistill.data import load_concept_images
-from echodistill.families import FAMILIES
-from echodistill.models import load_model_pair
+from echodistill.models.families import FAMILIES
+from echodistill.models.pair import load_model_pair
+from echodistill.training.data import load_concept_images
 
 from . import folders
 from .convert import from_pil

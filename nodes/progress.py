@@ -6,7 +6,7 @@ import comfy.model_management
 import comfy.utils
 
 from echodistill.imaging import to_pil
-from echodistill.trainer import Callbacks
+from echodistill.training.trainer import Callbacks
 
 PREVIEW_SIZE = 512
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from echodistill.jobs import sample
+from echodistill.jobs.runs import sample
 
 from .convert import to_comfy_images
 from .types import Concept, Models

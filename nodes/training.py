@@ -7,11 +7,11 @@ import logging
 import comfy.model_management
 from comfy_api.latest import io
 
-from echodistill.config import PRESETS
-from echodistill.config import preset as preset_config
 from echodistill.imaging import loss_curve
-from echodistill.jobs import run_key, train_concept
-from echodistill.trainer import TrainingCancelled
+from echodistill.jobs.runs import run_key, train_concept
+from echodistill.training.config import PRESETS
+from echodistill.training.config import preset as preset_config
+from echodistill.training.trainer import TrainingCancelled
 
 from . import folders
 from .convert import from_pil, to_comfy_images, to_pil_list

@@ -21,9 +21,9 @@ sys.path.insert(0, str(REPO / "tests"))
 import comfy_support  # noqa: E402
 from browser_support import launch_page  # noqa: E402
 
-from echodistill.config import TrainConfig  # noqa: E402
-from echodistill.quality import TUNED_LR_SCALES  # noqa: E402
-from echodistill.tensor_files import atomic_write_text  # noqa: E402
+from echodistill.benchmarks.quality import TUNED_LR_SCALES  # noqa: E402
+from echodistill.models.tensor_files import atomic_write_text  # noqa: E402
+from echodistill.training.config import TrainConfig  # noqa: E402
 
 SD21 = {
     "name": "v2-1_512-ema-pruned.safetensors",

@@ -24,16 +24,17 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from echodistill.adapters import add_custom_diffusion  # noqa: E402
-from echodistill.concept import add_concept_token, concept_parameters  # noqa: E402
-from echodistill.data import ConceptDataset  # noqa: E402
-from echodistill.diffusion import alphas_cumprod_for, encode_prompts, unet_call  # noqa: E402
+from echodistill.benchmarks.quality import RESOLUTION, TOKEN, UnitInputs  # noqa: E402
 from echodistill.imaging import grid, save_png  # noqa: E402
-from echodistill.losses import add_noise, denoising_target, masked_denoising_loss  # noqa: E402
 from echodistill.miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle  # noqa: E402
-from echodistill.models import load_model_pair  # noqa: E402
-from echodistill.quality import RESOLUTION, TOKEN, UnitInputs  # noqa: E402
-from echodistill.sampling import sample_teacher  # noqa: E402
+from echodistill.models.adapters import add_custom_diffusion  # noqa: E402
+from echodistill.models.concept import add_concept_token, concept_parameters  # noqa: E402
+from echodistill.models.diffusion import alphas_cumprod_for, encode_prompts, unet_call  # noqa: E402
+from echodistill.models.pair import load_model_pair  # noqa: E402
+from echodistill.models.schedule import add_noise, denoising_target  # noqa: E402
+from echodistill.sampling.samplers import sample_teacher  # noqa: E402
+from echodistill.training.data import ConceptDataset  # noqa: E402
+from echodistill.training.losses import masked_denoising_loss  # noqa: E402
 
 
 def main() -> None:

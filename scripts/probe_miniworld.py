@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from echodistill.miniworld import architecture as arch  # noqa: E402
 from echodistill.miniworld.evaluate import evaluation_captions, fidelity_summary, generate, image_grid  # noqa: E402
 from echodistill.miniworld.oracle import Oracle  # noqa: E402
-from echodistill.models import load_model_pair  # noqa: E402
+from echodistill.models.pair import load_model_pair  # noqa: E402
 
 
 def main() -> None:

@@ -38,24 +38,35 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from echodistill.diffusion import encode_prompts  # noqa: E402
-from echodistill.families import CONFIG_ROOT, family_config  # noqa: E402
-from echodistill.models import load_model_pair  # noqa: E402
-from echodistill.sampling import sample_student  # noqa: E402
-from echodistill.tensor_files import atomic_write_text  # noqa: E402
-from echodistill.tokenizer import load_clip_tokenizer  # noqa: E402
 from echodistill.miniworld import architecture as arch  # noqa: E402
 from echodistill.miniworld.concepts import CONCEPTS, TOKEN_PLACEHOLDER, evaluation_prompts, reference_images  # noqa: E402
 from echodistill.miniworld.data import render_set  # noqa: E402
 from echodistill.miniworld.evaluate import image_grid, prompt_fidelity_report  # noqa: E402
+from echodistill.miniworld.grammar import Caption  # noqa: E402
 from echodistill.miniworld.oracle import Oracle  # noqa: E402
 from echodistill.miniworld.oracle_train import OracleSettings, train_oracles  # noqa: E402
 from echodistill.miniworld.training import (  # noqa: E402
-    StudentSettings, TeacherSettings, TextSettings, VaeSettings, distill_student, encode_latents,
-    pretrain_text_encoder, reconstruction_psnr, save_atomically, set_scaling_factor, stated_labels, teacher_pairs,
-    train_teacher, train_vae,
+    StudentSettings,
+    TeacherSettings,
+    TextSettings,
+    VaeSettings,
+    distill_student,
+    encode_latents,
+    pretrain_text_encoder,
+    reconstruction_psnr,
+    save_atomically,
+    set_scaling_factor,
+    stated_labels,
+    teacher_pairs,
+    train_teacher,
+    train_vae,
 )
-from echodistill.miniworld.grammar import Caption  # noqa: E402
+from echodistill.models.diffusion import encode_prompts  # noqa: E402
+from echodistill.models.families import CONFIG_ROOT, family_config  # noqa: E402
+from echodistill.models.pair import load_model_pair  # noqa: E402
+from echodistill.models.tensor_files import atomic_write_text  # noqa: E402
+from echodistill.models.tokenizer import load_clip_tokenizer  # noqa: E402
+from echodistill.sampling.samplers import sample_student  # noqa: E402
 
 STAGES = ("render", "vae", "teacher", "student", "write", "oracle", "eval")
 

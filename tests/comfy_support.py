@@ -24,8 +24,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from echodistill import checkpoint_layout as layout_map
-from echodistill.families import CONFIG_ROOT
+from echodistill.models import checkpoint_layout as layout_map
+from echodistill.models.families import CONFIG_ROOT
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = REPO / ".cache" / "comfyui"

@@ -80,7 +80,7 @@ def no_network(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """Tiny teacher/student families and their random models, built once per session."""
-    from echodistill import tiny
+    from echodistill.models import tiny
 
     return tiny.build_tiny_pair(tmp_path_factory.mktemp("tiny_world"))
 
@@ -88,7 +88,7 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pair_folders(tiny_world):
     """The tiny teacher and student written as diffusers folders."""
-    from echodistill import tiny as tiny_models
+    from echodistill.models import tiny as tiny_models
 
     root, fam, models = tiny_world["root"], tiny_world["families"], tiny_world["models"]
     teacher = tiny_models.write_diffusers_folder(models["teacher"], root / "teacher", fam["tiny-sd21"])
@@ -134,7 +134,7 @@ def prepared_server(comfy_server, comfy_models, tiny_pair_folders, tiny_world, m
 
     from PIL import Image
 
-    from echodistill import tiny
+    from echodistill.models import tiny
 
     diffusers = comfy_models["echodistill"] / "diffusers"
     for name, folder in zip(("tiny-teacher", "tiny-student"), tiny_pair_folders):

@@ -6,15 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from echodistill.adapters import WeightDelta, adapter_state_dict
-from echodistill.baselines import BASELINES, DREAMBOOTH_IDENTIFIER, StudentBaseline, baseline_config
-from echodistill.bundle import ConceptBundle
-from echodistill.data import load_concept_images
+from echodistill.benchmarks.baselines import BASELINES, DREAMBOOTH_IDENTIFIER, StudentBaseline, baseline_config
+from echodistill.concepts.bundle import ConceptBundle
 from echodistill.errors import ConfigError
-from echodistill.jobs import sample
-from echodistill.models import load_model_pair
-from echodistill.pristine import pristine
-from echodistill.sampling import sample_student
+from echodistill.jobs.runs import sample
+from echodistill.models.adapters import WeightDelta, adapter_state_dict
+from echodistill.models.pair import load_model_pair
+from echodistill.models.pristine import pristine
+from echodistill.sampling.samplers import sample_student
+from echodistill.training.data import load_concept_images
 
 
 def _images():

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from echodistill import bench, benchmarking
+from echodistill.benchmarks import measuring as benchmarking
+from echodistill.benchmarks import speed as bench
 from echodistill.cli import main
 
 MEASURED_KEYS = {"memory", "flops", "tflops_per_s", "utilisation_pct"}

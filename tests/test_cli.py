@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from echodistill import tiny
-from echodistill.bundle import ConceptBundle
 from echodistill.cli import main
+from echodistill.concepts.bundle import ConceptBundle
+from echodistill.models import tiny
 
 
 def _photo_folder(path):

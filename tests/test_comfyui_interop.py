@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from echodistill.adapters import add_custom_diffusion, adapter_state_dict
-from echodistill.bundle import ConceptBundle
-from echodistill.concept import add_concept_token, concept_embedding, set_concept_row
-from echodistill.export import export_embedding, export_lora
-from echodistill.models import load_model_pair
-from echodistill.sampling import sample_student
+from echodistill.concepts.bundle import ConceptBundle
+from echodistill.concepts.export import export_embedding, export_lora
+from echodistill.models.adapters import adapter_state_dict, add_custom_diffusion
+from echodistill.models.concept import add_concept_token, concept_embedding, set_concept_row
+from echodistill.models.pair import load_model_pair
+from echodistill.sampling.samplers import sample_student
 
 SEED = 7
 PROMPT = "a photo of {} toy"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from echodistill.bundle import ConceptBundle
-from echodistill.checkpointing import TrainingCheckpoint
+from echodistill.concepts.bundle import ConceptBundle
+from echodistill.training.checkpointing import TrainingCheckpoint
 
 GRAPHS = Path(__file__).parent / "api_graphs"
 

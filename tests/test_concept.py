@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from echodistill.concept import (
+from echodistill.errors import ConceptTokenError
+from echodistill.models.concept import (
     ConceptEmbedding,
     add_concept_token,
     concept_embedding,
     concept_parameters,
     set_concept_row,
 )
-from echodistill.errors import ConceptTokenError
-from echodistill.models import load_model_pair
+from echodistill.models.pair import load_model_pair
 
 
 @pytest.fixture

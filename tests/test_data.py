@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from echodistill.data import (
+from echodistill.errors import ConfigError, DataError
+from echodistill.training.data import (
     FAR_PREFIXES,
     NEAR_PREFIXES,
     ConceptBatch,
@@ -15,8 +16,7 @@ from echodistill.data import (
     ConceptImage,
     load_concept_images,
 )
-from echodistill.errors import ConfigError, DataError
-from echodistill.templates import PROMPT_TEMPLATES, render_prompt
+from echodistill.training.templates import PROMPT_TEMPLATES, render_prompt
 
 RES = 64  # tiny resolution: 8x8 latent cells with latent_scale 8
 TOKEN, CLASS_WORD = "<v*>", "dog"

@@ -9,16 +9,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-from transformers import (
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    Dinov2Config,
-    Dinov2Model,
-    ViTConfig,
-    ViTModel,
-)
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
-from echodistill.discriminators import (
+from echodistill.errors import BackboneError
+from echodistill.training.discriminators import (
     BACKBONES,
     DiscriminatorEnsemble,
     DiscriminatorHead,
@@ -28,7 +22,6 @@ from echodistill.discriminators import (
     load_backbone,
     load_ip_adapter_image_projection,
 )
-from echodistill.errors import BackboneError
 
 
 def _tiny(name: str, heads: int = 2):

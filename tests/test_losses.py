@@ -10,20 +10,22 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from echodistill.losses import (
-    FAKE,
-    REAL,
+from echodistill.models.schedule import (
     add_noise,
-    alpha_bar_weight,
     alphas_cumprod_from_config,
     denoising_target,
+    predict_epsilon,
+    predict_x0,
+)
+from echodistill.training.losses import (
+    FAKE,
+    REAL,
+    alpha_bar_weight,
     discriminator_loss,
     generator_adversarial_loss,
     latent_mse,
     masked_denoising_loss,
     ms_swd,
-    predict_epsilon,
-    predict_x0,
     real_probability,
     semantic_cosine_distance,
     srgb_to_lab,

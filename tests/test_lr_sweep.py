@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from echodistill import lr_sweep, quality
-from echodistill.benchmarking import BenchError
+from echodistill.benchmarks import lr_sweep, quality
+from echodistill.benchmarks.measuring import BenchError
 from echodistill.miniworld.oracle import AttributeReader, Oracle, SubjectEncoder
-from echodistill.models import load_model_pair
+from echodistill.models.pair import load_model_pair
 
 
 def test_the_best_subject_fidelity_that_keeps_the_prompt_is_chosen():

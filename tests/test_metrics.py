@@ -26,9 +26,9 @@ from transformers import (
     ViTModel,
 )
 
-from echodistill import metrics
 from echodistill.errors import EchoDistillError
-from echodistill.metrics import (
+from echodistill.evaluation import metrics
+from echodistill.evaluation.metrics import (
     MetricsError,
     clip_i,
     clip_t,
@@ -38,7 +38,7 @@ from echodistill.metrics import (
     load_clip_metric_model,
     load_dino_metric_model,
 )
-from echodistill.tokenizer import ASSET_DIR
+from echodistill.models.tokenizer import ASSET_DIR
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from echodistill.diffusion import alphas_cumprod_for, encode_prompts, student_one_step
 from echodistill.miniworld import architecture as arch
 from echodistill.miniworld.concepts import CONCEPTS, TOKEN_PLACEHOLDER, evaluation_prompts, reference_images
 from echodistill.miniworld.grammar import (
@@ -17,9 +16,10 @@ from echodistill.miniworld.grammar import (
 )
 from echodistill.miniworld.oracle import Oracle, OracleError
 from echodistill.miniworld.render import render
-from echodistill.models import load_model_pair
-from echodistill.sampling import decode_latents
-from echodistill.tokenizer import load_clip_tokenizer
+from echodistill.models.diffusion import alphas_cumprod_for, encode_prompts, student_one_step
+from echodistill.models.pair import load_model_pair
+from echodistill.models.tokenizer import load_clip_tokenizer
+from echodistill.sampling.samplers import decode_latents
 
 SHIPPED_LIMIT = 25 * 1024 * 1024
 
@@ -206,8 +206,8 @@ def test_oracle_rejects_bad_input(oracle, tmp_path):
 # --- training script pieces ---------------------------------------------------------------------
 
 def test_teacher_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
-    from echodistill.families import CONFIG_ROOT, family_config
     from echodistill.miniworld import training
+    from echodistill.models.families import CONFIG_ROOT, family_config
 
     scheduler = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["teacher"]).scheduler
     latents = torch.randn((6, 4, 16, 16), generator=torch.Generator().manual_seed(0))
@@ -255,7 +255,7 @@ def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path):
     prompts = len(evaluation_prompts(CONCEPTS["window"]))
     assert sheet.width >= 64 * min(prompts, 8) and sheet.height >= 3 * 64  # three rows of pictures
     assert json.loads(sheet.info["echodistill"])["concept"] == "window"
-    from echodistill.bundle import ConceptBundle
+    from echodistill.concepts.bundle import ConceptBundle
 
     bundle = ConceptBundle.load(tmp_path / "window.safetensors")
     assert bundle.step == 2
@@ -264,8 +264,8 @@ def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path):
 
 
 def test_teacher_stage_with_text_lr_zero_leaves_the_pretrained_encoder_untouched():
-    from echodistill.families import CONFIG_ROOT, family_config
     from echodistill.miniworld import training
+    from echodistill.models.families import CONFIG_ROOT, family_config
 
     scheduler = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["teacher"]).scheduler
     latents = torch.randn((4, 4, 16, 16), generator=torch.Generator().manual_seed(1))

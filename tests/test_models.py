@@ -9,12 +9,13 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from echodistill import tiny as tiny_models
-from echodistill import checkpoint_layout as layout_map
 from echodistill.errors import IncompatiblePairError, ModelLoadError
-from echodistill.families import CONFIG_ROOT, FAMILIES, detect_family, family_config
-from echodistill.models import ModelSource, SharedEncoderWarning, load_model_pair, load_unet
-from echodistill.tensor_files import TensorFile
+from echodistill.models import checkpoint_layout as layout_map
+from echodistill.models import tiny as tiny_models
+from echodistill.models.families import CONFIG_ROOT, FAMILIES, detect_family, family_config
+from echodistill.models.loading import ModelSource, load_unet
+from echodistill.models.pair import SharedEncoderWarning, load_model_pair
+from echodistill.models.tensor_files import TensorFile
 
 
 def _assert_same_weights(module: torch.nn.Module, reference: torch.nn.Module) -> None:

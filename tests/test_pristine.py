@@ -6,15 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from echodistill.adapters import adapter_kind
-from echodistill.concept import ConceptEmbedding
-from echodistill.config import TrainConfig
-from echodistill.data import load_concept_images
 from echodistill.errors import EchoDistillError
-from echodistill.models import load_model_pair
-from echodistill.pristine import pristine
-from echodistill.sampling import sample_student
-from echodistill.trainer import Trainer
+from echodistill.models.adapters import adapter_kind
+from echodistill.models.concept import ConceptEmbedding
+from echodistill.models.pair import load_model_pair
+from echodistill.models.pristine import pristine
+from echodistill.sampling.samplers import sample_student
+from echodistill.training.config import TrainConfig
+from echodistill.training.data import load_concept_images
+from echodistill.training.trainer import Trainer
 
 
 def _state(pair):

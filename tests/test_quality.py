@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 
-from echodistill import quality
-from echodistill.benchmarking import BenchError
+from echodistill.benchmarks import quality
+from echodistill.benchmarks.measuring import BenchError
 from echodistill.errors import ConfigError
 from echodistill.miniworld.oracle import AttributeReader, Oracle, SubjectEncoder
-from echodistill.models import load_model_pair
+from echodistill.models.pair import load_model_pair
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_the_teacher_row_alone_trains_the_full_run_but_reports_only_the_teacher(
 
 
 def test_the_token_at_its_starting_row_reads_as_the_class_word_written_in_its_place(tiny_pair_folders):
-    from echodistill.concept import add_concept_token
-    from echodistill.sampling import sample_student
+    from echodistill.models.concept import add_concept_token
+    from echodistill.sampling.samplers import sample_student
 
     pair = load_model_pair(*tiny_pair_folders)
     kwargs = dict(seeds=[2, 2], width=64, height=64)
@@ -221,8 +221,8 @@ def test_learning_rate_scales_multiply_each_familys_published_rates_and_ablation
 
 
 def test_captioned_references_train_on_the_worlds_grammar_with_the_token():
-    from echodistill.data import ConceptDataset
     from echodistill.miniworld import CONCEPTS
+    from echodistill.training.data import ConceptDataset
 
     unit = quality.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=True)
     assert all(image.caption.startswith("a {} on a plain ") for image in unit.images)

@@ -11,12 +11,12 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from echodistill.adapters import adapter_parameters, adapter_state_dict, add_custom_diffusion
-from echodistill.bundle import ConceptBundle
-from echodistill.concept import add_concept_token, concept_embedding, set_concept_row
-from echodistill.diffusion import alphas_cumprod_for, encode_prompts, student_one_step
-from echodistill.models import load_model_pair
-from echodistill.sampling import (
+from echodistill.concepts.bundle import ConceptBundle
+from echodistill.models.adapters import adapter_parameters, adapter_state_dict, add_custom_diffusion
+from echodistill.models.concept import add_concept_token, concept_embedding, set_concept_row
+from echodistill.models.diffusion import alphas_cumprod_for, encode_prompts, student_one_step
+from echodistill.models.pair import load_model_pair
+from echodistill.sampling.samplers import (
     SamplingError,
     denoise,
     euler_trailing_schedule,
@@ -259,11 +259,11 @@ def test_a_trained_concept_samples_from_its_bundle_as_it_did_in_place(tiny_pair_
     """Both sides: what `jobs.sample` draws from a saved bundle is what the trained pair drew."""
     from PIL import Image
 
-    from echodistill.config import TrainConfig
-    from echodistill.jobs import sample
-    from echodistill.photos import load_concept_images
-    from echodistill.pristine import pristine
-    from echodistill.trainer import Trainer
+    from echodistill.jobs.runs import sample
+    from echodistill.models.pristine import pristine
+    from echodistill.training.config import TrainConfig
+    from echodistill.training.photos import load_concept_images
+    from echodistill.training.trainer import Trainer
 
     trained = load_model_pair(*tiny_pair_folders)
     images = load_concept_images([Image.new("RGB", (64, 64), (200, 30, 30))] * 2, resolution=64)

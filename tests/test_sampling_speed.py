@@ -8,14 +8,20 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from echodistill import sampling_speed
-from echodistill.adapters import add_custom_diffusion
-from echodistill.concept import add_concept_token, concept_embedding, set_concept_row
-from echodistill.diffusion import alphas_cumprod_for
-from echodistill.models import load_model_pair
-from echodistill.pristine import pristine
-from echodistill.sampling import SamplingError, denoise, euler_trailing_schedule, sample_student, sample_teacher
-from echodistill.sampling_speed import PromptCache, SamplerOptions, SamplerOptionsError
+from echodistill.models.adapters import add_custom_diffusion
+from echodistill.models.concept import add_concept_token, concept_embedding, set_concept_row
+from echodistill.models.diffusion import alphas_cumprod_for
+from echodistill.models.pair import load_model_pair
+from echodistill.models.pristine import pristine
+from echodistill.sampling import speed as sampling_speed
+from echodistill.sampling.samplers import (
+    SamplingError,
+    denoise,
+    euler_trailing_schedule,
+    sample_student,
+    sample_teacher,
+)
+from echodistill.sampling.speed import PromptCache, SamplerOptions, SamplerOptionsError
 
 SIZE = 64
 PROMPTS = ["a photo of a dog", "a red car", "a photo of a dog"]

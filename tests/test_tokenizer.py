@@ -13,7 +13,7 @@ from types import ModuleType
 import pytest
 
 from echodistill.errors import TokenizerError
-from echodistill.tokenizer import ASSET_DIR, TOKENIZER_STYLES, load_clip_tokenizer
+from echodistill.models.tokenizer import ASSET_DIR, TOKENIZER_STYLES, load_clip_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_clip_tokenizer.py"
 PROMPT_IDS = [49406, 320, 1125, 539, 48136, 1929, 49407]  # "a photo of sks dog"

@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from echodistill import trainer as trainer_module
-from echodistill.adapters import WeightDelta, adapter_state_dict
-from echodistill.bundle import BundleMismatchError, ConceptBundle
-from echodistill.concept import concept_embedding
-from echodistill.config import PRESETS, TrainConfig, preset
-from echodistill.data import load_concept_images
+from echodistill.concepts.bundle import BundleMismatchError, ConceptBundle
 from echodistill.errors import ConfigError, EchoDistillError
-from echodistill.models import load_model_pair
-from echodistill.trainer import Callbacks, Trainer, TrainingCancelled, TrainingDiverged
+from echodistill.models.adapters import WeightDelta, adapter_state_dict
+from echodistill.models.concept import concept_embedding
+from echodistill.models.pair import load_model_pair
+from echodistill.training import trainer as trainer_module
+from echodistill.training.config import PRESETS, TrainConfig, preset
+from echodistill.training.data import load_concept_images
+from echodistill.training.trainer import Callbacks, Trainer, TrainingCancelled, TrainingDiverged
 
 
 def _images():
@@ -483,7 +483,7 @@ def test_without_shared_encoder_the_student_trains_its_own_token_row(make_traine
 
 
 def test_separate_token_rows_checkpoint_and_bundle_round_trip(make_trainer, tiny_pair_folders, tmp_path):
-    from echodistill.jobs import sample
+    from echodistill.jobs.runs import sample
 
     config = _config(steps=2, shared_text_encoder=False, echo_start=1, echo_every=1)
     trainer = make_trainer(config)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from echodistill.config import TrainConfig, preset
-from echodistill.errors import ConfigError
-from echodistill.models import load_model_pair
-from echodistill.offload import Offloader
-from echodistill.pristine import pristine
-from echodistill.trainer import Trainer
 from test_trainer import _images
+
+from echodistill.errors import ConfigError
+from echodistill.models.pair import load_model_pair
+from echodistill.models.pristine import pristine
+from echodistill.training.config import TrainConfig, preset
+from echodistill.training.offload import Offloader
+from echodistill.training.trainer import Trainer
 
 
 def _config(**changes) -> TrainConfig:

@@ -27,7 +27,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..families import CONFIG_ROOT
+from ..models.families import CONFIG_ROOT
 
 ASSET_ROOT = Path(__file__).resolve().parent.parent / "assets" / "miniworld"
 MODEL_ROOT = ASSET_ROOT / "models"

@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..models import ModelPair
-from ..sampling import sample_student, sample_teacher
+from ..models.pair import ModelPair
+from ..sampling.samplers import sample_student, sample_teacher
 from .grammar import ATTRIBUTES, CONTEXT_ATTRIBUTES, Caption, Scene, describe, sample_scene
 from .oracle import Oracle
 from .render import RESOLUTION, render

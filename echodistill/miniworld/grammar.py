@@ -19,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..templates import PROMPT_TEMPLATES
+from ..training.templates import PROMPT_TEMPLATES
 
 COLORS: tuple[str, ...] = ("red", "yellow", "green", "blue", "white", "black")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "ring")

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..errors import EchoDistillError
-from ..metrics import mean_clipped_cosine
+from ..evaluation.metrics import mean_clipped_cosine
 from .architecture import ORACLE_ROOT
 from .concepts import CONCEPTS
 from .grammar import ATTRIBUTES, COLORS, SHAPES

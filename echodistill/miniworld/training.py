@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ..diffusion import alphas_cumprod_for, student_one_step
-from ..losses import add_noise, denoising_target
-from ..sampling import ddim_schedule, denoise
+from ..models.diffusion import alphas_cumprod_for, student_one_step
+from ..models.schedule import add_noise, denoising_target
+from ..sampling.samplers import ddim_schedule, denoise
 from .architecture import TEXT_WIDTH, build_text_encoder, build_unet, build_vae
 from .grammar import ATTRIBUTES, Caption
 

@@ -1,0 +1,169 @@
+"""Command-line jobs after training: sample, teacher-sample, eval, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import EchoDistillError
+from ..imaging import save_png, to_pil
+from ..models.tensor_files import atomic_write_text
+
+PNG_KEY = "echodistill"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors) or diffusers folder")
+    parser.add_argument("--student", required=True, help="student checkpoint (.safetensors) or diffusers folder")
+    parser.add_argument("--teacher-family", default="auto")
+    parser.add_argument("--student-family", default="auto")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--device", default="cpu")
+
+
+def _load(args: argparse.Namespace, part: str):
+    from ..concepts.bundle import ConceptBundle
+    from ..models.pair import load_model_pair
+
+    pair = load_model_pair(args.teacher, args.student, teacher_family=args.teacher_family,
+                           student_family=args.student_family, dtype=args.dtype, device=args.device)
+    bundle = None
+    if args.concept:
+        bundle = ConceptBundle.load(args.concept)
+        bundle.apply(pair, parts=(part,))
+    return pair, bundle
+
+
+def _prompts(args: argparse.Namespace, bundle) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        if bundle is None:
+            raise EchoDistillError("give --prompt (repeatable) or --prompts-file")
+        prompts = [f"a photo of {bundle.token} {bundle.class_word}"]
+    return prompts
+
+
+def _write_images(result, out: Path, *, sampler: str, steps: int, guidance: float, bundle, extra: dict) -> list[Path]:
+    written = []
+    for index, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
+        record = {"prompt": prompt, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance,
+                  "concept": None if bundle is None else {"token": bundle.token, "class_word": bundle.class_word,
+                                                           "step": bundle.step}, **extra}
+        parameters = f"{prompt}\nSteps: {steps}, Sampler: {sampler}, CFG scale: {guidance}, Seed: {seed}"
+        path = out / f"{sampler}-{index:03d}-seed{seed}.png"
+        written.append(save_png(to_pil(image), path, {"parameters": parameters, PNG_KEY: json.dumps(record)}))
+    return written
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from ..sampling.samplers import sample_student, sample_teacher
+
+    part = "teacher" if args.command == "teacher-sample" else "student"
+    pair, bundle = _load(args, part)
+    prompts = [p for p in _prompts(args, bundle) for _ in range(args.count)]
+    seeds = [args.seed + i for i in range(len(prompts))]
+    common = dict(seeds=seeds, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance)
+    if part == "teacher":
+        result = sample_teacher(pair, prompts, negative_prompt=args.negative_prompt, **common)
+    else:
+        result = sample_student(pair, prompts, **common)
+    paths = _write_images(result, Path(args.out), sampler=part, steps=args.steps, guidance=args.guidance,
+                          bundle=bundle, extra={"fingerprints": pair.fingerprints()})
+    print(f"{len(paths)} images written to {args.out}")
+    return 0
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser, *, teacher: bool) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--concept", help="a concept bundle (.safetensors) to apply; none = the base model")
+    parser.add_argument("--prompt", action="append", help="prompt (repeatable); default: 'a photo of <token> <class>'")
+    parser.add_argument("--prompts-file", help="one prompt per line")
+    parser.add_argument("--count", type=int, default=1, help="images per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; the next ones count up")
+    parser.add_argument("--steps", type=int, default=25 if teacher else 1)
+    parser.add_argument("--guidance", type=float, default=7.5 if teacher else 0.0)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=512)
+    if teacher:
+        parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--out", required=True, help="folder for the PNGs")
+
+
+def _read_images(folder: str):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not paths:
+        raise EchoDistillError(f"no images in {folder}")
+    images, prompts = [], []
+    for path in paths:
+        with Image.open(path) as picture:
+            record = json.loads(picture.info.get(PNG_KEY, "{}"))
+            pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+            images.append(torch.from_numpy(pixels).permute(2, 0, 1))
+        prompts.append(record.get("prompt"))
+    return images, prompts
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..evaluation.metrics import evaluate
+
+    generated, prompts = _read_images(args.images)
+    references, _ = _read_images(args.references)
+    if args.prompt:
+        prompts = list(args.prompt) * (len(generated) // len(args.prompt) or 1)
+    if any(p is None for p in prompts):
+        prompts = None  # CLIP-T needs each image's prompt: from the PNG chunk or --prompt
+    scores = evaluate(generated, references, prompts, token=args.token, class_word=args.class_word,
+                      clip_path=args.clip, dino_path=args.dino, device=args.device)
+    report = {"images": len(generated), "references": len(references), **scores}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    return 0
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, help="folder of generated images (prompts read from their PNG chunks)")
+    parser.add_argument("--references", required=True, help="folder of the concept's real photos")
+    parser.add_argument("--token", default="<v*>")
+    parser.add_argument("--class-word", required=True)
+    parser.add_argument("--prompt", action="append", help="override the prompts read from the PNGs")
+    parser.add_argument("--clip", help="CLIP folder (transformers CLIPModel, e.g. ViT-L/14-336) for CLIP-T and CLIP-I")
+    parser.add_argument("--dino", help="DINOv2 / DINO ViT folder for the DINO score")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", help="write the scores as JSON here")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..concepts.bundle import ConceptBundle
+    from ..concepts.export import export_embedding, export_lora
+
+    bundle = ConceptBundle.load(args.concept)
+    out = Path(args.out)
+    name = args.name or Path(args.concept).stem
+    report = export_lora(bundle, out / f"{name}.safetensors", part=args.part, mode=args.mode, rank=args.rank,
+                         overwrite=args.overwrite)
+    embedding_dir = Path(args.embedding_out) if args.embedding_out else out
+    embedding = export_embedding(bundle, embedding_dir / f"{name}.safetensors", overwrite=args.overwrite)
+    print(report.summary())
+    print(f"embedding: {embedding}  (prompt with 'embedding:{embedding.stem}' in place of {bundle.token!r})")
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--concept", required=True, help="concept bundle (.safetensors)")
+    parser.add_argument("--out", required=True, help="folder for the LoRA, e.g. ComfyUI/models/loras")
+    parser.add_argument("--embedding-out", help="folder for the embedding, e.g. ComfyUI/models/embeddings")
+    parser.add_argument("--name", help="file stem (default: the bundle's)")
+    parser.add_argument("--part", default="student", choices=("student", "teacher"))
+    parser.add_argument("--mode", default="diff", choices=("diff", "lowrank"),
+                        help="diff: exact weight patches; lowrank: SVD factors (smaller; error reported)")
+    parser.add_argument("--rank", type=int, help="rank for --mode lowrank (default: full, exact)")
+    parser.add_argument("--overwrite", action="store_true")

@@ -1,0 +1,400 @@
+"""Export a ConceptBundle for core ComfyUI nodes: a kohya-format UNet LoRA and a token embedding.
+
+The two files replace the bundle in a stock ComfyUI graph: ``LoraLoaderModelOnly`` with the
+LoRA on the base checkpoint the concept was trained on, and ``embedding:NAME`` in the prompt.
+
+What ComfyUI accepts (read in comfy/lora.py ``load_lora`` / ``model_lora_keys_unet``,
+comfy/weight_adapter/lora.py and comfy/sd1_clip.py ``load_embed``):
+
+- UNet keys ``lora_unet_<diffusers module path, dots as underscores>``: ComfyUI maps every
+  diffusers name of the UNet (via ``comfy.utils.unet_to_diffusers``) to its LDM weight, e.g.
+  ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k``.
+- per key, either ``.lora_up.weight`` (out, r), ``.lora_down.weight`` (r, in) and an optional
+  scalar ``.alpha``, patched as ``W + strength * alpha / r * up @ down`` (no alpha: scale 1);
+  or ``.diff`` (ΔW, the weight's own shape), patched as ``W + strength * diff``, plus an
+  optional ``.diff_b`` for the bias. Our adapters never change a bias, so no ``.diff_b`` is written.
+- a key ComfyUI cannot map is only logged ("lora key not loaded") and silently does nothing;
+  ``apply_kohya_lora`` raises on such a key instead, which is how the tests prove every key maps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Mapping, get_args
+
+import torch
+from torch import nn
+
+from ..errors import EchoDistillError
+from ..models.adapters import LORA_ADAPTER_NAME, adapter_kind
+from ..models.tensor_files import atomic_save_safetensors
+from ..version import __version__
+from .bundle import ConceptBundle
+
+ExportMode = Literal["diff", "lowrank"]
+Part = Literal["student", "teacher"]
+
+KOHYA_UNET_PREFIX = "lora_unet_"
+EXPORT_METADATA_KEY = "echodistill_export"
+# Text width -> kohya's ss_base_model_version. Only these two are stated; other widths stay unnamed.
+BASE_MODEL_VERSIONS = {1024: "sd_v2", 768: "sd_v1"}
+# Text width -> the key ComfyUI's load_embed looks up first (SD2 tokenizer: clip_h, SD1: clip_l).
+EMBEDDING_KEYS = {1024: "clip_h", 768: "clip_l"}
+FALLBACK_EMBEDDING_KEY = "emb_params"  # A1111's single-tensor layout; ComfyUI takes the first value
+KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "diff", "diff_b")
+
+_PEFT_A = f".lora_A.{LORA_ADAPTER_NAME}.weight"
+_PEFT_B = f".lora_B.{LORA_ADAPTER_NAME}.weight"
+
+
+class ExportError(EchoDistillError):
+    """A bundle cannot be exported as asked, or a kohya state dict does not fit a UNet."""
+
+
+class OutputExistsError(ExportError, FileExistsError):
+    """The export target exists and overwrite=False."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote, and how far a low-rank export is from the bundle's exact ΔW."""
+
+    path: Path
+    part: str
+    mode: str
+    layers: int
+    rank: int | None  # largest rank written (lowrank), None for diff
+    errors: dict[str, float]  # module -> ||ΔW - scale * up @ down||_F / ||ΔW||_F (0 where exact)
+    max_error: float
+    mean_error: float
+    metadata: dict[str, str] = field(repr=False)
+
+    def summary(self) -> str:
+        rank = "exact ΔW" if self.rank is None else f"rank {self.rank}"
+        return (
+            f"{self.path.name}: {self.layers} {self.part} UNet layers, {self.mode} ({rank}), "
+            f"relative error max {self.max_error:.3g}, mean {self.mean_error:.3g}"
+        )
+
+
+# --- ΔW from a bundle, without models --------------------------------------------------------
+
+
+def kohya_key(module_name: str) -> str:
+    """``down_blocks.0.….attn2.to_k`` -> ``lora_unet_down_blocks_0_…_attn2_to_k``."""
+    return KOHYA_UNET_PREFIX + module_name.replace(".", "_")
+
+
+def _part_state(bundle: ConceptBundle, part: str) -> dict[str, torch.Tensor]:
+    if part not in get_args(Part):
+        raise ExportError(f"part={part!r} is not one of {', '.join(map(repr, get_args(Part)))}")
+    return bundle.student_adapter if part == "student" else bundle.teacher_adapter
+
+
+def _peft_module(key: str, suffix: str) -> str:
+    # peft names the wrapped Linear `<module>.base_layer`; the LoRA belongs to `<module>` itself.
+    return key[: -len(suffix)].replace(".base_layer", "")
+
+
+def lora_factors(bundle: ConceptBundle, part: str = "student") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """module -> (down (r, in), up (out, r), alpha) of a peft LoRA bundle, fp32."""
+    if bundle.adapter != "lora":
+        raise ExportError(f"the bundle's adapter is {bundle.adapter!r}, not 'lora'")
+    state = _part_state(bundle, part)
+    downs = {_peft_module(k, _PEFT_A): v for k, v in state.items() if k.endswith(_PEFT_A)}
+    ups = {_peft_module(k, _PEFT_B): v for k, v in state.items() if k.endswith(_PEFT_B)}
+    other = sorted(k for k in state if not k.endswith((_PEFT_A, _PEFT_B)))
+    if other or set(downs) != set(ups):
+        unpaired = sorted(set(downs) ^ set(ups))
+        raise ExportError(
+            f"cannot export the {part} LoRA: unsupported tensors {other[:2]}, unpaired modules {unpaired[:2]}"
+        )
+    # Same defaults as ConceptBundle.apply, so the export equals what applying the bundle gives.
+    alpha = float(bundle.config.get("lora_alpha", 4.0))
+    factors = {}
+    for module, down in downs.items():
+        rank = down.shape[0]
+        if "lora_rank" in bundle.config and int(bundle.config["lora_rank"]) != rank:
+            raise ExportError(
+                f"{module}: lora_A has rank {rank} but the bundle config says lora_rank={bundle.config['lora_rank']}"
+            )
+        factors[module] = (down.float(), ups[module].float(), alpha)
+    return factors
+
+
+def bundle_deltas(bundle: ConceptBundle, part: str = "student") -> dict[str, torch.Tensor]:
+    """module name -> ΔW (fp32, shape of the Linear's weight) of one part of a bundle."""
+    state = _part_state(bundle, part)
+    if bundle.adapter == "lora":
+        return {m: (alpha / down.shape[0]) * (up @ down) for m, (down, up, alpha) in lora_factors(bundle, part).items()}
+    if bundle.adapter != "custom_diffusion":
+        raise ExportError(f"unknown bundle adapter {bundle.adapter!r}: expected 'custom_diffusion' or 'lora'")
+    other = sorted(k for k in state if not k.endswith(".delta"))
+    if other:
+        raise ExportError(f"custom-diffusion bundle holds non-delta tensors, e.g. {other[:2]}")
+    return {k[: -len(".delta")]: v.float() for k, v in state.items()}
+
+
+def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down (r, in), up (out, r), relative Frobenius error) of the best rank-r approximation.
+
+    Truncated SVD in float64; the singular values are split evenly between the factors so
+    neither carries the whole scale (kinder to fp16 loaders). The error is measured on the
+    fp32 factors actually written. r is capped at min(out, in), where the fit is exact.
+    """
+    target = delta.detach().double().cpu()  # (out, in)
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    up = (u[:, :r] * root).float()  # (out, r)
+    down = (root[:, None] * vh[:r]).float()  # (r, in)
+    norm = torch.linalg.matrix_norm(target)
+    residual = torch.linalg.matrix_norm(target - up.double() @ down.double())
+    return down, up, float(residual / norm) if norm > 0 else 0.0
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _target(path: str | os.PathLike, overwrite: bool) -> Path:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ExportError(f"{path.name}: exports are safetensors files; name it *.safetensors")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    return path
+
+
+def _text_width(bundle: ConceptBundle) -> int:
+    return int(bundle.embedding.shape[-1])
+
+
+def _check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mapping | nn.Module) -> None:
+    """Every exported module must be a Linear of that UNet with ΔW's shape (built on meta: free)."""
+    if isinstance(unet_config, nn.Module):
+        unet = unet_config
+    else:
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(dict(unet_config))
+    linears = {n: m for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    for module, shape in shapes.items():
+        if module not in linears:
+            raise ExportError(f"{module} is not a Linear layer of the given UNet: was the bundle trained on another?")
+        if tuple(linears[module].weight.shape) != tuple(shape):
+            raise ExportError(
+                f"{module}: ΔW has shape {tuple(shape)} but the given UNet's weight is "
+                f"{tuple(linears[module].weight.shape)}"
+            )
+
+
+def _same_or_dynamic(values: set) -> str | None:
+    # kohya's resize_lora writes "Dynamic" when layers differ in rank; an empty export states nothing.
+    if not values:
+        return None
+    return str(values.pop()) if len(values) == 1 else "Dynamic"
+
+
+def _lora_metadata(bundle: ConceptBundle, part: str, mode: str, ranks: set, alphas: set, errors) -> dict[str, str]:
+    width = _text_width(bundle)
+    info = {
+        "kind": "lora",
+        "part": part,
+        "mode": mode,
+        "token": bundle.token,
+        "class_word": bundle.class_word,
+        "initializer": bundle.initializer,
+        "adapter": bundle.adapter,
+        "base_unet_fingerprint": bundle.fingerprints.get(f"{part}_unet"),
+        "fingerprints": bundle.fingerprints,
+        "families": bundle.families,
+        "step": bundle.step,
+        "bundle_version": bundle.version,
+        "pack_version": __version__,
+        "max_relative_error": max(errors.values(), default=0.0),
+    }
+    meta = {
+        EXPORT_METADATA_KEY: json.dumps(info, sort_keys=True),
+        "ss_steps": str(bundle.step),
+        "ss_training_comment": (
+            f"EchoDistill {part} UNet for concept {bundle.token!r} (class word {bundle.class_word!r}); "
+            "use it with the matching embedding file"
+        ),
+    }
+    if width in BASE_MODEL_VERSIONS:
+        meta["ss_base_model_version"] = BASE_MODEL_VERSIONS[width]
+        meta["ss_v2"] = str(BASE_MODEL_VERSIONS[width] == "sd_v2")
+    for name, values in (("ss_network_dim", ranks), ("ss_network_alpha", alphas)):
+        value = _same_or_dynamic(set(values))
+        if value is not None:
+            meta[name] = value
+    return meta
+
+
+def export_lora(
+    bundle: ConceptBundle,
+    path: str | os.PathLike,
+    *,
+    part: Part = "student",
+    mode: ExportMode = "diff",
+    rank: int | None = None,
+    unet_config: Mapping | nn.Module | None = None,
+    overwrite: bool = False,
+) -> ExportReport:
+    """Write the UNet adapter of `part` as a kohya-format LoRA that ComfyUI's LoRA loaders read.
+
+    mode="diff": one exact ``.diff`` (ΔW) per layer; the patched weight is W + strength·ΔW.
+    mode="lowrank": ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``. A peft LoRA bundle
+    is written as its own factors (down = lora_A, up = lora_B, alpha = lora_alpha: exact) unless
+    `rank` is below its rank; custom-diffusion ΔW (and a LoRA asked for a lower rank) is fitted
+    by truncated SVD at `rank` (None: full rank, exact) with alpha = r, so alpha/r = 1. The
+    report gives each layer's relative Frobenius error and their max and mean.
+
+    `unet_config` (a diffusers UNet config, or a UNet without adapters), when given, checks
+    that every layer exists in that UNet with ΔW's shape before anything is written.
+    """
+    if mode not in get_args(ExportMode):
+        raise ExportError(f"mode={mode!r} is not one of {', '.join(map(repr, get_args(ExportMode)))}")
+    if rank is not None and rank < 1:
+        raise ExportError(f"rank={rank} must be a positive integer (or None)")
+    target = _target(path, overwrite)
+    deltas = bundle_deltas(bundle, part)  # module -> (out, in)
+    if not deltas:
+        raise ExportError(f"the bundle has no {part} adapter weights to export")
+    if unet_config is not None:
+        _check_against_unet({m: tuple(d.shape) for m, d in deltas.items()}, unet_config)
+
+    tensors: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    ranks: set[int] = set()
+    alphas: set[float] = set()
+    peft = lora_factors(bundle, part) if bundle.adapter == "lora" else {}
+    for module, delta in sorted(deltas.items()):
+        key = kohya_key(module)
+        if mode == "diff":
+            tensors[f"{key}.diff"] = delta.contiguous()
+            errors[module] = 0.0
+            continue
+        if module in peft and (rank is None or rank >= peft[module][0].shape[0]):
+            down, up, alpha = peft[module]
+            errors[module] = 0.0
+        else:
+            down, up, errors[module] = low_rank_factors(delta, rank or min(delta.shape))
+            alpha = float(down.shape[0])
+        tensors[f"{key}.lora_down.weight"] = down.contiguous()  # (r, in)
+        tensors[f"{key}.lora_up.weight"] = up.contiguous()  # (out, r)
+        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        ranks.add(int(down.shape[0]))
+        alphas.add(alpha)
+
+    metadata = _lora_metadata(bundle, part, mode, ranks, alphas, errors)
+    atomic_save_safetensors(tensors, target, metadata)
+    values = list(errors.values())
+    return ExportReport(
+        path=target,
+        part=part,
+        mode=mode,
+        layers=len(deltas),
+        rank=max(ranks) if ranks else None,
+        errors=errors,
+        max_error=max(values),
+        mean_error=sum(values) / len(values),
+        metadata=metadata,
+    )
+
+
+def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the concept token's embedding row for ComfyUI's ``embedding:NAME`` prompt syntax.
+
+    Put the file in ComfyUI's ``models/embeddings`` as ``NAME.safetensors``; the prompt then says
+    ``embedding:NAME`` where it said the token, and keeps the class word, e.g. the training
+    prompt "a photo of <v*> dog" becomes "a photo of embedding:NAME dog".
+
+    Key rule (ComfyUI's ``load_embed`` takes ``string_to_param`` if present, else the tokenizer's
+    own key - ``clip_h`` for SD2-family models, ``clip_l`` for SD1 - else the file's first tensor,
+    and drops an embedding whose width differs from the text encoder's): a 1024-wide row is
+    saved as ``{"clip_h": (1, 1024)}``, a 768-wide one as ``{"clip_l": (1, 768)}``, any other
+    width (tiny test models) as A1111's ``{"emb_params": (1, D)}``, which loads as first value.
+    """
+    target = _target(path, overwrite)
+    width = _text_width(bundle)
+    key = EMBEDDING_KEYS.get(width, FALLBACK_EMBEDDING_KEY)
+    row = bundle.embedding_for("student").detach().float().reshape(1, width)  # (1, D): the student reads it
+    if not torch.isfinite(row).all():
+        raise ExportError("the bundle's embedding row is not finite; refusing to export it")
+    info = {
+        "kind": "embedding",
+        "token": bundle.token,
+        "class_word": bundle.class_word,
+        "initializer": bundle.initializer,
+        "text_encoder_fingerprint": bundle.fingerprints.get("text_encoder"),
+        "families": bundle.families,
+        "step": bundle.step,
+        "pack_version": __version__,
+    }
+    return atomic_save_safetensors({key: row}, target, {EXPORT_METADATA_KEY: json.dumps(info, sort_keys=True)})
+
+
+# --- a reference applier ------------------------------------------------------------------------
+
+
+def apply_kohya_lora(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], strength: float = 1.0) -> list[str]:
+    """Patch a plain diffusers UNet's Linear weights in place from kohya UNet keys, as ComfyUI does.
+
+    ``W + strength * alpha/r * up @ down`` (no alpha: scale 1), or ``W + strength * diff``
+    (``diff_b`` on the bias). Unlike ComfyUI, any key that maps to no Linear layer, has an
+    unknown suffix or an incomplete pair raises, and nothing is patched unless everything fits.
+    Sums are taken in fp32 and cast back to the weight's dtype. Returns the patched module names.
+    """
+    if adapter_kind(unet) is not None:
+        raise ExportError("apply_kohya_lora patches plain weights: give it a UNet without adapters")
+    linears = {kohya_key(n): (n, m) for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        stem, _, suffix = key.partition(".")
+        if suffix not in KOHYA_SUFFIXES:
+            raise ExportError(
+                f"{key}: unknown kohya key suffix {suffix!r}; expected one of {', '.join(KOHYA_SUFFIXES)}"
+            )
+        if stem not in linears:
+            raise ExportError(f"{key} maps to no Linear layer of this UNet")
+        groups.setdefault(stem, {})[suffix] = value
+
+    updates: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, new value)
+    for stem, parts in groups.items():
+        name, module = linears[stem]
+        has_lora = bool({"lora_up.weight", "lora_down.weight"} & set(parts))
+        if has_lora and "diff" in parts:
+            raise ExportError(f"{stem} has both a .diff and lora_up/lora_down: ambiguous")
+        delta = None
+        if "diff" in parts:
+            delta = parts["diff"].float()
+        elif has_lora:
+            if not {"lora_up.weight", "lora_down.weight"} <= set(parts):
+                raise ExportError(f"{stem} has only one of lora_up.weight / lora_down.weight")
+            up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()  # (out, r), (r, in)
+            scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0
+            delta = scale * (up @ down)
+        elif "alpha" in parts:
+            raise ExportError(f"{stem} has an .alpha but no lora_up/lora_down")
+        if delta is not None:
+            if tuple(delta.shape) != tuple(module.weight.shape):
+                raise ExportError(f"{stem}: patch shape {tuple(delta.shape)} != weight {tuple(module.weight.shape)}")
+            updates.append((module.weight, module.weight.float() + strength * delta.to(module.weight.device)))
+        if "diff_b" in parts:
+            if module.bias is None or tuple(parts["diff_b"].shape) != tuple(module.bias.shape):
+                raise ExportError(f"{stem}.diff_b does not fit the bias of {name}")
+            bias_delta = parts["diff_b"].float().to(module.bias.device)
+            updates.append((module.bias, module.bias.float() + strength * bias_delta))
+
+    with torch.no_grad():
+        for param, value in updates:
+            if not torch.isfinite(value).all():
+                raise ExportError("refusing to apply a patch that makes a weight non-finite")
+        for param, value in updates:
+            param.copy_(value.to(param.dtype))
+    return sorted(linears[stem][0] for stem in groups)

@@ -1,0 +1,6 @@
+"""Evaluation of generated images against a concept's photos: CLIP-T, CLIP-I and DINO.
+
+    metrics.py   the scorers and `evaluate`
+
+Imports models only (the backbones' loader and the tokenizer).
+"""

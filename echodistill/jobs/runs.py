@@ -1,0 +1,133 @@
+"""Whole jobs on a loaded pair, for front ends (ComfyUI nodes, scripts) that keep the pair loaded.
+
+Each job borrows the pair through `pristine`, so the pair is unchanged afterwards and the next
+job (another concept, another training) starts from the same base models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from ..concepts.bundle import ConceptBundle
+from ..models.pair import ModelPair
+from ..models.pristine import pristine
+from ..sampling.samplers import SampleResult, sample_student, sample_teacher
+from ..training.config import TrainConfig
+from ..training.data import load_concept_images
+from ..training.trainer import Callbacks, Trainer
+
+BUNDLE_NAME = "concept.safetensors"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainingResult:
+    bundle: ConceptBundle
+    history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    preview: torch.Tensor | None = None  # (N, 3, H, W) in [0, 1], the last one
+    resumed_from: int = 0
+    reused: bool = False  # the run had finished before: its bundle was loaded, nothing trained
+
+
+class _Recorder(Callbacks):
+    """Passes everything through to the caller's callbacks and keeps the loss history."""
+
+    def __init__(self, inner: Callbacks):
+        self.inner, self.history, self.preview = inner, [], None
+
+    def on_progress(self, step, total, logs):
+        self.history.append((step, dict(logs)))
+        self.inner.on_progress(step, total, logs)
+
+    def on_preview(self, step, images):
+        self.preview = images
+        self.inner.on_preview(step, images)
+
+    def should_stop(self):
+        return self.inner.should_stop()
+
+
+def run_key(pair: ModelPair, images: Sequence[Image.Image], config: TrainConfig, extras: dict | None = None) -> str:
+    """A short name for a run: the same base models, photos and config give the same key."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(pair.fingerprints(), sort_keys=True).encode())
+    exclude = {"sample_every", "save_every", "log_every"}  # how a run is watched, not what it computes
+    digest.update(json.dumps({k: v for k, v in config.to_dict().items() if k not in exclude}, sort_keys=True).encode())
+    digest.update(json.dumps(extras or {}, sort_keys=True, default=str).encode())
+    for image in images:
+        digest.update(image.convert("RGB").tobytes())
+    return digest.hexdigest()[:16]
+
+
+def train_concept(
+    pair: ModelPair,
+    images: Sequence[Image.Image] | str | os.PathLike,
+    config: TrainConfig,
+    *,
+    run_dir: str | os.PathLike,
+    callbacks: Callbacks | None = None,
+    resume: bool = True,
+    reuse_finished: bool = True,
+    backbone_paths: dict[str, str | os.PathLike] | None = None,
+    ip_adapter_path: str | os.PathLike | None = None,
+    captions: Sequence[str | None] | None = None,
+) -> TrainingResult:
+    """Train (or resume, or reuse) a concept in `run_dir`; the pair is left as it was.
+
+    `captions`, one per photo ("{}" for "<token> <class word>"; None: the prompt templates), override
+    the photos' sidecar captions (see `load_concept_images`); `run_key` should be given them too.
+
+    `run_dir` names one run (see `run_key`): when it holds the finished bundle, that is reused
+    (`reuse_finished`); when it holds a checkpoint of a stopped run, training resumes from it
+    (`resume`). Cancellation raises TrainingCancelled after the checkpoint is written.
+    """
+    run_dir = Path(run_dir)
+    finished = run_dir / BUNDLE_NAME
+    if reuse_finished and finished.is_file():
+        bundle = ConceptBundle.load(finished)
+        if bundle.step == config.steps and bundle.fingerprints == pair.fingerprints():
+            prompt = f"a photo of a {bundle.token} {bundle.class_word}"
+            preview = sample(pair, [prompt] * 2, concept=bundle, seeds=[0, 1], width=config.resolution,
+                             height=config.resolution, return_latents=False).images
+            return TrainingResult(bundle, preview=preview, reused=True)
+    concept_images = load_concept_images(images, captions=captions, resolution=config.resolution)
+    recorder = _Recorder(callbacks or Callbacks())
+    with torch.inference_mode(False), torch.enable_grad(), pristine(pair):
+        trainer = Trainer(pair, concept_images, config, backbone_paths=backbone_paths,
+                          ip_adapter_path=ip_adapter_path, run_dir=run_dir, callbacks=recorder)
+        checkpoint = run_dir / CHECKPOINT_NAME
+        resumed_from = 0
+        if resume and checkpoint.is_file():
+            trainer.resume(checkpoint)
+            resumed_from = trainer.step
+        bundle = trainer.train()
+        if recorder.preview is None:
+            recorder.preview = trainer.preview()
+    bundle.save(finished)
+    return TrainingResult(bundle, recorder.history, recorder.preview, resumed_from)
+
+
+def sample(
+    pair: ModelPair,
+    prompts: list[str],
+    *,
+    concept: ConceptBundle | None = None,
+    part: str = "student",
+    **options,
+) -> SampleResult:
+    """Student (one step by default) or teacher images, with `concept` applied for this call only."""
+    sampler = sample_student if part == "student" else sample_teacher
+    # Outside inference mode: the concept's token row and adapters are written into the pair's
+    # (ordinary) tensors and taken out again, which inference mode forbids.
+    with torch.inference_mode(False), torch.no_grad(), pristine(pair):
+        if concept is not None:
+            concept.apply(pair, parts=(part,))
+        return sampler(pair, prompts, **options)

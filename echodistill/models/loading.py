@@ -1,0 +1,220 @@
+"""Offline loading of one model's components: a diffusers folder or a single-file checkpoint.
+
+Each model is a diffusers folder or a single-file checkpoint (LDM or SGM layout). Modules are
+built on the meta device from the family's config and then filled from the file, so nothing
+is initialised twice and nothing is fetched from a hub. `pair.py` puts a teacher and a student
+together on top of this.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..errors import ModelLoadError
+from . import checkpoint_layout as layout_map
+from .families import Detection, FamilyConfig, Role, detect_family, family_config
+from .tensor_files import TensorFile, fingerprint, read_folder_weights
+from .tokenizer import load_clip_tokenizer
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+TOKEN_ROWS_HASHED = 1024  # enough of the vocabulary to tell two encoders apart without reading 200 MB
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class ModelSource:
+    """One model on disk, with the config family it is read with."""
+
+    path: Path
+    config: FamilyConfig
+    reason: str  # why this family: shown to the user
+    weights: TensorFile | None = None  # single files only
+    layout: str = "diffusers"
+    text_kind: str | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, family: str | os.PathLike = "auto", role: Role = "teacher") -> "ModelSource":
+        path = Path(path)
+        if path.is_dir():
+            if not (path / "unet" / "config.json").is_file():
+                raise ModelLoadError(f"{path} is not a diffusers model folder (no unet/config.json)")
+            if family == "auto":
+                return cls(path, FamilyConfig(path.name, path), "diffusers folder with its own configs")
+            return cls(path, family_config(family), "family given by the caller")
+        if not path.is_file():
+            raise ModelLoadError(f"model not found: {path} (give a .safetensors file or a diffusers folder)")
+        weights = TensorFile(path)
+        detection: Detection = detect_family(weights, role)
+        if family == "auto":
+            config, reason = family_config(detection.family), f"detected: {detection.reason}"
+        else:
+            config, reason = family_config(family), "family given by the caller"
+        return cls(path, config, reason, weights, detection.layout, detection.text_kind)
+
+    @property
+    def family(self) -> str:
+        return self.config.name
+
+    # --- reading components ---------------------------------------------------------------
+
+    def _sources(self, component: str, keys) -> dict[str, layout_map.Source]:
+        if component == "unet":
+            return layout_map.unet_sources(keys, self.config.unet)
+        if component == "vae":
+            return layout_map.vae_sources(keys, self.config.vae)
+        if self.text_kind is None:
+            raise ModelLoadError(f"{self.path.name} has no text encoder to load")
+        return layout_map.text_sources(keys, self.layout, self.text_kind)
+
+    def state_dict(self, component: str, model_keys: list[str]) -> dict[str, torch.Tensor]:
+        """The diffusers/transformers-named weights of one component, for a model with `model_keys`."""
+        if self.weights is None:
+            stem = "model" if component == "text_encoder" else "diffusion_pytorch_model"
+            folder = self.path / component
+            if not folder.is_dir():
+                raise ModelLoadError(f"{self.path} has no {component}/ folder")
+            return _match_text_prefix(read_folder_weights(folder, stem), model_keys)
+        return layout_map.gather(self._sources(component, model_keys), self.weights)
+
+    def fingerprint(self, component: str, names: tuple[str, ...]) -> str:
+        """Hash of a few tensors of one component, read without loading the component."""
+        if self.weights is not None:
+            sources = self._sources(component, names)
+            return fingerprint(lambda n: sources[n].read(_read_rows_if_token(self.weights, n, sources[n].key)), names)
+        stem = "model" if component == "text_encoder" else "diffusion_pytorch_model"
+        file = _first_existing(self.path / component, (f"{stem}.safetensors", f"{stem}.fp16.safetensors"))
+        if file is None:  # sharded or pickled: read whole, once, for a hash
+            state = self.state_dict(component, list(names))
+            return fingerprint(lambda n: _rows_if_token(n, state[n]), names)
+        weights = TensorFile(file)
+        prefix = "text_model." if f"text_model.{names[-1]}" in weights else ""
+        return fingerprint(lambda n: _read_rows_if_token(weights, n, prefix + n), names)
+
+    def has_component(self, component: str) -> bool:
+        if self.weights is None:
+            return (self.path / component).is_dir()
+        if component == "text_encoder":
+            return self.text_kind is not None
+        prefix = layout_map.VAE_PREFIX if component == "vae" else layout_map.UNET_PREFIX
+        return any(k.startswith(prefix) for k in self.weights.keys())
+
+
+def _first_existing(folder: Path, names) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _rows_if_token(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[:TOKEN_ROWS_HASHED] if name.endswith("token_embedding.weight") else tensor
+
+
+def _read_rows_if_token(weights: TensorFile, name: str, key: str) -> torch.Tensor:
+    if name.endswith("token_embedding.weight"):
+        return weights.rows(key, TOKEN_ROWS_HASHED)
+    return weights.get(key)
+
+
+def _match_text_prefix(state: dict[str, torch.Tensor], model_keys: list[str]) -> dict[str, torch.Tensor]:
+    """Bridge transformers 4 (`text_model.` prefix) and 5 (flat) CLIPTextModel key names."""
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    wants_prefix = any(k.startswith("text_model.") for k in model_keys)
+    has_prefix = any(k.startswith("text_model.") for k in state)
+    if wants_prefix and not has_prefix:
+        return {f"text_model.{k}": v for k, v in state.items()}
+    if has_prefix and not wants_prefix:
+        return {k.removeprefix("text_model."): v for k, v in state.items()}
+    return state
+
+
+def _build(factory: Callable[[], torch.nn.Module], read: Callable[[list[str]], dict], dtype, device, what: str):
+    """Build a module on the meta device, then fill it from disk: no random init, no copy."""
+    with torch.device("meta"):
+        module = factory()
+    keys = list(module.state_dict().keys())
+    keys = [k for k in keys if not k.endswith("position_ids")]
+    state = read(keys)
+    missing = sorted(set(keys) - set(state))
+    unexpected = sorted(set(state) - set(keys))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{what}: the weights do not fit the config ({len(missing)} missing, e.g. {missing[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}). Pick the right family for this file."
+        )
+    for name, tensor in module.state_dict().items():
+        if name in state and tuple(state[name].shape) != tuple(tensor.shape):
+            raise ModelLoadError(
+                f"{what}: {name} has shape {tuple(state[name].shape)} in the file but "
+                f"{tuple(tensor.shape)} in the config. Pick the right family for this file."
+            )
+    # contiguous(): a pickled file may hold overlapping views of one storage; parameters must not alias.
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()}
+    module.load_state_dict(state, strict=False, assign=True)
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta:  # non-persistent buffers (CLIP position ids) are rebuilt, not loaded
+            if not name.endswith("position_ids"):
+                raise ModelLoadError(f"{what}: buffer {name} was not restored")
+            owner = module.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer(
+                "position_ids", torch.arange(buffer.shape[-1], device=device).expand(1, -1), persistent=False
+            )
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def load_unet(
+    source: ModelSource, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> UNet2DConditionModel:
+    config = source.config.unet
+    return _build(
+        lambda: UNet2DConditionModel.from_config(config),
+        lambda k: source.state_dict("unet", k),
+        dtype,
+        device,
+        f"UNet of {source.path.name}",
+    )
+
+
+def load_vae(
+    source: ModelSource, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> AutoencoderKL:
+    config = source.config.vae
+    return _build(
+        lambda: AutoencoderKL.from_config(config),
+        lambda k: source.state_dict("vae", k),
+        dtype,
+        device,
+        f"VAE of {source.path.name}",
+    )
+
+
+def load_text_encoder(
+    source: ModelSource, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> CLIPTextModel:
+    config = CLIPTextConfig(**{k: v for k, v in source.config.text_encoder.items() if not k.startswith("_")})
+    return _build(
+        lambda: CLIPTextModel(config),
+        lambda k: source.state_dict("text_encoder", k),
+        dtype,
+        device,
+        f"text encoder of {source.path.name}",
+    )
+
+
+def load_tokenizer(source: ModelSource) -> CLIPTokenizer:
+    if source.weights is None and (source.path / "tokenizer" / "vocab.json").is_file():
+        return load_clip_tokenizer(source.config.tokenizer_style, folder=source.path / "tokenizer")
+    return load_clip_tokenizer(source.config.tokenizer_style, folder=source.config.tokenizer_folder)

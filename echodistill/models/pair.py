@@ -1,0 +1,199 @@
+"""A teacher/student pair that shares ONE tokenizer and ONE text encoder, loaded offline.
+
+    pair = load_model_pair("sd21-base.safetensors", "sd_turbo.safetensors", dtype="bf16", device="cuda")
+    pair.teacher.unet, pair.student.unet, pair.text_encoder, pair.tokenizer, pair.vae
+
+Only the teacher's text tower is read; the student's is never loaded (a few of its tensors are
+hashed to warn when the two differ). The VAE is the student's, since the student's one-step
+latents are what gets decoded. Each model is read by `loading.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..errors import IncompatiblePairError, ModelLoadError
+from .families import FamilyConfig
+from .loading import ModelSource, load_text_encoder, load_tokenizer, load_unet, load_vae, resolve_dtype
+
+UNET_FINGERPRINT_KEYS = (
+    "conv_in.weight",
+    "conv_in.bias",
+    "time_embedding.linear_1.weight",
+    "conv_out.weight",
+    "conv_out.bias",
+)
+VAE_FINGERPRINT_KEYS = (
+    "encoder.conv_in.weight",
+    "quant_conv.weight",
+    "post_quant_conv.weight",
+    "decoder.conv_out.weight",
+)
+TEXT_FINGERPRINT_KEYS = (
+    "embeddings.token_embedding.weight",
+    "embeddings.position_embedding.weight",
+    "final_layer_norm.weight",
+    "final_layer_norm.bias",
+)
+
+class SharedEncoderWarning(UserWarning):
+    """Teacher and student text encoders have the same architecture but different weights."""
+
+
+@dataclass
+class DiffusionModel:
+    """One UNet with what a trainer or sampler needs to know about it."""
+
+    unet: UNet2DConditionModel
+    config: FamilyConfig
+    source: Path
+    fingerprint: str
+    family_reason: str
+
+    @property
+    def family(self) -> str:
+        return self.config.name
+
+    @property
+    def prediction_type(self) -> str:
+        return self.config.prediction_type
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.config.scheduler)
+
+
+@dataclass
+class ModelPair:
+    """Teacher and student UNets with ONE tokenizer, ONE text encoder and one VAE."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    teacher: DiffusionModel
+    student: DiffusionModel
+    text_fingerprint: str
+    vae_fingerprint: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_encoder.dtype
+
+    @property
+    def vae_downscale(self) -> int:
+        """Pixels per latent cell along a side: 8 for SD's VAE (three downsamplings)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.device
+
+    def fingerprints(self) -> dict[str, str]:
+        return {
+            "teacher_unet": self.teacher.fingerprint,
+            "student_unet": self.student.fingerprint,
+            "text_encoder": self.text_fingerprint,
+            "vae": self.vae_fingerprint,
+        }
+
+
+def load_model_pair(
+    teacher: str | os.PathLike,
+    student: str | os.PathLike,
+    *,
+    teacher_family: str | os.PathLike = "auto",
+    student_family: str | os.PathLike = "auto",
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> ModelPair:
+    """Load a teacher and a student that share the teacher's tokenizer and text encoder.
+
+    Raises IncompatiblePairError when the two text encoders differ in architecture, and warns
+    (SharedEncoderWarning) when they share the architecture but not the weights.
+    """
+    dtype = resolve_dtype(dtype)
+    teacher_source = ModelSource.open(teacher, teacher_family, role="teacher")
+    student_source = ModelSource.open(student, student_family, role="student")
+    check_shareable(teacher_source, student_source)
+    if not teacher_source.has_component("text_encoder"):
+        raise ModelLoadError(
+            f"the teacher {teacher_source.path.name} has no text encoder; the pair shares the teacher's"
+        )
+
+    text_encoder = load_text_encoder(teacher_source, dtype, device)
+    teacher_unet = load_unet(teacher_source, dtype, device)
+    student_unet = load_unet(student_source, dtype, device)
+    vae = load_vae(student_source, dtype, device)
+    # Fingerprints are taken from the files, so they do not depend on the dtype loaded.
+    vae_fingerprint = student_source.fingerprint("vae", VAE_FINGERPRINT_KEYS)
+    _warn_if_teacher_vae_differs(teacher_source, vae_fingerprint)
+    return ModelPair(
+        tokenizer=load_tokenizer(teacher_source),
+        text_encoder=text_encoder,
+        vae=vae,
+        teacher=DiffusionModel(
+            teacher_unet,
+            teacher_source.config,
+            teacher_source.path,
+            teacher_source.fingerprint("unet", UNET_FINGERPRINT_KEYS),
+            teacher_source.reason,
+        ),
+        student=DiffusionModel(
+            student_unet,
+            student_source.config,
+            student_source.path,
+            student_source.fingerprint("unet", UNET_FINGERPRINT_KEYS),
+            student_source.reason,
+        ),
+        text_fingerprint=teacher_source.fingerprint("text_encoder", TEXT_FINGERPRINT_KEYS),
+        vae_fingerprint=vae_fingerprint,
+    )
+
+
+def check_shareable(teacher: ModelSource, student: ModelSource) -> None:
+    """Raise unless one text encoder can serve both; warn when their weights differ."""
+    teacher_arch, student_arch = teacher.config.text_architecture, student.config.text_architecture
+    if teacher_arch != student_arch:
+        raise IncompatiblePairError(
+            f"teacher {teacher.path.name} ({teacher.family}) has a {teacher_arch}, but student "
+            f"{student.path.name} ({student.family}) has a {student_arch}. EchoDistill trains one "
+            "shared text encoder, so pick a pair of the same family line (e.g. SD 2.1 teacher + SD-Turbo student)."
+        )
+    context = (teacher.config.unet["cross_attention_dim"], student.config.unet["cross_attention_dim"])
+    if len(set(context)) != 1 or context[0] != teacher.config.text_encoder["hidden_size"]:
+        raise IncompatiblePairError(
+            f"cross-attention widths {context} (teacher, student) do not both match the shared "
+            f"text encoder's width {teacher.config.text_encoder['hidden_size']}"
+        )
+    if not (teacher.has_component("text_encoder") and student.has_component("text_encoder")):
+        return
+    teacher_print = teacher.fingerprint("text_encoder", TEXT_FINGERPRINT_KEYS)
+    student_print = student.fingerprint("text_encoder", TEXT_FINGERPRINT_KEYS)
+    if teacher_print != student_print:
+        warnings.warn(
+            f"teacher and student text encoders share the architecture but not the weights "
+            f"(teacher {teacher_print}, student {student_print}); the teacher's encoder serves both "
+            "and the student's is not loaded.",
+            SharedEncoderWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_if_teacher_vae_differs(teacher: ModelSource, student_vae_print: str) -> None:
+    if not teacher.has_component("vae"):
+        return
+    teacher_print = teacher.fingerprint("vae", VAE_FINGERPRINT_KEYS)
+    if teacher_print != student_vae_print:
+        warnings.warn(
+            f"teacher and student VAEs differ (teacher {teacher_print}, student {student_vae_print}); "
+            "the student's VAE is used for both.",
+            SharedEncoderWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,56 @@
+"""Borrow a loaded pair for one job and hand it back unchanged.
+
+Training and concept sampling add a token to the tokenizer, swap the text encoder's embedding
+module and wrap UNet layers with adapters. A UI that keeps one loaded pair for many jobs (as
+ComfyUI caches a loader's output) needs each job to leave no trace: `pristine(pair)` records
+what those steps replace and puts it back on exit, without copying any weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+from ..errors import EchoDistillError
+from .adapters import adapter_kind, remove_adapters
+from .concept import ConceptEmbedding
+from .pair import ModelPair
+
+
+@contextlib.contextmanager
+def pristine(pair: ModelPair) -> Iterator[ModelPair]:
+    _check_unadapted(pair)
+    tokenizer = copy.deepcopy(pair.tokenizer)  # small: the vocabulary, not weights
+    embeddings = pair.text_encoder.get_input_embeddings()
+    # Resizing may grow the same module in place (new .data), so keep the original tensor too.
+    table, rows = embeddings.weight.data, embeddings.num_embeddings
+    vocab_size = pair.text_encoder.config.vocab_size
+    try:
+        yield pair
+    finally:
+        for unet in (pair.teacher.unet, pair.student.unet):
+            remove_adapters(unet)
+            if unet.is_gradient_checkpointing:
+                unet.disable_gradient_checkpointing()
+            unet.requires_grad_(False)
+        if pair.vae.is_gradient_checkpointing:  # the trainer's gradient_checkpointing covers the VAE decoder
+            pair.vae.disable_gradient_checkpointing()
+        embeddings.weight.data, embeddings.num_embeddings = table, rows
+        pair.text_encoder.set_input_embeddings(embeddings)
+        pair.text_encoder.config.vocab_size = vocab_size
+        pair.text_encoder.requires_grad_(False)
+        pair.tokenizer = tokenizer
+
+
+def _check_unadapted(pair: ModelPair) -> None:
+    """Only a base pair can be handed back as it was: one adapted in place has nothing to return to."""
+    adapted = [name for name, unet in (("teacher", pair.teacher.unet), ("student", pair.student.unet))
+               if adapter_kind(unet) is not None]
+    if isinstance(pair.text_encoder.get_input_embeddings(), ConceptEmbedding):
+        adapted.append("text encoder (concept token)")
+    if adapted:
+        raise EchoDistillError(
+            f"this pair already carries a trained concept ({', '.join(adapted)}), applied in place outside "
+            "pristine(pair): load a fresh pair, or train and apply concepts inside `with pristine(pair):`"
+        )

@@ -1,0 +1,169 @@
+"""Read and write weight files safely: safetensors lazily, pickles only with weights_only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import ModelLoadError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class TensorFile:
+    """Random access to the tensors of one weight file, reading only what is asked for.
+
+    `.safetensors` files are memory-mapped and read tensor by tensor, so asking for the UNet
+    of a full checkpoint never touches its text tower. Pickled files (`.ckpt`, `.bin`) are
+    loaded with `weights_only=True`, memory-mapped where the format allows.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"weight file not found: {self.path}")
+        self._safe = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self.metadata: dict[str, str] = {}
+        if self.path.suffix == ".safetensors":
+            try:
+                self._safe = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types
+                raise ModelLoadError(f"{self.path} is not a readable safetensors file: {exc}") from exc
+            self.metadata = dict(self._safe.metadata() or {})
+            self._keys = list(self._safe.keys())
+        elif self.path.suffix in PICKLE_SUFFIXES:
+            self._tensors = _load_pickled_state_dict(self.path)
+            self._keys = list(self._tensors)
+        else:
+            raise ModelLoadError(
+                f"{self.path.name}: unsupported weight format {self.path.suffix!r}; "
+                f"use .safetensors (preferred) or one of {', '.join(PICKLE_SUFFIXES)}"
+            )
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_set
+
+    @property
+    def _key_set(self) -> set[str]:
+        if not hasattr(self, "_key_set_cache"):
+            self._key_set_cache = set(self._keys)
+        return self._key_set_cache
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self:
+            raise ModelLoadError(f"{self.path.name} has no tensor {key!r}")
+        if self._safe is not None:
+            return self._safe.get_tensor(key)
+        return self._tensors[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._safe is not None:
+            return tuple(self._safe.get_slice(key).get_shape())
+        return tuple(self._tensors[key].shape)
+
+    def rows(self, key: str, stop: int) -> torch.Tensor:
+        """The first `stop` rows of a tensor, reading no more than those from a safetensors file."""
+        if self._safe is not None:
+            return self._safe.get_slice(key)[:stop]
+        return self._tensors[key][:stop]
+
+
+def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # old zip-less pickles cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path.name} could not be loaded safely (weights_only=True): {exc}. "
+            "Convert it to .safetensors with a trusted tool."
+        ) from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ModelLoadError(f"{path.name} does not hold a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_folder_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """The state dict of one diffusers/transformers component folder (single or sharded)."""
+    candidates = [
+        f"{stem}.safetensors",
+        f"{stem}.fp16.safetensors",
+        f"{stem}.safetensors.index.json",
+        f"{stem}.fp16.safetensors.index.json",
+        f"{stem}.bin",
+        f"{stem}.fp16.bin",
+    ]
+    for name in candidates:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                tf = TensorFile(folder / shard)
+                state.update({k: tf.get(k) for k in tf.keys()})
+            return state
+        tf = TensorFile(path)
+        return {k: tf.get(k) for k in tf.keys()}
+    raise ModelLoadError(f"no weights in {folder}: expected one of {', '.join(candidates)}")
+
+
+def fingerprint(get: Callable[[str], torch.Tensor], names: Iterable[str]) -> str:
+    """A short, dtype-independent hash of selected tensors (12 hex digits).
+
+    Tensors are hashed as float16, so the same weights stored or loaded in fp32, fp16 or
+    bf16-from-fp16 give the same fingerprint.
+    """
+    digest = hashlib.sha256()
+    for name in names:
+        tensor = get(name).detach().to("cpu", torch.float16).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a safetensors file through a temp file + rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

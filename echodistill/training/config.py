@@ -1,0 +1,239 @@
+"""The training configuration: one typed, validated dataclass, with named presets.
+
+Every field carries its help text; `TrainConfig.__post_init__` rejects out-of-range values
+naming the field; `from_dict` rejects unknown keys. Variants are made with `with_changes`
+(dataclasses.replace), never by mutating a config mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from ..errors import ConfigError
+
+AdapterKind = Literal["custom_diffusion", "lora"]
+Precision = Literal["no", "bf16", "fp16"]
+TrainingSchedule = Literal["joint", "sequential"]
+DISCRIMINATOR_KINDS = ("teacher_features", "dino_vits16", "dinov2_vitl14", "clip_vit_h14")
+
+
+def _f(default, help: str):
+    """A field with its help text (defaults are immutable: tuples, not lists)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- schedule -------------------------------------------------------------------------
+    steps: int = _f(1000, "training iterations")
+    batch_size: int = _f(2, "real concept images per iteration")
+    resolution: int = _f(512, "training resolution in pixels (square)")
+    seed: int = _f(42, "seed of every random draw (data, noise, timesteps)")
+    schedule: TrainingSchedule = _f(
+        "joint",
+        "joint: teacher and student train together every iteration; sequential (the 'teacher first, then distill' "
+        "baseline): the teacher alone for the first half of the steps, then the student against the frozen teacher",
+    )
+    # --- concept --------------------------------------------------------------------------
+    token: str = _f("<v*>", "the new concept word added to the shared tokenizer")
+    class_word: str = _f("object", "the subject's class word, e.g. 'dog'; also the token's initializer")
+    initializer: str = _f("", "word(s) the token's embedding starts from (empty: the class word)")
+    shared_text_encoder: bool = _f(
+        True,
+        "one text encoder for both UNets, its token row trained by the teacher's loss alone; False (ablation): "
+        "the student reads the prompts through its own copy, its own token row trained by the student's losses",
+    )
+    # --- optimisation (paper: AdamW, constant LRs) ------------------------------------------
+    lr_student: float = _f(2e-5, "learning rate of the student's adapters (and own token row, if not shared)")
+    lr_teacher: float = _f(1e-5, "learning rate of the teacher's adapters and the concept token row")
+    lr_heads: float = _f(1e-4, "learning rate of the discriminator heads")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(1e-2, "AdamW weight decay (adapter deltas decay toward the base weights)")
+    grad_clip: float = _f(1.0, "max gradient norm per optimizer (0 disables clipping)")
+    # --- adapters ---------------------------------------------------------------------------
+    adapter: AdapterKind = _f("custom_diffusion", "custom_diffusion: train cross-attention K/V; lora: peft LoRA")
+    lora_rank: int = _f(4, "LoRA rank (adapter='lora')")
+    lora_alpha: float = _f(4.0, "LoRA alpha (adapter='lora')")
+    lora_targets: tuple[str, ...] = _f(("attn2.to_k", "attn2.to_v"), "module name suffixes LoRA wraps")
+    # --- losses (weights; alignment terms are multiplied per sample by alpha_bar_t) -------------
+    weight_adversarial: float = _f(1.0, "weight of each discriminator's generator loss")
+    weight_latent_mse: float = _f(1.0, "weight of 0.5*||z_s - z_target||^2")
+    weight_semantic: float = _f(1.0, "weight of the CLIP-space cosine distance (needs a clip_vit_h14 backbone)")
+    weight_ms_swd: float = _f(0.1, "weight of the multi-scale sliced Wasserstein colour loss")
+    alpha_bar_weighting: bool = _f(True, "multiply alignment terms by alpha_bar of the target's timestep")
+    # --- teacher target ---------------------------------------------------------------------
+    teacher_cfg: float = _f(7.5, "classifier-free guidance of the teacher's target")
+    target_steps: int = _f(1, "teacher evaluations for the target: 1 = one x0 prediction, k > 1 = k DDIM steps")
+    target_timestep_min: int = _f(20, "smallest timestep the student's output is re-noised to")
+    target_timestep_max: int = _f(980, "largest timestep the student's output is re-noised to")
+    student_timestep: int = _f(999, "the student's one-step timestep (Euler trailing: 999)")
+    # --- discriminators ---------------------------------------------------------------------
+    discriminators: tuple[str, ...] = _f(("teacher_features",), f"ensemble members, any of {DISCRIMINATOR_KINDS}")
+    discriminator_timestep_max: int = _f(500, "teacher-feature discriminator: latents are noised to t in [0, this]")
+    ms_swd_projections: int = _f(64, "random projections per MS-SWD scale")
+    ms_swd_scales: int = _f(4, "Gaussian pyramid levels of MS-SWD")
+    # --- echo (student -> teacher) ------------------------------------------------------------
+    echo: bool = _f(True, "feed the student's best generations back to the teacher")
+    echo_start: int = _f(500, "first iteration at which echo samples are drawn")
+    echo_every: int = _f(250, "iterations between echo rounds")
+    echo_samples: int = _f(16, "student images drawn per echo round")
+    echo_keep_ratio: float = _f(
+        0.25, "fraction of each round kept (best by discriminator realness + reference similarity)"
+    )
+    echo_weight: float = _f(0.5, "weight of an echoed sample in the teacher's loss (a real image weighs 1)")
+    echo_per_step: int = _f(1, "echoed samples added to each teacher batch once echo has started")
+    echo_buffer_size: int = _f(32, "most recent echoed samples kept")
+    # --- precision / memory -----------------------------------------------------------------
+    mixed_precision: Precision = _f("no", "autocast dtype for forwards: no, bf16 or fp16")
+    gradient_checkpointing: bool = _f(
+        False, "recompute UNet and VAE-decoder activations in backward (less memory, ~30% slower)"
+    )
+    cache_latents: bool = _f(
+        False,
+        "encode each reference photo and its mirror image with the VAE once, not every iteration; drops the "
+        "rescale augmentation (far away / zoomed in), since a rescaled photo's latent cannot be cached",
+    )
+    offload: bool = _f(
+        False, "CUDA: keep the text encoder, VAE and image backbones on the CPU while a stage does not use them"
+    )
+    # --- observation --------------------------------------------------------------------------
+    sample_every: int = _f(100, "one-step preview images every N iterations (0: never)")
+    save_every: int = _f(250, "resumable checkpoint every N iterations (0: only at the end or on cancel)")
+    log_every: int = _f(1, "progress callback every N iterations")
+
+    def __post_init__(self):
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(repr, choices))}")
+        positive = (
+            "steps",
+            "batch_size",
+            "resolution",
+            "lora_rank",
+            "target_steps",
+            "echo_every",
+            "echo_samples",
+            "echo_per_step",
+            "echo_buffer_size",
+            "ms_swd_projections",
+            "ms_swd_scales",
+            "log_every",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be at least 1")
+        for name in ("lr_student", "lr_teacher", "lr_heads", "adam_epsilon", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be positive")
+        non_negative = (
+            "weight_decay",
+            "grad_clip",
+            "weight_adversarial",
+            "weight_latent_mse",
+            "weight_semantic",
+            "weight_ms_swd",
+            "teacher_cfg",
+            "echo_weight",
+            "echo_start",
+            "sample_every",
+            "save_every",
+            "seed",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must not be negative")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 1)")
+        if not 0 < self.echo_keep_ratio <= 1:
+            raise ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]")
+        if self.resolution % 64:
+            raise ConfigError(f"resolution={self.resolution!r} must be a multiple of 64")
+        for name in ("target_timestep_min", "target_timestep_max", "student_timestep", "discriminator_timestep_max"):
+            if not 0 <= getattr(self, name) <= 999:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 999]")
+        if self.target_timestep_min > self.target_timestep_max:
+            raise ConfigError(
+                f"target_timestep_min={self.target_timestep_min} exceeds target_timestep_max={self.target_timestep_max}"
+            )
+        if not self.discriminators:
+            raise ConfigError(f"discriminators is empty: list at least one of {', '.join(DISCRIMINATOR_KINDS)}")
+        unknown = [d for d in self.discriminators if d not in DISCRIMINATOR_KINDS]
+        if unknown:
+            raise ConfigError(f"discriminators={unknown!r}: valid names are {', '.join(DISCRIMINATOR_KINDS)}")
+        if not self.token or any(ch.isspace() for ch in self.token):
+            raise ConfigError(f"token={self.token!r} must be one word without whitespace, e.g. '<v*>'")
+        if not self.class_word.strip():
+            raise ConfigError("class_word is empty: give the subject's class, e.g. 'dog'")
+        if self.schedule == "sequential":
+            if self.echo:
+                raise ConfigError(
+                    "schedule='sequential' with echo=True: the teacher is frozen once the student trains, so "
+                    "nothing could be echoed back to it; set echo=False"
+                )
+            if self.steps < 2:
+                raise ConfigError(f"schedule='sequential' needs steps >= 2 (one per phase), got steps={self.steps}")
+
+    # --- derived ------------------------------------------------------------------------------
+    @property
+    def initializer_word(self) -> str:
+        return self.initializer or self.class_word
+
+    @property
+    def teacher_phase_steps(self) -> int:
+        """Iterations in which the teacher trains: all of them (joint), or the first half (sequential)."""
+        return self.steps if self.schedule == "joint" else self.steps // 2
+
+    # --- (de)serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(json.loads(text))
+
+    def with_changes(self, **changes) -> "TrainConfig":
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def help() -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+
+
+# Presets: the paper's defaults, and leaner variants for consumer GPUs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "balanced": {"mixed_precision": "bf16", "gradient_checkpointing": True},
+    "lite": {"mixed_precision": "bf16", "gradient_checkpointing": True, "batch_size": 1, "echo_samples": 8,
+             "cache_latents": True, "offload": True},
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """A named preset, with field overrides (each validated)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return TrainConfig().with_changes(**{**PRESETS[name], **overrides})

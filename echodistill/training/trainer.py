@@ -1,0 +1,554 @@
+"""The EchoDistill trainer: teacher and one-step student trained together through one text encoder.
+
+One iteration (`train_step`) reads top to bottom, in the order of DESIGN §1:
+  1. teacher step   masked denoising loss on real images (+ echoed samples); teacher K/V + token row
+  2. student        z_s = one step from noise at t=999, prompt embeddings detached
+  3. target         z_s re-noised to a random t (same noise), teacher x0 with CFG, no grad
+  4. student step   adversarial (ensemble) + ᾱ_t·(latent MSE, semantic cosine, MS-SWD); student K/V only
+  5. heads step     ½[CE(D(x_real), real) + CE(D(sg[x_s]), fake)] for every discriminator head
+  6. echo           (scheduled) the student's best generations join the teacher's data
+Ablations switch parts off: `schedule="sequential"` runs step 1 alone for the first half of the
+steps and 2-5 alone after it; `weight_adversarial=0` drops the adversarial term and step 5;
+`shared_text_encoder=False` gives the student a token row of its own, trained in step 4.
+Randomness comes only from the trainer's own generators, so a run resumed from a checkpoint on
+the CPU reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from ..concepts.bundle import ConceptBundle
+from ..errors import EchoDistillError
+from ..models.adapters import adapter_state_dict, add_adapter, load_adapter_state_dict
+from ..models.concept import (
+    add_concept_token,
+    concept_embedding,
+    concept_parameters,
+    own_concept_embedding,
+    reading_with,
+)
+from ..models.diffusion import alphas_cumprod_for, encode_prompts, student_one_step, teacher_target, unet_call
+from ..models.pair import ModelPair
+from ..models.schedule import add_noise, denoising_target
+from ..sampling.samplers import sample_student
+from .checkpointing import TrainingCheckpoint
+from .config import TrainConfig
+from .data import ConceptDataset, ConceptImage
+from .discriminators import build_ensemble
+from .echo import EchoBuffer, echo_prompt, select_best
+from .losses import (
+    alpha_bar_weight,
+    discriminator_loss,
+    generator_adversarial_loss,
+    latent_mse,
+    masked_denoising_loss,
+    ms_swd,
+    real_probability,
+    semantic_cosine_distance,
+)
+from .offload import Offloader
+
+
+class TrainingCancelled(EchoDistillError):
+    """Training stopped on request; `checkpoint` resumes it."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"training cancelled at step {step}; resume from {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class TrainingDiverged(EchoDistillError):
+    """A loss became NaN/inf; the last good checkpoint on disk is kept."""
+
+
+class Callbacks:
+    """How a UI observes and steers training. Override what you need."""
+
+    def on_progress(self, step: int, total: int, logs: dict[str, float]) -> None: ...
+
+    def on_preview(self, step: int, images: torch.Tensor) -> None: ...  # (N, 3, H, W) in [0, 1]
+
+    def should_stop(self) -> bool:
+        return False
+
+
+PREVIEW_PROMPT = "a photo of a {token} {class_word}"
+
+
+class Trainer:
+    def __init__(
+        self,
+        pair: ModelPair,
+        images: list[ConceptImage],
+        config: TrainConfig,
+        *,
+        backbone_paths: dict[str, str | os.PathLike] | None = None,
+        ip_adapter_path: str | os.PathLike | None = None,
+        run_dir: str | os.PathLike | None = None,
+        callbacks: Callbacks | None = None,
+    ):
+        self.pair, self.config = pair, config
+        self.callbacks = callbacks or Callbacks()
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.device = pair.device
+        torch.manual_seed(config.seed)  # adapter and head initialisation
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.noise_generator = torch.Generator().manual_seed(config.seed + 1)
+
+        self.concept = add_concept_token(pair.tokenizer, pair.text_encoder, config.token, config.initializer_word)
+        self.dataset = ConceptDataset(
+            images, token=config.token, class_word=config.class_word, resolution=config.resolution,
+            latent_scale=pair.vae_downscale, augment=not config.cache_latents,
+        )
+        teacher_params = add_adapter(pair.teacher.unet, config)
+        student_params = add_adapter(pair.student.unet, config)
+        # No shared encoder (ablation): the student reads the prompts with its own token row, trained by its losses.
+        self.student_row = None if config.shared_text_encoder else own_concept_embedding(pair.text_encoder)
+        if self.student_row is not None:
+            student_params = student_params + [self.student_row.concept_row]
+        if config.gradient_checkpointing:
+            pair.teacher.unet.enable_gradient_checkpointing()
+            pair.student.unet.enable_gradient_checkpointing()
+            pair.vae.enable_gradient_checkpointing()  # the pixel losses' decode: the largest activations at 512 px
+        paths = backbone_paths or {}
+        members = [(name, paths.get(name)) for name in config.discriminators]
+        self.ensemble = build_ensemble(
+            members,
+            teacher_unet=pair.teacher.unet,
+            ip_adapter_path=ip_adapter_path,
+            dtype=pair.dtype,
+            device=self.device,
+        )
+        self.clip_member = self.ensemble.members["clip_vit_h14"] if "clip_vit_h14" in self.ensemble.members else None
+        backbones = {name: member.backbone for name, member in self.ensemble.members.items() if member.inputs == "images"}
+        self.offloader = Offloader({"text_encoder": pair.text_encoder, "vae": pair.vae, **backbones}, self.device,
+                                   enabled=config.offload)
+        self.backbone_names = tuple(backbones)
+        self.reference_posteriors = self._encode_references() if config.cache_latents else None
+        self.reference_anchor: torch.Tensor | None = None  # mean backbone embedding of the references, made once
+
+        adamw = dict(
+            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, weight_decay=config.weight_decay,
+            fused=self.device.type == "cuda",  # one kernel per step instead of one per tensor
+        )
+        self.teacher_optimizer = torch.optim.AdamW(
+            teacher_params + concept_parameters(pair.text_encoder), lr=config.lr_teacher, **adamw
+        )
+        self.student_optimizer = torch.optim.AdamW(student_params, lr=config.lr_student, **adamw)
+        self.heads_optimizer = torch.optim.AdamW(self.ensemble.heads_parameters(), lr=config.lr_heads, **adamw)
+        fp16 = config.mixed_precision == "fp16"
+        self.scalers = {
+            id(optimizer): torch.amp.GradScaler(self.device.type, enabled=fp16)
+            for optimizer in (self.teacher_optimizer, self.student_optimizer, self.heads_optimizer)
+        }
+
+        self.teacher_abar = alphas_cumprod_for(pair.teacher.scheduler_config, self.device)
+        self.student_abar = alphas_cumprod_for(pair.student.scheduler_config, self.device)
+        with torch.no_grad():
+            self.uncond = encode_prompts(pair.tokenizer, pair.text_encoder, [""])  # (1, 77, D); no concept in it
+        self.echo = EchoBuffer(config.echo_buffer_size)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.noise_generator).to(self.device)
+
+    def _randint(self, low: int, high: int, count: int) -> torch.Tensor:
+        return torch.randint(low, high + 1, (count,), generator=self.noise_generator).to(self.device)
+
+    def _autocast(self):
+        if self.config.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pair.vae
+        with torch.no_grad():
+            posterior = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+            noise = self._randn(posterior.mean.shape)
+            latents = posterior.mean + posterior.std * noise  # (B, 4, h, w)
+        return latents.float() * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def _encode_references(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior (mean, std), each (R, 2, 4, h, w), of every reference photo and its mirror image."""
+        vae, pixels = self.pair.vae, self.dataset.reference_pixel_values()  # (R, 3, H, W)
+        both = torch.stack([pixels, pixels.flip(-1)], dim=1).flatten(0, 1)  # (2R, 3, H, W): photo, mirror, ...
+        means, stds = [], []
+        for chunk in both.split(4):  # bounded VAE memory with many references
+            posterior = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
+            means.append(posterior.mean.float())
+            stds.append(posterior.std.float())
+        shape = (len(pixels), 2, *means[0].shape[1:])
+        return torch.cat(means).view(shape), torch.cat(stds).view(shape)
+
+    def _real_latents(self, batch) -> torch.Tensor:
+        """Latents (B, 4, h, w) of the batch's photos: a fresh posterior draw, from the cache with cache_latents."""
+        if not self.config.cache_latents:
+            return self._encode_images(batch.pixel_values.to(self.device))
+        means, stds = self.reference_posteriors
+        index = torch.tensor(batch.indices, device=self.device)
+        mirror = torch.tensor([int(f) for f in batch.flipped], device=self.device)
+        mean, std = means[index, mirror], stds[index, mirror]  # (B, 4, h, w)
+        return (mean + std * self._randn(mean.shape)) * self.pair.vae.config.scaling_factor
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pair.vae
+        return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()  # (B, 3, H, W)
+
+    def _backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        # fp16 autocast needs loss scaling (bf16 and fp32 do not: the scaler is then a no-op).
+        self.scalers[id(optimizer)].scale(loss).backward()
+
+    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip, step, and clear the gradients, so each loss's gradients never outlive its step."""
+        scaler = self.scalers[id(optimizer)]
+        if self.config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        """Raise before any weight moves if a term is NaN/inf: one device sync for all the terms."""
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        name, value = next((n, v) for n, v in terms.items() if not torch.isfinite(v).all())
+        where = self.last_checkpoint or "none written yet (set save_every or a run_dir)"
+        raise TrainingDiverged(
+            f"loss '{name}' became {value.item()} at step {self.step + 1}; the last good checkpoint is "
+            f"{where}. Lower the learning rates, or train with mixed_precision='no'."
+        )
+
+    def _ensemble_inputs(self, latents: torch.Tensor, images: torch.Tensor | None, cond: torch.Tensor) -> dict:
+        inputs = {"images": images}
+        if self.ensemble.needs_latents:
+            t = self._randint(0, self.config.discriminator_timestep_max, latents.shape[0])
+            inputs.update(
+                latents=add_noise(latents, self._randn(latents.shape), t, self.teacher_abar),
+                timesteps=t,
+                encoder_hidden_states=cond,
+            )
+        return inputs
+
+    # --- one iteration ---------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg, pair = self.config, self.pair
+        teacher_trains = self.step < cfg.teacher_phase_steps  # False only in a sequential run's second half
+        student_trains = cfg.schedule == "joint" or not teacher_trains
+        adversarial = cfg.weight_adversarial > 0  # 0: no generator term, no heads to train
+        logs: dict[str, torch.Tensor] = {}  # turned into floats once, at the end
+        batch = self.dataset.sample_batch(cfg.batch_size, self.data_generator)
+        real_pixels = batch.pixel_values.to(self.device)  # (B, 3, H, W) in [-1, 1]
+        self.offloader.use("text_encoder", *(() if cfg.cache_latents else ("vae",)))
+        real_latents = self._real_latents(batch)  # (B, 4, h, w)
+        mask = batch.mask.to(self.device)  # (B, 1, h, w)
+        prompts, weights = list(batch.prompts), torch.ones(len(batch.prompts), device=self.device)
+        teacher_latents = real_latents
+        if cfg.echo and len(self.echo):
+            echo_latents, echo_prompts = self.echo.sample(cfg.echo_per_step, self.data_generator)
+            teacher_latents = torch.cat([real_latents, echo_latents.to(self.device)])
+            mask = torch.cat([mask, torch.ones_like(mask[:1]).expand(len(echo_prompts), -1, -1, -1)])
+            prompts += echo_prompts
+            weights = torch.cat([weights, torch.full((len(echo_prompts),), cfg.echo_weight, device=self.device)])
+
+        # 1. Teacher step: masked denoising on real (+ echoed) latents; reaches teacher K/V and the token row.
+        with self._autocast(), torch.set_grad_enabled(teacher_trains):
+            cond = encode_prompts(pair.tokenizer, pair.text_encoder, prompts)  # (B', 77, D)
+        if teacher_trains:
+            with self._autocast():
+                noise = self._randn(teacher_latents.shape)
+                t = self._randint(0, 999, teacher_latents.shape[0])
+                noisy = add_noise(teacher_latents, noise, t, self.teacher_abar)
+                prediction = unet_call(pair.teacher.unet, noisy, t, cond)
+            target = denoising_target(teacher_latents, noise, t, self.teacher_abar, pair.teacher.prediction_type)
+            per_sample = masked_denoising_loss(prediction, target, mask)  # (B',)
+            teacher_loss = (per_sample * weights).sum() / weights.sum()
+            self._check_finite({"teacher/denoise": teacher_loss})
+            self._backward(teacher_loss, self.teacher_optimizer)
+            self._apply(self.teacher_optimizer)
+            logs["teacher/denoise"] = logs["loss/teacher"] = teacher_loss.detach()
+        if not student_trains:  # sequential, first half: the student waits for the finished teacher
+            return self._end_step(logs)
+
+        # 2. Student generation from detached prompt embeddings (real prompts only).
+        real_count = cfg.batch_size
+        teacher_cond = cond[:real_count].detach().float()  # (B, 77, D): the teacher's target and features read it
+        self.offloader.use("vae", *self.backbone_names, *(() if self.student_row is None else ("text_encoder",)))
+        student_noise = self._randn(real_latents.shape)  # (B, 4, h, w)
+        with self._autocast():
+            student_cond = self._student_cond(batch.prompts, teacher_cond)  # (B, 77, D)
+            student_latents = student_one_step(
+                pair.student.unet,
+                student_noise,
+                student_cond,
+                self.student_abar,
+                pair.student.prediction_type,
+                cfg.student_timestep,
+            )
+
+        # 3. Teacher target: the student's output re-noised (same noise) to a random t, guided x0.
+        target_t = self._randint(cfg.target_timestep_min, cfg.target_timestep_max, real_count)
+        with self._autocast():
+            target_latents = teacher_target(
+                pair.teacher.unet,
+                student_latents.detach(),
+                student_noise,
+                target_t,
+                teacher_cond,
+                self.uncond,
+                cfg.teacher_cfg,
+                self.teacher_abar,
+                pair.teacher.prediction_type,
+                cfg.target_steps,
+            )
+        alignment_weight = (
+            alpha_bar_weight(target_t, self.teacher_abar)
+            if cfg.alpha_bar_weighting
+            else torch.ones(real_count, device=self.device)
+        )  # (B,)
+
+        # 4. Student step: adversarial + alignment; gradients reach the student's K/V only.
+        # One differentiable decode of the student serves every pixel loss (and, detached, the heads);
+        # the target is decoded, without grad, only for the losses that compare two images.
+        semantic = self.clip_member is not None and cfg.weight_semantic > 0
+        needs_target_pixels = cfg.weight_ms_swd > 0 or semantic
+        needs_pixels = (adversarial and self.ensemble.needs_images) or needs_target_pixels
+        with self._autocast():
+            student_images = self._decode(student_latents) if needs_pixels else None
+            with torch.no_grad():
+                target_images = self._decode(target_latents) if needs_target_pixels else None
+            fake_logits = (
+                self.ensemble(**self._ensemble_inputs(student_latents, student_images, teacher_cond))
+                if adversarial else {}
+            )
+        student_terms = {
+            f"student/adv_{name}": generator_adversarial_loss(logits).mean() * cfg.weight_adversarial
+            for name, logits in fake_logits.items()
+        }
+        student_terms["student/latent_mse"] = (
+            alignment_weight * latent_mse(student_latents, target_latents)
+        ).mean() * cfg.weight_latent_mse
+        if cfg.weight_ms_swd > 0:
+            swd = ms_swd(
+                student_images,
+                target_images,
+                num_scales=cfg.ms_swd_scales,
+                num_projections=cfg.ms_swd_projections,
+                generator=self.noise_generator,
+            )
+            student_terms["student/ms_swd"] = (alignment_weight * swd).mean() * cfg.weight_ms_swd
+        if semantic:
+            with self._autocast():
+                embed_student = self._semantic_embedding(student_images)
+                with torch.no_grad():
+                    embed_target = self._semantic_embedding(target_images)
+            distance = semantic_cosine_distance(embed_student, embed_target)
+            student_terms["student/semantic"] = (alignment_weight * distance).mean() * cfg.weight_semantic
+        student_loss = sum(student_terms.values())
+        self._check_finite(student_terms)
+        self._backward(student_loss, self.student_optimizer)
+        self._apply(self.student_optimizer)
+        logs.update({k: v.detach() for k, v in student_terms.items()})
+        logs["loss/student"] = student_loss.detach()
+
+        # 5. Heads step: real photos vs the student's (detached) images, every member.
+        if adversarial:
+            self.heads_optimizer.zero_grad(set_to_none=True)  # drop what the generator loss left in the heads
+            real_cond = cond[:real_count].detach()
+            with self._autocast():
+                real_logits = self.ensemble(**self._ensemble_inputs(real_latents, real_pixels, real_cond))
+                fake_images = student_images.detach() if student_images is not None else None
+                fake_logits = self.ensemble(**self._ensemble_inputs(student_latents.detach(), fake_images, real_cond))
+            heads_terms = {
+                f"heads/{name}": discriminator_loss(real_logits[name], fake_logits[name]).mean() for name in real_logits
+            }
+            heads_loss = sum(heads_terms.values())
+            self._check_finite({"heads": heads_loss})
+            self._backward(heads_loss, self.heads_optimizer)
+            self._apply(self.heads_optimizer)
+            logs.update({k: v.detach() for k, v in heads_terms.items()})
+            logs["loss/heads"] = heads_loss.detach()
+        return self._end_step(logs)
+
+    def _end_step(self, logs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """6. Echo: on schedule, the student's best generations join the teacher's data. Then the logs, as floats."""
+        cfg = self.config
+        self.step += 1
+        if cfg.echo and self.step >= cfg.echo_start and (self.step - cfg.echo_start) % cfg.echo_every == 0:
+            self.offloader.use_all()
+            logs["echo/kept"] = torch.tensor(float(self.echo_round()))
+        values = torch.stack([v.float().to(self.device) for v in logs.values()]).tolist()  # one sync
+        return dict(zip(logs, values))
+
+    def _student_cond(self, prompts: list[str], teacher_cond: torch.Tensor) -> torch.Tensor:
+        """The student's prompt embeddings: the teacher's, detached, or read through its own token row."""
+        if self.student_row is None:
+            return teacher_cond.detach().float()
+        with reading_with(self.pair.text_encoder, self.student_row):
+            return encode_prompts(self.pair.tokenizer, self.pair.text_encoder, prompts).float()  # (B, 77, D)
+
+    def _semantic_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.clip_member.backbone(images)  # (B, D_clip)
+        if self.clip_member.projection is not None:
+            features = self.clip_member.projection(features)  # (B, tokens, D_cross)
+        return features.float()
+
+    @torch.no_grad()
+    def echo_round(self) -> int:
+        """Draw `echo_samples` student images in new contexts; keep the best into the buffer."""
+        cfg, pair = self.config, self.pair
+        contexts = torch.randint(0, 1 << 16, (cfg.echo_samples,), generator=self.data_generator).tolist()
+        prompts = [echo_prompt(cfg.token, cfg.class_word, c) for c in contexts]
+        with self._autocast():
+            cond = encode_prompts(pair.tokenizer, pair.text_encoder, prompts)
+            latents = student_one_step(
+                pair.student.unet,
+                self._randn((len(prompts), pair.student.unet.config.in_channels, *self._latent_size())),
+                self._student_cond(prompts, cond),
+                self.student_abar,
+                pair.student.prediction_type,
+                cfg.student_timestep,
+            )
+            images = self._decode(latents) if self.ensemble.needs_images else None
+            # Without the adversarial loss the heads stay untrained: their realness would be noise.
+            logits = self.ensemble(**self._ensemble_inputs(latents, images, cond)) if cfg.weight_adversarial > 0 else {}
+        scores = self._reference_similarity(latents, images)  # (N,)
+        if logits:
+            scores = torch.stack([real_probability(v) for v in logits.values()]).mean(0) + scores
+        keep = select_best(scores, cfg.echo_keep_ratio)
+        self.echo.add(latents[keep], [prompts[i] for i in keep.tolist()])
+        return len(keep)
+
+    def _reference_similarity(self, latents: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """Cosine similarity (N,) of each sample to the mean of the reference photos.
+
+        Measured in the first image backbone's embedding when there is one; otherwise in the
+        teacher UNet's own mid-block features of the clean latents (no extra weights needed).
+        """
+        member = next((m for m in self.ensemble.members.values() if m.inputs == "images"), None)
+        if member is not None:
+            if self.reference_anchor is None:  # frozen backbone, fixed photos: the same every round
+                references = self.dataset.reference_pixel_values().to(self.device)  # (R, 3, H, W)
+                self.reference_anchor = member.backbone(references).float().mean(0, keepdim=True)  # (1, D)
+            return torch.nn.functional.cosine_similarity(member.backbone(images).float(), self.reference_anchor)
+        if self.reference_posteriors is None:  # encoded once, reused every round (cache_latents: at the start)
+            self.reference_posteriors = self._encode_references()
+        reference_latents = self.reference_posteriors[0][:, 0] * self.pair.vae.config.scaling_factor  # (R, 4, h, w)
+        features = self.ensemble.members["teacher_features"].features
+
+        def embed(z: torch.Tensor) -> torch.Tensor:  # mid-block features at t = 0, unconditional
+            return features(z, 0, self.uncond.expand(z.shape[0], -1, -1))[-1]  # (n, C)
+
+        anchor = embed(reference_latents).mean(0, keepdim=True)  # (1, C)
+        return torch.nn.functional.cosine_similarity(embed(latents), anchor)
+
+    def _latent_size(self) -> tuple[int, int]:
+        side = self.config.resolution // self.pair.vae_downscale
+        return side, side
+
+    # --- previews, checkpoints, the loop -----------------------------------------------------
+    @torch.no_grad()
+    def preview(self, count: int = 2) -> torch.Tensor:
+        """One-step student images (N, 3, H, W) in [0, 1] for fixed seeds 0..N-1, for progress displays."""
+        prompt = PREVIEW_PROMPT.format(token=self.config.token, class_word=self.config.class_word)
+        size = self.config.resolution
+        self.offloader.use_all()
+        with reading_with(self.pair.text_encoder, self.student_row):
+            return sample_student(self.pair, [prompt] * count, seeds=list(range(count)), width=size, height=size,
+                                  return_latents=False).images
+
+    def checkpoint(self) -> TrainingCheckpoint:
+        return TrainingCheckpoint(
+            step=self.step,
+            config=self.config.to_dict(),
+            weights={
+                "teacher_adapter": adapter_state_dict(self.pair.teacher.unet),
+                "student_adapter": adapter_state_dict(self.pair.student.unet),
+                "concept_row": {"row": concept_embedding(self.pair.text_encoder).concept_row.detach().clone()},
+                "heads": self.ensemble.heads_state_dict(),
+                **({} if self.student_row is None else
+                   {"student_row": {"row": self.student_row.concept_row.detach().clone()}}),
+            },
+            optimizers={
+                "teacher": self.teacher_optimizer.state_dict(),
+                "student": self.student_optimizer.state_dict(),
+                "heads": self.heads_optimizer.state_dict(),
+                "scalers": [scaler.state_dict() for scaler in self.scalers.values()],
+            },
+            rng={"data": self.data_generator.get_state(), "noise": self.noise_generator.get_state()},
+            echo=self.echo.state_dict(),
+            fingerprints=self.pair.fingerprints(),
+        )
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        path = Path(path) if path else self._default_checkpoint_path()
+        self.last_checkpoint = self.checkpoint().save(path)
+        return self.last_checkpoint
+
+    def _default_checkpoint_path(self) -> Path:
+        if self.run_dir is None:
+            raise EchoDistillError("no run_dir was given, so there is nowhere to save a checkpoint")
+        return self.run_dir / "checkpoint.pt"
+
+    def resume(self, path: str | os.PathLike) -> None:
+        state = TrainingCheckpoint.load(path)
+        state.check_compatible(self.config, self.pair.fingerprints())
+        load_adapter_state_dict(self.pair.teacher.unet, state.weights["teacher_adapter"])
+        load_adapter_state_dict(self.pair.student.unet, state.weights["student_adapter"])
+        with torch.no_grad():
+            concept_embedding(self.pair.text_encoder).concept_row.copy_(state.weights["concept_row"]["row"])
+            if self.student_row is not None:
+                self.student_row.concept_row.copy_(state.weights["student_row"]["row"])
+        self.ensemble.load_heads_state_dict(state.weights["heads"])
+        self.teacher_optimizer.load_state_dict(state.optimizers["teacher"])
+        self.student_optimizer.load_state_dict(state.optimizers["student"])
+        self.heads_optimizer.load_state_dict(state.optimizers["heads"])
+        for scaler, saved in zip(self.scalers.values(), state.optimizers["scalers"]):
+            scaler.load_state_dict(saved)
+        self.data_generator.set_state(state.rng["data"])
+        self.noise_generator.set_state(state.rng["noise"])
+        self.echo.load_state_dict(state.echo)
+        self.step = state.step
+        self.last_checkpoint = Path(path)
+
+    def bundle(self) -> ConceptBundle:
+        return ConceptBundle.from_trained_pair(
+            self.pair, self.config, self.step, teacher_adapter=adapter_state_dict(self.pair.teacher.unet),
+            student_embedding=None if self.student_row is None else self.student_row.concept_row,
+        )
+
+    def train(self) -> ConceptBundle:
+        """Run to `config.steps`; saves on schedule and on cancel (then raises TrainingCancelled).
+
+        An exception raised by a callback (between two whole steps, so the state is consistent)
+        also saves a checkpoint before it propagates: a UI failing never costs the run.
+        """
+        cfg = self.config
+        while self.step < cfg.steps:
+            if self.callbacks.should_stop():
+                checkpoint = self.save_checkpoint() if self.run_dir else None
+                raise TrainingCancelled(self.step, checkpoint)
+            logs = self.train_step()
+            try:
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.callbacks.on_progress(self.step, cfg.steps, logs)
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.callbacks.on_preview(self.step, self.preview())
+            except BaseException:
+                if self.run_dir:
+                    self.save_checkpoint()
+                raise
+            if self.run_dir and cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+        return self.bundle()
