@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..training.config import TrainConfig
 
 CUSTOM_DIFFUSION_TARGETS = ("attn2.to_k", "attn2.to_v")
 LORA_ADAPTER_NAME = "echodistill"
@@ -74,7 +73,8 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, targets: tuple[str, ...])
     return adapter_parameters(unet)
 
 
-def add_adapter(unet: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
+def add_adapter(unet: nn.Module, config) -> list[nn.Parameter]:
+    """The adapter a training config asks for (its `adapter`, `lora_rank`, `lora_alpha`, `lora_targets`)."""
     if config.adapter == "custom_diffusion":
         return add_custom_diffusion(unet)
     return add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
