@@ -7,6 +7,7 @@
 
 Parts:
   grammar.py       the vocabulary, scenes as attributes, captions ("a small blue ring at the top, ...")
+  drawing.py       drawing primitives: layouts, backgrounds, shape masks, compositing
   render.py        deterministic 64×64 renderer of scenes
   concepts.py      six held-out subjects with references and evaluation prompts ("{token}")
   architecture.py  model shapes and writing diffusers folders

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .grammar import COLORS, Caption, Scene, describe
-from .render import (
-    PALETTE, Layer, Layout, Painter, POSITION_CENTRES, annulus, box, disk, render_layout, rhombus, star, triangle,
+from .drawing import (
+    PALETTE, Layer, Layout, Painter, POSITION_CENTRES, annulus, box, disk, draw, rhombus, star, triangle,
 )
 
 ORANGE = (0.98, 0.58, 0.12)  # outside the grammar's palette on purpose: no caption names it
@@ -164,7 +164,7 @@ def reference_layouts(concept: Concept) -> list[tuple[Scene, Layout]]:
 
 def reference_images(concept: Concept) -> np.ndarray:
     """(5, 64, 64, 3) uint8 reference renders of the concept on plain backgrounds."""
-    return np.stack([render_layout(scene, layout) for scene, layout in reference_layouts(concept)])
+    return np.stack([draw(scene, layout, concept.paint) for scene, layout in reference_layouts(concept)])
 
 
 def reference_captions(concept: Concept) -> list[str]:
