@@ -28,7 +28,7 @@ _ENTRY_POINTS = {
     "Callbacks": "echodistill.training.trainer",
     "TrainingCancelled": "echodistill.training.trainer",
     "train_concept": "echodistill.jobs.runs",
-    "sample": "echodistill.jobs.runs",
+    "sample": "echodistill.sampling.with_concept",
     "sample_student": "echodistill.sampling.samplers",
     "sample_teacher": "echodistill.sampling.samplers",
     "ConceptBundle": "echodistill.concepts.bundle",

@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import comfy_support  # noqa: E402
 from browser_support import launch_page  # noqa: E402
 
-from echodistill.benchmarks.quality import TUNED_LR_SCALES  # noqa: E402
+from echodistill.miniworld.recipe import TUNED_LR_SCALES  # noqa: E402
 from echodistill.models.tensor_files import atomic_write_text  # noqa: E402
 from echodistill.training.config import TrainConfig  # noqa: E402
 

@@ -24,9 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from echodistill.benchmarks.quality import RESOLUTION, TOKEN, UnitInputs  # noqa: E402
 from echodistill.imaging import grid, save_png  # noqa: E402
 from echodistill.miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle  # noqa: E402
+from echodistill.miniworld.recipe import RESOLUTION, TOKEN  # noqa: E402
+from echodistill.miniworld.scoring import UnitInputs  # noqa: E402
 from echodistill.models.adapters import add_custom_diffusion  # noqa: E402
 from echodistill.models.concept import add_concept_token, concept_parameters  # noqa: E402
 from echodistill.models.diffusion import alphas_cumprod_for, encode_prompts, unet_call  # noqa: E402

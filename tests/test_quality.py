@@ -11,9 +11,10 @@ import json
 import pytest
 import torch
 
-from echodistill.benchmarks import quality
+from echodistill.benchmarks import methods, quality, quality_report
 from echodistill.benchmarks.measuring import BenchError
 from echodistill.errors import ConfigError
+from echodistill.miniworld import recipe, scoring
 from echodistill.miniworld.oracle import AttributeReader, Oracle, SubjectEncoder
 from echodistill.models.pair import load_model_pair
 
@@ -42,46 +43,46 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
     monkeypatch.setattr(quality, "train_method", spy)
     out = tmp_path / "quality"
     report = quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=2,
-                                 methods=list(quality.METHODS), images_per_prompt=1, out=out, log=lambda _: None)
+                                 methods=list(methods.METHODS), images_per_prompt=1, out=out, log=lambda _: None)
     # One training per method, the teacher row sampling the full run's teacher: equal budgets, one seed.
-    assert sorted(trained) == sorted((m, 2, 3) for m in quality.METHODS if m != "teacher")
+    assert sorted(trained) == sorted((m, 2, 3) for m in methods.METHODS if m != "teacher")
     records = {r["method"]: r for r in report["records"]}
-    assert set(records) == {quality.PRIOR, quality.START_PRIOR, quality.TEACHER_PRIOR, *quality.METHODS}
+    assert set(records) == {scoring.PRIOR, scoring.START_PRIOR, scoring.TEACHER_PRIOR, *methods.METHODS}
     assert all(r["concept"] == "smiley" and r["seed"] == 3 for r in records.values())
     for record in records.values():
         assert 0 <= record["subject_fidelity"] <= 1 and 0 <= record["prompt_fidelity"] <= 1
     assert records["teacher"]["trained_as"] == "echodistill"
     assert records["teacher"]["train_seconds"] == records["echodistill"]["train_seconds"] > 0
-    assert records[quality.PRIOR]["train_seconds"] is None and records[quality.TEACHER_PRIOR]["train_seconds"] is None
+    assert records[scoring.PRIOR]["train_seconds"] is None and records[scoring.TEACHER_PRIOR]["train_seconds"] is None
     assert records["sequential"]["seconds_per_step"] == pytest.approx(records["sequential"]["train_seconds"] / 2)
-    assert [row["method"] for row in report["summary"]] == [quality.PRIOR, quality.START_PRIOR, quality.TEACHER_PRIOR,
-                                                            *quality.METHODS]
+    assert [row["method"] for row in report["summary"]] == [scoring.PRIOR, scoring.START_PRIOR, scoring.TEACHER_PRIOR,
+                                                            *methods.METHODS]
 
     assert json.loads((out / "quality.json").read_text()) == json.loads(json.dumps(report))
     table = (out / "quality.md").read_text()
-    for method in quality.METHODS.values():
+    for method in methods.METHODS.values():
         assert f"| {method.label} |" in table
     assert (out / "sheets" / "smiley-seed3.png").is_file()
-    assert len(list((out / "bundles").glob("smiley-seed3-*.safetensors"))) == len(quality.METHODS) - 1
+    assert len(list((out / "bundles").glob("smiley-seed3-*.safetensors"))) == len(methods.METHODS) - 1
 
     _forbid_training(monkeypatch)  # a finished concept x seed is kept by --resume, not retrained
     again = quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=2,
-                                methods=list(quality.METHODS), images_per_prompt=1, out=out, resume=True,
+                                methods=list(methods.METHODS), images_per_prompt=1, out=out, resume=True,
                                 log=lambda _: None)
     assert again["records"] == json.loads(json.dumps(report["records"]))
     # a prior row missing from a finished unit (a row added since) is scored on resume, with no training
     saved = json.loads((out / "quality.json").read_text())
-    saved["records"] = [r for r in saved["records"] if r["method"] != quality.TEACHER_PRIOR]
+    saved["records"] = [r for r in saved["records"] if r["method"] != scoring.TEACHER_PRIOR]
     (out / "quality.json").write_text(json.dumps(saved))
     filled = quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=2,
-                                 methods=list(quality.METHODS), images_per_prompt=1, out=out, resume=True,
+                                 methods=list(methods.METHODS), images_per_prompt=1, out=out, resume=True,
                                  log=lambda _: None)
     by_method = {r["method"]: r for r in filled["records"]}
-    assert by_method[quality.TEACHER_PRIOR] == json.loads(json.dumps(records[quality.TEACHER_PRIOR]))
+    assert by_method[scoring.TEACHER_PRIOR] == json.loads(json.dumps(records[scoring.TEACHER_PRIOR]))
     assert len(filled["records"]) == len(report["records"])
     with pytest.raises(BenchError, match="was written with other settings"):
         quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=5,
-                            methods=list(quality.METHODS), out=out, resume=True, log=lambda _: None)
+                            methods=list(methods.METHODS), out=out, resume=True, log=lambda _: None)
 
 
 def test_the_teacher_row_alone_trains_the_full_run_but_reports_only_the_teacher(
@@ -90,10 +91,10 @@ def test_the_teacher_row_alone_trains_the_full_run_but_reports_only_the_teacher(
     pair = load_model_pair(*tiny_pair_folders)
     report = quality.run_quality(pair, random_oracle, concepts=["window"], seeds=[0], steps=2, methods=["teacher"],
                                  images_per_prompt=1, log=lambda _: None)
-    assert [r["method"] for r in report["records"]] == [quality.PRIOR, quality.START_PRIOR, quality.TEACHER_PRIOR,
+    assert [r["method"] for r in report["records"]] == [scoring.PRIOR, scoring.START_PRIOR, scoring.TEACHER_PRIOR,
                                                         "teacher"]
     assert [row["label"] for row in report["summary"]][:3] == [
-        quality.PRIOR_LABEL, "untrained student, token at its starting row (the class word's)",
+        methods.PRIOR_LABEL, "untrained student, token at its starting row (the class word's)",
         "class-word prior of the teacher (25 steps, untrained, token removed)"]
 
 
@@ -104,8 +105,8 @@ def test_the_token_at_its_starting_row_reads_as_the_class_word_written_in_its_pl
     pair = load_model_pair(*tiny_pair_folders)
     kwargs = dict(seeds=[2, 2], width=64, height=64)
     plain = sample_student(pair, ["a dog dog on the left", "a dog on the left"], **kwargs).images
-    add_concept_token(pair.tokenizer, pair.text_encoder, quality.TOKEN, "dog")
-    with_token = sample_student(pair, [f"a {quality.TOKEN} dog on the left"], seeds=[2], width=64, height=64).images
+    add_concept_token(pair.tokenizer, pair.text_encoder, recipe.TOKEN, "dog")
+    with_token = sample_student(pair, [f"a {recipe.TOKEN} dog on the left"], seeds=[2], width=64, height=64).images
     torch.testing.assert_close(with_token[0], plain[0], atol=1e-5, rtol=0)  # batch 1 vs 2: float rounding only
     assert (with_token[0] - plain[1]).abs().max() > 1e-4  # the token is not simply dropped
 
@@ -125,7 +126,7 @@ def test_bad_requests_fail_before_anything_trains(tiny_pair_folders, random_orac
 
 def test_summary_is_mean_and_sample_std_over_concepts_and_seeds():
     records = [
-        {"method": quality.PRIOR, "concept": "a", "seed": 0, "subject_fidelity": 0.2, "prompt_fidelity": 0.5,
+        {"method": scoring.PRIOR, "concept": "a", "seed": 0, "subject_fidelity": 0.2, "prompt_fidelity": 0.5,
          "train_seconds": None, "seconds_per_step": None},
         {"method": "echodistill", "concept": "a", "seed": 0, "subject_fidelity": 0.6, "prompt_fidelity": 0.7,
          "train_seconds": 10.0, "seconds_per_step": 1.0},
@@ -134,7 +135,7 @@ def test_summary_is_mean_and_sample_std_over_concepts_and_seeds():
         {"method": "echodistill", "concept": "b", "seed": 0, "subject_fidelity": 0.4, "prompt_fidelity": 0.4,
          "train_seconds": 14.0, "seconds_per_step": 1.4},
     ]
-    prior, full = quality.summarize(records, ["echodistill"])
+    prior, full = quality_report.summarize(records, ["echodistill"])
     assert prior["runs"] == 1 and prior["subject_fidelity"] == {"mean": 0.2, "std": 0.0}
     assert prior["train_seconds"] == {"mean": None, "std": None}
     assert full["runs"] == 3
@@ -152,7 +153,7 @@ def test_summary_is_mean_and_sample_std_over_concepts_and_seeds():
                            "student_steps": 1, "teacher_steps": 25, "teacher_guidance": 7.5, "resolution": 64,
                            "fingerprints": {}, "command": "echodistill bench quality --steps 10"},
               "summary": [prior, full]}
-    table = quality.markdown(report)
+    table = quality_report.markdown(report)
     assert "Command: `echodistill bench quality --steps 10`" in table
     assert "| EchoDistill (full), student 1 step | 0.600 ± 0.200 | 0.600 ± 0.173 | 12.0 ± 2.0 | 1.200 ± 0.200 | 3 |" \
         in table
@@ -166,12 +167,12 @@ def test_pairing_by_unit_sees_a_consistent_difference_that_concept_spread_hides(
         for method, score in (("echodistill", level + 0.01), ("custom_diffusion", level)):
             records.append({"method": method, "concept": f"c{unit}", "seed": 0, "subject_fidelity": score,
                             "prompt_fidelity": 0.5, "train_seconds": 1.0, "seconds_per_step": 0.1})
-    paired = quality.paired_against_reference(records, "custom_diffusion")
+    paired = quality_report.paired_against_reference(records, "custom_diffusion")
     assert paired["subject_fidelity"]["mean"] == pytest.approx(0.01)
     assert paired["subject_fidelity"]["se"] == pytest.approx(0.0, abs=1e-12)
     assert paired["reference_wins_subject"] == 3 and paired["units"] == 3
-    assert quality.paired_against_reference(records, "echodistill") is None
-    assert quality.paired_against_reference(records, "textual_inversion") is None
+    assert quality_report.paired_against_reference(records, "echodistill") is None
+    assert quality_report.paired_against_reference(records, "textual_inversion") is None
 
 
 def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
@@ -191,8 +192,8 @@ def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
     assert command.startswith("echodistill bench quality --concepts crossed_ring --seeds 0 --steps 2 --methods "
                               "textual_inversion teacher --images-per-prompt 1 --lr-scale echodistill=3 "
                               "custom_diffusion=0.3 textual_inversion=10 dreambooth_lora=3 --oracle ")
-    assert report["settings"]["lr_scales"] == quality.TUNED_LR_SCALES and report["settings"]["captions"] is True
-    assert {r["method"] for r in report["records"]} == {quality.PRIOR, quality.START_PRIOR, quality.TEACHER_PRIOR,
+    assert report["settings"]["lr_scales"] == recipe.TUNED_LR_SCALES and report["settings"]["captions"] is True
+    assert {r["method"] for r in report["records"]} == {scoring.PRIOR, scoring.START_PRIOR, scoring.TEACHER_PRIOR,
                                                         "textual_inversion",
                                                         "teacher"}
     assert set(report["settings"]["oracle"]["digests"]) == {"attribute_reader.safetensors",
@@ -202,41 +203,41 @@ def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
 
 
 def test_learning_rate_scales_multiply_each_familys_published_rates_and_ablations_follow_echodistill():
-    base = quality.method_config("no_echo", "ring", 10, 0)
-    scaled = quality.method_config("no_echo", "ring", 10, 0, lr_scale=3.0)
+    base = methods.method_config("no_echo", "ring", 10, 0)
+    scaled = methods.method_config("no_echo", "ring", 10, 0, lr_scale=3.0)
     assert scaled.lr_student == pytest.approx(3 * base.lr_student)
     assert scaled.lr_teacher == pytest.approx(3 * base.lr_teacher)
     assert scaled.lr_heads == base.lr_heads  # heads start from scratch at any model size
-    ti = quality.method_config("textual_inversion", "ring", 10, 0, lr_scale=0.5)
+    ti = methods.method_config("textual_inversion", "ring", 10, 0, lr_scale=0.5)
     assert ti.lr_student == pytest.approx(0.5 * 5e-3)
-    assert [quality.lr_family(m) for m in ("sequential", "teacher", "dreambooth_lora")] == [
+    assert [methods.lr_family(m) for m in ("sequential", "teacher", "dreambooth_lora")] == [
         "echodistill", "echodistill", "dreambooth_lora"]
-    assert quality.parse_lr_scales(["echodistill=1", "textual_inversion=0.3"]) == {
-        **quality.TUNED_LR_SCALES, "echodistill": 1.0, "textual_inversion": 0.3}
-    assert quality.parse_lr_scales([]) == quality.TUNED_LR_SCALES and set(quality.TUNED_LR_SCALES) == set(
-        quality.LR_FAMILIES)
+    assert methods.parse_lr_scales(["echodistill=1", "textual_inversion=0.3"]) == {
+        **recipe.TUNED_LR_SCALES, "echodistill": 1.0, "textual_inversion": 0.3}
+    assert methods.parse_lr_scales([]) == recipe.TUNED_LR_SCALES and set(recipe.TUNED_LR_SCALES) == set(
+        methods.LR_FAMILIES)
     for bad in ("no_echo=3", "echodistill", "echodistill=0", "echodistill=x"):
         with pytest.raises(BenchError, match="write FAMILY=FACTOR"):
-            quality.parse_lr_scales([bad])
+            methods.parse_lr_scales([bad])
 
 
 def test_captioned_references_train_on_the_worlds_grammar_with_the_token():
     from echodistill.miniworld import CONCEPTS
     from echodistill.training.data import ConceptDataset
 
-    unit = quality.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=True)
+    unit = scoring.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=True)
     assert all(image.caption.startswith("a {} on a plain ") for image in unit.images)
-    dataset = ConceptDataset(unit.images, token=quality.TOKEN, class_word="square", resolution=64, latent_scale=4)
+    dataset = ConceptDataset(unit.images, token=recipe.TOKEN, class_word="square", resolution=64, latent_scale=4)
     batch = dataset.sample_batch(16, torch.Generator().manual_seed(0))
     assert all("<v*> square on a plain " in prompt and "photo" not in prompt for prompt in batch.prompts)
-    templated = quality.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=False)
+    templated = scoring.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=False)
     assert all(image.caption is None for image in templated.images)
 
 
 def _fake_report(folder, concepts, seeds, **changes):
     records = [{"concept": c, "seed": s, "method": m, "subject_fidelity": 0.1 * (s + 1),
                 "prompt_fidelity": 0.9, "train_seconds": 1.0, "seconds_per_step": 0.1}
-               for c in concepts for s in seeds for m in (quality.PRIOR, "echodistill")]
+               for c in concepts for s in seeds for m in (scoring.PRIOR, "echodistill")]
     settings = {"concepts": concepts, "seeds": seeds, "steps": 10, "methods": ["echodistill"],
                 "images_per_prompt": 1, "student_steps": 1, "teacher_steps": 25, "teacher_guidance": 7.5,
                 "resolution": 64, "fingerprints": {"vae": "abc"}, "command": f"run {folder.name}", **changes}
@@ -247,7 +248,7 @@ def _fake_report(folder, concepts, seeds, **changes):
 def test_runs_made_side_by_side_merge_into_one_table_and_mismatches_are_refused(tmp_path):
     _fake_report(tmp_path / "s0", ["a", "b"], [0])
     _fake_report(tmp_path / "s1", ["a", "b"], [1])
-    merged = quality.merge_reports([tmp_path / "s0", tmp_path / "s1"], tmp_path / "all")
+    merged = quality_report.merge_reports([tmp_path / "s0", tmp_path / "s1"], tmp_path / "all")
     assert merged["settings"]["seeds"] == [0, 1] and merged["settings"]["concepts"] == ["a", "b"]
     full = next(row for row in merged["summary"] if row["method"] == "echodistill")
     assert full["runs"] == 4 and full["subject_fidelity"]["mean"] == pytest.approx(0.15)
@@ -257,9 +258,9 @@ def test_runs_made_side_by_side_merge_into_one_table_and_mismatches_are_refused(
 
     _fake_report(tmp_path / "other", ["c"], [0], steps=20)
     with pytest.raises(BenchError, match="other settings \\(steps\\)"):
-        quality.merge_reports([tmp_path / "s0", tmp_path / "other"], tmp_path / "bad")
+        quality_report.merge_reports([tmp_path / "s0", tmp_path / "other"], tmp_path / "bad")
     with pytest.raises(BenchError, match="repeats a seed 0"):
-        quality.merge_reports([tmp_path / "s0", tmp_path / "s0"], tmp_path / "bad")
+        quality_report.merge_reports([tmp_path / "s0", tmp_path / "s0"], tmp_path / "bad")
     with pytest.raises(BenchError, match="does not exist"):
-        quality.merge_reports([tmp_path / "s0", tmp_path / "missing"], tmp_path / "bad")
+        quality_report.merge_reports([tmp_path / "s0", tmp_path / "missing"], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

@@ -16,16 +16,17 @@ the `--lr-scale` argument to give `bench quality`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..miniworld.concepts import CONCEPTS
+from ..miniworld.scoring import UnitInputs, score_prior
 from ..models.tensor_files import atomic_write_text
 from .measuring import BenchError
-from .quality import LR_FAMILIES, METHODS, UnitInputs, score_prior, shown_path, train_and_score
+from .methods import LR_FAMILIES, METHODS
+from .quality import train_and_score
 
 PROMPT_TOLERANCE = 0.05  # prompt fidelity a chosen rate may lose against the class-word prior
 
@@ -47,8 +48,6 @@ def run_lr_sweep(pair, oracle, *, concept: str, seed: int, steps: int, factors: 
                  out: str | Path | None = None, settings: dict | None = None,
                  log: Callable[[str], None] = print) -> dict:
     """Train every family at every factor on one concept x seed; score it; choose each family's factor."""
-    from ..miniworld import CONCEPTS
-
     if concept not in CONCEPTS:
         raise BenchError(f"concept {concept!r}: give one of {', '.join(sorted(CONCEPTS))}")
     unknown = [f for f in families if f not in LR_FAMILIES]
@@ -112,49 +111,3 @@ def markdown(report: dict) -> str:
         lines.append(f"| {family} ({METHODS[family].label}) | " + " | ".join(cells) + " |")
     lines += ["", f"Give `bench quality`: `{lr_scale_argument(report['chosen'])}`"]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--concept", default="smiley", help="the tuning concept")
-    parser.add_argument("--seed", type=int, default=100, help="tuning seed (keep it out of the table's seeds)")
-    parser.add_argument("--steps", type=int, default=100, help="training iterations (the table's budget)")
-    parser.add_argument("--factors", nargs="+", type=float, default=[0.3, 1.0, 3.0, 10.0],
-                        help="multiples of each family's published learning rates to try")
-    parser.add_argument("--families", nargs="+", default=list(LR_FAMILIES), metavar="FAMILY",
-                        help=f"families to tune (default: all): {', '.join(LR_FAMILIES)}")
-    parser.add_argument("--images-per-prompt", type=int, default=1)
-    parser.add_argument("--templates", action="store_true",
-                        help="train on the prompt templates instead of the references' grammar captions")
-    parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
-    parser.add_argument("--out", default="runs/lr_sweep", help="folder for lr_sweep.json and lr_sweep.md")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
-
-
-def command_line(args: argparse.Namespace) -> str:
-    parts = ["echodistill", "bench", "lr-sweep", "--concept", args.concept, "--seed", str(args.seed), "--steps",
-             str(args.steps), "--factors", *(f"{f:g}" for f in args.factors), "--families", *args.families,
-             "--images-per-prompt", str(args.images_per_prompt), *(["--templates"] if args.templates else []),
-             "--oracle", shown_path(args.oracle), "--out", str(args.out), "--device", args.device]
-    if args.threads is not None:
-        parts += ["--threads", str(args.threads)]
-    return shlex.join(parts)
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    from .quality import load_world
-
-    pair, oracle, settings = load_world(args)
-    report = run_lr_sweep(pair, oracle, concept=args.concept, seed=args.seed, steps=args.steps,
-                          factors=args.factors, families=args.families, images_per_prompt=args.images_per_prompt,
-                          captions=not args.templates, out=args.out,
-                          settings={**settings, "command": command_line(args)}, log=_log)
-    print(markdown(report))
-    print(f"wrote {Path(args.out) / 'lr_sweep.json'} and {Path(args.out) / 'lr_sweep.md'}")
-    print(lr_scale_argument(report["chosen"]))
-    return 0
-
-
-def _log(message: str) -> None:
-    print(f"[lr-sweep] {message}", file=sys.stderr, flush=True)
-

@@ -1,4 +1,4 @@
-"""Benchmarks (issue "Performance"): each prints a table and writes every number to JSON.
+"""Speed benchmarks: each prints a table and writes every number to JSON.
 
     echodistill bench sample --model sd --device cuda --dtype bf16 --batch 1 16
     echodistill bench train --model sd --device cuda --presets paper balanced lite --steps 10
@@ -26,28 +26,21 @@ What each number is:
 - utilisation: achieved TFLOP/s (FLOPs / p50) over the device's dense fp16/bf16 tensor-core
   peak from `PEAK_TFLOPS`; null where the device is not in the table (every CPU).
 
-`--model sd` builds the real SD-Turbo / SD 2.1 base architectures from the shipped configs
-with random weights (speed does not depend on the values), directly on the target device and
-dtype: built on the meta device, materialised with `to_empty`, filled by a fan-in scaled normal.
+`--model sd` times the real SD-Turbo / SD 2.1 base architectures with random weights
+(random_pairs.py); `--model tiny` the test suite's tiny pair.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import sys
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..models.tensor_files import atomic_write_text
 from ..training.config import PRESETS, TrainConfig, preset
 from .measuring import (
-    DTYPE_NAMES,
     PEAK_BASIS,
     PEAK_TFLOPS,
     PROJECTED_ITERATIONS,
@@ -62,6 +55,7 @@ from .measuring import (
     rates,
     ratio,
 )
+from .random_pairs import build_pair
 
 if TYPE_CHECKING:  # models imports diffusers: load it only when a benchmark runs
     from ..models.pair import ModelPair
@@ -69,101 +63,6 @@ if TYPE_CHECKING:  # models imports diffusers: load it only when a benchmark run
 
 __all__ = ["PEAK_TFLOPS", "BenchError", "Measurement", "MemoryProbe", "bench_sample", "bench_train", "build_pair",
            "count_flops", "peak_tflops"]
-
-
-# --- models --------------------------------------------------------------------------------------
-
-def _random_module(factory: Callable[[], torch.nn.Module], device: torch.device, dtype: torch.dtype):
-    """A module built on the meta device and materialised on `device` in `dtype`: no CPU init, no copy."""
-    with torch.device("meta"):
-        module = factory()
-    # nn.Module.to, not diffusers' override: it warns about `_keep_in_fp32_modules`, empty for SD's UNet and VAE.
-    module = torch.nn.Module.to(module, dtype=dtype).to_empty(device=device)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim >= 2:
-                param.normal_(0.0, param[0].numel() ** -0.5)  # fan-in scaled: activations stay O(1), no denormals
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                param.fill_(1.0)  # norm scales
-        for name, buffer in module.named_buffers():
-            if not name.endswith("position_ids"):
-                raise BenchError(f"{type(module).__name__} has a buffer {name} this builder does not know how to fill")
-            buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
-    return module.requires_grad_(False).eval()
-
-
-def _sd_pair(device: torch.device, dtype: torch.dtype, with_teacher: bool) -> ModelPair:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ..models.families import family_config
-    from ..models.pair import DiffusionModel, ModelPair
-    from ..models.tokenizer import load_clip_tokenizer
-
-    teacher_config, student_config = family_config("sd21-base"), family_config("sd-turbo")
-    text_config = CLIPTextConfig(**{k: v for k, v in teacher_config.text_encoder.items() if not k.startswith("_")})
-    student = _random_module(lambda: UNet2DConditionModel.from_config(student_config.unet), device, dtype)
-    teacher = (
-        _random_module(lambda: UNet2DConditionModel.from_config(teacher_config.unet), device, dtype)
-        if with_teacher else student  # sampling never calls the teacher: share, and save 3.5 GB in fp32
-    )
-    return ModelPair(
-        tokenizer=load_clip_tokenizer(teacher_config.tokenizer_style),
-        text_encoder=_random_module(lambda: CLIPTextModel(text_config), device, dtype),
-        vae=_random_module(lambda: AutoencoderKL.from_config(student_config.vae), device, dtype),
-        teacher=DiffusionModel(teacher, teacher_config, teacher_config.folder, "random", "bench: random weights"),
-        student=DiffusionModel(student, student_config, student_config.folder, "random", "bench: random weights"),
-        text_fingerprint="random",
-        vae_fingerprint="random",
-    )
-
-
-def _tiny_pair(device: torch.device, dtype: torch.dtype, with_teacher: bool) -> ModelPair:
-    # with_teacher is ignored: the tiny teacher costs nothing worth saving.
-    from ..models.families import FamilyConfig
-    from ..models.pair import DiffusionModel, ModelPair
-    from ..models.tiny import build_tiny_pair
-    from ..models.tokenizer import load_clip_tokenizer
-
-    with tempfile.TemporaryDirectory(prefix="echodistill-bench-") as root:
-        world = build_tiny_pair(Path(root))
-        configs = {name: FamilyConfig(name, folder) for name, folder in world["families"].items()}
-        for config in configs.values():  # read now: the folder is gone after this block
-            config.unet, config.vae, config.text_encoder, config.scheduler
-
-    def place(module: torch.nn.Module) -> torch.nn.Module:
-        # Frozen, as load_model_pair leaves them. Cast only when asked: diffusers warns about any dtype cast.
-        module = module.to(device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
-        return module.requires_grad_(False).eval()
-
-    models = {role: {k: place(m) for k, m in parts.items()} for role, parts in world["models"].items()}
-    teacher, student = configs["tiny-sd21"], configs["tiny-turbo"]
-    return ModelPair(
-        tokenizer=load_clip_tokenizer("sd2"),
-        text_encoder=models["teacher"]["text_encoder"],
-        vae=models["student"]["vae"],
-        teacher=DiffusionModel(models["teacher"]["unet"], teacher, teacher.folder, "random", "bench: tiny random"),
-        student=DiffusionModel(models["student"]["unet"], student, student.folder, "random", "bench: tiny random"),
-        text_fingerprint="random",
-        vae_fingerprint="random",
-    )
-
-
-MODELS: dict[str, Callable[[torch.device, torch.dtype, bool], "ModelPair"]] = {"tiny": _tiny_pair, "sd": _sd_pair}
-
-
-def build_pair(
-    model: str, device: str | torch.device, dtype: torch.dtype | str, *, with_teacher: bool = True
-) -> ModelPair:
-    """A random-weight pair: 'sd' (real SD-Turbo + SD 2.1 base architectures) or 'tiny'."""
-    from ..models.loading import resolve_dtype
-
-    if model not in MODELS:
-        raise BenchError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
-    torch.manual_seed(0)
-    return MODELS[model](torch.device(device), resolve_dtype(dtype), with_teacher)
 
 
 # --- bench sample --------------------------------------------------------------------------------
@@ -383,7 +282,7 @@ def bench_train(
     }
 
 
-# --- tables and the command line -----------------------------------------------------------------
+# --- tables -----------------------------------------------------------------
 
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
@@ -443,79 +342,3 @@ def train_table(report: dict) -> str:
 
 def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=tuple(MODELS), default="sd", help="sd: real architectures, random weights")
-    parser.add_argument("--device", default=_default_device())
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to time")
-    parser.add_argument("--size", type=int, default=512, help="image width and height in pixels")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per case")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
-    parser.add_argument("--out", default="bench_sample.json")
-    speed = parser.add_argument_group("speed options of echodistill's sampler (SamplerOptions)")
-    speed.add_argument("--no-prompt-cache", action="store_true", help="re-encode the prompts every call")
-    speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions (UNet and VAE)")
-    speed.add_argument("--fuse-qkv", action="store_true", help="fused self-attention q/k/v projections")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the student UNet (compiles in warm-up)")
-    speed.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
-    speed.add_argument("--cuda-graph", action="store_true", help="capture the one-step student in a CUDA graph")
-    _add_threads_argument(parser)
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=tuple(MODELS), default="sd", help="sd: real architectures, random weights")
-    parser.add_argument("--device", default=_default_device())
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weights dtype (presets autocast)")
-    parser.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS))
-    parser.add_argument("--steps", type=int, default=10, help="timed iterations per case")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per case first")
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--out", default="bench_train.json")
-    _add_threads_argument(parser)
-
-
-def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--threads", type=int,
-        help="CPU threads for torch (default: torch's own). On a shared machine use fewer than the free cores: "
-        "oversubscribed OpenMP threads spin and can make each op ~100x slower",
-    )
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise BenchError(f"--threads {threads} must be at least 1")
-        torch.set_num_threads(threads)
-
-
-def _finish(report: dict, table: str, out: str) -> int:
-    print(table)
-    path = atomic_write_text(out, json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
-    return 0
-
-
-def run_sample(args: argparse.Namespace) -> int:
-    _set_threads(args.threads)
-    from ..sampling.speed import SamplerOptions
-
-    options = SamplerOptions(cache_prompts=not args.no_prompt_cache, channels_last=args.channels_last,
-                             fuse_qkv=args.fuse_qkv, compile=args.compile, compile_mode=args.compile_mode,
-                             cuda_graph=args.cuda_graph)
-    report = bench_sample(args.model, args.device, args.dtype, tuple(args.batch), args.size, args.repeats, args.warmup,
-                          options)
-    return _finish(report, sample_table(report), args.out)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    _set_threads(args.threads)
-    report = bench_train(args.model, args.device, args.dtype, tuple(args.presets), args.steps, args.warmup,
-                         args.resolution)
-    return _finish(report, train_table(report), args.out)

@@ -1,4 +1,4 @@
-"""Command-line jobs after training: sample, teacher-sample, eval, export."""
+"""`echodistill sample`, `teacher-sample`, `eval` and `export`: the commands after training."""
 
 from __future__ import annotations
 
@@ -7,10 +7,23 @@ import json
 from pathlib import Path
 
 from ..errors import EchoDistillError
-from ..imaging import save_png, to_pil
-from ..models.tensor_files import atomic_write_text
 
 PNG_KEY = "echodistill"
+
+
+def add_commands(commands) -> None:
+    sample = commands.add_parser("sample", help="one-step student images (PNG, with prompt/seed/concept chunks)")
+    add_sample_arguments(sample, teacher=False)
+    sample.set_defaults(run=run_sample)
+    teacher_sample = commands.add_parser("teacher-sample", help="multi-step teacher images (DDIM, CFG)")
+    add_sample_arguments(teacher_sample, teacher=True)
+    teacher_sample.set_defaults(run=run_sample)
+    evaluate = commands.add_parser("eval", help="CLIP-T / CLIP-I / DINO of generated images vs the references")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=run_eval)
+    export = commands.add_parser("export", help="kohya LoRA + embedding for core ComfyUI nodes")
+    add_export_arguments(export)
+    export.set_defaults(run=run_export)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +60,8 @@ def _prompts(args: argparse.Namespace, bundle) -> list[str]:
 
 
 def _write_images(result, out: Path, *, sampler: str, steps: int, guidance: float, bundle, extra: dict) -> list[Path]:
+    from ..imaging import save_png, to_pil
+
     written = []
     for index, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
         record = {"prompt": prompt, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance,
@@ -112,6 +127,7 @@ def _read_images(folder: str):
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..evaluation.metrics import evaluate
+    from ..models.tensor_files import atomic_write_text
 
     generated, prompts = _read_images(args.images)
     references, _ = _read_images(args.references)

@@ -8,7 +8,6 @@ with the student in one step and with the teacher in 25, write a contact sheet
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -17,18 +16,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..benchmarks.quality import (
-    TEACHER_GUIDANCE,
-    TEACHER_STEPS,
-    TUNED_LR_SCALES,
-    UnitInputs,
-    method_config,
-    score_prior,
-)
+from ..concepts.bundle import ConceptBundle
 from ..imaging import labelled_rows, save_png
+from ..miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle
+from ..miniworld.recipe import tuned_config
+from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_STEPS, UnitInputs, score_prior
 from ..models.pair import load_model_pair
 from ..models.pristine import pristine
 from ..models.tensor_files import atomic_write_text
+from ..training.trainer import Callbacks, Trainer
 
 DEFAULT_STEPS = 200
 
@@ -57,11 +53,8 @@ class DemoReport:
 
 
 def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int = DEFAULT_STEPS, seed: int = 0,
-             run_training=None, overrides: dict | None = None) -> DemoReport:
-    """Train, sample, measure; `run_training(pair, images, config, out=, run_dir=)` trains (the CLI's, with a bar)."""
-    from ..concepts.bundle import ConceptBundle
-    from ..miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle
-
+             overrides: dict | None = None, callbacks: Callbacks | None = None) -> DemoReport:
+    """Train, sample, measure; `callbacks` observe and steer the training (the command line's show a bar)."""
     out_dir = Path(out_dir)
     name = concept_name or sorted(CONCEPTS)[0]
     concept = CONCEPTS[name]
@@ -69,13 +62,12 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR)
     # Trained, drawn and scored as bench quality does it: captioned references, its rates, its prompts and noise.
     unit = UnitInputs.build(concept, seed, images_per_prompt=1, captions=True)
-    config = method_config("echodistill", concept.class_word, steps, seed, TUNED_LR_SCALES["echodistill"])
-    config = config.with_changes(**(overrides or {}))
+    config = tuned_config(concept.class_word, steps, seed).with_changes(**(overrides or {}))
 
     started = time.perf_counter()
     with pristine(pair):  # training adds the token and adapters; the samplers below apply the bundle themselves
-        bundle_path = run_training(pair, unit.images, config, out=out_dir / f"{name}.safetensors",
-                                   run_dir=out_dir / "run")
+        trainer = Trainer(pair, unit.images, config, run_dir=out_dir / "run", callbacks=callbacks)
+        bundle_path = trainer.train().save(out_dir / f"{name}.safetensors")
     train_seconds = time.perf_counter() - started
     bundle = ConceptBundle.load(bundle_path)
 
@@ -104,29 +96,3 @@ def _contact_sheet(references: torch.Tensor, student: torch.Tensor, teacher: tor
     """Three labelled rows: references | student samples | teacher samples (images in [0, 1])."""
     rows = [("references", references), ("student, 1 step", student), ("teacher, 25 steps", teacher)]
     return labelled_rows(rows, columns=6, zoom=2, label_width=120, gap=4)  # 64 px is hard to judge at its size
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..miniworld import CONCEPTS
-
-    parser.add_argument("--concept", choices=sorted(CONCEPTS), default=sorted(CONCEPTS)[0],
-                        help="which held-out mini-world subject to learn")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training iterations")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="demo-output", help="folder for the bundle, contact sheet and metrics")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any training config field, e.g. --set echo=false")
-
-
-def run_from_args(args: argparse.Namespace, run_training) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {args.steps} steps, seed {args.seed}")
-    from ..cli import _parse_overrides
-
-    report = run_demo(args.out, concept_name=args.concept, steps=args.steps, seed=args.seed,
-                      run_training=run_training, overrides=_parse_overrides(args.set))
-    print(report.table())
-    print(f"trained in {report.train_seconds:.0f} s; contact sheet {report.contact_sheet}; bundle {report.bundle}")
-    return 0

@@ -1,4 +1,4 @@
-"""Whole jobs on a loaded pair, for front ends (ComfyUI nodes, scripts) that keep the pair loaded.
+"""Training a concept as a whole job on a loaded pair, for front ends that keep the pair loaded.
 
 Each job borrows the pair through `pristine`, so the pair is unchanged afterwards and the next
 job (another concept, another training) starts from the same base models.
@@ -19,7 +19,7 @@ from PIL import Image
 from ..concepts.bundle import ConceptBundle
 from ..models.pair import ModelPair
 from ..models.pristine import pristine
-from ..sampling.samplers import SampleResult, sample_student, sample_teacher
+from ..sampling.with_concept import sample
 from ..training.config import TrainConfig
 from ..training.data import load_concept_images
 from ..training.trainer import Callbacks, Trainer
@@ -113,21 +113,3 @@ def train_concept(
             recorder.preview = trainer.preview()
     bundle.save(finished)
     return TrainingResult(bundle, recorder.history, recorder.preview, resumed_from)
-
-
-def sample(
-    pair: ModelPair,
-    prompts: list[str],
-    *,
-    concept: ConceptBundle | None = None,
-    part: str = "student",
-    **options,
-) -> SampleResult:
-    """Student (one step by default) or teacher images, with `concept` applied for this call only."""
-    sampler = sample_student if part == "student" else sample_teacher
-    # Outside inference mode: the concept's token row and adapters are written into the pair's
-    # (ordinary) tensors and taken out again, which inference mode forbids.
-    with torch.inference_mode(False), torch.no_grad(), pristine(pair):
-        if concept is not None:
-            concept.apply(pair, parts=(part,))
-        return sampler(pair, prompts, **options)

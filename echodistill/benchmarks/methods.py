@@ -1,0 +1,90 @@
+"""The rows of `bench quality` and how each trains: EchoDistill, its ablations, the baselines, the teacher.
+
+Learning rates are tuned per family (LR_FAMILIES): the ablations and the teacher row keep the full
+method's rates (an ablation removes a part, not a setting), each baseline has its own. The mini
+world's recipe (echodistill.miniworld.recipe) gives the full method's config and the tuned factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..miniworld.recipe import RESOLUTION, TOKEN, TUNED_LR_SCALES, echodistill_config, scaled_rates
+from ..miniworld.scoring import PRIOR, START_PRIOR, TEACHER_PRIOR, TEACHER_STEPS
+from ..training.config import TrainConfig
+from .baselines import baseline_config
+from .measuring import BenchError
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    changes: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides of the full method
+    baseline: str | None = None  # a baselines.BASELINES name: student-only training
+    part: str = "student"  # which side of the trained concept is sampled
+
+
+METHODS: dict[str, Method] = {
+    "echodistill": Method("EchoDistill (full), student 1 step"),
+    "no_echo": Method("w/o echo", {"echo": False}),
+    "no_adversarial": Method("w/o adversarial", {"weight_adversarial": 0.0}),
+    "no_shared_encoder": Method("w/o shared text encoder", {"shared_text_encoder": False}),
+    "sequential": Method("sequential: teacher, then distill", {"schedule": "sequential", "echo": False}),
+    "custom_diffusion": Method("Custom Diffusion K/V on the student", baseline="custom_diffusion"),
+    "textual_inversion": Method("Textual Inversion on the student", baseline="textual_inversion"),
+    "dreambooth_lora": Method("DreamBooth-LoRA on the student", baseline="dreambooth_lora"),
+    "teacher": Method(f"EchoDistill teacher, {TEACHER_STEPS} DDIM steps", part="teacher"),
+}
+PRIOR_LABEL = "class-word prior (untrained student, token removed)"
+PRIOR_LABELS = {PRIOR: PRIOR_LABEL,
+                START_PRIOR: "untrained student, token at its starting row (the class word's)",
+                TEACHER_PRIOR: f"class-word prior of the teacher ({TEACHER_STEPS} steps, untrained, token removed)"}
+
+REFERENCE_METHOD = "echodistill"  # the row every other row is paired against
+
+
+def prior_rows(methods: Sequence[str]) -> list[str]:
+    """The untrained reference rows a table of `methods` shows."""
+    return [PRIOR, START_PRIOR, *([TEACHER_PRIOR] if "teacher" in methods else [])]
+
+
+LR_FAMILIES = ("echodistill", "custom_diffusion", "textual_inversion", "dreambooth_lora")
+
+
+def lr_family(name: str) -> str:
+    return METHODS[name].baseline or "echodistill"
+
+
+def parse_lr_scales(specs: Sequence[str]) -> dict[str, float]:
+    """`FAMILY=FACTOR` strings -> {family: factor} for every family (TUNED_LR_SCALES where not given)."""
+    scales = dict(TUNED_LR_SCALES)
+    for spec in specs:
+        family, _, factor = spec.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = float("nan")
+        if family not in LR_FAMILIES or not value > 0:
+            raise BenchError(f"--lr-scale {spec!r}: write FAMILY=FACTOR with a factor > 0 and FAMILY one of "
+                             f"{', '.join(LR_FAMILIES)}")
+        scales[family] = value
+    return scales
+
+
+def method_config(name: str, class_word: str, steps: int, seed: int, lr_scale: float = 1.0) -> TrainConfig:
+    """A method's config; `lr_scale` multiplies the rates of what it personalizes (adapters, token rows)."""
+    method = METHODS[name]
+    if method.baseline:
+        config = baseline_config(method.baseline, steps=steps, resolution=RESOLUTION, token=TOKEN,
+                                 class_word=class_word, seed=seed)
+        return config.with_changes(lr_student=config.lr_student * lr_scale)
+    return scaled_rates(echodistill_config(class_word, steps, seed, **method.changes), lr_scale)
+
+
+def training_runs(methods: Sequence[str]) -> list[str]:
+    """The trainings the rows need: the teacher row is the teacher side of the full run."""
+    runs = [m for m in methods if m != "teacher"]
+    if "teacher" in methods and "echodistill" not in runs:
+        runs.insert(0, "echodistill")
+    return runs

@@ -1,0 +1,306 @@
+"""`echodistill bench ...`: the research harness (echodistill.benchmarks) from a shell.
+
+    bench sample          one-step student vs diffusers' pipeline, same modules
+    bench train           EchoDistill train_step per preset vs Custom Diffusion
+    bench quality         subject/prompt fidelity and training time of EchoDistill, its ablations and baselines
+    bench quality-merge   one quality table from runs made side by side
+    bench lr-sweep        each quality-benchmark method's learning rate, chosen on a tuning concept and seed
+
+The only module of the package that imports the benchmarks; each one is imported when its command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_bench_command(commands) -> None:
+    bench = commands.add_parser("bench", help="benchmarks: a table on screen, every number in JSON")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    sample = bench_commands.add_parser("sample", help="one-step student vs diffusers' pipeline, same modules")
+    add_sample_arguments(sample)
+    sample.set_defaults(run=run_sample)
+    train = bench_commands.add_parser("train", help="EchoDistill train_step per preset vs Custom Diffusion")
+    add_train_arguments(train)
+    train.set_defaults(run=run_train)
+    quality = bench_commands.add_parser(
+        "quality", help="subject/prompt fidelity and training time of EchoDistill, its ablations and baselines"
+    )
+    add_quality_arguments(quality)
+    quality.set_defaults(run=run_quality)
+    lr_sweep = bench_commands.add_parser(
+        "lr-sweep", help="choose each quality-benchmark method's learning rate on a tuning concept and seed"
+    )
+    quality_merge = bench_commands.add_parser(
+        "quality-merge", help="one quality table from runs made side by side (e.g. one process per seed)"
+    )
+    add_merge_arguments(quality_merge)
+    quality_merge.set_defaults(run=run_quality_merge)
+    add_lr_sweep_arguments(lr_sweep)
+    lr_sweep.set_defaults(run=run_lr_sweep)
+
+
+# --- bench sample, bench train -------------------------------------------------------------------
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..benchmarks.measuring import DTYPE_NAMES
+    from ..benchmarks.random_pairs import MODELS
+
+    parser.add_argument("--model", choices=tuple(MODELS), default="sd", help="sd: real architectures, random weights")
+    parser.add_argument("--device", default=_default_device())
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to time")
+    parser.add_argument("--size", type=int, default=512, help="image width and height in pixels")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per case")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
+    parser.add_argument("--out", default="bench_sample.json")
+    speed = parser.add_argument_group("speed options of echodistill's sampler (SamplerOptions)")
+    speed.add_argument("--no-prompt-cache", action="store_true", help="re-encode the prompts every call")
+    speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions (UNet and VAE)")
+    speed.add_argument("--fuse-qkv", action="store_true", help="fused self-attention q/k/v projections")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the student UNet (compiles in warm-up)")
+    speed.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    speed.add_argument("--cuda-graph", action="store_true", help="capture the one-step student in a CUDA graph")
+    _add_threads_argument(parser)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..benchmarks.measuring import DTYPE_NAMES
+    from ..benchmarks.random_pairs import MODELS
+    from ..training.config import PRESETS
+
+    parser.add_argument("--model", choices=tuple(MODELS), default="sd", help="sd: real architectures, random weights")
+    parser.add_argument("--device", default=_default_device())
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weights dtype (presets autocast)")
+    parser.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS))
+    parser.add_argument("--steps", type=int, default=10, help="timed iterations per case")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per case first")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--out", default="bench_train.json")
+    _add_threads_argument(parser)
+
+
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=int,
+        help="CPU threads for torch (default: torch's own). On a shared machine use fewer than the free cores: "
+        "oversubscribed OpenMP threads spin and can make each op ~100x slower",
+    )
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    from ..benchmarks.measuring import BenchError
+
+    if threads is not None:
+        if threads < 1:
+            raise BenchError(f"--threads {threads} must be at least 1")
+        torch.set_num_threads(threads)
+
+
+def _finish(report: dict, table: str, out: str) -> int:
+    from ..models.tensor_files import atomic_write_text
+
+    print(table)
+    path = atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    from ..benchmarks.speed import bench_sample, sample_table
+    from ..sampling.speed import SamplerOptions
+
+    options = SamplerOptions(cache_prompts=not args.no_prompt_cache, channels_last=args.channels_last,
+                             fuse_qkv=args.fuse_qkv, compile=args.compile, compile_mode=args.compile_mode,
+                             cuda_graph=args.cuda_graph)
+    report = bench_sample(args.model, args.device, args.dtype, tuple(args.batch), args.size, args.repeats, args.warmup,
+                          options)
+    return _finish(report, sample_table(report), args.out)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    from ..benchmarks.speed import bench_train, train_table
+
+    report = bench_train(args.model, args.device, args.dtype, tuple(args.presets), args.steps, args.warmup,
+                         args.resolution)
+    return _finish(report, train_table(report), args.out)
+
+
+# --- bench quality, bench quality-merge ----------------------------------------------------------
+
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..benchmarks.methods import METHODS
+    from ..miniworld.recipe import TUNED_LR_SCALES
+
+    parser.add_argument("--concepts", nargs="+", help="held-out mini-world concepts (default: all six)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training and sampling seeds")
+    parser.add_argument("--steps", type=int, default=200, help="training iterations of every method (equal budget)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                        help=f"rows to train and score (default: all): {', '.join(METHODS)}")
+    parser.add_argument("--images-per-prompt", type=int, default=4, help="images per evaluation prompt and run")
+    parser.add_argument("--lr-scale", nargs="+", default=[], metavar="FAMILY=FACTOR",
+                        help="multiply a family's published learning rates (`bench lr-sweep` chooses them; "
+                             "default: " + " ".join(f"{f}={x:g}" for f, x in TUNED_LR_SCALES.items()) + "; "
+                             "1 for the published rates)")
+    parser.add_argument("--templates", action="store_true",
+                        help="train on the prompt templates instead of the references' grammar captions")
+    parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
+    parser.add_argument("--out", default="runs/quality", help="folder for quality.json, quality.md, sheets/, bundles/")
+    parser.add_argument("--resume", action="store_true", help="keep the finished concept x seed runs in --out")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
+
+
+def shown_path(path: Path) -> str:
+    """A path as a reader can use it elsewhere: relative to the working folder when it lies inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def quality_command_line(args: argparse.Namespace) -> str:
+    """The exact, complete command for these settings (every default spelled out)."""
+    from ..benchmarks.methods import parse_lr_scales
+
+    parts = ["echodistill", "bench", "quality", "--concepts", *args.concepts, "--seeds", *map(str, args.seeds),
+             "--steps", str(args.steps), "--methods", *args.methods, "--images-per-prompt",
+             str(args.images_per_prompt), "--lr-scale",
+             *(f"{family}={factor:g}" for family, factor in parse_lr_scales(args.lr_scale).items()),
+             *(["--templates"] if args.templates else []),
+             "--oracle", shown_path(args.oracle), "--out", str(args.out),
+             "--device", args.device]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    if args.resume:
+        parts.append("--resume")
+    return shlex.join(parts)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def load_world(args: argparse.Namespace) -> tuple[Any, Any, dict]:
+    """The shipped mini-world pair and the oracle of `args`, and the settings that identify them."""
+    import torch
+
+    from ..benchmarks.measuring import BenchError, device_name
+    from ..miniworld import ORACLE_ROOT, STUDENT_DIR, TEACHER_DIR, Oracle
+    from ..miniworld.oracle import ENCODER_FILE, READER_FILE
+    from ..models.pair import load_model_pair
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BenchError(f"--threads {args.threads} must be at least 1")
+        torch.set_num_threads(args.threads)
+    args.oracle = Path(args.oracle or ORACLE_ROOT)
+    oracle = Oracle.load(args.oracle)  # before anything trains: a missing oracle fails at once
+    pair = load_model_pair(TEACHER_DIR, STUDENT_DIR, device=args.device)
+    settings = {
+        "oracle": {"path": shown_path(args.oracle),
+                   "digests": {f: _file_digest(args.oracle / f) for f in (READER_FILE, ENCODER_FILE)}},
+        "device": device_name(pair.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    return pair, oracle, settings
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from ..benchmarks.methods import parse_lr_scales
+    from ..benchmarks.quality import run_quality
+    from ..benchmarks.quality_report import markdown
+    from ..miniworld import CONCEPTS
+
+    args.concepts = args.concepts or sorted(CONCEPTS)
+    lr_scales = parse_lr_scales(args.lr_scale)
+    pair, oracle, settings = load_world(args)
+    report = run_quality(pair, oracle, concepts=args.concepts, seeds=args.seeds, steps=args.steps,
+                         methods=args.methods, images_per_prompt=args.images_per_prompt, lr_scales=lr_scales,
+                         captions=not args.templates, out=args.out,
+                         settings={**settings, "command": quality_command_line(args)}, resume=args.resume,
+                         log=_logger("quality"))
+    print(markdown(report))
+    print(f"wrote {Path(args.out) / 'quality.json'} and {Path(args.out) / 'quality.md'}")
+    return 0
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folders", nargs="+", help="--out folders of `bench quality` runs to merge")
+    parser.add_argument("--out", required=True, help="folder for the merged quality.json and quality.md")
+
+
+def run_quality_merge(args: argparse.Namespace) -> int:
+    from ..benchmarks.quality_report import markdown, merge_reports
+
+    report = merge_reports(args.folders, args.out)
+    print(markdown(report))
+    print(f"wrote {Path(args.out) / 'quality.json'} and {Path(args.out) / 'quality.md'}")
+    return 0
+
+
+# --- bench lr-sweep ------------------------------------------------------------------------------
+
+def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..benchmarks.methods import LR_FAMILIES
+
+    parser.add_argument("--concept", default="smiley", help="the tuning concept")
+    parser.add_argument("--seed", type=int, default=100, help="tuning seed (keep it out of the table's seeds)")
+    parser.add_argument("--steps", type=int, default=100, help="training iterations (the table's budget)")
+    parser.add_argument("--factors", nargs="+", type=float, default=[0.3, 1.0, 3.0, 10.0],
+                        help="multiples of each family's published learning rates to try")
+    parser.add_argument("--families", nargs="+", default=list(LR_FAMILIES), metavar="FAMILY",
+                        help=f"families to tune (default: all): {', '.join(LR_FAMILIES)}")
+    parser.add_argument("--images-per-prompt", type=int, default=1)
+    parser.add_argument("--templates", action="store_true",
+                        help="train on the prompt templates instead of the references' grammar captions")
+    parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
+    parser.add_argument("--out", default="runs/lr_sweep", help="folder for lr_sweep.json and lr_sweep.md")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
+
+
+def lr_sweep_command_line(args: argparse.Namespace) -> str:
+    parts = ["echodistill", "bench", "lr-sweep", "--concept", args.concept, "--seed", str(args.seed), "--steps",
+             str(args.steps), "--factors", *(f"{f:g}" for f in args.factors), "--families", *args.families,
+             "--images-per-prompt", str(args.images_per_prompt), *(["--templates"] if args.templates else []),
+             "--oracle", shown_path(args.oracle), "--out", str(args.out), "--device", args.device]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(parts)
+
+
+def run_lr_sweep(args: argparse.Namespace) -> int:
+    from ..benchmarks.lr_sweep import lr_scale_argument, markdown, run_lr_sweep
+
+    pair, oracle, settings = load_world(args)
+    report = run_lr_sweep(pair, oracle, concept=args.concept, seed=args.seed, steps=args.steps,
+                          factors=args.factors, families=args.families, images_per_prompt=args.images_per_prompt,
+                          captions=not args.templates, out=args.out,
+                          settings={**settings, "command": lr_sweep_command_line(args)}, log=_logger("lr-sweep"))
+    print(markdown(report))
+    print(f"wrote {Path(args.out) / 'lr_sweep.json'} and {Path(args.out) / 'lr_sweep.md'}")
+    print(lr_scale_argument(report["chosen"]))
+    return 0
+
+
+def _logger(name: str):
+    def log(message: str) -> None:
+        print(f"[{name}] {message}", file=sys.stderr, flush=True)
+
+    return log

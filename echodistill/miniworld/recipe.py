@@ -1,0 +1,58 @@
+"""How a concept is trained on the mini world: the token, the config at the world's size, the rates, the data.
+
+The demo trains with this recipe, and so does every EchoDistill row of `bench quality`, so the
+demo's numbers and the benchmark's are comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from PIL import Image
+
+from ..training.config import TrainConfig, preset
+from ..training.photos import ConceptImage, load_concept_images
+from .concepts import Concept, reference_captions, reference_images
+from .drawing import RESOLUTION
+
+TOKEN = "<v*>"
+
+# Factors of the published rates chosen for the mini world at 100 steps by `echodistill bench lr-sweep
+# --concept smiley --seed 100` (docs/quality.md); the defaults of `bench quality` and the demo.
+TUNED_LR_SCALES: dict[str, float] = {"echodistill": 3.0, "custom_diffusion": 0.3, "textual_inversion": 10.0,
+                                     "dreambooth_lora": 3.0}
+
+
+def echodistill_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
+    """The paper preset at the mini world's size, echo rounds scaled to the step budget (as the demo)."""
+    return preset("paper", steps=steps, resolution=RESOLUTION, token=TOKEN, class_word=class_word, seed=seed,
+                  echo_start=max(1, steps // 2), echo_every=max(1, steps // 4), echo_samples=8,
+                  sample_every=0, save_every=0, **changes)
+
+
+def scaled_rates(config: TrainConfig, lr_scale: float) -> TrainConfig:
+    """`config` with the rates of what it personalizes (adapters, token rows) times `lr_scale`.
+
+    The discriminator heads start from scratch at every size: their rate is not scaled.
+    """
+    return config.with_changes(lr_student=config.lr_student * lr_scale, lr_teacher=config.lr_teacher * lr_scale)
+
+
+def tuned_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
+    """EchoDistill at the mini world's tuned rates (TUNED_LR_SCALES): what the demo trains."""
+    return scaled_rates(echodistill_config(class_word, steps, seed, **changes), TUNED_LR_SCALES["echodistill"])
+
+
+def training_references(concept: Concept, captions: bool = True, rendered=None) -> list[ConceptImage]:
+    """A concept's references as training images, captioned in the world's grammar unless `captions` is False.
+
+    The mini world's text encoder learned the grammar ("a {} on a plain red background"); a template
+    ("a photo of a {}") is a context it saw in only a fifth of its captions, and what a concept learns
+    there carries over less to the grammar's evaluation prompts. `rendered`: the references already drawn.
+    """
+    rendered = reference_images(concept) if rendered is None else rendered  # (5, 64, 64, 3) uint8
+    images = load_concept_images([Image.fromarray(a) for a in rendered], resolution=RESOLUTION)
+    if not captions:
+        return images
+    return [dataclasses.replace(image, caption=caption)
+            for image, caption in zip(images, reference_captions(concept), strict=True)]

@@ -1,0 +1,75 @@
+"""Scoring a concept on the mini world: its references, its evaluation prompts and noise, the oracle's two numbers.
+
+A `UnitInputs` is one concept x seed: what a method trains on (the references), what it draws
+(the concept's evaluation prompts, each from fixed noise) and what the drawings are scored against.
+The demo scores its concept with it, and `bench quality` every row of its table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..sampling.with_concept import sample
+from .concepts import Concept, evaluation_prompts, reference_images
+from .drawing import RESOLUTION
+from .oracle import Oracle
+from .recipe import TOKEN, training_references
+
+TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
+# Untrained reference rows: what a trained concept is measured against.
+PRIOR = "class_prior"  # the untrained student given the prompts without the token
+TEACHER_PRIOR = "class_prior_teacher"  # what the teacher drew before training, the same way
+START_PRIOR = "token_at_start"  # the untrained student with the token at its starting row: where training begins
+
+
+@dataclass
+class UnitInputs:
+    """What every method of one concept x seed trains on and is scored against."""
+
+    concept: Concept
+    seed: int
+    images: list  # the references as training images
+    reference_pixels: torch.Tensor  # (5, 3, 64, 64) in [0, 1]
+    texts: list[str]  # evaluation prompts with the token, each repeated images-per-prompt times
+    stated: list[dict]  # the attributes each prompt states
+    noise_seeds: list[int]  # the same noise for every method: rows differ by training alone
+
+    @classmethod
+    def build(cls, concept: Concept, seed: int, images_per_prompt: int, captions: bool = False) -> UnitInputs:
+        """`captions`: train on each reference's caption in the world's grammar instead of the templates."""
+        references = reference_images(concept)  # (5, 64, 64, 3) uint8
+        prompts = evaluation_prompts(concept)
+        return cls(
+            concept=concept, seed=seed, images=training_references(concept, captions, rendered=references),
+            reference_pixels=torch.from_numpy(references).permute(0, 3, 1, 2).float() / 255.0,
+            texts=[p.text.format(token=TOKEN) for p in prompts for _ in range(images_per_prompt)],
+            stated=[p.stated for p in prompts for _ in range(images_per_prompt)],
+            noise_seeds=[seed * 100_000 + i for i in range(len(prompts) * images_per_prompt)],
+        )
+
+    def sample(self, pair, texts: list[str] | None = None, **options) -> torch.Tensor:
+        return sample(pair, texts or self.texts, seeds=self.noise_seeds, width=RESOLUTION, height=RESOLUTION,
+                      return_latents=False, **options).images  # (N, 3, 64, 64)
+
+    def score(self, oracle: Oracle, images: torch.Tensor) -> dict[str, float]:
+        return {"subject_fidelity": float(oracle.subject_fidelity(images, self.reference_pixels)),
+                "prompt_fidelity": float(oracle.prompt_fidelity(images, self.stated).mean())}
+
+
+def score_prior(pair, oracle: Oracle, unit: UnitInputs, row: str = PRIOR) -> tuple[dict, torch.Tensor]:
+    """A class-word prior: the untrained student (or teacher) given the prompts without the token.
+
+    START_PRIOR keeps the token at the row every method but DreamBooth-LoRA starts from, the class
+    word's (its initializer): the same prompt embeddings as writing the class word in its place.
+    """
+    word = unit.concept.class_word if row == START_PRIOR else ""
+    prior_texts = [" ".join(text.replace(TOKEN, word).split()) for text in unit.texts]
+    if row == TEACHER_PRIOR:
+        images = unit.sample(pair, prior_texts, part="teacher", steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE)
+    else:
+        images = unit.sample(pair, prior_texts, part="student")
+    record = {"concept": unit.concept.name, "seed": unit.seed, "method": row, **unit.score(oracle, images),
+              "train_seconds": None, "seconds_per_step": None}
+    return record, images
