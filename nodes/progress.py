@@ -6,7 +6,7 @@ import comfy.model_management
 import comfy.utils
 
 from echodistill.imaging import to_pil
-from echodistill.training.trainer import Callbacks
+from echodistill.training.callbacks import Callbacks
 
 PREVIEW_SIZE = 512
 

@@ -9,9 +9,9 @@ from comfy_api.latest import io
 
 from echodistill.imaging import loss_curve
 from echodistill.jobs.runs import run_key, train_concept
+from echodistill.training.callbacks import TrainingCancelled
 from echodistill.training.config import PRESETS
 from echodistill.training.config import preset as preset_config
-from echodistill.training.trainer import TrainingCancelled
 
 from . import folders
 from .convert import from_pil, to_comfy_images, to_pil_list

@@ -13,10 +13,12 @@ from echodistill.errors import ConfigError, EchoDistillError
 from echodistill.models.adapters import WeightDelta, adapter_state_dict
 from echodistill.models.concept import concept_embedding
 from echodistill.models.pair import load_model_pair
+from echodistill.training import previews
 from echodistill.training import trainer as trainer_module
+from echodistill.training.callbacks import Callbacks, TrainingCancelled, TrainingDiverged
 from echodistill.training.config import PRESETS, TrainConfig, preset
 from echodistill.training.data import load_concept_images
-from echodistill.training.trainer import Callbacks, Trainer, TrainingCancelled, TrainingDiverged
+from echodistill.training.trainer import Trainer
 
 
 def _images():
@@ -503,7 +505,7 @@ def test_separate_token_rows_checkpoint_and_bundle_round_trip(make_trainer, tiny
     # What the trainer's previews showed is what the saved concept samples, through the student's own row.
     preview = trainer.preview()
     fresh = load_model_pair(*tiny_pair_folders)
-    prompt = trainer_module.PREVIEW_PROMPT.format(token="<v*>", class_word="dog")
+    prompt = previews.PREVIEW_PROMPT.format(token="<v*>", class_word="dog")
     images = sample(fresh, [prompt] * 2, concept=loaded, seeds=[0, 1], width=64, height=64, return_latents=False)
     assert torch.allclose(images.images, preview, atol=1e-6)
     loaded.apply(fresh, parts=("teacher",))

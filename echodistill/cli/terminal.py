@@ -45,7 +45,7 @@ class TerminalCallbacks:
 @contextlib.contextmanager
 def stop_on_ctrl_c(callbacks: TerminalCallbacks) -> Iterator[None]:
     """While training: the first Ctrl-C stops cleanly; a cancelled run says where to resume and exits 130."""
-    from ..training.trainer import TrainingCancelled
+    from ..training.callbacks import TrainingCancelled
 
     previous = signal.signal(signal.SIGINT, callbacks.request_stop)
     try:

@@ -24,7 +24,8 @@ from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_STEPS, UnitInputs, sco
 from ..models.pair import load_model_pair
 from ..models.pristine import pristine
 from ..models.tensor_files import atomic_write_text
-from ..training.trainer import Callbacks, Trainer
+from ..training.callbacks import Callbacks
+from ..training.trainer import Trainer
 
 DEFAULT_STEPS = 200
 

@@ -20,12 +20,13 @@ from ..concepts.bundle import ConceptBundle
 from ..models.pair import ModelPair
 from ..models.pristine import pristine
 from ..sampling.with_concept import sample
+from ..training.callbacks import Callbacks
+from ..training.checkpointing import CHECKPOINT_NAME
 from ..training.config import TrainConfig
 from ..training.data import load_concept_images
-from ..training.trainer import Callbacks, Trainer
+from ..training.trainer import Trainer
 
 BUNDLE_NAME = "concept.safetensors"
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Resumable training checkpoints: trainable weights, optimizer states, step, RNG, config.
 
-Written atomically (temp file + rename), read back with `torch.load(weights_only=True)`.
+What a `Trainer` saves (`TrainingCheckpoint.capture`) and how it is put back (`restore`): a run
+resumed from a checkpoint continues exactly as the uninterrupted run would have. Written
+atomically (temp file + rename), read back with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from pathlib import Path
 import torch
 
 from ..errors import EchoDistillError
+from ..models.adapters import adapter_state_dict, load_adapter_state_dict
+from ..models.concept import concept_embedding
 from .config import TrainConfig
+
+CHECKPOINT_NAME = "checkpoint.pt"  # in a run's folder
 
 # Fields a resumed run may change without changing what it computes step by step.
 RESUMABLE_CHANGES = frozenset({"steps", "sample_every", "save_every", "log_every"})
@@ -28,6 +34,53 @@ class TrainingCheckpoint:
     rng: dict[str, torch.Tensor]
     echo: dict
     fingerprints: dict[str, str]
+
+    @classmethod
+    def capture(cls, trainer) -> "TrainingCheckpoint":
+        """Everything a `Trainer` needs to continue where it is: trainable weights, optimizers, RNG, echo buffer."""
+        pair = trainer.pair
+        return cls(
+            step=trainer.step,
+            config=trainer.config.to_dict(),
+            weights={
+                "teacher_adapter": adapter_state_dict(pair.teacher.unet),
+                "student_adapter": adapter_state_dict(pair.student.unet),
+                "concept_row": {"row": concept_embedding(pair.text_encoder).concept_row.detach().clone()},
+                "heads": trainer.ensemble.heads_state_dict(),
+                **({} if trainer.student_row is None else
+                   {"student_row": {"row": trainer.student_row.concept_row.detach().clone()}}),
+            },
+            optimizers={
+                "teacher": trainer.teacher_optimizer.state_dict(),
+                "student": trainer.student_optimizer.state_dict(),
+                "heads": trainer.heads_optimizer.state_dict(),
+                "scalers": [scaler.state_dict() for scaler in trainer.scalers.values()],
+            },
+            rng={"data": trainer.data_generator.get_state(), "noise": trainer.noise_generator.get_state()},
+            echo=trainer.echo.state_dict(),
+            fingerprints=pair.fingerprints(),
+        )
+
+    def restore(self, trainer) -> None:
+        """Put this state into a `Trainer` built with the same config on the same base models."""
+        pair = trainer.pair
+        self.check_compatible(trainer.config, pair.fingerprints())
+        load_adapter_state_dict(pair.teacher.unet, self.weights["teacher_adapter"])
+        load_adapter_state_dict(pair.student.unet, self.weights["student_adapter"])
+        with torch.no_grad():
+            concept_embedding(pair.text_encoder).concept_row.copy_(self.weights["concept_row"]["row"])
+            if trainer.student_row is not None:
+                trainer.student_row.concept_row.copy_(self.weights["student_row"]["row"])
+        trainer.ensemble.load_heads_state_dict(self.weights["heads"])
+        trainer.teacher_optimizer.load_state_dict(self.optimizers["teacher"])
+        trainer.student_optimizer.load_state_dict(self.optimizers["student"])
+        trainer.heads_optimizer.load_state_dict(self.optimizers["heads"])
+        for scaler, saved in zip(trainer.scalers.values(), self.optimizers["scalers"]):
+            scaler.load_state_dict(saved)
+        trainer.data_generator.set_state(self.rng["data"])
+        trainer.noise_generator.set_state(self.rng["noise"])
+        trainer.echo.load_state_dict(self.echo)
+        trainer.step = self.step
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -70,3 +123,10 @@ class TrainingCheckpoint:
             )
         if self.step > config.steps:
             raise EchoDistillError(f"the checkpoint is at step {self.step}, beyond steps={config.steps}")
+
+
+def checkpoint_path(run_dir: Path | None) -> Path:
+    """Where a run keeps its checkpoint."""
+    if run_dir is None:
+        raise EchoDistillError("no run_dir was given, so there is nowhere to save a checkpoint")
+    return run_dir / CHECKPOINT_NAME

@@ -1,3 +1,5 @@
+# Whole on purpose (~470 lines): train_step reads top to bottom and the helpers around it are the words it is
+# written in; splitting them off would hide the step. Checkpoints, previews and callbacks have their own modules.
 """The EchoDistill trainer: teacher and one-step student trained together through one text encoder.
 
 One iteration (`train_step`) reads top to bottom, in the order of DESIGN §1:
@@ -23,20 +25,13 @@ from pathlib import Path
 import torch
 
 from ..concepts.bundle import ConceptBundle
-from ..errors import EchoDistillError
-from ..models.adapters import adapter_state_dict, add_adapter, load_adapter_state_dict
-from ..models.concept import (
-    add_concept_token,
-    concept_embedding,
-    concept_parameters,
-    own_concept_embedding,
-    reading_with,
-)
+from ..models.adapters import adapter_state_dict, add_adapter
+from ..models.concept import add_concept_token, concept_parameters, own_concept_embedding, reading_with
 from ..models.diffusion import alphas_cumprod_for, encode_prompts, student_one_step, teacher_target, unet_call
 from ..models.pair import ModelPair
 from ..models.schedule import add_noise, denoising_target
-from ..sampling.samplers import sample_student
-from .checkpointing import TrainingCheckpoint
+from .callbacks import Callbacks, TrainingCancelled, TrainingDiverged
+from .checkpointing import TrainingCheckpoint, checkpoint_path
 from .config import TrainConfig
 from .data import ConceptDataset, ConceptImage
 from .discriminators import build_ensemble
@@ -52,32 +47,7 @@ from .losses import (
     semantic_cosine_distance,
 )
 from .offload import Offloader
-
-
-class TrainingCancelled(EchoDistillError):
-    """Training stopped on request; `checkpoint` resumes it."""
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        super().__init__(f"training cancelled at step {step}; resume from {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
-
-
-class TrainingDiverged(EchoDistillError):
-    """A loss became NaN/inf; the last good checkpoint on disk is kept."""
-
-
-class Callbacks:
-    """How a UI observes and steers training. Override what you need."""
-
-    def on_progress(self, step: int, total: int, logs: dict[str, float]) -> None: ...
-
-    def on_preview(self, step: int, images: torch.Tensor) -> None: ...  # (N, 3, H, W) in [0, 1]
-
-    def should_stop(self) -> bool:
-        return False
-
-
-PREVIEW_PROMPT = "a photo of a {token} {class_word}"
+from .previews import preview_images
 
 
 class Trainer:
@@ -458,68 +428,20 @@ class Trainer:
         return side, side
 
     # --- previews, checkpoints, the loop -----------------------------------------------------
-    @torch.no_grad()
     def preview(self, count: int = 2) -> torch.Tensor:
         """One-step student images (N, 3, H, W) in [0, 1] for fixed seeds 0..N-1, for progress displays."""
-        prompt = PREVIEW_PROMPT.format(token=self.config.token, class_word=self.config.class_word)
-        size = self.config.resolution
         self.offloader.use_all()
-        with reading_with(self.pair.text_encoder, self.student_row):
-            return sample_student(self.pair, [prompt] * count, seeds=list(range(count)), width=size, height=size,
-                                  return_latents=False).images
+        return preview_images(self.pair, self.config, self.student_row, count)
 
     def checkpoint(self) -> TrainingCheckpoint:
-        return TrainingCheckpoint(
-            step=self.step,
-            config=self.config.to_dict(),
-            weights={
-                "teacher_adapter": adapter_state_dict(self.pair.teacher.unet),
-                "student_adapter": adapter_state_dict(self.pair.student.unet),
-                "concept_row": {"row": concept_embedding(self.pair.text_encoder).concept_row.detach().clone()},
-                "heads": self.ensemble.heads_state_dict(),
-                **({} if self.student_row is None else
-                   {"student_row": {"row": self.student_row.concept_row.detach().clone()}}),
-            },
-            optimizers={
-                "teacher": self.teacher_optimizer.state_dict(),
-                "student": self.student_optimizer.state_dict(),
-                "heads": self.heads_optimizer.state_dict(),
-                "scalers": [scaler.state_dict() for scaler in self.scalers.values()],
-            },
-            rng={"data": self.data_generator.get_state(), "noise": self.noise_generator.get_state()},
-            echo=self.echo.state_dict(),
-            fingerprints=self.pair.fingerprints(),
-        )
+        return TrainingCheckpoint.capture(self)
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        path = Path(path) if path else self._default_checkpoint_path()
-        self.last_checkpoint = self.checkpoint().save(path)
+        self.last_checkpoint = self.checkpoint().save(path or checkpoint_path(self.run_dir))
         return self.last_checkpoint
 
-    def _default_checkpoint_path(self) -> Path:
-        if self.run_dir is None:
-            raise EchoDistillError("no run_dir was given, so there is nowhere to save a checkpoint")
-        return self.run_dir / "checkpoint.pt"
-
     def resume(self, path: str | os.PathLike) -> None:
-        state = TrainingCheckpoint.load(path)
-        state.check_compatible(self.config, self.pair.fingerprints())
-        load_adapter_state_dict(self.pair.teacher.unet, state.weights["teacher_adapter"])
-        load_adapter_state_dict(self.pair.student.unet, state.weights["student_adapter"])
-        with torch.no_grad():
-            concept_embedding(self.pair.text_encoder).concept_row.copy_(state.weights["concept_row"]["row"])
-            if self.student_row is not None:
-                self.student_row.concept_row.copy_(state.weights["student_row"]["row"])
-        self.ensemble.load_heads_state_dict(state.weights["heads"])
-        self.teacher_optimizer.load_state_dict(state.optimizers["teacher"])
-        self.student_optimizer.load_state_dict(state.optimizers["student"])
-        self.heads_optimizer.load_state_dict(state.optimizers["heads"])
-        for scaler, saved in zip(self.scalers.values(), state.optimizers["scalers"]):
-            scaler.load_state_dict(saved)
-        self.data_generator.set_state(state.rng["data"])
-        self.noise_generator.set_state(state.rng["noise"])
-        self.echo.load_state_dict(state.echo)
-        self.step = state.step
+        TrainingCheckpoint.load(path).restore(self)
         self.last_checkpoint = Path(path)
 
     def bundle(self) -> ConceptBundle:
