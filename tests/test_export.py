@@ -12,23 +12,23 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from echodistill import __version__
 from echodistill.concepts.bundle import ConceptBundle
 from echodistill.concepts.export import (
     EXPORT_METADATA_KEY,
     ExportError,
     OutputExistsError,
-    apply_kohya_lora,
     bundle_deltas,
     export_embedding,
     export_lora,
 )
+from echodistill.concepts.reference import apply_kohya_lora
 from echodistill.models import tiny
 from echodistill.models.adapters import WeightDelta, adapter_state_dict, add_custom_diffusion, add_lora, kv_deltas
 from echodistill.models.pair import load_model_pair
 from echodistill.training.config import TrainConfig
 from echodistill.training.data import load_concept_images
 from echodistill.training.trainer import Trainer
-from echodistill.version import __version__
 
 
 def _hand_bundle(pair, adapter: str, seed: int = 0) -> ConceptBundle:
