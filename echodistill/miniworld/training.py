@@ -1,3 +1,5 @@
+# Whole on purpose (~415 lines): the three stages (VAE, text encoder + teacher, student) share their batch,
+# logging, checkpoint and resume helpers, and scripts/train_miniworld.py runs them as one recipe.
 """Training the mini world's base models from scratch: VAE, then text encoder + teacher, then student.
 
 Each stage is one function whose loop reads top to bottom (draw a batch → forward → loss →
@@ -7,7 +9,7 @@ so one seed gives the same models (on the same torch build and thread count).
 Student distillation ("knowledge distillation" in the sense of Luhman & Luhman, 2021): the
 teacher turns N fixed (noise, prompt) pairs into images with guided DDIM; the student starts as
 a copy of the teacher and learns to map the same noise to the same image in ONE evaluation at
-t = 999, with `echodistill.diffusion.student_one_step` — exactly the call the trainer and the
+t = 999, with `echodistill.models.diffusion.student_one_step` — exactly the call the trainer and the
 samplers make. It is plain regression, so it needs no discriminator and cannot collapse; its
 cost is the teacher's sampling of the pairs, paid once.
 """
