@@ -1,6 +1,6 @@
 """Measuring for the benchmarks: device facts, timings, memory windows and FLOP counts.
 
-See echodistill/bench.py for what each benchmark compares and how its numbers are defined.
+See speed.py for what each speed benchmark compares and how its numbers are defined.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ PEAK_TFLOPS: dict[str, float] = {
 }
 PEAK_BASIS = "dense fp16/bf16 tensor-core peak (fp32 runs cannot reach it)"
 PROJECTED_ITERATIONS = 1000  # the paper's iterations per concept
-DTYPE_NAMES = ("fp32", "fp16", "bf16")  # as echodistill.models.DTYPES
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # as echodistill.models.loading.DTYPES
 
 
 # --- device facts --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ diffusers' StableDiffusionPipeline draws when given `generator=[torch.Generator(
 for s in seeds]` (with fp32 models), so a seed gives the same noise here, in diffusers, on any
 device and at any batch position.
 
-Noise convention: the trainer's (see `diffusion.py`). Latents live in the DDPM scaling
+Noise convention: the trainer's (see `echodistill.models.diffusion`). Latents live in the DDPM scaling
 x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε, so at t = 999 the UNet's input is the unit noise itself
 and one student step is `student_one_step`. Deterministic Euler in σ-space (diffusers'
 EulerDiscreteScheduler) and DDIM with η = 0 are then the same update in two scalings,

@@ -9,7 +9,7 @@ import torch.nn as nn
 class DiscriminatorHead(nn.Module):
     """Features (B, feature_dim) -> real/fake logits (B, 2): Linear -> ReLU -> Linear.
 
-    Column 1 is "real" and column 0 "fake", as in ``echodistill.losses.adversarial``. The
+    Column 1 is "real" and column 0 "fake", as in ``echodistill.training.losses.adversarial``. The
     constructor arguments are kept as attributes so a saved head can be rebuilt.
     """
 

@@ -55,7 +55,7 @@ class TeacherFeatureDiscriminator(nn.Module):
     """Heads on the pooled outputs of every down block and of the mid block of a frozen UNet.
 
     ``forward`` returns logits of shape (B, levels, 2), levels = len(down_blocks) + 1 (5 for SD:
-    4 down blocks + mid). :class:`~echodistill.discriminators.ensemble.DiscriminatorEnsemble`
+    4 down blocks + mid). :class:`~echodistill.training.discriminators.ensemble.DiscriminatorEnsemble`
     averages them over levels into one (B, 2) entry; callers wanting per-level losses can use
     this module directly.
     """

@@ -1,7 +1,7 @@
 """Student-to-teacher alignment losses (DESIGN §1 step 4), per sample.
 
 The trainer multiplies each term by ᾱ_t of the teacher's timestep
-(:func:`echodistill.losses.diffusion.alpha_bar_weight`) before weighting and summing.
+(:func:`echodistill.training.losses.diffusion.alpha_bar_weight`) before weighting and summing.
 """
 
 from __future__ import annotations
