@@ -1,8 +1,9 @@
 """The library's rooms import one way only, with no cycle: the contracts in pyproject.toml hold.
 
 import-linter checks them ([tool.importlinter]; docs/architecture.md draws them): the layers from
-the command line down to the small utilities, the benchmarks kept out of the product, no ComfyUI
-import in the library, and no import cycle between the modules of any package.
+the command line down to the small utilities, the benchmarks kept out of the product, the nodes
+apart from the command line, no ComfyUI import in the library, and no import cycle between the
+modules of any package.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     bundle.py    ConceptBundle: token row, adapter weights, base-model fingerprints, config, in one file
     export.py    export_lora (kohya LoRA, exact or low rank) and export_embedding
+    reference.py apply_kohya_lora: a strict reference applier of the exported LoRA, as ComfyUI applies it
 
-Imports models only.
+Imports models and the small utilities only.
 """

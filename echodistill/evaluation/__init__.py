@@ -2,5 +2,5 @@
 
     metrics.py   the scorers and `evaluate`
 
-Imports models only (the backbones' loader and the tokenizer).
+Imports models (the backbones' loader and the tokenizer) and the small utilities only.
 """

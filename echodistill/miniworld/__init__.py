@@ -10,6 +10,8 @@ Parts:
   drawing.py       drawing primitives: layouts, backgrounds, shape masks, compositing
   render.py        deterministic 64×64 renderer of scenes
   concepts.py      six held-out subjects with references and evaluation prompts ("{token}")
+  recipe.py        how a concept trains on the mini world (the demo's and bench quality's config and rates)
+  scoring.py       how a concept is scored: UnitInputs (references, prompts, noise) and the oracle's numbers
   architecture.py  model shapes and writing diffusers folders
   training.py      VAE, text encoder + teacher, student distillation (scripts/train_miniworld.py runs them)
   oracle.py        prompt fidelity and subject fidelity, with shipped weights

@@ -14,5 +14,5 @@
     backbones.py         frozen image backbones (CLIP, DINO, DINOv2) read from local files
     tiny.py              tiny random models for tests and the smoke run
 
-Imports only `echodistill.errors` from the rest of the library.
+Imports only the small utilities (errors) from the rest of the library.
 """
