@@ -44,7 +44,7 @@ from echodistill.miniworld.data import render_set  # noqa: E402
 from echodistill.miniworld.evaluate import image_grid, prompt_fidelity_report  # noqa: E402
 from echodistill.miniworld.grammar import Caption  # noqa: E402
 from echodistill.miniworld.oracle import Oracle  # noqa: E402
-from echodistill.miniworld.oracle_train import OracleSettings, train_oracles  # noqa: E402
+from echodistill.miniworld.oracle_train import OracleSettings, generalization_report, train_oracles  # noqa: E402
 from echodistill.miniworld.training import (  # noqa: E402
     StudentSettings,
     TeacherSettings,
@@ -82,12 +82,13 @@ class RunSettings:
     eval_prompts: int = 300
 
 
-# Sized for about an hour on one busy 2-core CPU (see the README for the measured time).
+# Sized for several hours on one 2-core CPU (see the README for the measured time).
 FULL = RunSettings(
+    train_images=40000,
     vae=VaeSettings(steps=1500, full_steps=150),
-    teacher=TeacherSettings(steps=5000, batch=64, text_lr=0.0),
-    student=StudentSettings(pairs=3072, pair_steps=8, steps=800, batch=64),
-    oracle=OracleSettings(steps=1000),
+    teacher=TeacherSettings(steps=8000, batch=64, text_lr=0.0),
+    student=StudentSettings(pairs=6144, pair_steps=8, steps=1500, batch=64),
+    oracle=OracleSettings(images=40000, steps=3000, batch=96),
 )
 QUICK = RunSettings(
     train_images=512,
@@ -148,6 +149,7 @@ def main() -> None:
                         help="redo this stage and the later ones, reading earlier results from <log-dir>/ckpt")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run into <log-dir>/quick")
     parser.add_argument("--models-to", type=Path, help="write the teacher/student folders here instead of the package")
+    parser.add_argument("--oracle-to", type=Path, help="write (and evaluate with) the oracle here instead of the package")
     parser.add_argument("--keep-oracle", action="store_true", help="skip the oracle stage; evaluate with the shipped oracle")
     parser.add_argument("--eval-only", action="store_true",
                         help="only score the models in --models-to (default: the package's) with the oracle")
@@ -159,7 +161,7 @@ def main() -> None:
     settings = QUICK if args.quick else FULL
     log_dir = args.log_dir / "quick" if args.quick else args.log_dir
     model_root = log_dir / "models" if args.quick else (args.models_to or arch.MODEL_ROOT)
-    oracle_root = log_dir / "oracle" if args.quick else arch.ORACLE_ROOT
+    oracle_root = log_dir / "oracle" if args.quick else (args.oracle_to or arch.ORACLE_ROOT)
     ckpt = log_dir / "ckpt"
     log = RunLog(log_dir)
     first = STAGES.index(args.from_stage)
@@ -282,10 +284,11 @@ def evaluate_stage(model_root: Path, oracle_root: Path, settings: RunSettings, a
 
 def train_oracle_stage(settings: RunSettings, args: argparse.Namespace, oracle_root: Path, log: RunLog) -> None:
     started = time.time()
-    train = render_set(settings.oracle.images, args.seed + 30_000, concepts=True, workers=args.workers)
-    valid = render_set(max(256, settings.oracle.images // 10), args.seed + 40_000, concepts=True)
+    train = render_set(settings.oracle.images, args.seed + 30_000, oracle=True, workers=args.workers)
+    valid = render_set(max(256, settings.oracle.images // 10), args.seed + 40_000, oracle=True)
     log("oracle", f"{len(train.images)} + {len(valid.images)} oracle scenes in {time.time() - started:.0f} s")
     oracle = train_oracles(train, valid, settings.oracle, args.seed, log.stage("oracle"))
+    log("oracle", f"generalization to unseen subjects: {json.dumps(generalization_report(oracle))}")
     oracle.save(oracle_root)
     log("oracle", f"wrote {oracle_root} ({arch.folder_size(oracle_root) / 1e6:.2f} MB)")
 

@@ -1,15 +1,18 @@
 """The mini world's model shapes, and writing them as diffusers folders that load_model_pair reads.
 
-Same classes as SD 2.1 / SD-Turbo, sized for a 2-core CPU and a 25 MB package:
+Same classes as SD 2.1 / SD-Turbo, sized for a 2-core CPU and a 40 MB package, and faithful to SD
+where personalization happens (cross-attention K/V, the text states they read):
   * VAE (AutoencoderKL): 3 levels, 64×64×3 pixels -> 16×16×4 latents (4× downscale; at 8× a
     4-pixel stripe would be half a latent cell and the decoder would have to invent it).
-  * text encoder (CLIPTextModel): the real 49408-token CLIP vocabulary, 48 wide, 3 layers. The
-    token table is most of its 2.5M parameters; 48 rather than 64 leaves room in the 25 MB for
-    the UNets, which carry the picture.
+  * text encoder (CLIPTextModel): the real 49408-token CLIP vocabulary, 128 wide, 3 layers. A
+    48-wide encoder could not carry a subject: a concept learnt in the cross-attention K/V of a
+    48-wide reader fitted its training prompt and did not carry to new contexts (docs/quality.md).
+    The token table is most of its 7M parameters (14 MB in fp16), stored once: the teacher's and
+    the student's copies are the same file.
   * UNet2DConditionModel (teacher and student alike, as SD-Turbo shares SD 2.1's UNet):
-    16 -> 8 -> 4 -> 2, cross-attention at 8×8 and 4×4 only (16×16 attention costs 4× the time and
-    the captions' words are about coarse layout); the 2×2 level lets one convolution see the whole
-    picture, so "on the left" and the background colour are decided globally. 2.8M parameters.
+    16 -> 8 -> 4 -> 2 with cross-attention at 16×16, 8×8 and 4×4 and in the mid block, as SD 2.1
+    has it at every level but the lowest (64, 32, 16; not 8) plus the mid block: a subject's
+    detail lives at the highest level, so its K/V must be there. 5.1M parameters.
 The teacher folder carries SD 2.1 base's DDIM scheduler config, the student's SD-Turbo's Euler
 "trailing" one; both carry identical copies of the text encoder and the VAE.
 """
@@ -36,7 +39,7 @@ TEACHER_DIR = MODEL_ROOT / "teacher"
 STUDENT_DIR = MODEL_ROOT / "student"
 FAMILY_OF_ROLE = {"teacher": "sd21-base", "student": "sd-turbo"}  # whose scheduler and model_index
 
-TEXT_WIDTH = 48
+TEXT_WIDTH = 128
 
 VAE_CONFIG: dict = {
     "in_channels": 3,
@@ -72,9 +75,10 @@ UNET_CONFIG: dict = {
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 1,
-    "block_out_channels": [32, 64, 64, 96],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [48, 64, 96, 128],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",  # diffusers' default, named: SD 2.1 attends in its mid block too
     "cross_attention_dim": TEXT_WIDTH,
     "attention_head_dim": 4,  # diffusers reads this as the number of heads, as SD 2.1's config does
     "use_linear_projection": True,  # as SD 2.x

@@ -17,6 +17,7 @@ oracles (oracle.py) do see them, in random contexts, so they can tell them apart
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,8 @@ class Concept:
     paint: Painter = field(repr=False)  # (u, v) local frame -> layers, bottom first
     clashes: tuple[str, ...]  # background colours it would vanish into
     angle_jitter: float = np.deg2rad(20.0)  # radians, either way
+    color_word: str | None = None  # the palette word for its body colour, where a caption may name it
+    pattern_word: str | None = None  # "striped" / "checkered" / "dotted", where a caption may name it
 
 
 def _crossed_ring(u, v) -> list[Layer]:
@@ -149,7 +152,9 @@ def evaluation_prompts(concept: Concept) -> list[ConceptPrompt]:
 
 def reference_layouts(concept: Concept) -> list[tuple[Scene, Layout]]:
     """Where the references are drawn: varied positions, sizes and angles, plain backgrounds."""
-    rng = np.random.default_rng(sorted(CONCEPTS).index(concept.name) + 1000)
+    # The named concepts keep the layouts they always had; any other subject's come from its name.
+    key = sorted(CONCEPTS).index(concept.name) + 1000 if concept.name in CONCEPTS else zlib.crc32(concept.name.encode())
+    rng = np.random.default_rng(key)
     backgrounds = [c for c in COLORS if c not in concept.clashes]
     pairs = []
     for index, (position, radius) in enumerate(REFERENCE_POSES[:REFERENCES_PER_CONCEPT]):

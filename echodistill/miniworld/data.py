@@ -7,9 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .concepts import CONCEPTS
-from .grammar import Caption, Scene, sample_scene, training_caption
+from .grammar import COLORS, Caption, Scene, sample_scene, training_caption
+from .procedural import BASE_SEEDS, ORACLE_SEEDS, procedural_caption, procedural_subject
 from .render import render
+
+# Share of pictures whose object is a procedural subject (procedural.py) rather than a plain shape.
+PROCEDURAL_SHARE = 0.5
 
 
 @dataclass
@@ -19,31 +22,39 @@ class RenderedSet:
     captions: list[Caption]
 
 
-def _item(seed: int, index: int, concepts: bool) -> tuple[np.ndarray, Scene, Caption]:
+def _item(seed: int, index: int, oracle: bool) -> tuple[np.ndarray, Scene, Caption]:
+    """Picture `index`: a plain shape or a procedural subject, from the base or the oracle seed range.
+
+    The six named concepts never appear: the base models must not see them, and the subject
+    oracle scores them as subjects it never saw.
+    """
     rng = np.random.default_rng([seed, index])
-    subject = None
-    if concepts:
-        # Oracle data: a third concepts, so the readers know them as well as the grammar shapes.
-        names = sorted(CONCEPTS)
-        if rng.random() < 1 / 3:
-            subject = names[int(rng.integers(len(names)))]
-    scene = sample_scene(rng, subject)
-    if scene.is_concept:
-        caption = Caption("", {})
-    else:
-        scene, caption = training_caption(scene, rng)
+    if rng.random() >= PROCEDURAL_SHARE:
+        scene, caption = training_caption(sample_scene(rng), rng)
+        return render(scene, rng), scene, caption
+    seeds = ORACLE_SEEDS if oracle else BASE_SEEDS
+    subject = procedural_subject(int(rng.integers(seeds.start, seeds.stop)))
+    scene = sample_scene(rng, subject.name)
+    if scene.bg_color in subject.clashes:  # a body on its own colour would vanish
+        others = [c for c in COLORS if c not in subject.clashes]
+        scene = Scene(scene.subject, None, scene.size, scene.position, others[int(rng.integers(len(others)))],
+                      scene.bg_pattern)
+    scene, caption = procedural_caption(scene, subject, rng)
     return render(scene, rng), scene, caption
 
 
 def _chunk(args: tuple[int, int, int, bool]) -> list[tuple[np.ndarray, Scene, Caption]]:
-    seed, start, stop, concepts = args
-    return [_item(seed, i, concepts) for i in range(start, stop)]
+    seed, start, stop, oracle = args
+    return [_item(seed, i, oracle) for i in range(start, stop)]
 
 
-def render_set(count: int, seed: int, *, concepts: bool = False, workers: int = 1) -> RenderedSet:
-    """`count` random scenes with training captions; `concepts` mixes in the held-out subjects."""
+def render_set(count: int, seed: int, *, oracle: bool = False, workers: int = 1) -> RenderedSet:
+    """`count` random scenes with training captions, half of them procedural subjects.
+
+    `oracle` draws the procedural subjects from the oracle's seed range instead of the base models'.
+    """
     chunk = 512
-    jobs = [(seed, start, min(start + chunk, count), concepts) for start in range(0, count, chunk)]
+    jobs = [(seed, start, min(start + chunk, count), oracle) for start in range(0, count, chunk)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             parts = list(pool.map(_chunk, jobs))

@@ -5,14 +5,15 @@
   of an image is the fraction of the attributes its prompt states that are read back as stated.
   It is the mini world's CLIP-T, with the difference that it is exact: the world's captions
   are structured, so there is no guessing what a prompt asked for.
-* Subject fidelity: a small CNN (`SubjectEncoder`) embeds a picture's subject (a grammar
-  shape in a colour, or one of the held-out concepts) invariantly to where it stands and on
-  what; the score is the mean over all (generated, reference) pairs of max(0, cosine), as
-  DINO and CLIP-I are reported (metrics.mean_clipped_cosine).
+* Subject fidelity: a small CNN (`SubjectEncoder`) embeds a picture's subject invariantly to
+  where it stands and on what; the score is the mean over all (generated, reference) pairs of
+  max(0, cosine), as DINO and CLIP-I are reported (metrics.mean_clipped_cosine). It was trained
+  to tell apart the grammar's coloured shapes and a few thousand procedural subjects
+  (procedural.py), never the subjects it scores — as DINO never saw DreamBench's dog.
 
-Both were trained on renders of the world and of the concepts in random contexts, with blur,
-noise and colour jitter so that generated pictures are read, not only clean ones. Each weight
-file describes itself: its safetensors metadata holds the constructor arguments and labels.
+Both were trained on renders in random contexts, with blur, noise and colour jitter so that
+generated pictures are read, not only clean ones. Each weight file describes itself: its
+safetensors metadata holds the constructor arguments and the labels it was trained on.
 
     oracle = Oracle.load()
     oracle.prompt_fidelity(images, [caption.stated for caption in captions])   # (N,) in [0, 1]
@@ -37,15 +38,18 @@ from safetensors.torch import load_file, save_file
 from ..errors import EchoDistillError
 from ..evaluation.metrics import mean_clipped_cosine
 from .architecture import ORACLE_ROOT
-from .concepts import CONCEPTS
 from .grammar import ATTRIBUTES, COLORS, SHAPES
+from .procedural import ORACLE_SEEDS, procedural_name
 
 READER_FILE = "attribute_reader.safetensors"
 ENCODER_FILE = "subject_encoder.safetensors"
 IMAGE_SIZE = 64
 
-# Every subject the encoder separates: each grammar shape in each colour, then each concept.
-SUBJECTS: tuple[str, ...] = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS) + tuple(sorted(CONCEPTS))
+# The subjects the encoder is trained to separate: each grammar shape in each colour, then the
+# procedural subjects of the oracle's seed range. The named concepts are not among them.
+SUBJECTS: tuple[str, ...] = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS) + tuple(
+    procedural_name(seed) for seed in ORACLE_SEEDS.seeds()
+)
 
 
 class OracleError(EchoDistillError):
@@ -81,7 +85,7 @@ class AttributeReader(nn.Module):
 class SubjectEncoder(nn.Module):
     """64×64 picture -> unit-length subject embedding, pooled so that place and size drop out."""
 
-    def __init__(self, width: int = 32, dim: int = 64, subjects: int = len(SUBJECTS), scale: float = 16.0) -> None:
+    def __init__(self, width: int = 48, dim: int = 128, subjects: int = len(SUBJECTS), scale: float = 16.0) -> None:
         super().__init__()
         self.config = {"width": width, "dim": dim, "subjects": subjects, "scale": scale}
         self.features = nn.Sequential(
@@ -114,12 +118,14 @@ def save_module(module: nn.Module, path: Path, labels: Mapping | Sequence) -> No
     os.replace(temporary, path)
 
 
-def load_module(path: Path, cls: type[nn.Module], labels: Mapping | Sequence) -> nn.Module:
+def load_module(path: Path, cls: type[nn.Module], labels: Mapping | Sequence | None) -> nn.Module:
+    """The module saved at `path`; `labels` None accepts the labels it was saved with (the subject encoder's)."""
     if not path.is_file():
         raise OracleError(f"oracle weights not found: {path}; run scripts/train_miniworld.py to build them")
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-    if metadata.get("class") != cls.__name__ or json.loads(metadata.get("labels", "null")) != json.loads(json.dumps(labels)):
+    saved_labels = json.loads(metadata.get("labels", "null"))
+    if metadata.get("class") != cls.__name__ or (labels is not None and saved_labels != json.loads(json.dumps(labels))):
         raise OracleError(
             f"{path.name} was trained for other labels or another class ({metadata.get('class')}); "
             "the grammar or the concepts changed since: retrain with scripts/train_miniworld.py"
@@ -154,7 +160,8 @@ class Oracle:
         folder = Path(folder)
         return cls(
             load_module(folder / READER_FILE, AttributeReader, ATTRIBUTES),
-            load_module(folder / ENCODER_FILE, SubjectEncoder, SUBJECTS),
+            # Any subjects: the encoder scores subjects by cosine, not by its training classes.
+            load_module(folder / ENCODER_FILE, SubjectEncoder, None),
         )
 
     def save(self, folder: str | os.PathLike = ORACLE_ROOT) -> None:

@@ -3,24 +3,22 @@
 A scene (grammar.Scene: words) becomes a picture through a `Layout` (numbers: the exact
 centre, radius, rotation and background phase), drawn from a numpy Generator, so one seed
 gives one picture on every machine. Grammar shapes are painted here; the held-out concepts
-(concepts.py) paint themselves. Both draw with the primitives of drawing.py.
+(concepts.py) and the procedural subjects (procedural.py) paint themselves. Both draw with the primitives of drawing.py.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .concepts import CONCEPTS
 from .drawing import ANGLE_JITTER, RESOLUTION, Layout, Painter, draw, sample_layout, shape_painter
-from .grammar import SHAPES, Scene
+from .grammar import Scene
+from .procedural import lookup_subject
 
 __all__ = ["RESOLUTION", "painter_for", "render", "render_layout"]
 
 
 def _concept(name: str):
-    if name not in CONCEPTS:
-        raise ValueError(f"unknown subject {name!r}: use a shape {SHAPES} or a concept {tuple(CONCEPTS)}")
-    return CONCEPTS[name]
+    return lookup_subject(name)
 
 
 def painter_for(scene: Scene) -> Painter:

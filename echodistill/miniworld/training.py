@@ -35,6 +35,11 @@ from ..models.schedule import add_noise, denoising_target
 from ..sampling.samplers import ddim_schedule, denoise
 from .architecture import TEXT_WIDTH, build_text_encoder, build_unet, build_vae
 from .grammar import ATTRIBUTES, Caption
+from .procedural import PATTERN_WORDS
+
+# What the text encoder's pretraining heads read from a caption: the oracle's attributes plus the
+# pattern word of a procedural subject ("a red striped ring").
+TEXT_ATTRIBUTES: dict[str, tuple[str, ...]] = {**ATTRIBUTES, "pattern": tuple(PATTERN_WORDS.values())}
 
 Log = Callable[[str], None]
 
@@ -182,7 +187,7 @@ def stated_labels(captions: list[Caption]) -> dict[str, torch.Tensor]:
     """{attribute: (N,) index of the stated word, or len(choices) where the caption leaves it out}."""
     return {
         name: torch.tensor([choices.index(c.stated[name]) if name in c.stated else len(choices) for c in captions])
-        for name, choices in ATTRIBUTES.items()
+        for name, choices in TEXT_ATTRIBUTES.items()
     }
 
 
@@ -208,7 +213,7 @@ def pretrain_text_encoder(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 5)
     text_encoder = build_text_encoder().train()
-    heads = torch.nn.ModuleDict({name: torch.nn.Linear(TEXT_WIDTH, len(c) + 1) for name, c in ATTRIBUTES.items()})
+    heads = torch.nn.ModuleDict({name: torch.nn.Linear(TEXT_WIDTH, len(c) + 1) for name, c in TEXT_ATTRIBUTES.items()})
 
     def logits(head: torch.nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
         return settings.head_scale * pooled @ F.normalize(head.weight, dim=1).T + head.bias

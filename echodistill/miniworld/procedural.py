@@ -1,0 +1,207 @@
+"""A procedural family of subjects: thousands of multi-part, multi-colour, textured objects, one per seed.
+
+They play two roles that real-world photos play for SD and DINO:
+  * the base models' training data mixes them in, captioned by their class word (the grammar
+    shape of their outline) and, when nameable, their main colour and pattern word ("a red
+    striped ring"): the class word then covers a whole family of instances, as "dog" does in
+    SD, and a personalization method has to pick ONE instance out of it;
+  * the subject oracle learns to tell them apart (instance discrimination over a few thousand
+    seeds), so it scores subjects it never saw — the six named concepts and fresh seeds — the
+    way DINO scores DreamBench's dog.
+
+Seeds are split into disjoint ranges (`SeedRange`): base-model data, oracle training, and
+validation; the named concepts are drawn by hand (concepts.py) and are never produced here.
+
+    subject = procedural_subject(123)         # a Concept: class word, painter, colour / pattern words
+    subject.class_word, subject.color_word, subject.pattern_word
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .concepts import Concept
+from .grammar import COLORS, OMIT_PROBABILITY, SHAPES, TEMPLATE_PROBABILITY, Caption, Scene, describe
+from ..training.templates import PROMPT_TEMPLATES
+from .drawing import PALETTE, SHAPE_MASKS, Layer, annulus, box, disk
+
+PREFIX = "procedural_"
+
+# Colours outside the grammar's palette: a subject may be any of them, but no caption names them.
+UNNAMED_COLORS: dict[str, tuple[float, float, float]] = {
+    "orange": (0.98, 0.58, 0.12),
+    "purple": (0.52, 0.22, 0.70),
+    "teal": (0.10, 0.62, 0.62),
+    "pink": (0.95, 0.55, 0.72),
+    "brown": (0.50, 0.30, 0.14),
+    "light blue": (0.35, 0.75, 0.95),
+    "grey": (0.55, 0.55, 0.55),
+}
+ALL_COLORS: dict[str, tuple[float, float, float]] = {**PALETTE, **UNNAMED_COLORS}
+
+# Decorations painted over the body, inside its outline; the first three have a caption word.
+PATTERN_WORDS: dict[str, str] = {"stripes": "striped", "checker": "checkered", "dots": "dotted"}
+DECORATIONS: tuple[str, ...] = ("stripes", "checker", "dots", "cross", "core", "half", "band")
+PATTERN_STATED = 0.5  # share of captions of a patterned subject that say "striped" etc.
+NAMED_MAIN_COLOR = 0.6  # share of subjects whose body is a palette colour (captions can name it)
+SECOND_DECORATION = 0.35
+
+
+@dataclass(frozen=True)
+class SeedRange:
+    """Disjoint seed ranges, so no oracle is scored on a subject it was trained on."""
+
+    start: int
+    stop: int
+
+    def seeds(self) -> range:
+        return range(self.start, self.stop)
+
+
+BASE_SEEDS = SeedRange(0, 1_000_000)  # base-model training data: a fresh subject per picture
+ORACLE_SEEDS = SeedRange(2_000_000, 2_002_000)  # the subject encoder's training classes
+VALIDATION_SEEDS = SeedRange(3_000_000, 3_100_000)  # never trained on: oracle validation, fresh demo subjects
+
+
+def is_procedural(name: str) -> bool:
+    return name.startswith(PREFIX) and name[len(PREFIX):].isdigit()
+
+
+def procedural_name(seed: int) -> str:
+    return f"{PREFIX}{seed}"
+
+
+def _decoration(kind: str, rng: np.random.Generator):
+    """A mask function (u, v) -> bool for one decoration, its parameters drawn from `rng`."""
+    angle = float(rng.uniform(0, np.pi))
+    cos, sin = np.cos(angle), np.sin(angle)
+    if kind == "stripes":
+        period = float(rng.uniform(0.3, 0.55))
+        phase = float(rng.uniform(0, period))
+        return lambda u, v: ((cos * u + sin * v + phase) % period) < period / 2
+    if kind == "checker":
+        cell = float(rng.uniform(0.3, 0.5))
+        return lambda u, v: (np.floor((cos * u + sin * v) / cell) + np.floor((-sin * u + cos * v) / cell)) % 2 == 0
+    if kind == "dots":
+        count = int(rng.integers(1, 5))
+        radius = float(rng.uniform(0.13, 0.24))
+        centres = rng.uniform(-0.5, 0.5, size=(count, 2))
+        return lambda u, v: np.any([disk(u, v, radius, cu, cv) for cu, cv in centres], axis=0)
+    if kind == "cross":
+        half = float(rng.uniform(0.1, 0.2))
+        tilt = float(rng.choice([0.0, np.pi / 4]))
+        c, s = np.cos(tilt), np.sin(tilt)
+        return lambda u, v: box(c * u + s * v, -s * u + c * v, half, 1.0) | box(c * u + s * v, -s * u + c * v, 1.0, half)
+    if kind == "core":
+        radius = float(rng.uniform(0.22, 0.45))
+        offset = rng.uniform(-0.2, 0.2, size=2)
+        return lambda u, v: disk(u, v, radius, float(offset[0]), float(offset[1]))
+    if kind == "half":
+        return lambda u, v: (cos * u + sin * v) > 0
+    if kind == "band":
+        inner = float(rng.uniform(0.3, 0.55))
+        outer = inner + float(rng.uniform(0.15, 0.25))
+        return lambda u, v: annulus(u, v, inner, outer)
+    raise ValueError(f"unknown decoration {kind!r}")
+
+
+def _pick_color(rng: np.random.Generator, avoid: set[str]) -> str:
+    names = [name for name in ALL_COLORS if name not in avoid]
+    return str(names[int(rng.integers(len(names)))])
+
+
+@lru_cache(maxsize=4096)
+def procedural_subject(seed: int) -> Concept:
+    """The subject of `seed`: an outline from the grammar's shapes, a body colour and 1–2 decorations.
+
+    Deterministic in `seed` (numpy's PCG64 on every machine). Raises ValueError for a negative seed.
+    """
+    if seed < 0:
+        raise ValueError(f"procedural subject seeds are non-negative integers, got {seed}")
+    rng = np.random.default_rng([seed, 7919])
+    shape = str(SHAPES[int(rng.integers(len(SHAPES)))])
+    if rng.random() < NAMED_MAIN_COLOR:
+        body = str(COLORS[int(rng.integers(len(COLORS)))])
+    else:
+        body = _pick_color(rng, set(PALETTE))
+    kinds = [str(DECORATIONS[int(rng.integers(len(DECORATIONS)))])]
+    if rng.random() < SECOND_DECORATION:
+        kinds.append(str(rng.choice([k for k in DECORATIONS if k not in kinds and k not in PATTERN_WORDS])))
+    used = {body}
+    colors = []
+    for _ in kinds:
+        colors.append(_pick_color(rng, used))
+        used.add(colors[-1])
+    masks = [_decoration(kind, rng) for kind in kinds]
+    outline = SHAPE_MASKS[shape]
+    # A ring's decorations may cross its hole (as the crossed ring's cross does); others stay inside.
+    region = (lambda u, v: disk(u, v, 0.98)) if shape == "ring" else outline
+
+    def paint(u: np.ndarray, v: np.ndarray) -> list[Layer]:
+        inside = region(u, v)
+        layers: list[Layer] = [(outline(u, v), ALL_COLORS[body])]
+        for mask, color in zip(masks, colors):
+            layers.append((inside & mask(u, v), ALL_COLORS[color]))
+        return layers
+
+    pattern = PATTERN_WORDS.get(kinds[0])
+    description = f"a {body} {shape} with {' and '.join(f'{c} {k}' for k, c in zip(kinds, colors))}"
+    return Concept(
+        name=procedural_name(seed),
+        class_word=shape,
+        description=description,
+        paint=paint,
+        clashes=(body,) if body in PALETTE else (),
+        color_word=body if body in PALETTE else None,
+        pattern_word=pattern,
+    )
+
+
+def lookup_subject(name: str) -> Concept:
+    """A named concept (concepts.CONCEPTS) or a procedural one ("procedural_<seed>").
+
+    Raises ValueError naming both kinds for anything else.
+    """
+    from .concepts import CONCEPTS
+
+    if name in CONCEPTS:
+        return CONCEPTS[name]
+    if is_procedural(name):
+        return procedural_subject(int(name[len(PREFIX):]))
+    raise ValueError(f"unknown subject {name!r}: use a concept {tuple(sorted(CONCEPTS))} or '{PREFIX}<seed>'")
+
+
+def procedural_caption(scene: Scene, subject: Concept, rng: np.random.Generator) -> tuple[Scene, Caption]:
+    """A training caption for a procedural subject, drawn as grammar captions are (training_caption).
+
+    The noun is the class word, with the body's colour word and pattern word in front when the
+    subject has them and the draw keeps them: "a large red striped ring on the left, on a blue
+    plain background". `stated` records shape (the class word), colour and pattern where said,
+    for the text encoder's pretraining heads. A template naming a size sets the scene's size.
+    """
+    words, said = [], {"shape": subject.class_word}
+    if subject.color_word is not None and rng.random() >= OMIT_PROBABILITY:
+        words.append(subject.color_word)
+        said["color"] = subject.color_word
+    if subject.pattern_word is not None and rng.random() < PATTERN_STATED:
+        words.append(subject.pattern_word)
+        said["pattern"] = subject.pattern_word
+    noun = " ".join(words + [subject.class_word])
+    if rng.random() < TEMPLATE_PROBABILITY:
+        template = str(rng.choice(PROMPT_TEMPLATES))
+        size = next((s for s in ("small", "large") if s in template.split()), None)
+        if size is not None:
+            scene = Scene(scene.subject, scene.color, size, scene.position, scene.bg_color, scene.bg_pattern)
+            said["size"] = size
+        return scene, Caption(template.format(noun), said)
+    stated = {"size", "position", "bg_color", "bg_pattern"}
+    for name in ("size", "position"):
+        if rng.random() < OMIT_PROBABILITY:
+            stated.discard(name)
+    if rng.random() < OMIT_PROBABILITY:
+        stated -= {"bg_color", "bg_pattern"}
+    caption = describe(scene, frozenset(stated), noun=noun)
+    return scene, Caption(caption.text, {**caption.stated, **said})
