@@ -43,6 +43,7 @@ from echodistill.miniworld.concepts import CONCEPTS, TOKEN_PLACEHOLDER, evaluati
 from echodistill.miniworld.data import render_set  # noqa: E402
 from echodistill.miniworld.evaluate import image_grid, prompt_fidelity_report  # noqa: E402
 from echodistill.miniworld.grammar import Caption  # noqa: E402
+from echodistill.miniworld.image_prompt import ADAPTER_FILE, ImagePromptSettings, train_image_prompt  # noqa: E402
 from echodistill.miniworld.oracle import Oracle  # noqa: E402
 from echodistill.miniworld.oracle_train import OracleSettings, generalization_report, train_oracles  # noqa: E402
 from echodistill.miniworld.training import (  # noqa: E402
@@ -79,6 +80,7 @@ class RunSettings:
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     student: StudentSettings = field(default_factory=StudentSettings)
     oracle: OracleSettings = field(default_factory=OracleSettings)
+    image_prompt: ImagePromptSettings = field(default_factory=ImagePromptSettings)
     eval_prompts: int = 300
 
 
@@ -97,6 +99,7 @@ QUICK = RunSettings(
     teacher=TeacherSettings(steps=4, batch=8, warmup=2),
     student=StudentSettings(pairs=16, pair_steps=2, pair_batch=8, steps=4, batch=8, warmup=2),
     oracle=OracleSettings(images=256, steps=4, batch=8),
+    image_prompt=ImagePromptSettings(pairs=32, steps=4, batch=8, warmup=2),
     eval_prompts=8,
 )
 
@@ -153,6 +156,9 @@ def main() -> None:
     parser.add_argument("--keep-oracle", action="store_true", help="skip the oracle stage; evaluate with the shipped oracle")
     parser.add_argument("--eval-only", action="store_true",
                         help="only score the models in --models-to (default: the package's) with the oracle")
+    parser.add_argument("--image-prompt-only", action="store_true",
+                        help="only train the zero-training image-prompt adapter on the models in --models-to "
+                             "(default: the package's); written beside the oracle")
     parser.add_argument("--oracle-only", action="store_true",
                         help="train only the oracles (they need no other stage), e.g. in a second process")
     args = parser.parse_args()
@@ -162,6 +168,7 @@ def main() -> None:
     log_dir = args.log_dir / "quick" if args.quick else args.log_dir
     model_root = log_dir / "models" if args.quick else (args.models_to or arch.MODEL_ROOT)
     oracle_root = log_dir / "oracle" if args.quick else (args.oracle_to or arch.ORACLE_ROOT)
+    image_prompt_root = oracle_root.parent / "image_prompt"
     ckpt = log_dir / "ckpt"
     log = RunLog(log_dir)
     first = STAGES.index(args.from_stage)
@@ -174,6 +181,14 @@ def main() -> None:
 
     if args.oracle_only:
         train_oracle_stage(settings, args, oracle_root, log)
+        return
+    if args.image_prompt_only:
+        pair = load_model_pair(model_root / "teacher", model_root / "student")
+        adapter = train_image_prompt(pair.teacher.unet, pair.vae, pair.tokenizer, pair.text_encoder,
+                                     pair.teacher.scheduler_config, settings.image_prompt, args.seed,
+                                     log.stage("image_prompt"))
+        path = adapter.save(image_prompt_root / ADAPTER_FILE)
+        log("image_prompt", f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
         return
     if args.eval_only:
         report = evaluate_stage(model_root, oracle_root, settings, args, log_dir, log)
