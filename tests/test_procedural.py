@@ -1,0 +1,150 @@
+"""The procedural subject family, its captions and data, and the zero-training image-prompt adapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from echodistill.miniworld import architecture as arch
+from echodistill.miniworld.concepts import CONCEPTS, evaluation_prompts, reference_images
+from echodistill.miniworld.data import render_set
+from echodistill.miniworld.grammar import SHAPES, sample_scene
+from echodistill.miniworld.procedural import (
+    BASE_SEEDS, ORACLE_SEEDS, PATTERN_WORDS, VALIDATION_SEEDS, is_procedural, lookup_subject, procedural_caption,
+    procedural_name, procedural_subject,
+)
+from echodistill.miniworld.render import render
+
+
+def test_seed_ranges_are_disjoint_so_no_oracle_scores_a_subject_it_trained_on():
+    ranges = [BASE_SEEDS.seeds(), ORACLE_SEEDS.seeds(), VALIDATION_SEEDS.seeds()]
+    for i, a in enumerate(ranges):
+        for b in ranges[i + 1:]:
+            assert a.stop <= b.start or b.stop <= a.start
+
+
+def test_a_subject_is_the_same_picture_for_the_same_seed_and_another_for_another():
+    scene = sample_scene(np.random.default_rng(0), procedural_name(5))
+    first = render(scene, np.random.default_rng(1))
+    procedural_subject.cache_clear()  # rebuilt from the seed, not remembered
+    again = render(scene, np.random.default_rng(1))
+    other = render(sample_scene(np.random.default_rng(0), procedural_name(6)), np.random.default_rng(1))
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_subjects_have_grammar_outlines_several_colours_and_caption_words():
+    subjects = [procedural_subject(seed) for seed in range(200)]
+    assert {s.class_word for s in subjects} == set(SHAPES)
+    assert {s.pattern_word for s in subjects} - {None} == set(PATTERN_WORDS.values())
+    assert any(s.color_word is None for s in subjects) and any(s.color_word is not None for s in subjects)
+    # multi-colour: a reference shows more distinct colours than a plain shape on a plain background (2)
+    colours = [len(np.unique(reference_images(s).reshape(-1, 3), axis=0)) for s in subjects[:10]]
+    assert min(colours) > 2
+
+
+def test_lookup_knows_named_and_procedural_subjects_and_refuses_others():
+    assert lookup_subject("smiley") is CONCEPTS["smiley"]
+    assert lookup_subject("procedural_42").name == "procedural_42" and is_procedural("procedural_42")
+    for bad in ("procedural_", "procedural_x", "dog", "procedural_-1"):
+        with pytest.raises(ValueError, match="unknown subject"):
+            lookup_subject(bad)
+    with pytest.raises(ValueError, match="non-negative"):
+        procedural_subject(-1)
+
+
+def test_procedural_captions_name_the_class_and_only_the_words_the_subject_has():
+    subject = next(procedural_subject(s) for s in range(100) if procedural_subject(s).color_word
+                   and procedural_subject(s).pattern_word)
+    rng = np.random.default_rng(3)
+    texts = set()
+    for _ in range(60):
+        scene = sample_scene(rng, subject.name)
+        scene, caption = procedural_caption(scene, subject, rng)
+        assert subject.class_word in caption.text.split() and caption.stated["shape"] == subject.class_word
+        if "color" in caption.stated:
+            assert caption.stated["color"] == subject.color_word and subject.color_word in caption.text.split()
+        if "pattern" in caption.stated:
+            assert subject.pattern_word in caption.text.split()
+        texts.add(caption.text)
+    assert len(texts) > 20  # omissions and templates vary them
+
+
+def test_base_data_mixes_plain_shapes_and_procedural_subjects_but_never_the_named_concepts():
+    rendered = render_set(64, 0)
+    names = [scene.subject for scene in rendered.scenes]
+    procedural = [n for n in names if is_procedural(n)]
+    assert 10 < len(procedural) < 54
+    assert all(int(n.split("_")[1]) in BASE_SEEDS.seeds() for n in procedural)
+    assert not set(names) & set(CONCEPTS)
+    oracle_names = [s.subject for s in render_set(64, 0, oracle=True).scenes if is_procedural(s.subject)]
+    assert oracle_names and all(int(n.split("_")[1]) in ORACLE_SEEDS.seeds() for n in oracle_names)
+
+
+def test_any_subject_has_references_and_evaluation_prompts():
+    subject = procedural_subject(VALIDATION_SEEDS.start)
+    assert reference_images(subject).shape == (5, 64, 64, 3)
+    prompts = evaluation_prompts(subject)
+    assert len(prompts) == 12 and all(f"{{token}} {subject.class_word}" in p.text for p in prompts)
+    assert not any(p.scene.bg_color in subject.clashes for p in prompts)
+    # the named concepts keep the references they always had
+    assert np.array_equal(reference_images(CONCEPTS["smiley"]), reference_images(CONCEPTS["smiley"]))
+
+
+def test_world_architecture_attends_at_the_highest_level_and_in_the_mid_block():
+    unet = arch.build_unet()
+    cross = [name for name, _ in unet.named_modules() if name.endswith("attn2")]
+    assert any(name.startswith("down_blocks.0.") for name in cross)  # 16×16 latents
+    assert any(name.startswith("up_blocks.3.") for name in cross)
+    assert any(name.startswith("mid_block.") for name in cross)
+    assert unet.config.cross_attention_dim == arch.TEXT_WIDTH == arch.build_text_encoder().config.hidden_size
+
+
+# --- the image-prompt adapter -----------------------------------------------------------------
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8,
+    ).eval()
+
+
+def test_image_prompt_adapter_attaches_steers_and_restores_the_unet(tmp_path):
+    from echodistill.miniworld.image_prompt import ImagePromptAdapter
+
+    unet = _tiny_unet()
+    adapter = ImagePromptAdapter.for_unet(unet, tokens=2, width=8).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 10])
+    text = torch.randn(2, 77, 16)
+    before = {name: type(p) for name, p in unet.attn_processors.items()}
+    plain = unet(x, t, encoder_hidden_states=text).sample
+    pictures = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad(), adapter.attached(unet, scale=1.0):
+        tokens = adapter.image_tokens(pictures)
+        assert tokens.shape == (2, 2, 16)
+        steered = unet(x, t, encoder_hidden_states=(text, [tokens])).sample
+    with torch.no_grad(), adapter.attached(unet, scale=0.0):
+        zero_scale = unet(x, t, encoder_hidden_states=(text, [tokens])).sample
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == before
+    assert not torch.allclose(steered, plain, atol=1e-5)
+    torch.testing.assert_close(zero_scale, plain, atol=1e-5, rtol=1e-5)  # scale 0: the UNet as it was
+    path = adapter.save(tmp_path / "adapter.safetensors")
+    loaded = ImagePromptAdapter.load(path)
+    torch.testing.assert_close(loaded.image_tokens(pictures), adapter.image_tokens(pictures).half().float(),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_image_prompt_adapter_refuses_another_unet_and_a_missing_file(tmp_path):
+    from echodistill.miniworld.image_prompt import ImagePromptAdapter, ImagePromptError
+
+    adapter = ImagePromptAdapter.for_unet(_tiny_unet(), tokens=2, width=8)
+    with pytest.raises(ImagePromptError, match="other cross-attention layers"):
+        with adapter.attached(arch.build_unet()):
+            pass
+    with pytest.raises(ImagePromptError, match="not found"):
+        ImagePromptAdapter.load(tmp_path / "missing.safetensors")
