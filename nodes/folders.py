@@ -45,7 +45,19 @@ def safe_join(base: Path, name: str) -> Path:
 
 
 def check_name(name: str) -> str | bool:
-    """For validate_inputs: True, or the reason the name is refused."""
+    """For validate_inputs of a name the pack writes: True, or why it is refused (the library's one name rule)."""
+    from echodistill.errors import ConfigError
+    from echodistill.files import check_name as library_check_name
+
+    try:
+        library_check_name(name)
+    except ConfigError as error:
+        return str(error)
+    return True
+
+
+def check_existing(name: str) -> str | bool:
+    """For validate_inputs of a file chosen from a list: True, or why it is refused (it leaves the folder)."""
     try:
         safe_join(Path("/"), name)
     except ValueError as error:

@@ -159,25 +159,25 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from ..concepts.bundle import ConceptBundle
-    from ..concepts.export import export_embedding, export_lora
+    from ..concepts.export import export_concept, export_targets
 
-    bundle = ConceptBundle.load(args.concept)
-    out = Path(args.out)
     name = args.name or Path(args.concept).stem
-    report = export_lora(bundle, out / f"{name}.safetensors", part=args.part, mode=args.mode, rank=args.rank,
-                         overwrite=args.overwrite)
-    embedding_dir = Path(args.embedding_out) if args.embedding_out else out
-    embedding = export_embedding(bundle, embedding_dir / f"{name}.safetensors", overwrite=args.overwrite)
+    export_targets(name, args.out, args.embedding_out, overwrite=args.overwrite)  # refuse before loading
+    bundle = ConceptBundle.load(args.concept)
+    report, targets = export_concept(bundle, name, args.out, args.embedding_out, part=args.part, mode=args.mode,
+                                     rank=args.rank, overwrite=args.overwrite)
     print(report.summary())
-    print(f"embedding: {embedding}  (prompt with 'embedding:{embedding.stem}' in place of {bundle.token!r})")
+    print(f"embedding: {targets.embedding}  (prompt with '{targets.prompt_word}' in place of {bundle.token!r})")
     return 0
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept", required=True, help="concept bundle (.safetensors)")
     parser.add_argument("--out", required=True, help="folder for the LoRA, e.g. ComfyUI/models/loras")
-    parser.add_argument("--embedding-out", help="folder for the embedding, e.g. ComfyUI/models/embeddings")
-    parser.add_argument("--name", help="file stem (default: the bundle's)")
+    parser.add_argument("--embedding-out", help="folder for the embedding, e.g. ComfyUI/models/embeddings "
+                        "(default: --out, as <name>_embedding.safetensors)")
+    parser.add_argument("--name", help="file stem (default: the bundle's): letters, digits, _ - . only, so that "
+                        "prompts can say embedding:<name>")
     parser.add_argument("--part", default="student", choices=("student", "teacher"))
     parser.add_argument("--mode", default="diff", choices=("diff", "lowrank"),
                         help="diff: exact weight patches; lowrank: SVD factors (smaller; error reported)")

@@ -7,14 +7,15 @@ atomically (temp file + rename), read back with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import EchoDistillError
+from ..files import atomic_write_bytes
 from ..models.adapters import adapter_state_dict, load_adapter_state_dict
 from ..models.concept import concept_embedding
 from .config import TrainConfig
@@ -83,17 +84,10 @@ class TrainingCheckpoint:
         trainer.step = self.step
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(asdict(self), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Atomic; serialized in memory first so a full disk is named as such (OutputWriteError)."""
+        buffer = io.BytesIO()
+        torch.save(asdict(self), buffer)
+        return atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainingCheckpoint":
