@@ -74,9 +74,11 @@ def _write_images(result, out: Path, *, sampler: str, steps: int, guidance: floa
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from ..files import check_writable
     from ..sampling.samplers import sample_student, sample_teacher
 
     part = "teacher" if args.command == "teacher-sample" else "student"
+    check_writable(args.out, "--out folder")  # before loading models and sampling
     pair, bundle = _load(args, part)
     prompts = [p for p in _prompts(args, bundle) for _ in range(args.count)]
     seeds = [args.seed + i for i in range(len(prompts))]
@@ -127,8 +129,10 @@ def _read_images(folder: str):
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..evaluation.metrics import evaluate
-    from ..models.tensor_files import atomic_write_text
+    from ..files import atomic_write_text, check_writable
 
+    if args.out:
+        check_writable(Path(args.out).parent, "--out folder")
     generated, prompts = _read_images(args.images)
     references, _ = _read_images(args.references)
     if args.prompt:

@@ -143,8 +143,12 @@ class ConceptBundle:
         """Add the token (or reuse it), set its row, and install + load the adapters of `parts`.
 
         A part with no adapter weights (Textual Inversion) runs its base UNet with the token row.
+        Applied with inference mode off, so the pair can still be trained and tracked afterwards.
         """
-        parts = tuple(parts)
+        with torch.inference_mode(False):
+            self._apply(pair, tuple(parts))
+
+    def _apply(self, pair: ModelPair, parts: tuple[str, ...]) -> None:
         rows = {id(self.embedding_for(part)) for part in parts}
         if len(rows) > 1:
             raise EchoDistillError(

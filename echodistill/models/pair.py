@@ -117,7 +117,16 @@ def load_model_pair(
 
     Raises IncompatiblePairError when the two text encoders differ in architecture, and warns
     (SharedEncoderWarning) when they share the architecture but not the weights.
+
+    Loaded with inference mode off whatever the caller's mode (ComfyUI runs nodes inside
+    `torch.inference_mode()`): inference tensors could never be trained or tracked.
     """
+    with torch.inference_mode(False):
+        return _load_model_pair(teacher, student, teacher_family=teacher_family, student_family=student_family,
+                                dtype=dtype, device=device)
+
+
+def _load_model_pair(teacher, student, *, teacher_family, student_family, dtype, device) -> ModelPair:
     dtype = resolve_dtype(dtype)
     teacher_source = ModelSource.open(teacher, teacher_family, role="teacher")
     student_source = ModelSource.open(student, student_family, role="student")
