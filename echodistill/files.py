@@ -143,14 +143,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+def _write_bytes(tmp: Path, data: bytes) -> None:
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
-    return atomic_write(path, write)
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: _write_bytes(tmp, data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

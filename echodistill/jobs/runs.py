@@ -107,7 +107,8 @@ def _train_in(run_dir: Path, pair: ModelPair, images, config: TrainConfig, *, ca
     finished = run_dir / BUNDLE_NAME
     if reuse_finished and finished.is_file():
         bundle = ConceptBundle.load(finished)
-        if bundle.step == config.steps and bundle.fingerprints == pair.fingerprints():
+        base = pair.fingerprints()
+        if bundle.step == config.steps and {k: bundle.fingerprints.get(k) for k in base} == base:
             prompt = f"a photo of a {bundle.token} {bundle.class_word}"
             preview = sample(pair, [prompt] * 2, concept=bundle, seeds=[0, 1], width=config.resolution,
                              height=config.resolution, return_latents=False).images
