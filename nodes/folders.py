@@ -88,9 +88,10 @@ def find(sub: str, name: str) -> Path:
 
 
 def writable(sub: str) -> Path:
-    folder = roots()[0] / sub
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    """roots()[0]/sub, created and probed for writing (a clear error names it and the cause)."""
+    from echodistill.files import check_writable
+
+    return check_writable(roots()[0] / sub, f"{KIND}/{sub} folder")
 
 
 SHIPPED_PREFIX = "miniworld/"

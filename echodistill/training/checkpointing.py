@@ -112,6 +112,11 @@ class TrainingCheckpoint:
                 f"cannot resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                 f"only {', '.join(sorted(resumable))} may change on resume"
             )
+        if "scheme" in fingerprints and "scheme" not in self.fingerprints:
+            raise EchoDistillError(
+                "cannot resume: the checkpoint was written by an older version whose base-model fingerprints cannot "
+                "be compared with this one's; start the run again (a new run folder or --out)"
+            )
         if fingerprints != self.fingerprints:
             raise EchoDistillError(
                 f"cannot resume: the checkpoint was trained on other base models ({self.fingerprints}) "
