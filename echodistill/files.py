@@ -159,10 +159,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create `folder` if needed and write + remove a probe file in it, before any long job starts."""
+    """Create `folder` if needed and write + remove a probe file in it, before any long job starts; our own stale
+    temp files in it go too."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_files(folder)  # what a killed earlier run left behind
         fd, probe = tempfile.mkstemp(prefix=".echodistill-probe.", suffix=".tmp", dir=folder)
         try:
             os.write(fd, b"probe")
