@@ -31,3 +31,11 @@ class TokenizerError(EchoDistillError):
 
 class BackboneError(EchoDistillError):
     """A discriminator backbone, IP-Adapter projection or ensemble member cannot be loaded or used."""
+
+
+class OutputWriteError(EchoDistillError, OSError):
+    """A file or folder the pack must write cannot be written (no space, no permission, ...)."""
+
+
+class OutputBusyError(EchoDistillError):
+    """Another process is writing the same output (a second training into the same run or file)."""

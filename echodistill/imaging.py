@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
+
+from .files import atomic_write
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -45,20 +46,10 @@ def labelled_rows(rows: list[tuple[str, torch.Tensor]], *, columns: int | None =
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from echodistill.concepts.bundle import ConceptBundle
+from echodistill.files import check_name
 
 from . import folders
 from .types import Concept
@@ -21,7 +22,7 @@ class SaveConcept(io.ComfyNode):
             category=CATEGORY,
             description="Writes the concept bundle to models/echodistill/concepts/<name>.safetensors.",
             inputs=[Concept.Input("concept", tooltip="A trained concept."),
-                    io.String.Input("name", default="my_concept", tooltip="File name (no folders)."),
+                    io.String.Input("name", default="my_concept", tooltip="File name: letters, digits, _ - . only."),
                     io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name.")],
             outputs=[io.String.Output(display_name="file", tooltip="The file written.")],
             is_output_node=True,
@@ -33,7 +34,7 @@ class SaveConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, concept, name, overwrite) -> io.NodeOutput:
-        file = name if name.endswith(".safetensors") else f"{name}.safetensors"
+        file = f"{check_name(name)}.safetensors"
         path = folders.safe_join(folders.writable("concepts"), file)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{file} already exists in {path.parent}; pick another name or set overwrite")
@@ -56,7 +57,7 @@ class LoadConcept(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, concept_name):
-        return folders.check_name(concept_name)
+        return folders.check_existing(concept_name)
 
     @classmethod
     def execute(cls, concept_name) -> io.NodeOutput:

@@ -45,7 +45,19 @@ def safe_join(base: Path, name: str) -> Path:
 
 
 def check_name(name: str) -> str | bool:
-    """For validate_inputs: True, or the reason the name is refused."""
+    """For validate_inputs of a name the pack writes: True, or why it is refused (the library's one name rule)."""
+    from echodistill.errors import ConfigError
+    from echodistill.files import check_name as library_check_name
+
+    try:
+        library_check_name(name)
+    except ConfigError as error:
+        return str(error)
+    return True
+
+
+def check_existing(name: str) -> str | bool:
+    """For validate_inputs of a file chosen from a list: True, or why it is refused (it leaves the folder)."""
     try:
         safe_join(Path("/"), name)
     except ValueError as error:
@@ -76,9 +88,10 @@ def find(sub: str, name: str) -> Path:
 
 
 def writable(sub: str) -> Path:
-    folder = roots()[0] / sub
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    """roots()[0]/sub, created and probed for writing (a clear error names it and the cause)."""
+    from echodistill.files import check_writable
+
+    return check_writable(roots()[0] / sub, f"{KIND}/{sub} folder")
 
 
 SHIPPED_PREFIX = "miniworld/"

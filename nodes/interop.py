@@ -8,7 +8,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from echodistill.concepts.export import export_embedding, export_lora
+from echodistill.concepts.export import export_concept
 from echodistill.evaluation.metrics import evaluate
 
 from . import folders
@@ -28,7 +28,8 @@ class ExportConcept(io.ComfyNode):
             description="Writes the student's adapters as a kohya LoRA (models/loras) and the token as an embedding "
                         "(models/embeddings): LoraLoader + CLIPTextEncode('embedding:<name>') then reproduce it.",
             inputs=[Concept.Input("concept", tooltip="A trained concept."),
-                    io.String.Input("name", default="my_concept", tooltip="File name for both files (no folders)."),
+                    io.String.Input("name", default="my_concept", tooltip="File name for both files: letters, digits, _ - . only, "
+                                    "so that prompts can say embedding:<name>."),
                     io.Combo.Input("mode", options=["diff", "lowrank"], default="diff",
                                    tooltip="diff: exact weight patches; lowrank: SVD factors (smaller)."),
                     io.Int.Input("rank", default=0, min=0, max=1024, tooltip="lowrank only: 0 = full rank (exact)."),
@@ -44,14 +45,11 @@ class ExportConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, concept, name, mode, rank, overwrite) -> io.NodeOutput:
-        file = f"{name}.safetensors"
         lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
         embedding_dir = Path(folder_paths.get_folder_paths("embeddings")[0])
-        report = export_lora(concept, folders.safe_join(lora_dir, file), mode=mode, rank=rank or None,
-                             overwrite=overwrite)
-        export_embedding(concept, folders.safe_join(embedding_dir, file), overwrite=overwrite)
-        prompt_word = f"embedding:{name}"
-        return io.NodeOutput(file, prompt_word, ui={"text": [report.summary()]})
+        report, targets = export_concept(concept, name, lora_dir, embedding_dir, mode=mode, rank=rank or None,
+                                         overwrite=overwrite)
+        return io.NodeOutput(targets.lora.name, targets.prompt_word, ui={"text": [report.summary()]})
 
 
 class EvaluateConcept(io.ComfyNode):

@@ -130,7 +130,7 @@ class LoadImagesFromFolder(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, folder, resolution):
-        return folders.check_name(folder)
+        return folders.check_existing(folder)
 
     @classmethod
     def execute(cls, folder, resolution) -> io.NodeOutput:

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from echodistill.errors import ConfigError
+
 import comfy_support
 
 
@@ -118,6 +120,12 @@ def test_train_sample_save_load_export_in_process(comfy):
     lora_name, prompt_word = nodes["EchoDistillExportConcept"].execute(concept, "mug", "diff", 0, False).result
     assert (base / "loras" / lora_name).is_file() and (base / "embeddings" / "mug.safetensors").is_file()
     assert prompt_word == "embedding:mug"
+    # One name rule for every node that writes: names ComfyUI's prompts cannot read back are refused, with a suggestion.
+    for node in ("EchoDistillExportConcept", "EchoDistillSaveConcept"):
+        for bad, good in (("my mug", "my_mug"), ("mug(v2)", "mug_v2"), ("../mug", "mug")):
+            assert f"try {good!r}" in nodes[node].validate_inputs(name=bad)
+    with pytest.raises(ConfigError, match="'my mug' cannot be used.*try 'my_mug'"):
+        nodes["EchoDistillExportConcept"].execute(concept, "my mug", "diff", 0, True)
 
 
 def test_loader_reads_sidecar_captions_one_line_per_photo(comfy):

@@ -38,3 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except EchoDistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the user named cannot be read or written: say which and why, no traceback
+        from ..files import describe_os_error
+
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{describe_os_error(exc)}", file=sys.stderr)
+        return 2

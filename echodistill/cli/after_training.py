@@ -74,9 +74,11 @@ def _write_images(result, out: Path, *, sampler: str, steps: int, guidance: floa
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from ..files import check_writable
     from ..sampling.samplers import sample_student, sample_teacher
 
     part = "teacher" if args.command == "teacher-sample" else "student"
+    check_writable(args.out, "--out folder")  # before loading models and sampling
     pair, bundle = _load(args, part)
     prompts = [p for p in _prompts(args, bundle) for _ in range(args.count)]
     seeds = [args.seed + i for i in range(len(prompts))]
@@ -127,8 +129,10 @@ def _read_images(folder: str):
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..evaluation.metrics import evaluate
-    from ..models.tensor_files import atomic_write_text
+    from ..files import atomic_write_text, check_writable
 
+    if args.out:
+        check_writable(Path(args.out).parent, "--out folder")
     generated, prompts = _read_images(args.images)
     references, _ = _read_images(args.references)
     if args.prompt:
@@ -159,25 +163,25 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from ..concepts.bundle import ConceptBundle
-    from ..concepts.export import export_embedding, export_lora
+    from ..concepts.export import export_concept, export_targets
 
-    bundle = ConceptBundle.load(args.concept)
-    out = Path(args.out)
     name = args.name or Path(args.concept).stem
-    report = export_lora(bundle, out / f"{name}.safetensors", part=args.part, mode=args.mode, rank=args.rank,
-                         overwrite=args.overwrite)
-    embedding_dir = Path(args.embedding_out) if args.embedding_out else out
-    embedding = export_embedding(bundle, embedding_dir / f"{name}.safetensors", overwrite=args.overwrite)
+    export_targets(name, args.out, args.embedding_out, overwrite=args.overwrite)  # refuse before loading
+    bundle = ConceptBundle.load(args.concept)
+    report, targets = export_concept(bundle, name, args.out, args.embedding_out, part=args.part, mode=args.mode,
+                                     rank=args.rank, overwrite=args.overwrite)
     print(report.summary())
-    print(f"embedding: {embedding}  (prompt with 'embedding:{embedding.stem}' in place of {bundle.token!r})")
+    print(f"embedding: {targets.embedding}  (prompt with '{targets.prompt_word}' in place of {bundle.token!r})")
     return 0
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept", required=True, help="concept bundle (.safetensors)")
     parser.add_argument("--out", required=True, help="folder for the LoRA, e.g. ComfyUI/models/loras")
-    parser.add_argument("--embedding-out", help="folder for the embedding, e.g. ComfyUI/models/embeddings")
-    parser.add_argument("--name", help="file stem (default: the bundle's)")
+    parser.add_argument("--embedding-out", help="folder for the embedding, e.g. ComfyUI/models/embeddings "
+                        "(default: --out, as <name>_embedding.safetensors)")
+    parser.add_argument("--name", help="file stem (default: the bundle's): letters, digits, _ - . only, so that "
+                        "prompts can say embedding:<name>")
     parser.add_argument("--part", default="student", choices=("student", "teacher"))
     parser.add_argument("--mode", default="diff", choices=("diff", "lowrank"),
                         help="diff: exact weight patches; lowrank: SVD factors (smaller; error reported)")

@@ -71,26 +71,43 @@ def run_training(
     backbone_paths: dict | None = None,
     ip_adapter: str | None = None,
 ) -> Path:
-    """Train with terminal progress, save the bundle atomically; Ctrl-C saves a resumable checkpoint."""
+    """Train with terminal progress, save the bundle atomically; Ctrl-C saves a resumable checkpoint.
+
+    Both outputs are held for this process (a second training into them is refused, naming this one) and
+    probed for writing before the first step; the run ends with a checkpoint, so a bundle that cannot be
+    written loses nothing.
+    """
+    from ..errors import OutputWriteError
+    from ..files import check_writable, exclusive_output
     from ..training.trainer import Trainer
 
-    callbacks = TerminalCallbacks(config.steps, preview_dir=run_dir)
-    trainer = Trainer(
-        pair,
-        images,
-        config,
-        backbone_paths=backbone_paths,
-        ip_adapter_path=ip_adapter,
-        run_dir=run_dir,
-        callbacks=callbacks,
-    )
-    if resume:
-        trainer.resume(resume)
-        callbacks.bar.n = trainer.step
-    with stop_on_ctrl_c(callbacks):
-        bundle = trainer.train()
-    callbacks.bar.close()
-    path = bundle.save(out)
+    check_writable(out.parent, "--out folder")
+    check_writable(run_dir, "--run-dir")
+    with exclusive_output(out, "--out"), exclusive_output(run_dir, "--run-dir"):
+        callbacks = TerminalCallbacks(config.steps, preview_dir=run_dir)
+        trainer = Trainer(
+            pair,
+            images,
+            config,
+            backbone_paths=backbone_paths,
+            ip_adapter_path=ip_adapter,
+            run_dir=run_dir,
+            callbacks=callbacks,
+        )
+        if resume:
+            trainer.resume(resume)
+            callbacks.bar.n = trainer.step
+        with stop_on_ctrl_c(callbacks):
+            bundle = trainer.train()
+        callbacks.bar.close()
+        try:
+            path = bundle.save(out)
+        except OutputWriteError as exc:
+            raise OutputWriteError(
+                f"{exc}; the trained state is kept in {trainer.last_checkpoint} (step {bundle.step}): free space or "
+                f"fix the folder, then run the same command with --resume {trainer.last_checkpoint} to write the "
+                "bundle without training again"
+            ) from exc
     print(f"concept bundle written: {path} (token {bundle.token!r}, {bundle.step} steps)")
     return path
 

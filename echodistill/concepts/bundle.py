@@ -23,7 +23,7 @@ from ..errors import EchoDistillError
 from ..models.adapters import adapter_kind, adapter_state_dict, add_custom_diffusion, add_lora, load_adapter_state_dict
 from ..models.concept import add_concept_token, concept_embedding, set_concept_row
 from ..models.pair import ModelPair
-from ..models.tensor_files import atomic_save_safetensors
+from ..models.tensor_files import atomic_save_safetensors, fingerprint
 from ..version import __version__
 
 METADATA_KEY = "echodistill"
@@ -61,7 +61,7 @@ class ConceptBundle:
             adapter=config.adapter,
             student_adapter=adapter_state_dict(pair.student.unet),
             teacher_adapter=teacher_adapter,
-            fingerprints=pair.fingerprints(),
+            fingerprints={**pair.fingerprints(), "initializer_rows": initializer_fingerprint(pair, config.initializer_word)},
             families={"teacher": pair.teacher.family, "student": pair.student.family},
             config=config.to_dict(),
             step=step,
@@ -128,23 +128,45 @@ class ConceptBundle:
 
     # --- applying ----------------------------------------------------------------------------
     def check_base(self, pair: ModelPair, parts: Iterable[str] = ("student", "teacher")) -> None:
-        """Refuse base models whose fingerprints differ from the ones the concept was trained on."""
-        wanted = ["text_encoder", *(f"{p}_unet" for p in parts)]
-        have = pair.fingerprints()
-        for name in wanted:
+        """Refuse base models whose fingerprints differ from the ones the concept was trained on.
+
+        The UNet fingerprints cover the cross-attention K/V the adapters modify (a checkpoint with a LoRA
+        merged into them is another base model); the text encoder's cover its table and the initializer's rows.
+        A bundle from a version before K/V were hashed is checked as it was then (the UNets' ends only).
+        """
+        legacy = "scheme" not in self.fingerprints
+        have = pair.legacy_fingerprints() if legacy else pair.fingerprints()
+        for name in ["text_encoder", *(f"{p}_unet" for p in parts)]:
+            if have.get(name) is None and legacy:
+                raise BundleMismatchError(
+                    f"this concept was saved by an older version (pack {self.version}) whose fingerprints cannot be "
+                    "checked against these models: load the base models with load_model_pair, or retrain the concept"
+                )
             if self.fingerprints.get(name) != have[name]:
+                weights = "its cross-attention K/V or other weights" if name.endswith("unet") else "its weights"
                 raise BundleMismatchError(
                     f"this concept was trained on a {name.replace('_', ' ')} with fingerprint "
-                    f"{self.fingerprints.get(name)}, but the loaded one is {have[name]}: load the same base "
-                    f"models it was trained with ({self.families})"
+                    f"{self.fingerprints.get(name)}, but the loaded one is {have[name]} ({weights} differ: another "
+                    f"checkpoint, or a LoRA merged into it): load the same base models it was trained with "
+                    f"({self.families}), without merged LoRAs"
                 )
+        saved_rows = self.fingerprints.get("initializer_rows")
+        if saved_rows is not None and saved_rows != initializer_fingerprint(pair, self.initializer):
+            raise BundleMismatchError(
+                f"the loaded text encoder's rows for the initializer {self.initializer!r} differ from the ones this "
+                f"concept was trained with: load the same base models it was trained with ({self.families})"
+            )
 
     def apply(self, pair: ModelPair, parts: Iterable[str] = ("student", "teacher")) -> None:
         """Add the token (or reuse it), set its row, and install + load the adapters of `parts`.
 
         A part with no adapter weights (Textual Inversion) runs its base UNet with the token row.
+        Applied with inference mode off, so the pair can still be trained and tracked afterwards.
         """
-        parts = tuple(parts)
+        with torch.inference_mode(False):
+            self._apply(pair, tuple(parts))
+
+    def _apply(self, pair: ModelPair, parts: tuple[str, ...]) -> None:
         rows = {id(self.embedding_for(part)) for part in parts}
         if len(rows) > 1:
             raise EchoDistillError(
@@ -174,3 +196,10 @@ class ConceptBundle:
             add_lora(unet, lora.get("lora_rank", 4), lora.get("lora_alpha", 4.0), tuple(lora.get("lora_targets", ())))
         for param in unet.parameters():
             param.requires_grad_(False)
+
+
+def initializer_fingerprint(pair: ModelPair, initializer: str) -> str:
+    """Hash of the token-table rows of the initializer word's ids in the pair's (frozen) table."""
+    ids = pair.tokenizer(initializer, add_special_tokens=False).input_ids
+    table = pair.text_encoder.get_input_embeddings().weight  # (V, D): the base table, concept row not in it
+    return fingerprint(lambda name: table[int(name)], [str(i) for i in ids])

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import EchoDistillError
+from ..files import check_name, check_writable
 from ..models.adapters import LORA_ADAPTER_NAME
 from ..models.tensor_files import atomic_save_safetensors
 from ..version import __version__
@@ -338,3 +339,55 @@ def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrit
         "pack_version": __version__,
     }
     return atomic_save_safetensors({key: row}, target, {EXPORT_METADATA_KEY: json.dumps(info, sort_keys=True)})
+
+
+EMBEDDING_SUFFIX = "_embedding"  # the embedding's stem when it shares the LoRA's folder
+
+
+@dataclass(frozen=True)
+class ExportTargets:
+    """Where `export_concept` writes: the LoRA, the embedding, and the word to write in prompts."""
+
+    lora: Path
+    embedding: Path
+
+    @property
+    def prompt_word(self) -> str:
+        return f"embedding:{self.embedding.stem}"
+
+
+def export_targets(name: str, lora_dir: str | os.PathLike, embedding_dir: str | os.PathLike | None = None, *,
+                   overwrite: bool = False) -> ExportTargets:
+    """The two files of an export, refused up front (nothing written) when the name breaks the name rule,
+    they would be one file, or one exists and not `overwrite`.
+
+    `<name>.safetensors` in each folder; when both go to one folder (no `embedding_dir`), the embedding is
+    `<name>_embedding.safetensors`, so the LoRA and the embedding never replace each other.
+    """
+    stem = check_name(name)
+    lora_dir = Path(lora_dir)
+    embedding_dir = Path(embedding_dir) if embedding_dir is not None else lora_dir
+    lora = lora_dir / f"{stem}.safetensors"
+    embedding = embedding_dir / f"{stem}.safetensors"
+    if os.path.abspath(embedding) == os.path.abspath(lora) or (
+            embedding.exists() and lora.exists() and os.path.samefile(embedding, lora)):
+        embedding = embedding_dir / f"{stem}{EMBEDDING_SUFFIX}.safetensors"
+    if not overwrite:
+        existing = [str(p) for p in (lora, embedding) if p.exists()]
+        if existing:
+            raise OutputExistsError(f"{' and '.join(existing)} already exist(s): pick another name or allow overwriting")
+    return ExportTargets(lora, embedding)
+
+
+def export_concept(bundle: ConceptBundle, name: str, lora_dir: str | os.PathLike,
+                   embedding_dir: str | os.PathLike | None = None, *, part: Part = "student",
+                   mode: ExportMode = "diff", rank: int | None = None, overwrite: bool = False,
+                   ) -> tuple[ExportReport, ExportTargets]:
+    """The LoRA and the embedding of `bundle` under one checked name (see `export_targets`), both folders
+    probed for writing before either file is written."""
+    targets = export_targets(name, lora_dir, embedding_dir, overwrite=overwrite)
+    for folder in {targets.lora.parent, targets.embedding.parent}:
+        check_writable(folder, "export folder")
+    report = export_lora(bundle, targets.lora, part=part, mode=mode, rank=rank, overwrite=True)
+    export_embedding(bundle, targets.embedding, overwrite=True)
+    return report, targets

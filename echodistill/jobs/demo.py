@@ -23,7 +23,7 @@ from ..miniworld.recipe import tuned_config
 from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_STEPS, UnitInputs, score_prior
 from ..models.pair import load_model_pair
 from ..models.pristine import pristine
-from ..models.tensor_files import atomic_write_text
+from ..files import atomic_write_text, check_writable
 from ..training.callbacks import Callbacks
 from ..training.trainer import Trainer
 
@@ -56,7 +56,7 @@ class DemoReport:
 def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int = DEFAULT_STEPS, seed: int = 0,
              overrides: dict | None = None, callbacks: Callbacks | None = None) -> DemoReport:
     """Train, sample, measure; `callbacks` observe and steer the training (the command line's show a bar)."""
-    out_dir = Path(out_dir)
+    out_dir = check_writable(out_dir, "output folder")  # before a model is loaded or a step taken
     name = concept_name or sorted(CONCEPTS)[0]
     concept = CONCEPTS[name]
     oracle = Oracle.load()  # before training: a missing file should cost seconds, not a run

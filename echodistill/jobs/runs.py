@@ -17,11 +17,13 @@ import torch
 from PIL import Image
 
 from ..concepts.bundle import ConceptBundle
+from ..errors import EchoDistillError, OutputWriteError
+from ..files import check_writable, exclusive_output
 from ..models.pair import ModelPair
 from ..models.pristine import pristine
 from ..sampling.with_concept import sample
 from ..training.callbacks import Callbacks
-from ..training.checkpointing import CHECKPOINT_NAME
+from ..training.checkpointing import CHECKPOINT_NAME, TrainingCheckpoint
 from ..training.config import TrainConfig
 from ..training.data import load_concept_images
 from ..training.trainer import Trainer
@@ -60,7 +62,9 @@ def run_key(pair: ModelPair, images: Sequence[Image.Image], config: TrainConfig,
     """A short name for a run: the same base models, photos and config give the same key."""
     digest = hashlib.sha256()
     digest.update(json.dumps(pair.fingerprints(), sort_keys=True).encode())
-    exclude = {"sample_every", "save_every", "log_every"}  # how a run is watched, not what it computes
+    # How a run is watched, not what it computes; and its length where a longer run continues a shorter one
+    # step for step (a sequential schedule switches phase at steps // 2, so there it names another run).
+    exclude = {"sample_every", "save_every", "log_every"} | ({"steps"} if config.schedule != "sequential" else set())
     digest.update(json.dumps({k: v for k, v in config.to_dict().items() if k not in exclude}, sort_keys=True).encode())
     digest.update(json.dumps(extras or {}, sort_keys=True, default=str).encode())
     for image in images:
@@ -91,10 +95,20 @@ def train_concept(
     (`resume`). Cancellation raises TrainingCancelled after the checkpoint is written.
     """
     run_dir = Path(run_dir)
+    check_writable(run_dir, "run folder")  # before any photo is read or step is taken
+    with exclusive_output(run_dir, "run folder"):
+        return _train_in(run_dir, pair, images, config, callbacks=callbacks, resume=resume,
+                         reuse_finished=reuse_finished, backbone_paths=backbone_paths,
+                         ip_adapter_path=ip_adapter_path, captions=captions)
+
+
+def _train_in(run_dir: Path, pair: ModelPair, images, config: TrainConfig, *, callbacks, resume, reuse_finished,
+              backbone_paths, ip_adapter_path, captions) -> TrainingResult:
     finished = run_dir / BUNDLE_NAME
     if reuse_finished and finished.is_file():
         bundle = ConceptBundle.load(finished)
-        if bundle.step == config.steps and bundle.fingerprints == pair.fingerprints():
+        base = pair.fingerprints()
+        if bundle.step == config.steps and {k: bundle.fingerprints.get(k) for k in base} == base:
             prompt = f"a photo of a {bundle.token} {bundle.class_word}"
             preview = sample(pair, [prompt] * 2, concept=bundle, seeds=[0, 1], width=config.resolution,
                              height=config.resolution, return_latents=False).images
@@ -107,10 +121,23 @@ def train_concept(
         checkpoint = run_dir / CHECKPOINT_NAME
         resumed_from = 0
         if resume and checkpoint.is_file():
+            saved = TrainingCheckpoint.load(checkpoint).step
+            if saved > config.steps:
+                raise EchoDistillError(
+                    f"{run_dir} holds this run at step {saved}, beyond steps={config.steps}: ask for "
+                    f"{saved} steps or more to continue it, or turn resume off to train it again from step 0 "
+                    "(which replaces it)"
+                )
             trainer.resume(checkpoint)
             resumed_from = trainer.step
         bundle = trainer.train()
         if recorder.preview is None:
             recorder.preview = trainer.preview()
-    bundle.save(finished)
+    try:
+        bundle.save(finished)
+    except OutputWriteError as exc:
+        raise OutputWriteError(
+            f"{exc}; the trained state is kept in {checkpoint} (step {bundle.step}): free space or fix the folder "
+            "and run the same training again, it continues from there"
+        ) from exc
     return TrainingResult(bundle, recorder.history, recorder.preview, resumed_from)

@@ -23,6 +23,9 @@ from ..errors import IncompatiblePairError, ModelLoadError
 from .families import FamilyConfig
 from .loading import ModelSource, load_text_encoder, load_tokenizer, load_unet, load_vae, resolve_dtype
 
+# What a UNet fingerprint reads: its ends (which model) and every cross-attention K/V projection (the
+# weights the concept adapters modify: a LoRA merged into them makes another base model). About 100 MB
+# of an SD 2.x UNet, read lazily tensor by tensor; never the whole file.
 UNET_FINGERPRINT_KEYS = (
     "conv_in.weight",
     "conv_in.bias",
@@ -30,6 +33,14 @@ UNET_FINGERPRINT_KEYS = (
     "conv_out.weight",
     "conv_out.bias",
 )
+CROSS_ATTENTION_KV = ("attn2.to_k.weight", "attn2.to_v.weight")
+FINGERPRINT_SCHEME = "2"  # 1 (no "scheme" key): UNET_FINGERPRINT_KEYS only
+
+
+def unet_fingerprint_keys(unet: torch.nn.Module) -> tuple[str, ...]:
+    """UNET_FINGERPRINT_KEYS and the UNet's cross-attention K/V weights, in a fixed order."""
+    kv = sorted(k for k in unet.state_dict() if k.endswith(CROSS_ATTENTION_KV))
+    return (*UNET_FINGERPRINT_KEYS, *kv)
 VAE_FINGERPRINT_KEYS = (
     "encoder.conv_in.weight",
     "quant_conv.weight",
@@ -56,6 +67,7 @@ class DiffusionModel:
     source: Path
     fingerprint: str
     family_reason: str
+    legacy_fingerprint: str | None = None  # UNET_FINGERPRINT_KEYS only: checks bundles saved before K/V were hashed
 
     @property
     def family(self) -> str:
@@ -101,6 +113,16 @@ class ModelPair:
             "student_unet": self.student.fingerprint,
             "text_encoder": self.text_fingerprint,
             "vae": self.vae_fingerprint,
+            "scheme": FINGERPRINT_SCHEME,
+        }
+
+    def legacy_fingerprints(self) -> dict[str, str | None]:
+        """The fingerprints as versions before scheme 2 took them (UNet ends only)."""
+        return {
+            "teacher_unet": self.teacher.legacy_fingerprint,
+            "student_unet": self.student.legacy_fingerprint,
+            "text_encoder": self.text_fingerprint,
+            "vae": self.vae_fingerprint,
         }
 
 
@@ -117,7 +139,16 @@ def load_model_pair(
 
     Raises IncompatiblePairError when the two text encoders differ in architecture, and warns
     (SharedEncoderWarning) when they share the architecture but not the weights.
+
+    Loaded with inference mode off whatever the caller's mode (ComfyUI runs nodes inside
+    `torch.inference_mode()`): inference tensors could never be trained or tracked.
     """
+    with torch.inference_mode(False):
+        return _load_model_pair(teacher, student, teacher_family=teacher_family, student_family=student_family,
+                                dtype=dtype, device=device)
+
+
+def _load_model_pair(teacher, student, *, teacher_family, student_family, dtype, device) -> ModelPair:
     dtype = resolve_dtype(dtype)
     teacher_source = ModelSource.open(teacher, teacher_family, role="teacher")
     student_source = ModelSource.open(student, student_family, role="student")
@@ -142,15 +173,17 @@ def load_model_pair(
             teacher_unet,
             teacher_source.config,
             teacher_source.path,
-            teacher_source.fingerprint("unet", UNET_FINGERPRINT_KEYS),
+            teacher_source.fingerprint("unet", unet_fingerprint_keys(teacher_unet)),
             teacher_source.reason,
+            teacher_source.fingerprint("unet", UNET_FINGERPRINT_KEYS),
         ),
         student=DiffusionModel(
             student_unet,
             student_source.config,
             student_source.path,
-            student_source.fingerprint("unet", UNET_FINGERPRINT_KEYS),
+            student_source.fingerprint("unet", unet_fingerprint_keys(student_unet)),
             student_source.reason,
+            student_source.fingerprint("unet", UNET_FINGERPRINT_KEYS),
         ),
         text_fingerprint=teacher_source.fingerprint("text_encoder", TEXT_FINGERPRINT_KEYS),
         vae_fingerprint=vae_fingerprint,

@@ -66,8 +66,30 @@ def encoder_state(tokenizer, text_encoder) -> tuple:
     """
     device_type = text_encoder.device.type
     autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-    weights = tuple((p.data_ptr(), p._version, p.dtype) for p in text_encoder.parameters())
+    weights = tuple((p.data_ptr(), version_counter(p), p.dtype) for p in text_encoder.parameters())
     return (id(tokenizer), len(tokenizer), str(text_encoder.device), autocast, torch.is_grad_enabled(), weights)
+
+
+class _Untracked:
+    """Stands for the version of a tensor that has none: equal to nothing, so a cache keyed on it never hits."""
+
+    def __eq__(self, other):
+        return False
+
+    def __hash__(self):
+        return id(self)
+
+
+def version_counter(tensor: torch.Tensor) -> object:
+    """The in-place version counter of `tensor`, or a never-equal marker for an inference tensor.
+
+    Tensors made under `torch.inference_mode()` (a pair loaded, or a concept applied, inside a ComfyUI
+    node or a user's `with torch.inference_mode():`) track no version ("Inference tensors do not track
+    version counter"): whatever reads them is recomputed instead of cached.
+    """
+    if tensor.is_inference():
+        return _Untracked()
+    return tensor._version
 
 
 class PromptCache:
@@ -119,7 +141,7 @@ def _fusable_self_attention(unet) -> list[Attention]:
 
 
 def _weights_version(module: Attention) -> tuple:
-    return tuple((p.data_ptr(), p._version) for name in ("to_q", "to_k", "to_v")
+    return tuple((p.data_ptr(), version_counter(p)) for name in ("to_q", "to_k", "to_v")
                  for p in getattr(module, name).parameters())
 
 

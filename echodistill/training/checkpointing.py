@@ -7,14 +7,15 @@ atomically (temp file + rename), read back with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import EchoDistillError
+from ..files import atomic_write_bytes
 from ..models.adapters import adapter_state_dict, load_adapter_state_dict
 from ..models.concept import concept_embedding
 from .config import TrainConfig
@@ -34,6 +35,7 @@ class TrainingCheckpoint:
     rng: dict[str, torch.Tensor]
     echo: dict
     fingerprints: dict[str, str]
+    data: str = ""  # hash of the photos and captions trained on ("" in checkpoints of older versions)
 
     @classmethod
     def capture(cls, trainer) -> "TrainingCheckpoint":
@@ -59,12 +61,13 @@ class TrainingCheckpoint:
             rng={"data": trainer.data_generator.get_state(), "noise": trainer.noise_generator.get_state()},
             echo=trainer.echo.state_dict(),
             fingerprints=pair.fingerprints(),
+            data=trainer.data_identity,
         )
 
     def restore(self, trainer) -> None:
         """Put this state into a `Trainer` built with the same config on the same base models."""
         pair = trainer.pair
-        self.check_compatible(trainer.config, pair.fingerprints())
+        self.check_compatible(trainer.config, pair.fingerprints(), trainer.data_identity)
         load_adapter_state_dict(pair.teacher.unet, self.weights["teacher_adapter"])
         load_adapter_state_dict(pair.student.unet, self.weights["student_adapter"])
         with torch.no_grad():
@@ -83,17 +86,10 @@ class TrainingCheckpoint:
         trainer.step = self.step
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(asdict(self), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Atomic; serialized in memory first so a full disk is named as such (OutputWriteError)."""
+        buffer = io.BytesIO()
+        torch.save(asdict(self), buffer)
+        return atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainingCheckpoint":
@@ -106,7 +102,7 @@ class TrainingCheckpoint:
             raise EchoDistillError(f"{path.name} is not a readable EchoDistill checkpoint: {exc}") from exc
         return cls(**state)
 
-    def check_compatible(self, config: TrainConfig, fingerprints: dict[str, str]) -> None:
+    def check_compatible(self, config: TrainConfig, fingerprints: dict[str, str], data: str = "") -> None:
         saved = TrainConfig.from_dict(self.config).to_dict()
         # A sequential run switches phase at steps // 2: changing steps would move that switch.
         resumable = RESUMABLE_CHANGES - ({"steps"} if config.schedule == "sequential" else set())
@@ -116,10 +112,20 @@ class TrainingCheckpoint:
                 f"cannot resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                 f"only {', '.join(sorted(resumable))} may change on resume"
             )
+        if "scheme" in fingerprints and "scheme" not in self.fingerprints:
+            raise EchoDistillError(
+                "cannot resume: the checkpoint was written by an older version whose base-model fingerprints cannot "
+                "be compared with this one's; start the run again (a new run folder or --out)"
+            )
         if fingerprints != self.fingerprints:
             raise EchoDistillError(
                 f"cannot resume: the checkpoint was trained on other base models ({self.fingerprints}) "
                 f"than the loaded ones ({fingerprints})"
+            )
+        if self.data and data and data != self.data:
+            raise EchoDistillError(
+                "cannot resume: the checkpoint was trained on other photos or captions than the ones given; "
+                "resume with the same photos and captions, or start a new run (another output or run folder)"
             )
         if self.step > config.steps:
             raise EchoDistillError(f"the checkpoint is at step {self.step}, beyond steps={config.steps}")
@@ -130,3 +136,16 @@ def checkpoint_path(run_dir: Path | None) -> Path:
     if run_dir is None:
         raise EchoDistillError("no run_dir was given, so there is nowhere to save a checkpoint")
     return run_dir / CHECKPOINT_NAME
+
+
+def data_identity(images) -> str:
+    """A short hash of the photos (pixels, in order) and their captions: what a resumed run must train on again."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for item in images:
+        picture = item.image.convert("RGB")
+        digest.update(json.dumps([picture.size, item.caption]).encode())
+        digest.update(picture.tobytes())
+    return digest.hexdigest()[:16]

@@ -25,13 +25,15 @@ from pathlib import Path
 import torch
 
 from ..concepts.bundle import ConceptBundle
+from ..errors import OutputWriteError
+from ..files import check_writable, exclusive_output
 from ..models.adapters import adapter_state_dict, add_adapter
 from ..models.concept import add_concept_token, concept_parameters, own_concept_embedding, reading_with
 from ..models.diffusion import alphas_cumprod_for, encode_prompts, student_one_step, teacher_target, unet_call
 from ..models.pair import ModelPair
 from ..models.schedule import add_noise, denoising_target
 from .callbacks import Callbacks, TrainingCancelled, TrainingDiverged
-from .checkpointing import TrainingCheckpoint, checkpoint_path
+from .checkpointing import TrainingCheckpoint, checkpoint_path, data_identity
 from .config import TrainConfig
 from .data import ConceptDataset, ConceptImage
 from .discriminators import build_ensemble
@@ -70,6 +72,7 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.noise_generator = torch.Generator().manual_seed(config.seed + 1)
 
+        self.data_identity = data_identity(images)
         self.concept = add_concept_token(pair.tokenizer, pair.text_encoder, config.token, config.initializer_word)
         self.dataset = ConceptDataset.from_config(images, config, pair.vae_downscale)
         teacher_params = add_adapter(pair.teacher.unet, config)
@@ -121,6 +124,7 @@ class Trainer:
         self.echo = EchoBuffer(config.echo_buffer_size)
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self._last_saved_step: int | None = None
 
     # --- helpers ---------------------------------------------------------------------------
     def _randn(self, shape) -> torch.Tensor:
@@ -435,11 +439,13 @@ class Trainer:
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         self.last_checkpoint = self.checkpoint().save(path or checkpoint_path(self.run_dir))
+        self._last_saved_step = self.step
         return self.last_checkpoint
 
     def resume(self, path: str | os.PathLike) -> None:
         TrainingCheckpoint.load(path).restore(self)
         self.last_checkpoint = Path(path)
+        self._last_saved_step = self.step
 
     def bundle(self) -> ConceptBundle:
         return ConceptBundle.from_trained_pair(
@@ -448,15 +454,24 @@ class Trainer:
         )
 
     def train(self) -> ConceptBundle:
-        """Run to `config.steps`; saves on schedule and on cancel (then raises TrainingCancelled).
+        """Run to `config.steps`; saves on schedule, at the end and on cancel (then raises TrainingCancelled).
 
         An exception raised by a callback (between two whole steps, so the state is consistent)
-        also saves a checkpoint before it propagates: a UI failing never costs the run.
+        also saves a checkpoint before it propagates: a UI failing never costs the run. With a
+        `run_dir`, the run holds it (a second process training into it is refused) and it is probed
+        for writing before the first step.
         """
+        if self.run_dir is None:
+            return self._train()
+        check_writable(self.run_dir, "run folder")
+        with exclusive_output(self.run_dir, "run folder"):
+            return self._train()
+
+    def _train(self) -> ConceptBundle:
         cfg = self.config
         while self.step < cfg.steps:
             if self.callbacks.should_stop():
-                checkpoint = self.save_checkpoint() if self.run_dir else None
+                checkpoint = self._save_or_explain() if self.run_dir else None
                 raise TrainingCancelled(self.step, checkpoint)
             logs = self.train_step()
             try:
@@ -466,8 +481,24 @@ class Trainer:
                     self.callbacks.on_preview(self.step, self.preview())
             except BaseException:
                 if self.run_dir:
-                    self.save_checkpoint()
+                    self._save_or_explain()
                 raise
             if self.run_dir and cfg.save_every and self.step % cfg.save_every == 0:
-                self.save_checkpoint()
+                self._save_or_explain()
+        # The end is a checkpoint too: more steps later resume from here, and a failed bundle write loses nothing.
+        if self.run_dir and not self._saved_at(self.step):
+            self._save_or_explain()
         return self.bundle()
+
+    def _saved_at(self, step: int) -> bool:
+        return self.last_checkpoint is not None and self._last_saved_step == step
+
+    def _save_or_explain(self) -> Path:
+        """save_checkpoint(); a failed write says where the last good checkpoint is."""
+        try:
+            path = self.save_checkpoint()
+        except OutputWriteError as exc:
+            kept = (f"the last checkpoint written is {self.last_checkpoint} (step {self._last_saved_step})"
+                    if self.last_checkpoint else "no checkpoint of this run was written")
+            raise OutputWriteError(f"{exc}; step {self.step} could not be saved, {kept}") from exc
+        return path

@@ -1,0 +1,252 @@
+"""Writing the pack's files: atomically, with ordinary permissions, checked before long jobs, one writer at a time.
+
+Every file the pack writes (bundles, checkpoints, LoRAs, embeddings, PNGs, JSON) goes through
+`atomic_write`: the bytes go to a hidden temp file beside the target (`.<name>.<random>.tmp`),
+which is renamed over the target only when complete. The temp file gets the mode a plain
+`open()` would give (0666 minus the umask), not `mkstemp`'s 0600, so another user's ComfyUI can
+read what we wrote. A failed write names the path and the cause (no space, no permission).
+Temp files of ours that a killed process left behind are removed at the next write into that
+folder, once they are older than this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import ConfigError, OutputBusyError, OutputWriteError
+
+# Our own temp names only: "." + target name + "." + mkstemp's 8 random characters + ".tmp".
+_TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+_PROCESS_START = time.time()
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """The cause in words a user acts on."""
+    if exc.errno in _NO_SPACE:
+        return "no space left on the device"
+    if exc.errno in _NO_PERMISSION:
+        return "no permission to write there (read-only folder or file owned by another user)"
+    return exc.strerror or str(exc)
+
+
+def write_error(path: str | os.PathLike, exc: OSError, advice: str = "") -> OutputWriteError:
+    text = f"cannot write {path}: {describe_os_error(exc)}"
+    return OutputWriteError(f"{text}; {advice}" if advice else text)
+
+
+# --- names -------------------------------------------------------------------------------------
+
+# A name every command and node accepts for a file it writes (bundle, LoRA, embedding): one path
+# component that ComfyUI's prompt syntax reads back whole as `embedding:NAME`. ComfyUI
+# (comfy/sd1_clip.py, SDTokenizer) first parses "(...)" / "(...:w)" as weights, splits the text
+# after "embedding:" at whitespace, strips trailing commas, and escapes with "\\": so spaces,
+# parentheses, colons, commas and backslashes break the name, and slashes or ".." leave the folder.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+NAME_RULE = "letters, digits, '_', '-' and '.', starting with a letter or digit, at most 100 characters"
+
+
+def suggest_name(name: str) -> str:
+    """A valid name close to `name`."""
+    stem = Path(name.replace("\\", "/")).name if name else ""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem.removesuffix(".safetensors"))
+    stem = re.sub(r"\.{2,}", ".", stem).strip("._-")[:100].rstrip("._-")
+    return stem or "my_concept"
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """`name` (a trailing .safetensors is allowed and dropped) if every command and node accepts it; else ConfigError
+    saying why and suggesting a valid one."""
+    stem = name.removesuffix(".safetensors") if isinstance(name, str) else name
+    if not isinstance(stem, str) or not NAME_PATTERN.match(stem) or ".." in stem or stem.endswith("."):
+        raise ConfigError(
+            f"{what} {name!r} cannot be used: a name is one file name that ComfyUI's prompts read back as "
+            f"'embedding:NAME' ({NAME_RULE}); try {suggest_name(str(name))!r}"
+        )
+    return stem
+
+
+def file_mode() -> int:
+    """The mode a plain open() gives a new file: 0666 minus the process umask."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide, so not thread-safe to swap)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def clean_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove our own temp files in `folder` left by a killed write (older than this process); returns them."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _TEMP_PATTERN.match(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < _PROCESS_START:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """`write(temp_path)` then rename onto `path`; a crash never leaves half a file at `path`.
+
+    Raises OutputWriteError naming `path` and the cause when the folder or the bytes cannot be written.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_files(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+    os.close(fd)
+    try:
+        os.chmod(tmp, file_mode())
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, exc) from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_bytes(tmp: Path, data: bytes) -> None:
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: _write_bytes(tmp, data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `folder` if needed and write + remove a probe file in it, before any long job starts; our own stale
+    temp files in it go too."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_files(folder)  # what a killed earlier run left behind
+        fd, probe = tempfile.mkstemp(prefix=".echodistill-probe.", suffix=".tmp", dir=folder)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise write_error(folder, exc, f"choose another {what} or fix its permissions / free space") from exc
+    return folder
+
+
+# --- one writer per output -----------------------------------------------------------------------
+
+_HELD: dict[str, list] = {}  # lock path -> [FileLock, count]: re-entrant within this process
+_HELD_LOCK = threading.Lock()
+
+
+def _lock_path(target: Path) -> Path:
+    return target / ".echodistill.lock" if target.is_dir() or not target.suffix else \
+        target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def exclusive_output(target: str | os.PathLike, what: str = "output") -> Iterator[None]:
+    """Hold `target` (a run folder or an output file) for this process; a second process is refused.
+
+    The refusal names the holder (process id, host, since when, command) from a note written beside the lock.
+    """
+    from filelock import FileLock, Timeout
+
+    target = Path(target)
+    lock_path = _lock_path(target)
+    key = str(lock_path.resolve())
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+    if held is None:
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(lock_path), timeout=0, mode=file_mode())
+            lock.acquire()
+        except Timeout:
+            raise OutputBusyError(
+                f"another training is already writing {target} ({_holder(lock_path)}): wait for it to finish, "
+                f"stop it, or choose another {what}"
+            ) from None
+        except OSError as exc:
+            raise write_error(lock_path.parent, exc) from exc
+        _write_holder(lock_path)
+        with _HELD_LOCK:
+            _HELD[key] = [lock, 1]
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            entry = _HELD[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _HELD[key]
+                _holder_path(lock_path).unlink(missing_ok=True)
+                entry[0].release()
+
+
+def _holder_path(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".owner")
+
+
+def _write_holder(lock_path: Path) -> None:
+    import sys
+
+    note = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)[:300]}
+    try:
+        _holder_path(lock_path).write_text(json.dumps(note))
+    except OSError:
+        pass
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        note = json.loads(_holder_path(lock_path).read_text())
+        return f"process {note['pid']} on {note['host']} since {note['since']}: {note['command']}"
+    except (OSError, ValueError, KeyError):
+        return f"the process holding {lock_path}"

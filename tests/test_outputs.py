@@ -1,0 +1,159 @@
+"""Files the pack writes: one name rule, distinct export names, open()'s permissions, no stale temp files."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from echodistill import files
+from echodistill.cli import main
+from echodistill.concepts.bundle import ConceptBundle
+from echodistill.concepts.export import export_concept
+from echodistill.errors import ConfigError
+from echodistill.imaging import save_png
+from echodistill.models.adapters import adapter_state_dict, add_custom_diffusion
+from echodistill.models.pair import load_model_pair
+from echodistill.training.checkpointing import TrainingCheckpoint
+
+COMFYUI = os.path.join(os.path.dirname(__file__), "..", ".cache", "comfyui")
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_pair_folders) -> ConceptBundle:
+    pair = load_model_pair(*tiny_pair_folders)
+    generator = torch.Generator().manual_seed(0)
+    states = {}
+    for part in ("student", "teacher"):
+        add_custom_diffusion(getattr(pair, part).unet)
+        states[part] = {k: torch.randn(v.shape, generator=generator) * 0.05
+                        for k, v in adapter_state_dict(getattr(pair, part).unet).items()}
+    return ConceptBundle(token="<v*>", initializer="dog", class_word="dog",
+                         embedding=torch.randn(pair.text_encoder.config.hidden_size, generator=generator),
+                         adapter="custom_diffusion", student_adapter=states["student"],
+                         teacher_adapter=states["teacher"], fingerprints=pair.fingerprints(),
+                         families={"teacher": "teacher", "student": "student"}, step=3)
+
+
+def test_export_without_embedding_folder_writes_two_distinct_files(bundle, tmp_path, capsys):
+    concept = bundle.save(tmp_path / "b.safetensors")
+    out = tmp_path / "d"
+    assert main(["export", "--concept", str(concept), "--out", str(out)]) == 0
+    with safe_open(str(out / "b.safetensors"), "pt") as lora:
+        assert all(k.startswith("lora_unet_") for k in lora.keys())
+    with safe_open(str(out / "b_embedding.safetensors"), "pt") as embedding:
+        assert list(embedding.keys()) == ["emb_params"]
+    assert "prompt with 'embedding:b_embedding'" in capsys.readouterr().out
+    # Separate folders: both keep the plain name.
+    assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "loras"),
+                 "--embedding-out", str(tmp_path / "embeddings")]) == 0
+    assert (tmp_path / "loras" / "b.safetensors").is_file() and (tmp_path / "embeddings" / "b.safetensors").is_file()
+
+    # A clash with an existing file is refused before anything is written: the LoRA is not rewritten.
+    (out / "b_embedding.safetensors").unlink()
+    before = (out / "b.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["export", "--concept", str(concept), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "already exist" in err
+    assert (out / "b.safetensors").stat().st_mtime_ns == before and not (out / "b_embedding.safetensors").exists()
+
+
+@pytest.mark.parametrize("name, suggestion", [("../../x", "x"), ("/tmp/abs", "abs"), ("my mug", "my_mug"),
+                                              ("mug(v2)", "mug_v2"), ("mug:1.2", "mug_1.2"), ("a,b", "a_b")])
+def test_every_writer_refuses_names_outside_the_rule_with_a_suggestion(bundle, tmp_path, capsys, name, suggestion):
+    concept = bundle.save(tmp_path / "b.safetensors")
+    assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "d"), "--name", name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: name {name!r} cannot be used") and f"try {suggestion!r}" in err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(ConfigError, match=f"try '{suggestion}'"):
+        export_concept(bundle, name, tmp_path / "loras", tmp_path / "embeddings")
+    files.check_name(suggestion)  # the suggestion itself passes
+
+
+def test_accepted_names_round_trip_through_comfyui_prompt_parsing(tmp_path):
+    """ComfyUI's own SDTokenizer resolves `embedding:NAME` (plain, weighted, followed by a comma) to NAME's file for
+    every accepted name; every refused name fails in one of these forms (resolves another file, or breaks the parser)."""
+    if not os.path.isfile(os.path.join(COMFYUI, "comfy", "sd1_clip.py")):
+        pytest.skip("ComfyUI is not in .cache/comfyui (scripts/bootstrap fetches it)")
+    accepted = ["mug", "my_mug", "mug-v2", "Mug.2", "a1"]
+    refused = ["my mug", "mug(v2)", "mug:1", "mug,", "(mug)"]  # "\\", "/" and ".." are refused as paths
+    for name in accepted:
+        assert files.check_name(name) == name
+    for name in refused:
+        with pytest.raises(ConfigError, match="cannot be used"):
+            files.check_name(name)
+    script = f"""
+import json, os, sys, torch, safetensors.torch
+sys.argv = ["x", "--cpu"]; sys.path.insert(0, {os.path.abspath(COMFYUI)!r})
+import comfy.options; comfy.options.enable_args_parsing()
+from comfy.sd1_clip import SDTokenizer
+found = {{}}
+for index, name in enumerate({accepted + refused!r}):
+    folder = os.path.join({str(tmp_path)!r}, str(index))
+    os.makedirs(folder)
+    for decoy in ("mug", "my"):  # what a broken parse would pick up instead
+        safetensors.torch.save_file({{"emb_params": torch.zeros(1, 768)}}, os.path.join(folder, decoy + ".safetensors"))
+    safetensors.torch.save_file({{"emb_params": torch.full((1, 768), 7.0)}}, os.path.join(folder, name + ".safetensors"))
+    tokenizer = SDTokenizer(embedding_directory=folder)
+    found[name] = []
+    for prompt in ("a photo of embedding:" + name + " dog", "a photo of (embedding:" + name + ":1.2) dog",
+                   "a photo of (embedding:" + name + ") dog", "embedding:" + name + ", a dog"):
+        try:
+            tokens = tokenizer.tokenize_with_weights(prompt)
+        except Exception:  # ComfyUI itself fails on some (e.g. "(mug)")
+            found[name].append(False)
+            continue
+        found[name].append(any(torch.is_tensor(t) and bool((t == 7.0).all()) for batch in tokens for t, *_ in batch))
+print(json.dumps(found))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    assert {n: found[n] for n in accepted} == {n: [True] * 4 for n in accepted}
+    assert {n: all(found[n]) for n in refused} == {n: False for n in refused}
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_written_files_get_the_mode_open_would_give(bundle, tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        written = [
+            bundle.save(tmp_path / "bundle.safetensors"),
+            save_png(Image.new("RGB", (4, 4)), tmp_path / "picture.png"),
+            files.atomic_write_text(tmp_path / "scores.json", "{}"),
+            TrainingCheckpoint(step=1, config={}, weights={}, optimizers={}, rng={}, echo={},
+                               fingerprints={}).save(tmp_path / "checkpoint.pt"),
+        ]
+        _, targets = export_concept(bundle, "mug", tmp_path / "loras", tmp_path / "embeddings")
+        written += [targets.lora, targets.embedding]
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == mode
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(mode) for p in written}
+
+
+def test_stale_temp_files_of_ours_are_removed_at_the_next_write(tmp_path):
+    old = time.time() - 3600
+    stale = tmp_path / ".checkpoint.pt.k2j4_x9a.tmp"  # what a write killed an hour ago leaves
+    foreign = tmp_path / ".notes.tmp"  # not our pattern
+    stale.write_bytes(b"half a checkpoint")
+    foreign.write_bytes(b"someone else's")
+    for path in (stale, foreign):
+        os.utime(path, (old, old))
+    fresh = tmp_path / ".concept.safetensors.ab12cd34.tmp"  # a write of this process, in flight
+    fresh.write_bytes(b"in flight")
+    files.atomic_write_text(tmp_path / "scores.json", "{}")
+    assert not stale.exists() and foreign.exists() and fresh.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".concept.safetensors.ab12cd34.tmp", ".notes.tmp",
+                                                          "scores.json"]

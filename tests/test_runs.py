@@ -1,0 +1,185 @@
+"""Runs: a checkpoint at every end, one writer per output, the photos in the run identity, writes checked first and
+failing without losing the run, any grad mode."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+
+from echodistill import files
+from echodistill.cli import main
+from echodistill.errors import EchoDistillError, OutputBusyError, OutputWriteError
+from echodistill.jobs.runs import run_key, train_concept
+from echodistill.models.pair import load_model_pair
+from echodistill.sampling.samplers import sample_student
+from echodistill.training.checkpointing import TrainingCheckpoint
+from echodistill.training.config import TrainConfig
+from echodistill.training.data import load_concept_images
+from echodistill.training.trainer import Trainer
+
+
+def _pictures(shift: int = 0):
+    pictures = []
+    for i in range(3):
+        picture = Image.new("RGB", (64, 64), (200, 40 * i + shift, 60))
+        picture.paste((20, 20, 220), (16 + 4 * i, 16, 40 + 4 * i, 48))
+        pictures.append(picture)
+    return pictures
+
+
+def _config(**changes) -> TrainConfig:
+    base = dict(steps=2, batch_size=2, resolution=64, class_word="dog", echo=False, sample_every=0, save_every=0,
+                ms_swd_projections=8, ms_swd_scales=2)
+    return TrainConfig(**{**base, **changes})
+
+
+def _no_space(tmp, data):
+    raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+
+def test_every_run_ends_with_a_checkpoint_that_more_steps_resume(tiny_pair_folders, tmp_path):
+    pair = load_model_pair(*tiny_pair_folders)
+    trainer = Trainer(pair, load_concept_images(_pictures(), resolution=64), _config(steps=4, save_every=3),
+                      run_dir=tmp_path / "run")
+    trainer.train()
+    assert TrainingCheckpoint.load(tmp_path / "run" / "checkpoint.pt").step == 4  # not 3
+
+    pair = load_model_pair(*tiny_pair_folders)
+    # Asking the finished run for more steps continues it from its last step (same run folder: steps not in the key).
+    images = _pictures()
+    assert run_key(pair, images, _config(steps=2)) == run_key(pair, images, _config(steps=3))
+    first = train_concept(pair, images, _config(steps=2), run_dir=tmp_path / "job")
+    more = train_concept(pair, images, _config(steps=3), run_dir=tmp_path / "job")
+    assert (first.bundle.step, more.resumed_from, more.bundle.step) == (2, 2, 3)
+    with pytest.raises(EchoDistillError, match="holds this run at step 3, beyond steps=2: ask for 3 steps or more"):
+        train_concept(pair, images, _config(steps=2), run_dir=tmp_path / "job", reuse_finished=False)
+
+
+def test_a_failed_bundle_write_keeps_the_run_and_says_where(tiny_pair_folders, tmp_path, monkeypatch):
+    pair = load_model_pair(*tiny_pair_folders)
+    real = files._write_bytes
+
+    def full_for_bundles(tmp, data):
+        if ".concept.safetensors." in tmp.name:
+            _no_space(tmp, data)
+        real(tmp, data)
+
+    monkeypatch.setattr(files, "_write_bytes", full_for_bundles)
+    with pytest.raises(OutputWriteError, match=r"cannot write .*concept\.safetensors: no space left on the device; "
+                                               r"the trained state is kept in .*checkpoint\.pt \(step 2\)"):
+        train_concept(pair, _pictures(), _config(), run_dir=tmp_path / "run")
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    monkeypatch.setattr(files, "_write_bytes", real)
+    again = train_concept(pair, _pictures(), _config(), run_dir=tmp_path / "run")
+    assert again.resumed_from == 2 and again.history == []  # nothing trained again
+    assert (tmp_path / "run" / "concept.safetensors").is_file()
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_cause_and_the_last_good_one(tiny_pair_folders, tmp_path, monkeypatch):
+    pair = load_model_pair(*tiny_pair_folders)
+    trainer = Trainer(pair, load_concept_images(_pictures(), resolution=64), _config(steps=3, save_every=1),
+                      run_dir=tmp_path / "run")
+    real, calls = files._write_bytes, []
+
+    def full_at_second(tmp, data):
+        calls.append(tmp)
+        if len(calls) == 2:
+            _no_space(tmp, data)
+        real(tmp, data)
+
+    monkeypatch.setattr(files, "_write_bytes", full_at_second)
+    with pytest.raises(OutputWriteError, match=r"checkpoint\.pt: no space left on the device; step 2 could not be "
+                                               r"saved, the last checkpoint written is .*checkpoint\.pt \(step 1\)"):
+        trainer.train()
+
+
+def test_outputs_are_probed_before_the_first_step(tiny_pair_folders, tmp_path, monkeypatch, capsys):
+    teacher, student = tiny_pair_folders
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, picture in enumerate(_pictures()):
+        picture.save(photos / f"{i}.png")
+    read_only = tmp_path / "read-only"
+    real_mkstemp = files.tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):  # a read-only folder (tests may run as root, so chmod is not enough)
+        if str(dir).startswith(str(read_only)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("trained before the outputs were checked"))
+    assert main(["train", "--teacher", str(teacher), "--student", str(student), "--images", str(photos),
+                 "--class-word", "cup", "--out", str(read_only / "c.safetensors"), "--run-dir", str(tmp_path / "r"),
+                 "--steps", "1", "--resolution", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {read_only}: no permission to write there") and err.count("\n") == 1
+    assert main(["sample", "--teacher", str(teacher), "--student", str(student), "--prompt", "a cup",
+                 "--out", str(read_only / "pngs")]) == 2
+    assert "error: cannot write" in capsys.readouterr().err
+    with pytest.raises(OutputWriteError, match="no permission"):
+        train_concept(load_model_pair(teacher, student), _pictures(), _config(), run_dir=read_only / "run")
+
+
+def test_a_second_training_into_the_same_output_is_refused_naming_the_first(tiny_pair_folders, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from echodistill.files import exclusive_output
+            with exclusive_output({str(tmp_path / "run")!r}):
+                print("held", flush=True)
+                time.sleep(120)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        pair = load_model_pair(*tiny_pair_folders)
+        with pytest.raises(OutputBusyError, match=rf"another training is already writing .*run \(process {holder.pid} "
+                                                  r"on .* since .*\): wait for it to finish"):
+            train_concept(pair, _pictures(), _config(), run_dir=tmp_path / "run")
+        trainer = Trainer(pair, load_concept_images(_pictures(), resolution=64), _config(), run_dir=tmp_path / "run")
+        with pytest.raises(OutputBusyError, match=f"process {holder.pid}"):
+            trainer.train()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_concept(load_model_pair(*tiny_pair_folders), _pictures(), _config(),
+                         run_dir=tmp_path / "run").bundle.step == 2  # free again once the first is gone
+
+
+def test_resume_refuses_other_photos_or_captions(tiny_pair_folders, tmp_path):
+    pair = load_model_pair(*tiny_pair_folders)
+    first = Trainer(pair, load_concept_images(_pictures(), resolution=64), _config(steps=1), run_dir=tmp_path / "run")
+    first.train()
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    for images in (load_concept_images(_pictures(shift=5), resolution=64),
+                   load_concept_images(_pictures(), captions=["a {} outside"] * 3, resolution=64)):
+        other = Trainer(load_model_pair(*tiny_pair_folders), images, _config(steps=2), run_dir=tmp_path / "other")
+        with pytest.raises(EchoDistillError, match="cannot resume: the checkpoint was trained on other photos or "
+                                                   "captions than the ones given"):
+            other.resume(checkpoint)
+    same = Trainer(load_model_pair(*tiny_pair_folders), load_concept_images(_pictures(), resolution=64),
+                   _config(steps=2), run_dir=tmp_path / "run")
+    same.resume(checkpoint)
+    assert same.step == 1
+
+
+def test_a_pair_loaded_in_inference_mode_samples_and_trains(tiny_pair_folders, tmp_path):
+    with torch.inference_mode():
+        pair = load_model_pair(*tiny_pair_folders)
+        first = sample_student(pair, ["a photo of a dog"], seeds=[0], width=64, height=64).images
+        again = sample_student(pair, ["a photo of a dog"], seeds=[0], width=64, height=64).images
+        result = train_concept(pair, _pictures(), _config(steps=1), run_dir=tmp_path / "run")
+        concept = sample_student(pair, ["a photo of a <v*> dog"], seeds=[0], width=64, height=64).images
+    assert torch.equal(first, again) and result.bundle.step == 1 and concept.shape == (1, 3, 64, 64)
+    with torch.inference_mode():
+        from echodistill.sampling.with_concept import sample
+
+        applied = sample(pair, ["a photo of a <v*> dog"], concept=result.bundle, seeds=[0], width=64, height=64,
+                         return_latents=False).images
+    assert applied.shape == (1, 3, 64, 64) and not torch.equal(applied, concept)
