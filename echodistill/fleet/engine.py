@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from ..concepts.bundle import ConceptBundle
 from ..errors import EchoDistillError
@@ -130,8 +130,7 @@ def _drive(manifest, out, options, state, queue, bar, notify) -> None:
     actors = [Worker.remote(str(teacher), str(student), teacher_family=manifest.teacher_family,
                             student_family=manifest.student_family, dtype=manifest.dtype,
                             device="cuda" if use_gpu else "cpu", threads=threads) for _ in range(count)]
-    losses = [0] * count  # processes each actor has lost; past max_attempts Ray gives up on it too
-    idle, running = deque(range(count)), {}
+    idle, running, probing = deque(range(count)), {}, {}
     deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
     try:
         while queue or running:
@@ -141,20 +140,25 @@ def _drive(manifest, out, options, state, queue, bar, notify) -> None:
                                       started=time.time())
                 running[actors[slot].train.remote(job, str(out / job.name))] = (slot, job)
                 notify(job.name, record)
-            if not running:
-                for job in queue:  # every worker is gone
+            if not running and not probing:
+                for job in queue:  # every worker is gone for good
                     notify(job.name, state.update(job.name, status="failed", error="no worker left to train it"))
                 queue.clear()
                 break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=options.poll_s)
+            ready, _ = ray.wait([*running, *probing], num_returns=1, timeout=options.poll_s)
             _read_progress(out, state, running, bar, notify)
             for ref in ready:
+                if ref in probing:
+                    _probe(ref, probing, actors, idle, options.poll_s)
+                    continue
                 slot, job = running.pop(ref)
-                retry = _settle(ref, job, slot, state, losses, options.max_attempts)
+                lost = _settle(ref, job, state, options.max_attempts)
                 notify(job.name, state.concepts[job.name])
-                if retry:
-                    queue.appendleft(job)
-                if losses[slot] <= options.max_attempts:
+                if lost and state.concepts[job.name]["status"] == "queued":
+                    queue.appendleft(job)  # to whichever worker is free first: a live one, or this one restarted
+                if lost:  # Ray is restarting it: it takes work again once it answers
+                    probing[actors[slot].identity.remote()] = slot
+                else:
                     idle.append(slot)
                 bar.n = _steps_done(state)
                 bar.refresh()
@@ -166,18 +170,31 @@ def _drive(manifest, out, options, state, queue, bar, notify) -> None:
             ray.kill(actor, no_restart=True)
 
 
-def _settle(ref, job: ConceptJob, slot: int, state: FleetState, losses: list[int], max_attempts: int) -> bool:
-    """Record a finished task; True when the concept should be queued again (its worker was lost)."""
+def _probe(ref, probing: dict, actors: list, idle: deque, pause_s: float) -> None:
+    """A restarting actor answered, or not yet (ask again), or is gone for good (Ray gave up restarting it)."""
+    slot = probing.pop(ref)
+    try:
+        ray.get(ref, timeout=60)
+    except ActorUnavailableError:
+        time.sleep(pause_s)
+        probing[actors[slot].identity.remote()] = slot
+    except (RayActorError, GetTimeoutError):
+        return
+    else:
+        idle.append(slot)
+
+
+def _settle(ref, job: ConceptJob, state: FleetState, max_attempts: int) -> bool:
+    """Record a finished task; True when its worker was lost (the concept is queued again if tries are left)."""
     record = state.concepts[job.name]
     try:
         result = ray.get(ref, timeout=60)
     except RayActorError as exc:
-        losses[slot] += 1
         if record["attempts"] < max_attempts:
             state.update(job.name, status="queued", error=None, lost=record.get("lost", 0) + 1)
-            return True
-        state.update(job.name, status="failed", error=f"worker lost {record['attempts']} times: {exc}")
-        return False
+        else:
+            state.update(job.name, status="failed", error=f"worker lost {record['attempts']} times: {exc}")
+        return True
     except (RayTaskError, GetTimeoutError) as exc:  # a bug, not the concept's photos: reported, not retried
         state.update(job.name, status="failed", error=str(exc).strip().splitlines()[-1])
         return False
