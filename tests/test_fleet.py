@@ -202,3 +202,15 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_uninterrupted_bundle(ray_
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+
+
+def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path, capsys):
+    good = _photos(tmp_path / "good", 40)
+    path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders,
+                           [{"name": "a", "photos": str(good), "class_word": "dog"}])
+    assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check"]) == 0
+    assert "1 concepts" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    broken = _write_manifest(tmp_path / "broken.toml", tiny_pair_folders, [{"name": "a", "photos": "nowhere"}])
+    assert main(["fleet", "run", str(broken), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "2 problem(s)" in error and "does not exist" in error and "class_word" in error

@@ -92,16 +92,16 @@ class FleetState:
         rows = self.rows()
         json_path = atomic_write_text(self.out / f"{REPORT_NAME}.json", json.dumps(rows, indent=2) + "\n")
         header = "| " + " | ".join(COLUMNS) + " |\n|" + "|".join(":--" for _ in COLUMNS) + "|\n"
-        body = "".join("| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |\n" for row in rows)
+        body = "".join("| " + " | ".join(_cell(row[c], c) for c in COLUMNS) + " |\n" for row in rows)
         markdown = f"# Fleet report: {self.manifest or self.out}\n\n{header}{body}"
         return atomic_write_text(self.out / f"{REPORT_NAME}.md", markdown), json_path
 
 
-def _cell(value) -> str:
+def _cell(value, column: str) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.3f}" if value < 100 else f"{value:.0f}"
+        return f"{value:.1f}" if column == "wall_s" else f"{value:.3f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
