@@ -23,7 +23,7 @@ from ..concepts.bundle import ConceptBundle
 from ..errors import EchoDistillError
 from ..jobs.runs import BUNDLE_NAME
 from .manifest import ConceptJob, Manifest
-from .state import FleetState, read_progress
+from .state import PROGRESS_NAME, FleetState, read_progress
 from .worker import remote_worker
 
 WATCHING = {"sample_every", "save_every", "log_every"}  # how a run is watched, not what it computes
@@ -134,8 +134,10 @@ def _drive(manifest, out, options, state, queue, bar, notify) -> None:
     deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
     try:
         while queue or running:
+            dispatched = bool(queue and idle)
             while queue and idle:
                 slot, job = idle.popleft(), queue.popleft()
+                (out / job.name / PROGRESS_NAME).unlink(missing_ok=True)  # a previous attempt's step is not this one's
                 record = state.update(job.name, status="training", attempts=state.concepts[job.name]["attempts"] + 1,
                                       started=time.time())
                 running[actors[slot].train.remote(job, str(out / job.name))] = (slot, job)
@@ -146,7 +148,7 @@ def _drive(manifest, out, options, state, queue, bar, notify) -> None:
                 queue.clear()
                 break
             ready, _ = ray.wait([*running, *probing], num_returns=1, timeout=options.poll_s)
-            _read_progress(out, state, running, bar, notify)
+            changed = _read_progress(out, state, running, bar, notify) or bool(ready) or dispatched
             for ref in ready:
                 if ref in probing:
                     _probe(ref, probing, actors, idle, options.poll_s)
@@ -162,7 +164,8 @@ def _drive(manifest, out, options, state, queue, bar, notify) -> None:
                     idle.append(slot)
                 bar.n = _steps_done(state)
                 bar.refresh()
-            state.save()
+            if changed:
+                state.save()
             if deadline is not None and time.monotonic() > deadline:
                 raise FleetTimeout(f"the fleet ran past {options.timeout_s:.0f} s; see {state.path}")
     finally:
@@ -204,15 +207,20 @@ def _settle(ref, job: ConceptJob, state: FleetState, max_attempts: int) -> bool:
     return False
 
 
-def _read_progress(out: Path, state: FleetState, running: dict, bar, notify) -> None:
+def _read_progress(out: Path, state: FleetState, running: dict, bar, notify) -> bool:
+    """Fold the workers' progress notes into the state and the bar; True when a step moved."""
+    changed = False
     for _, job in running.values():
         progress = read_progress(out / job.name)
         record = state.concepts[job.name]
         if progress and record["status"] == "training" and progress["step"] != record.get("step"):
             notify(job.name, state.update(job.name, step=progress["step"], worker=progress["worker"],
                                           pid=progress["pid"]))
-    bar.n = _steps_done(state)
-    bar.refresh()
+            changed = True
+    if changed:
+        bar.n = _steps_done(state)
+        bar.refresh()
+    return changed
 
 
 def _steps_done(state: FleetState) -> int:

@@ -34,8 +34,11 @@ from ..training.config import PRESETS, TrainConfig, preset
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+else:  # pragma: no cover - Python 3.10: the fleet extra installs tomli
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
 
 MINIWORLD_PREFIX = "miniworld/"
 MINIWORLD_PRESET = "miniworld"
@@ -107,6 +110,8 @@ def subject_of(photos: str):
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
     path = Path(path).expanduser().resolve()
+    if tomllib is None:  # pragma: no cover
+        raise ConfigError("reading a manifest on Python 3.10 needs tomli: pip install 'comfyui-echodistill[fleet]'")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
