@@ -178,20 +178,22 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_uninterrupted_bundle(ray_
     steps = 8
     concepts = [{"name": f"k{i}", "photos": str(_photos(tmp_path / f"p{i}", 50 * i)), "class_word": "dog"}
                 for i in range(2)]
+    concepts[1]["config"] = {"steps": 2}  # short: its worker is free when k0's worker is lost
     manifest = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, concepts,
                                shared={**SHARED, "steps": steps})
     killed = {}
 
-    def kill_once(name, record):  # after the first checkpoint (step 2), before the end
-        if name == "k0" and not killed and record.get("status") == "training" and 3 <= record.get("step", 0) < steps:
+    def kill_once(name, record):  # past the checkpoint of step 4 (k1 has finished by then), before the end
+        if name == "k0" and not killed and record.get("status") == "training" and 5 <= record.get("step", 0) < steps:
             killed.update(pid=record["pid"], step=record["step"])
             os.kill(record["pid"], signal.SIGKILL)
 
-    records = _run(manifest, tmp_path / "out", on_event=kill_once).concepts
+    records = _run(manifest, tmp_path / "out", on_event=kill_once, poll_s=0.05).concepts
     assert killed, "the worker finished before it could be killed"
     k0 = records["k0"]
     assert k0["status"] == "done" and k0["attempts"] == 2 and k0["lost"] == 1, k0
-    assert 2 <= k0["resumed_from"] < steps and k0["pid"] != killed["pid"]
+    assert 4 <= k0["resumed_from"] < steps and k0["pid"] != killed["pid"]
+    assert k0["pid"] == records["k1"]["pid"]  # retried on the worker that was still alive
     assert records["k1"]["status"] == "done"
 
     job = load_manifest(manifest).concepts[0]
