@@ -152,6 +152,9 @@ def test_two_workers_train_three_concepts_report_a_bad_folder_and_a_rerun_skips(
     assert records["bad"]["status"] == "failed" and records["bad"]["attempts"] == 1, records["bad"]
     assert "DataError" in records["bad"]["error"] and "1.png" in records["bad"]["error"]
     assert len({records[f"c{i}"]["worker"] for i in range(3)} | {records["bad"]["worker"]}) == 2  # two slots
+    # each worker loaded the pair once and trained one concept after another on it
+    assert {r["pair_loads"] for r in records.values()} == {1}
+    assert max(r["job_on_pair"] for r in records.values()) >= 2
     saved = json.loads((out / "fleet-state.json").read_text())
     assert saved["concepts"]["c0"]["status"] == "done"
 

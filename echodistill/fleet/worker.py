@@ -48,10 +48,10 @@ class FleetWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.pair = load_model_pair(teacher, student, teacher_family=teacher_family, student_family=student_family,
                                     dtype=dtype, device=device)
-        self.loads = 1  # pair loads in this process: one, whatever the number of concepts
+        self.loads, self.jobs = 1, 0  # one pair load in this process, however many concepts it trains
 
     def identity(self) -> dict:
-        return {"worker": self.name, "pid": os.getpid(), "loads": self.loads}
+        return {"worker": self.name, "pid": os.getpid(), "pair_loads": self.loads, "jobs": self.jobs}
 
     def train(self, job: ConceptJob, run_dir: str) -> dict:
         """Train (or resume) one concept; the library's own errors come back as a failed record, not raised."""
@@ -62,7 +62,8 @@ class FleetWorker:
 
         run_dir = Path(run_dir)
         started = time.perf_counter()
-        record = {"worker": self.name, "pid": os.getpid()}
+        self.jobs += 1
+        record = {"worker": self.name, "pid": os.getpid(), "pair_loads": self.loads, "job_on_pair": self.jobs}
         try:
             subject = subject_of(job.photos)
             if subject is not None:  # drawn, not stored: the world's references with their grammar captions
