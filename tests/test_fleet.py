@@ -158,11 +158,16 @@ def test_two_workers_train_three_concepts_report_a_bad_folder_and_a_rerun_skips(
     saved = json.loads((out / "fleet-state.json").read_text())
     assert saved["concepts"]["c0"]["status"] == "done"
 
-    stamps = {i: (out / f"c{i}" / "concept.safetensors").stat().st_mtime_ns for i in range(3)}
-    (out / "c2" / "concept.safetensors").write_bytes(b"torn")  # present but not loadable: trained again
+    stamp = (out / "c0" / "concept.safetensors").stat().st_mtime_ns
+    other_models = ConceptBundle.load(out / "c1" / "concept.safetensors")
+    other_models.fingerprints = {part: "0" * len(value) for part, value in other_models.fingerprints.items()}
+    other_models.save(out / "c1" / "concept.safetensors")  # loads, finished, but for other base models
+    (out / "c2" / "concept.safetensors").write_bytes(b"torn")  # present but not loadable
     again = _run(manifest, out).concepts
-    assert [again[f"c{i}"]["status"] for i in range(3)] == ["skipped", "skipped", "done"]
-    assert all((out / f"c{i}" / "concept.safetensors").stat().st_mtime_ns == stamps[i] for i in range(2))
+    assert [again[f"c{i}"]["status"] for i in range(3)] == ["skipped", "done", "done"]
+    assert (out / "c0" / "concept.safetensors").stat().st_mtime_ns == stamp
+    assert "BundleMismatchError" in again["c1"]["note"] and again["c1"]["resumed_from"] == STEPS
+    assert again["c2"]["resumed_from"] == STEPS  # both from their final checkpoints: nothing to train again
     assert again["bad"]["status"] == "failed"
 
     assert main(["fleet", "status", "--out", str(out)]) == 0

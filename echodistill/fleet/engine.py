@@ -92,24 +92,26 @@ def run_fleet(manifest: Manifest, out: str | Path, options: FleetOptions | None 
     notify = on_event or (lambda name, record: None)
 
     queue: deque[ConceptJob] = deque()
+    finished: list[ConceptJob] = []  # their bundles load, at the config's steps: a worker checks the base models
     for job in manifest.concepts:
         bundle = out / job.name / BUNDLE_NAME
         if bundle_is_finished(job, bundle):
-            state.update(job.name, status="skipped", step=job.config.steps, steps=job.config.steps,
-                         bundle=str(bundle), error=None)
+            finished.append(job)
+            state.update(job.name, status="verifying", step=job.config.steps, steps=job.config.steps,
+                         bundle=str(bundle), error=None, note=None)
         else:
             queue.append(job)
             state.update(job.name, status="queued", steps=job.config.steps, step=0, attempts=0, error=None,
-                         bundle=None, worker=None, wall_s=None)
+                         bundle=None, worker=None, wall_s=None, note=None)
         state.update(job.name, subject=job.subject)
     state.save()
 
     total_steps = sum(job.config.steps for job in manifest.concepts)
-    done_steps = sum(job.config.steps for job in manifest.concepts if job not in queue)
+    done_steps = sum(job.config.steps for job in finished)
     bar = _bar(total_steps, done_steps, progress_bar)
     try:
-        if queue:
-            _drive(manifest, out, options, state, queue, bar, notify)
+        if queue or finished:
+            _drive(manifest, out, options, state, queue, finished, bar, notify)
     finally:
         bar.close()
         state.save()
@@ -118,11 +120,11 @@ def run_fleet(manifest: Manifest, out: str | Path, options: FleetOptions | None 
     return state
 
 
-def _drive(manifest, out, options, state, queue, bar, notify) -> None:
+def _drive(manifest, out, options, state, queue, finished, bar, notify) -> None:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = options.device == "cuda" or (options.device == "auto" and gpus > 0)
     count = options.workers or (gpus if use_gpu else 1)
-    count = max(1, min(count, len(queue)))
+    count = max(1, min(count, len(queue) + len(finished)))
     threads = options.threads or (None if use_gpu else 1)
     Worker = remote_worker(options.max_attempts, num_cpus=1 if use_gpu else (threads or 1),
                            num_gpus=1 if use_gpu else 0)
@@ -133,6 +135,7 @@ def _drive(manifest, out, options, state, queue, bar, notify) -> None:
     idle, running, probing = deque(range(count)), {}, {}
     deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
     try:
+        _verify(actors, out, state, finished, queue, notify, options.timeout_s)
         while queue or running:
             dispatched = bool(queue and idle)
             while queue and idle:
@@ -171,6 +174,23 @@ def _drive(manifest, out, options, state, queue, bar, notify) -> None:
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
+
+
+def _verify(actors, out: Path, state: FleetState, finished: list, queue: deque, notify, timeout_s) -> None:
+    """Skip a finished concept only once a worker has applied its bundle's check to the loaded base models."""
+    checks = {actors[i % len(actors)].verify.remote(str(out / job.name / BUNDLE_NAME)): job
+              for i, job in enumerate(finished)}
+    for ref, job in checks.items():
+        try:
+            problem = ray.get(ref, timeout=timeout_s or 600)
+        except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+            problem = f"could not be verified: {exc}"
+        if problem is None:
+            notify(job.name, state.update(job.name, status="skipped"))
+            continue
+        queue.append(job)  # trained again (from its checkpoint, where one fits these models)
+        notify(job.name, state.update(job.name, status="queued", step=0, attempts=0, bundle=None, note=problem))
+    state.save()
 
 
 def _probe(ref, probing: dict, actors: list, idle: deque, pause_s: float) -> None:

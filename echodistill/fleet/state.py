@@ -6,8 +6,9 @@
     out/<name>/progress.json      the step the worker training it is at (written by that worker)
     out/fleet-report.md|json      `fleet report`
 
-States: queued -> training (step k of n) -> done | failed; `skipped` is a concept whose bundle was
-already finished (and loads) when the manifest was run again.
+States: queued -> training (step k of n) -> done | failed; on a second run a finished bundle is
+`verifying` until a worker has loaded it and checked it against its base models, then `skipped` (or
+queued again, with a `note` saying why).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ PROGRESS_NAME = "progress.json"
 REPORT_NAME = "fleet-report"
 FINISHED = ("done", "skipped")
 COLUMNS = ("concept", "status", "steps", "wall_s", "attempts", "worker", "bundle", "subject_fidelity",
-           "prompt_fidelity", "error")
+           "prompt_fidelity", "error", "note")
 
 
 class FleetState:

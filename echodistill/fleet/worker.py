@@ -53,6 +53,16 @@ class FleetWorker:
     def identity(self) -> dict:
         return {"worker": self.name, "pid": os.getpid(), "pair_loads": self.loads, "jobs": self.jobs}
 
+    def verify(self, bundle_path: str) -> str | None:
+        """None when the finished bundle loads and fits this worker's base models, else why not."""
+        from ..concepts.bundle import ConceptBundle
+
+        try:
+            ConceptBundle.load(bundle_path).check_base(self.pair)
+        except EchoDistillError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
     def train(self, job: ConceptJob, run_dir: str) -> dict:
         """Train (or resume) one concept; the library's own errors come back as a failed record, not raised."""
         from ..jobs.runs import BUNDLE_NAME, train_concept
