@@ -56,7 +56,8 @@ def start_ray(address: str | None = None, **init_options) -> bool:
         paths = [str(PACKAGE_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         init_options.setdefault("include_dashboard", False)
-    ray.init(address=address, log_to_driver=False, **init_options)
+    # "local": a cluster of our own, never one that `ray start` left running on this machine
+    ray.init(address=address or "local", log_to_driver=False, **init_options)
     return True
 
 
