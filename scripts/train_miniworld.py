@@ -302,7 +302,9 @@ def train_oracle_stage(settings: RunSettings, args: argparse.Namespace, oracle_r
     train = render_set(settings.oracle.images, args.seed + 30_000, oracle=True, workers=args.workers)
     valid = render_set(max(256, settings.oracle.images // 10), args.seed + 40_000, oracle=True)
     log("oracle", f"{len(train.images)} + {len(valid.images)} oracle scenes in {time.time() - started:.0f} s")
-    oracle = train_oracles(train, valid, settings.oracle, args.seed, log.stage("oracle"))
+    resume = args.log_dir / ("quick" if args.quick else "") / "ckpt" / "oracle_running.pt"
+    oracle = train_oracles(train, valid, settings.oracle, args.seed, log.stage("oracle"), resume)
+    resume.unlink(missing_ok=True)
     log("oracle", f"generalization to unseen subjects: {json.dumps(generalization_report(oracle))}")
     oracle.save(oracle_root)
     log("oracle", f"wrote {oracle_root} ({arch.folder_size(oracle_root) / 1e6:.2f} MB)")

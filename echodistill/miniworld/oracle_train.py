@@ -8,6 +8,7 @@ with its references (as a personalized model's pictures are) and with every othe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from .grammar import ATTRIBUTES
 from .oracle import SUBJECTS, AttributeReader, Oracle, SubjectEncoder
 from .procedural import VALIDATION_SEEDS, is_procedural, lookup_subject, procedural_subject
 from .render import render
-from .training import Log, Meter, make_optimizer
+from .training import Log, Meter, make_optimizer, save_atomically
 
 IGNORE = -100  # cross_entropy's ignore_index: a concept has no grammar shape or colour
 
@@ -32,6 +33,7 @@ class OracleSettings:
     lr: float = 2e-3
     warmup: int = 50
     margin: float = 0.25  # CosFace margin (Wang et al., 2018): tighter subjects, wider gaps between them
+    checkpoint_every: int = 200
 
 
 def attribute_labels(rendered: RenderedSet) -> dict[str, torch.Tensor]:
@@ -65,8 +67,13 @@ def degrade(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (pixels * gain + offset + noise).clamp(-1, 1)
 
 
-def train_oracles(train: RenderedSet, valid: RenderedSet, settings: OracleSettings, seed: int, log: Log) -> Oracle:
-    """Both oracles in one loop over the same batches (each with its own loss and parameters)."""
+def train_oracles(train: RenderedSet, valid: RenderedSet, settings: OracleSettings, seed: int, log: Log,
+                  resume_path: Path | None = None) -> Oracle:
+    """Both oracles in one loop over the same batches (each with its own loss and parameters).
+
+    With `resume_path`, the whole loop state (both modules, optimizer, schedule, generator) is saved
+    there every `settings.checkpoint_every` steps and picked up when it exists, as the teacher stage does.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 3)
     reader, encoder = AttributeReader().train(), SubjectEncoder().train()
@@ -76,8 +83,18 @@ def train_oracles(train: RenderedSet, valid: RenderedSet, settings: OracleSettin
     )
     pixels = torch.from_numpy(train.images).permute(0, 3, 1, 2)  # (N, 3, 64, 64) uint8
     attributes, subjects = attribute_labels(train), subject_labels(train)
+    first = 1
+    if resume_path is not None and resume_path.is_file():
+        state = torch.load(resume_path, weights_only=True)
+        reader.load_state_dict(state["reader"])
+        encoder.load_state_dict(state["encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        first = state["step"] + 1
+        log(f"oracle resumed from {resume_path} at step {state['step']}/{settings.steps}")
     meter = Meter()
-    for step in range(1, settings.steps + 1):
+    for step in range(first, settings.steps + 1):
         index = torch.randint(0, len(pixels), (settings.batch,), generator=generator)
         batch = degrade(pixels[index].float() / 127.5 - 1, generator)
         logits = reader(batch)
@@ -96,6 +113,12 @@ def train_oracles(train: RenderedSet, valid: RenderedSet, settings: OracleSettin
         meter.add(reader=reader_loss.item(), encoder=encoder_loss.item())
         if step % 100 == 0 or step == settings.steps:
             log(f"oracle {meter.line(step, settings.steps)}")
+        if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
+            save_atomically(resume_path, {
+                "step": step, "reader": reader.state_dict(), "encoder": encoder.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+            })
     oracle = Oracle(reader.eval().requires_grad_(False), encoder.eval().requires_grad_(False))
     log(f"oracle validation: {validation_report(oracle, valid)}")
     return oracle
