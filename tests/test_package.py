@@ -30,7 +30,8 @@ def test_an_unknown_name_is_an_attribute_error():
         echodistill.no_such_entry_point
 
 
-def test_importing_the_package_and_the_command_line_loads_no_torch():
-    code = "import sys, echodistill, echodistill.cli; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+def test_importing_the_package_and_the_command_line_loads_no_torch_nor_ray():
+    code = ("import sys, echodistill, echodistill.cli; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'ray') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -4,6 +4,7 @@
 #   train.py            train, smoke, inspect
 #   after_training.py   sample, teacher-sample, eval, export
 #   demo.py             demo (the job itself is echodistill.jobs.demo)
+#   fleet.py            fleet run | status | report (echodistill.fleet, on Ray)
 #   bench.py            bench sample | train | quality | quality-merge | lr-sweep (echodistill.benchmarks)
 #   terminal.py         what they share: progress bar, Ctrl-C as a clean stop, --set parsing
 # The modules import the library inside their functions: importing this package stays light.
@@ -14,7 +15,7 @@ import argparse
 import sys
 
 from ..errors import EchoDistillError
-from . import after_training, bench, demo, train
+from . import after_training, bench, demo, fleet, train
 
 DESCRIPTION = "The `echodistill` command line: the library's jobs without ComfyUI."
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     after_training.add_commands(commands)
     train.add_inspect_command(commands)
     bench.add_bench_command(commands)
+    fleet.add_fleet_command(commands)
     return parser
 
 

@@ -1,0 +1,85 @@
+"""`echodistill fleet run | status | report`: a manifest of concepts trained on Ray (echodistill.fleet).
+
+Ray is imported only when `fleet run` starts, so the rest of the command line works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import EchoDistillError
+
+MISSING_RAY = "the fleet needs Ray: pip install 'comfyui-echodistill[fleet]' (or pip install 'ray>=2.9')"
+
+
+def add_fleet_command(commands) -> None:
+    fleet = commands.add_parser("fleet", help="train the concepts of a manifest on Ray, one machine or a cluster")
+    actions = fleet.add_subparsers(dest="fleet_command", required=True)
+
+    run = actions.add_parser("run", help="train every concept of MANIFEST (finished ones are verified and skipped)")
+    run.add_argument("manifest", help="a TOML manifest (docs/fleet.md)")
+    run.add_argument("--out", required=True, help="a shared folder for bundles, checkpoints and the state file")
+    run.add_argument("--workers", type=int, help="worker slots (default: one per GPU, else 1)")
+    run.add_argument("--address", help="join this Ray cluster (default: start a local one)")
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    run.add_argument("--threads", type=int, help="torch CPU threads per worker on CPU (default 1)")
+    run.add_argument("--max-attempts", type=int, default=3, help="tries per concept when workers are lost")
+    run.add_argument("--check", action="store_true", help="only check the manifest, train nothing")
+    run.set_defaults(run=_run)
+
+    status = actions.add_parser("status", help="each concept's state: queued, training step k, done or failed")
+    status.add_argument("--out", required=True)
+    status.set_defaults(run=_status)
+
+    report = actions.add_parser("report", help="write fleet-report.md and .json under --out")
+    report.add_argument("--out", required=True)
+    report.add_argument("--metrics", action="store_true",
+                        help="score finished mini-world concepts with the world's oracles (slower)")
+    report.set_defaults(run=_report)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..fleet.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest)  # every problem at once, before Ray starts
+    print(f"{manifest.path.name}: {len(manifest.concepts)} concepts, teacher {manifest.teacher}, "
+          f"student {manifest.student}")
+    if args.check:
+        return 0
+    try:
+        from ..fleet.engine import FleetOptions, run_fleet, start_ray, stop_ray
+    except ImportError as exc:
+        if exc.name == "ray":
+            raise EchoDistillError(MISSING_RAY) from None
+        raise
+    started = start_ray(args.address)
+    try:
+        state = run_fleet(manifest, args.out, FleetOptions(workers=args.workers, device=args.device,
+                                                           threads=args.threads, max_attempts=args.max_attempts))
+    finally:
+        if started:
+            stop_ray()
+    print("\n".join(state.status_lines()))
+    return 0 if all(r.get("status") in ("done", "skipped") for r in state.concepts.values()) else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ..fleet.state import FleetState
+
+    print("\n".join(FleetState.load(args.out).status_lines()))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ..fleet.state import FleetState
+
+    state = FleetState.load(args.out)
+    if args.metrics:
+        from ..fleet.metrics import score_miniworld
+
+        score_miniworld(state)
+        state.save()
+    markdown, json_path = state.write_report()
+    print(markdown.read_text(encoding="utf-8"))
+    print(f"written: {markdown} and {json_path}")
+    return 0

@@ -1,0 +1,242 @@
+"""A fleet manifest: shared defaults, then one `[[concept]]` table per concept, checked as a whole.
+
+    teacher = "miniworld/teacher"      # a checkpoint, a diffusers folder, or the shipped mini-world pair
+    student = "miniworld/student"
+    preset = "miniworld"               # paper | balanced | lite | miniworld (the mini world's tuned recipe)
+    steps = 100
+    resolution = 64
+    [config]                           # TrainConfig fields for every concept
+    save_every = 25
+
+    [[concept]]
+    name = "smiley"                    # the output name: out/<name>/concept.safetensors
+    photos = "miniworld/smiley"        # a folder (relative to the manifest), or a mini-world subject
+    token = "<v*>"
+    class_word = "circle"              # optional for mini-world subjects: theirs
+    captions = ["...", "..."]          # optional, one per photo ("{}" stands for "<token> <class word>")
+    [concept.config]                   # this concept's TrainConfig fields
+    lr_student = 3e-5
+
+`load_manifest` reads and checks everything before anything trains and raises one ConfigError that
+lists every problem (missing folders, duplicate names, unknown keys, bad values).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..training.config import PRESETS, TrainConfig, preset
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10: the fleet extra installs tomli
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
+
+MINIWORLD_PREFIX = "miniworld/"
+MINIWORLD_PRESET = "miniworld"
+SHARED_KEYS = {"teacher", "student", "preset", "steps", "resolution", "seed", "config", "concept",
+               "teacher_family", "student_family", "dtype"}
+CONCEPT_KEYS = {"name", "photos", "token", "class_word", "captions", "config"}
+
+
+@dataclass(frozen=True)
+class ConceptJob:
+    """One concept of a manifest, ready to train: where its photos are and its whole config."""
+
+    name: str
+    photos: str  # an absolute folder, or "miniworld/<subject>"
+    config: TrainConfig
+    captions: tuple[str | None, ...] | None = None
+
+    @property
+    def subject(self) -> str | None:
+        """The mini-world subject these photos are, if they are one."""
+        return self.photos[len(MINIWORLD_PREFIX):] if self.photos.startswith(MINIWORLD_PREFIX) else None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    teacher: str
+    student: str
+    concepts: tuple[ConceptJob, ...]
+    teacher_family: str = "auto"
+    student_family: str = "auto"
+    dtype: str = "fp32"
+    extra: dict = field(default_factory=dict)
+
+    def model_paths(self) -> tuple[Path, Path]:
+        return resolve_model(self.teacher, self.path.parent), resolve_model(self.student, self.path.parent)
+
+
+def resolve_model(name: str, base: Path) -> Path:
+    """`miniworld/teacher|student` is the shipped pair; anything else a path (relative to the manifest)."""
+    if name.startswith(MINIWORLD_PREFIX):
+        from ..miniworld import STUDENT_DIR, TEACHER_DIR
+
+        shipped = {f"{MINIWORLD_PREFIX}{p.name}": p for p in (TEACHER_DIR, STUDENT_DIR)}
+        if name not in shipped:
+            raise ConfigError(f"{name!r} is not shipped; shipped models: {', '.join(sorted(shipped))}")
+        return shipped[name]
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def check_name(name: Any) -> str | None:
+    """The reason an output name is refused, or None: one plain name, no separators, no '..'."""
+    if not isinstance(name, str) or not name.strip():
+        return "a concept needs a non-empty string `name`"
+    if "/" in name or "\\" in name or name in {".", ".."} or ".." in name or os.path.isabs(name):
+        return f"name {name!r} must be a plain name without path separators or '..', e.g. 'my_dog'"
+    return None
+
+
+def subject_of(photos: str):
+    """The mini-world subject `photos` names ("miniworld/<subject>", procedural ones included), or None."""
+    if not photos.startswith(MINIWORLD_PREFIX):
+        return None
+    from ..miniworld.procedural import lookup_subject
+
+    return lookup_subject(photos[len(MINIWORLD_PREFIX):])  # ValueError for an unknown one
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    path = Path(path).expanduser().resolve()
+    if tomllib is None:  # pragma: no cover
+        raise ConfigError("reading a manifest on Python 3.10 needs tomli: pip install 'comfyui-echodistill[fleet]'")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"manifest not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path.name} is not valid TOML: {exc}") from None
+    return parse_manifest(data, path)
+
+
+def parse_manifest(data: dict, path: Path) -> Manifest:
+    """Build every concept's job; collect every problem, then raise them together."""
+    problems: list[str] = []
+    known = {f.name for f in fields(TrainConfig)}
+    for key in sorted(set(data) - SHARED_KEYS):
+        problems.append(f"unknown top-level key {key!r}; valid: {', '.join(sorted(SHARED_KEYS))}")
+    preset_name = data.get("preset", "paper")
+    if preset_name != MINIWORLD_PRESET and preset_name not in PRESETS:
+        problems.append(f"preset {preset_name!r} is unknown; valid: {', '.join([*PRESETS, MINIWORLD_PRESET])}")
+    shared = _table(data.get("config", {}), "[config]", problems)
+    problems += [f"[config]: unknown config key {k!r}" for k in sorted(set(shared) - known)]
+    for key in ("steps", "resolution", "seed"):
+        if key in data:
+            shared[key] = data[key]
+    for role in ("teacher", "student"):
+        if not isinstance(data.get(role), str):
+            problems.append(f"`{role}` is missing: a checkpoint, a diffusers folder or miniworld/{role}")
+            continue
+        try:
+            model = resolve_model(data[role], path.parent)
+        except ConfigError as exc:
+            problems.append(f"{role}: {exc}")
+            continue
+        if not model.exists():
+            problems.append(f"{role}: {model} does not exist")
+
+    entries = data.get("concept", [])
+    if not isinstance(entries, list) or not entries:
+        problems.append("the manifest lists no concepts: add [[concept]] tables")
+        entries = []
+    jobs, seen = [], {}
+    for index, entry in enumerate(entries, 1):
+        where = f"concept #{index}"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} is not a table")
+            continue
+        name_problem = check_name(entry.get("name"))
+        if name_problem:
+            problems.append(f"{where}: {name_problem}")
+        else:
+            where = f"concept {entry['name']!r}"
+            if entry["name"] in seen:
+                problems.append(f"{where}: duplicate output name (also concept #{seen[entry['name']]})")
+            seen.setdefault(entry["name"], index)
+        job = _concept_job(entry, where, shared, preset_name, known, path.parent, problems)
+        if job is not None and not name_problem:
+            jobs.append(job)
+    if problems:
+        raise ConfigError(f"{path.name}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return Manifest(path=path, teacher=data["teacher"], student=data["student"], concepts=tuple(jobs),
+                    teacher_family=data.get("teacher_family", "auto"),
+                    student_family=data.get("student_family", "auto"), dtype=data.get("dtype", "fp32"))
+
+
+def _table(value, where: str, problems: list[str]) -> dict:
+    if not isinstance(value, dict):
+        problems.append(f"{where} must be a table of config fields")
+        return {}
+    return dict(value)
+
+
+def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known: set[str], base: Path,
+                 problems: list[str]) -> ConceptJob | None:
+    count = len(problems)
+    problems += [f"{where}: unknown key {k!r}; valid: {', '.join(sorted(CONCEPT_KEYS))}"
+                 for k in sorted(set(entry) - CONCEPT_KEYS)]
+    own = _table(entry.get("config", {}), f"{where} [concept.config]", problems)
+    problems += [f"{where}: unknown config key {k!r}" for k in sorted(set(own) - known)]
+    photos = entry.get("photos")
+    subject = None
+    if not isinstance(photos, str) or not photos:
+        problems.append(f"{where}: `photos` is missing: a folder of photos or miniworld/<subject>")
+    elif photos.startswith(MINIWORLD_PREFIX):
+        try:
+            subject = subject_of(photos)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+    else:
+        folder = Path(photos).expanduser()
+        folder = folder if folder.is_absolute() else base / folder
+        if not folder.is_dir():
+            problems.append(f"{where}: photos folder {folder} does not exist")
+        photos = str(folder)
+    class_word = entry.get("class_word", subject.class_word if subject is not None else None)
+    if class_word is None and not (isinstance(photos, str) and photos.startswith(MINIWORLD_PREFIX)):
+        problems.append(f"{where}: `class_word` is missing (the subject's class, e.g. 'dog')")
+    captions = entry.get("captions")
+    if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        problems.append(f"{where}: `captions` must be a list of strings, one per photo")
+    if subject is not None and captions is None:
+        from ..miniworld import reference_captions
+
+        captions = reference_captions(subject)  # the world's grammar: what its text encoder learned
+    if len(problems) > count:
+        return None
+    changes = {**{k: v for k, v in shared.items() if k in known}, **{k: v for k, v in own.items() if k in known}}
+    changes["class_word"] = class_word
+    if "token" in entry:
+        changes["token"] = entry["token"]
+    try:
+        config = build_config(preset_name, changes)
+    except (ConfigError, TypeError) as exc:
+        problems.append(f"{where}: {exc}")
+        return None
+    return ConceptJob(name=entry["name"], photos=photos, config=config,
+                      captions=None if captions is None else tuple(captions))
+
+
+def build_config(preset_name: str, changes: dict) -> TrainConfig:
+    """A preset with `changes`, validated by TrainConfig itself; lists become tuples as TOML has no tuple."""
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+    if preset_name == MINIWORLD_PRESET:
+        from ..miniworld.recipe import tuned_config
+
+        steps, seed = changes.pop("steps", 100), changes.pop("seed", 0)
+        class_word = changes.pop("class_word")
+        config = tuned_config(class_word, steps, seed)
+        return TrainConfig.from_dict({**config.to_dict(), **changes})
+    return preset(preset_name, **changes)

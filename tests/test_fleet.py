@@ -1,0 +1,226 @@
+"""The fleet: a manifest checked as a whole, and concepts trained on a local Ray cluster of 2 CPU slots.
+
+Tiny random pair, 64 px, a few steps per concept. Every wait is bounded: the fleet's own timeout
+and pytest's per-call limits on `ray.get`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from echodistill.cli import main
+from echodistill.concepts.bundle import ConceptBundle
+from echodistill.errors import ConfigError
+from echodistill.fleet.manifest import load_manifest
+
+STEPS = 4
+FLEET_TIMEOUT_S = 240.0
+SHARED = dict(preset="paper", steps=STEPS, resolution=64)
+CONFIG = dict(batch_size=2, echo_start=2, echo_every=2, echo_samples=4, echo_keep_ratio=0.5, sample_every=0,
+              save_every=2, log_every=1, ms_swd_projections=8, ms_swd_scales=2)
+
+
+def _photos(folder: Path, shade: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        picture = Image.new("RGB", (64, 64), (200, shade + 30 * i, 60))
+        picture.paste((20, 20, 220), (16 + 4 * i, 16, 40 + 4 * i, 48))
+        picture.save(folder / f"{i}.png")
+    return folder
+
+
+def _toml(value) -> str:
+    return json.dumps(value)  # strings, numbers, booleans and lists of them are the same in TOML
+
+
+def _write_manifest(path: Path, pair, concepts: list[dict], shared: dict | None = None,
+                    config: dict | None = None) -> Path:
+    lines = [f"teacher = {_toml(str(pair[0]))}", f"student = {_toml(str(pair[1]))}"]
+    lines += [f"{k} = {_toml(v)}" for k, v in (shared or SHARED).items()]
+    lines += ["[config]"] + [f"{k} = {_toml(v)}" for k, v in (config or CONFIG).items()]
+    for concept in concepts:
+        own = concept.get("config", {})
+        lines += ["[[concept]]"] + [f"{k} = {_toml(v)}" for k, v in concept.items() if k != "config"]
+        if own:
+            lines += ["[concept.config]"] + [f"{k} = {_toml(v)}" for k, v in own.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- the manifest, no Ray needed --------------------------------------------------------------------
+
+
+def test_manifest_lists_every_problem_at_once(tiny_pair_folders, tmp_path):
+    good = _photos(tmp_path / "good", 40)
+    path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, [
+        {"name": "a", "photos": str(good), "class_word": "dog"},
+        {"name": "a", "photos": str(good), "class_word": "dog"},  # duplicate output
+        {"name": "../escape", "photos": str(good), "class_word": "dog"},
+        {"name": "b", "photos": "missing-folder", "class_word": "dog"},
+        {"name": "c", "photos": str(good), "class_word": "dog", "config": {"lr_studnet": 1e-4}},
+        {"name": "d", "photos": str(good), "class_word": "dog", "config": {"resolution": 100}},
+        {"name": "e", "photos": "miniworld/no_such_subject"},
+    ])
+    with pytest.raises(ConfigError) as info:
+        load_manifest(path)
+    message = str(info.value)
+    assert "6 problem(s)" in message, message
+    for expected in ("concept 'a': duplicate output name", "'../escape' must be a plain name",
+                     "missing-folder does not exist", "unknown config key 'lr_studnet'",
+                     "resolution=100 must be a multiple of 64", "unknown subject 'no_such_subject'"):
+        assert expected in message, message
+
+
+def test_manifest_builds_each_concepts_config_and_knows_the_mini_world(tiny_pair_folders, tmp_path):
+    good = _photos(tmp_path / "good", 40)
+    path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, [
+        {"name": "a", "photos": "good", "token": "<a*>", "class_word": "dog", "config": {"seed": 7}},
+        {"name": "smiley", "photos": "miniworld/smiley"},
+        {"name": "proc", "photos": "miniworld/procedural_3", "captions": ["{}"] * 5},
+    ])
+    manifest = load_manifest(path)
+    a, smiley, proc = manifest.concepts
+    assert a.photos == str(good) and a.config.token == "<a*>" and a.config.seed == 7
+    assert a.config.save_every == 2 and a.config.steps == STEPS and a.subject is None
+    assert smiley.subject == "smiley" and smiley.config.class_word and len(smiley.captions) == 5
+    assert proc.subject == "procedural_3" and proc.captions == ("{}",) * 5
+
+
+def test_the_shipped_example_manifest_is_valid():
+    root = Path(__file__).resolve().parents[1]
+    manifest = load_manifest(root / "docs" / "fleet-miniworld.toml")
+    assert len(manifest.concepts) >= 3 and all(c.subject for c in manifest.concepts)
+    assert all(path.is_dir() for path in manifest.model_paths())
+
+
+# --- on a local Ray cluster ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    ray = pytest.importorskip("ray", reason="the fleet runs on Ray: pip install 'ray>=2.9' (the fleet extra)")
+    from echodistill.fleet.engine import start_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # Ray's socket paths must stay short (107 bytes): a short folder under pytest's base temp.
+    start_ray(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    ray.shutdown()
+
+
+def _run(manifest, out, **options):
+    from echodistill.fleet.engine import FleetOptions, run_fleet
+
+    on_event = options.pop("on_event", None)
+    options = FleetOptions(**{"workers": 2, "timeout_s": FLEET_TIMEOUT_S, **options})
+    return run_fleet(load_manifest(manifest), out, options, on_event=on_event, progress_bar=False)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    bundle = ConceptBundle.load(path)
+    tensors = {"embedding": bundle.embedding}
+    tensors.update({f"student.{k}": v for k, v in bundle.student_adapter.items()})
+    tensors.update({f"teacher.{k}": v for k, v in bundle.teacher_adapter.items()})
+    return tensors
+
+
+def test_two_workers_train_three_concepts_report_a_bad_folder_and_a_rerun_skips(
+        ray_cluster, tiny_pair_folders, tmp_path, capsys):
+    concepts = [{"name": f"c{i}", "photos": str(_photos(tmp_path / f"p{i}", 40 * i)), "class_word": "dog"}
+                for i in range(3)]
+    bad = tmp_path / "bad"
+    _photos(bad, 0)
+    (bad / "1.png").write_bytes(b"not a picture")
+    concepts.append({"name": "bad", "photos": str(bad), "class_word": "dog"})
+    manifest = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, concepts)
+    out = tmp_path / "out"
+
+    state = _run(manifest, out)
+    records = state.concepts
+    for i in range(3):
+        record = records[f"c{i}"]
+        assert record["status"] == "done" and record["steps"] == STEPS and record["attempts"] == 1, record
+        assert ConceptBundle.load(record["bundle"]).step == STEPS
+    assert records["bad"]["status"] == "failed" and records["bad"]["attempts"] == 1, records["bad"]
+    assert "DataError" in records["bad"]["error"] and "1.png" in records["bad"]["error"]
+    assert len({records[f"c{i}"]["worker"] for i in range(3)} | {records["bad"]["worker"]}) == 2  # two slots
+    # each worker loaded the pair once and trained one concept after another on it
+    assert {r["pair_loads"] for r in records.values()} == {1}
+    assert max(r["job_on_pair"] for r in records.values()) >= 2
+    saved = json.loads((out / "fleet-state.json").read_text())
+    assert saved["concepts"]["c0"]["status"] == "done"
+
+    stamp = (out / "c0" / "concept.safetensors").stat().st_mtime_ns
+    other_models = ConceptBundle.load(out / "c1" / "concept.safetensors")
+    other_models.fingerprints = {part: "0" * len(value) for part, value in other_models.fingerprints.items()}
+    other_models.save(out / "c1" / "concept.safetensors")  # loads, finished, but for other base models
+    (out / "c2" / "concept.safetensors").write_bytes(b"torn")  # present but not loadable
+    again = _run(manifest, out).concepts
+    assert [again[f"c{i}"]["status"] for i in range(3)] == ["skipped", "done", "done"]
+    assert (out / "c0" / "concept.safetensors").stat().st_mtime_ns == stamp
+    assert "BundleMismatchError" in again["c1"]["note"] and again["c1"]["resumed_from"] == STEPS
+    assert again["c2"]["resumed_from"] == STEPS  # both from their final checkpoints: nothing to train again
+    assert again["bad"]["status"] == "failed"
+
+    assert main(["fleet", "status", "--out", str(out)]) == 0
+    assert "c0" in capsys.readouterr().out
+    assert main(["fleet", "report", "--out", str(out)]) == 0
+    rows = json.loads((out / "fleet-report.json").read_text())
+    assert {row["concept"]: row["status"] for row in rows}["c2"] == "done"
+    assert "| c0 | skipped |" in (out / "fleet-report.md").read_text()
+
+
+def test_a_killed_worker_is_retried_and_resumes_to_the_uninterrupted_bundle(ray_cluster, tiny_pair_folders,
+                                                                            tmp_path):
+    from echodistill.jobs.runs import train_concept
+    from echodistill.models.pair import load_model_pair
+
+    steps = 8
+    concepts = [{"name": f"k{i}", "photos": str(_photos(tmp_path / f"p{i}", 50 * i)), "class_word": "dog"}
+                for i in range(2)]
+    concepts[1]["config"] = {"steps": 2}  # short: its worker is free when k0's worker is lost
+    manifest = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, concepts,
+                               shared={**SHARED, "steps": steps})
+    killed = {}
+
+    def kill_once(name, record):  # past the checkpoint of step 4 (k1 has finished by then), before the end
+        if name == "k0" and not killed and record.get("status") == "training" and 5 <= record.get("step", 0) < steps:
+            killed.update(pid=record["pid"], step=record["step"])
+            os.kill(record["pid"], signal.SIGKILL)
+
+    records = _run(manifest, tmp_path / "out", on_event=kill_once, poll_s=0.05).concepts
+    assert killed, "the worker finished before it could be killed"
+    k0 = records["k0"]
+    assert k0["status"] == "done" and k0["attempts"] == 2 and k0["lost"] == 1, k0
+    assert 4 <= k0["resumed_from"] < steps and k0["pid"] != killed["pid"]
+    assert k0["pid"] == records["k1"]["pid"]  # retried on the worker that was still alive
+    assert records["k1"]["status"] == "done"
+
+    job = load_manifest(manifest).concepts[0]
+    reference = train_concept(load_model_pair(*tiny_pair_folders), job.photos, job.config,
+                              run_dir=tmp_path / "uninterrupted").bundle
+    reference_path = reference.save(tmp_path / "uninterrupted.safetensors")
+    expected, got = _tensors(reference_path), _tensors(Path(k0["bundle"]))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path, capsys):
+    good = _photos(tmp_path / "good", 40)
+    path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders,
+                           [{"name": "a", "photos": str(good), "class_word": "dog"}])
+    assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check"]) == 0
+    assert "1 concepts" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    broken = _write_manifest(tmp_path / "broken.toml", tiny_pair_folders, [{"name": "a", "photos": "nowhere"}])
+    assert main(["fleet", "run", str(broken), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "2 problem(s)" in error and "does not exist" in error and "class_word" in error
