@@ -1,8 +1,29 @@
 """The project's error types: each message says what was wrong and what to do."""
 
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
 
 class EchoDistillError(Exception):
-    """Base class of every error the library raises on purpose."""
+    """Base class of every error the library raises on purpose.
+
+    A message that tells the caller to pass an argument names it as Python does (`clip_path=...`) and lists
+    it in `parameters`; a front end rewrites it in its own terms with `in_terms_of` (a flag, an input name).
+    """
+
+    def __init__(self, *args, parameters: tuple[str, ...] = ()):
+        super().__init__(*args)
+        self.parameters = tuple(parameters)
+
+    def in_terms_of(self, names: Mapping[str, str]) -> str:
+        """The message with `parameter=...` / `parameter=` / `parameter=True` replaced by names[parameter]."""
+        text = str(self)
+        for parameter in self.parameters:
+            if parameter in names:
+                text = re.sub(rf"\b{re.escape(parameter)}=(\.\.\.|True)?", names[parameter], text)
+        return text
 
 
 class ModelLoadError(EchoDistillError):
