@@ -19,7 +19,8 @@ from PIL import Image
 from ..concepts.bundle import ConceptBundle
 from ..imaging import labelled_rows, save_png
 from ..miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle
-from ..miniworld.recipe import tuned_config
+from ..miniworld.procedural import lookup_subject
+from ..miniworld.recipe import DEMO_STEPS, tuned_config
 from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_STEPS, UnitInputs, score_prior
 from ..models.pair import load_model_pair
 from ..models.pristine import pristine
@@ -27,7 +28,7 @@ from ..models.tensor_files import atomic_write_text
 from ..training.callbacks import Callbacks
 from ..training.trainer import Trainer
 
-DEFAULT_STEPS = 200
+DEFAULT_STEPS = DEMO_STEPS
 
 
 @dataclass
@@ -58,7 +59,7 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     """Train, sample, measure; `callbacks` observe and steer the training (the command line's show a bar)."""
     out_dir = Path(out_dir)
     name = concept_name or sorted(CONCEPTS)[0]
-    concept = CONCEPTS[name]
+    concept = lookup_subject(name)  # a shipped subject or a fresh procedural one ("procedural_<seed>")
     oracle = Oracle.load()  # before training: a missing file should cost seconds, not a run
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR)
     # Trained, drawn and scored as bench quality does it: captioned references, its rates, its prompts and noise.

@@ -18,29 +18,33 @@ Parts:
   evaluate.py      prompt fidelity of the shipped teacher and student through echodistill.sampling
 """
 
-from .architecture import ORACLE_ROOT, STUDENT_DIR, TEACHER_DIR
-from .concepts import CONCEPTS, Concept, ConceptPrompt, evaluation_prompts, reference_captions, reference_images
-from .grammar import ATTRIBUTES, Caption, Scene, describe, sample_scene, training_caption
-from .oracle import Oracle
-from .render import render, render_layout
+from __future__ import annotations
 
-__all__ = [
-    "ATTRIBUTES",
-    "CONCEPTS",
-    "Caption",
-    "Concept",
-    "ConceptPrompt",
-    "ORACLE_ROOT",
-    "Oracle",
-    "STUDENT_DIR",
-    "Scene",
-    "TEACHER_DIR",
-    "describe",
-    "evaluation_prompts",
-    "reference_captions",
-    "reference_images",
-    "render",
-    "render_layout",
-    "sample_scene",
-    "training_caption",
-]
+import importlib
+
+# Public name -> the module defining it. Imported on first use (PEP 562): the grammar, drawing, concepts
+# and procedural subjects are numpy-only, so `echodistill --help` can list the subjects without torch.
+_PUBLIC = {
+    "ORACLE_ROOT": "architecture", "STUDENT_DIR": "architecture", "TEACHER_DIR": "architecture",
+    "CONCEPTS": "concepts", "Concept": "concepts", "ConceptPrompt": "concepts",
+    "evaluation_prompts": "concepts", "reference_captions": "concepts", "reference_images": "concepts",
+    "ATTRIBUTES": "grammar", "Caption": "grammar", "Scene": "grammar", "describe": "grammar",
+    "sample_scene": "grammar", "training_caption": "grammar",
+    "Oracle": "oracle",
+    "render": "render", "render_layout": "render",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # imported once; later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

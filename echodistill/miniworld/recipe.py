@@ -16,6 +16,7 @@ from .concepts import Concept, reference_captions, reference_images
 from .drawing import RESOLUTION
 
 TOKEN = "<v*>"
+DEMO_STEPS = 200  # the demo's training iterations: about 75 s on an idle 2-core CPU
 
 # Factors of the published rates chosen for the mini world at 100 steps by `echodistill bench lr-sweep
 # --concept smiley --seed 100` (docs/quality.md); the defaults of `bench quality` and the demo.
