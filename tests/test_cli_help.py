@@ -100,3 +100,20 @@ def test_library_arguments_in_errors_read_as_flags():
         "nothing to evaluate: pass --clip (a CLIP folder) and/or --dino (DINO)")
     assert in_flag_terms("x exists; pass overwrite=True to replace it") == "x exists; pass --overwrite to replace it"
     assert in_flag_terms("width=512 x height=512 is far") == "--width 512 x --height 512 is far"
+
+
+def test_the_demo_sheet_captions_every_column_and_leaves_no_empty_cell():
+    import torch
+
+    from echodistill.imaging import LINE_HEIGHT, contact_sheet
+
+    references, images = torch.zeros(5, 3, 64, 64), torch.ones(12, 3, 64, 64)
+    prompts = [f"a large <v*> square on the left, on a blue striped background {i}" for i in range(12)]
+    sheet = contact_sheet(references, [("student, 1 step", images), ("teacher, 25 steps", images)], prompts,
+                          columns=6, zoom=2, label_width=120, gap=6)
+    assert sheet.width == 120 + 6 * (128 + 6) + 6
+    # references, then two bands of six prompts: a caption of at most 4 lines over a student and a teacher row
+    assert 6 + 128 + 12 + 2 * (2 * LINE_HEIGHT + 6 + 2 * (128 + 6) + 6) <= sheet.height
+    assert sheet.height <= 6 + 128 + 12 + 2 * (4 * LINE_HEIGHT + 6 + 2 * (128 + 6) + 6)
+    with pytest.raises(ValueError, match=r"one image per caption \(12\)"):
+        contact_sheet(references, [("student", images[:5])], prompts)
