@@ -9,6 +9,7 @@ Parts:
   grammar.py       the vocabulary, scenes as attributes, captions ("a small blue ring at the top, ...")
   drawing.py       drawing primitives: layouts, backgrounds, shape masks, compositing
   render.py        deterministic 64×64 renderer of scenes
+  procedural.py    a procedural family of subjects, one per seed; subject names ("miniworld/<subject>")
   concepts.py      six held-out subjects with references and evaluation prompts ("{token}")
   recipe.py        how a concept trains on the mini world (the demo's and bench quality's config and rates)
   scoring.py       how a concept is scored: UnitInputs (references, prompts, noise) and the oracle's numbers
