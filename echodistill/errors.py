@@ -18,11 +18,22 @@ class EchoDistillError(Exception):
         self.parameters = tuple(parameters)
 
     def in_terms_of(self, names: Mapping[str, str]) -> str:
-        """The message with `parameter=...` / `parameter=` / `parameter=True` replaced by names[parameter]."""
+        """The message with each `parameter=value` / `parameter=...` / `parameter=True` / `parameter=` it names
+        written as names[parameter] says: "--width" gives "--width 512", "--clip" gives "pass --clip (...)"; a
+        name ending in "=" keeps the value glued ("--set resolution=" gives "--set resolution=48")."""
         text = str(self)
         for parameter in self.parameters:
-            if parameter in names:
-                text = re.sub(rf"\b{re.escape(parameter)}=(\.\.\.|True)?", names[parameter], text)
+            if parameter not in names:
+                continue
+            name = names[parameter]
+
+            def replace(match: re.Match, name: str = name) -> str:
+                following = match.string[match.end():match.end() + 1]
+                if match.group(1) or name.endswith("=") or not following or not following.strip():
+                    return name
+                return f"{name} "
+
+            text = re.sub(rf"\b{re.escape(parameter)}=(\.\.\.|True\b)?", replace, text)
         return text
 
 

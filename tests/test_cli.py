@@ -102,6 +102,12 @@ def test_train_reports_bad_input_without_a_traceback(tiny_pair_folders, tmp_path
     )
     assert code == 2
     assert "write key=value" in capsys.readouterr().err
+    base = ["train", "--teacher", str(teacher), "--student", str(student), "--images", str(empty), "--class-word",
+            "cup", "--out", str(tmp_path / "c.safetensors")]
+    assert main([*base, "--resolution", "48"]) == 2  # the config's errors name this command's flags
+    assert "error: --resolution 48 must be a multiple of 64" in capsys.readouterr().err
+    assert main([*base, "--set", "lr_student=-1"]) == 2
+    assert "error: --set lr_student=-1 must be positive" in capsys.readouterr().err
     assert not (tmp_path / "c.safetensors").exists()
 
 

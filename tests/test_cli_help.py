@@ -98,8 +98,17 @@ def test_library_arguments_in_errors_read_as_flags():
                              parameters=("clip_path", "dino_path"))
     assert error.in_terms_of({"clip_path": "--clip", "dino_path": "--dino"}) == (
         "nothing to evaluate: pass --clip (a CLIP folder) and/or --dino (DINO)")
-    assert in_flag_terms("x exists; pass overwrite=True to replace it") == "x exists; pass --overwrite to replace it"
-    assert in_flag_terms("width=512 x height=512 is far") == "--width 512 x --height 512 is far"
+    commands = build_parser()._subparsers._group_actions[0].choices
+    export, sample, demo = (commands[name].populate() for name in ("export", "sample", "demo"))
+    assert in_flag_terms("x exists; pass overwrite=True to replace it", ("overwrite",), export) == (
+        "x exists; pass --overwrite to replace it")
+    assert in_flag_terms("width=512 x height=512 is far", ("width", "height"), sample) == (
+        "--width 512 x --height 512 is far")
+    # a training config field the demo takes through --set, and one the sampler cannot take at all
+    assert in_flag_terms("resolution=48 must be a multiple of 64", ("resolution",), demo) == (
+        "--set resolution=48 must be a multiple of 64")
+    assert in_flag_terms("resolution=48 must be a multiple of 64", ("resolution",), sample) == (
+        "resolution=48 must be a multiple of 64")
 
 
 def test_the_demo_sheet_captions_every_column_and_leaves_no_empty_cell():
