@@ -5,7 +5,7 @@ suite. This script swaps their test-only values for what a user starts from, let
 ComfyUI frontend lay them out and serialize them (so the UI format is exactly what ComfyUI
 writes), adds the `models` list, and saves workflows/<name>.json plus a screenshot in docs/.
 
-    .venv/bin/python scripts/build_workflows.py        # needs scripts/bootstrap and Chromium
+    .venv/bin/python scripts/build_workflows.py        # needs scripts/bootstrap test (with Chromium)
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ CHROMIUM_FLAGS = [
 def chromium_path() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        raise RuntimeError("Chromium is not installed: run scripts/bootstrap (it installs Debian's chromium)")
+        raise RuntimeError("Chromium is not installed: run scripts/install_chromium (apt-get, as root or through sudo)")
     return path
 
 

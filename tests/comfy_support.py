@@ -48,7 +48,7 @@ MINI_SD2_UNET = {
 
 def require_comfyui() -> Path:
     if not (COMFYUI_DIR / "main.py").is_file():
-        raise RuntimeError(f"ComfyUI is not at {COMFYUI_DIR}: run scripts/bootstrap (it fetches ComfyUI 0.3.75)")
+        raise RuntimeError(f"ComfyUI is not at {COMFYUI_DIR}: run scripts/bootstrap test (it fetches ComfyUI 0.3.75)")
     return COMFYUI_DIR
 
 

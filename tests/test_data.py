@@ -302,3 +302,24 @@ def test_dataset_rejects_bad_settings():
         _dataset(templates=["a photo"])
     with pytest.raises(DataError, match="no concept images"):
         ConceptDataset([], token=TOKEN, class_word=CLASS_WORD)
+
+
+def test_the_rescale_has_a_lower_bound_taken_from_the_config():
+    from echodistill.training.config import TrainConfig
+
+    dataset = _dataset(flip=False, min_scale=0.5)
+    batch = dataset.sample_batch(96, torch.Generator().manual_seed(1))
+    spans = []
+    for pixels, prompt in zip(batch.pixel_values, batch.prompts):
+        if _prefix_of(prompt) in FAR_PREFIXES:
+            filled = (pixels != 0).any(dim=0)
+            spans.append(int(filled.any(dim=1).sum()))
+    assert spans and min(spans) >= RES // 2  # never below half the picture
+    # Custom Diffusion's R/3 by default: the smallest draw at 192 px is 64 px
+    assert ConceptDataset(_bright_images(), token=TOKEN, class_word=CLASS_WORD, resolution=192)._draw_scale(0.0, 0.0) == 64
+    config = TrainConfig(resolution=RES, augment_min_scale=0.5, token=TOKEN, class_word=CLASS_WORD)
+    assert ConceptDataset.from_config(_bright_images(), config, latent_scale=8).min_scale == 0.5
+    with pytest.raises(ConfigError, match=r"augment_min_scale=0 must be in \(0, 1\]"):
+        TrainConfig(augment_min_scale=0)
+    with pytest.raises(ConfigError, match=r"min_scale=1.5 must be in \(0, 1\]"):
+        _dataset(min_scale=1.5)

@@ -97,8 +97,7 @@ class StudentBaseline:
         self.noise_generator = torch.Generator().manual_seed(config.seed + 1)
 
         add_concept_token(pair.tokenizer, pair.text_encoder, config.token, config.initializer_word)
-        self.dataset = ConceptDataset(images, token=config.token, class_word=config.class_word,
-                                      resolution=config.resolution, latent_scale=pair.vae_downscale)
+        self.dataset = ConceptDataset.from_config(images, config, pair.vae_downscale)
         unet = pair.student.unet
         params: list[torch.nn.Parameter] = []
         if self.baseline.trains_unet:

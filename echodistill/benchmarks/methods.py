@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..miniworld.recipe import RESOLUTION, TOKEN, TUNED_LR_SCALES, echodistill_config, scaled_rates
+from ..miniworld.recipe import AUGMENT_MIN_SCALE, RESOLUTION, TOKEN, TUNED_LR_SCALES, echodistill_config, scaled_rates
 from ..miniworld.scoring import PRIOR, START_PRIOR, TEACHER_PRIOR, TEACHER_STEPS
 from ..training.config import TrainConfig
 from .baselines import baseline_config
@@ -77,7 +77,7 @@ def method_config(name: str, class_word: str, steps: int, seed: int, lr_scale: f
     method = METHODS[name]
     if method.baseline:
         config = baseline_config(method.baseline, steps=steps, resolution=RESOLUTION, token=TOKEN,
-                                 class_word=class_word, seed=seed)
+                                 class_word=class_word, seed=seed, augment_min_scale=AUGMENT_MIN_SCALE)
         return config.with_changes(lr_student=config.lr_student * lr_scale)
     return scaled_rates(echodistill_config(class_word, steps, seed, **method.changes), lr_scale)
 

@@ -206,7 +206,7 @@ def custom_diffusion_step(pair: ModelPair, images, config: TrainConfig) -> Calla
         unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=config.lr_teacher, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
-    dataset = ConceptDataset(images, token=config.token, class_word=config.class_word, resolution=config.resolution)
+    dataset = ConceptDataset.from_config(images, config, pair.vae_downscale)
     abar = alphas_cumprod_for(pair.teacher.scheduler_config, device)  # (T,)
     generator = torch.Generator().manual_seed(config.seed)
     precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)

@@ -5,6 +5,7 @@
     bench quality         subject/prompt fidelity and training time of EchoDistill, its ablations and baselines
     bench quality-merge   one quality table from runs made side by side
     bench lr-sweep        each quality-benchmark method's learning rate, chosen on a tuning concept and seed
+    bench world-probe     whether the teacher alone learns each held-out subject (the mini world's fairness bar)
 
 The only module of the package that imports the benchmarks; each one is imported when its command runs.
 """
@@ -42,6 +43,10 @@ def _add_bench_commands(bench: argparse.ArgumentParser) -> None:
     add_command(bench_commands, "lr-sweep",
                 help="choose each quality-benchmark method's learning rate on a tuning concept and seed",
                 add_arguments=add_lr_sweep_arguments, run=run_lr_sweep)
+    add_command(bench_commands, "world-probe",
+                help="whether the teacher alone (K/V + token row) learns each held-out subject: the mini world's "
+                     "fairness bar (mean subject fidelity >= 0.50, prompt fidelity >= 0.80)",
+                add_arguments=add_world_probe_arguments, run=run_world_probe)
 
 
 # --- bench sample, bench train -------------------------------------------------------------------
@@ -216,8 +221,15 @@ def load_world(args: argparse.Namespace) -> tuple[Any, Any, dict]:
         torch.set_num_threads(args.threads)
     args.oracle = Path(args.oracle or ORACLE_ROOT)
     oracle = Oracle.load(args.oracle)  # before anything trains: a missing oracle fails at once
-    pair = load_model_pair(TEACHER_DIR, STUDENT_DIR, device=args.device)
+    models = getattr(args, "models", None)
+    teacher, student = (Path(models) / "teacher", Path(models) / "student") if models else (TEACHER_DIR, STUDENT_DIR)
+    for folder in (teacher, student):
+        if not folder.is_dir():
+            raise BenchError(f"--models {models}: {folder} is not a folder; give a folder holding the mini world's "
+                             "teacher/ and student/ diffusers folders (scripts/train_miniworld.py --models-to)")
+    pair = load_model_pair(teacher, student, device=args.device)
     settings = {
+        "models": shown_path(Path(models)) if models else "shipped",
         "oracle": {"path": shown_path(args.oracle),
                    "digests": {f: _file_digest(args.oracle / f) for f in (READER_FILE, ENCODER_FILE)}},
         "device": device_name(pair.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -308,3 +320,51 @@ def _logger(name: str):
         print(f"[{name}] {message}", file=sys.stderr, flush=True)
 
     return log
+
+
+# --- bench world-probe ---------------------------------------------------------------------------
+
+def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..benchmarks.world_probe import ProbeSettings
+
+    defaults = ProbeSettings()
+    parser.add_argument("--concepts", nargs="+",
+                        help="subjects: the held-out concepts' names or procedural_<seed> (default: the six concepts)")
+    parser.add_argument("--fresh", type=int, default=0,
+                        help="also probe this many fresh procedural subjects nobody tuned for (default: 0)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training iterations per subject")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of the teacher's K/V deltas")
+    parser.add_argument("--token-lr", type=float, default=defaults.token_lr, help="learning rate of the token row")
+    parser.add_argument("--min-scale", type=float, default=defaults.min_scale,
+                        help="smallest augmentation rescale, a fraction of the 64-pixel picture")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="training and sampling seed")
+    parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")
+    parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
+    parser.add_argument("--out", default="runs/world_probe", help="folder for world_probe.json/.md and sheets/")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
+
+
+def run_world_probe(args: argparse.Namespace) -> int:
+    from ..benchmarks.measuring import BenchError
+    from ..benchmarks.world_probe import ProbeSettings, markdown, run_world_probe as probe
+    from ..miniworld import CONCEPTS
+    from ..miniworld.procedural import VALIDATION_SEEDS, lookup_subject, procedural_subject
+
+    names = args.concepts or sorted(CONCEPTS)
+    try:
+        subjects = [lookup_subject(name) for name in names]
+    except ValueError as error:
+        raise BenchError(f"--concepts: {error}") from None
+    if args.fresh < 0:
+        raise BenchError(f"--fresh {args.fresh} must not be negative")
+    subjects += [procedural_subject(seed) for seed in VALIDATION_SEEDS.seeds()[: args.fresh]]
+    settings = ProbeSettings(steps=args.steps, lr=args.lr, token_lr=args.token_lr, min_scale=args.min_scale,
+                             seed=args.seed)
+    pair, oracle, world = load_world(args)
+    report = probe(pair, oracle, subjects, settings, args.out,
+                   extra={**world, "command": shlex.join(["echodistill", *sys.argv[1:]])},
+                   log=_logger("world-probe"))
+    print(markdown(report))
+    print(f"wrote {Path(args.out) / 'world_probe.json'} and {Path(args.out) / 'world_probe.md'}")
+    return 0

@@ -17,6 +17,11 @@ from .drawing import RESOLUTION
 
 TOKEN = "<v*>"
 DEMO_STEPS = 200  # the demo's training iterations: about 75 s on an idle 2-core CPU
+# The augmentation's smallest rescale at 64 px: half the picture, so a shrunk subject still spans
+# 8×8 latent cells of the 4× VAE (Custom Diffusion's R/3 leaves ~5×5, where a 15-pixel subject's
+# detail is gone: on the first mini world, the teacher fitted with all UNet weights reached 0.57 subject
+# fidelity without the augmentation and 0.19–0.22 with it, docs/quality.md).
+AUGMENT_MIN_SCALE = 0.5
 
 # Factors of the published rates chosen for the mini world at 100 steps by `echodistill bench lr-sweep
 # --concept smiley --seed 100` (docs/quality.md); the defaults of `bench quality` and the demo.
@@ -28,7 +33,7 @@ def echodistill_config(class_word: str, steps: int, seed: int, **changes) -> Tra
     """The paper preset at the mini world's size, echo rounds scaled to the step budget (as the demo)."""
     return preset("paper", steps=steps, resolution=RESOLUTION, token=TOKEN, class_word=class_word, seed=seed,
                   echo_start=max(1, steps // 2), echo_every=max(1, steps // 4), echo_samples=8,
-                  sample_every=0, save_every=0, **changes)
+                  sample_every=0, save_every=0, augment_min_scale=AUGMENT_MIN_SCALE, **changes)
 
 
 def scaled_rates(config: TrainConfig, lr_scale: float) -> TrainConfig:

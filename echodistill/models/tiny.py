@@ -127,7 +127,11 @@ def single_file_state(models: dict, family: Path, layout: str, text_kind: str, w
     vae_state = models["vae"].state_dict()
     state.update(layout_map.scatter(layout_map.vae_sources(vae_state, VAE_CONFIG), vae_state))
     if with_text:
-        text_state = {k: v for k, v in models["text_encoder"].state_dict().items() if not k.endswith("position_ids")}
+        # Flat key names whatever the transformers version (4.x prefixes them with `text_model.`).
+        text_state = {
+            k.removeprefix("text_model."): v
+            for k, v in models["text_encoder"].state_dict().items() if not k.endswith("position_ids")
+        }
         state.update(layout_map.scatter(layout_map.text_sources(text_state, layout, text_kind), text_state))
         if text_kind == "openclip":
             # Real OpenCLIP files carry one more layer (diffusers drops it) and the projection.

@@ -98,6 +98,11 @@ class TrainConfig:
         "encode each reference photo and its mirror image with the VAE once, not every iteration; drops the "
         "rescale augmentation (far away / zoomed in), since a rescaled photo's latent cannot be cached",
     )
+    augment_min_scale: float = _f(
+        1 / 3,
+        "smallest rescale of the augmentation, as a fraction of the resolution (Custom Diffusion's 1/3); a low "
+        "resolution needs a larger bound, or a shrunk subject spans too few latent cells to keep its detail",
+    )
     offload: bool = _f(
         False, "CUDA: keep the text encoder, VAE and image backbones on the CPU while a stage does not use them"
     )
@@ -153,6 +158,9 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 1)", parameters=(name,))
+        if not 0 < self.augment_min_scale <= 1:
+            raise ConfigError(f"augment_min_scale={self.augment_min_scale!r} must be in (0, 1]",
+                              parameters=("augment_min_scale",))
         if not 0 < self.echo_keep_ratio <= 1:
             raise ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]",
                               parameters=("echo_keep_ratio",))

@@ -69,6 +69,7 @@ class ConceptDataset:
         flip: bool = True,
         templates: Sequence[str] = PROMPT_TEMPLATES,
         latent_scale: int = 8,
+        min_scale: float = 1 / 3,
     ) -> None:
         if latent_scale < 1 or resolution < 8 or resolution % latent_scale:
             raise ConfigError(
@@ -79,6 +80,8 @@ class ConceptDataset:
             raise ConfigError("token is empty; pass the concept token string, e.g. '<v*>'")
         if not templates:
             raise ConfigError("templates is empty; pass at least one, e.g. 'a photo of a {}'")
+        if not 0 < min_scale <= 1:
+            raise ConfigError(f"min_scale={min_scale!r} must be in (0, 1]: a fraction of the resolution")
         for template in templates:
             check_template(template)
         if not images:
@@ -96,6 +99,7 @@ class ConceptDataset:
         self.flip = flip
         self.templates = tuple(templates)
         self.latent_scale = latent_scale
+        self.min_scale = min_scale
         self.names = [item.name for item in items]
         # A caption may hold "{}" for "<token> <class word>"; otherwise it is used as written.
         subject = subject_phrase(token, class_word)
@@ -112,6 +116,15 @@ class ConceptDataset:
         # uint8 keeps 20 references at 512 px in 16 MB; converted to float per sample
         squares = [_center_square(item.image, resolution) for item in items]
         self._pixels = torch.stack(squares)  # (N, 3, R, R) uint8
+
+    @classmethod
+    def from_config(cls, images: Sequence[ConceptImage | Image.Image], config, latent_scale: int) -> ConceptDataset:
+        """The dataset a `TrainConfig` describes (token, class word, resolution, augmentation bound).
+
+        `cache_latents` turns the rescale augmentation off: a rescaled photo's latent cannot be cached.
+        """
+        return cls(images, token=config.token, class_word=config.class_word, resolution=config.resolution,
+                   latent_scale=latent_scale, augment=not config.cache_latents, min_scale=config.augment_min_scale)
 
     def __len__(self) -> int:
         return self._pixels.shape[0]
@@ -177,10 +190,10 @@ class ConceptDataset:
         return image.contiguous(), mask, prompt, flipped
 
     def _draw_scale(self, u_branch: float, u_scale: float) -> int:
-        """Custom Diffusion's scale: 2/3 of the time in [R/3, R], else in [1.2R, 1.4R]; even."""
+        """Custom Diffusion's scale: 2/3 of the time in [min_scale·R, R] (R/3 by default), else in [1.2R, 1.4R]; even."""
         size = self.resolution
         if u_branch < 2.0 / 3.0:
-            low, high = size // 3, size
+            low, high = int(size * self.min_scale + 1e-9), size  # 1e-9: 192 · (1/3) is 64, not 63.99…
         else:
             low, high = math.ceil(1.2 * size), math.floor(1.4 * size)
         half_low, half_high = -(-low // 2), high // 2

@@ -71,10 +71,7 @@ class Trainer:
         self.noise_generator = torch.Generator().manual_seed(config.seed + 1)
 
         self.concept = add_concept_token(pair.tokenizer, pair.text_encoder, config.token, config.initializer_word)
-        self.dataset = ConceptDataset(
-            images, token=config.token, class_word=config.class_word, resolution=config.resolution,
-            latent_scale=pair.vae_downscale, augment=not config.cache_latents,
-        )
+        self.dataset = ConceptDataset.from_config(images, config, pair.vae_downscale)
         teacher_params = add_adapter(pair.teacher.unet, config)
         student_params = add_adapter(pair.student.unet, config)
         # No shared encoder (ablation): the student reads the prompts with its own token row, trained by its losses.

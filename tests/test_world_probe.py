@@ -1,0 +1,55 @@
+"""`echodistill bench world-probe`: the teacher alone learns a subject's K/V + token row; the pair comes back as it was."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from echodistill.benchmarks import world_probe
+from echodistill.miniworld import STUDENT_DIR, TEACHER_DIR
+from echodistill.miniworld.oracle import AttributeReader, Oracle, SubjectEncoder
+from echodistill.miniworld.procedural import procedural_subject
+from echodistill.models.pair import load_model_pair
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.manual_seed(0)
+    oracle = Oracle(AttributeReader(width=8, hidden=16).eval(), SubjectEncoder(width=8, dim=16).eval())
+    return load_model_pair(TEACHER_DIR, STUDENT_DIR), oracle
+
+
+def test_probe_trains_the_teacher_scores_it_and_hands_the_pair_back(world, tmp_path):
+    pair, oracle = world
+    before = {k: v.clone() for k, v in pair.teacher.unet.state_dict().items()}
+    rows_before = pair.text_encoder.get_input_embeddings().weight.shape[0]
+    settings = world_probe.ProbeSettings(steps=2)
+    report = world_probe.run_world_probe(pair, oracle, [procedural_subject(3_000_000)], settings, tmp_path,
+                                         log=lambda m: None)
+    assert [r["concept"] for r in report["records"]] == ["procedural_3000000"]
+    for record in report["records"]:
+        assert 0 <= record["subject_fidelity"] <= 1 and 0 <= record["prompt_fidelity"] <= 1
+        assert 0 <= record["prior_subject_fidelity"] <= 1
+    assert report["fair"] == (report["mean"]["subject_fidelity"] >= 0.5 and report["mean"]["prompt_fidelity"] >= 0.8)
+    saved = json.loads((tmp_path / "world_probe.json").read_text())
+    assert saved["settings"]["steps"] == 2 and saved["settings"]["min_scale"] == 0.5
+    assert (tmp_path / "sheets" / "procedural_3000000.png").is_file() and "mean" in (tmp_path / "world_probe.md").read_text()
+    # the borrow is handed back: no adapter, no token row left behind
+    after = pair.teacher.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert pair.text_encoder.get_input_embeddings().weight.shape[0] == rows_before
+
+
+def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "echodistill", "bench", "world-probe", *args,
+                               "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+
+    unknown = run("--concepts", "dog")
+    assert unknown.returncode == 2 and "unknown subject 'dog'" in unknown.stderr and "Traceback" not in unknown.stderr
+    missing = run("--models", str(tmp_path / "nowhere"), "--steps", "1")
+    assert missing.returncode == 2 and "is not a folder" in missing.stderr and "Traceback" not in missing.stderr
