@@ -4,7 +4,7 @@
 #   train.py            train, smoke, inspect
 #   after_training.py   sample, teacher-sample, eval, export
 #   demo.py             demo (the job itself is echodistill.jobs.demo)
-#   bench.py            bench sample | train | quality | quality-merge | lr-sweep (echodistill.benchmarks)
+#   bench.py            bench sample | train | quality | quality-merge | lr-sweep | world-probe (echodistill.benchmarks)
 #   terminal.py         what they share: the parser, progress bar, Ctrl-C as a clean stop, --set parsing
 # The modules import the library inside their functions, and a command's options are added when that
 # command is used: `echodistill --help` and argument errors load no torch and answer at once.
