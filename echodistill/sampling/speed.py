@@ -192,7 +192,7 @@ def check_cuda_graph(device: torch.device, steps: int, guided: bool) -> None:
     if device.type != "cuda":
         raise SamplerOptionsError(
             f"cuda_graph=True needs the models on a CUDA device; they are on {device.type}. "
-            "Leave cuda_graph off here (it only removes GPU kernel-launch overhead)", parameters=("cuda_graph",))
+            "Leave it off here (it only removes GPU kernel-launch overhead)", parameters=("cuda_graph",))
     if steps != 1 or guided:
         raise SamplerOptionsError(
             f"cuda_graph=True captures the one-step student only (steps=1, guidance <= 1); got steps={steps}"
