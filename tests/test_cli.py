@@ -217,3 +217,13 @@ def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["images"] == 2 and scores["references"] == 3
     assert 0 <= scores["clip_i"] <= 1 and 0 <= scores["clip_t"] <= 1 and "dino" not in scores
+
+
+def test_train_on_a_shipped_subject_at_the_models_native_size(tmp_path):
+    from echodistill.miniworld import STUDENT_DIR, TEACHER_DIR
+
+    out = tmp_path / "diamond.safetensors"
+    assert main(["train", "--teacher", str(TEACHER_DIR), "--student", str(STUDENT_DIR), "--images",
+                 "miniworld/checker_diamond", "--class-word", "diamond", "--out", str(out), "--steps", "1",
+                 "--set", "echo=false", "--set", "sample_every=0"]) == 0
+    assert ConceptBundle.load(out).config["resolution"] == 64  # the mini world's size, not the preset's 512

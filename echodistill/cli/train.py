@@ -46,7 +46,9 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--preset", default="paper", help="training preset: paper, balanced or lite")
     train.add_argument("--config", help="a JSON config (from TrainConfig.to_json) instead of a preset")
     train.add_argument("--steps", type=int, help="training iterations (default: the preset's)")
-    train.add_argument("--resolution", type=int, help="training resolution in pixels, square (default: the preset's)")
+    train.add_argument("--resolution", type=int,
+                       help="training resolution in pixels, square, a multiple of 64 (default: the student's native "
+                            "size: 512 for SD-Turbo, 64 for the mini world)")
     train.add_argument("--batch-size", type=int, help="images per iteration (default: the preset's)")
     train.add_argument("--seed", type=int, help="training seed (default: the preset's)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -130,6 +132,7 @@ def run_training(
 
 def _train(args: argparse.Namespace) -> int:
     from ..models.pair import load_model_pair
+    from ..sampling.samplers import native_resolution
     from ..training.config import TrainConfig, preset
 
     overrides = parse_overrides(args.set or [])
@@ -144,7 +147,6 @@ def _train(args: argparse.Namespace) -> int:
     backbones = dict(_split_assignment(b) for b in args.backbone or [])
     if backbones:
         config = config.with_changes(discriminators=tuple(dict.fromkeys((*config.discriminators, *backbones))))
-    images = concept_images(args.images, config.resolution)
     pair = load_model_pair(
         args.teacher,
         args.student,
@@ -153,6 +155,9 @@ def _train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
     )
+    if not args.config and "resolution" not in overrides:  # the preset's 512 would be noise for the mini world
+        config = config.with_changes(resolution=native_resolution(pair, "student"))
+    images = concept_images(args.images, config.resolution)
     out = Path(args.out)
     run_dir = Path(args.run_dir) if args.run_dir else out.with_suffix("").with_name(out.stem + "-run")
     run_training(
