@@ -1,8 +1,40 @@
 """The project's error types: each message says what was wrong and what to do."""
 
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
 
 class EchoDistillError(Exception):
-    """Base class of every error the library raises on purpose."""
+    """Base class of every error the library raises on purpose.
+
+    A message that tells the caller to pass an argument names it as Python does (`clip_path=...`) and lists
+    it in `parameters`; a front end rewrites it in its own terms with `in_terms_of` (a flag, an input name).
+    """
+
+    def __init__(self, *args, parameters: tuple[str, ...] = ()):
+        super().__init__(*args)
+        self.parameters = tuple(parameters)
+
+    def in_terms_of(self, names: Mapping[str, str]) -> str:
+        """The message with each `parameter=value` / `parameter=...` / `parameter=True` / `parameter=` it names
+        written as names[parameter] says: "--width" gives "--width 512", "--clip" gives "pass --clip (...)"; a
+        name ending in "=" keeps the value glued ("--set resolution=" gives "--set resolution=48")."""
+        text = str(self)
+        for parameter in self.parameters:
+            if parameter not in names:
+                continue
+            name = names[parameter]
+
+            def replace(match: re.Match, name: str = name) -> str:
+                following = match.string[match.end():match.end() + 1]
+                if match.group(1) or name.endswith("=") or not following or not following.strip():
+                    return name
+                return f"{name} "
+
+            text = re.sub(rf"\b{re.escape(parameter)}=(\.\.\.|True\b)?", replace, text)
+        return text
 
 
 class ModelLoadError(EchoDistillError):

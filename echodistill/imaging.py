@@ -45,6 +45,71 @@ def labelled_rows(rows: list[tuple[str, torch.Tensor]], *, columns: int | None =
     return sheet
 
 
+INK, FRAME, PAPER = (30, 30, 30), (200, 200, 200), (255, 255, 255)
+LINE_HEIGHT = 12  # pixels per caption line in PIL's default font
+
+
+def wrap_text(draw, text: str, width: int) -> list[str]:
+    """`text` broken at spaces into lines no wider than `width` pixels (a longer word keeps a line to itself)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def contact_sheet(references: torch.Tensor, rows: list[tuple[str, torch.Tensor]], captions: list[str], *,
+                  columns: int = 6, zoom: int = 2, label_width: int = 120, gap: int = 6) -> Image.Image:
+    """A sheet a person reads without the JSON: the references on top, then bands of `columns` prompts, each
+    column headed by its prompt (wrapped to the column) with one labelled row per sampler beneath.
+
+    references: (R, 3, H, W) and each row's images: (len(captions), 3, H, W), all in [0, 1]. Every drawn cell
+    holds a picture: the reference row is as long as the references, centred, each picture framed.
+    """
+    from PIL import ImageDraw
+
+    counts = {label: images.shape[0] for label, images in rows}
+    if any(count != len(captions) for count in counts.values()):
+        raise ValueError(f"each row needs one image per caption ({len(captions)}), got {counts}")
+    cell = references.shape[-1] * zoom
+    columns = max(1, min(columns, len(captions)))
+    width = label_width + columns * (cell + gap) + gap
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    bands = [range(start, min(start + columns, len(captions))) for start in range(0, len(captions), columns)]
+    header_lines = [max(len(wrap_text(measure, captions[i], cell)) for i in band) for band in bands]
+    height = gap + cell + gap + sum(lines * LINE_HEIGHT + gap + len(rows) * (cell + gap) + gap
+                                    for lines in header_lines)
+    sheet = Image.new("RGB", (width, height), PAPER)
+    draw = ImageDraw.Draw(sheet)
+
+    def paste(image: torch.Tensor, left: int, top: int) -> None:
+        picture = to_pil(image).resize((cell, cell), Image.NEAREST)
+        sheet.paste(picture, (left, top))
+        draw.rectangle((left - 1, top - 1, left + cell, top + cell), outline=FRAME)
+
+    top = gap
+    draw.text((6, top + cell // 2 - 6), "references", fill=INK)
+    first = label_width + (columns * (cell + gap) - references.shape[0] * (cell + gap)) // 2 + gap // 2
+    for index in range(references.shape[0]):
+        paste(references[index], first + index * (cell + gap), top)
+    top += cell + 2 * gap
+    for band, lines in zip(bands, header_lines):
+        for column, index in enumerate(band):
+            left = label_width + column * (cell + gap)
+            for number, line in enumerate(wrap_text(measure, captions[index], cell)):
+                draw.text((left, top + number * LINE_HEIGHT), line, fill=INK)
+        top += lines * LINE_HEIGHT + gap
+        for label, images in rows:
+            draw.text((6, top + cell // 2 - 6), label, fill=INK)
+            for column, index in enumerate(band):
+                paste(images[index], label_width + column * (cell + gap), top)
+            top += cell + gap
+        top += gap
+    return sheet
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
 
 import folder_paths
 from PIL import Image
@@ -142,19 +141,28 @@ def backbone_choices() -> list[str]:
     return [NONE] + _subdirs("backbones")
 
 
-def shipped_concept_references() -> dict[str, Callable[[], tuple[list[Image.Image], list[str]]]]:
-    """The mini world's held-out subjects as read-only "folders" of (reference pictures, their captions in the
-    world's grammar), drawn rather than stored."""
-    from echodistill.miniworld import CONCEPTS, reference_captions, reference_images
+FRESH_SUBJECTS_LISTED = 3  # procedural subjects offered in the list; any miniworld/procedural_<seed> is accepted
 
-    def drawer(concept):
-        return lambda: ([Image.fromarray(array) for array in reference_images(concept)], reference_captions(concept))
 
-    return {f"{SHIPPED_PREFIX}{name}": drawer(concept) for name, concept in sorted(CONCEPTS.items())}
+def shipped_subject_names() -> list[str]:
+    """miniworld/<subject> for the six held-out subjects, then a few fresh procedural ones (never trained on)."""
+    from echodistill.miniworld.concepts import CONCEPTS
+    from echodistill.miniworld.procedural import VALIDATION_SEEDS, procedural_name
+
+    fresh = [procedural_name(seed) for seed in VALIDATION_SEEDS.seeds()[:FRESH_SUBJECTS_LISTED]]
+    return [f"{SHIPPED_PREFIX}{name}" for name in [*sorted(CONCEPTS), *fresh]]
+
+
+def shipped_references(name: str) -> tuple[list[Image.Image], list[str]] | None:
+    """(pictures, captions) of miniworld/<subject> (a held-out subject or procedural_<seed>), None for any other
+    name; ValueError for an unknown subject. The command line reads the same names the same way."""
+    from echodistill.miniworld.procedural import subject_references
+
+    return subject_references(name)
 
 
 def input_folder_choices() -> list[str]:
     """Folders inside ComfyUI's input directory, then the shipped mini-world subjects."""
     base = Path(folder_paths.get_input_directory())
     found = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_dir()) if base.is_dir() else []
-    return found + list(shipped_concept_references())
+    return found + shipped_subject_names()

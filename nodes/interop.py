@@ -9,6 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from echodistill.concepts.export import export_concept
+from echodistill.errors import EchoDistillError
 from echodistill.evaluation.metrics import evaluate
 
 from . import folders
@@ -16,6 +17,15 @@ from .convert import from_comfy_images
 from .types import Concept
 
 CATEGORY = "EchoDistill"
+
+# The library's errors name its Python arguments; here they are the nodes' inputs.
+INPUT_NAMES = {"overwrite": "overwrite (turn it on)", "clip_path": "a `clip` backbone",
+               "dino_path": "a `dino` backbone", "prompts": "the `prompt` input"}
+
+
+def _in_node_terms(error: EchoDistillError) -> Exception:
+    """The same kind of error (FileExistsError stays one), its message in the node's terms."""
+    return type(error)(error.in_terms_of(INPUT_NAMES))
 
 
 class ExportConcept(io.ComfyNode):
@@ -47,8 +57,11 @@ class ExportConcept(io.ComfyNode):
     def execute(cls, concept, name, mode, rank, overwrite) -> io.NodeOutput:
         lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
         embedding_dir = Path(folder_paths.get_folder_paths("embeddings")[0])
-        report, targets = export_concept(concept, name, lora_dir, embedding_dir, mode=mode, rank=rank or None,
-                                         overwrite=overwrite)
+        try:
+            report, targets = export_concept(concept, name, lora_dir, embedding_dir, mode=mode, rank=rank or None,
+                                             overwrite=overwrite)
+        except EchoDistillError as error:
+            raise _in_node_terms(error) from error
         return io.NodeOutput(targets.lora.name, targets.prompt_word, ui={"text": [report.summary()]})
 
 
@@ -78,10 +91,13 @@ class EvaluateConcept(io.ComfyNode):
         prompts = [line for line in prompt.splitlines() if line.strip()] or [prompt]
         if len(prompts) == 1:
             prompts = prompts * images.shape[0]
-        scores = evaluate(from_comfy_images(images), from_comfy_images(references), prompts, token=token,
-                          class_word=class_word,
-                          clip_path=None if clip == folders.NONE else folders.find("backbones", clip),
-                          dino_path=None if dino == folders.NONE else folders.find("backbones", dino))
+        try:
+            scores = evaluate(from_comfy_images(images), from_comfy_images(references), prompts, token=token,
+                              class_word=class_word,
+                              clip_path=None if clip == folders.NONE else folders.find("backbones", clip),
+                              dino_path=None if dino == folders.NONE else folders.find("backbones", dino))
+        except EchoDistillError as error:
+            raise _in_node_terms(error) from error
         text = json.dumps(scores, indent=2)
         return io.NodeOutput(text, ui={"text": [text]})
 

@@ -117,7 +117,8 @@ class LoadImagesFromFolder(io.ComfyNode):
             inputs=[
                 io.Combo.Input("folder", options=folders.input_folder_choices(),
                                tooltip="A folder inside ComfyUI's input directory holding 3-20 photos, or a shipped "
-                                       "mini-world subject (miniworld/<name>)."),
+                                       "mini-world subject: miniworld/<name>, or miniworld/procedural_<seed> for a fresh "
+                                       "procedural subject (seeds 3000000-3099999 were never trained on)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip="Side of the square crops (the training resolution)."),
             ],
@@ -135,9 +136,9 @@ class LoadImagesFromFolder(io.ComfyNode):
     @classmethod
     def execute(cls, folder, resolution) -> io.NodeOutput:
         path = folders.safe_join(Path(folder_paths.get_input_directory()), folder)
-        shipped = folders.shipped_concept_references()
-        if folder in shipped and not path.is_dir():
-            pictures, captions = shipped[folder]()
+        shipped = None if path.is_dir() else folders.shipped_references(folder)
+        if shipped is not None:
+            pictures, captions = shipped
             images = load_concept_images(pictures, captions=captions, resolution=resolution)
         else:
             images = load_concept_images(path, resolution=resolution)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from echodistill.jobs.runs import sample
+from echodistill.sampling.samplers import native_resolution
 
 from .convert import to_comfy_images
 from .types import Concept, Models
@@ -22,8 +23,12 @@ def _common_inputs(steps_default: int, steps_max: int, guidance_default: float) 
         io.Int.Input("steps", default=steps_default, min=1, max=steps_max, tooltip="Sampling steps."),
         io.Float.Input("guidance", default=guidance_default, min=0.0, max=20.0, step=0.1,
                        tooltip="Classifier-free guidance (values <= 1 switch it off)."),
-        io.Int.Input("width", default=512, min=64, max=2048, step=64, tooltip="Image width (a multiple of 64)."),
-        io.Int.Input("height", default=512, min=64, max=2048, step=64, tooltip="Image height (a multiple of 64)."),
+        io.Int.Input("width", default=0, min=0, max=2048, step=64,
+                     tooltip="Image width in pixels, a multiple of 64; 0 = the models' native size (512 for SD 2.1 "
+                             "base and SD-Turbo, 768 for SD 2.1 768-v, 64 for the mini world). Far from it the "
+                             "models draw noise (a warning in the console)."),
+        io.Int.Input("height", default=0, min=0, max=2048, step=64,
+                     tooltip="Image height in pixels, a multiple of 64; 0 = the models' native size."),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images to draw."),
         Concept.Input("concept", optional=True, tooltip="A trained concept; leave empty for the base model."),
     ]
@@ -35,6 +40,8 @@ def _outputs(who: str) -> list:
 
 
 def _run(part: str, models, prompt, seed, steps, guidance, width, height, batch_size, concept, **extra):
+    native = native_resolution(models, part)
+    width, height = width or native, height or native
     result = sample(models, [prompt] * batch_size, concept=concept, part=part, seeds=list(range(seed, seed + batch_size)),
                     steps=steps, guidance=guidance, width=width, height=height, **extra)
     # ComfyUI's LATENT holds raw VAE latents; its SD model formats apply the scaling factor themselves.

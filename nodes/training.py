@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from echodistill.imaging import loss_curve
 from echodistill.jobs.runs import run_key, train_concept
+from echodistill.sampling.samplers import native_resolution
 from echodistill.training.callbacks import TrainingCancelled
 from echodistill.training.config import PRESETS
 from echodistill.training.config import preset as preset_config
@@ -38,7 +39,9 @@ class TrainConcept(io.ComfyNode):
                 io.Combo.Input("preset", options=list(PRESETS), default="paper",
                                tooltip="paper: the published defaults; balanced/lite: bf16 + gradient checkpointing for smaller GPUs."),
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Training iterations (paper: 1000)."),
-                io.Int.Input("resolution", default=512, min=64, max=1024, step=64, tooltip="Training resolution."),
+                io.Int.Input("resolution", default=0, min=0, max=1024, step=64,
+                             tooltip="Training resolution in pixels; 0 = the student's native size (512 for "
+                                     "SD-Turbo, 64 for the mini world)."),
                 io.Float.Input("lr_student", default=2e-5, min=1e-7, max=1e-2, step=1e-6, tooltip="Student adapter learning rate."),
                 io.Float.Input("lr_teacher", default=1e-5, min=1e-7, max=1e-2, step=1e-6,
                                tooltip="Teacher adapter and token learning rate."),
@@ -71,6 +74,7 @@ class TrainConcept(io.ComfyNode):
                 adapter, echo, sample_every, save_every, seed, resume, force, backbones=None,
                 captions="") -> io.NodeOutput:
         members = backbones["members"] if backbones else ["teacher_features"]
+        resolution = resolution or native_resolution(models, "student")
         config = preset_config(preset, steps=steps, resolution=resolution, token=token, class_word=class_word,
                          lr_student=lr_student, lr_teacher=lr_teacher, lr_heads=lr_heads, adapter=adapter, echo=echo,
                          sample_every=sample_every, save_every=save_every, seed=seed, discriminators=tuple(members))

@@ -140,4 +140,4 @@ def test_bench_sample_passes_the_speed_options_and_records_them(tmp_path, capsys
                             "cuda_graph": False, "compile": False}
     assert "echodistill options: channels_last, fuse_qkv" in capsys.readouterr().out
     assert main([*argv[:-2], "--cuda-graph", "--out", str(out)]) != 0
-    assert "cuda_graph=True needs the models on a CUDA device; they are on cpu" in capsys.readouterr().err
+    assert "--cuda-graph needs the models on a CUDA device; they are on cpu" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from PIL import Image
 
 from echodistill.cli import main
 from echodistill.concepts.bundle import ConceptBundle
+from echodistill.errors import ConfigError
 from echodistill.models import tiny
 
 
@@ -101,6 +102,12 @@ def test_train_reports_bad_input_without_a_traceback(tiny_pair_folders, tmp_path
     )
     assert code == 2
     assert "write key=value" in capsys.readouterr().err
+    base = ["train", "--teacher", str(teacher), "--student", str(student), "--images", str(empty), "--class-word",
+            "cup", "--out", str(tmp_path / "c.safetensors")]
+    assert main([*base, "--resolution", "48"]) == 2  # the config's errors name this command's flags
+    assert "error: --resolution 48 must be a multiple of 64" in capsys.readouterr().err
+    assert main([*base, "--set", "lr_student=-1"]) == 2
+    assert "error: --set lr_student=-1 must be positive" in capsys.readouterr().err
     assert not (tmp_path / "c.safetensors").exists()
 
 
@@ -121,6 +128,42 @@ def test_smoke_runs_end_to_end_on_a_tiny_random_pair(tmp_path, capsys):
     assert main(["smoke", "--out", str(tmp_path), "--steps", "2"]) == 0
     assert ConceptBundle.load(tmp_path / "concept.safetensors").step == 2
     assert "concept bundle written" in capsys.readouterr().out
+
+
+def test_smoke_leaves_no_temporary_folder_behind(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["smoke", "--steps", "1"]) == 0
+    assert "smoke check passed" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_defaults_to_the_models_native_size_and_warns_far_from_it(tmp_path, capsys):
+    from echodistill.miniworld import STUDENT_DIR, TEACHER_DIR
+
+    models = ["--teacher", str(TEACHER_DIR), "--student", str(STUDENT_DIR)]
+    prompt = ["--prompt", "a large red circle on the left, on a blue striped background"]
+    assert main(["sample", *models, *prompt, "--out", str(tmp_path / "native")]) == 0
+    with Image.open(next((tmp_path / "native").glob("*.png"))) as picture:
+        assert picture.size == (64, 64)  # the mini world's native size, not 512
+    assert "64x64" in capsys.readouterr().out
+    assert main(["sample", *models, *prompt, "--width", "512", "--height", "512", "--out", str(tmp_path / "big")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --width 512 x --height 512 is far from the 64 x 64" in err and "pass --width 64" in err
+    assert main(["sample", *models, *prompt, "--width", "60", "--out", str(tmp_path / "odd")]) == 2
+    assert "error: --width 60 must be a positive multiple of" in capsys.readouterr().err
+
+
+def test_train_reads_miniworld_subjects_as_the_loaders_do(tmp_path):
+    from echodistill.cli.train import concept_images
+    from echodistill.miniworld.procedural import VALIDATION_SEEDS
+
+    named = concept_images("miniworld/checker_diamond", 64)
+    assert len(named) == 5 and named[0].caption.startswith("a {}")
+    assert len(concept_images(f"miniworld/procedural_{VALIDATION_SEEDS.start}", 64)) == 5
+    with pytest.raises(ConfigError, match="--images 'miniworld/unicorn': unknown subject"):
+        concept_images("miniworld/unicorn", 64)
 
 
 def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
@@ -154,7 +197,9 @@ def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
     with safe_open(str(tmp_path / "loras" / "cup.safetensors"), "pt") as lora:
         assert all(k.startswith("lora_unet_") and k.endswith(".diff") for k in lora.keys())
     assert (tmp_path / "embeddings" / "cup.safetensors").is_file()
+    capsys.readouterr()
     assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "loras"), "--name", "cup"]) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
 
     clip = CLIPModel(CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
                                              "num_attention_heads": 4, "vocab_size": 49408},
@@ -164,7 +209,21 @@ def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
     clip.save_pretrained(tmp_path / "clip")
     capsys.readouterr()
     assert main(["eval", "--images", str(tmp_path / "student"), "--references", str(tmp_path / "photos"),
+                 "--class-word", "cup"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --clip (a CLIP ViT-L/14-336" in err and "--dino (a DINOv2" in err and "_path" not in err
+    assert main(["eval", "--images", str(tmp_path / "student"), "--references", str(tmp_path / "photos"),
                  "--class-word", "cup", "--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "scores.json")]) == 0
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["images"] == 2 and scores["references"] == 3
     assert 0 <= scores["clip_i"] <= 1 and 0 <= scores["clip_t"] <= 1 and "dino" not in scores
+
+
+def test_train_on_a_shipped_subject_at_the_models_native_size(tmp_path):
+    from echodistill.miniworld import STUDENT_DIR, TEACHER_DIR
+
+    out = tmp_path / "diamond.safetensors"
+    assert main(["train", "--teacher", str(TEACHER_DIR), "--student", str(STUDENT_DIR), "--images",
+                 "miniworld/checker_diamond", "--class-word", "diamond", "--out", str(out), "--steps", "1",
+                 "--set", "echo=false", "--set", "sample_every=0"]) == 0
+    assert ConceptBundle.load(out).config["resolution"] == 64  # the mini world's size, not the preset's 512

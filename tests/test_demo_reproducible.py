@@ -17,7 +17,7 @@ from safetensors import safe_open
 from echodistill.cli import main
 
 BUNDLE_TENSORS_SHA256 = "7154aaa96c02e9c9bc031cc52d5249f9548cac6593f51ca83f0609ebcc9f94a0"
-CONTACT_SHEET_SHA256 = "1dfe5691b01e7e52939586f1ac05eaf91df995fd0380577b3639541cf2ff383d"
+CONTACT_SHEET_SHA256 = "614d7d38f6d6a5a1bbce61b36da7d6565a502618745f05818c1ba8e791d1ffc9"
 
 
 def tensors_digest(path) -> str:

@@ -240,6 +240,16 @@ def test_teacher_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, mon
 
 # --- the main job -------------------------------------------------------------------------------
 
+def test_demo_trains_a_fresh_procedural_subject_by_seed(tmp_path):
+    from echodistill.cli import main
+    from echodistill.miniworld.procedural import VALIDATION_SEEDS
+
+    name = f"procedural_{VALIDATION_SEEDS.start}"
+    assert main(["demo", "--steps", "1", "--concept", name, "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert json.loads((tmp_path / f"{name}_metrics.json").read_text())["concept"] == name
+    assert (tmp_path / f"{name}_contact_sheet.png").is_file()
+
+
 def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path):
     from echodistill.cli import main
 

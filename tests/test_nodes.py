@@ -211,3 +211,25 @@ def test_shipped_mini_world_is_listed_and_loads_without_any_file_in_input(comfy)
     models = nodes["EchoDistillLoadModels"].execute("miniworld/teacher", "miniworld/student", "auto", "auto",
                                                     "auto").result[0]
     assert models.student.unet.config.sample_size == 16 and models.vae_downscale == 4
+    # width = height = 0: the models' native size (64 px here, where 512 px would draw noise)
+    sampler = nodes["EchoDistillOneStepSampler"]
+    images = sampler.execute(models, "a large red circle on the left, on a blue striped background", 0, 1, 0.0,
+                             0, 0, 1, None).result[0]
+    assert images.shape == (1, 64, 64, 3)
+    with pytest.warns(UserWarning, match="far from the 64 x 64 these models were trained at"):
+        sampler.execute(models, "a red circle", 0, 1, 0.0, 512, 512, 1, None)
+
+
+@torch.inference_mode()
+def test_a_fresh_procedural_subject_loads_by_name_listed_or_not(comfy):
+    from echodistill.miniworld import reference_images
+    from echodistill.miniworld.procedural import VALIDATION_SEEDS, procedural_subject
+
+    loader = comfy["nodes"]["EchoDistillLoadImagesFromFolder"]
+    options = next(p for p in loader.define_schema().inputs if p.id == "folder").options
+    assert f"miniworld/procedural_{VALIDATION_SEEDS.start}" in options
+    seed = VALIDATION_SEEDS.start + 12345  # not listed: typed by name, as in the command line
+    assert loader.validate_inputs(f"miniworld/procedural_{seed}", 64) is True
+    images, count, _ = loader.execute(f"miniworld/procedural_{seed}", 64).result
+    torch.testing.assert_close(images, torch.from_numpy(reference_images(procedural_subject(seed))).float() / 255,
+                               atol=1 / 255, rtol=0)

@@ -26,7 +26,7 @@ INSTALL_SECTION = "Install into ComfyUI"
 FRESH_PATH = "/usr/local/bin:/usr/bin:/bin"
 # `.venv/` is what scripts/bootstrap builds; a suite run from another environment lets that one stand in.
 VENV = REPO / ".venv" if (REPO / ".venv" / "bin" / "python").exists() else Path(sys.prefix)
-HELP_TIMEOUT_S = 300  # the CLI's --help imports its whole stack today; several run side by side
+HELP_TIMEOUT_S = 300  # generous: --help loads no torch, but several start side by side on a busy machine
 
 
 def fenced_blocks(path: Path) -> list[tuple[str, str, str]]:

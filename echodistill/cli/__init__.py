@@ -5,24 +5,50 @@
 #   after_training.py   sample, teacher-sample, eval, export
 #   demo.py             demo (the job itself is echodistill.jobs.demo)
 #   fleet.py            fleet run | status | report (echodistill.fleet, on Ray)
-#   bench.py            bench sample | train | quality | quality-merge | lr-sweep (echodistill.benchmarks)
-#   terminal.py         what they share: progress bar, Ctrl-C as a clean stop, --set parsing
-# The modules import the library inside their functions: importing this package stays light.
+#   bench.py            bench sample | train | quality | quality-merge | lr-sweep | world-probe (echodistill.benchmarks)
+#   terminal.py         what they share: the parser, progress bar, Ctrl-C as a clean stop, --set parsing
+# The modules import the library inside their functions, and a command's options are added when that
+# command is used: `echodistill --help` and argument errors load no torch and answer at once.
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from ..errors import EchoDistillError
 from . import after_training, bench, demo, fleet, train
+from .terminal import Parser
 
 DESCRIPTION = "The `echodistill` command line: the library's jobs without ComfyUI."
 
+# A library argument whose flag is not its name with dashes.
+FLAG_NAMES = {"clip_path": "--clip", "dino_path": "--dino", "prompts": "--prompt"}
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="echodistill", description=DESCRIPTION)
-    commands = parser.add_subparsers(dest="command", required=True)
+
+def flag_names(parser: argparse.ArgumentParser, parameters: tuple[str, ...]) -> dict[str, str]:
+    """How the command `parser` spells each library argument: its flag, or `--set name=` for a training config
+    field it takes through --set; arguments it has no way to give keep their Python name."""
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    names = {}
+    for parameter in parameters:
+        flag = FLAG_NAMES.get(parameter, "--" + parameter.replace("_", "-"))
+        if flag in flags:
+            names[parameter] = flag
+        elif "--set" in flags:
+            names[parameter] = f"--set {parameter}="
+    return names
+
+
+def in_flag_terms(message: str, parameters: tuple[str, ...], parser: argparse.ArgumentParser) -> str:
+    """A library message naming `parameters` (`width=512`) in the terms of the command `parser` (`--width 512`)."""
+    names = flag_names(parser, parameters)
+    return EchoDistillError(message, parameters=tuple(names)).in_terms_of(names)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="echodistill", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_demo_command(commands)
     train.add_smoke_command(commands)
     train.add_train_command(commands)
@@ -33,12 +59,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if category.__module__.startswith("echodistill.") and _COMMAND[0] is not None:  # the library's: in flag terms
+        print(f"warning: {in_flag_terms(str(message), WARNING_PARAMETERS, _COMMAND[0])}", file=sys.stderr)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_COMMAND: list[argparse.ArgumentParser | None] = [None]  # the command running, for _show_warning
+WARNING_PARAMETERS = ("width", "height")  # what the library's warnings (SizeWarning) may name
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that read `args`."""
+    for dest in ("command", "bench_command"):
+        chosen = getattr(args, dest, None)
+        if chosen is not None:
+            parser = parser._subparsers._group_actions[0].choices[chosen]
+    return parser
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = _COMMAND[0] = command_parser(parser, args)
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return args.run(args)
     except EchoDistillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.in_terms_of(flag_names(command, exc.parameters))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the user named cannot be read or written: say which and why, no traceback
         from ..files import describe_os_error
@@ -46,3 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{describe_os_error(exc)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = previous
+        _COMMAND[0] = None

@@ -7,32 +7,21 @@ import json
 from pathlib import Path
 
 from ..errors import EchoDistillError
+from .terminal import add_command
+from .train import add_model_arguments
 
 PNG_KEY = "echodistill"
 
 
 def add_commands(commands) -> None:
-    sample = commands.add_parser("sample", help="one-step student images (PNG, with prompt/seed/concept chunks)")
-    add_sample_arguments(sample, teacher=False)
-    sample.set_defaults(run=run_sample)
-    teacher_sample = commands.add_parser("teacher-sample", help="multi-step teacher images (DDIM, CFG)")
-    add_sample_arguments(teacher_sample, teacher=True)
-    teacher_sample.set_defaults(run=run_sample)
-    evaluate = commands.add_parser("eval", help="CLIP-T / CLIP-I / DINO of generated images vs the references")
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(run=run_eval)
-    export = commands.add_parser("export", help="kohya LoRA + embedding for core ComfyUI nodes")
-    add_export_arguments(export)
-    export.set_defaults(run=run_export)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors) or diffusers folder")
-    parser.add_argument("--student", required=True, help="student checkpoint (.safetensors) or diffusers folder")
-    parser.add_argument("--teacher-family", default="auto")
-    parser.add_argument("--student-family", default="auto")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    parser.add_argument("--device", default="cpu")
+    add_command(commands, "sample", help="one-step student images (PNG, with prompt/seed/concept chunks)",
+                add_arguments=lambda parser: add_sample_arguments(parser, teacher=False), run=run_sample)
+    add_command(commands, "teacher-sample", help="multi-step teacher images (DDIM, CFG)",
+                add_arguments=lambda parser: add_sample_arguments(parser, teacher=True), run=run_sample)
+    add_command(commands, "eval", help="CLIP-T / CLIP-I / DINO of generated images vs the references",
+                add_arguments=add_eval_arguments, run=run_eval)
+    add_command(commands, "export", help="kohya LoRA + embedding for core ComfyUI nodes",
+                add_arguments=add_export_arguments, run=run_export)
 
 
 def _load(args: argparse.Namespace, part: str):
@@ -75,37 +64,45 @@ def _write_images(result, out: Path, *, sampler: str, steps: int, guidance: floa
 
 def run_sample(args: argparse.Namespace) -> int:
     from ..files import check_writable
-    from ..sampling.samplers import sample_student, sample_teacher
+    from ..sampling.samplers import native_resolution, sample_student, sample_teacher
 
     part = "teacher" if args.command == "teacher-sample" else "student"
     check_writable(args.out, "--out folder")  # before loading models and sampling
     pair, bundle = _load(args, part)
     prompts = [p for p in _prompts(args, bundle) for _ in range(args.count)]
     seeds = [args.seed + i for i in range(len(prompts))]
-    common = dict(seeds=seeds, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance)
+    native = native_resolution(pair, part)  # 512 for SD 2.1 base and SD-Turbo, 64 for the mini world
+    width, height = args.width or native, args.height or native
+    common = dict(seeds=seeds, steps=args.steps, width=width, height=height, guidance=args.guidance)
     if part == "teacher":
         result = sample_teacher(pair, prompts, negative_prompt=args.negative_prompt, **common)
     else:
         result = sample_student(pair, prompts, **common)
     paths = _write_images(result, Path(args.out), sampler=part, steps=args.steps, guidance=args.guidance,
                           bundle=bundle, extra={"fingerprints": pair.fingerprints()})
-    print(f"{len(paths)} images written to {args.out}")
+    print(f"{len(paths)} images of {width}x{height} px written to {args.out}")
     return 0
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser, *, teacher: bool) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--concept", help="a concept bundle (.safetensors) to apply; none = the base model")
-    parser.add_argument("--prompt", action="append", help="prompt (repeatable); default: 'a photo of <token> <class>'")
-    parser.add_argument("--prompts-file", help="one prompt per line")
+    parser.add_argument("--concept", help="a concept bundle (.safetensors) to apply (default: none, the base model)")
+    parser.add_argument("--prompt", action="append",
+                        help="prompt (repeatable) (default: 'a photo of <token> <class>' of --concept)")
+    parser.add_argument("--prompts-file", help="a text file of prompts, one per line, added to --prompt")
     parser.add_argument("--count", type=int, default=1, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; the next ones count up")
-    parser.add_argument("--steps", type=int, default=25 if teacher else 1)
-    parser.add_argument("--guidance", type=float, default=7.5 if teacher else 0.0)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=25 if teacher else 1,
+                        help="denoising steps" + ("" if teacher else " (1-4; the student is made for 1)"))
+    parser.add_argument("--guidance", type=float, default=7.5 if teacher else 0.0,
+                        help="classifier-free guidance scale; 1 or less switches it off")
+    for side in ("width", "height"):
+        parser.add_argument(f"--{side}", type=int,
+                            help=f"image {side} in pixels, a multiple of the models' latent grid (default: the "
+                                 f"{'teacher' if teacher else 'student'}'s native size: 512 for SD 2.1 base and "
+                                 f"SD-Turbo, 768 for SD 2.1 768-v, 64 for the mini world)")
     if teacher:
-        parser.add_argument("--negative-prompt", default="")
+        parser.add_argument("--negative-prompt", default="", help="what to steer away from (with guidance > 1)")
     parser.add_argument("--out", required=True, help="folder for the PNGs")
 
 
@@ -114,6 +111,17 @@ def _read_images(folder: str):
     import torch
     from PIL import Image
 
+    from ..miniworld.procedural import subject_references
+
+    try:
+        shipped = subject_references(folder)
+    except ValueError as error:
+        raise EchoDistillError(f"{folder!r}: {error}") from None
+    if shipped is not None and not Path(folder).is_dir():  # miniworld/<subject>: its drawn references
+        pixels = [np.asarray(picture, dtype=np.float32) / 255.0 for picture in shipped[0]]  # (H, W, 3) each
+        return [torch.from_numpy(p).permute(2, 0, 1) for p in pixels], [None] * len(pixels)
+    if not Path(folder).is_dir():
+        raise EchoDistillError(f"{folder} is not a folder (nor a mini-world subject, miniworld/<subject>)")
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not paths:
         raise EchoDistillError(f"no images in {folder}")
@@ -151,14 +159,16 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="folder of generated images (prompts read from their PNG chunks)")
-    parser.add_argument("--references", required=True, help="folder of the concept's real photos")
-    parser.add_argument("--token", default="<v*>")
-    parser.add_argument("--class-word", required=True)
-    parser.add_argument("--prompt", action="append", help="override the prompts read from the PNGs")
+    parser.add_argument("--references", required=True,
+                        help="folder of the concept's real photos, or a mini-world subject: miniworld/<subject>")
+    parser.add_argument("--token", default="<v*>", help="the concept token in the prompts (replaced for CLIP-T)")
+    parser.add_argument("--class-word", required=True, help="the subject's class, e.g. dog")
+    parser.add_argument("--prompt", action="append",
+                        help="prompt of the images (repeatable, cycled over them) (default: read from the PNGs)")
     parser.add_argument("--clip", help="CLIP folder (transformers CLIPModel, e.g. ViT-L/14-336) for CLIP-T and CLIP-I")
     parser.add_argument("--dino", help="DINOv2 / DINO ViT folder for the DINO score")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", help="write the scores as JSON here")
+    parser.add_argument("--device", default="cpu", help="torch device for the scoring models, e.g. cpu, cuda")
+    parser.add_argument("--out", help="write the scores as JSON here (default: print them only)")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -182,8 +192,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: --out, as <name>_embedding.safetensors)")
     parser.add_argument("--name", help="file stem (default: the bundle's): letters, digits, _ - . only, so that "
                         "prompts can say embedding:<name>")
-    parser.add_argument("--part", default="student", choices=("student", "teacher"))
+    parser.add_argument("--part", default="student", choices=("student", "teacher"),
+                        help="which model's adapters to export")
     parser.add_argument("--mode", default="diff", choices=("diff", "lowrank"),
                         help="diff: exact weight patches; lowrank: SVD factors (smaller; error reported)")
     parser.add_argument("--rank", type=int, help="rank for --mode lowrank (default: full, exact)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace files that exist")

@@ -20,59 +20,59 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .terminal import add_command
+
 
 def add_bench_command(commands) -> None:
-    bench = commands.add_parser("bench", help="benchmarks: a table on screen, every number in JSON")
-    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    sample = bench_commands.add_parser("sample", help="one-step student vs diffusers' pipeline, same modules")
-    add_sample_arguments(sample)
-    sample.set_defaults(run=run_sample)
-    train = bench_commands.add_parser("train", help="EchoDistill train_step per preset vs Custom Diffusion")
-    add_train_arguments(train)
-    train.set_defaults(run=run_train)
-    quality = bench_commands.add_parser(
-        "quality", help="subject/prompt fidelity and training time of EchoDistill, its ablations and baselines"
-    )
-    add_quality_arguments(quality)
-    quality.set_defaults(run=run_quality)
-    lr_sweep = bench_commands.add_parser(
-        "lr-sweep", help="choose each quality-benchmark method's learning rate on a tuning concept and seed"
-    )
-    quality_merge = bench_commands.add_parser(
-        "quality-merge", help="one quality table from runs made side by side (e.g. one process per seed)"
-    )
-    add_merge_arguments(quality_merge)
-    quality_merge.set_defaults(run=run_quality_merge)
-    add_lr_sweep_arguments(lr_sweep)
-    lr_sweep.set_defaults(run=run_lr_sweep)
-    world_probe = bench_commands.add_parser(
-        "world-probe", help="whether the teacher alone (K/V + token row) learns each held-out subject: the "
-                            "mini world's fairness bar (mean subject fidelity >= 0.50, prompt fidelity >= 0.80)"
-    )
-    add_world_probe_arguments(world_probe)
-    world_probe.set_defaults(run=run_world_probe)
+    add_command(commands, "bench", help="benchmarks: a table on screen, every number in JSON",
+                add_arguments=_add_bench_commands)
+
+
+def _add_bench_commands(bench: argparse.ArgumentParser) -> None:
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    add_command(bench_commands, "sample", help="one-step student vs diffusers' pipeline, same modules",
+                add_arguments=add_sample_arguments, run=run_sample)
+    add_command(bench_commands, "train", help="EchoDistill train_step per preset vs Custom Diffusion",
+                add_arguments=add_train_arguments, run=run_train)
+    add_command(bench_commands, "quality",
+                help="subject/prompt fidelity and training time of EchoDistill, its ablations and baselines",
+                add_arguments=add_quality_arguments, run=run_quality)
+    add_command(bench_commands, "quality-merge",
+                help="one quality table from runs made side by side (e.g. one process per seed)",
+                add_arguments=add_merge_arguments, run=run_quality_merge)
+    add_command(bench_commands, "lr-sweep",
+                help="choose each quality-benchmark method's learning rate on a tuning concept and seed",
+                add_arguments=add_lr_sweep_arguments, run=run_lr_sweep)
+    add_command(bench_commands, "world-probe",
+                help="whether the teacher alone (K/V + token row) learns each held-out subject: the mini world's "
+                     "fairness bar (mean subject fidelity >= 0.50, prompt fidelity >= 0.80)",
+                add_arguments=add_world_probe_arguments, run=run_world_probe)
 
 
 # --- bench sample, bench train -------------------------------------------------------------------
 
-def _default_device() -> str:
+def _default_device(device: str | None) -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+DEVICE_HELP = "torch device, e.g. cpu, cuda (default: cuda when there is one, else cpu)"
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.measuring import DTYPE_NAMES
     from ..benchmarks.random_pairs import MODELS
 
-    parser.add_argument("--model", choices=tuple(MODELS), default="sd", help="sd: real architectures, random weights")
-    parser.add_argument("--device", default=_default_device())
+    parser.add_argument("--model", choices=tuple(MODELS), default="sd",
+                        help="sd: SD-Turbo / SD 2.1 architectures with random weights; tiny: the test models")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to time")
     parser.add_argument("--size", type=int, default=512, help="image width and height in pixels")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
-    parser.add_argument("--out", default="bench_sample.json")
+    parser.add_argument("--out", default="bench_sample.json", help="JSON file for every number")
     speed = parser.add_argument_group("speed options of echodistill's sampler (SamplerOptions)")
     speed.add_argument("--no-prompt-cache", action="store_true", help="re-encode the prompts every call")
     speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions (UNet and VAE)")
@@ -88,14 +88,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.random_pairs import MODELS
     from ..training.config import PRESETS
 
-    parser.add_argument("--model", choices=tuple(MODELS), default="sd", help="sd: real architectures, random weights")
-    parser.add_argument("--device", default=_default_device())
+    parser.add_argument("--model", choices=tuple(MODELS), default="sd",
+                        help="sd: SD-Turbo / SD 2.1 architectures with random weights; tiny: the test models")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weights dtype (presets autocast)")
-    parser.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS))
+    parser.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS),
+                        help="training presets to time")
     parser.add_argument("--steps", type=int, default=10, help="timed iterations per case")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per case first")
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--out", default="bench_train.json")
+    parser.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (square)")
+    parser.add_argument("--out", default="bench_train.json", help="JSON file for every number")
     _add_threads_argument(parser)
 
 
@@ -135,8 +137,8 @@ def run_sample(args: argparse.Namespace) -> int:
     options = SamplerOptions(cache_prompts=not args.no_prompt_cache, channels_last=args.channels_last,
                              fuse_qkv=args.fuse_qkv, compile=args.compile, compile_mode=args.compile_mode,
                              cuda_graph=args.cuda_graph)
-    report = bench_sample(args.model, args.device, args.dtype, tuple(args.batch), args.size, args.repeats, args.warmup,
-                          options)
+    report = bench_sample(args.model, _default_device(args.device), args.dtype, tuple(args.batch), args.size,
+                          args.repeats, args.warmup, options)
     return _finish(report, sample_table(report), args.out)
 
 
@@ -144,8 +146,8 @@ def run_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     from ..benchmarks.speed import bench_train, train_table
 
-    report = bench_train(args.model, args.device, args.dtype, tuple(args.presets), args.steps, args.warmup,
-                         args.resolution)
+    report = bench_train(args.model, _default_device(args.device), args.dtype, tuple(args.presets), args.steps,
+                         args.warmup, args.resolution)
     return _finish(report, train_table(report), args.out)
 
 
@@ -170,7 +172,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/quality", help="folder for quality.json, quality.md, sheets/, bundles/")
     parser.add_argument("--resume", action="store_true", help="keep the finished concept x seed runs in --out")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
 
 
@@ -280,12 +282,12 @@ def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multiples of each family's published learning rates to try")
     parser.add_argument("--families", nargs="+", default=list(LR_FAMILIES), metavar="FAMILY",
                         help=f"families to tune (default: all): {', '.join(LR_FAMILIES)}")
-    parser.add_argument("--images-per-prompt", type=int, default=1)
+    parser.add_argument("--images-per-prompt", type=int, default=1, help="images per evaluation prompt and run")
     parser.add_argument("--templates", action="store_true",
                         help="train on the prompt templates instead of the references' grammar captions")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/lr_sweep", help="folder for lr_sweep.json and lr_sweep.md")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
 
 
@@ -339,7 +341,7 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/world_probe", help="folder for world_probe.json/.md and sheets/")
-    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
 
 

@@ -1,14 +1,69 @@
-"""What the commands share: training progress in a terminal, Ctrl-C as a clean stop, --set parsing."""
+"""What the commands share: the parser (help with defaults, arguments added when a command is used),
+training progress in a terminal, Ctrl-C as a clean stop, --set parsing."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import signal
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import ConfigError
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless it has none (None, a flag's False) or says it itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == [] or default is argparse.SUPPRESS
+                or action.required or "default" in text or not action.option_strings):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%') or repr(shown)})"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose options are added the first time it parses or prints help.
+
+    A command's options may need the library to list their choices (benchmark rows, model kinds):
+    added lazily, `echodistill --help` and another command's argument errors never import them.
+    """
+
+    def __init__(self, *args, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._pending = add_arguments
+
+    def populate(self) -> Parser:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.populate()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.populate()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self.populate()
+        return super().format_usage()
+
+
+def add_command(commands, name: str, *, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                run: Callable | None = None) -> Parser:
+    """A subcommand whose options `add_arguments` adds when it is used; `run(args)` runs it."""
+    parser = commands.add_parser(name, help=help, description=help, add_arguments=add_arguments)
+    if run is not None:
+        parser.set_defaults(run=run)
+    return parser
 
 
 class TerminalCallbacks:

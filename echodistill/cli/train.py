@@ -9,55 +9,90 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .terminal import TerminalCallbacks, parse_overrides, stop_on_ctrl_c
+from .terminal import TerminalCallbacks, add_command, parse_overrides, stop_on_ctrl_c
+
+SMOKE_STEPS = 4
+
+
+MODEL_HELP = "checkpoint (.safetensors, .ckpt) or diffusers folder"
+FAMILY_HELP = "model family (sd21-base, sd21-768v, sd-turbo, sd15) or a config folder; auto reads it from the file"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--teacher/--student and how they are loaded: shared by train, sample, teacher-sample."""
+    parser.add_argument("--teacher", required=True, help=f"teacher {MODEL_HELP}, e.g. SD 2.1 base")
+    parser.add_argument("--student", required=True, help=f"student {MODEL_HELP}, e.g. SD-Turbo")
+    parser.add_argument("--teacher-family", default="auto", help=f"teacher {FAMILY_HELP}")
+    parser.add_argument("--student-family", default="auto", help=f"student {FAMILY_HELP}")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                        help="dtype the models are loaded in")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
 
 
 def add_train_command(commands) -> None:
-    train = commands.add_parser("train", help="train a concept: teacher + one-step student through one text encoder")
-    train.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors) or diffusers folder")
-    train.add_argument("--student", required=True, help="student checkpoint (.safetensors) or diffusers folder")
-    train.add_argument("--images", required=True, help="folder of concept photos (3-20)")
-    train.add_argument("--token", default="<v*>")
+    add_command(commands, "train", help="train a concept: teacher + one-step student through one text encoder",
+                add_arguments=_train_arguments, run=_train)
+
+
+def _train_arguments(train: argparse.ArgumentParser) -> None:
+    add_model_arguments(train)
+    train.add_argument("--images", required=True,
+                       help="folder of 3-20 concept photos (<photo>.txt beside one is its caption), or a mini-world "
+                            "subject's references: miniworld/<subject>, e.g. miniworld/checker_diamond or "
+                            "miniworld/procedural_3000000")
+    train.add_argument("--token", default="<v*>", help="the new word that stands for the concept in prompts")
     train.add_argument("--class-word", required=True, help="the subject's class, e.g. dog")
     train.add_argument("--out", required=True, help="concept bundle to write (.safetensors)")
-    train.add_argument("--preset", default="paper", help="paper, balanced or lite")
+    train.add_argument("--preset", default="paper", help="training preset: paper, balanced or lite")
     train.add_argument("--config", help="a JSON config (from TrainConfig.to_json) instead of a preset")
-    train.add_argument("--steps", type=int)
-    train.add_argument("--resolution", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, e.g. --set echo=false")
+    train.add_argument("--steps", type=int, help="training iterations (default: the preset's)")
+    train.add_argument("--resolution", type=int,
+                       help="training resolution in pixels, square, a multiple of 64 (default: the student's native "
+                            "size: 512 for SD-Turbo, 64 for the mini world)")
+    train.add_argument("--batch-size", type=int, help="images per iteration (default: the preset's)")
+    train.add_argument("--seed", type=int, help="training seed (default: the preset's)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="any config field, e.g. --set echo=false (repeatable)")
     train.add_argument(
         "--backbone",
         action="append",
         metavar="NAME=PATH",
-        help="discriminator backbone, e.g. clip_vit_h14=models/clip_vision/CLIP-ViT-H-14.safetensors",
+        help="discriminator backbone (repeatable), e.g. clip_vit_h14=models/clip_vision/CLIP-ViT-H-14.safetensors",
     )
     train.add_argument("--ip-adapter", help="IP-Adapter .safetensors whose image projection shapes the semantic loss")
     train.add_argument("--resume", help="checkpoint.pt of a stopped run")
     train.add_argument("--run-dir", help="checkpoints and previews (default: next to --out)")
-    train.add_argument("--teacher-family", default="auto")
-    train.add_argument("--student-family", default="auto")
-    train.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    train.add_argument("--device", default="cpu")
-    train.set_defaults(run=_train)
+
+
+SMOKE_HELP = ("a few-seconds check of the install on a tiny random model pair written to a temporary folder: "
+              "loads it as real checkpoints are loaded, encodes a concept prompt, trains a few steps")
 
 
 def add_smoke_command(commands) -> None:
-    smoke = commands.add_parser("smoke", help="seconds-long check on a tiny random model pair written to disk")
-    smoke.add_argument("--out", help="folder for the tiny models (default: a temp folder)")
-    smoke.add_argument("--token", default="<v*>")
-    smoke.add_argument("--class-word", default="toy")
-    smoke.add_argument("--steps", type=int, default=20)
-    smoke.set_defaults(run=_smoke)
+    add_command(commands, "smoke", help=SMOKE_HELP, add_arguments=_smoke_arguments, run=_smoke)
+
+
+def _smoke_arguments(smoke: argparse.ArgumentParser) -> None:
+    smoke.add_argument("--out", help="keep the tiny models and the concept in this folder (default: a temporary "
+                                     "folder, deleted afterwards)")
+    smoke.add_argument("--token", default="<v*>", help="the concept token to add")
+    smoke.add_argument("--class-word", default="toy", help="the concept's class word")
+    smoke.add_argument("--steps", type=int, default=SMOKE_STEPS, help="training iterations")
+    smoke.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads: the tiny models gain nothing from more, and on a busy machine extra "
+                            "threads make it ten times slower")
 
 
 def add_inspect_command(commands) -> None:
-    inspect = commands.add_parser("inspect", help="say which family a checkpoint is read as, and why")
+    add_command(commands, "inspect", help="say which family a checkpoint is read as, and why",
+                add_arguments=_inspect_arguments, run=_inspect)
+
+
+def _inspect_arguments(inspect: argparse.ArgumentParser) -> None:
     inspect.add_argument("model", help="single-file checkpoint or diffusers folder")
-    inspect.add_argument("--family", default="auto")
-    inspect.add_argument("--role", choices=("teacher", "student"), default="teacher")
-    inspect.set_defaults(run=_inspect)
+    inspect.add_argument("--family", default="auto", help=FAMILY_HELP)
+    inspect.add_argument("--role", choices=("teacher", "student"), default="teacher",
+                         help="read it as a teacher or as a student (families differ for single files)")
 
 
 def run_training(
@@ -114,8 +149,8 @@ def run_training(
 
 def _train(args: argparse.Namespace) -> int:
     from ..models.pair import load_model_pair
+    from ..sampling.samplers import native_resolution
     from ..training.config import TrainConfig, preset
-    from ..training.data import load_concept_images
 
     overrides = parse_overrides(args.set or [])
     for name in ("steps", "resolution", "batch_size", "seed"):
@@ -129,7 +164,6 @@ def _train(args: argparse.Namespace) -> int:
     backbones = dict(_split_assignment(b) for b in args.backbone or [])
     if backbones:
         config = config.with_changes(discriminators=tuple(dict.fromkeys((*config.discriminators, *backbones))))
-    images = load_concept_images(args.images, resolution=config.resolution)
     pair = load_model_pair(
         args.teacher,
         args.student,
@@ -138,6 +172,9 @@ def _train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
     )
+    if not args.config and "resolution" not in overrides:  # the preset's 512 would be noise for the mini world
+        config = config.with_changes(resolution=native_resolution(pair, "student"))
+    images = concept_images(args.images, config.resolution)
     out = Path(args.out)
     run_dir = Path(args.run_dir) if args.run_dir else out.with_suffix("").with_name(out.stem + "-run")
     run_training(
@@ -151,6 +188,21 @@ def _train(args: argparse.Namespace) -> int:
         ip_adapter=args.ip_adapter,
     )
     return 0
+
+
+def concept_images(source: str, resolution: int):
+    """--images: a folder of photos, or "miniworld/<subject>" (drawn references with their captions)."""
+    from ..miniworld.procedural import subject_references
+    from ..training.data import load_concept_images
+
+    try:
+        shipped = subject_references(source)
+    except ValueError as error:
+        raise ConfigError(f"--images {source!r}: {error}") from None
+    if shipped is not None and not Path(source).is_dir():
+        pictures, captions = shipped
+        return load_concept_images(pictures, captions=captions, resolution=resolution)
+    return load_concept_images(source, resolution=resolution)
 
 
 def _split_assignment(text: str) -> tuple[str, str]:
@@ -179,14 +231,28 @@ def _smoke(args: argparse.Namespace) -> int:
     """Smoke run on a tiny random pair: load it like real checkpoints, encode a concept prompt, train briefly."""
     import torch
 
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, args.threads))
+    if args.out:
+        _smoke_in(Path(args.out), args)
+        print(f"tiny models, concept and previews kept in {args.out}")
+    else:
+        with tempfile.TemporaryDirectory(prefix="echodistill-smoke-") as folder:
+            _smoke_in(Path(folder), args)
+    print(f"smoke check passed in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _smoke_in(root: Path, args: argparse.Namespace) -> None:
+    import torch
+
     from ..models import tiny
     from ..models.concept import add_concept_token
     from ..models.pair import load_model_pair
+    from ..models.pristine import pristine
     from ..training.config import preset
     from ..training.data import load_concept_images
 
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="echodistill-smoke-"))
-    started = time.perf_counter()
     world = tiny.build_tiny_pair(root)
     families = world["families"]
     teacher = tiny.write_diffusers_folder(world["models"]["teacher"], root / "teacher", families["tiny-sd21"])
@@ -194,34 +260,34 @@ def _smoke(args: argparse.Namespace) -> int:
         world["models"]["student"], root / "student.safetensors", families["tiny-turbo"], "sgm", "openclip"
     )
 
-    probe = load_model_pair(teacher, student, student_family=families["tiny-turbo"])
-    concept = add_concept_token(probe.tokenizer, probe.text_encoder, args.token, args.class_word)
+    pair = load_model_pair(teacher, student, student_family=families["tiny-turbo"])
+    print(f"teacher  {teacher.name}  family={pair.teacher.family} prediction={pair.teacher.prediction_type}")
+    print(f"student  {student.name}  family={pair.student.family} ({pair.student.family_reason})")
+    print(f"shared text encoder {pair.text_fingerprint}, VAE {pair.vae_fingerprint}")
     prompt = f"a photo of {args.token} {args.class_word}"
-    ids = probe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():
-        embeds = probe.text_encoder(ids).last_hidden_state  # (1, 77, D)
-    print(f"teacher  {teacher}  family={probe.teacher.family} prediction={probe.teacher.prediction_type}")
-    print(f"student  {student}  family={probe.student.family} ({probe.student.family_reason})")
-    print(f"shared text encoder {probe.text_fingerprint}, VAE {probe.vae_fingerprint}")
+    with pristine(pair):  # the probe's token is added again by the trainer below
+        concept = add_concept_token(pair.tokenizer, pair.text_encoder, args.token, args.class_word)
+        ids = pair.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            embeds = pair.text_encoder(ids).last_hidden_state  # (1, 77, D)
     print(f"concept {concept.token!r} -> id {concept.token_id}; {prompt!r} -> embeddings {tuple(embeds.shape)}")
 
-    pair = load_model_pair(teacher, student, student_family=families["tiny-turbo"])
     images = load_concept_images(_demo_images(), resolution=64)
+    steps = max(1, args.steps)
     config = preset(
         "paper",
-        steps=args.steps,
-        resolution=64,
+        steps=steps,
+        resolution=64,  # the smallest the trainer takes: the tiny models draw at 64 px
+        batch_size=1,
         token=args.token,
         class_word=args.class_word,
-        echo_start=max(1, args.steps // 2),
-        echo_every=max(1, args.steps // 4),
-        echo_samples=4,
-        sample_every=args.steps,
+        echo_start=max(1, steps // 2),
+        echo_every=max(1, steps // 4),
+        echo_samples=2,
+        sample_every=steps,
         save_every=0,
     )
     run_training(pair, images, config, out=root / "concept.safetensors", run_dir=root / "run")
-    print(f"previews in {root / 'run'}; done in {time.perf_counter() - started:.1f} s")
-    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -166,7 +166,7 @@ def _target(path: str | os.PathLike, overwrite: bool) -> Path:
     if path.suffix != ".safetensors":
         raise ExportError(f"{path.name}: exports are safetensors files; name it *.safetensors")
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{path} already exists; pass overwrite=True to replace it", parameters=("overwrite",))
     return path
 
 

@@ -348,7 +348,7 @@ def evaluate(generated: ImageBatch, references: ImageBatch, prompts: Sequence[st
         wanted = [name for name, (_, arg, _) in METRICS.items() if paths[arg] is not None]
         if not wanted:
             raise MetricsError(f"nothing to evaluate: pass clip_path= ({CLIP_HINT}) for CLIP-T/CLIP-I "
-                               f"and/or dino_path= ({DINO_HINT}) for DINO")
+                               f"and/or dino_path= ({DINO_HINT}) for DINO", parameters=("clip_path", "dino_path"))
     else:
         wanted = list(dict.fromkeys(metrics))
         unknown = [m for m in wanted if m not in METRICS]
@@ -357,10 +357,11 @@ def evaluate(generated: ImageBatch, references: ImageBatch, prompts: Sequence[st
         for name in wanted:
             _, arg, hint = METRICS[name]
             if paths[arg] is None:
-                raise MetricsError(f"{name.upper().replace('_', '-')} needs {hint}; pass {arg}=...")
+                raise MetricsError(f"{name.upper().replace('_', '-')} needs {hint}; pass {arg}=...", parameters=(arg,))
     if "clip_t" in wanted:  # checked before any model loads
         if prompts is None:
-            raise MetricsError("CLIP-T needs the prompts the images were generated from; pass prompts=...")
+            raise MetricsError("CLIP-T needs the prompts the images were generated from; pass prompts=...",
+                               parameters=("prompts",))
         prompts = _prompt_list(prompts, _count(generated))
 
     kw = dict(device=device, dtype=dtype, batch_size=batch_size)

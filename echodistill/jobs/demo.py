@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from ..concepts.bundle import ConceptBundle
-from ..imaging import labelled_rows, save_png
+from ..imaging import contact_sheet, save_png
 from ..miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle
-from ..miniworld.recipe import tuned_config
+from ..miniworld.procedural import lookup_subject
+from ..miniworld.recipe import DEMO_STEPS, tuned_config
 from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_STEPS, UnitInputs, score_prior
 from ..models.pair import load_model_pair
 from ..models.pristine import pristine
@@ -27,7 +28,7 @@ from ..files import atomic_write_text, check_writable
 from ..training.callbacks import Callbacks
 from ..training.trainer import Trainer
 
-DEFAULT_STEPS = 200
+DEFAULT_STEPS = DEMO_STEPS
 
 
 @dataclass
@@ -58,7 +59,7 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     """Train, sample, measure; `callbacks` observe and steer the training (the command line's show a bar)."""
     out_dir = check_writable(out_dir, "output folder")  # before a model is loaded or a step taken
     name = concept_name or sorted(CONCEPTS)[0]
-    concept = CONCEPTS[name]
+    concept = lookup_subject(name)  # a shipped subject or a fresh procedural one ("procedural_<seed>")
     oracle = Oracle.load()  # before training: a missing file should cost seconds, not a run
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR)
     # Trained, drawn and scored as bench quality does it: captioned references, its rates, its prompts and noise.
@@ -77,7 +78,7 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     base, _ = score_prior(pair, oracle, unit)  # the untrained student, prompts without the token
     student_scores, teacher_scores = unit.score(oracle, student), unit.score(oracle, teacher)
 
-    sheet = _contact_sheet(unit.reference_pixels, student, teacher)
+    sheet = _contact_sheet(unit.reference_pixels, student, teacher, unit.texts)
     sheet_path = save_png(sheet, out_dir / f"{name}_contact_sheet.png", {"echodistill": json.dumps(
         {"concept": name, "prompts": unit.texts, "seeds": unit.noise_seeds})})
     report = DemoReport(
@@ -93,7 +94,8 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     return report
 
 
-def _contact_sheet(references: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> Image.Image:
-    """Three labelled rows: references | student samples | teacher samples (images in [0, 1])."""
-    rows = [("references", references), ("student, 1 step", student), ("teacher, 25 steps", teacher)]
-    return labelled_rows(rows, columns=6, zoom=2, label_width=120, gap=4)  # 64 px is hard to judge at its size
+def _contact_sheet(references: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                   prompts: list[str]) -> Image.Image:
+    """The references, then each prompt's column: its text, the student's picture, the teacher's (in [0, 1])."""
+    rows = [("student, 1 step", student), (f"teacher, {TEACHER_STEPS} steps", teacher)]
+    return contact_sheet(references, rows, prompts, columns=6, zoom=2)  # 64 px is hard to judge at its size

@@ -9,6 +9,7 @@ Parts:
   grammar.py       the vocabulary, scenes as attributes, captions ("a small blue ring at the top, ...")
   drawing.py       drawing primitives: layouts, backgrounds, shape masks, compositing
   render.py        deterministic 64×64 renderer of scenes
+  procedural.py    a procedural family of subjects, one per seed; subject names ("miniworld/<subject>")
   concepts.py      six held-out subjects with references and evaluation prompts ("{token}")
   recipe.py        how a concept trains on the mini world (the demo's and bench quality's config and rates)
   scoring.py       how a concept is scored: UnitInputs (references, prompts, noise) and the oracle's numbers
@@ -18,29 +19,33 @@ Parts:
   evaluate.py      prompt fidelity of the shipped teacher and student through echodistill.sampling
 """
 
-from .architecture import ORACLE_ROOT, STUDENT_DIR, TEACHER_DIR
-from .concepts import CONCEPTS, Concept, ConceptPrompt, evaluation_prompts, reference_captions, reference_images
-from .grammar import ATTRIBUTES, Caption, Scene, describe, sample_scene, training_caption
-from .oracle import Oracle
-from .render import render, render_layout
+from __future__ import annotations
 
-__all__ = [
-    "ATTRIBUTES",
-    "CONCEPTS",
-    "Caption",
-    "Concept",
-    "ConceptPrompt",
-    "ORACLE_ROOT",
-    "Oracle",
-    "STUDENT_DIR",
-    "Scene",
-    "TEACHER_DIR",
-    "describe",
-    "evaluation_prompts",
-    "reference_captions",
-    "reference_images",
-    "render",
-    "render_layout",
-    "sample_scene",
-    "training_caption",
-]
+import importlib
+
+# Public name -> the module defining it. Imported on first use (PEP 562): the grammar, drawing, concepts
+# and procedural subjects are numpy-only, so `echodistill --help` can list the subjects without torch.
+_PUBLIC = {
+    "ORACLE_ROOT": "architecture", "STUDENT_DIR": "architecture", "TEACHER_DIR": "architecture",
+    "CONCEPTS": "concepts", "Concept": "concepts", "ConceptPrompt": "concepts",
+    "evaluation_prompts": "concepts", "reference_captions": "concepts", "reference_images": "concepts",
+    "ATTRIBUTES": "grammar", "Caption": "grammar", "Scene": "grammar", "describe": "grammar",
+    "sample_scene": "grammar", "training_caption": "grammar",
+    "Oracle": "oracle",
+    "render": "render", "render_layout": "render",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # imported once; later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -174,6 +174,26 @@ def lookup_subject(name: str) -> Concept:
     raise ValueError(f"unknown subject {name!r}: use a concept {tuple(sorted(CONCEPTS))} or '{PREFIX}<seed>'")
 
 
+SUBJECT_PREFIX = "miniworld/"  # how every front end names a mini-world subject's references
+
+
+def subject_references(name: str) -> tuple[list, list[str]] | None:
+    """The references of "miniworld/<subject>" as (PIL images, captions), drawn rather than stored; None for
+    any other name (a folder, say).
+
+    <subject> is a named concept or "procedural_<seed>" (fresh seeds: VALIDATION_SEEDS). The captions are in
+    the world's grammar, "{}" standing for "<token> <class word>". Raises ValueError for an unknown subject.
+    """
+    from PIL import Image
+
+    from .concepts import reference_captions, reference_images
+
+    if not name.startswith(SUBJECT_PREFIX):
+        return None
+    subject = lookup_subject(name[len(SUBJECT_PREFIX):])
+    return [Image.fromarray(array) for array in reference_images(subject)], reference_captions(subject)
+
+
 def procedural_caption(scene: Scene, subject: Concept, rng: np.random.Generator) -> tuple[Scene, Caption]:
     """A training caption for a procedural subject, drawn as grammar captions are (training_caption).
 

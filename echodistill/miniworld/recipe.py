@@ -16,6 +16,7 @@ from .concepts import Concept, reference_captions, reference_images
 from .drawing import RESOLUTION
 
 TOKEN = "<v*>"
+DEMO_STEPS = 200  # the demo's training iterations: about 75 s on an idle 2-core CPU
 # The augmentation's smallest rescale at 64 px: half the picture, so a shrunk subject still spans
 # 8×8 latent cells of the 4× VAE (Custom Diffusion's R/3 leaves ~5×5, where a 15-pixel subject's
 # detail is gone: on the first mini world, the teacher fitted with all UNet weights reached 0.57 subject

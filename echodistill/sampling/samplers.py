@@ -35,6 +35,7 @@ output_type="latent"); `decode_latents` turns them into images.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -135,8 +136,30 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Te
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
 
 
+class SizeWarning(UserWarning):
+    """An image size the models can draw only badly: far from the size they were trained at."""
+
+
+def native_size(unet, vae: AutoencoderKL) -> int | None:
+    """The side in pixels the UNet was trained at: its latent `sample_size` x the VAE downscale (SD 2.1 base and
+    SD-Turbo 512, the 768-v teacher 768, the mini world 64); None when the config does not say."""
+    size = getattr(unet.config, "sample_size", None)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size) * 2 ** (len(vae.config.block_out_channels) - 1) if size else None
+
+
+def native_resolution(pair: ModelPair, part: str = "student") -> int:
+    """The image side `part` ("student" or "teacher") of `pair` draws best at: what front ends default to."""
+    side = native_size(getattr(pair, part).unet, pair.vae)
+    return side if side is not None else 512
+
+
 def latent_size(unet, vae: AutoencoderKL, width: int, height: int) -> tuple[int, int]:
-    """(h, w) of the latents for a `width` x `height` image; both must divide by VAE x UNet downscale."""
+    """(h, w) of the latents for a `width` x `height` image; both must divide by VAE x UNet downscale.
+
+    A size more than twice the native one or under half of it draws, but warns (SizeWarning): a UNet
+    far from its training size draws noise or repeated subjects (the mini world at 512 px: pure noise).
+    """
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD
     unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)  # 8 for SD: three downsamplings
     multiple = vae_factor * unet_factor
@@ -145,8 +168,13 @@ def latent_size(unet, vae: AutoencoderKL, width: int, height: int) -> tuple[int,
             nearest = max(multiple, round(value / multiple) * multiple) if isinstance(value, (int, float)) else multiple
             raise SamplingError(
                 f"{name}={value!r} must be a positive multiple of {multiple} for these models (VAE downscale "
-                f"{vae_factor} x UNet downscale {unet_factor}); e.g. {nearest}"
+                f"{vae_factor} x UNet downscale {unet_factor}); e.g. {nearest}", parameters=(name,)
             )
+    native = native_size(unet, vae)
+    if native is not None and not (native / 2 <= min(width, height) and max(width, height) <= native * 2):
+        warnings.warn(f"width={width} x height={height} is far from the {native} x {native} these models were "
+                      f"trained at: expect noise or repeated subjects; pass width={native} height={native}",
+                      SizeWarning, stacklevel=3)
     return height // vae_factor, width // vae_factor
 
 

@@ -49,7 +49,7 @@ class SamplerOptions:
         if self.compile and self.cuda_graph:
             raise SamplerOptionsError(
                 "compile=True and cuda_graph=True: pick one (torch.compile's mode='reduce-overhead' captures "
-                "CUDA graphs itself)")
+                "CUDA graphs itself)", parameters=("compile", "cuda_graph"))
 
 
 # --- prompt embeddings -------------------------------------------------------------------------
@@ -214,11 +214,11 @@ def check_cuda_graph(device: torch.device, steps: int, guided: bool) -> None:
     if device.type != "cuda":
         raise SamplerOptionsError(
             f"cuda_graph=True needs the models on a CUDA device; they are on {device.type}. "
-            "Leave cuda_graph off here (it only removes GPU kernel-launch overhead)")
+            "Leave it off here (it only removes GPU kernel-launch overhead)", parameters=("cuda_graph",))
     if steps != 1 or guided:
         raise SamplerOptionsError(
             f"cuda_graph=True captures the one-step student only (steps=1, guidance <= 1); got steps={steps}"
-            f"{' with guidance' if guided else ''}")
+            f"{' with guidance' if guided else ''}", parameters=("cuda_graph", "steps"))
 
 
 def captured_student(unet, key: tuple, fn: Callable[..., torch.Tensor], *example_inputs) -> CapturedCall:

@@ -117,7 +117,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
             if choices and value not in choices:
-                raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(repr, choices))}")
+                raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(repr, choices))}", parameters=(f.name,))
         positive = (
             "steps",
             "batch_size",
@@ -134,10 +134,10 @@ class TrainConfig:
         )
         for name in positive:
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be at least 1")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be at least 1", parameters=(name,))
         for name in ("lr_student", "lr_teacher", "lr_heads", "adam_epsilon", "lora_alpha"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be positive")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be positive", parameters=(name,))
         non_negative = (
             "weight_decay",
             "grad_clip",
@@ -154,19 +154,21 @@ class TrainConfig:
         )
         for name in non_negative:
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must not be negative")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must not be negative", parameters=(name,))
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 1)")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 1)", parameters=(name,))
         if not 0 < self.augment_min_scale <= 1:
-            raise ConfigError(f"augment_min_scale={self.augment_min_scale!r} must be in (0, 1]")
+            raise ConfigError(f"augment_min_scale={self.augment_min_scale!r} must be in (0, 1]",
+                              parameters=("augment_min_scale",))
         if not 0 < self.echo_keep_ratio <= 1:
-            raise ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]")
+            raise ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]",
+                              parameters=("echo_keep_ratio",))
         if self.resolution % 64:
-            raise ConfigError(f"resolution={self.resolution!r} must be a multiple of 64")
+            raise ConfigError(f"resolution={self.resolution!r} must be a multiple of 64", parameters=("resolution",))
         for name in ("target_timestep_min", "target_timestep_max", "student_timestep", "discriminator_timestep_max"):
             if not 0 <= getattr(self, name) <= 999:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 999]")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 999]", parameters=(name,))
         if self.target_timestep_min > self.target_timestep_max:
             raise ConfigError(
                 f"target_timestep_min={self.target_timestep_min} exceeds target_timestep_max={self.target_timestep_max}"
@@ -175,11 +177,14 @@ class TrainConfig:
             raise ConfigError(f"discriminators is empty: list at least one of {', '.join(DISCRIMINATOR_KINDS)}")
         unknown = [d for d in self.discriminators if d not in DISCRIMINATOR_KINDS]
         if unknown:
-            raise ConfigError(f"discriminators={unknown!r}: valid names are {', '.join(DISCRIMINATOR_KINDS)}")
+            raise ConfigError(f"discriminators={unknown!r}: valid names are {', '.join(DISCRIMINATOR_KINDS)}",
+                              parameters=("discriminators",))
         if not self.token or any(ch.isspace() for ch in self.token):
-            raise ConfigError(f"token={self.token!r} must be one word without whitespace, e.g. '<v*>'")
+            raise ConfigError(f"token={self.token!r} must be one word without whitespace, e.g. '<v*>'",
+                              parameters=("token",))
         if not self.class_word.strip():
-            raise ConfigError("class_word is empty: give the subject's class, e.g. 'dog'")
+            raise ConfigError(f"class_word={self.class_word!r} is empty: give the subject's class, e.g. 'dog'",
+                              parameters=("class_word",))
         if self.schedule == "sequential":
             if self.echo:
                 raise ConfigError(

@@ -133,7 +133,8 @@ class DiscriminatorEnsemble(nn.Module):
         for name, member in self.members.items():
             if member.inputs == "images":
                 if images is None:
-                    raise BackboneError(f"discriminator member {name!r} judges images; pass images=")
+                    raise BackboneError(f"discriminator member {name!r} judges images; pass images=",
+                                         parameters=("images",))
                 logits[name] = member(images)  # (B, 2)
             else:
                 if latents is None or timesteps is None or encoder_hidden_states is None:

@@ -1,0 +1,128 @@
+"""The command line as a new user meets it: help and argument errors at once, every option explained,
+the same subject names as the ComfyUI loaders. No model is loaded here."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from echodistill.cli import build_parser, in_flag_terms
+from echodistill.cli.demo import subject_name
+from echodistill.errors import EchoDistillError
+from echodistill.miniworld.procedural import VALIDATION_SEEDS, subject_references
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run `echodistill ARGS` and report whether torch (or diffusers) got imported on the way.
+PROBE = """
+import runpy, sys
+sys.argv = ["echodistill", *sys.argv[1:]]
+try:
+    runpy.run_module("echodistill", run_name="__main__")
+except SystemExit as stop:
+    code = stop.code
+heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy), file=sys.stderr)
+"""
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("args", [
+    ("--help",),
+    ("sample", "--help"),
+    ("demo", "--help"),
+    ("bench", "--help"),
+    ("sample",),  # missing required options: an argument error
+    ("demo", "--concept", "no_such_subject"),
+    ("no-such-command",),
+])
+def test_help_and_argument_errors_import_no_torch(args):
+    result = _run(*args)
+    assert result.stderr.strip().endswith("HEAVY:"), result.stderr[-2000:]
+    if "--help" in args:
+        assert "usage: echodistill" in result.stdout
+    else:
+        assert "error:" in result.stderr
+
+
+def _options(parser: argparse.ArgumentParser, path: tuple[str, ...]):
+    """(command path, action) for every option of every (sub)command, building each lazily added one."""
+    parser.populate()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*path, name))
+        elif not isinstance(action, argparse._HelpAction):
+            yield path, action
+
+
+def test_every_option_of_every_command_says_what_it_does_and_shows_its_default():
+    options = list(_options(build_parser(), ("echodistill",)))
+    assert len({path for path, _ in options}) >= 13  # every command and bench's five
+    undocumented = [f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}"
+                    for path, action in options if not (action.help or "").strip()]
+    assert undocumented == []
+    sample = build_parser()._subparsers._group_actions[0].choices["teacher-sample"].format_help()
+    assert "(default: 25)" in " ".join(sample.split()) and "(default: 7.5)" in " ".join(sample.split())
+
+
+def test_the_demo_takes_shipped_and_fresh_procedural_subjects_by_name():
+    assert subject_name("checker_diamond") == "checker_diamond"
+    fresh = f"procedural_{VALIDATION_SEEDS.start + 7}"
+    args = build_parser().parse_args(["demo", "--concept", fresh])
+    assert args.concept == fresh
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown subject 'dog'.*procedural_<seed>"):
+        subject_name("dog")
+
+
+def test_miniworld_subject_names_read_as_reference_folders():
+    pictures, captions = subject_references("miniworld/checker_diamond")
+    assert len(pictures) == len(captions) == 5 and pictures[0].size == (64, 64)
+    procedural, _ = subject_references(f"miniworld/procedural_{VALIDATION_SEEDS.start}")
+    assert procedural[0].size == (64, 64)
+    assert subject_references("photos/dog") is None
+    with pytest.raises(ValueError, match="unknown subject 'unicorn'"):
+        subject_references("miniworld/unicorn")
+
+
+def test_library_arguments_in_errors_read_as_flags():
+    error = EchoDistillError("nothing to evaluate: pass clip_path= (a CLIP folder) and/or dino_path= (DINO)",
+                             parameters=("clip_path", "dino_path"))
+    assert error.in_terms_of({"clip_path": "--clip", "dino_path": "--dino"}) == (
+        "nothing to evaluate: pass --clip (a CLIP folder) and/or --dino (DINO)")
+    commands = build_parser()._subparsers._group_actions[0].choices
+    export, sample, demo = (commands[name].populate() for name in ("export", "sample", "demo"))
+    assert in_flag_terms("x exists; pass overwrite=True to replace it", ("overwrite",), export) == (
+        "x exists; pass --overwrite to replace it")
+    assert in_flag_terms("width=512 x height=512 is far", ("width", "height"), sample) == (
+        "--width 512 x --height 512 is far")
+    # a training config field the demo takes through --set, and one the sampler cannot take at all
+    assert in_flag_terms("resolution=48 must be a multiple of 64", ("resolution",), demo) == (
+        "--set resolution=48 must be a multiple of 64")
+    assert in_flag_terms("resolution=48 must be a multiple of 64", ("resolution",), sample) == (
+        "resolution=48 must be a multiple of 64")
+
+
+def test_the_demo_sheet_captions_every_column_and_leaves_no_empty_cell():
+    import torch
+
+    from echodistill.imaging import LINE_HEIGHT, contact_sheet
+
+    references, images = torch.zeros(5, 3, 64, 64), torch.ones(12, 3, 64, 64)
+    prompts = [f"a large <v*> square on the left, on a blue striped background {i}" for i in range(12)]
+    sheet = contact_sheet(references, [("student, 1 step", images), ("teacher, 25 steps", images)], prompts,
+                          columns=6, zoom=2, label_width=120, gap=6)
+    assert sheet.width == 120 + 6 * (128 + 6) + 6
+    # references, then two bands of six prompts: a caption of at most 4 lines over a student and a teacher row
+    assert 6 + 128 + 12 + 2 * (2 * LINE_HEIGHT + 6 + 2 * (128 + 6) + 6) <= sheet.height
+    assert sheet.height <= 6 + 128 + 12 + 2 * (4 * LINE_HEIGHT + 6 + 2 * (128 + 6) + 6)
+    with pytest.raises(ValueError, match=r"one image per caption \(12\)"):
+        contact_sheet(references, [("student", images[:5])], prompts)
