@@ -84,9 +84,12 @@ def run_sample(args: argparse.Namespace) -> int:
     if part == "teacher":
         result = sample_teacher(pair, prompts, negative_prompt=args.negative_prompt, **common)
     else:
-        result = sample_student(pair, prompts, **common)
+        result = sample_student(pair, prompts, schedule=args.schedule.replace("-", "_"), **common)
+    extra = {"fingerprints": pair.fingerprints()}
+    if part == "student":
+        extra["schedule"] = args.schedule
     paths = _write_images(result, Path(args.out), sampler=part, steps=args.steps, guidance=args.guidance,
-                          bundle=bundle, extra={"fingerprints": pair.fingerprints()})
+                          bundle=bundle, extra=extra)
     print(f"{len(paths)} images written to {args.out}")
     return 0
 
@@ -100,6 +103,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser, *, teacher: bool) -> N
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; the next ones count up")
     parser.add_argument("--steps", type=int, default=25 if teacher else 1)
     parser.add_argument("--guidance", type=float, default=7.5 if teacher else 0.0)
+    if not teacher:
+        parser.add_argument("--schedule", default="trailing", choices=("trailing", "comfyui-turbo"),
+                            help="timesteps for 2+ steps: trailing (999/499 at 2 steps, what training previews "
+                                 "use) or comfyui-turbo (999/899/799..., as ComfyUI's SDTurboScheduler with the "
+                                 "euler sampler); one step is t = 999 either way")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=512)
     if teacher:
@@ -179,7 +187,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-out", help="folder for the embedding, e.g. ComfyUI/models/embeddings")
     parser.add_argument("--name", help="file stem (default: the bundle's)")
     parser.add_argument("--part", default="student", choices=("student", "teacher"))
-    parser.add_argument("--mode", default="diff", choices=("diff", "lowrank"),
-                        help="diff: exact weight patches; lowrank: SVD factors (smaller; error reported)")
-    parser.add_argument("--rank", type=int, help="rank for --mode lowrank (default: full, exact)")
+    parser.add_argument("--mode", default="lowrank", choices=("lowrank", "diff"),
+                        help="lowrank (default): lora_up/lora_down factors that ComfyUI, diffusers, A1111/Forge "
+                             "and InvokeAI load; exact at full rank, but then larger than diff. diff: exact "
+                             "weight patches, not loaded by diffusers")
+    parser.add_argument("--rank", type=int, help="rank for --mode lowrank (default: full, exact; a lower rank is "
+                                                 "smaller and approximate, its error is reported)")
     parser.add_argument("--overwrite", action="store_true")

@@ -115,6 +115,33 @@ def euler_trailing_schedule(scheduler_config: dict, steps: int, alphas_cumprod: 
     return Schedule(timesteps, next_alpha_bars)
 
 
+STUDENT_SCHEDULES = ("trailing", "comfyui_turbo")
+COMFYUI_TURBO_MAX_STEPS = 10
+
+
+def comfyui_turbo_schedule(scheduler_config: dict, steps: int, alphas_cumprod: torch.Tensor) -> Schedule:
+    """ComfyUI's ``SDTurboScheduler`` at denoise 1: timesteps 999, 899, 799, ... (100 apart, at most
+    10), Euler between them, the last step returns x̂0. With ComfyUI's ``euler`` sampler it is the
+    same computation (``euler_ancestral`` adds fresh noise at each step and matches only at 1 step)."""
+    if not isinstance(steps, int) or not 1 <= steps <= COMFYUI_TURBO_MAX_STEPS:
+        raise SamplingError(f"steps={steps!r}: ComfyUI's SD-Turbo schedule has 1 to {COMFYUI_TURBO_MAX_STEPS} steps")
+    total = scheduler_config.get("num_train_timesteps", 1000)
+    if total != 1000:
+        raise SamplingError(f"ComfyUI's SD-Turbo schedule assumes 1000 training timesteps, this model has {total}")
+    timesteps = tuple(999 - 100 * i for i in range(steps))
+    next_alpha_bars = tuple(alphas_cumprod[t].cpu() for t in timesteps[1:]) + (None,)
+    return Schedule(timesteps, next_alpha_bars)
+
+
+def student_schedule(name: str, scheduler_config: dict, steps: int, alphas_cumprod: torch.Tensor) -> Schedule:
+    """The student's timesteps by name: "trailing" (ours, 999/499 at 2 steps) or "comfyui_turbo"."""
+    if name == "trailing":
+        return euler_trailing_schedule(scheduler_config, steps, alphas_cumprod)
+    if name == "comfyui_turbo":
+        return comfyui_turbo_schedule(scheduler_config, steps, alphas_cumprod)
+    raise SamplingError(f"schedule={name!r} is not one of {', '.join(map(repr, STUDENT_SCHEDULES))}")
+
+
 def ddim_schedule(scheduler_config: dict, steps: int, alphas_cumprod: torch.Tensor) -> Schedule:
     """DDIM as diffusers defines it: step t goes to t − T // steps, the last one to final_alpha_cumprod."""
     _check_steps(steps, scheduler_config)
@@ -244,9 +271,14 @@ def _result(pair: ModelPair, latents: torch.Tensor, seeds, prompts, return_laten
 def sample_student(
     pair: ModelPair, prompts: list[str], *, seeds: list[int] | int, steps: int = 1, width: int = 512,
     height: int = 512, dtype: torch.dtype | str | None = None, guidance: float = 0.0, return_latents: bool = True,
-    options: SamplerOptions | None = None,
+    options: SamplerOptions | None = None, schedule: str = "trailing",
 ) -> SampleResult:
-    """The student's images: one step at t = 999 (steps = 1), or Euler "trailing" for 2–4 steps.
+    """The student's images: one step at t = 999 (steps = 1), or Euler for 2–4 steps.
+
+    `schedule` picks the timesteps of several steps: "trailing" (999/499, 999/666/333, ...: what
+    training previews use) or "comfyui_turbo" (999/899/799/...: ComfyUI's SDTurboScheduler, so an
+    exported concept in core nodes with the euler sampler gives the same picture). One step is
+    t = 999 in both.
 
     guidance > 1 adds classifier-free guidance against the empty prompt (as diffusers does);
     the default 0 is how SD-Turbo is meant to run. `dtype` autocasts the models to a lower
@@ -262,7 +294,7 @@ def sample_student(
         check_cuda_graph(device, steps, guided)
     h, w = latent_size(student.unet, pair.vae, width, height)
     alphas_cumprod = alphas_cumprod_for(student.scheduler_config, device)  # (T,)
-    schedule = euler_trailing_schedule(student.scheduler_config, steps, alphas_cumprod)
+    schedule = student_schedule(schedule, student.scheduler_config, steps, alphas_cumprod)
     noise = initial_noise(seeds, (student.unet.config.in_channels, h, w)).to(device)  # (N, 4, h, w)
     with _precision(pair, dtype), _speedups(pair, student.unet, options) as unet:
         noise = noise.contiguous(memory_format=torch.channels_last) if options.channels_last else noise
