@@ -85,8 +85,8 @@ class EvaluateConcept(io.ComfyNode):
     def execute(cls, images, references, prompt, token, class_word, clip, dino) -> io.NodeOutput:
         prompts = [line for line in prompt.splitlines() if line.strip()] or [prompt]
         if len(prompts) == 1:
-            prompts = prompts * images.shape[0]
-        scores = evaluate(from_comfy_images(images), from_comfy_images(references), prompts, token=token,
+            prompts = prompts * (images.shape[0] if images.dim() == 4 else 1)
+        scores = evaluate(from_comfy_images(images, "images"), from_comfy_images(references, "references"), prompts, token=token,
                           class_word=class_word,
                           clip_path=None if clip == folders.NONE else folders.find("backbones", clip),
                           dino_path=None if dino == folders.NONE else folders.find("backbones", dino))

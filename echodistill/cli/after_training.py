@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import EchoDistillError
@@ -115,21 +116,25 @@ def add_sample_arguments(parser: argparse.ArgumentParser, *, teacher: bool) -> N
     parser.add_argument("--out", required=True, help="folder for the PNGs")
 
 
-def _read_images(folder: str):
+def _read_images(folder: str, what: str):
+    """(images (3, H, W) in [0, 1], each PNG's prompt or None) through the photo loader every
+    command shares: the same errors for a missing folder or an unreadable file, and every file
+    not used is named on stderr."""
     import numpy as np
     import torch
-    from PIL import Image
 
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    if not paths:
-        raise EchoDistillError(f"no images in {folder}")
+    from ..training.photos import load_concept_images
+
+    photos = load_concept_images(folder, min_size_fraction=0)
+    print(f"{what}: {photos.report()}", file=sys.stderr)
     images, prompts = [], []
-    for path in paths:
-        with Image.open(path) as picture:
-            record = json.loads(picture.info.get(PNG_KEY, "{}"))
-            pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
-            images.append(torch.from_numpy(pixels).permute(2, 0, 1))
-        prompts.append(record.get("prompt"))
+    for item in photos:
+        pixels = np.asarray(item.image, dtype=np.float32) / 255.0  # (H, W, 3)
+        images.append(torch.from_numpy(pixels).permute(2, 0, 1))
+        try:
+            prompts.append(json.loads(item.text.get(PNG_KEY, "{}")).get("prompt"))
+        except (ValueError, AttributeError):
+            prompts.append(None)
     return images, prompts
 
 
@@ -137,8 +142,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..evaluation.metrics import evaluate
     from ..models.tensor_files import atomic_write_text
 
-    generated, prompts = _read_images(args.images)
-    references, _ = _read_images(args.references)
+    generated, prompts = _read_images(args.images, "images")
+    references, _ = _read_images(args.references, "references")
     if args.prompt:
         prompts = list(args.prompt) * (len(generated) // len(args.prompt) or 1)
     if any(p is None for p in prompts):

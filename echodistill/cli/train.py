@@ -113,6 +113,7 @@ def _train(args: argparse.Namespace) -> int:
     if backbones:
         config = config.with_changes(discriminators=tuple(dict.fromkeys((*config.discriminators, *backbones))))
     images = load_concept_images(args.images, resolution=config.resolution)
+    print(images.report())  # every photo given: used, or named with the reason it is not
     pair = load_model_pair(
         args.teacher,
         args.student,
