@@ -42,7 +42,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
 
 from ..errors import EchoDistillError
-from ..models.diffusion import alphas_cumprod_for, encode_prompts, guided_epsilon_and_x0, student_one_step, unet_call
+from ..models.diffusion import (
+    alphas_cumprod_for,
+    encode_long_prompts,
+    guided_epsilon_and_x0,
+    same_length,
+    student_one_step,
+    unet_call,
+)
 from ..models.loading import resolve_dtype
 from ..models.pair import ModelPair
 from ..models.schedule import predict_epsilon, predict_x0
@@ -203,20 +210,26 @@ def _precision(pair: ModelPair, dtype: torch.dtype | str | None):
 
 def _encode(pair: ModelPair, prompts: list[str], negative_prompt: str | None,
             cache: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond (N, 77, D), uncond (1, 77, D) or None), from at most ONE text-encoder call over the
-    distinct prompts; with `cache`, only over those not encoded since the encoder last changed."""
+    """(cond (N, L, D), uncond (1, L, D) or None), from at most ONE text-encoder call over the
+    distinct prompts; with `cache`, only over those not encoded since the encoder last changed.
+
+    L = 77 up to 75 tokens; a longer prompt is read whole in 77-token windows, as ComfyUI's
+    CLIPTextEncode does, and prompts of different lengths are repeated to a common L (which
+    leaves cross-attention unchanged)."""
     unique = list(dict.fromkeys(prompts + ([] if negative_prompt is None else [negative_prompt])))
     if cache:
-        def encode(missing: list[str]) -> torch.Tensor:
-            return encode_prompts(pair.tokenizer, pair.text_encoder, missing)
+        def encode(missing: list[str]) -> list[torch.Tensor]:
+            return encode_long_prompts(pair.tokenizer, pair.text_encoder, missing)
 
         state = encoder_state(pair.tokenizer, pair.text_encoder)
-        embeds = prompt_cache(pair.text_encoder).encode(unique, state, encode)  # (U, 77, D)
+        embeds = prompt_cache(pair.text_encoder).encode(unique, state, encode)  # U x (77·k, D)
     else:
-        embeds = encode_prompts(pair.tokenizer, pair.text_encoder, unique)  # (U, 77, D)
+        embeds = encode_long_prompts(pair.tokenizer, pair.text_encoder, unique)  # U x (77·k, D)
     row = {p: i for i, p in enumerate(unique)}
-    cond = embeds[[row[p] for p in prompts]]  # (N, 77, D)
-    uncond = None if negative_prompt is None else embeds[row[negative_prompt]][None]  # (1, 77, D)
+    chosen = [embeds[row[p]] for p in prompts] + ([] if negative_prompt is None else [embeds[row[negative_prompt]]])
+    aligned = same_length(chosen)  # (N [+ 1], L, D)
+    cond = aligned[: len(prompts)]  # (N, L, D)
+    uncond = None if negative_prompt is None else aligned[len(prompts):]  # (1, L, D)
     return cond, uncond
 
 
