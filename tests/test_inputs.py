@@ -130,3 +130,62 @@ def test_comfy_images_of_every_channel_count_convert(channels):
 def test_comfy_images_that_are_no_pictures_are_refused_clearly(shape, message):
     with pytest.raises(ValueError, match=message):
         _convert().rgb_comfy_images(torch.rand(shape), "references")
+
+
+# --- model families a user may hand us ------------------------------------------------------------
+
+
+def _keys_file(path: Path, keys: dict[str, tuple[int, ...]]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
+    return path
+
+
+SDXL_KEYS = {
+    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (4,),
+    "conditioner.embedders.1.model.ln_final.weight": (4,),
+    "model.diffusion_model.label_emb.0.0.weight": (4, 4),
+    "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 2048),
+}
+SD3_KEYS = {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4),
+            "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (4,)}
+FLUX_KEYS = {"double_blocks.0.img_attn.qkv.weight": (4, 4), "single_blocks.0.linear1.weight": (4, 4)}
+SDXL_UNET_ONLY = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 2048)}
+
+
+@pytest.mark.parametrize("keys,name", [(SDXL_KEYS, "an SDXL model"), (SD3_KEYS, "Stable Diffusion 3"),
+                                       (FLUX_KEYS, "a Flux model"), (SDXL_UNET_ONLY, "an SDXL UNet")])
+@pytest.mark.parametrize("family", ["auto", "sd21-base"])
+def test_unsupported_families_are_named_with_the_pair_to_use(keys, name, family, tmp_path):
+    """Named plainly, with the supported pair, whether or not a family is given: no dead end."""
+    from echodistill.models.loading import ModelSource
+    from echodistill.models.families import UnsupportedModelError
+
+    path = _keys_file(tmp_path / "model.safetensors", keys)
+    with pytest.raises(UnsupportedModelError) as caught:
+        ModelSource.open(path, family)
+    message = str(caught.value)
+    assert name in message and "SD-Turbo" in message and "sd_turbo.safetensors" in message
+    assert "name its family" not in message
+
+
+def test_cli_names_an_sdxl_teacher_in_one_error_line(tmp_path, capsys):
+    path = _keys_file(tmp_path / "sdxl.safetensors", SDXL_KEYS)
+    code = main(["train", "--teacher", str(path), "--student", str(path), "--images", str(_folder(tmp_path)),
+                 "--class-word", "mug", "--out", str(tmp_path / "c.safetensors"), "--teacher-family", "sd21-base",
+                 "--resolution", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "SDXL" in err and "Traceback" not in err
+
+
+def test_sdxl_diffusers_folder_is_named(tmp_path):
+    from echodistill.models.loading import ModelSource
+    from echodistill.models.families import UnsupportedModelError
+
+    folder = tmp_path / "sdxl"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (folder / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 2048}))
+    with pytest.raises(UnsupportedModelError, match="an SDXL model"):
+        ModelSource.open(folder)
