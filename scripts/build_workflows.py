@@ -83,8 +83,11 @@ DESCRIPTIONS = {
     "echodistill_train_and_sample": "Train a concept, then draw it in one step. Runs as shipped on the mini world "
                                     "(a held-out subject, no downloads); pick SD 2.1 + SD-Turbo and your photos' "
                                     "folder for real pictures.",
-    "echodistill_sample_saved_concept": "Draw a saved concept (my_diamond, from the workflow above) in one step with "
-                                        "the student, and with the teacher.",
+    "echodistill_sample_saved_concept": "Draw a saved concept in one step with the student, and with the teacher. As "
+                                        "shipped it loads miniworld/checker_diamond.safetensors, a concept trained on "
+                                        "the shipped mini world, so it runs on a fresh install; pick "
+                                        "my_diamond.safetensors after running echodistill_train_and_sample to draw "
+                                        "yours.",
     "echodistill_train_and_export": "Train a concept and export it as a LoRA + embedding for core nodes.",
     "core_nodes_sample_exported_concept": "Core nodes only: SD-Turbo + the exported LoRA + embedding:my_mug, one step.",
 }

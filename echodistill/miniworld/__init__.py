@@ -18,7 +18,7 @@ Parts:
   evaluate.py      prompt fidelity of the shipped teacher and student through echodistill.sampling
 """
 
-from .architecture import ORACLE_ROOT, STUDENT_DIR, TEACHER_DIR
+from .architecture import ORACLE_ROOT, SHIPPED_CONCEPT_DIR, STUDENT_DIR, TEACHER_DIR
 from .concepts import CONCEPTS, Concept, ConceptPrompt, evaluation_prompts, reference_captions, reference_images
 from .grammar import ATTRIBUTES, Caption, Scene, describe, sample_scene, training_caption
 from .oracle import Oracle
@@ -31,6 +31,7 @@ __all__ = [
     "Concept",
     "ConceptPrompt",
     "ORACLE_ROOT",
+    "SHIPPED_CONCEPT_DIR",
     "Oracle",
     "STUDENT_DIR",
     "Scene",
