@@ -44,3 +44,19 @@ def test_the_shipped_concept_draws_on_the_shipped_pair():
                         concept=bundle, seeds=[5], width=64, height=64)
         assert result.images.shape == (1, 3, 64, 64)
         assert path.stat().st_size < 2_000_000  # small enough to ship
+
+
+@pytest.mark.parametrize("name", sorted(_graphs()))
+def test_workflows_say_what_each_part_does(name):
+    """Groups around the parts, and every image output titled with what it shows."""
+    workflow = json.loads((Path(__file__).resolve().parents[1] / "workflows" / f"{name}.json").read_text())
+    assert workflow.get("groups"), f"{name} has no groups"
+    grouped = set()
+    for group in workflow["groups"]:
+        x, y, w, h = group["bounding"]
+        grouped |= {n["id"] for n in workflow["nodes"] if x <= n["pos"][0] <= x + w and y <= n["pos"][1] <= y + h}
+    assert grouped == {n["id"] for n in workflow["nodes"]}, f"{name}: nodes outside every group"
+    for node in workflow["nodes"]:
+        if node["type"] in ("PreviewImage", "SaveImage"):
+            assert node.get("title"), f"{name}: an unlabelled {node['type']} (node {node['id']})"
+    assert workflow["extra"]["echodistill"]["description"]
