@@ -49,9 +49,11 @@ class LoadConcept(io.ComfyNode):
             node_id="EchoDistillLoadConcept",
             display_name="Load Concept",
             category=CATEGORY,
-            description="Loads a concept bundle from models/echodistill/concepts.",
+            description="Loads a concept bundle from models/echodistill/concepts, or one shipped with the pack "
+                        "(miniworld/<subject>.safetensors, trained on the shipped mini-world models).",
             inputs=[io.Combo.Input("concept_name", options=folders.concept_choices(),
-                                   tooltip="A file in models/echodistill/concepts.")],
+                                   tooltip="A file in models/echodistill/concepts (Save Concept writes there), or a "
+                                           "shipped mini-world concept (miniworld/...), which runs on a fresh install.")],
             outputs=[Concept.Output(display_name="concept", tooltip="The concept (token, embedding, adapters).")],
         )
 
@@ -61,7 +63,7 @@ class LoadConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, concept_name) -> io.NodeOutput:
-        return io.NodeOutput(ConceptBundle.load(folders.find("concepts", concept_name)))
+        return io.NodeOutput(ConceptBundle.load(folders.find_concept(concept_name)))
 
 
 NODES = [SaveConcept, LoadConcept]

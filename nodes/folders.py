@@ -7,7 +7,8 @@
     backbones/<name>    discriminator / metric backbones (DINO, DINOv2, CLIP folders or files)
     runs/<key>/         training checkpoints and previews
 Shipped with the pack: the mini world's teacher and student (`miniworld/teacher|student` in the
-model lists) and its held-out subjects' references (`miniworld/<subject>` in the photo folders).
+model lists), its held-out subjects' references (`miniworld/<subject>` in the photo folders) and a
+concept trained on them (`miniworld/<subject>.safetensors` in Load Concept).
 """
 
 from __future__ import annotations
@@ -133,8 +134,30 @@ def resolve_family(choice: str) -> str | Path:
     return find("configs", choice[len(CONFIGS_PREFIX):]) if choice.startswith(CONFIGS_PREFIX) else choice
 
 
+def _shipped_concepts() -> dict[str, Path]:
+    """Concept bundles trained on the shipped mini-world pair (`miniworld/<subject>.safetensors`)."""
+    from echodistill.miniworld import SHIPPED_CONCEPT_DIR
+
+    if not SHIPPED_CONCEPT_DIR.is_dir():
+        return {}
+    return {f"{SHIPPED_PREFIX}{p.name}": p for p in sorted(SHIPPED_CONCEPT_DIR.glob("*.safetensors"))}
+
+
 def concept_choices() -> list[str]:
-    return [n for n in _subdirs("concepts") if n.endswith(".safetensors")]
+    """Saved concepts in models/echodistill/concepts, then the ones shipped with the pack."""
+    return [n for n in _subdirs("concepts") if n.endswith(".safetensors")] + list(_shipped_concepts())
+
+
+def find_concept(name: str) -> Path:
+    """A saved concept by file name, or a shipped one (`miniworld/<subject>.safetensors`)."""
+    shipped = _shipped_concepts()
+    if name in shipped:
+        return shipped[name]
+    try:
+        return find("concepts", name)
+    except FileNotFoundError as missing:
+        raise FileNotFoundError(f"{missing} Save one with Save Concept (e.g. the train-and-sample workflow), "
+                                f"or pick a shipped one: {', '.join(shipped) or 'none'}") from None
 
 
 def backbone_choices() -> list[str]:

@@ -40,9 +40,15 @@ class ExportConcept(io.ComfyNode):
             inputs=[Concept.Input("concept", tooltip="A trained concept."),
                     io.String.Input("name", default="my_concept", tooltip="File name for both files: letters, digits, _ - . only, "
                                     "so that prompts can say embedding:<name>."),
-                    io.Combo.Input("mode", options=["diff", "lowrank"], default="diff",
-                                   tooltip="diff: exact weight patches; lowrank: SVD factors (smaller)."),
-                    io.Int.Input("rank", default=0, min=0, max=1024, tooltip="lowrank only: 0 = full rank (exact)."),
+                    io.Combo.Input("mode", options=["lowrank", "diff"], default="lowrank",
+                                   tooltip="lowrank: lora_up/lora_down factors that ComfyUI, diffusers, A1111/Forge "
+                                           "and InvokeAI all load. diff: exact weight patches (ComfyUI, A1111/Forge, "
+                                           "InvokeAI; diffusers refuses them). At full rank lowrank is exact but "
+                                           "LARGER than diff (SD-Turbo K/V: about 165 MiB vs 97.5 MiB); only a low "
+                                           "rank makes it smaller, and approximate."),
+                    io.Int.Input("rank", default=0, min=0, max=1024,
+                                 tooltip="lowrank only: 0 = full rank (exact, larger than diff); e.g. 64 = much "
+                                         "smaller, approximate (the error is shown after the run)."),
                     io.Boolean.Input("overwrite", default=False, tooltip="Replace existing files of that name.")],
             outputs=[io.String.Output(display_name="lora_name", tooltip="File in models/loras."),
                      io.String.Output(display_name="embedding_prompt", tooltip="Write this in prompts instead of the token.")],
@@ -90,10 +96,10 @@ class EvaluateConcept(io.ComfyNode):
     def execute(cls, images, references, prompt, token, class_word, clip, dino) -> io.NodeOutput:
         prompts = [line for line in prompt.splitlines() if line.strip()] or [prompt]
         if len(prompts) == 1:
-            prompts = prompts * images.shape[0]
+            prompts = prompts * (images.shape[0] if images.dim() == 4 else 1)
         try:
-            scores = evaluate(from_comfy_images(images), from_comfy_images(references), prompts, token=token,
-                              class_word=class_word,
+            scores = evaluate(from_comfy_images(images, "images"), from_comfy_images(references, "references"),
+                              prompts, token=token, class_word=class_word,
                               clip_path=None if clip == folders.NONE else folders.find("backbones", clip),
                               dino_path=None if dino == folders.NONE else folders.find("backbones", dino))
         except EchoDistillError as error:

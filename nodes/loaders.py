@@ -126,7 +126,10 @@ class LoadImagesFromFolder(io.ComfyNode):
                      io.Int.Output(display_name="count", tooltip="How many photos were loaded."),
                      io.String.Output(display_name="captions",
                                       tooltip="One line per photo: its caption from <photo>.txt beside it (the "
-                                              "world's grammar for mini-world subjects); empty where it has none.")],
+                                              "world's grammar for mini-world subjects); empty where it has none."),
+                     io.String.Output(display_name="report",
+                                      tooltip="Which photos were used, and every file of the folder that was not, "
+                                              "with the reason (e.g. a GIF beside the PNGs).")],
         )
 
     @classmethod
@@ -144,7 +147,9 @@ class LoadImagesFromFolder(io.ComfyNode):
             images = load_concept_images(path, resolution=resolution)
         crops = [_square(item.image, resolution) for item in images]
         captions = "\n".join(" ".join((item.caption or "").split()) for item in images)  # one line each
-        return io.NodeOutput(torch.cat([from_pil(c) for c in crops]), len(crops), captions)
+        report = images.report()
+        return io.NodeOutput(torch.cat([from_pil(c) for c in crops]), len(crops), captions, report,
+                             ui={"text": [report]})
 
 
 def _square(picture: Image.Image, size: int) -> Image.Image:

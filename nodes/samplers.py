@@ -56,14 +56,24 @@ class OneStepSampler(io.ComfyNode):
             node_id="EchoDistillOneStepSampler",
             display_name="One-Step Sampler (EchoDistill student)",
             category=CATEGORY,
-            description="Draws with the one-step student (t = 999, guidance 0), with or without a trained concept.",
-            inputs=_common_inputs(1, 4, 0.0),
+            description="Draws with the one-step student (t = 999, guidance 0), with or without a trained concept. "
+                        "At 1 step it is what an exported concept gives in core nodes with SDTurboScheduler; at 2-4 "
+                        "steps pick schedule 'comfyui_turbo' to match SDTurboScheduler + the euler sampler.",
+            inputs=_common_inputs(1, 4, 0.0) + [
+                io.Combo.Input("schedule", options=["trailing", "comfyui_turbo"], default="trailing", optional=True,
+                               tooltip="Timesteps at 2-4 steps. trailing: 999/499, 999/666/333, ... as training "
+                                       "previews and the CLI's default. comfyui_turbo: 999/899/799/699 as core "
+                                       "SDTurboScheduler, which matches it with the 'euler' sampler "
+                                       "(euler_ancestral adds noise and matches only at 1 step). Same at 1 step."),
+            ],
             outputs=_outputs("student"),
         )
 
     @classmethod
-    def execute(cls, models, prompt, seed, steps, guidance, width, height, batch_size, concept=None) -> io.NodeOutput:
-        return _run("student", models, prompt, seed, steps, guidance, width, height, batch_size, concept)
+    def execute(cls, models, prompt, seed, steps, guidance, width, height, batch_size, concept=None,
+                schedule="trailing") -> io.NodeOutput:
+        return _run("student", models, prompt, seed, steps, guidance, width, height, batch_size, concept,
+                    schedule=schedule)
 
 
 class TeacherSampler(io.ComfyNode):

@@ -83,11 +83,43 @@ DESCRIPTIONS = {
     "echodistill_train_and_sample": "Train a concept, then draw it in one step. Runs as shipped on the mini world "
                                     "(a held-out subject, no downloads); pick SD 2.1 + SD-Turbo and your photos' "
                                     "folder for real pictures.",
-    "echodistill_sample_saved_concept": "Draw a saved concept (my_diamond, from the workflow above) in one step with "
-                                        "the student, and with the teacher.",
+    "echodistill_sample_saved_concept": "Draw a saved concept in one step with the student, and with the teacher. As "
+                                        "shipped it loads miniworld/checker_diamond.safetensors, a concept trained on "
+                                        "the shipped mini world, so it runs on a fresh install; pick "
+                                        "my_diamond.safetensors after running echodistill_train_and_sample to draw "
+                                        "yours.",
     "echodistill_train_and_export": "Train a concept and export it as a LoRA + embedding for core nodes.",
     "core_nodes_sample_exported_concept": "Core nodes only: SD-Turbo + the exported LoRA + embedding:my_mug, one step.",
 }
+
+# Groups drawn around the parts of each graph (short titles: the node titles and the workflow's
+# description say where inputs come from).
+GROUPS = {
+    "echodistill_train_and_sample": [("1. Models + photos", ["1", "2"]), ("2. Train (echo from half-way)", ["3"]),
+                                     ("3. Draw, watch, save", ["4", "5", "6", "7", "8"])],
+    "echodistill_sample_saved_concept": [("1. Models + saved concept", ["1", "2"]),
+                                         ("2. Student and teacher", ["3", "4", "5", "6"])],
+    "echodistill_train_and_export": [("1. Models + your photos", ["1", "2"]), ("2. Train + export", ["3", "4"])],
+    "core_nodes_sample_exported_concept": [("Core nodes: exported LoRA + embedding", [str(i) for i in range(1, 11)])],
+}
+
+ADD_GROUPS = """([groups]) => {
+    const LG = window.LiteGraph ?? globalThis.LiteGraph;
+    for (const [title, ids] of groups) {
+        const nodes = ids.map((id) => app.graph.getNodeById(Number(id))).filter(Boolean);
+        if (!nodes.length) continue;
+        const group = new LG.LGraphGroup(title);
+        let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
+        for (const n of nodes) {
+            x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - LG.NODE_TITLE_HEIGHT);
+            x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+        }
+        group.pos = [x0 - 10, y0 - 45];
+        group.size = [x1 - x0 + 20, y1 - y0 + 55];
+        app.graph.add(group);
+    }
+    app.graph.setDirtyCanvas(true, true);
+}"""
 
 
 # Seeds stay as written: a training seed that randomizes would retrain on every queue.
@@ -130,6 +162,7 @@ def main() -> int:
             for source in sorted((REPO / "tests" / "api_graphs").glob("*.json")):
                 graph = user_graph(json.loads(source.read_text()))
                 page.evaluate(FIX_SEEDS_AND_ARRANGE, [graph, source.stem])
+                page.evaluate(ADD_GROUPS, [GROUPS.get(source.stem, [])])
                 # JSON.stringify drops `undefined` fields; passed through as null they fail the schema.
                 workflow = json.loads(page.evaluate("() => JSON.stringify(app.graph.serialize())"))
                 workflow["models"] = models_for(graph)

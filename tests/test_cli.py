@@ -195,7 +195,9 @@ def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
     assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "loras"),
                  "--embedding-out", str(tmp_path / "embeddings"), "--name", "cup"]) == 0
     with safe_open(str(tmp_path / "loras" / "cup.safetensors"), "pt") as lora:
-        assert all(k.startswith("lora_unet_") and k.endswith(".diff") for k in lora.keys())
+        # The default export: lora_up / lora_down factors with one alpha, which every client loads.
+        assert all(k.startswith("lora_unet_") and k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha"))
+                   for k in lora.keys())
     assert (tmp_path / "embeddings" / "cup.safetensors").is_file()
     capsys.readouterr()
     assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "loras"), "--name", "cup"]) == 2

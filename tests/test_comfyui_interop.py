@@ -23,6 +23,9 @@ from echodistill.sampling.samplers import sample_student
 
 SEED = 7
 PROMPT = "a photo of {} toy"
+# About 200 tokens, the concept in the second 77-token window: ComfyUI reads all of it.
+LONG_PROMPT = ("a very detailed photograph of a small wooden shelf in a quiet sunlit room, " * 6
+               + "and on it sits {} toy, " + "with soft shadows, warm colours, film grain and a shallow depth of field, " * 5)
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +53,21 @@ def concept(mini_sd2, comfy_models):
     export_embedding(bundle, comfy_models["embeddings"] / "echo_concept.safetensors")
     ours = sample_student(pair, [PROMPT.format("<v*>")], seeds=[SEED], width=64, height=64)
     plain = sample_student(pair, [PROMPT.format("a")], seeds=[SEED], width=64, height=64)
-    return {"ours": ours, "plain": plain, "diff": diff, "lowrank": lowrank}
+    three = {schedule: sample_student(pair, [PROMPT.format("<v*>")], seeds=[SEED], width=64, height=64, steps=3,
+                                      schedule=schedule) for schedule in ("comfyui_turbo", "trailing")}
+    long = {tail: sample_student(pair, [LONG_PROMPT.format("<v*>") + tail], seeds=[SEED], width=64, height=64)
+            for tail in ("", "at night")}
+    return {"ours": ours, "plain": plain, "diff": diff, "lowrank": lowrank, "three": three, "long": long}
 
 
-def _graph(lora_name: str, prefix: str, strength: float = 1.0) -> dict:
+def _graph(lora_name: str, prefix: str, strength: float = 1.0, steps: int = 1, prompt: str = PROMPT) -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "mini_turbo.ckpt"}},
         "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
                                                     "strength_model": strength, "strength_clip": 1.0}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": PROMPT.format("embedding:echo_concept")}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": prompt.format("embedding:echo_concept")}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
-        "5": {"class_type": "SDTurboScheduler", "inputs": {"model": ["2", 0], "steps": 1, "denoise": 1.0}},
+        "5": {"class_type": "SDTurboScheduler", "inputs": {"model": ["2", 0], "steps": steps, "denoise": 1.0}},
         "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
         "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "8": {"class_type": "SamplerCustom", "inputs": {
@@ -113,3 +120,34 @@ def test_without_the_lora_comfyui_misses_the_student(concept, comfy_server):
     theirs = load_file(str(latent_file))["latent_tensor"].float()
     ours = concept["ours"].latents / 0.18215
     assert (theirs - ours).abs().max() > 1e-4 * ours.abs().max() * 10
+
+
+def test_comfyui_turbo_schedule_reproduces_core_nodes_at_three_steps(concept, comfy_server):
+    """SDTurboScheduler (999/899/799) + euler in core nodes is our student with schedule="comfyui_turbo";
+    our default "trailing" (999/666/333) is a different picture at the same step count."""
+    entry = comfy_server.run(_graph(concept["lowrank"].path.name, "interop_three", steps=3))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    latent_file = next((comfy_server.base / "output" / "latents").glob("interop_three_*.latent"))
+    theirs = load_file(str(latent_file))["latent_tensor"].float()
+    ours = concept["three"]["comfyui_turbo"].latents / 0.18215
+    scale = ours.abs().max().item()
+    agreement = (theirs - ours).abs().max()
+    print(f"3 steps: max |ComfyUI - ours (comfyui_turbo)| latent {agreement:.2e} of {scale:.1f}")
+    assert torch.allclose(theirs, ours, atol=1e-4 * scale, rtol=0), agreement
+    trailing = concept["three"]["trailing"].latents / 0.18215
+    assert (trailing - theirs).abs().max() > 10 * agreement
+
+
+def test_long_prompts_are_read_whole_as_core_clip_text_encode_does(concept, comfy_server):
+    """A 200-token prompt: CLIPTextEncode encodes 77-token windows and concatenates them; so do our
+    samplers, so the exported concept in core nodes draws our picture, and words after token 77 count."""
+    entry = comfy_server.run(_graph(concept["lowrank"].path.name, "interop_long", prompt=LONG_PROMPT))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    latent_file = next((comfy_server.base / "output" / "latents").glob("interop_long_*.latent"))
+    theirs = load_file(str(latent_file))["latent_tensor"].float()
+    ours = concept["long"][""].latents / 0.18215
+    scale = ours.abs().max().item()
+    agreement = (theirs - ours).abs().max()
+    print(f"long prompt: max |ComfyUI - ours| latent {agreement:.2e} of {scale:.1f}")
+    assert torch.allclose(theirs, ours, atol=1e-4 * scale, rtol=0), agreement
+    assert (concept["long"]["at night"].latents - concept["long"][""].latents).abs().max() > 0  # not cut at 77

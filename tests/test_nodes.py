@@ -86,7 +86,7 @@ def test_train_sample_save_load_export_in_process(comfy):
 
     models = nodes["EchoDistillLoadModels"].execute("diffusers/tiny-teacher", "diffusers/tiny-student", "auto", "auto",
                                                     "auto").result[0]
-    images, count, captions = nodes["EchoDistillLoadImagesFromFolder"].execute("mug", 64).result
+    images, count, captions, _ = nodes["EchoDistillLoadImagesFromFolder"].execute("mug", 64).result
     assert images.shape == (3, 64, 64, 3) and count == 3 and captions == "\n\n"  # no sidecar captions
     train = nodes["EchoDistillTrainConcept"]
     args = dict(models=models, images=images, token="<v*>", class_word="mug", preset="paper", steps=2, resolution=64,
@@ -203,7 +203,7 @@ def test_shipped_mini_world_is_listed_and_loads_without_any_file_in_input(comfy)
     folder_input = next(p for p in nodes["EchoDistillLoadImagesFromFolder"].define_schema().inputs if p.id == "folder")
     assert {f"miniworld/{name}" for name in CONCEPTS} <= set(folder_input.options)
     assert "mug" in folder_input.options  # real input folders are still listed first
-    images, count, captions = nodes["EchoDistillLoadImagesFromFolder"].execute("miniworld/smiley", 64).result
+    images, count, captions, _ = nodes["EchoDistillLoadImagesFromFolder"].execute("miniworld/smiley", 64).result
     references = reference_images(CONCEPTS["smiley"])
     assert captions.split("\n") == reference_captions(CONCEPTS["smiley"])  # the world's grammar, "{}" for the token
     assert count == len(references) and images.shape == (len(references), 64, 64, 3)

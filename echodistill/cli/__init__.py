@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -83,6 +84,8 @@ _PYTHON_SHOWWARNING = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch starts OpenMP: idle threads sleep instead of spinning (see training.threads).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     command = _COMMAND[0] = command_parser(parser, args)

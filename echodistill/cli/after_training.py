@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import EchoDistillError
@@ -77,9 +78,12 @@ def run_sample(args: argparse.Namespace) -> int:
     if part == "teacher":
         result = sample_teacher(pair, prompts, negative_prompt=args.negative_prompt, **common)
     else:
-        result = sample_student(pair, prompts, **common)
+        result = sample_student(pair, prompts, schedule=args.schedule.replace("-", "_"), **common)
+    extra = {"fingerprints": pair.fingerprints()}
+    if part == "student":
+        extra["schedule"] = args.schedule
     paths = _write_images(result, Path(args.out), sampler=part, steps=args.steps, guidance=args.guidance,
-                          bundle=bundle, extra={"fingerprints": pair.fingerprints()})
+                          bundle=bundle, extra=extra)
     print(f"{len(paths)} images of {width}x{height} px written to {args.out}")
     return 0
 
@@ -96,6 +100,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser, *, teacher: bool) -> N
                         help="denoising steps" + ("" if teacher else " (1-4; the student is made for 1)"))
     parser.add_argument("--guidance", type=float, default=7.5 if teacher else 0.0,
                         help="classifier-free guidance scale; 1 or less switches it off")
+    if not teacher:
+        parser.add_argument("--schedule", default="trailing", choices=("trailing", "comfyui-turbo"),
+                            help="timesteps for 2+ steps: trailing (999/499 at 2 steps, what training previews "
+                                 "use) or comfyui-turbo (999/899/799..., as ComfyUI's SDTurboScheduler with the "
+                                 "euler sampler); one step is t = 999 either way")
     for side in ("width", "height"):
         parser.add_argument(f"--{side}", type=int,
                             help=f"image {side} in pixels, a multiple of the models' latent grid (default: the "
@@ -106,12 +115,15 @@ def add_sample_arguments(parser: argparse.ArgumentParser, *, teacher: bool) -> N
     parser.add_argument("--out", required=True, help="folder for the PNGs")
 
 
-def _read_images(folder: str):
+def _read_images(folder: str, what: str):
+    """(images (3, H, W) in [0, 1], each PNG's prompt or None) through the photo loader every
+    command shares: the same errors for a missing folder or an unreadable file, and every file
+    not used is named on stderr."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from ..miniworld.procedural import subject_references
+    from ..training.photos import load_concept_images
 
     try:
         shipped = subject_references(folder)
@@ -120,18 +132,16 @@ def _read_images(folder: str):
     if shipped is not None and not Path(folder).is_dir():  # miniworld/<subject>: its drawn references
         pixels = [np.asarray(picture, dtype=np.float32) / 255.0 for picture in shipped[0]]  # (H, W, 3) each
         return [torch.from_numpy(p).permute(2, 0, 1) for p in pixels], [None] * len(pixels)
-    if not Path(folder).is_dir():
-        raise EchoDistillError(f"{folder} is not a folder (nor a mini-world subject, miniworld/<subject>)")
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    if not paths:
-        raise EchoDistillError(f"no images in {folder}")
+    photos = load_concept_images(folder, min_size_fraction=0)
+    print(f"{what}: {photos.report()}", file=sys.stderr)
     images, prompts = [], []
-    for path in paths:
-        with Image.open(path) as picture:
-            record = json.loads(picture.info.get(PNG_KEY, "{}"))
-            pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
-            images.append(torch.from_numpy(pixels).permute(2, 0, 1))
-        prompts.append(record.get("prompt"))
+    for item in photos:
+        pixels = np.asarray(item.image, dtype=np.float32) / 255.0  # (H, W, 3)
+        images.append(torch.from_numpy(pixels).permute(2, 0, 1))
+        try:
+            prompts.append(json.loads(item.text.get(PNG_KEY, "{}")).get("prompt"))
+        except (ValueError, AttributeError):
+            prompts.append(None)
     return images, prompts
 
 
@@ -141,8 +151,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.out:
         check_writable(Path(args.out).parent, "--out folder")
-    generated, prompts = _read_images(args.images)
-    references, _ = _read_images(args.references)
+    generated, prompts = _read_images(args.images, "images")
+    references, _ = _read_images(args.references, "references")
     if args.prompt:
         prompts = list(args.prompt) * (len(generated) // len(args.prompt) or 1)
     if any(p is None for p in prompts):
@@ -194,7 +204,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         "prompts can say embedding:<name>")
     parser.add_argument("--part", default="student", choices=("student", "teacher"),
                         help="which model's adapters to export")
-    parser.add_argument("--mode", default="diff", choices=("diff", "lowrank"),
-                        help="diff: exact weight patches; lowrank: SVD factors (smaller; error reported)")
-    parser.add_argument("--rank", type=int, help="rank for --mode lowrank (default: full, exact)")
+    parser.add_argument("--mode", default="lowrank", choices=("lowrank", "diff"),
+                        help="lowrank (default): lora_up/lora_down factors that ComfyUI, diffusers, A1111/Forge "
+                             "and InvokeAI load; exact at full rank, but then larger than diff. diff: exact "
+                             "weight patches, not loaded by diffusers")
+    parser.add_argument("--rank", type=int, help="rank for --mode lowrank (default: full, exact; a lower rank is "
+                                                 "smaller and approximate, its error is reported)")
     parser.add_argument("--overwrite", action="store_true", help="replace files that exist")

@@ -6,6 +6,7 @@
     bench quality-merge   one quality table from runs made side by side
     bench lr-sweep        each quality-benchmark method's learning rate, chosen on a tuning concept and seed
     bench world-probe     whether the teacher alone learns each held-out subject (the mini world's fairness bar)
+    bench threads         the demo's training step per CPU thread count, idle and beside busy processes
 
 The only module of the package that imports the benchmarks; each one is imported when its command runs.
 """
@@ -47,6 +48,28 @@ def _add_bench_commands(bench: argparse.ArgumentParser) -> None:
                 help="whether the teacher alone (K/V + token row) learns each held-out subject: the mini world's "
                      "fairness bar (mean subject fidelity >= 0.50, prompt fidelity >= 0.80)",
                 add_arguments=add_world_probe_arguments, run=run_world_probe)
+    add_command(bench_commands, "threads",
+                help="the demo's training step per CPU thread count, idle and beside busy processes",
+                add_arguments=add_threads_arguments, run=run_threads)
+
+
+def add_threads_arguments(threads: argparse.ArgumentParser) -> None:
+    threads.add_argument("--steps", type=int, default=4, help="timed steps per case (after one warm-up step)")
+    threads.add_argument("--load", type=int, action="append",
+                         help="busy background processes for a case (repeatable; default: 0 and 1)")
+    threads.add_argument("--threads", type=int, action="append",
+                         help="thread counts to time (repeatable; default: 1, the chosen count, all cores)")
+    threads.add_argument("--out", default="bench-threads.json", help="every number, as JSON")
+
+
+def run_threads(args: argparse.Namespace) -> int:
+    from ..benchmarks.measuring import BenchError
+    from ..benchmarks.threads import thread_benchmark, thread_table
+
+    if args.steps < 1 or any(n < 0 for n in args.load or []) or any(n < 1 for n in args.threads or []):
+        raise BenchError("--steps and --threads must be at least 1, --load at least 0")
+    report = thread_benchmark(args.steps, tuple(args.load or (0, 1)), tuple(args.threads) if args.threads else None)
+    return _finish(report, thread_table(report), args.out)
 
 
 # --- bench sample, bench train -------------------------------------------------------------------
@@ -104,20 +127,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int,
-        help="CPU threads for torch (default: torch's own). On a shared machine use fewer than the free cores: "
+        help="CPU threads for torch (default: chosen per model size, see echodistill.training.threads). On a shared machine use fewer than the free cores: "
         "oversubscribed OpenMP threads spin and can make each op ~100x slower",
     )
 
 
 def _set_threads(threads: int | None) -> None:
-    import torch
-
     from ..benchmarks.measuring import BenchError
 
     if threads is not None:
         if threads < 1:
             raise BenchError(f"--threads {threads} must be at least 1")
-        torch.set_num_threads(threads)
+        from ..training.threads import set_cpu_threads
+
+        set_cpu_threads(threads)
 
 
 def _finish(report: dict, table: str, out: str) -> int:
@@ -218,7 +241,9 @@ def load_world(args: argparse.Namespace) -> tuple[Any, Any, dict]:
     if args.threads is not None:
         if args.threads < 1:
             raise BenchError(f"--threads {args.threads} must be at least 1")
-        torch.set_num_threads(args.threads)
+        from ..training.threads import set_cpu_threads
+
+        set_cpu_threads(args.threads)
     args.oracle = Path(args.oracle or ORACLE_ROOT)
     oracle = Oracle.load(args.oracle)  # before anything trains: a missing oracle fails at once
     models = getattr(args, "models", None)

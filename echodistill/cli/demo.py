@@ -39,18 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training iterations")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and of the sampling noise")
     parser.add_argument("--out", default="demo-output", help="folder for the bundle, contact sheet and metrics")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: chosen per model size: 1 for the mini world)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any training config field, e.g. --set echo=false (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..jobs.demo import run_demo
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        from ..training.threads import set_cpu_threads
+
+        set_cpu_threads(args.threads)
     print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {args.steps} steps, seed {args.seed}")
     overrides = parse_overrides(args.set)
     callbacks = TerminalCallbacks(overrides.get("steps", args.steps), preview_dir=Path(args.out) / "run")

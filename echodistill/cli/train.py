@@ -175,6 +175,7 @@ def _train(args: argparse.Namespace) -> int:
     if not args.config and "resolution" not in overrides:  # the preset's 512 would be noise for the mini world
         config = config.with_changes(resolution=native_resolution(pair, "student"))
     images = concept_images(args.images, config.resolution)
+    print(images.report())  # every photo given: used, or named with the reason it is not
     out = Path(args.out)
     run_dir = Path(args.run_dir) if args.run_dir else out.with_suffix("").with_name(out.stem + "-run")
     run_training(

@@ -13,6 +13,23 @@ comfy/weight_adapter/lora.py and comfy/sd1_clip.py ``load_embed``):
   scalar ``.alpha``, patched as ``W + strength * alpha / r * up @ down`` (no alpha: scale 1);
   or ``.diff`` (ΔW, the weight's own shape), patched as ``W + strength * diff``, plus an
   optional ``.diff_b`` for the bias. Our adapters never change a bias, so no ``.diff_b`` is written.
+  A conv layer's factors are kohya's conv layout: down (r, in, kh, kw), up (out, r, 1, 1).
+
+Other clients (read in their public loaders):
+
+- diffusers (``load_lora_weights``) converts kohya ``lora_up``/``lora_down``/``alpha`` into a peft
+  adapter, but refuses ``.diff`` keys on an SD UNet. Its peft config holds ONE default alpha and
+  only reliably honours per-layer ranks (``rank_pattern``), so per-layer alphas that differ end up
+  applied as the most common one: a full-rank export whose layers differ in rank (320 / 640 /
+  1024 on SD 2.x K/V) would load at alpha_common / r instead of 1. Every lowrank export therefore
+  writes ONE alpha for all layers and folds each layer's own scale into its factors, so
+  ``alpha / r · up @ down`` is ΔW in ComfyUI, diffusers, A1111/Forge and InvokeAI alike.
+- A1111/Forge and InvokeAI read both ``lora_up``/``lora_down``/``alpha`` and ``.diff`` layers.
+
+So ``lowrank`` (default; full rank is exact) loads everywhere; ``diff`` is ComfyUI, A1111/Forge
+and InvokeAI only. Size: ``diff`` stores out·in numbers per layer, full-rank ``lowrank`` stores
+r·(out + in) with r = min(out, in), which is MORE than ``diff`` (SD-Turbo K/V: about 165 MiB vs
+97.5 MiB); only a rank well below min(out, in) makes ``lowrank`` the smaller file.
 - a key ComfyUI cannot map is only logged ("lora key not loaded") and silently does nothing;
   ``apply_kohya_lora`` (reference.py) raises on such a key instead, which is how the tests prove
   every key maps.
@@ -43,9 +60,6 @@ KOHYA_UNET_PREFIX = "lora_unet_"
 EXPORT_METADATA_KEY = "echodistill_export"
 # Text width -> kohya's ss_base_model_version. Only these two are stated; other widths stay unnamed.
 BASE_MODEL_VERSIONS = {1024: "sd_v2", 768: "sd_v1"}
-# Text width -> the key ComfyUI's load_embed looks up first (SD2 tokenizer: clip_h, SD1: clip_l).
-EMBEDDING_KEYS = {1024: "clip_h", 768: "clip_l"}
-FALLBACK_EMBEDDING_KEY = "emb_params"  # A1111's single-tensor layout; ComfyUI takes the first value
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "diff", "diff_b")
 
 _PEFT_A = f".lora_A.{LORA_ADAPTER_NAME}.weight"
@@ -123,15 +137,27 @@ def lora_factors(bundle: ConceptBundle, part: str = "student") -> dict[str, tupl
             raise ExportError(
                 f"{module}: lora_A has rank {rank} but the bundle config says lora_rank={bundle.config['lora_rank']}"
             )
-        factors[module] = (down.float(), ups[module].float(), alpha)
+        up = ups[module]
+        if down.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            raise ExportError(f"{module}: a conv LoRA's lora_B must be 1x1, got {tuple(up.shape)}")
+        factors[module] = (down.float(), up.float(), alpha)
     return factors
 
 
+def factor_product(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """up @ down for a Linear (down (r, in), up (out, r)) or a conv layer in kohya's layout
+    (down (r, in, kh, kw), up (out, r, 1, 1)): the ΔW of the layer's weight shape, before scale."""
+    if down.dim() == 2:
+        return up @ down
+    return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+
 def bundle_deltas(bundle: ConceptBundle, part: str = "student") -> dict[str, torch.Tensor]:
-    """module name -> ΔW (fp32, shape of the Linear's weight) of one part of a bundle."""
+    """module name -> ΔW (fp32, shape of the layer's weight: Linear or conv) of one part of a bundle."""
     state = _part_state(bundle, part)
     if bundle.adapter == "lora":
-        return {m: (alpha / down.shape[0]) * (up @ down) for m, (down, up, alpha) in lora_factors(bundle, part).items()}
+        return {m: (alpha / down.shape[0]) * factor_product(down, up)
+                for m, (down, up, alpha) in lora_factors(bundle, part).items()}
     if bundle.adapter != "custom_diffusion":
         raise ExportError(f"unknown bundle adapter {bundle.adapter!r}: expected 'custom_diffusion' or 'lora'")
     other = sorted(k for k in state if not k.endswith(".delta"))
@@ -146,7 +172,12 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     Truncated SVD in float64; the singular values are split evenly between the factors so
     neither carries the whole scale (kinder to fp16 loaders). The error is measured on the
     fp32 factors actually written. r is capped at min(out, in), where the fit is exact.
+    A conv ΔW (out, in, kh, kw) is fitted as (out, in·kh·kw) and returned in kohya's conv
+    layout: down (r, in, kh, kw), up (out, r, 1, 1).
     """
+    if delta.dim() == 4:
+        down, up, error = low_rank_factors(delta.flatten(1), rank)
+        return down.reshape(down.shape[0], *delta.shape[1:]), up[:, :, None, None], error
     target = delta.detach().double().cpu()  # (out, in)
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
     r = min(rank, s.numel())
@@ -175,7 +206,7 @@ def _text_width(bundle: ConceptBundle) -> int:
 
 
 def _check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mapping | nn.Module) -> None:
-    """Every exported module must be a Linear of that UNet with ΔW's shape (built on meta: free)."""
+    """Every exported module must be a Linear or conv layer of that UNet with ΔW's shape (built on meta: free)."""
     if isinstance(unet_config, nn.Module):
         unet = unet_config
     else:
@@ -183,10 +214,11 @@ def _check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mapp
 
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(dict(unet_config))
-    linears = {n: m for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     for module, shape in shapes.items():
         if module not in linears:
-            raise ExportError(f"{module} is not a Linear layer of the given UNet: was the bundle trained on another?")
+            raise ExportError(
+                f"{module} is not a Linear or conv layer of the given UNet: was the bundle trained on another?")
         if tuple(linears[module].weight.shape) != tuple(shape):
             raise ExportError(
                 f"{module}: ΔW has shape {tuple(shape)} but the given UNet's weight is "
@@ -242,19 +274,22 @@ def export_lora(
     path: str | os.PathLike,
     *,
     part: Part = "student",
-    mode: ExportMode = "diff",
+    mode: ExportMode = "lowrank",
     rank: int | None = None,
     unet_config: Mapping | nn.Module | None = None,
     overwrite: bool = False,
 ) -> ExportReport:
-    """Write the UNet adapter of `part` as a kohya-format LoRA that ComfyUI's LoRA loaders read.
+    """Write the UNet adapter of `part` as a kohya-format LoRA (see the module docstring for clients).
 
-    mode="diff": one exact ``.diff`` (ΔW) per layer; the patched weight is W + strength·ΔW.
-    mode="lowrank": ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``. A peft LoRA bundle
-    is written as its own factors (down = lora_A, up = lora_B, alpha = lora_alpha: exact) unless
-    `rank` is below its rank; custom-diffusion ΔW (and a LoRA asked for a lower rank) is fitted
-    by truncated SVD at `rank` (None: full rank, exact) with alpha = r, so alpha/r = 1. The
-    report gives each layer's relative Frobenius error and their max and mean.
+    mode="lowrank" (default): ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, which
+    ComfyUI, diffusers, A1111/Forge and InvokeAI all load. A peft LoRA bundle is written as its
+    own factors (down = lora_A, up = lora_B: exact) unless `rank` is below its rank; custom-diffusion
+    ΔW (and a LoRA asked for a lower rank) is fitted by truncated SVD at `rank` (None: full rank,
+    exact). One alpha is written for every layer and each layer's own scale is folded into its
+    factors, so alpha / r · up @ down is that layer's ΔW at strength 1 in every client.
+    mode="diff": one exact ``.diff`` (ΔW) per layer; the patched weight is W + strength·ΔW. ComfyUI,
+    A1111/Forge and InvokeAI read it; diffusers does not. The report gives each layer's relative
+    Frobenius error and their max and mean.
 
     `unet_config` (a diffusers UNet config, or a UNet without adapters), when given, checks
     that every layer exists in that UNet with ΔW's shape before anything is written.
@@ -275,6 +310,7 @@ def export_lora(
     ranks: set[int] = set()
     alphas: set[float] = set()
     peft = lora_factors(bundle, part) if bundle.adapter == "lora" else {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module, delta in sorted(deltas.items()):
         key = kohya_key(module)
         if mode == "diff":
@@ -285,13 +321,22 @@ def export_lora(
             down, up, alpha = peft[module]
             errors[module] = 0.0
         else:
-            down, up, errors[module] = low_rank_factors(delta, rank or min(delta.shape))
+            down, up, errors[module] = low_rank_factors(delta, rank or min(delta.flatten(1).shape))
             alpha = float(down.shape[0])
-        tensors[f"{key}.lora_down.weight"] = down.contiguous()  # (r, in)
-        tensors[f"{key}.lora_up.weight"] = up.contiguous()  # (out, r)
-        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        factors[module] = (down, up, alpha)
+    # One alpha for all layers (diffusers keeps only one, see the module docstring): each layer's
+    # alpha_l / r becomes alpha / r by scaling both factors by sqrt(alpha_l / alpha) (<= 1).
+    common = max((alpha for _, _, alpha in factors.values()), default=0.0)
+    for module, (down, up, alpha) in factors.items():
+        key = kohya_key(module)
+        if alpha != common:
+            root = (alpha / common) ** 0.5
+            down, up = down * root, up * root
+        tensors[f"{key}.lora_down.weight"] = down.contiguous()  # (r, in) or (r, in, kh, kw)
+        tensors[f"{key}.lora_up.weight"] = up.contiguous()  # (out, r) or (out, r, 1, 1)
+        tensors[f"{key}.alpha"] = torch.tensor(common, dtype=torch.float32)
         ranks.add(int(down.shape[0]))
-        alphas.add(alpha)
+        alphas.add(common)
 
     metadata = _lora_metadata(bundle, part, mode, ranks, alphas, errors)
     atomic_save_safetensors(tensors, target, metadata)
@@ -316,15 +361,22 @@ def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrit
     ``embedding:NAME`` where it said the token, and keeps the class word, e.g. the training
     prompt "a photo of <v*> dog" becomes "a photo of embedding:NAME dog".
 
-    Key rule (ComfyUI's ``load_embed`` takes ``string_to_param`` if present, else the tokenizer's
-    own key - ``clip_h`` for SD2-family models, ``clip_l`` for SD1 - else the file's first tensor,
-    and drops an embedding whose width differs from the text encoder's): a 1024-wide row is
-    saved as ``{"clip_h": (1, 1024)}``, a 768-wide one as ``{"clip_l": (1, 768)}``, any other
-    width (tiny test models) as A1111's ``{"emb_params": (1, D)}``, which loads as first value.
+    One tensor (1, D), keyed by the concept's token (e.g. ``<v*>``), so every client reads it
+    without being told anything more:
+
+    - ComfyUI's ``load_embed`` takes ``string_to_param``, else its tokenizer's key (``clip_l`` /
+      ``clip_h``), else the file's first tensor - ours - and checks its width.
+    - diffusers' ``load_textual_inversion`` registers a one-tensor file under the tensor's key,
+      so the token needs no ``token=`` and the prompt is the one our samplers take
+      ("a photo of <v*> dog"). It refuses a token already in the vocabulary; pass ``token=``
+      to load two concepts trained with the same token.
+    - A1111/Forge take the one tensor of a one-tensor file (trigger word: the file name), and
+      InvokeAI reads the token count from the tensor's first dimension (1) and its base model
+      from the width (768: SD 1.x, 1024: SD 2.x); trigger ``<file name>``.
     """
     target = _target(path, overwrite)
     width = _text_width(bundle)
-    key = EMBEDDING_KEYS.get(width, FALLBACK_EMBEDDING_KEY)
+    key = bundle.token
     row = bundle.embedding_for("student").detach().float().reshape(1, width)  # (1, D): the student reads it
     if not torch.isfinite(row).all():
         raise ExportError("the bundle's embedding row is not finite; refusing to export it")

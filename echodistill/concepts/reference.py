@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from ..models.adapters import adapter_kind
-from .export import KOHYA_SUFFIXES, ExportError, kohya_key
+from .export import KOHYA_SUFFIXES, ExportError, factor_product, kohya_key
 
 
 def apply_kohya_lora(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], strength: float = 1.0) -> list[str]:
-    """Patch a plain diffusers UNet's Linear weights in place from kohya UNet keys, as ComfyUI does.
+    """Patch a plain diffusers UNet's Linear and conv weights in place from kohya UNet keys, as ComfyUI does.
 
     ``W + strength * alpha/r * up @ down`` (no alpha: scale 1), or ``W + strength * diff``
     (``diff_b`` on the bias). Unlike ComfyUI, any key that maps to no Linear layer, has an
@@ -25,7 +25,7 @@ def apply_kohya_lora(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], st
     """
     if adapter_kind(unet) is not None:
         raise ExportError("apply_kohya_lora patches plain weights: give it a UNet without adapters")
-    linears = {kohya_key(n): (n, m) for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    linears = {kohya_key(n): (n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         stem, _, suffix = key.partition(".")
@@ -34,7 +34,7 @@ def apply_kohya_lora(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], st
                 f"{key}: unknown kohya key suffix {suffix!r}; expected one of {', '.join(KOHYA_SUFFIXES)}"
             )
         if stem not in linears:
-            raise ExportError(f"{key} maps to no Linear layer of this UNet")
+            raise ExportError(f"{key} maps to no Linear or conv layer of this UNet")
         groups.setdefault(stem, {})[suffix] = value
 
     updates: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, new value)
@@ -51,7 +51,7 @@ def apply_kohya_lora(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], st
                 raise ExportError(f"{stem} has only one of lora_up.weight / lora_down.weight")
             up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()  # (out, r), (r, in)
             scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0
-            delta = scale * (up @ down)
+            delta = scale * factor_product(down, up)
         elif "alpha" in parts:
             raise ExportError(f"{stem} has an .alpha but no lora_up/lora_down")
         if delta is not None:

@@ -37,6 +37,9 @@ MODEL_ROOT = ASSET_ROOT / "models"
 ORACLE_ROOT = ASSET_ROOT / "oracle"
 TEACHER_DIR = MODEL_ROOT / "teacher"
 STUDENT_DIR = MODEL_ROOT / "student"
+# Concept bundles trained on the shipped pair (`echodistill demo --concept NAME`), so a graph that
+# samples a saved concept runs on a fresh install.
+SHIPPED_CONCEPT_DIR = ASSET_ROOT / "concepts"
 FAMILY_OF_ROLE = {"teacher": "sd21-base", "student": "sd-turbo"}  # whose scheduler and model_index
 
 TEXT_WIDTH = 128

@@ -11,6 +11,9 @@ of sqrt(1 - ᾱ_999) · noise (≈ 0.9977 · noise): its images differ from ours
 
 from __future__ import annotations
 
+import math
+import re
+import warnings
 from typing import Sequence
 
 import torch
@@ -30,11 +33,87 @@ def alphas_cumprod_for(scheduler_config: dict, device: torch.device | str = "cpu
 
 
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: Sequence[str]) -> torch.Tensor:
-    """Prompt embeddings (B, 77, D): the encoder's last hidden state, as the SD pipelines use."""
+    """Prompt embeddings (B, 77, D): the encoder's last hidden state, as the SD pipelines use.
+
+    Training's encoder: a prompt over 75 tokens is cut (with a warning naming it). The samplers
+    read long prompts whole, as ComfyUI does: `encode_long_prompts`.
+    """
     ids = tokenizer(
         list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(text_encoder.device)  # (B, 77)
+    if ids.shape[0] and bool((ids[:, -1] != tokenizer.pad_token_id).any()):
+        for prompt in prompts:
+            if len(tokenizer(prompt, add_special_tokens=False).input_ids) > tokenizer.model_max_length - 2:
+                warnings.warn(f"the prompt {prompt[:60]!r}... is longer than {tokenizer.model_max_length - 2} tokens; "
+                              "training reads only its first 75 tokens", stacklevel=2)
     return text_encoder(ids).last_hidden_state  # (B, 77, D)
+
+
+COMFYUI_MAX_WORD_LENGTH = 8  # ComfyUI keeps a group shorter than this whole in one chunk
+
+
+def prompt_chunks(tokenizer: CLIPTokenizer, prompt: str) -> list[list[int]]:
+    """The 77-token windows ComfyUI's CLIPTextEncode feeds the text encoder for `prompt`.
+
+    ComfyUI (comfy/sd1_clip.py ``tokenize_with_weights``) tokenizes the text between
+    embeddings as one group and each embedding as a group of its own, then fills windows of
+    start + 75 tokens + end (+ padding): a group of 8 tokens or more is cut at the window's
+    edge, a shorter one moves whole to the next window. Our concept tokens stand where ComfyUI
+    reads ``embedding:NAME``, so they are groups of their own here. ComfyUI's weight syntax
+    ``(word:1.2)`` is not interpreted (prompts with parentheses may differ).
+    """
+    length = tokenizer.model_max_length
+    start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    added = sorted((t for t in tokenizer.get_added_vocab() if t not in tokenizer.all_special_tokens),
+                   key=len, reverse=True)
+    parts = re.split("(" + "|".join(map(re.escape, added)) + ")", prompt) if added else [prompt]
+    groups = [tokenizer(part, add_special_tokens=False).input_ids for part in parts if part.strip()]
+    windows: list[list[int]] = []
+    window = [start]
+    for group in groups:
+        large = len(group) >= COMFYUI_MAX_WORD_LENGTH
+        while group:
+            if len(group) + len(window) > length - 1:
+                room = length - 1 - len(window)
+                if large:
+                    window += group[:room]
+                    group = group[room:]
+                window.append(end)
+                window += [pad] * (length - len(window))
+                windows.append(window)
+                window = [start]
+            else:
+                window += group
+                group = []
+    window.append(end)
+    window += [pad] * (length - len(window))
+    windows.append(window)
+    return windows
+
+
+def encode_long_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
+                        prompts: Sequence[str]) -> list[torch.Tensor]:
+    """Per prompt, its embeddings (77·k, D): each 77-token window of `prompt_chunks` encoded on
+    its own and concatenated, as ComfyUI's CLIPTextEncode does; k = 1 up to 75 tokens, where it
+    equals `encode_prompts`. One encoder call for all windows of all prompts."""
+    chunks = [prompt_chunks(tokenizer, prompt) for prompt in prompts]
+    if not chunks:
+        return []
+    ids = torch.tensor([window for windows in chunks for window in windows], device=text_encoder.device)  # (W, 77)
+    states = text_encoder(ids).last_hidden_state  # (W, 77, D)
+    out, first = [], 0
+    for windows in chunks:
+        out.append(states[first:first + len(windows)].reshape(-1, states.shape[-1]))  # (77·k, D)
+        first += len(windows)
+    return out
+
+
+def same_length(embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, L, D) from prompt embeddings (L_i, D) of different lengths, each repeated whole up to the
+    least common multiple L (as ComfyUI batches conds of different lengths). Repeating every key
+    and value of cross-attention the same number of times leaves attention's result unchanged."""
+    target = math.lcm(*(e.shape[0] for e in embeddings))
+    return torch.stack([e.repeat(target // e.shape[0], 1) for e in embeddings])
 
 
 def unet_call(

@@ -109,6 +109,74 @@ class Detection:
     reason: str
 
 
+SUPPORTED_PAIRS = (
+    "EchoDistill trains Stable Diffusion 1.x and 2.x UNets only. Use SD 2.1 as teacher "
+    "(v2-1_512-ema-pruned.safetensors) with SD-Turbo as student (sd_turbo.safetensors) - the pair the "
+    "method is made for - or two SD 1.5-architecture models (families sd21-base, sd21-768v, sd-turbo, sd15)"
+)
+
+
+def _architecture(keys: list[str], width_of) -> str | None:
+    """What an unsupported model is, from its key layout alone (None: SD 1.x / 2.x or unknown)."""
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in keys)
+
+    if has("double_blocks.") and has("single_blocks."):
+        return "a Flux model (double_blocks / single_blocks transformer)"
+    if has("joint_blocks."):
+        return "a Stable Diffusion 3 model (MMDiT joint_blocks)"
+    # SD-Turbo's own file also keeps its one text tower under conditioner.embedders.0: SDXL has a
+    # second tower (embedders.1) and the size/crop embedding (label_emb).
+    if any(k.startswith("conditioner.embedders.1.") for k in keys) or has("diffusion_model.label_emb."):
+        width = width_of()
+        kind = "an SDXL refiner" if width == 1280 else "an SDXL model (SDXL, SDXL-Turbo, Pony, ...)"
+        return f"{kind} (two text towers / label_emb, {width}-wide cross-attention)"
+    width = width_of()
+    if width in (1280, 2048):
+        return f"an SDXL UNet ({width}-wide cross-attention)"
+    return None
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model is of an architecture EchoDistill does not train (SDXL, SD3, Flux)."""
+
+
+def refuse_unsupported(name: str, keys: list[str], width_of) -> None:
+    """Raise a ModelLoadError that names the architecture and the pairs to use, for SDXL / SD3 / Flux."""
+    what = _architecture(keys, width_of)
+    if what is not None:
+        raise UnsupportedModelError(f"{name} is {what}, which EchoDistill cannot train or sample. {SUPPORTED_PAIRS}.")
+
+
+def refuse_unsupported_folder(path: Path) -> None:
+    """The same for a diffusers folder, from model_index.json and the UNet's config."""
+    index = path / "model_index.json"
+    pipeline = ""
+    if index.is_file():
+        try:
+            pipeline = str(json.loads(index.read_text()).get("_class_name", ""))
+        except (ValueError, OSError, AttributeError):
+            pipeline = ""
+    what = None
+    if "Flux" in pipeline:
+        what = f"a Flux model ({pipeline})"
+    elif "StableDiffusion3" in pipeline:
+        what = f"a Stable Diffusion 3 model ({pipeline})"
+    elif "XL" in pipeline:
+        what = f"an SDXL model ({pipeline})"
+    elif (path / "unet" / "config.json").is_file():
+        try:
+            unet = json.loads((path / "unet" / "config.json").read_text())
+        except (ValueError, OSError):
+            unet = {}
+        if unet.get("addition_embed_type") == "text_time" or unet.get("cross_attention_dim") in (1280, 2048):
+            what = "an SDXL model (its UNet takes SDXL's text_time conditioning)"
+    elif (path / "transformer" / "config.json").is_file():
+        what = "a transformer (DiT) model such as SD3 or Flux"
+    if what is not None:
+        raise UnsupportedModelError(f"{path} is {what}, which EchoDistill cannot train or sample. {SUPPORTED_PAIRS}.")
+
+
 def detect_layout(weights: TensorFile) -> tuple[str, str | None]:
     """(layout, text tower kind) of a single file, from its keys alone."""
     keys = weights.keys()
@@ -141,6 +209,7 @@ def detect_family(weights: TensorFile, role: Role) -> Detection:
     SD 2.1 base (epsilon). Pass the family explicitly for an SD 2.1 768-v teacher without a
     header.
     """
+    refuse_unsupported(weights.path.name, list(weights.keys()), lambda: _cross_attention_dim(weights))
     layout, text_kind = detect_layout(weights)
     context_dim = _cross_attention_dim(weights)
     if text_kind is None:
@@ -150,8 +219,9 @@ def detect_family(weights: TensorFile, role: Role) -> Detection:
             text_kind = "openclip"
         else:
             raise ModelLoadError(
-                f"{weights.path.name} has no text tower and a {context_dim}-wide cross-attention; "
-                "name its family explicitly"
+                f"{weights.path.name} has no text tower and a {context_dim}-wide cross-attention, which no "
+                "shipped Stable Diffusion 1.x / 2.x family has: pass its family (e.g. teacher_family='sd21-base' "
+                f"or a config folder) to read it. {SUPPORTED_PAIRS}."
             )
     if text_kind == "clip":
         return Detection("sd15", layout, text_kind, "CLIP ViT-L text tower (SD 1.x)")

@@ -19,7 +19,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..errors import ModelLoadError
 from . import checkpoint_layout as layout_map
-from .families import Detection, FamilyConfig, Role, detect_family, family_config
+from .families import (
+    Detection,
+    FamilyConfig,
+    Role,
+    UnsupportedModelError,
+    detect_family,
+    detect_layout,
+    family_config,
+    refuse_unsupported_folder,
+)
 from .tensor_files import TensorFile, fingerprint, read_folder_weights
 from .tokenizer import load_clip_tokenizer
 
@@ -51,6 +60,7 @@ class ModelSource:
     def open(cls, path: str | os.PathLike, family: str | os.PathLike = "auto", role: Role = "teacher") -> "ModelSource":
         path = Path(path)
         if path.is_dir():
+            refuse_unsupported_folder(path)
             if not (path / "unet" / "config.json").is_file():
                 raise ModelLoadError(f"{path} is not a diffusers model folder (no unet/config.json)")
             if family == "auto":
@@ -59,7 +69,16 @@ class ModelSource:
         if not path.is_file():
             raise ModelLoadError(f"model not found: {path} (give a .safetensors file or a diffusers folder)")
         weights = TensorFile(path)
-        detection: Detection = detect_family(weights, role)
+        try:
+            detection: Detection = detect_family(weights, role)
+        except UnsupportedModelError:
+            raise
+        except ModelLoadError:
+            if family == "auto":
+                raise
+            # A file detection cannot place (e.g. a UNet without its text tower) is read as the family named.
+            layout, text_kind = detect_layout(weights)
+            detection = Detection(family_config(family).name, layout, text_kind, "family given by the caller")
         if family == "auto":
             config, reason = family_config(detection.family), f"detected: {detection.reason}"
         else:

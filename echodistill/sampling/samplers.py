@@ -43,7 +43,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
 
 from ..errors import EchoDistillError
-from ..models.diffusion import alphas_cumprod_for, encode_prompts, guided_epsilon_and_x0, student_one_step, unet_call
+from ..models.diffusion import (
+    alphas_cumprod_for,
+    encode_long_prompts,
+    guided_epsilon_and_x0,
+    same_length,
+    student_one_step,
+    unet_call,
+)
 from ..models.loading import resolve_dtype
 from ..models.pair import ModelPair
 from ..models.schedule import predict_epsilon, predict_x0
@@ -114,6 +121,33 @@ def euler_trailing_schedule(scheduler_config: dict, steps: int, alphas_cumprod: 
     timesteps = tuple(int(round(t)) for t in timesteps)
     next_alpha_bars = tuple(alphas_cumprod[t].cpu() for t in timesteps[1:]) + (None,)
     return Schedule(timesteps, next_alpha_bars)
+
+
+STUDENT_SCHEDULES = ("trailing", "comfyui_turbo")
+COMFYUI_TURBO_MAX_STEPS = 10
+
+
+def comfyui_turbo_schedule(scheduler_config: dict, steps: int, alphas_cumprod: torch.Tensor) -> Schedule:
+    """ComfyUI's ``SDTurboScheduler`` at denoise 1: timesteps 999, 899, 799, ... (100 apart, at most
+    10), Euler between them, the last step returns x̂0. With ComfyUI's ``euler`` sampler it is the
+    same computation (``euler_ancestral`` adds fresh noise at each step and matches only at 1 step)."""
+    if not isinstance(steps, int) or not 1 <= steps <= COMFYUI_TURBO_MAX_STEPS:
+        raise SamplingError(f"steps={steps!r}: ComfyUI's SD-Turbo schedule has 1 to {COMFYUI_TURBO_MAX_STEPS} steps")
+    total = scheduler_config.get("num_train_timesteps", 1000)
+    if total != 1000:
+        raise SamplingError(f"ComfyUI's SD-Turbo schedule assumes 1000 training timesteps, this model has {total}")
+    timesteps = tuple(999 - 100 * i for i in range(steps))
+    next_alpha_bars = tuple(alphas_cumprod[t].cpu() for t in timesteps[1:]) + (None,)
+    return Schedule(timesteps, next_alpha_bars)
+
+
+def student_schedule(name: str, scheduler_config: dict, steps: int, alphas_cumprod: torch.Tensor) -> Schedule:
+    """The student's timesteps by name: "trailing" (ours, 999/499 at 2 steps) or "comfyui_turbo"."""
+    if name == "trailing":
+        return euler_trailing_schedule(scheduler_config, steps, alphas_cumprod)
+    if name == "comfyui_turbo":
+        return comfyui_turbo_schedule(scheduler_config, steps, alphas_cumprod)
+    raise SamplingError(f"schedule={name!r} is not one of {', '.join(map(repr, STUDENT_SCHEDULES))}")
 
 
 def ddim_schedule(scheduler_config: dict, steps: int, alphas_cumprod: torch.Tensor) -> Schedule:
@@ -204,20 +238,26 @@ def _precision(pair: ModelPair, dtype: torch.dtype | str | None):
 
 def _encode(pair: ModelPair, prompts: list[str], negative_prompt: str | None,
             cache: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond (N, 77, D), uncond (1, 77, D) or None), from at most ONE text-encoder call over the
-    distinct prompts; with `cache`, only over those not encoded since the encoder last changed."""
+    """(cond (N, L, D), uncond (1, L, D) or None), from at most ONE text-encoder call over the
+    distinct prompts; with `cache`, only over those not encoded since the encoder last changed.
+
+    L = 77 up to 75 tokens; a longer prompt is read whole in 77-token windows, as ComfyUI's
+    CLIPTextEncode does, and prompts of different lengths are repeated to a common L (which
+    leaves cross-attention unchanged)."""
     unique = list(dict.fromkeys(prompts + ([] if negative_prompt is None else [negative_prompt])))
     if cache:
-        def encode(missing: list[str]) -> torch.Tensor:
-            return encode_prompts(pair.tokenizer, pair.text_encoder, missing)
+        def encode(missing: list[str]) -> list[torch.Tensor]:
+            return encode_long_prompts(pair.tokenizer, pair.text_encoder, missing)
 
         state = encoder_state(pair.tokenizer, pair.text_encoder)
-        embeds = prompt_cache(pair.text_encoder).encode(unique, state, encode)  # (U, 77, D)
+        embeds = prompt_cache(pair.text_encoder).encode(unique, state, encode)  # U x (77·k, D)
     else:
-        embeds = encode_prompts(pair.tokenizer, pair.text_encoder, unique)  # (U, 77, D)
+        embeds = encode_long_prompts(pair.tokenizer, pair.text_encoder, unique)  # U x (77·k, D)
     row = {p: i for i, p in enumerate(unique)}
-    cond = embeds[[row[p] for p in prompts]]  # (N, 77, D)
-    uncond = None if negative_prompt is None else embeds[row[negative_prompt]][None]  # (1, 77, D)
+    chosen = [embeds[row[p]] for p in prompts] + ([] if negative_prompt is None else [embeds[row[negative_prompt]]])
+    aligned = same_length(chosen)  # (N [+ 1], L, D)
+    cond = aligned[: len(prompts)]  # (N, L, D)
+    uncond = None if negative_prompt is None else aligned[len(prompts):]  # (1, L, D)
     return cond, uncond
 
 
@@ -272,9 +312,14 @@ def _result(pair: ModelPair, latents: torch.Tensor, seeds, prompts, return_laten
 def sample_student(
     pair: ModelPair, prompts: list[str], *, seeds: list[int] | int, steps: int = 1, width: int = 512,
     height: int = 512, dtype: torch.dtype | str | None = None, guidance: float = 0.0, return_latents: bool = True,
-    options: SamplerOptions | None = None,
+    options: SamplerOptions | None = None, schedule: str = "trailing",
 ) -> SampleResult:
-    """The student's images: one step at t = 999 (steps = 1), or Euler "trailing" for 2–4 steps.
+    """The student's images: one step at t = 999 (steps = 1), or Euler for 2–4 steps.
+
+    `schedule` picks the timesteps of several steps: "trailing" (999/499, 999/666/333, ...: what
+    training previews use) or "comfyui_turbo" (999/899/799/...: ComfyUI's SDTurboScheduler, so an
+    exported concept in core nodes with the euler sampler gives the same picture). One step is
+    t = 999 in both.
 
     guidance > 1 adds classifier-free guidance against the empty prompt (as diffusers does);
     the default 0 is how SD-Turbo is meant to run. `dtype` autocasts the models to a lower
@@ -290,7 +335,7 @@ def sample_student(
         check_cuda_graph(device, steps, guided)
     h, w = latent_size(student.unet, pair.vae, width, height)
     alphas_cumprod = alphas_cumprod_for(student.scheduler_config, device)  # (T,)
-    schedule = euler_trailing_schedule(student.scheduler_config, steps, alphas_cumprod)
+    schedule = student_schedule(schedule, student.scheduler_config, steps, alphas_cumprod)
     noise = initial_noise(seeds, (student.unet.config.in_channels, h, w)).to(device)  # (N, 4, h, w)
     with _precision(pair, dtype), _speedups(pair, student.unet, options) as unet:
         noise = noise.contiguous(memory_format=torch.channels_last) if options.channels_last else noise

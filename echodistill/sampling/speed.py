@@ -16,7 +16,7 @@ import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
@@ -93,24 +93,25 @@ def version_counter(tensor: torch.Tensor) -> object:
 
 
 class PromptCache:
-    """Least-recently-used prompt embeddings (1, 77, D) of one text encoder, on its device."""
+    """Least-recently-used prompt embeddings (77·k, D) of one text encoder, on its device."""
 
     def __init__(self, capacity: int = PROMPT_CACHE_SIZE):
         self.capacity = capacity
         self.state: tuple | None = None
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    def encode(self, prompts: list[str], state: tuple, encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
-        """(N, 77, D) for `prompts`; calls `encode` once, on the prompts not cached under `state`."""
+    def encode(self, prompts: list[str], state: tuple,
+               encode: Callable[[list[str]], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """Each prompt's (77·k, D); calls `encode` once, on the prompts not cached under `state`."""
         if state != self.state:
             self.state, self.entries = state, OrderedDict()
         missing = list(dict.fromkeys(p for p in prompts if p not in self.entries))
         if missing:
             for prompt, embeds in zip(missing, encode(missing)):
-                self.entries[prompt] = embeds[None]  # (1, 77, D)
+                self.entries[prompt] = embeds  # (77·k, D)
         for prompt in prompts:
             self.entries.move_to_end(prompt)
-        result = torch.cat([self.entries[p] for p in prompts])  # (N, 77, D)
+        result = [self.entries[p] for p in prompts]
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
         return result

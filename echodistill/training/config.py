@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -164,6 +165,10 @@ class TrainConfig:
         if not 0 < self.echo_keep_ratio <= 1:
             raise ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]",
                               parameters=("echo_keep_ratio",))
+        if self.echo and self.echo_start >= self.steps:
+            warnings.warn(f"echo=True but echo_start={self.echo_start} >= steps={self.steps}: this run never echoes; "
+                          f"use echo_start={max(1, self.steps // 2)} (preset() scales it to steps) or echo=False",
+                          stacklevel=3)
         if self.resolution % 64:
             raise ConfigError(f"resolution={self.resolution!r} must be a multiple of 64", parameters=("resolution",))
         for name in ("target_timestep_min", "target_timestep_max", "student_timestep", "discriminator_timestep_max"):
@@ -244,8 +249,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def echo_schedule(steps: int) -> dict[str, int]:
+    """The echo schedule scaled to a run of `steps`: the paper's 500 and 250 of 1000 iterations
+    (first echo half-way, then every quarter), so a short run echoes too."""
+    return {"echo_start": max(1, steps // 2), "echo_every": max(1, steps // 4)}
+
+
 def preset(name: str, **overrides) -> TrainConfig:
-    """A named preset, with field overrides (each validated)."""
+    """A named preset, with field overrides (each validated).
+
+    Given `steps` without `echo_start` / `echo_every`, the echo schedule follows the run's length
+    (`echo_schedule`): the paper's 500 / 250 would never echo in a 200-step run.
+    """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    return TrainConfig().with_changes(**{**PRESETS[name], **overrides})
+    values = {**PRESETS[name], **overrides}
+    if "steps" in overrides:
+        values = {**echo_schedule(int(overrides["steps"])), **values}
+    return TrainConfig().with_changes(**values)

@@ -1,6 +1,10 @@
 """Reference photos: read them upright as 8-bit RGB, with optional captions, or say exactly which fail.
 
-    load_concept_images(folder | paths | PIL images)  ->  list[ConceptImage]
+    load_concept_images(folder | paths | PIL images)  ->  ConceptPhotos (a list of ConceptImage)
+
+The one loader of every command and node that reads photos (train, eval, the nodes): the same
+clear errors everywhere, and every file of a folder is either used or named with the reason it
+was not (``ConceptPhotos.skipped``, ``ConceptPhotos.report()``).
 """
 
 from __future__ import annotations
@@ -8,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
@@ -43,6 +47,34 @@ class ConceptImage:
     image: Image.Image
     caption: str | None
     name: str
+    text: dict[str, str] = field(default_factory=dict)  # the file's text chunks (PNG tEXt/iTXt), e.g. our prompts
+
+
+class ConceptPhotos(list):
+    """The photos read (a list of ConceptImage), and the files of the folder that were not used."""
+
+    def __init__(self, images=(), skipped: Sequence[tuple[str, str]] = ()):
+        super().__init__(images)
+        self.skipped: list[tuple[str, str]] = list(skipped)  # (file name, why it was not used)
+
+    def report(self) -> str:
+        """One line naming what was used, and one naming each file skipped with its reason."""
+        lines = [f"{len(self)} photo(s) used: {', '.join(item.name for item in self)}"]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} file(s) not used: "
+                         + "; ".join(f"{name} ({why})" for name, why in self.skipped))
+        return "\n".join(lines)
+
+
+# Why a file beside the photos is not read, by extension; anything else gets the generic reason.
+_SKIP_REASONS = {
+    ".gif": "GIF is not read as a photo (animation frames, 256-colour palette): save it as PNG or JPEG to use it",
+    ".heic": "HEIC is not read: export it as JPEG",
+    ".heif": "HEIF is not read: export it as JPEG",
+    ".avif": "AVIF is not read: save it as PNG or JPEG",
+    ".svg": "SVG is a drawing, not a photo: save it as PNG",
+}
+_SIDECAR_EXTENSIONS = (".txt",)  # captions, read beside their photo
 
 
 # --------------------------------------------------------------------------- loading
@@ -69,7 +101,7 @@ def load_concept_images(
             f"resolution={resolution} and min_size_fraction={min_size_fraction} must be "
             "positive and non-negative"
         )
-    entries = _list_entries(source)
+    entries, skipped = _list_entries(source)
     names = [name for name, _, _ in entries]
     sidecars = [_read_sidecar(item) if not isinstance(item, Image.Image) else None
                 for _, _, item in entries]
@@ -87,7 +119,7 @@ def load_concept_images(
             continue
         if min(image.size) < min_side:
             too_small.append(f"{label} ({image.width}x{image.height})")
-        images.append(ConceptImage(image=image, caption=caption, name=name))
+        images.append(ConceptImage(image=image, caption=caption, name=name, text=_text_chunks(item)))
 
     where = ""
     if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
@@ -108,27 +140,52 @@ def load_concept_images(
         )
     if problems:
         raise DataError("\n".join(problems))
-    return images
+    return ConceptPhotos(images, skipped)
 
 
-def _list_entries(source) -> list[tuple[str, str, Path | Image.Image]]:
-    """(name, label for messages, path or PIL image) per input, in training order."""
+def _skip_reason(path: Path) -> str:
+    if path.is_dir():
+        return "a folder: photos in subfolders are not read"
+    suffix = path.suffix.lower()
+    return _SKIP_REASONS.get(suffix, f"{suffix or 'no extension'} is not a photo format read here "
+                                     f"(use {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def _text_chunks(item) -> dict[str, str]:
+    try:
+        if isinstance(item, Image.Image):
+            info = item.info
+        else:
+            with Image.open(item) as image:
+                info = dict(image.info)
+    except _READ_ERRORS:
+        return {}
+    return {k: v for k, v in info.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _list_entries(source) -> tuple[list[tuple[str, str, Path | Image.Image]], list[tuple[str, str]]]:
+    """(name, label for messages, path or PIL image) per input, in training order; and the
+    (name, reason) of every other non-hidden entry of a folder (caption files aside)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if path.is_file():
-            return [(path.name, str(path), path)]
+            return [(path.name, str(path), path)], []
         if not path.is_dir():
             raise DataError(f"concept image folder {str(path)!r} does not exist; check the path")
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        chosen = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        try:
+            entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        except OSError as err:
+            raise DataError(f"cannot list the image folder {str(path)!r}: {_reason(err)}") from None
+        chosen = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        skipped = [(p.name, _skip_reason(p)) for p in entries
+                   if p not in chosen and not (p.is_file() and p.suffix.lower() in _SIDECAR_EXTENSIONS)]
         if not chosen:
-            others = [p.name for p in files if p.suffix.lower() != ".txt"]
-            found = f" (found only: {', '.join(others[:10])})" if others else ""
+            found = f" (found only: {'; '.join(f'{n} ({why})' for n, why in skipped[:10])})" if skipped else ""
             raise DataError(
                 f"no usable image in folder {str(path)!r}{found}; put the concept photos there "
                 f"as {', '.join(IMAGE_EXTENSIONS)} files"
             )
-        return [(p.name, p.name, p) for p in chosen]
+        return [(p.name, p.name, p) for p in chosen], skipped
     if isinstance(source, Image.Image) or not isinstance(source, Sequence):
         raise DataError(
             f"concept images must be a folder path or a list of paths / PIL images, "
@@ -150,7 +207,7 @@ def _list_entries(source) -> list[tuple[str, str, Path | Image.Image]]:
                 f"item #{i} of the concept image list is a {type(item).__name__}; "
                 "give file paths or PIL images"
             )
-    return entries
+    return entries, []
 
 
 def _read_sidecar(path: Path) -> str | None:

@@ -36,6 +36,7 @@ from .callbacks import Callbacks, TrainingCancelled, TrainingDiverged
 from .checkpointing import TrainingCheckpoint, checkpoint_path, data_identity
 from .config import TrainConfig
 from .data import ConceptDataset, ConceptImage
+from .threads import configure_cpu_threads
 from .discriminators import build_ensemble
 from .echo import EchoBuffer, echo_prompt, select_best
 from .losses import (
@@ -68,6 +69,8 @@ class Trainer:
         self.callbacks = callbacks or Callbacks()
         self.run_dir = Path(run_dir) if run_dir else None
         self.device = pair.device
+        # CPU: threads per model size (one for small models), unless the user chose (see training.threads).
+        self.cpu_threads = configure_cpu_threads(pair.student.unet, self.device)
         torch.manual_seed(config.seed)  # adapter and head initialisation
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.noise_generator = torch.Generator().manual_seed(config.seed + 1)

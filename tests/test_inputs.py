@@ -1,0 +1,191 @@
+"""What users hand us: photo folders with odd files, unreadable folders, and ComfyUI IMAGEs of any
+channel count. Every command and node reads photos through one loader with the same errors, and
+every photo given is used or named with the reason."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from echodistill.cli import main
+from echodistill.errors import DataError
+from echodistill.training.photos import load_concept_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _convert():
+    """nodes/convert.py on its own (it needs no ComfyUI); the pack's `nodes` name is ComfyUI's own."""
+    spec = importlib.util.spec_from_file_location("echodistill_nodes_convert", REPO / "nodes" / "convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _folder(tmp_path: Path, name: str = "photos") -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (80, 72), (40 * i, 120, 200)).save(folder / f"p{i}.png")
+    Image.new("P", (80, 72)).save(folder / "z_extra.gif")
+    (folder / "p0.txt").write_text("a caption")  # a sidecar: read, not a skipped file
+    (folder / "notes.json").write_text("{}")
+    (folder / ".DS_Store").write_bytes(b"\0")  # hidden: not the user's photo
+    (folder / "older").mkdir()
+    return folder
+
+
+def test_every_file_of_a_folder_is_used_or_named_with_the_reason(tmp_path):
+    photos = load_concept_images(_folder(tmp_path), resolution=64)
+    assert [p.name for p in photos] == ["p0.png", "p1.png", "p2.png"]
+    skipped = dict(photos.skipped)
+    assert set(skipped) == {"z_extra.gif", "notes.json", "older"}
+    assert "GIF" in skipped["z_extra.gif"] and "PNG or JPEG" in skipped["z_extra.gif"]
+    assert "subfolder" in skipped["older"]
+    report = photos.report()
+    assert "3 photo(s) used" in report and "z_extra.gif (GIF" in report
+
+
+def test_cli_train_names_the_files_it_does_not_use(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    code = main(["train", "--teacher", str(tmp_path / "no-teacher"), "--student", str(tmp_path / "no-student"),
+                 "--images", str(folder), "--class-word", "mug", "--out", str(tmp_path / "c.safetensors"),
+                 "--steps", "1", "--resolution", "64"])
+    out = capsys.readouterr()
+    assert "z_extra.gif (GIF" in out.out and "notes.json" in out.out
+    assert code == 2 and out.err.startswith("error:")  # the missing teacher, after the photo report
+
+
+def test_a_folder_of_only_unusable_files_names_each(tmp_path):
+    folder = tmp_path / "gifs"
+    folder.mkdir()
+    Image.new("P", (80, 72)).save(folder / "a.gif")
+    with pytest.raises(DataError, match=r"a.gif \(GIF"):
+        load_concept_images(folder)
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated", "not an image"])
+def test_eval_reports_bad_photo_folders_as_train_does(problem, tmp_path, capsys):
+    """`eval` reads both folders through the shared loader: one `error:` line, no traceback."""
+    images = _folder(tmp_path, "images")
+    references = tmp_path / "refs"
+    if problem != "missing":
+        references.mkdir()
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(references / "good.png")
+        bad = references / "bad.png"
+        if problem == "truncated":
+            Image.new("RGB", (64, 64), (9, 9, 9)).save(bad)
+            bad.write_bytes(bad.read_bytes()[:60])
+        else:
+            bad.write_text("hello")
+    code = main(["eval", "--images", str(images), "--references", str(references), "--class-word", "mug"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = err.strip().splitlines()
+    assert any(line.startswith("error:") for line in last) and "Traceback" not in err
+    if problem == "missing":
+        assert "does not exist" in err
+    else:
+        assert "bad.png" in err
+    assert "z_extra.gif (GIF" in err  # the generated-images folder's report came first
+
+
+def test_eval_reads_prompts_from_our_png_chunks(tmp_path):
+    from echodistill.cli.after_training import PNG_KEY, _read_images
+    from PIL.PngImagePlugin import PngInfo
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    info = PngInfo()
+    info.add_text(PNG_KEY, json.dumps({"prompt": "a photo of <v*> mug"}))
+    Image.new("RGB", (32, 32), (5, 6, 7)).save(folder / "a.png", pnginfo=info)
+    Image.new("RGB", (32, 32), (5, 6, 7)).save(folder / "b.png")
+    images, prompts = _read_images(str(folder), "images")
+    assert prompts == ["a photo of <v*> mug", None] and images[0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_comfy_images_of_every_channel_count_convert(channels):
+    convert = _convert()
+    images = torch.rand(2, 8, 6, channels)
+    rgb = convert.rgb_comfy_images(images)
+    assert rgb.shape == (2, 8, 6, 3) and rgb.dtype == torch.float32
+    if channels == 1:
+        assert torch.equal(rgb[..., 0], rgb[..., 2]) and torch.allclose(rgb[..., 0], images[..., 0])
+    if channels == 4:
+        alpha = images[..., 3:]
+        torch.testing.assert_close(rgb, images[..., :3] * alpha + 1 - alpha)
+    assert convert.from_comfy_images(images).shape == (2, 3, 8, 6)
+    assert [p.mode for p in convert.to_pil_list(images)] == ["RGB", "RGB"]
+    assert convert.rgb_comfy_images(images[0]).shape == (1, 8, 6, 3)  # one image without a batch axis
+
+
+@pytest.mark.parametrize("shape,message", [((2, 8, 6, 5), "5 channels"), ((0, 8, 6, 3), "empty"),
+                                           ((1, 2, 8, 6, 3), "shape")])
+def test_comfy_images_that_are_no_pictures_are_refused_clearly(shape, message):
+    with pytest.raises(ValueError, match=message):
+        _convert().rgb_comfy_images(torch.rand(shape), "references")
+
+
+# --- model families a user may hand us ------------------------------------------------------------
+
+
+def _keys_file(path: Path, keys: dict[str, tuple[int, ...]]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
+    return path
+
+
+SDXL_KEYS = {
+    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (4,),
+    "conditioner.embedders.1.model.ln_final.weight": (4,),
+    "model.diffusion_model.label_emb.0.0.weight": (4, 4),
+    "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 2048),
+}
+SD3_KEYS = {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4),
+            "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (4,)}
+FLUX_KEYS = {"double_blocks.0.img_attn.qkv.weight": (4, 4), "single_blocks.0.linear1.weight": (4, 4)}
+SDXL_UNET_ONLY = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 2048)}
+
+
+@pytest.mark.parametrize("keys,name", [(SDXL_KEYS, "an SDXL model"), (SD3_KEYS, "Stable Diffusion 3"),
+                                       (FLUX_KEYS, "a Flux model"), (SDXL_UNET_ONLY, "an SDXL UNet")])
+@pytest.mark.parametrize("family", ["auto", "sd21-base"])
+def test_unsupported_families_are_named_with_the_pair_to_use(keys, name, family, tmp_path):
+    """Named plainly, with the supported pair, whether or not a family is given: no dead end."""
+    from echodistill.models.loading import ModelSource
+    from echodistill.models.families import UnsupportedModelError
+
+    path = _keys_file(tmp_path / "model.safetensors", keys)
+    with pytest.raises(UnsupportedModelError) as caught:
+        ModelSource.open(path, family)
+    message = str(caught.value)
+    assert name in message and "SD-Turbo" in message and "sd_turbo.safetensors" in message
+    assert "name its family" not in message
+
+
+def test_cli_names_an_sdxl_teacher_in_one_error_line(tmp_path, capsys):
+    path = _keys_file(tmp_path / "sdxl.safetensors", SDXL_KEYS)
+    code = main(["train", "--teacher", str(path), "--student", str(path), "--images", str(_folder(tmp_path)),
+                 "--class-word", "mug", "--out", str(tmp_path / "c.safetensors"), "--teacher-family", "sd21-base",
+                 "--resolution", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "SDXL" in err and "Traceback" not in err
+
+
+def test_sdxl_diffusers_folder_is_named(tmp_path):
+    from echodistill.models.loading import ModelSource
+    from echodistill.models.families import UnsupportedModelError
+
+    folder = tmp_path / "sdxl"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (folder / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 2048}))
+    with pytest.raises(UnsupportedModelError, match="an SDXL model"):
+        ModelSource.open(folder)
