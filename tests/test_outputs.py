@@ -49,7 +49,7 @@ def test_export_without_embedding_folder_writes_two_distinct_files(bundle, tmp_p
     with safe_open(str(out / "b.safetensors"), "pt") as lora:
         assert all(k.startswith("lora_unet_") for k in lora.keys())
     with safe_open(str(out / "b_embedding.safetensors"), "pt") as embedding:
-        assert list(embedding.keys()) == ["emb_params"]
+        assert list(embedding.keys()) == [bundle.token]  # one (1, D) tensor keyed by the token
     assert "prompt with 'embedding:b_embedding'" in capsys.readouterr().out
     # Separate folders: both keep the plain name.
     assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "loras"),

@@ -151,7 +151,7 @@ def test_image_prompt_adapter_refuses_another_unet_and_a_missing_file(tmp_path):
 
 
 def test_oracle_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
-    from echodistill.miniworld import oracle_train
+    from echodistill.miniworld import oracle_train, training
 
     train, valid = render_set(24, 0, oracle=True), render_set(8, 1, oracle=True)
     settings = oracle_train.OracleSettings(steps=4, batch=4, warmup=1, checkpoint_every=2)
@@ -159,17 +159,17 @@ def test_oracle_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monk
     uncut = oracle_train.train_oracles(train, valid, settings, 0, quiet)
 
     state = tmp_path / "oracle_running.pt"
-    real_save = oracle_train.save_atomically
+    real_save = training.save_atomically
 
     def save_then_die(path, payload):
         real_save(path, payload)
         raise KeyboardInterrupt  # the session ends right after the first checkpoint
 
-    monkeypatch.setattr(oracle_train, "save_atomically", save_then_die)
+    monkeypatch.setattr(training, "save_atomically", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         oracle_train.train_oracles(train, valid, settings, 0, quiet, resume_path=state)
     assert torch.load(state, weights_only=True)["step"] == 2
-    monkeypatch.setattr(oracle_train, "save_atomically", real_save)
+    monkeypatch.setattr(training, "save_atomically", real_save)
     lines = []
     resumed = oracle_train.train_oracles(train, valid, settings, 0, lines.append, resume_path=state)
     assert any("resumed" in line and "step 2/4" in line for line in lines), lines

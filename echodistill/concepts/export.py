@@ -427,7 +427,8 @@ def export_targets(name: str, lora_dir: str | os.PathLike, embedding_dir: str | 
     if not overwrite:
         existing = [str(p) for p in (lora, embedding) if p.exists()]
         if existing:
-            raise OutputExistsError(f"{' and '.join(existing)} already exist(s): pick another name or allow overwriting")
+            raise OutputExistsError(f"{' and '.join(existing)} already exist(s): pick another name, or pass "
+                                    "overwrite=True to replace it", parameters=("overwrite",))
     return ExportTargets(lora, embedding)
 
 

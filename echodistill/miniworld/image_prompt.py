@@ -48,7 +48,7 @@ from ..sampling.samplers import initial_noise
 from .grammar import COLORS, POSITIONS, SIZES, Scene, sample_scene
 from .procedural import BASE_SEEDS, procedural_caption, procedural_subject
 from .render import render
-from .training import Log, Meter, make_optimizer, structured_noise
+from .training import Log, Meter, make_optimizer, min_snr_loss, structured_noise
 
 ADAPTER_FILE = "image_prompt_adapter.safetensors"
 
@@ -263,9 +263,7 @@ def train_image_prompt(unet, vae, tokenizer, text_encoder, scheduler_config: dic
             prediction = unet(add_noise(clean, noise, timesteps, alphas_cumprod), timesteps,
                               encoder_hidden_states=(states, [tokens])).sample
             target = denoising_target(clean, noise, timesteps, alphas_cumprod, prediction_type)
-            per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
-            weight = snr[timesteps].clamp(max=settings.min_snr_gamma) / snr[timesteps]
-            loss = (weight * per_sample).mean()
+            loss, _ = min_snr_loss(prediction, target, timesteps, snr, settings.min_snr_gamma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)

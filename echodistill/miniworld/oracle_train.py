@@ -20,7 +20,7 @@ from .grammar import ATTRIBUTES
 from .oracle import SUBJECTS, AttributeReader, Oracle, SubjectEncoder
 from .procedural import VALIDATION_SEEDS, is_procedural, lookup_subject, procedural_subject
 from .render import render
-from .training import Log, Meter, make_optimizer, save_atomically
+from .training import Log, Meter, make_optimizer, restore_loop_state, save_loop_state
 
 IGNORE = -100  # cross_entropy's ignore_index: a concept has no grammar shape or colour
 
@@ -83,16 +83,8 @@ def train_oracles(train: RenderedSet, valid: RenderedSet, settings: OracleSettin
     )
     pixels = torch.from_numpy(train.images).permute(0, 3, 1, 2)  # (N, 3, 64, 64) uint8
     attributes, subjects = attribute_labels(train), subject_labels(train)
-    first = 1
-    if resume_path is not None and resume_path.is_file():
-        state = torch.load(resume_path, weights_only=True)
-        reader.load_state_dict(state["reader"])
-        encoder.load_state_dict(state["encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        first = state["step"] + 1
-        log(f"oracle resumed from {resume_path} at step {state['step']}/{settings.steps}")
+    modules = {"reader": reader, "encoder": encoder}
+    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "oracle", settings.steps)
     meter = Meter()
     for step in range(first, settings.steps + 1):
         index = torch.randint(0, len(pixels), (settings.batch,), generator=generator)
@@ -114,11 +106,7 @@ def train_oracles(train: RenderedSet, valid: RenderedSet, settings: OracleSettin
         if step % 100 == 0 or step == settings.steps:
             log(f"oracle {meter.line(step, settings.steps)}")
         if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
-            save_atomically(resume_path, {
-                "step": step, "reader": reader.state_dict(), "encoder": encoder.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(),
-            })
+            save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
     oracle = Oracle(reader.eval().requires_grad_(False), encoder.eval().requires_grad_(False))
     log(f"oracle validation: {validation_report(oracle, valid)}")
     return oracle

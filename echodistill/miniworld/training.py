@@ -86,6 +86,37 @@ def save_atomically(path: Path, payload: dict) -> None:
     os.replace(temporary, path)
 
 
+def save_loop_state(path: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, scheduler,
+                    generator: torch.Generator) -> None:
+    """Everything a training loop needs to go on after `step`: weights, optimizer, schedule, random generator."""
+    save_atomically(path, {"step": step, **{name: m.state_dict() for name, m in modules.items()},
+                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "generator": generator.get_state()})
+
+
+def restore_loop_state(path: Path | None, modules: dict[str, torch.nn.Module], optimizer, scheduler,
+                       generator: torch.Generator, log: Log, stage: str, total: int) -> int:
+    """The first step to run: 1, or the step after the one saved at `path` (whose state is loaded in place)."""
+    if path is None or not path.is_file():
+        return 1
+    state = torch.load(path, weights_only=True)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    log(f"{stage} resumed from {path} at step {state['step']}/{total}")
+    return state["step"] + 1
+
+
+def min_snr_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, snr: torch.Tensor,
+                 gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-SNR-weighted ε-MSE (Hang et al., 2023), and the unweighted per-sample MSE (B,) for the log."""
+    per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    weight = snr[timesteps].clamp(max=gamma) / snr[timesteps]  # ε-prediction form
+    return (weight * per_sample).mean(), per_sample
+
+
 def _batch_indices(count: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, count, (batch,), generator=generator)
 
@@ -304,16 +335,8 @@ def train_teacher(
         groups.append({"params": list(text_encoder.parameters()), "lr": settings.text_lr, "weight_decay": 0.0})
     optimizer, scheduler = make_optimizer(groups, settings.steps, settings.warmup)
     params = [p for group in groups for p in group["params"]]
-    first = 1
-    if resume_path is not None and resume_path.is_file():
-        state = torch.load(resume_path, weights_only=True)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        first = state["step"] + 1
-        log(f"teacher resumed from {resume_path} at step {state['step']}/{settings.steps}")
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "teacher", settings.steps)
     meter = Meter()
     for step in range(first, settings.steps + 1):
         index = _batch_indices(len(latents), settings.batch, generator)
@@ -328,9 +351,7 @@ def train_teacher(
             encoder_hidden_states = text_encoder(ids).last_hidden_state  # (B, 77, D)
         prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
         target = denoising_target(clean, noise, timesteps, alphas_cumprod, prediction_type)
-        per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
-        weight = snr[timesteps].clamp(max=settings.min_snr_gamma) / snr[timesteps]  # Min-SNR, ε-prediction form
-        loss = (weight * per_sample).mean()
+        loss, per_sample = min_snr_loss(prediction, target, timesteps, snr, settings.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -340,11 +361,7 @@ def train_teacher(
         if step % 50 == 0 or step == settings.steps:
             log(f"teacher {meter.line(step, settings.steps)}")
         if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
-            save_atomically(resume_path, {
-                "step": step, "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(),
-            })
+            save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
     return unet.eval(), text_encoder.eval()
 
 
