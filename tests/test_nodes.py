@@ -230,6 +230,6 @@ def test_a_fresh_procedural_subject_loads_by_name_listed_or_not(comfy):
     assert f"miniworld/procedural_{VALIDATION_SEEDS.start}" in options
     seed = VALIDATION_SEEDS.start + 12345  # not listed: typed by name, as in the command line
     assert loader.validate_inputs(f"miniworld/procedural_{seed}", 64) is True
-    images, count, _ = loader.execute(f"miniworld/procedural_{seed}", 64).result
+    images, count, _, _ = loader.execute(f"miniworld/procedural_{seed}", 64).result
     torch.testing.assert_close(images, torch.from_numpy(reference_images(procedural_subject(seed))).float() / 255,
                                atol=1 / 255, rtol=0)

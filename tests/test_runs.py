@@ -183,3 +183,27 @@ def test_a_pair_loaded_in_inference_mode_samples_and_trains(tiny_pair_folders, t
         applied = sample(pair, ["a photo of a <v*> dog"], concept=result.bundle, seeds=[0], width=64, height=64,
                          return_latents=False).images
     assert applied.shape == (1, 3, 64, 64) and not torch.equal(applied, concept)
+
+
+def test_a_longer_run_of_a_preset_continues_its_shorter_run_whose_echo_schedule_scaled_with_it(
+    tiny_pair_folders, tmp_path
+):
+    from echodistill.training.config import preset
+
+    def scaled(steps, **changes):  # a preset scales echo_start / echo_every to the run's length
+        return preset("paper", steps=steps, resolution=64, class_word="dog", batch_size=2, sample_every=0,
+                      save_every=0, echo_samples=2, ms_swd_projections=8, ms_swd_scales=2, **changes)
+
+    short, long = scaled(4), scaled(8)
+    assert (short.echo_start, short.echo_every) != (long.echo_start, long.echo_every)
+    pair = load_model_pair(*tiny_pair_folders)
+    images = _pictures()
+    assert run_key(pair, images, short) == run_key(pair, images, long)  # the same run, asked for more steps
+    assert run_key(pair, images, short) != run_key(pair, images, scaled(4, echo_start=1))  # another schedule
+    first = train_concept(pair, images, short, run_dir=tmp_path / "job")
+    more = train_concept(pair, images, long, run_dir=tmp_path / "job")
+    assert (first.bundle.step, more.resumed_from, more.bundle.step) == (4, 4, 8)
+    # At the same length, another echo schedule is another run: resuming it is refused.
+    checkpoint = TrainingCheckpoint.load(tmp_path / "job" / "checkpoint.pt")
+    with pytest.raises(EchoDistillError, match="differs from the checkpoint's in echo_start"):
+        checkpoint.check_compatible(scaled(8, echo_start=1), pair.fingerprints())

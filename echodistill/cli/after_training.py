@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import EchoDistillError
 from .terminal import add_command
-from .train import add_model_arguments
+from .train import add_model_arguments, model_source
 
 PNG_KEY = "echodistill"
 
@@ -29,7 +29,7 @@ def _load(args: argparse.Namespace, part: str):
     from ..concepts.bundle import ConceptBundle
     from ..models.pair import load_model_pair
 
-    pair = load_model_pair(args.teacher, args.student, teacher_family=args.teacher_family,
+    pair = load_model_pair(model_source(args.teacher), model_source(args.student), teacher_family=args.teacher_family,
                            student_family=args.student_family, dtype=args.dtype, device=args.device)
     bundle = None
     if args.concept:

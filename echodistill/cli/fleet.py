@@ -21,18 +21,19 @@ def add_fleet_command(commands) -> None:
     run.add_argument("--out", required=True, help="a shared folder for bundles, checkpoints and the state file")
     run.add_argument("--workers", type=int, help="worker slots (default: one per GPU, else 1)")
     run.add_argument("--address", help="join this Ray cluster (default: start a local one)")
-    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="where workers train: auto = one CUDA device per worker when there are GPUs, else the CPU")
     run.add_argument("--threads", type=int, help="torch CPU threads per worker on CPU (default 1)")
     run.add_argument("--max-attempts", type=int, default=3, help="tries per concept when workers are lost")
     run.add_argument("--check", action="store_true", help="only check the manifest, train nothing")
     run.set_defaults(run=_run)
 
     status = actions.add_parser("status", help="each concept's state: queued, training step k, done or failed")
-    status.add_argument("--out", required=True)
+    status.add_argument("--out", required=True, help="the --out folder of a fleet run")
     status.set_defaults(run=_status)
 
     report = actions.add_parser("report", help="write fleet-report.md and .json under --out")
-    report.add_argument("--out", required=True)
+    report.add_argument("--out", required=True, help="the --out folder of a fleet run (the report is written there)")
     report.add_argument("--metrics", action="store_true",
                         help="score finished mini-world concepts with the world's oracles (slower)")
     report.set_defaults(run=_report)

@@ -14,8 +14,19 @@ from .terminal import TerminalCallbacks, add_command, parse_overrides, stop_on_c
 SMOKE_STEPS = 4
 
 
-MODEL_HELP = "checkpoint (.safetensors, .ckpt) or diffusers folder"
+MODEL_HELP = "checkpoint (.safetensors, .ckpt), diffusers folder, or the shipped mini world's miniworld/teacher|student"
 FAMILY_HELP = "model family (sd21-base, sd21-768v, sd-turbo, sd15) or a config folder; auto reads it from the file"
+
+
+def model_source(name: str) -> str:
+    """--teacher/--student: a path, or `miniworld/teacher|student` (the shipped pair, as the loaders list it)."""
+    from ..miniworld.procedural import shipped_model
+
+    try:
+        shipped = shipped_model(name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return str(shipped) if shipped is not None else name
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,9 +175,11 @@ def _train(args: argparse.Namespace) -> int:
     backbones = dict(_split_assignment(b) for b in args.backbone or [])
     if backbones:
         config = config.with_changes(discriminators=tuple(dict.fromkeys((*config.discriminators, *backbones))))
+    # Every photo given is used or named with its reason before the models load: a bad folder fails at once.
+    print(concept_images(args.images, config.resolution, min_size_fraction=0).report())
     pair = load_model_pair(
-        args.teacher,
-        args.student,
+        model_source(args.teacher),
+        model_source(args.student),
         teacher_family=args.teacher_family,
         student_family=args.student_family,
         dtype=args.dtype,
@@ -174,8 +187,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     if not args.config and "resolution" not in overrides:  # the preset's 512 would be noise for the mini world
         config = config.with_changes(resolution=native_resolution(pair, "student"))
-    images = concept_images(args.images, config.resolution)
-    print(images.report())  # every photo given: used, or named with the reason it is not
+    images = concept_images(args.images, config.resolution)  # again at the final resolution: its size check
     out = Path(args.out)
     run_dir = Path(args.run_dir) if args.run_dir else out.with_suffix("").with_name(out.stem + "-run")
     run_training(
@@ -191,19 +203,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def concept_images(source: str, resolution: int):
+def concept_images(source: str, resolution: int, min_size_fraction: float | None = None):
     """--images: a folder of photos, or "miniworld/<subject>" (drawn references with their captions)."""
     from ..miniworld.procedural import subject_references
     from ..training.data import load_concept_images
 
+    size = {} if min_size_fraction is None else {"min_size_fraction": min_size_fraction}
     try:
         shipped = subject_references(source)
     except ValueError as error:
         raise ConfigError(f"--images {source!r}: {error}") from None
     if shipped is not None and not Path(source).is_dir():
         pictures, captions = shipped
-        return load_concept_images(pictures, captions=captions, resolution=resolution)
-    return load_concept_images(source, resolution=resolution)
+        return load_concept_images(pictures, captions=captions, resolution=resolution, **size)
+    return load_concept_images(source, resolution=resolution, **size)
 
 
 def _split_assignment(text: str) -> tuple[str, str]:

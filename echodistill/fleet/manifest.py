@@ -79,13 +79,14 @@ class Manifest:
 
 def resolve_model(name: str, base: Path) -> Path:
     """`miniworld/teacher|student` is the shipped pair; anything else a path (relative to the manifest)."""
-    if name.startswith(MINIWORLD_PREFIX):
-        from ..miniworld import STUDENT_DIR, TEACHER_DIR
+    from ..miniworld.procedural import shipped_model
 
-        shipped = {f"{MINIWORLD_PREFIX}{p.name}": p for p in (TEACHER_DIR, STUDENT_DIR)}
-        if name not in shipped:
-            raise ConfigError(f"{name!r} is not shipped; shipped models: {', '.join(sorted(shipped))}")
-        return shipped[name]
+    try:
+        shipped = shipped_model(name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if shipped is not None:
+        return shipped
     path = Path(name).expanduser()
     return path if path.is_absolute() else base / path
 

@@ -65,7 +65,12 @@ def run_key(pair: ModelPair, images: Sequence[Image.Image], config: TrainConfig,
     # How a run is watched, not what it computes; and its length where a longer run continues a shorter one
     # step for step (a sequential schedule switches phase at steps // 2, so there it names another run).
     exclude = {"sample_every", "save_every", "log_every"} | ({"steps"} if config.schedule != "sequential" else set())
-    digest.update(json.dumps({k: v for k, v in config.to_dict().items() if k not in exclude}, sort_keys=True).encode())
+    fields = {k: v for k, v in config.to_dict().items() if k not in exclude}
+    if not config.echo:  # a schedule that never runs computes nothing
+        fields.pop("echo_start"), fields.pop("echo_every")
+    elif "steps" in exclude:  # the echo schedule a preset scales to the length: its fraction of the run names it
+        fields.update(echo_start=config.echo_start / config.steps, echo_every=config.echo_every / config.steps)
+    digest.update(json.dumps(fields, sort_keys=True).encode())
     digest.update(json.dumps(extras or {}, sort_keys=True, default=str).encode())
     for image in images:
         digest.update(image.convert("RGB").tobytes())

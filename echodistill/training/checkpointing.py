@@ -24,6 +24,9 @@ CHECKPOINT_NAME = "checkpoint.pt"  # in a run's folder
 
 # Fields a resumed run may change without changing what it computes step by step.
 RESUMABLE_CHANGES = frozenset({"steps", "sample_every", "save_every", "log_every"})
+# The echo schedule a preset scales to the run's length (echo at steps/2, then every steps/4): a longer
+# run may move it along with `steps`; the steps already trained keep the rounds they had.
+SCALED_WITH_STEPS = frozenset({"echo_start", "echo_every"})
 
 
 @dataclass
@@ -106,6 +109,8 @@ class TrainingCheckpoint:
         saved = TrainConfig.from_dict(self.config).to_dict()
         # A sequential run switches phase at steps // 2: changing steps would move that switch.
         resumable = RESUMABLE_CHANGES - ({"steps"} if config.schedule == "sequential" else set())
+        if "steps" in resumable and saved["steps"] != config.steps:
+            resumable |= SCALED_WITH_STEPS
         changed = sorted(k for k, v in config.to_dict().items() if saved[k] != v and k not in resumable)
         if changed:
             raise EchoDistillError(
