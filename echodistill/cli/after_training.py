@@ -41,7 +41,12 @@ def _load(args: argparse.Namespace, part: str):
 def _prompts(args: argparse.Namespace, bundle) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise EchoDistillError(f"--prompts-file {args.prompts_file}: not a UTF-8 text file; give one prompt "
+                                   "per line") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         if bundle is None:
             raise EchoDistillError("give --prompt (repeatable) or --prompts-file")
@@ -63,11 +68,36 @@ def _write_images(result, out: Path, *, sampler: str, steps: int, guidance: floa
     return written
 
 
+MAX_COUNT, MAX_SIDE = 10_000, 4096  # images per prompt; pixels per side (8x SD 2.1's native 512)
+
+
+def _check_sample_numbers(args: argparse.Namespace, part: str) -> None:
+    """Refuse numbers no model can use, naming the flag, before anything is loaded or allocated."""
+    import math
+
+    if not 1 <= args.count <= MAX_COUNT:
+        raise EchoDistillError(f"--count {args.count}: give 1 to {MAX_COUNT} images per prompt")
+    if not 0 <= args.seed <= 2**62:
+        raise EchoDistillError(f"--seed {args.seed}: give a seed from 0 to {2**62}")
+    low, high = (1, 4) if part == "student" else (1, 1000)
+    if not low <= args.steps <= high:
+        what = "the one-step student takes 1 (2-4 optional)" if part == "student" else "e.g. 25"
+        raise EchoDistillError(f"--steps {args.steps}: give {low} to {high} ({what})")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise EchoDistillError(f"--guidance {args.guidance}: give a finite scale >= 0 (1 or less switches it off)")
+    for side in ("width", "height"):
+        value = getattr(args, side)
+        if value is not None and not 0 < value <= MAX_SIDE:
+            raise EchoDistillError(f"--{side} {value}: give 1 to {MAX_SIDE} pixels (or leave it out: the "
+                                   "models' native size)")
+
+
 def run_sample(args: argparse.Namespace) -> int:
     from ..files import check_writable
     from ..sampling.samplers import native_resolution, sample_student, sample_teacher
 
     part = "teacher" if args.command == "teacher-sample" else "student"
+    _check_sample_numbers(args, part)  # before anything loads: a typo costs no model load
     check_writable(args.out, "--out folder")  # before loading models and sampling
     pair, bundle = _load(args, part)
     prompts = [p for p in _prompts(args, bundle) for _ in range(args.count)]

@@ -163,6 +163,10 @@ def _train(args: argparse.Namespace) -> int:
     from ..sampling.samplers import native_resolution
     from ..training.config import TrainConfig, preset
 
+    out = Path(args.out)
+    if out.suffix != ".safetensors" or out.is_dir():  # checked before training: the bundle could never be written
+        raise ConfigError(f"--out {args.out}: give the concept bundle's file name, ending in .safetensors "
+                          f"(e.g. --out {out.with_suffix('.safetensors').name if out.suffix else out.name + '.safetensors'})")
     overrides = parse_overrides(args.set or [])
     for name in ("steps", "resolution", "batch_size", "seed"):
         if getattr(args, name) is not None:

@@ -44,8 +44,15 @@ class FleetState:
             from ..errors import EchoDistillError
 
             raise EchoDistillError(f"no fleet state in {out}: run `echodistill fleet run MANIFEST --out {out}` first")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return cls(out, data.get("concepts", {}), data.get("manifest", ""))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            concepts, manifest = data.get("concepts", {}), data.get("manifest", "")
+        except (ValueError, AttributeError) as error:
+            from ..errors import EchoDistillError
+
+            raise EchoDistillError(f"{path} is not a fleet state file ({error}); run the manifest again with "
+                                   f"`echodistill fleet run MANIFEST --out {out}` to rebuild it") from None
+        return cls(out, concepts, manifest)
 
     @classmethod
     def load_or_new(cls, out: str | Path, manifest: str) -> "FleetState":

@@ -143,9 +143,27 @@ def load_model_pair(
     Loaded with inference mode off whatever the caller's mode (ComfyUI runs nodes inside
     `torch.inference_mode()`): inference tensors could never be trained or tracked.
     """
+    check_device(device)
     with torch.inference_mode(False):
         return _load_model_pair(teacher, student, teacher_family=teacher_family, student_family=student_family,
                                 dtype=dtype, device=device)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that exists here; ModelLoadError naming it otherwise (before any weight loads)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ModelLoadError(f"device={device!r} is not a device: write cpu, cuda, cuda:1 or mps ({error})",
+                             parameters=("device",)) from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index is not None and resolved.index >= count):
+            raise ModelLoadError(f"device={device!r} is not available here ({count} CUDA device(s) found); "
+                                 "use device=cpu or a CUDA device that exists", parameters=("device",))
+    elif resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device={device!r} is not available here; use device=cpu", parameters=("device",))
+    return resolved
 
 
 def _load_model_pair(teacher, student, *, teacher_family, student_family, dtype, device) -> ModelPair:

@@ -7,6 +7,8 @@ atomically (temp file + rename), read back with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import os
 from dataclasses import asdict, dataclass
@@ -103,6 +105,12 @@ class TrainingCheckpoint:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise EchoDistillError(f"{path.name} is not a readable EchoDistill checkpoint: {exc}") from exc
+        expected = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(state, dict) or not set(state) <= expected or "step" not in state:
+            raise EchoDistillError(
+                f"{path} is not a training checkpoint (a concept bundle or another file?): resume from the "
+                f"{CHECKPOINT_NAME} in the run's folder"
+            )
         return cls(**state)
 
     def check_compatible(self, config: TrainConfig, fingerprints: dict[str, str], data: str = "") -> None:

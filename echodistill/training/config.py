@@ -21,6 +21,26 @@ TrainingSchedule = Literal["joint", "sequential"]
 DISCRIMINATOR_KINDS = ("teacher_features", "dino_vits16", "dinov2_vitl14", "clip_vit_h14")
 
 
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Raise ConfigError naming the field when `value` is not of the field's type (before any comparison)."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        return  # checked against its choices
+    if origin is tuple:
+        item = (get_args(hint) or (str,))[0]
+        if not isinstance(value, tuple) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{name}={value!r} must be a list of {item.__name__} values, e.g. "
+                              f"{name}=[\"...\"]" if item is str else f"{name}={value!r} must be a list of numbers",
+                              parameters=(name,))
+        return
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(hint)
+    if expected is None:
+        return
+    if not isinstance(value, expected) or (hint is not bool and isinstance(value, bool)):
+        kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[hint]
+        raise ConfigError(f"{name}={value!r} must be {kind}", parameters=(name,))
+
+
 def _f(default, help: str):
     """A field with its help text (defaults are immutable: tuples, not lists)."""
     return field(default=default, metadata={"help": help})
@@ -116,6 +136,7 @@ class TrainConfig:
         hints = get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
+            _check_type(f.name, value, hints[f.name])
             choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
             if choices and value not in choices:
                 raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(repr, choices))}", parameters=(f.name,))
@@ -227,7 +248,13 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"the config is not JSON ({error}); write it as TrainConfig.to_json does") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"the config must be a JSON object of fields, not {type(data).__name__}")
+        return cls.from_dict(data)
 
     def with_changes(self, **changes) -> "TrainConfig":
         unknown = sorted(set(changes) - {f.name for f in fields(self)})

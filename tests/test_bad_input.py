@@ -1,0 +1,76 @@
+"""Bad input ends in one `error:` line naming what to fix (exit 2), before anything heavy loads or allocates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from echodistill.cli import main
+from echodistill.errors import EchoDistillError
+from echodistill.training.checkpointing import TrainingCheckpoint
+from echodistill.training.config import TrainConfig
+
+MODELS = ["--teacher", "miniworld/teacher", "--student", "miniworld/student"]
+TRAIN = ["train", *MODELS, "--images", "miniworld/window", "--class-word", "square", "--steps", "2"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--set", "lr_student=abc", "--out", "c.safetensors"], "lr_student='abc' must be a number"),
+    (["--set", "batch_size=1.5", "--out", "c.safetensors"], "1.5 must be a whole number"),
+    (["--set", "echo=maybe", "--out", "c.safetensors"], "echo='maybe' must be true or false"),
+    (["--set", "discriminators=foo", "--out", "c.safetensors"], "discriminators='foo' must be a list"),
+    (["--out", "bundle"], "--out bundle: give the concept bundle's file name, ending in .safetensors"),
+    (["--device", "banana", "--out", "c.safetensors"], "--device 'banana' is not a device"),
+    (["--device", "cuda:7", "--out", "c.safetensors"], "--device 'cuda:7' is not available here"),
+])
+def test_train_refuses_bad_values_in_one_line(arguments, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([*TRAIN, *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not list(tmp_path.glob("*.safetensors"))  # nothing trained, nothing written
+
+
+def test_a_config_file_that_is_not_json_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text("steps: 3")
+    assert main([*TRAIN, "--config", "bad.json", "--out", "c.safetensors"]) == 2
+    assert "the config is not JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--count", "100000000000"], "--count 100000000000: give 1 to 10000"),
+    (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999: give a seed from 0"),
+    (["--width", "640000"], "--width 640000: give 1 to 4096 pixels"),
+    (["--steps", "9"], "--steps 9: give 1 to 4"),
+    (["--guidance", "nan"], "--guidance nan: give a finite scale"),
+])
+def test_sample_refuses_numbers_no_model_can_use_before_loading(arguments, message, tmp_path, capsys):
+    assert main(["sample", *MODELS, "--prompt", "a red circle", "--out", str(tmp_path / "out"), *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_binary_prompts_file_is_refused(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_bytes(bytes(range(128, 256)))
+    assert main(["sample", *MODELS, "--prompts-file", str(tmp_path / "prompts.txt"), "--out", str(tmp_path)]) == 2
+    assert "not a UTF-8 text file" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_as_one(tmp_path):
+    torch.save({"embedding": torch.zeros(3), "token": "<v*>"}, tmp_path / "concept.pt")
+    with pytest.raises(EchoDistillError, match="is not a training checkpoint"):
+        TrainingCheckpoint.load(tmp_path / "concept.pt")
+
+
+def test_a_broken_fleet_state_file_is_named(tmp_path, capsys):
+    (tmp_path / "fleet-state.json").write_text("{bad")
+    assert main(["fleet", "status", "--out", str(tmp_path)]) == 2
+    assert "is not a fleet state file" in capsys.readouterr().err
+
+
+def test_config_types_are_checked_before_any_comparison():
+    assert TrainConfig(lr_student=1).lr_student == 1  # an int where a float goes is a number
+    with pytest.raises(EchoDistillError, match="steps=True must be a whole number"):
+        TrainConfig(steps=True)
