@@ -74,3 +74,13 @@ def test_config_types_are_checked_before_any_comparison():
     assert TrainConfig(lr_student=1).lr_student == 1  # an int where a float goes is a number
     with pytest.raises(EchoDistillError, match="steps=True must be a whole number"):
         TrainConfig(steps=True)
+
+
+def test_class_word_comes_from_a_mini_world_subject_and_is_required_for_a_folder(tmp_path, capsys):
+    from echodistill.cli.train import _subject_class_word
+
+    assert _subject_class_word("miniworld/smiley") == "circle"
+    assert _subject_class_word("miniworld/procedural_3000000") in ("circle", "square", "triangle", "diamond", "star",
+                                                                   "ring")
+    assert main(["train", *MODELS, "--images", str(tmp_path), "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert "--class-word is required for a photo folder" in capsys.readouterr().err

@@ -52,7 +52,8 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
                             "subject's references: miniworld/<subject>, e.g. miniworld/checker_diamond or "
                             "miniworld/procedural_3000000")
     train.add_argument("--token", default="<v*>", help="the new word that stands for the concept in prompts")
-    train.add_argument("--class-word", required=True, help="the subject's class, e.g. dog")
+    train.add_argument("--class-word", help="the subject's class, e.g. dog (required for a photo folder; a mini-world "
+                                            "subject's own class word by default)")
     train.add_argument("--out", required=True, help="concept bundle to write (.safetensors)")
     train.add_argument("--preset", default="paper", help="training preset: paper, balanced or lite")
     train.add_argument("--config", help="a JSON config (from TrainConfig.to_json) instead of a preset")
@@ -171,7 +172,8 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("steps", "resolution", "batch_size", "seed"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    overrides.update(token=args.token, class_word=args.class_word)
+    class_word = args.class_word or _subject_class_word(args.images)
+    overrides.update(token=args.token, class_word=class_word)
     if args.config:
         config = TrainConfig.from_json(Path(args.config).read_text()).with_changes(**overrides)
     else:
@@ -205,6 +207,19 @@ def _train(args: argparse.Namespace) -> int:
         ip_adapter=args.ip_adapter,
     )
     return 0
+
+
+def _subject_class_word(images: str) -> str:
+    """A mini-world subject's class word (miniworld/<subject>); ConfigError for a photo folder without --class-word."""
+    from ..miniworld.procedural import lookup_subject
+
+    name = images.removeprefix("miniworld/") if images.startswith("miniworld/") and not Path(images).is_dir() else None
+    if name is not None:
+        try:
+            return lookup_subject(name).class_word
+        except ValueError:
+            pass  # concept_images names the bad subject
+    raise ConfigError("--class-word is required for a photo folder: the subject's class, e.g. --class-word dog")
 
 
 def concept_images(source: str, resolution: int, min_size_fraction: float | None = None):
