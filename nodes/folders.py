@@ -99,9 +99,9 @@ SHIPPED_PREFIX = "miniworld/"
 
 def _shipped_models() -> dict[str, Path]:
     """The mini-world teacher and student that ship inside the pack (runnable with no downloads)."""
-    from echodistill.miniworld import STUDENT_DIR, TEACHER_DIR
+    from echodistill.miniworld.architecture import SHIPPED_MODELS
 
-    return {f"{SHIPPED_PREFIX}{p.name}": p for p in (TEACHER_DIR, STUDENT_DIR) if (p / "unet" / "config.json").is_file()}
+    return {name: p for name, p in SHIPPED_MODELS.items() if (p / "unet" / "config.json").is_file()}
 
 
 def model_choices() -> list[str]:

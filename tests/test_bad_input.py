@@ -84,3 +84,13 @@ def test_class_word_comes_from_a_mini_world_subject_and_is_required_for_a_folder
                                                                    "ring")
     assert main(["train", *MODELS, "--images", str(tmp_path), "--out", str(tmp_path / "c.safetensors")]) == 2
     assert "--class-word is required for a photo folder" in capsys.readouterr().err
+
+
+def test_the_shipped_pair_is_named_as_the_loaders_name_it_and_nothing_else(tmp_path, capsys):
+    from echodistill.miniworld.architecture import STUDENT_DIR, TEACHER_DIR, shipped_model
+
+    assert (shipped_model("miniworld/teacher"), shipped_model("miniworld/student")) == (TEACHER_DIR, STUDENT_DIR)
+    assert shipped_model(str(tmp_path)) is None  # a path stays a path
+    assert main(["sample", "--teacher", "miniworld/foo", "--student", "miniworld/student", "--prompt", "x",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "'miniworld/foo' is not a shipped model; shipped: miniworld/student, miniworld/teacher" in capsys.readouterr().err

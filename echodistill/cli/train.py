@@ -20,7 +20,7 @@ FAMILY_HELP = "model family (sd21-base, sd21-768v, sd-turbo, sd15) or a config f
 
 def model_source(name: str) -> str:
     """--teacher/--student: a path, or `miniworld/teacher|student` (the shipped pair, as the loaders list it)."""
-    from ..miniworld.procedural import shipped_model
+    from ..miniworld.architecture import shipped_model
 
     try:
         shipped = shipped_model(name)

@@ -79,7 +79,7 @@ class Manifest:
 
 def resolve_model(name: str, base: Path) -> Path:
     """`miniworld/teacher|student` is the shipped pair; anything else a path (relative to the manifest)."""
-    from ..miniworld.procedural import shipped_model
+    from ..miniworld.architecture import shipped_model
 
     try:
         shipped = shipped_model(name)

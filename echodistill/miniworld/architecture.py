@@ -40,6 +40,22 @@ STUDENT_DIR = MODEL_ROOT / "student"
 # Concept bundles trained on the shipped pair (`echodistill demo --concept NAME`), so a graph that
 # samples a saved concept runs on a fresh install.
 SHIPPED_CONCEPT_DIR = ASSET_ROOT / "concepts"
+SHIPPED_PREFIX = "miniworld/"  # how the loaders, the command line and fleet manifests name the shipped pair
+SHIPPED_MODELS: dict[str, Path] = {f"{SHIPPED_PREFIX}{folder.name}": folder for folder in (TEACHER_DIR, STUDENT_DIR)}
+
+
+def shipped_model(name: str) -> Path | None:
+    """The folder of `miniworld/teacher|student`, or None for any other name (a path).
+
+    Raises ValueError for another `miniworld/...` name that is not a path either.
+    """
+    if not name.startswith(SHIPPED_PREFIX) or Path(name).exists():
+        return None
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"{name!r} is not a shipped model; shipped: {', '.join(sorted(SHIPPED_MODELS))}")
+    return SHIPPED_MODELS[name]
+
+
 FAMILY_OF_ROLE = {"teacher": "sd21-base", "student": "sd-turbo"}  # whose scheduler and model_index
 
 TEXT_WIDTH = 128

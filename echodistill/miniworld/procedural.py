@@ -226,19 +226,3 @@ def procedural_caption(scene: Scene, subject: Concept, rng: np.random.Generator)
     caption = describe(scene, frozenset(stated), noun=noun)
     return scene, Caption(caption.text, {**caption.stated, **said})
 
-
-SHIPPED_MODEL_PREFIX = "miniworld/"
-
-
-def shipped_model(name: str):
-    """The folder of a shipped mini-world model named as the loaders list it (`miniworld/teacher|student`),
-    or None for any other name (a path). Raises ValueError for another `miniworld/...` model name."""
-    from pathlib import Path
-
-    if not name.startswith(SHIPPED_MODEL_PREFIX) or Path(name).exists():
-        return None
-    folders = Path(__file__).resolve().parent.parent / "assets" / "miniworld" / "models"
-    shipped = {f"{SHIPPED_MODEL_PREFIX}{role}": folders / role for role in ("teacher", "student")}
-    if name not in shipped:
-        raise ValueError(f"{name!r} is not a shipped model; shipped: {', '.join(sorted(shipped))}")
-    return shipped[name]
