@@ -45,7 +45,12 @@ from echodistill.miniworld.evaluate import image_grid, prompt_fidelity_report  #
 from echodistill.miniworld.grammar import Caption  # noqa: E402
 from echodistill.miniworld.image_prompt import ADAPTER_FILE, ImagePromptSettings, train_image_prompt  # noqa: E402
 from echodistill.miniworld.oracle import Oracle  # noqa: E402
-from echodistill.miniworld.oracle_train import OracleSettings, generalization_report, train_oracles  # noqa: E402
+from echodistill.miniworld.oracle_train import (  # noqa: E402
+    OracleSettings,
+    generalization_report,
+    subject_views,
+    train_oracles,
+)
 from echodistill.miniworld.training import (  # noqa: E402
     StudentSettings,
     TeacherSettings,
@@ -90,7 +95,7 @@ FULL = RunSettings(
     vae=VaeSettings(steps=1500, full_steps=150),
     teacher=TeacherSettings(steps=8000, batch=64, text_lr=0.0),
     student=StudentSettings(pairs=6144, pair_steps=8, steps=1500, batch=64),
-    oracle=OracleSettings(images=40000, steps=3000, batch=96),
+    oracle=OracleSettings(images=24000, reader_steps=1500, subjects=16000, views=4, steps=5000, subjects_per_batch=64),
 )
 QUICK = RunSettings(
     train_images=512,
@@ -98,7 +103,8 @@ QUICK = RunSettings(
     text=TextSettings(steps=4, batch=8),
     teacher=TeacherSettings(steps=4, batch=8, warmup=2),
     student=StudentSettings(pairs=16, pair_steps=2, pair_batch=8, steps=4, batch=8, warmup=2),
-    oracle=OracleSettings(images=256, steps=4, batch=8),
+    oracle=OracleSettings(images=256, reader_steps=4, reader_batch=8, subjects=16, views=2, steps=4,
+                          subjects_per_batch=4),
     image_prompt=ImagePromptSettings(pairs=32, steps=4, batch=8, warmup=2),
     eval_prompts=8,
 )
@@ -301,10 +307,13 @@ def train_oracle_stage(settings: RunSettings, args: argparse.Namespace, oracle_r
     started = time.time()
     train = render_set(settings.oracle.images, args.seed + 30_000, oracle=True, workers=args.workers)
     valid = render_set(max(256, settings.oracle.images // 10), args.seed + 40_000, oracle=True)
-    log("oracle", f"{len(train.images)} + {len(valid.images)} oracle scenes in {time.time() - started:.0f} s")
+    pool = subject_views(settings.oracle.subjects, settings.oracle.views, args.seed + 50_000)
+    log("oracle", f"{len(train.images)} + {len(valid.images)} oracle scenes, {len(pool.images)} subject views "
+                  f"in {time.time() - started:.0f} s")
     resume = args.log_dir / ("quick" if args.quick else "") / "ckpt" / "oracle_running.pt"
-    oracle = train_oracles(train, valid, settings.oracle, args.seed, log.stage("oracle"), resume)
-    resume.unlink(missing_ok=True)
+    oracle = train_oracles(train, valid, pool, settings.oracle, args.seed, log.stage("oracle"), resume)
+    for part in ("reader", "encoder"):
+        resume.with_name(f"{resume.stem}_{part}{resume.suffix}").unlink(missing_ok=True)
     log("oracle", f"generalization to unseen subjects: {json.dumps(generalization_report(oracle))}")
     oracle.save(oracle_root)
     log("oracle", f"wrote {oracle_root} ({arch.folder_size(oracle_root) / 1e6:.2f} MB)")

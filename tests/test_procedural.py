@@ -154,25 +154,91 @@ def test_oracle_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monk
     from echodistill.miniworld import oracle_train, training
 
     train, valid = render_set(24, 0, oracle=True), render_set(8, 1, oracle=True)
-    settings = oracle_train.OracleSettings(steps=4, batch=4, warmup=1, checkpoint_every=2)
+    pool = oracle_train.subject_views(6, 2, seed=0)
+    settings = oracle_train.OracleSettings(reader_steps=4, reader_batch=4, steps=4, subjects_per_batch=3, warmup=1,
+                                           checkpoint_every=2)
     quiet = lambda message: None  # noqa: E731
-    uncut = oracle_train.train_oracles(train, valid, settings, 0, quiet)
+    monkeypatch.setattr(oracle_train, "validation_report", lambda oracle, valid: {})
+    uncut = oracle_train.train_oracles(train, valid, pool, settings, 0, quiet)
 
     state = tmp_path / "oracle_running.pt"
     real_save = training.save_atomically
+    saved = []
 
     def save_then_die(path, payload):
         real_save(path, payload)
-        raise KeyboardInterrupt  # the session ends right after the first checkpoint
+        saved.append(path.name)
+        if path.name == "oracle_running_encoder.pt":
+            raise KeyboardInterrupt  # the session ends right after the encoder's first checkpoint
 
     monkeypatch.setattr(training, "save_atomically", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        oracle_train.train_oracles(train, valid, settings, 0, quiet, resume_path=state)
-    assert torch.load(state, weights_only=True)["step"] == 2
+        oracle_train.train_oracles(train, valid, pool, settings, 0, quiet, resume_path=state)
+    assert saved == ["oracle_running_reader.pt", "oracle_running_reader.pt", "oracle_running_encoder.pt"]
+    assert torch.load(tmp_path / "oracle_running_reader.pt", weights_only=True)["step"] == 4  # finished
+    assert torch.load(tmp_path / "oracle_running_encoder.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(training, "save_atomically", real_save)
     lines = []
-    resumed = oracle_train.train_oracles(train, valid, settings, 0, lines.append, resume_path=state)
-    assert any("resumed" in line and "step 2/4" in line for line in lines), lines
+    resumed = oracle_train.train_oracles(train, valid, pool, settings, 0, lines.append, resume_path=state)
+    assert any("reader resumed" in line and "step 4/4" in line for line in lines), lines
+    assert any("encoder resumed" in line and "step 2/4" in line for line in lines), lines
     for uncut_module, resumed_module in ((uncut.reader, resumed.reader), (uncut.encoder, resumed.encoder)):
         for (name, a), b in zip(uncut_module.state_dict().items(), resumed_module.state_dict().values()):
             assert torch.equal(a, b), name
+
+
+def test_subject_views_are_deterministic_pairs_of_one_subject_in_different_scenes():
+    from echodistill.miniworld.oracle import GRAMMAR_SUBJECTS
+    from echodistill.miniworld.oracle_train import subject_views
+
+    pool = subject_views(40, 3, seed=5)
+    again = subject_views(40, 3, seed=5)
+    assert pool.images.shape == (120, 64, 64, 3) and pool.images.dtype == np.uint8
+    assert np.array_equal(pool.images, again.images) and np.array_equal(pool.labels, again.labels)
+    labels = pool.labels.reshape(40, 3)
+    assert (labels == labels[:, :1]).all()  # a subject's views share its label
+    procedural = labels[:, 0] >= len(GRAMMAR_SUBJECTS)
+    assert procedural.any() and (~procedural).any()  # both kinds of subject are in the pool
+    seeds = labels[procedural, 0] - len(GRAMMAR_SUBJECTS)
+    assert all(seed in ORACLE_SEEDS.seeds() for seed in seeds)
+    views = pool.images.reshape(40, 3, 64, 64, 3)
+    assert all(not np.array_equal(views[i, 0], views[i, 1]) for i in range(40))  # scenes differ
+    with pytest.raises(ValueError, match="two views"):
+        subject_views(2, 1, seed=0)
+
+
+def test_supervised_contrastive_loss_rewards_pulling_positives_together():
+    from echodistill.miniworld.oracle_train import supervised_contrastive_loss
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    exact = torch.eye(3).repeat(2, 1)  # each picture at cosine 1 to its partner, 0 to the rest
+    shuffled = exact[[0, 1, 2, 1, 2, 0]]
+    assert supervised_contrastive_loss(exact, labels, 0.1) < 0.01 < supervised_contrastive_loss(shuffled, labels, 0.1)
+    # by hand at temperature 1 for one anchor: its positive at cos 1, four others at cos 0 -> -log(e / (e + 4))
+    e = torch.exp(torch.tensor(1.0))
+    assert torch.allclose(supervised_contrastive_loss(exact, labels, 1.0), -torch.log(e / (e + 4)))
+    embeddings = torch.randn(6, 8, requires_grad=True)
+    supervised_contrastive_loss(torch.nn.functional.normalize(embeddings, dim=1), labels, 0.1).backward()
+    assert embeddings.grad.abs().sum() > 0
+    # anchors without a positive (labels 1 and 2 here) are skipped rather than counted as zero
+    lone = supervised_contrastive_loss(exact[:4], torch.tensor([0, 1, 2, 0]), 1.0)
+    assert torch.allclose(lone, -torch.log(e / (e + 2)))
+
+
+def test_an_encoder_file_with_classifier_prototypes_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    from echodistill.miniworld.oracle import SubjectEncoder, load_module
+
+    encoder = SubjectEncoder(width=8, dim=16)
+    state = {k: v.half() for k, v in encoder.state_dict().items()}
+    state["prototypes"] = torch.zeros(5, 16, dtype=torch.float16)
+    metadata = {"class": "SubjectEncoder", "config": '{"width": 8, "dim": 16, "subjects": 5, "scale": 16.0}',
+                "labels": "[]"}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=metadata)
+    loaded = load_module(tmp_path / "old.safetensors", SubjectEncoder, None)
+    assert loaded.config == {"width": 8, "dim": 16}
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    reference = SubjectEncoder(width=8, dim=16)
+    reference.load_state_dict({k: v.float() for k, v in state.items() if k != "prototypes"})
+    assert torch.allclose(loaded(x), reference(x), atol=1e-5)

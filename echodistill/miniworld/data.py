@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .concepts import Concept
 from .grammar import COLORS, Caption, Scene, sample_scene, training_caption
 from .procedural import BASE_SEEDS, ORACLE_SEEDS, procedural_caption, procedural_subject
 from .render import render
@@ -34,13 +35,18 @@ def _item(seed: int, index: int, oracle: bool) -> tuple[np.ndarray, Scene, Capti
         return render(scene, rng), scene, caption
     seeds = ORACLE_SEEDS if oracle else BASE_SEEDS
     subject = procedural_subject(int(rng.integers(seeds.start, seeds.stop)))
+    scene, caption = procedural_caption(subject_scene(subject, rng), subject, rng)
+    return render(scene, rng), scene, caption
+
+
+def subject_scene(subject: Concept, rng: np.random.Generator) -> Scene:
+    """A random scene of a self-painting subject, on a background it does not vanish into."""
     scene = sample_scene(rng, subject.name)
     if scene.bg_color in subject.clashes:  # a body on its own colour would vanish
         others = [c for c in COLORS if c not in subject.clashes]
         scene = Scene(scene.subject, None, scene.size, scene.position, others[int(rng.integers(len(others)))],
                       scene.bg_pattern)
-    scene, caption = procedural_caption(scene, subject, rng)
-    return render(scene, rng), scene, caption
+    return scene
 
 
 def _chunk(args: tuple[int, int, int, bool]) -> list[tuple[np.ndarray, Scene, Caption]]:

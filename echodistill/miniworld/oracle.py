@@ -8,7 +8,7 @@
 * Subject fidelity: a small CNN (`SubjectEncoder`) embeds a picture's subject invariantly to
   where it stands and on what; the score is the mean over all (generated, reference) pairs of
   max(0, cosine), as DINO and CLIP-I are reported (metrics.mean_clipped_cosine). It was trained
-  to tell apart the grammar's coloured shapes and a few thousand procedural subjects
+  contrastively to tell apart the grammar's coloured shapes and thousands of procedural subjects
   (procedural.py), never the subjects it scores — as DINO never saw DreamBench's dog.
 
 Both were trained on renders in random contexts, with blur, noise and colour jitter so that
@@ -39,17 +39,19 @@ from ..errors import EchoDistillError
 from ..evaluation.metrics import mean_clipped_cosine
 from .architecture import ORACLE_ROOT
 from .grammar import ATTRIBUTES, COLORS, SHAPES
-from .procedural import ORACLE_SEEDS, procedural_name
+from .procedural import ORACLE_SEEDS
 
 READER_FILE = "attribute_reader.safetensors"
 ENCODER_FILE = "subject_encoder.safetensors"
 IMAGE_SIZE = 64
 
-# The subjects the encoder is trained to separate: each grammar shape in each colour, then the
-# procedural subjects of the oracle's seed range. The named concepts are not among them.
-SUBJECTS: tuple[str, ...] = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS) + tuple(
-    procedural_name(seed) for seed in ORACLE_SEEDS.seeds()
-)
+# What the encoder learned to tell apart (stored in its file): the grammar's coloured shapes and
+# the procedural subjects of the oracle's seed range. The named concepts are not among them.
+GRAMMAR_SUBJECTS: tuple[str, ...] = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
+TRAINING_SUBJECTS: dict[str, object] = {
+    "grammar": list(GRAMMAR_SUBJECTS),
+    "procedural_seeds": [ORACLE_SEEDS.start, ORACLE_SEEDS.stop],
+}
 
 
 class OracleError(EchoDistillError):
@@ -83,19 +85,21 @@ class AttributeReader(nn.Module):
 
 
 class SubjectEncoder(nn.Module):
-    """64×64 picture -> unit-length subject embedding, pooled so that place and size drop out."""
+    """64×64 picture -> unit-length subject embedding, pooled so that place and size drop out.
 
-    def __init__(self, width: int = 48, dim: int = 128, subjects: int = len(SUBJECTS), scale: float = 16.0) -> None:
+    Trained contrastively (oracle_train.train_subject_encoder): two pictures of one subject in
+    different scenes are pulled together, pictures of different subjects pushed apart, so the
+    cosine between embeddings is what the subject-fidelity metric reports.
+    """
+
+    def __init__(self, width: int = 48, dim: int = 128) -> None:
         super().__init__()
-        self.config = {"width": width, "dim": dim, "subjects": subjects, "scale": scale}
+        self.config = {"width": width, "dim": dim}
         self.features = nn.Sequential(
             _conv(3, width, 2), _conv(width, 2 * width, 2), _conv(2 * width, 2 * width, 1),
             _conv(2 * width, 3 * width, 2), _conv(3 * width, 3 * width, 1),
         )  # (B, 3w, 8, 8); no full-resolution layer: it would cost 4× the rest for little
         self.project = nn.Linear(6 * width, dim)
-        # Cosine classifier: training then shapes exactly the cosine the metric reports.
-        self.prototypes = nn.Parameter(torch.randn(subjects, dim) * 0.1)
-        self.scale = scale
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, 64, 64) in [-1, 1] -> embeddings (B, dim), L2-normalized."""
@@ -104,8 +108,10 @@ class SubjectEncoder(nn.Module):
         pooled = torch.cat([features.amax(dim=(2, 3)), features.mean(dim=(2, 3))], dim=1)  # (B, 6w)
         return F.normalize(self.project(pooled), dim=1)
 
-    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.scale * embeddings @ F.normalize(self.prototypes, dim=1).T  # (B, subjects)
+
+# Encoders trained with a cosine classifier carried class prototypes and their size in the file;
+# scoring never used them, so such files still load as plain encoders.
+_LEGACY_ENCODER = {"config": ("subjects", "scale"), "state": ("prototypes",)}
 
 
 def save_module(module: nn.Module, path: Path, labels: Mapping | Sequence) -> None:
@@ -130,8 +136,12 @@ def load_module(path: Path, cls: type[nn.Module], labels: Mapping | Sequence | N
             f"{path.name} was trained for other labels or another class ({metadata.get('class')}); "
             "the grammar or the concepts changed since: retrain with scripts/train_miniworld.py"
         )
-    module = cls(**json.loads(metadata["config"]))
-    module.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    config, state = json.loads(metadata["config"]), load_file(str(path))
+    if cls is SubjectEncoder:
+        config = {k: v for k, v in config.items() if k not in _LEGACY_ENCODER["config"]}
+        state = {k: v for k, v in state.items() if k not in _LEGACY_ENCODER["state"]}
+    module = cls(**config)
+    module.load_state_dict({k: v.float() for k, v in state.items()})
     return module.eval().requires_grad_(False)
 
 
@@ -166,7 +176,7 @@ class Oracle:
 
     def save(self, folder: str | os.PathLike = ORACLE_ROOT) -> None:
         save_module(self.reader, Path(folder) / READER_FILE, ATTRIBUTES)
-        save_module(self.encoder, Path(folder) / ENCODER_FILE, SUBJECTS)
+        save_module(self.encoder, Path(folder) / ENCODER_FILE, TRAINING_SUBJECTS)
 
     @torch.no_grad()
     def read(self, images: torch.Tensor | np.ndarray) -> list[dict[str, str]]:

@@ -1,8 +1,14 @@
 """Training the oracles on renders of the world and of procedural subjects, in random contexts.
 
-The subject encoder is validated on subjects it never saw (`generalization_report`): the six
-named concepts and fresh procedural seeds, each rendered in its evaluation contexts and compared
-with its references (as a personalized model's pictures are) and with every other subject's.
+The attribute reader learns the grammar's attributes by classification. The subject encoder
+learns subject identity contrastively (supervised contrastive loss, Khosla et al. 2020): each
+batch holds two pictures of each of P subjects in different scenes, drawn from a pool of
+thousands of procedural subjects and the grammar's coloured shapes, and an embedding must find
+its partner among the other 2P - 1. Nothing ties it to a fixed list of classes, so it scores
+subjects it never saw by the same cosine. It is validated on such subjects
+(`generalization_report`): the six named concepts and fresh procedural seeds, each rendered in
+its evaluation contexts and compared with its references (as a personalized model's pictures
+are) and with every other subject's.
 """
 
 from __future__ import annotations
@@ -14,26 +20,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .concepts import CONCEPTS, evaluation_prompts, reference_images
-from .data import RenderedSet
-from .grammar import ATTRIBUTES
-from .oracle import SUBJECTS, AttributeReader, Oracle, SubjectEncoder
-from .procedural import VALIDATION_SEEDS, is_procedural, lookup_subject, procedural_subject
+from .concepts import CONCEPTS, Concept, evaluation_prompts, reference_images
+from .data import RenderedSet, subject_scene
+from .grammar import ATTRIBUTES, COLORS, SHAPES, Scene, sample_scene
+from .oracle import GRAMMAR_SUBJECTS, AttributeReader, Oracle, SubjectEncoder
+from .procedural import ORACLE_SEEDS, VALIDATION_SEEDS, SeedRange, is_procedural, lookup_subject, procedural_subject
 from .render import render
 from .training import Log, Meter, make_optimizer, restore_loop_state, save_loop_state
 
 IGNORE = -100  # cross_entropy's ignore_index: a concept has no grammar shape or colour
+GRAMMAR_SHARE = 0.1  # share of pool subjects that are a plain coloured shape ("a red circle")
 
 
 @dataclass(frozen=True)
 class OracleSettings:
-    images: int = 12000
-    steps: int = 1500
-    batch: int = 64
+    images: int = 12000  # the reader's training renders
+    reader_steps: int = 1500
+    reader_batch: int = 64
+    subjects: int = 4000  # distinct subjects in the encoder's pool, each drawn in `views` scenes
+    views: int = 4
+    steps: int = 1500  # the encoder's steps
+    subjects_per_batch: int = 48  # P: a batch is two views of each of P subjects
+    temperature: float = 0.1  # of the contrastive softmax over cosines (SupCon's default)
     lr: float = 2e-3
     warmup: int = 50
-    margin: float = 0.25  # CosFace margin (Wang et al., 2018): tighter subjects, wider gaps between them
     checkpoint_every: int = 200
+
+
+@dataclass
+class SubjectViews:
+    """Pictures of subjects in random scenes: `images` (S·V, 64, 64, 3) uint8, subject-major;
+    `labels` (S·V,) identity per picture (equal labels = one subject, even if drawn twice)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    views: int
 
 
 def attribute_labels(rendered: RenderedSet) -> dict[str, torch.Tensor]:
@@ -46,12 +67,6 @@ def attribute_labels(rendered: RenderedSet) -> dict[str, torch.Tensor]:
         for name, choices in ATTRIBUTES.items():
             labels[name].append(choices.index(values[name]) if name in values else IGNORE)
     return {name: torch.tensor(values) for name, values in labels.items()}
-
-
-def subject_labels(rendered: RenderedSet) -> torch.Tensor:
-    index = {name: i for i, name in enumerate(SUBJECTS)}
-    names = [scene.subject if scene.is_concept else f"{scene.color} {scene.subject}" for scene in rendered.scenes]
-    return torch.tensor([index[name] for name in names])
 
 
 def degrade(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -67,61 +82,168 @@ def degrade(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (pixels * gain + offset + noise).clamp(-1, 1)
 
 
-def train_oracles(train: RenderedSet, valid: RenderedSet, settings: OracleSettings, seed: int, log: Log,
-                  resume_path: Path | None = None) -> Oracle:
-    """Both oracles in one loop over the same batches (each with its own loss and parameters).
+def _pool_subject(rng: np.random.Generator, seeds: SeedRange) -> tuple[int, Concept | tuple[str, str]]:
+    """(label, subject): a procedural subject of `seeds`, or a grammar (colour, shape) pair."""
+    if rng.random() < GRAMMAR_SHARE:
+        color, shape = str(rng.choice(COLORS)), str(rng.choice(SHAPES))
+        return GRAMMAR_SUBJECTS.index(f"{color} {shape}"), (color, shape)
+    seed = int(rng.integers(seeds.start, seeds.stop))
+    return len(GRAMMAR_SUBJECTS) + seed, procedural_subject(seed)
 
-    With `resume_path`, the whole loop state (both modules, optimizer, schedule, generator) is saved
-    there every `settings.checkpoint_every` steps and picked up when it exists, as the teacher stage does.
+
+def _view(subject: Concept | tuple[str, str], rng: np.random.Generator) -> np.ndarray:
+    if isinstance(subject, Concept):
+        return render(subject_scene(subject, rng), rng)
+    color, shape = subject
+    scene = sample_scene(rng, shape)
+    if scene.color != color:  # keep the subject's colour; the background must differ from it
+        backgrounds = [c for c in COLORS if c != color]
+        scene = Scene(shape, color, scene.size, scene.position, str(rng.choice(backgrounds)), scene.bg_pattern)
+    return render(scene, rng)
+
+
+def subject_views(subjects: int, views: int, seed: int, seeds: SeedRange = ORACLE_SEEDS) -> SubjectViews:
+    """`subjects` subjects from `seeds` (and the grammar's coloured shapes), each in `views` random scenes.
+
+    Picture (i, v) depends only on (seed, i, v). Raises ValueError for fewer than two views.
     """
+    if views < 2:
+        raise ValueError(f"a contrastive pool needs at least two views per subject, got {views}")
+    images, labels = [], []
+    for i in range(subjects):
+        rng = np.random.default_rng([seed, i])
+        label, subject = _pool_subject(rng, seeds)
+        images.extend(_view(subject, rng) for _ in range(views))
+        labels.extend([label] * views)
+    return SubjectViews(np.stack(images), np.asarray(labels, dtype=np.int64), views)
+
+
+def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SupCon (Khosla et al., 2020, eq. 2): embeddings (B, D) unit length, labels (B,) -> scalar.
+
+    For each anchor, the mean log-probability of its positives (same label, not itself) under a
+    softmax over the cosines to every other picture of the batch; anchors without a positive are skipped.
+    """
+    similarity = embeddings @ embeddings.T / temperature  # (B, B)
+    itself = torch.eye(len(labels), dtype=torch.bool, device=embeddings.device)
+    similarity = similarity.masked_fill(itself, float("-inf"))
+    positives = (labels[:, None] == labels[None, :]) & ~itself
+    log_prob = (similarity - similarity.logsumexp(dim=1, keepdim=True)).masked_fill(itself, 0.0)
+    has_positive = positives.any(dim=1)
+    per_anchor = -(log_prob * positives).sum(dim=1) / positives.sum(dim=1).clamp(min=1)
+    return per_anchor[has_positive].mean()
+
+
+def _pairs_batch(pool: SubjectViews, subjects: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of two different views of each of `subjects` distinct pool subjects: (2·subjects,)."""
+    count = len(pool.labels) // pool.views
+    chosen = torch.randperm(count, generator=generator)[:subjects]
+    first = torch.randint(0, pool.views, (len(chosen),), generator=generator)
+    second = (first + torch.randint(1, pool.views, (len(chosen),), generator=generator)) % pool.views
+    return torch.cat([chosen * pool.views + first, chosen * pool.views + second])
+
+
+def _resume_file(resume_path: Path | None, part: str) -> Path | None:
+    return None if resume_path is None else resume_path.with_name(f"{resume_path.stem}_{part}{resume_path.suffix}")
+
+
+def train_attribute_reader(train: RenderedSet, settings: OracleSettings, seed: int, log: Log,
+                           resume_path: Path | None = None) -> AttributeReader:
+    """The reader, by cross-entropy on every attribute a scene has, on degraded renders."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 3)
-    reader, encoder = AttributeReader().train(), SubjectEncoder().train()
+    reader = AttributeReader().train()
     optimizer, scheduler = make_optimizer(
-        [{"params": list(reader.parameters()) + list(encoder.parameters()), "lr": settings.lr, "weight_decay": 1e-4}],
-        settings.steps, settings.warmup,
+        [{"params": list(reader.parameters()), "lr": settings.lr, "weight_decay": 1e-4}],
+        settings.reader_steps, settings.warmup,
     )
     pixels = torch.from_numpy(train.images).permute(0, 3, 1, 2)  # (N, 3, 64, 64) uint8
-    attributes, subjects = attribute_labels(train), subject_labels(train)
-    modules = {"reader": reader, "encoder": encoder}
-    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "oracle", settings.steps)
+    attributes = attribute_labels(train)
+    modules = {"reader": reader}
+    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "reader",
+                               settings.reader_steps)
     meter = Meter()
-    for step in range(first, settings.steps + 1):
-        index = torch.randint(0, len(pixels), (settings.batch,), generator=generator)
-        batch = degrade(pixels[index].float() / 127.5 - 1, generator)
-        logits = reader(batch)
-        reader_loss = sum(F.cross_entropy(logits[n], attributes[n][index], ignore_index=IGNORE) for n in ATTRIBUTES)
-        # A flip changes no subject, so the encoder also sees mirror images.
-        flipped = torch.where((torch.rand(settings.batch, generator=generator) < 0.5).view(-1, 1, 1, 1),
-                              batch.flip(-1), batch)
-        logits = encoder.logits(encoder(flipped))  # (B, subjects), scale · cosine
-        target = F.one_hot(subjects[index], logits.shape[1]).float()
-        encoder_loss = F.cross_entropy(logits - encoder.scale * settings.margin * target, subjects[index])
-        loss = reader_loss + encoder_loss
+    for step in range(first, settings.reader_steps + 1):
+        index = torch.randint(0, len(pixels), (settings.reader_batch,), generator=generator)
+        logits = reader(degrade(pixels[index].float() / 127.5 - 1, generator))
+        loss = sum(F.cross_entropy(logits[n], attributes[n][index], ignore_index=IGNORE) for n in ATTRIBUTES)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        meter.add(reader=reader_loss.item(), encoder=encoder_loss.item())
+        meter.add(reader=loss.item())
+        if step % 100 == 0 or step == settings.reader_steps:
+            log(f"reader {meter.line(step, settings.reader_steps)}")
+        if resume_path is not None and (step % settings.checkpoint_every == 0 or step == settings.reader_steps):
+            save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
+    return reader.eval().requires_grad_(False)
+
+
+def train_subject_encoder(pool: SubjectViews, settings: OracleSettings, seed: int, log: Log,
+                          resume_path: Path | None = None) -> SubjectEncoder:
+    """The encoder, by the supervised contrastive loss over two degraded, randomly mirrored views per subject."""
+    torch.manual_seed(seed + 1)
+    generator = torch.Generator().manual_seed(seed + 5)
+    encoder = SubjectEncoder().train()
+    optimizer, scheduler = make_optimizer(
+        [{"params": list(encoder.parameters()), "lr": settings.lr, "weight_decay": 1e-4}],
+        settings.steps, settings.warmup,
+    )
+    pixels, labels = torch.from_numpy(pool.images).permute(0, 3, 1, 2), torch.from_numpy(pool.labels)
+    modules = {"encoder": encoder}
+    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "encoder", settings.steps)
+    meter = Meter()
+    for step in range(first, settings.steps + 1):
+        index = _pairs_batch(pool, settings.subjects_per_batch, generator)
+        batch = degrade(pixels[index].float() / 127.5 - 1, generator)
+        # A mirror image is the same subject, so mirrored views are positives too.
+        batch = torch.where((torch.rand(len(index), generator=generator) < 0.5).view(-1, 1, 1, 1), batch.flip(-1), batch)
+        loss = supervised_contrastive_loss(encoder(batch), labels[index], settings.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        meter.add(encoder=loss.item())
         if step % 100 == 0 or step == settings.steps:
-            log(f"oracle {meter.line(step, settings.steps)}")
+            log(f"encoder {meter.line(step, settings.steps)}")
         if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
             save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
-    oracle = Oracle(reader.eval().requires_grad_(False), encoder.eval().requires_grad_(False))
+    return encoder.eval().requires_grad_(False)
+
+
+def train_oracles(train: RenderedSet, valid: RenderedSet, pool: SubjectViews, settings: OracleSettings, seed: int,
+                  log: Log, resume_path: Path | None = None) -> Oracle:
+    """The reader on `train`, then the encoder on `pool`; validated on `valid` and fresh subjects.
+
+    With `resume_path` (e.g. ckpt/oracle_running.pt), each loop's state is saved every
+    `settings.checkpoint_every` steps beside it (<stem>_reader.pt, <stem>_encoder.pt) and picked
+    up when it exists, as the teacher stage does; the caller removes them when done.
+    """
+    reader = train_attribute_reader(train, settings, seed, log, _resume_file(resume_path, "reader"))
+    encoder = train_subject_encoder(pool, settings, seed, log, _resume_file(resume_path, "encoder"))
+    oracle = Oracle(reader, encoder)
     log(f"oracle validation: {validation_report(oracle, valid)}")
     return oracle
 
 
-def validation_report(oracle: Oracle, valid: RenderedSet) -> dict[str, float]:
-    """Per-attribute accuracy on held-out renders and subject accuracy (nearest prototype)."""
+def validation_report(oracle: Oracle, valid: RenderedSet, subjects: int = 200) -> dict[str, float]:
+    """Per-attribute accuracy on held-out renders, and subject retrieval on subjects never trained on.
+
+    "subject": the share of pictures whose nearest other picture (cosine) shows the same subject,
+    among 4 views each of `subjects` fresh validation subjects (chance ≈ 3 / (4·subjects)).
+    """
     read = oracle.read(valid.images)
     report = {}
     for name in ATTRIBUTES:
         pairs = [(r[name], s.attributes()[name]) for r, s in zip(read, valid.scenes) if name in s.attributes()]
         report[name] = float(np.mean([a == b for a, b in pairs]))
-    with torch.no_grad():
-        predicted = oracle.encoder.logits(oracle.subject_embeddings(valid.images)).argmax(dim=1)
-    report["subject"] = float((predicted == subject_labels(valid)).float().mean())
+    fresh = VALIDATION_SEEDS.start + 50_000  # clear of the seeds the demo and generalization_report use
+    held_out = subject_views(subjects, 4, seed=0, seeds=SeedRange(fresh, VALIDATION_SEEDS.stop))
+    embeddings = oracle.subject_embeddings(held_out.images)
+    similarity = (embeddings @ embeddings.T).fill_diagonal_(-2.0)
+    nearest = similarity.argmax(dim=1)
+    labels = torch.from_numpy(held_out.labels)
+    report["subject"] = float((labels[nearest] == labels).float().mean())
     return {k: round(v, 4) for k, v in report.items()}
 
 

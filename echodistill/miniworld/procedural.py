@@ -5,8 +5,8 @@ They play two roles that real-world photos play for SD and DINO:
     shape of their outline) and, when nameable, their main colour and pattern word ("a red
     striped ring"): the class word then covers a whole family of instances, as "dog" does in
     SD, and a personalization method has to pick ONE instance out of it;
-  * the subject oracle learns to tell them apart (instance discrimination over a few thousand
-    seeds), so it scores subjects it never saw — the six named concepts and fresh seeds — the
+  * the subject oracle learns to tell them apart (contrastive instance discrimination over
+    thousands of seeds), so it scores subjects it never saw — the six named concepts and fresh seeds — the
     way DINO scores DreamBench's dog.
 
 Seeds are split into disjoint ranges (`SeedRange`): base-model data, oracle training, and
@@ -62,7 +62,7 @@ class SeedRange:
 
 
 BASE_SEEDS = SeedRange(0, 1_000_000)  # base-model training data: a fresh subject per picture
-ORACLE_SEEDS = SeedRange(2_000_000, 2_002_000)  # the subject encoder's training classes
+ORACLE_SEEDS = SeedRange(2_000_000, 2_100_000)  # the subject encoder's training subjects
 VALIDATION_SEEDS = SeedRange(3_000_000, 3_100_000)  # never trained on: oracle validation, fresh demo subjects
 
 
