@@ -181,10 +181,12 @@ class ConceptBundle:
         A bundle from a version before K/V were hashed is checked as it was then (the UNets' ends only).
         """
         if self.is_sdxl != (len(pair.text_encoders) == 2):
+            trained = "an SDXL pair (a token row in each of two text encoders)" if self.is_sdxl else (
+                "an SD 1.x / 2.x pair (one text encoder)")
+            loaded = "an SDXL pair" if len(pair.text_encoders) == 2 else "an SD 1.x / 2.x pair"
             raise BundleMismatchError(
-                f"this concept was trained on {self.families} ({'SDXL: two' if self.is_sdxl else 'one'} text encoder "
-                f"row(s)), but the loaded pair is {pair.teacher.family} + {pair.student.family}: load the same base "
-                "models it was trained with"
+                f"this concept was trained on {trained}, {self.families}, but the loaded models are {loaded} "
+                f"({pair.teacher.family} + {pair.student.family}): load the same base models it was trained with"
             )
         legacy = "scheme" not in self.fingerprints
         have = pair.legacy_fingerprints() if legacy else pair.fingerprints()

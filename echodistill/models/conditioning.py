@@ -149,7 +149,8 @@ class PromptConditioner:
     def __init__(self, tokenizers: Sequence, text_encoders: Sequence, *, added_conditioning: bool = False,
                  zeros_for_empty_prompt: bool = False):
         if len(tokenizers) != len(text_encoders) or not tokenizers:
-            raise ConfigError(f"{len(tokenizers)} tokenizers for {len(text_encoders)} text encoders: give one per encoder")
+            raise ConfigError(
+                f"{len(tokenizers)} tokenizers for {len(text_encoders)} text encoders: give one per encoder")
         if added_conditioning and len(text_encoders) != 2:
             raise ConfigError("SDXL conditioning needs two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG)")
         self.tokenizers = tuple(tokenizers)

@@ -109,9 +109,8 @@ def guided_epsilon_and_x0(
     `uncond` has batch 1 or B (it is expanded to B); both are Conditionings or both tensors."""
     batch = noisy.shape[0]
     cond, uncond = as_conditioning(cond), as_conditioning(uncond)
-    model_output = unet_call(
-        unet, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), Conditioning.cat([uncond.expand(batch), cond])
-    )  # (2B, 4, h, w)
+    both = Conditioning.cat([uncond.expand(batch), cond])  # batch 2B: unconditional first
+    model_output = unet_call(unet, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), both)  # (2B, 4, h, w)
     uncond_out, cond_out = model_output[:batch], model_output[batch:]
     guided = uncond_out + guidance * (cond_out - uncond_out)
     return (

@@ -106,7 +106,8 @@ class FamilyConfig:
         if self.name in FAMILIES:
             styles = FAMILIES[self.name][1].split(",")
             return styles[self.text_components.index(component)]
-        # OpenAI's CLIP (SD 1.x, SDXL's first tower) uses quick_gelu and pads with <|endoftext|>; OpenCLIP pads with "!".
+        # OpenAI's CLIP (SD 1.x, SDXL's first tower) uses quick_gelu and pads with <|endoftext|>;
+        # OpenCLIP pads with "!".
         return "sd1" if self.text_config(component).get("hidden_act") == "quick_gelu" else "sd2"
 
     @property

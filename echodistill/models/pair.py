@@ -273,7 +273,8 @@ def check_shareable(teacher: ModelSource, student: ModelSource) -> None:
         raise IncompatiblePairError(
             f"teacher {teacher.path.name} ({teacher.family}) and student {student.path.name} ({student.family}) "
             f"cannot share a text encoder: {xl.family} reads two (CLIP ViT-L + OpenCLIP ViT-bigG, 2048-wide) and "
-            f"{other.family} one ({other.config.text_architecture}); pair SDXL base with SDXL-Turbo, or SD 2.1 with SD-Turbo"
+            f"{other.family} one ({other.config.text_architecture}); "
+            "pair SDXL base with SDXL-Turbo, or SD 2.1 with SD-Turbo"
         )
     if teacher_arch != student_arch:
         raise IncompatiblePairError(

@@ -26,7 +26,8 @@ def pristine(pair: ModelPair) -> Iterator[ModelPair]:
     saved = []
     for encoder in pair.text_encoders:
         embeddings = encoder.get_input_embeddings()
-        saved.append((encoder, embeddings, embeddings.weight.data, embeddings.num_embeddings, encoder.config.vocab_size))
+        saved.append(
+            (encoder, embeddings, embeddings.weight.data, embeddings.num_embeddings, encoder.config.vocab_size))
     try:
         yield pair
     finally:

@@ -31,7 +31,13 @@ from ..concepts.bundle import ConceptBundle
 from ..errors import OutputWriteError
 from ..files import check_writable, exclusive_output
 from ..models.adapters import adapter_state_dict, add_adapter
-from ..models.concept import ConceptEmbedding, add_concept_tokens, concept_rows, own_concept_embeddings, reading_with_all
+from ..models.concept import (
+    ConceptEmbedding,
+    add_concept_tokens,
+    concept_rows,
+    own_concept_embeddings,
+    reading_with_all,
+)
 from ..models.conditioning import Conditioning
 from ..models.diffusion import alphas_cumprod_for, student_one_step, teacher_target, unet_call
 from ..models.pair import ModelPair
