@@ -97,6 +97,25 @@ def tiny_pair_folders(tiny_world):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_world(tmp_path_factory):
+    """Tiny SDXL teacher/student families (two text encoders, text_time UNets) and their random models."""
+    from echodistill.models import tiny
+
+    return tiny.build_tiny_sdxl_pair(tmp_path_factory.mktemp("tiny_sdxl_world"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folders(tiny_sdxl_world):
+    """The tiny SDXL teacher and student written as diffusers folders."""
+    from echodistill.models import tiny as tiny_models
+
+    root, fam, models = tiny_sdxl_world["root"], tiny_sdxl_world["families"], tiny_sdxl_world["models"]
+    teacher = tiny_models.write_diffusers_folder(models["teacher"], root / "teacher", fam["tiny-sdxl"])
+    student = tiny_models.write_diffusers_folder(models["student"], root / "student", fam["tiny-sdxl-turbo"])
+    return teacher, student
+
+
+@pytest.fixture(scope="session")
 def comfy_models(tmp_path_factory):
     """ComfyUI-style model folders shared by every real-ComfyUI test of the session."""
     root = tmp_path_factory.mktemp("comfy_models")

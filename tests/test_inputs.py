@@ -151,11 +151,15 @@ SDXL_KEYS = {
 SD3_KEYS = {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4),
             "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (4,)}
 FLUX_KEYS = {"double_blocks.0.img_attn.qkv.weight": (4, 4), "single_blocks.0.linear1.weight": (4, 4)}
-SDXL_UNET_ONLY = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 2048)}
+SDXL_REFINER_KEYS = {
+    "conditioner.embedders.0.model.ln_final.weight": (4,),
+    "model.diffusion_model.label_emb.0.0.weight": (4, 4),
+    "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 1280),
+}
 
 
-@pytest.mark.parametrize("keys,name", [(SDXL_KEYS, "an SDXL model"), (SD3_KEYS, "Stable Diffusion 3"),
-                                       (FLUX_KEYS, "a Flux model"), (SDXL_UNET_ONLY, "an SDXL UNet")])
+@pytest.mark.parametrize("keys,name", [(SDXL_REFINER_KEYS, "an SDXL refiner"), (SD3_KEYS, "Stable Diffusion 3"),
+                                       (FLUX_KEYS, "a Flux model")])
 @pytest.mark.parametrize("family", ["auto", "sd21-base"])
 def test_unsupported_families_are_named_with_the_pair_to_use(keys, name, family, tmp_path):
     """Named plainly, with the supported pair, whether or not a family is given: no dead end."""
@@ -170,6 +174,17 @@ def test_unsupported_families_are_named_with_the_pair_to_use(keys, name, family,
     assert "name its family" not in message
 
 
+def test_an_sdxl_file_read_as_an_sd2_family_is_refused_naming_the_families(tmp_path):
+    from echodistill.errors import ModelLoadError
+    from echodistill.models.loading import ModelSource
+
+    path = _keys_file(tmp_path / "model.safetensors", SDXL_KEYS)
+    with pytest.raises(ModelLoadError, match="is an SDXL checkpoint .* family 'sd21-base' was named: name one of "
+                                             "sdxl-base or sdxl-turbo"):
+        ModelSource.open(path, "sd21-base")
+    assert ModelSource.open(path).family == "sdxl-base"  # detected from its keys
+
+
 def test_cli_names_an_sdxl_teacher_in_one_error_line(tmp_path, capsys):
     path = _keys_file(tmp_path / "sdxl.safetensors", SDXL_KEYS)
     code = main(["train", "--teacher", str(path), "--student", str(path), "--images", str(_folder(tmp_path)),
@@ -179,13 +194,13 @@ def test_cli_names_an_sdxl_teacher_in_one_error_line(tmp_path, capsys):
     assert code == 2 and err.startswith("error:") and "SDXL" in err and "Traceback" not in err
 
 
-def test_sdxl_diffusers_folder_is_named(tmp_path):
+def test_sdxl_refiner_diffusers_folder_is_named(tmp_path):
     from echodistill.models.loading import ModelSource
     from echodistill.models.families import UnsupportedModelError
 
-    folder = tmp_path / "sdxl"
+    folder = tmp_path / "refiner"
     (folder / "unet").mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    (folder / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 2048}))
-    with pytest.raises(UnsupportedModelError, match="an SDXL model"):
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    (folder / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 1280}))
+    with pytest.raises(UnsupportedModelError, match="an SDXL refiner"):
         ModelSource.open(folder)

@@ -3,6 +3,9 @@
 Tensors: ``embedding`` (the token's row), ``student.<param>`` and ``teacher.<param>`` (adapter
 weights; none for a part that was not adapted, e.g. Textual Inversion), and ``student_embedding``
 only for a concept trained without the shared text encoder (the student's own token row).
+SDXL concepts have a row in each text encoder and store them under the names ComfyUI's SDXL
+embedding files use: ``clip_l`` (768, CLIP ViT-L) and ``clip_g`` (1280, OpenCLIP ViT-bigG), and
+``student_clip_l`` / ``student_clip_g`` for the student's own rows; they have no ``embedding``.
 Header metadata key ``echodistill`` holds JSON: token, initializer, class word, adapter kind and
 LoRA settings, base-model fingerprints, families, training config, step, pack version. Applying
 a bundle to models it was not trained on is refused.
@@ -14,19 +17,20 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from safetensors import safe_open
 
 from ..errors import EchoDistillError
 from ..models.adapters import adapter_kind, adapter_state_dict, add_custom_diffusion, add_lora, load_adapter_state_dict
-from ..models.concept import add_concept_token, concept_embedding, set_concept_row
+from ..models.concept import add_concept_tokens, concept_embedding, concept_rows, set_concept_rows
 from ..models.pair import ModelPair
 from ..models.tensor_files import atomic_save_safetensors, fingerprint
 from ..version import __version__
 
 METADATA_KEY = "echodistill"
+SDXL_ROW_NAMES = ("clip_l", "clip_g")  # ComfyUI's SDXL embedding keys, in text-encoder order
 
 
 class BundleMismatchError(EchoDistillError):
@@ -48,16 +52,27 @@ class ConceptBundle:
     step: int = 0
     version: str = __version__
     student_embedding: torch.Tensor | None = None  # (D,) the student's own row (shared_text_encoder=False)
+    embedding_2: torch.Tensor | None = None  # (1280,) SDXL: the row in the second (OpenCLIP ViT-bigG) encoder
+    student_embedding_2: torch.Tensor | None = None  # (1280,) SDXL: the student's own second row
 
     @classmethod
     def from_trained_pair(cls, pair: ModelPair, config, step: int, *, teacher_adapter: dict[str, torch.Tensor],
-                          student_embedding: torch.Tensor | None = None) -> "ConceptBundle":
-        """What a training run leaves on `pair` (token row, student adapter), with the run's config and provenance."""
+                          student_embedding: torch.Tensor | None = None,
+                          student_embeddings: Sequence[torch.Tensor] | None = None) -> "ConceptBundle":
+        """What a training run leaves on `pair` (token row(s), student adapter), with the run's config and provenance.
+
+        `student_embeddings`: the student's own rows, one per text encoder (shared_text_encoder=False);
+        `student_embedding` is the one-encoder spelling of the same.
+        """
+        rows = [row.detach().clone() for row in concept_rows(pair.text_encoders)]  # (D_1,), [(D_2,)]
+        own = list(student_embeddings) if student_embeddings is not None else (
+            None if student_embedding is None else [student_embedding])
         return cls(
             token=config.token,
             initializer=config.initializer_word,
             class_word=config.class_word,
-            embedding=concept_embedding(pair.text_encoder).concept_row.detach().clone(),
+            embedding=rows[0],
+            embedding_2=rows[1] if len(rows) > 1 else None,
             adapter=config.adapter,
             student_adapter=adapter_state_dict(pair.student.unet),
             teacher_adapter=teacher_adapter,
@@ -65,14 +80,43 @@ class ConceptBundle:
             families={"teacher": pair.teacher.family, "student": pair.student.family},
             config=config.to_dict(),
             step=step,
-            student_embedding=None if student_embedding is None else student_embedding.detach().clone(),
+            student_embedding=None if own is None else own[0].detach().clone(),
+            student_embedding_2=None if own is None or len(own) < 2 else own[1].detach().clone(),
         )
 
+    @property
+    def is_sdxl(self) -> bool:
+        """Trained on an SDXL pair: a row in each of the two text encoders."""
+        return self.embedding_2 is not None
+
     def embedding_for(self, part: str) -> torch.Tensor:
-        """The token row `part` ("student" or "teacher") reads the prompts with."""
+        """The first text encoder's token row `part` ("student" or "teacher") reads the prompts with."""
         if part == "student" and self.student_embedding is not None:
             return self.student_embedding
         return self.embedding
+
+    def embeddings_for(self, part: str) -> tuple[torch.Tensor, ...]:
+        """Every token row `part` reads the prompts with, one per text encoder: (D,) or, for SDXL,
+        ((768,) CLIP ViT-L row, (1280,) OpenCLIP ViT-bigG row)."""
+        if not self.is_sdxl:
+            return (self.embedding_for(part),)
+        if part == "student" and self.student_embedding is not None:
+            return (self.student_embedding, self.student_embedding_2)
+        return (self.embedding, self.embedding_2)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The token rows under their file names: {"embedding"} (SD 1.x / 2.x) or {"clip_l", "clip_g"} (SDXL),
+        each with a "student_" twin when the student has rows of its own; float32."""
+        if not self.is_sdxl:
+            rows = {"embedding": self.embedding}
+            if self.student_embedding is not None:
+                rows["student_embedding"] = self.student_embedding
+        else:
+            rows = dict(zip(SDXL_ROW_NAMES, (self.embedding, self.embedding_2)))
+            if self.student_embedding is not None:
+                rows.update({f"student_{n}": r for n, r in
+                             zip(SDXL_ROW_NAMES, (self.student_embedding, self.student_embedding_2))})
+        return {k: v.float() for k, v in rows.items()}
 
     # --- file ------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -89,9 +133,7 @@ class ConceptBundle:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        tensors = {"embedding": self.embedding.float()}
-        if self.student_embedding is not None:
-            tensors["student_embedding"] = self.student_embedding.float()
+        tensors = self.tensors()
         tensors.update({f"student.{k}": v for k, v in self.student_adapter.items()})
         tensors.update({f"teacher.{k}": v for k, v in self.teacher_adapter.items()})
         return atomic_save_safetensors(tensors, path, {METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
@@ -107,14 +149,18 @@ class ConceptBundle:
                 tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         except Exception as exc:
             raise EchoDistillError(f"{path.name} is not a readable safetensors file: {exc}") from exc
-        if header is None or "embedding" not in tensors:
+        sdxl = all(name in tensors for name in SDXL_ROW_NAMES)
+        if header is None or not ("embedding" in tensors or sdxl):
             raise EchoDistillError(f"{path.name} is not an EchoDistill concept bundle (no '{METADATA_KEY}' header)")
         meta = json.loads(header)
+        first, second = SDXL_ROW_NAMES
         return cls(
             token=meta["token"],
             initializer=meta["initializer"],
             class_word=meta["class_word"],
-            embedding=tensors["embedding"],
+            embedding=tensors[first] if sdxl else tensors["embedding"],
+            embedding_2=tensors[second] if sdxl else None,
+            student_embedding_2=tensors.get(f"student_{second}"),
             adapter=meta["adapter"],
             student_adapter={k[len("student.") :]: v for k, v in tensors.items() if k.startswith("student.")},
             teacher_adapter={k[len("teacher.") :]: v for k, v in tensors.items() if k.startswith("teacher.")},
@@ -123,7 +169,7 @@ class ConceptBundle:
             config=meta.get("config", {}),
             step=meta.get("step", 0),
             version=meta.get("version", "unknown"),
-            student_embedding=tensors.get("student_embedding"),
+            student_embedding=tensors.get(f"student_{first}" if sdxl else "student_embedding"),
         )
 
     # --- applying ----------------------------------------------------------------------------
@@ -134,9 +180,18 @@ class ConceptBundle:
         merged into them is another base model); the text encoder's cover its table and the initializer's rows.
         A bundle from a version before K/V were hashed is checked as it was then (the UNets' ends only).
         """
+        if self.is_sdxl != (len(pair.text_encoders) == 2):
+            trained = "an SDXL pair (a token row in each of two text encoders)" if self.is_sdxl else (
+                "an SD 1.x / 2.x pair (one text encoder)")
+            loaded = "an SDXL pair" if len(pair.text_encoders) == 2 else "an SD 1.x / 2.x pair"
+            raise BundleMismatchError(
+                f"this concept was trained on {trained}, {self.families}, but the loaded models are {loaded} "
+                f"({pair.teacher.family} + {pair.student.family}): load the same base models it was trained with"
+            )
         legacy = "scheme" not in self.fingerprints
         have = pair.legacy_fingerprints() if legacy else pair.fingerprints()
-        for name in ["text_encoder", *(f"{p}_unet" for p in parts)]:
+        encoders = ["text_encoder", *(["text_encoder_2"] if self.is_sdxl else [])]
+        for name in [*encoders, *(f"{p}_unet" for p in parts)]:
             if have.get(name) is None and legacy:
                 raise BundleMismatchError(
                     f"this concept was saved by an older version (pack {self.version}) whose fingerprints cannot be "
@@ -175,10 +230,11 @@ class ConceptBundle:
             )
         self.check_base(pair, parts)
         if self.token not in pair.tokenizer.get_vocab():
-            add_concept_token(pair.tokenizer, pair.text_encoder, self.token, self.initializer)
-        elif concept_embedding(pair.text_encoder).token_id != pair.tokenizer.convert_tokens_to_ids(self.token):
+            add_concept_tokens(pair.tokenizers, pair.text_encoders, self.token, self.initializer)
+        elif any(concept_embedding(e).token_id != t.convert_tokens_to_ids(self.token)
+                 for t, e in zip(pair.tokenizers, pair.text_encoders)):
             raise EchoDistillError(f"the text encoder carries another concept than {self.token!r}; load fresh models")
-        set_concept_row(pair.text_encoder, self.embedding_for(parts[0]) if parts else self.embedding)
+        set_concept_rows(pair.text_encoders, self.embeddings_for(parts[0] if parts else "teacher"))
         for part in parts:
             unet = getattr(pair, part).unet
             state = self.student_adapter if part == "student" else self.teacher_adapter
@@ -199,7 +255,15 @@ class ConceptBundle:
 
 
 def initializer_fingerprint(pair: ModelPair, initializer: str) -> str:
-    """Hash of the token-table rows of the initializer word's ids in the pair's (frozen) table."""
-    ids = pair.tokenizer(initializer, add_special_tokens=False).input_ids
-    table = pair.text_encoder.get_input_embeddings().weight  # (V, D): the base table, concept row not in it
-    return fingerprint(lambda name: table[int(name)], [str(i) for i in ids])
+    """Hash of the token-table rows of the initializer word's ids in the pair's (frozen) table(s).
+
+    SD 1.x / 2.x: the one table's rows (names "<id>"); SDXL adds the second table's (names "2:<id>").
+    """
+    names, rows = [], {}
+    for index, (tokenizer, encoder) in enumerate(zip(pair.tokenizers, pair.text_encoders)):
+        table = encoder.get_input_embeddings().weight  # (V, D): the base table, concept row not in it
+        for token_id in tokenizer(initializer, add_special_tokens=False).input_ids:
+            name = str(token_id) if index == 0 else f"{index + 1}:{token_id}"
+            names.append(name)
+            rows[name] = table[token_id]
+    return fingerprint(lambda name: rows[name], names)

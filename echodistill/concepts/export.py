@@ -201,6 +201,15 @@ def _target(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def _refuse_sdxl(bundle: ConceptBundle) -> None:
+    """SDXL concepts need SDXL's kohya key names and a clip_l + clip_g embedding file, not written here yet."""
+    if bundle.is_sdxl:
+        raise ExportError(
+            f"this concept was trained on SDXL ({bundle.families}); exporting SDXL concepts to LoRA and embedding "
+            "files is not supported yet: sample it with echodistill (sample / sample_student) instead"
+        )
+
+
 def _text_width(bundle: ConceptBundle) -> int:
     return int(bundle.embedding.shape[-1])
 
@@ -294,6 +303,7 @@ def export_lora(
     `unet_config` (a diffusers UNet config, or a UNet without adapters), when given, checks
     that every layer exists in that UNet with ΔW's shape before anything is written.
     """
+    _refuse_sdxl(bundle)
     if mode not in get_args(ExportMode):
         raise ExportError(f"mode={mode!r} is not one of {', '.join(map(repr, get_args(ExportMode)))}")
     if rank is not None and rank < 1:
@@ -374,6 +384,7 @@ def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrit
       InvokeAI reads the token count from the tensor's first dimension (1) and its base model
       from the width (768: SD 1.x, 1024: SD 2.x); trigger ``<file name>``.
     """
+    _refuse_sdxl(bundle)
     target = _target(path, overwrite)
     width = _text_width(bundle)
     key = bundle.token

@@ -9,7 +9,13 @@ Layouts:
   under ``cond_stage_model.transformer.*`` (CLIP ViT-L, SD 1.x) or ``cond_stage_model.model.*``
   (OpenCLIP ViT-H, SD 2.x).
 - ``sgm``: as ``ldm`` but the OpenCLIP text tower under ``conditioner.embedders.0.model.*``
-  (SD-Turbo's files).
+  (SD-Turbo's files); or, for SDXL (text kind ``sdxl``), two towers: CLIP ViT-L under
+  ``conditioner.embedders.0.transformer.text_model.*`` (transformers names) and OpenCLIP ViT-bigG
+  under ``conditioner.embedders.1.model.*`` (fused ``in_proj`` q/k/v and a ``text_projection``
+  stored as (in, out), the transpose of transformers' ``text_projection.weight``). The SDXL UNet
+  adds ``label_emb.0.0`` / ``label_emb.0.2`` (diffusers' ``add_embedding.linear_1`` / ``linear_2``).
+  These are the key names of Stability AI's published SDXL base / SDXL-Turbo files, which is what
+  ComfyUI's checkpoint loader recognises SDXL by.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from ..errors import ModelLoadError
 
 Layout = Literal["ldm", "sgm"]
-TextKind = Literal["clip", "openclip"]
+TextKind = Literal["clip", "openclip", "sdxl"]  # "sdxl": the two towers below, in one file
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -30,6 +36,11 @@ TEXT_PREFIXES: dict[tuple[Layout, TextKind], str] = {
     ("ldm", "clip"): "cond_stage_model.transformer.text_model.",
     ("ldm", "openclip"): "cond_stage_model.model.",
     ("sgm", "openclip"): "conditioner.embedders.0.model.",
+}
+# SDXL single files (layout "sgm", text kind "sdxl"): diffusers component -> (tower kind, key prefix).
+SDXL_TEXT_TOWERS: dict[str, tuple[TextKind, str]] = {
+    "text_encoder": ("clip", "conditioner.embedders.0.transformer.text_model."),
+    "text_encoder_2": ("openclip", "conditioner.embedders.1.model."),
 }
 
 
@@ -40,6 +51,7 @@ class Source:
     key: str
     chunk: tuple[int, int] | None = None  # (index, count) along dim 0 (OpenCLIP fused q/k/v)
     conv1x1: bool = False  # file stores a Linear weight as a 1x1 conv (VAE attention)
+    transpose: bool = False  # file stores the (in, out) matrix of a Linear weight (OpenCLIP text_projection)
 
     def read(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.chunk is not None:
@@ -47,6 +59,8 @@ class Source:
             tensor = tensor.chunk(count, dim=0)[index]
         if self.conv1x1 and tensor.ndim == 4:
             tensor = tensor[:, :, 0, 0]
+        if self.transpose:
+            tensor = tensor.t()
         return tensor
 
 
@@ -86,6 +100,10 @@ def _unet_prefix_table(config: Mapping) -> dict[str, str]:
         "mid_block.attentions.0.": "middle_block.1.",
         "mid_block.resnets.1.": "middle_block.2.",
     }
+    if config.get("addition_embed_type") == "text_time":
+        # SDXL's size/crop + pooled-text embedding: Linear, SiLU, Linear in one Sequential.
+        table["add_embedding.linear_1."] = "label_emb.0.0."
+        table["add_embedding.linear_2."] = "label_emb.0.2."
     for i in range(levels):
         for j in range(per_block):
             index = 1 + i * (per_block + 1) + j
@@ -185,11 +203,26 @@ _OPENCLIP_LAYER_NAMES = {
 _QKV_INDEX = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
 
-def text_sources(diffusers_keys: Iterable[str], layout: Layout, kind: TextKind) -> dict[str, Source]:
-    """Sources of a transformers `CLIPTextModel` state dict (keys with or without `text_model.`)."""
-    if (layout, kind) not in TEXT_PREFIXES:
-        raise ModelLoadError(f"no {kind} text tower exists in the {layout} layout")
-    prefix = TEXT_PREFIXES[(layout, kind)]
+def text_tower(layout: Layout, kind: TextKind, component: str = "text_encoder") -> tuple[TextKind, str]:
+    """(tower kind, key prefix) of one text encoder component ("text_encoder" or "text_encoder_2") of a file.
+
+    Raises ModelLoadError when the file's layout has no such tower (e.g. a second tower in SD 2.x).
+    """
+    if kind == "sdxl":
+        if layout != "sgm" or component not in SDXL_TEXT_TOWERS:
+            raise ModelLoadError(f"SDXL files ({layout} layout) have no {component} tower")
+        return SDXL_TEXT_TOWERS[component]
+    if component != "text_encoder" or (layout, kind) not in TEXT_PREFIXES:
+        raise ModelLoadError(f"no {kind} {component} exists in the {layout} layout")
+    return kind, TEXT_PREFIXES[(layout, kind)]
+
+
+def text_sources(
+    diffusers_keys: Iterable[str], layout: Layout, kind: TextKind, component: str = "text_encoder"
+) -> dict[str, Source]:
+    """Sources of a transformers `CLIPTextModel` / `CLIPTextModelWithProjection` state dict (keys with or
+    without `text_model.`) for the file's `component` tower (see `text_tower`)."""
+    kind, prefix = text_tower(layout, kind, component)
     sources = {}
     for key in diffusers_keys:
         bare = key.removeprefix("text_model.")
@@ -209,6 +242,8 @@ def _openclip_source(prefix: str, bare: str, key: str) -> Source:
     }
     if bare in fixed:
         return Source(prefix + fixed[bare])
+    if bare == "text_projection.weight":  # CLIPTextModelWithProjection (SDXL's second tower)
+        return Source(prefix + "text_projection", transpose=True)
     parts = bare.split(".")  # encoder.layers.N.<rest>
     if parts[:2] != ["encoder", "layers"]:
         raise ModelLoadError(f"text encoder parameter {key!r} has no place in the OpenCLIP layout")
@@ -258,6 +293,8 @@ def scatter(sources: Mapping[str, Source], state: Mapping[str, torch.Tensor]) ->
             continue
         if source.conv1x1 and tensor.ndim == 2:
             tensor = tensor[:, :, None, None]
+        if source.transpose:
+            tensor = tensor.t().contiguous()
         out[source.key] = tensor
     for key, parts in fused.items():
         out[key] = torch.cat([parts[i] for i in sorted(parts)], dim=0)

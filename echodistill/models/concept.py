@@ -1,15 +1,19 @@
-"""The concept token: one new word in the shared tokenizer whose embedding row alone is trained.
+"""The concept token: one new word in the shared tokenizer(s) whose embedding row(s) alone are trained.
 
 The embedding table stays frozen. `ConceptEmbedding` wraps it and substitutes a separate
 trainable row wherever the concept's id appears, so an optimizer (weight decay included) can
 only ever touch that row: every other row is unchanged by construction, not by masking.
+
+SDXL has two shared text encoders: the token is added to both tokenizers and gets a row in each
+(768 wide in CLIP ViT-L, 1280 in OpenCLIP ViT-bigG): `add_concept_tokens`, `concept_rows`,
+`set_concept_rows`, `own_concept_embeddings` and `reading_with_all` take every encoder at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -149,3 +153,55 @@ def reading_with(text_encoder: CLIPTextModel, embedding: ConceptEmbedding | None
         yield
     finally:
         text_encoder.set_input_embeddings(own)
+
+
+# --- every text encoder of a pair at once (SDXL has two: the token lives in both) ---------------------
+
+def add_concept_tokens(
+    tokenizers: Sequence[CLIPTokenizer],
+    text_encoders: Sequence[CLIPTextModel],
+    token: str = DEFAULT_TOKEN,
+    initializer: str = "object",
+) -> tuple[ConceptToken, ...]:
+    """`add_concept_token` for each tokenizer/encoder pair, in order: one trainable row per encoder
+    (SDXL: a 768-wide row in CLIP ViT-L and a 1280-wide row in OpenCLIP ViT-bigG), each started from
+    its own table's rows of `initializer`. Every tokenizer is checked before any is changed, so a
+    refused token leaves all of them as they were (ConceptTokenError)."""
+    for tokenizer in tokenizers:
+        validate_token(tokenizer, token)
+    return tuple(add_concept_token(t, e, token, initializer) for t, e in zip(tokenizers, text_encoders))
+
+
+def concept_rows(text_encoders: Sequence[CLIPTextModel]) -> list[nn.Parameter]:
+    """The trainable concept rows of every encoder, in order: (D_1,), (D_2,), ..."""
+    return [concept_embedding(encoder).concept_row for encoder in text_encoders]
+
+
+def set_concept_rows(text_encoders: Sequence[CLIPTextModel], rows: Sequence[torch.Tensor]) -> None:
+    """`set_concept_row` for every encoder; ConceptTokenError when the count or a width does not fit."""
+    if len(rows) != len(text_encoders):
+        raise ConceptTokenError(
+            f"{len(rows)} embedding row(s) for {len(text_encoders)} text encoder(s): this concept was trained on "
+            "another model family (SDXL concepts carry two rows, SD 1.x / 2.x concepts one)"
+        )
+    for encoder, row in zip(text_encoders, rows):
+        set_concept_row(encoder, row)
+
+
+def own_concept_embeddings(text_encoders: Sequence[CLIPTextModel]) -> tuple[ConceptEmbedding, ...]:
+    """`own_concept_embedding` of every encoder: a separate row per encoder over the same frozen tables."""
+    return tuple(own_concept_embedding(encoder) for encoder in text_encoders)
+
+
+@contextlib.contextmanager
+def reading_with_all(
+    text_encoders: Sequence[CLIPTextModel], embeddings: Sequence[ConceptEmbedding] | None
+) -> Iterator[None]:
+    """`reading_with` for every encoder at once (None: each encoder's own row)."""
+    if embeddings is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for encoder, embedding in zip(text_encoders, embeddings, strict=True):
+            stack.enter_context(reading_with(encoder, embedding))
+        yield

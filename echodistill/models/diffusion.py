@@ -12,14 +12,14 @@ of sqrt(1 - ᾱ_999) · noise (≈ 0.9977 · noise): its images differ from ours
 from __future__ import annotations
 
 import math
-import re
-import warnings
 from typing import Sequence
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .conditioning import Conditioning, as_conditioning
 from .schedule import add_noise, alphas_cumprod_from_config, predict_epsilon, predict_x0
+from .tokenizer import COMFYUI_MAX_WORD_LENGTH, prompt_chunks, token_ids  # noqa: F401 - re-exported
 
 
 def alphas_cumprod_for(scheduler_config: dict, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -33,62 +33,14 @@ def alphas_cumprod_for(scheduler_config: dict, device: torch.device | str = "cpu
 
 
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: Sequence[str]) -> torch.Tensor:
-    """Prompt embeddings (B, 77, D): the encoder's last hidden state, as the SD pipelines use.
+    """Prompt embeddings (B, 77, D): the encoder's last hidden state, as the SD 1.x / 2.x pipelines use.
 
     Training's encoder: a prompt over 75 tokens is cut (with a warning naming it). The samplers
-    read long prompts whole, as ComfyUI does: `encode_long_prompts`.
+    read long prompts whole, as ComfyUI does: `encode_long_prompts`. Every family (SDXL's two
+    encoders included) goes through `PromptConditioner` (`pair.conditioner`); this is its SD 1.x / 2.x case.
     """
-    ids = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(text_encoder.device)  # (B, 77)
-    if ids.shape[0] and bool((ids[:, -1] != tokenizer.pad_token_id).any()):
-        for prompt in prompts:
-            if len(tokenizer(prompt, add_special_tokens=False).input_ids) > tokenizer.model_max_length - 2:
-                warnings.warn(f"the prompt {prompt[:60]!r}... is longer than {tokenizer.model_max_length - 2} tokens; "
-                              "training reads only its first 75 tokens", stacklevel=2)
+    ids = token_ids(tokenizer, prompts).to(text_encoder.device)  # (B, 77)
     return text_encoder(ids).last_hidden_state  # (B, 77, D)
-
-
-COMFYUI_MAX_WORD_LENGTH = 8  # ComfyUI keeps a group shorter than this whole in one chunk
-
-
-def prompt_chunks(tokenizer: CLIPTokenizer, prompt: str) -> list[list[int]]:
-    """The 77-token windows ComfyUI's CLIPTextEncode feeds the text encoder for `prompt`.
-
-    ComfyUI (comfy/sd1_clip.py ``tokenize_with_weights``) tokenizes the text between
-    embeddings as one group and each embedding as a group of its own, then fills windows of
-    start + 75 tokens + end (+ padding): a group of 8 tokens or more is cut at the window's
-    edge, a shorter one moves whole to the next window. Our concept tokens stand where ComfyUI
-    reads ``embedding:NAME``, so they are groups of their own here. ComfyUI's weight syntax
-    ``(word:1.2)`` is not interpreted (prompts with parentheses may differ).
-    """
-    length = tokenizer.model_max_length
-    start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    added = sorted((t for t in tokenizer.get_added_vocab() if t not in tokenizer.all_special_tokens),
-                   key=len, reverse=True)
-    parts = re.split("(" + "|".join(map(re.escape, added)) + ")", prompt) if added else [prompt]
-    groups = [tokenizer(part, add_special_tokens=False).input_ids for part in parts if part.strip()]
-    windows: list[list[int]] = []
-    window = [start]
-    for group in groups:
-        large = len(group) >= COMFYUI_MAX_WORD_LENGTH
-        while group:
-            if len(group) + len(window) > length - 1:
-                room = length - 1 - len(window)
-                if large:
-                    window += group[:room]
-                    group = group[room:]
-                window.append(end)
-                window += [pad] * (length - len(window))
-                windows.append(window)
-                window = [start]
-            else:
-                window += group
-                group = []
-    window.append(end)
-    window += [pad] * (length - len(window))
-    windows.append(window)
-    return windows
 
 
 def encode_long_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
@@ -117,22 +69,26 @@ def same_length(embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def unet_call(
-    unet, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
+    unet, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor
 ) -> torch.Tensor:
+    """The UNet's output (B, 4, h, w) float32 for latents (B, 4, h, w) at timesteps (B,), conditioned on
+    `cond`: a `Conditioning` (every family; SDXL's added `text_embeds` / `time_ids` included) or a bare
+    prompt-state tensor (B, L, D) for SD 1.x / 2.x. Inputs are cast to the UNet's dtype."""
     dtype = unet.dtype
-    out = unet(latents.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(dtype)).sample
+    out = unet(latents.to(dtype), timesteps, **as_conditioning(cond).unet_kwargs(dtype)).sample
     return out.float()
 
 
 def student_one_step(
     unet,
     noise: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states: Conditioning | torch.Tensor,
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
     timestep: int = 999,
 ) -> torch.Tensor:
-    """The student's one-step image latent z_s (B, 4, h, w) from unit noise at `timestep`."""
+    """The student's one-step image latent z_s (B, 4, h, w) from unit noise at `timestep`, conditioned
+    on a `Conditioning` (or SD 1.x / 2.x prompt states (B, L, D))."""
     timesteps = torch.full((noise.shape[0],), timestep, device=noise.device, dtype=torch.long)
     model_output = unet_call(unet, noise, timesteps, encoder_hidden_states)  # (B, 4, h, w)
     return predict_x0(model_output, noise, timesteps, alphas_cumprod, prediction_type)
@@ -142,17 +98,19 @@ def guided_epsilon_and_x0(
     unet,
     noisy: torch.Tensor,
     timesteps: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Conditioning | torch.Tensor,
+    uncond: Conditioning | torch.Tensor,
     guidance: float,
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One classifier-free-guided evaluation (cond and uncond in one batch): (ε̂, x̂0)."""
+    """One classifier-free-guided evaluation (cond and uncond in one batch): (ε̂, x̂0).
+
+    `uncond` has batch 1 or B (it is expanded to B); both are Conditionings or both tensors."""
     batch = noisy.shape[0]
-    model_output = unet_call(
-        unet, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([uncond.expand_as(cond), cond])
-    )  # (2B, 4, h, w)
+    cond, uncond = as_conditioning(cond), as_conditioning(uncond)
+    both = Conditioning.cat([uncond.expand(batch), cond])  # batch 2B: unconditional first
+    model_output = unet_call(unet, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), both)  # (2B, 4, h, w)
     uncond_out, cond_out = model_output[:batch], model_output[batch:]
     guided = uncond_out + guidance * (cond_out - uncond_out)
     return (
@@ -167,8 +125,8 @@ def teacher_target(
     student_latents: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Conditioning | torch.Tensor,
+    uncond: Conditioning | torch.Tensor,
     guidance: float,
     alphas_cumprod: torch.Tensor,
     prediction_type: str,

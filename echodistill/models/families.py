@@ -5,6 +5,10 @@ that fixes the architecture AND the prediction type. The prediction type is read
 folder's scheduler config; it is never guessed from weights in code. Which folder a single
 file gets is decided by `detect_family` from the file's keys and header, with a stated reason,
 and the caller can always name the family (or any config folder) instead.
+
+SDXL families (`sdxl-base` teacher, `sdxl-turbo` student) add `text_encoder_2/` (OpenCLIP ViT-bigG
+with its projection) and a UNet with `addition_embed_type="text_time"`; `FamilyConfig.is_sdxl`,
+`text_components` and `tokenizer_style_of` say what a family's text side is.
 """
 
 from __future__ import annotations
@@ -17,18 +21,22 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import ModelLoadError
-from .checkpoint_layout import TEXT_PREFIXES, UNET_PREFIX
+from .checkpoint_layout import SDXL_TEXT_TOWERS, TEXT_PREFIXES, UNET_PREFIX
 from .tensor_files import TensorFile
 
 CONFIG_ROOT = Path(__file__).parent.parent / "configs"
 
-# name -> (text tower kind, tokenizer style, what it is)
+# name -> (text tower kind, tokenizer style per text encoder, what it is)
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "sd-turbo": ("openclip", "sd2", "SD-Turbo (ADD-distilled SD 2.1, 512, epsilon, Euler trailing)"),
     "sd21-base": ("openclip", "sd2", "Stable Diffusion 2.1 base (512, epsilon)"),
     "sd21-768v": ("openclip", "sd2", "Stable Diffusion 2.1 (768, v-prediction)"),
     "sd15": ("clip", "sd1", "Stable Diffusion 1.5 (512, epsilon, CLIP ViT-L text encoder)"),
+    "sdxl-base": ("sdxl", "sd1,sd2", "Stable Diffusion XL base 1.0 (1024, epsilon, CLIP ViT-L + OpenCLIP ViT-bigG)"),
+    "sdxl-turbo": ("sdxl", "sd1,sd2", "SDXL-Turbo (ADD-distilled SDXL base, 512, epsilon, Euler trailing)"),
 }
+SDXL_FAMILIES = ("sdxl-base", "sdxl-turbo")
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")  # diffusers' names, in prompt-embedding order
 
 Role = Literal["teacher", "student"]
 
@@ -71,21 +79,62 @@ class FamilyConfig:
         folder = self.folder / "tokenizer"
         return folder if (folder / "vocab.json").is_file() else None
 
+    @cached_property
+    def model_index(self) -> dict:
+        path = self.folder / "model_index.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @property
+    def text_components(self) -> tuple[str, ...]:
+        """The text encoders the UNet reads, in the order their states are concatenated:
+        ("text_encoder",) for SD 1.x / 2.x, ("text_encoder", "text_encoder_2") for SDXL."""
+        second = (self.folder / "text_encoder_2" / "config.json").is_file()
+        return TEXT_COMPONENTS if second else TEXT_COMPONENTS[:1]
+
+    def text_config(self, component: str = "text_encoder") -> dict:
+        """The transformers config of one text encoder component (ModelLoadError if the folder lacks it)."""
+        return self.text_encoder if component == "text_encoder" else self._read(component)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """The UNet takes SDXL's added conditioning (pooled text + size/crop ids: `addition_embed_type` "text_time")."""
+        return self.unet.get("addition_embed_type") == "text_time"
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL's published pipelines use all-zero embeddings, not the encoded "", for an empty negative prompt."""
+        return bool(self.model_index.get("force_zeros_for_empty_prompt", False)) and self.is_sdxl
+
+    def tokenizer_style_of(self, component: str = "text_encoder") -> str:
+        """"sd1" (pads with <|endoftext|>) or "sd2" (pads with "!") for one text encoder component."""
+        if self.name in FAMILIES:
+            styles = FAMILIES[self.name][1].split(",")
+            return styles[self.text_components.index(component)]
+        # OpenAI's CLIP (SD 1.x, SDXL's first tower) uses quick_gelu and pads with <|endoftext|>;
+        # OpenCLIP pads with "!".
+        return "sd1" if self.text_config(component).get("hidden_act") == "quick_gelu" else "sd2"
+
     @property
     def tokenizer_style(self) -> str:
-        if self.name in FAMILIES:
-            return FAMILIES[self.name][1]
-        # OpenAI's CLIP (SD 1.x) uses quick_gelu and pads with <|endoftext|>; OpenCLIP pads with "!".
-        return "sd1" if self.text_encoder.get("hidden_act") == "quick_gelu" else "sd2"
+        return self.tokenizer_style_of("text_encoder")
 
     @property
     def text_architecture(self) -> str:
-        """What must match for two models to share one text encoder."""
-        c = self.text_encoder
-        return (
-            f"{c['hidden_size']}-wide {c['num_hidden_layers']}-layer {c.get('hidden_act', 'gelu')} "
-            f"CLIP text encoder ({c.get('vocab_size', 49408)} tokens)"
-        )
+        """What must match for two models to share their text encoder(s)."""
+        parts = []
+        for component in self.text_components:
+            c = self.text_config(component)
+            projection = f" with a {c.get('projection_dim')}-wide projection" if component == "text_encoder_2" else ""
+            parts.append(
+                f"{c['hidden_size']}-wide {c['num_hidden_layers']}-layer {c.get('hidden_act', 'gelu')} "
+                f"CLIP text encoder{projection} ({c.get('vocab_size', 49408)} tokens)"
+            )
+        return " + ".join(parts)
+
+    @property
+    def context_width(self) -> int:
+        """Width of the prompt states the UNet cross-attends to: the text encoders' widths summed."""
+        return sum(self.text_config(c)["hidden_size"] for c in self.text_components)
 
 
 def family_config(family: str | os.PathLike) -> FamilyConfig:
@@ -97,7 +146,7 @@ def family_config(family: str | os.PathLike) -> FamilyConfig:
         return FamilyConfig(folder.name, folder)
     raise ModelLoadError(
         f"unknown model family {str(family)!r}: use one of {', '.join(FAMILIES)} "
-        "or a folder holding diffusers configs (unet/, vae/, text_encoder/, scheduler/)"
+        "or a folder holding diffusers configs (unet/, vae/, text_encoder/ [+ text_encoder_2/], scheduler/)"
     )
 
 
@@ -110,14 +159,21 @@ class Detection:
 
 
 SUPPORTED_PAIRS = (
-    "EchoDistill trains Stable Diffusion 1.x and 2.x UNets only. Use SD 2.1 as teacher "
+    "EchoDistill trains Stable Diffusion 1.x, 2.x and SDXL UNets. Use SD 2.1 as teacher "
     "(v2-1_512-ema-pruned.safetensors) with SD-Turbo as student (sd_turbo.safetensors) - the pair the "
-    "method is made for - or two SD 1.5-architecture models (families sd21-base, sd21-768v, sd-turbo, sd15)"
+    "method is made for - or SDXL base (sd_xl_base_1.0.safetensors) with SDXL-Turbo (sd_xl_turbo_1.0.safetensors), "
+    "or two SD 1.5-architecture models (families sd21-base, sd21-768v, sd-turbo, sd15, sdxl-base, sdxl-turbo)"
 )
 
 
+def _is_sdxl_file(keys: list[str]) -> bool:
+    """SD-Turbo's own file also keeps its one text tower under conditioner.embedders.0: SDXL has a
+    second tower (embedders.1) and the size/crop embedding (label_emb)."""
+    return any(k.startswith("conditioner.embedders.1.") or ".label_emb." in k for k in keys)
+
+
 def _architecture(keys: list[str], width_of) -> str | None:
-    """What an unsupported model is, from its key layout alone (None: SD 1.x / 2.x or unknown)."""
+    """What an unsupported model is, from its key layout alone (None: SD 1.x / 2.x / SDXL or unknown)."""
     def has(fragment: str) -> bool:
         return any(fragment in k for k in keys)
 
@@ -125,31 +181,25 @@ def _architecture(keys: list[str], width_of) -> str | None:
         return "a Flux model (double_blocks / single_blocks transformer)"
     if has("joint_blocks."):
         return "a Stable Diffusion 3 model (MMDiT joint_blocks)"
-    # SD-Turbo's own file also keeps its one text tower under conditioner.embedders.0: SDXL has a
-    # second tower (embedders.1) and the size/crop embedding (label_emb).
-    if any(k.startswith("conditioner.embedders.1.") for k in keys) or has("diffusion_model.label_emb."):
-        width = width_of()
-        kind = "an SDXL refiner" if width == 1280 else "an SDXL model (SDXL, SDXL-Turbo, Pony, ...)"
-        return f"{kind} (two text towers / label_emb, {width}-wide cross-attention)"
     width = width_of()
-    if width in (1280, 2048):
-        return f"an SDXL UNet ({width}-wide cross-attention)"
+    if width == 1280:  # the refiner cross-attends to OpenCLIP ViT-bigG alone and takes aesthetic-score ids
+        return "an SDXL refiner (one 1280-wide OpenCLIP ViT-bigG text tower, label_emb)"
     return None
 
 
 class UnsupportedModelError(ModelLoadError):
-    """The model is of an architecture EchoDistill does not train (SDXL, SD3, Flux)."""
+    """The model is of an architecture EchoDistill does not train (SDXL refiner, SD3, Flux)."""
 
 
 def refuse_unsupported(name: str, keys: list[str], width_of) -> None:
-    """Raise a ModelLoadError that names the architecture and the pairs to use, for SDXL / SD3 / Flux."""
+    """Raise a ModelLoadError that names the architecture and the pairs to use, for an SDXL refiner / SD3 / Flux."""
     what = _architecture(keys, width_of)
     if what is not None:
         raise UnsupportedModelError(f"{name} is {what}, which EchoDistill cannot train or sample. {SUPPORTED_PAIRS}.")
 
 
 def refuse_unsupported_folder(path: Path) -> None:
-    """The same for a diffusers folder, from model_index.json and the UNet's config."""
+    """The same for a diffusers folder, from model_index.json and the UNet's config (SDXL itself is read)."""
     index = path / "model_index.json"
     pipeline = ""
     if index.is_file():
@@ -162,15 +212,13 @@ def refuse_unsupported_folder(path: Path) -> None:
         what = f"a Flux model ({pipeline})"
     elif "StableDiffusion3" in pipeline:
         what = f"a Stable Diffusion 3 model ({pipeline})"
-    elif "XL" in pipeline:
-        what = f"an SDXL model ({pipeline})"
     elif (path / "unet" / "config.json").is_file():
         try:
             unet = json.loads((path / "unet" / "config.json").read_text())
         except (ValueError, OSError):
             unet = {}
-        if unet.get("addition_embed_type") == "text_time" or unet.get("cross_attention_dim") in (1280, 2048):
-            what = "an SDXL model (its UNet takes SDXL's text_time conditioning)"
+        if unet.get("cross_attention_dim") == 1280:
+            what = "an SDXL refiner (its UNet cross-attends to one 1280-wide OpenCLIP ViT-bigG tower)"
     elif (path / "transformer" / "config.json").is_file():
         what = "a transformer (DiT) model such as SD3 or Flux"
     if what is not None:
@@ -178,8 +226,10 @@ def refuse_unsupported_folder(path: Path) -> None:
 
 
 def detect_layout(weights: TensorFile) -> tuple[str, str | None]:
-    """(layout, text tower kind) of a single file, from its keys alone."""
+    """(layout, text tower kind) of a single file, from its keys alone; kind "sdxl" for SDXL's two towers."""
     keys = weights.keys()
+    if all(any(k.startswith(prefix) for k in keys) for _, prefix in SDXL_TEXT_TOWERS.values()):
+        return "sgm", "sdxl"
     for (layout, kind), prefix in TEXT_PREFIXES.items():
         if any(k.startswith(prefix) for k in keys):
             return layout, kind
@@ -207,11 +257,17 @@ def detect_family(weights: TensorFile, role: Role) -> Detection:
     Within SD 2.x the weights do not say which config applies, so the file's own header
     (`modelspec.*`) decides when present; otherwise a student is SD-Turbo and a teacher is
     SD 2.1 base (epsilon). Pass the family explicitly for an SD 2.1 768-v teacher without a
-    header.
+    header. SDXL (two text towers, or `label_emb` and 2048-wide cross-attention) is SDXL-Turbo
+    when the header's `modelspec.architecture` / title names turbo, SDXL base when the header
+    names another SDXL model, and otherwise SDXL-Turbo for a student and SDXL base for a teacher.
     """
-    refuse_unsupported(weights.path.name, list(weights.keys()), lambda: _cross_attention_dim(weights))
+    keys = list(weights.keys())
+    refuse_unsupported(weights.path.name, keys, lambda: _cross_attention_dim(weights))
     layout, text_kind = detect_layout(weights)
     context_dim = _cross_attention_dim(weights)
+    header = " ".join(str(v).lower() for k, v in weights.metadata.items() if k.startswith("modelspec."))
+    if text_kind == "sdxl" or _is_sdxl_file(keys) or context_dim == 2048:
+        return _detect_sdxl(layout, text_kind, header, role)
     if text_kind is None:
         if context_dim == 768:
             text_kind = "clip"
@@ -226,7 +282,6 @@ def detect_family(weights: TensorFile, role: Role) -> Detection:
     if text_kind == "clip":
         return Detection("sd15", layout, text_kind, "CLIP ViT-L text tower (SD 1.x)")
 
-    header = " ".join(str(v).lower() for k, v in weights.metadata.items() if k.startswith("modelspec."))
     if "turbo" in header:
         return Detection("sd-turbo", layout, text_kind, "file header names SD-Turbo")
     declared_prediction = weights.metadata.get("modelspec.prediction_type", "").lower()
@@ -243,3 +298,14 @@ def detect_family(weights: TensorFile, role: Role) -> Detection:
         "OpenCLIP text tower, teacher role, no header: SD 2.1 base (epsilon); "
         "pass family='sd21-768v' for the 768 v-prediction model",
     )
+
+
+def _detect_sdxl(layout: str, text_kind: str | None, header: str, role: Role) -> Detection:
+    towers = "CLIP ViT-L + OpenCLIP ViT-bigG text towers" if text_kind == "sdxl" else "SDXL UNet without text towers"
+    if "turbo" in header:
+        return Detection("sdxl-turbo", layout, text_kind, f"{towers}, file header names SDXL-Turbo")
+    if header:
+        return Detection("sdxl-base", layout, text_kind, f"{towers}, file header names an SDXL model")
+    if role == "student":
+        return Detection("sdxl-turbo", layout, text_kind, f"{towers}, student role: SDXL-Turbo")
+    return Detection("sdxl-base", layout, text_kind, f"{towers}, teacher role, no header: SDXL base")

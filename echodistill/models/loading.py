@@ -1,6 +1,7 @@
 """Offline loading of one model's components: a diffusers folder or a single-file checkpoint.
 
-Each model is a diffusers folder or a single-file checkpoint (LDM or SGM layout). Modules are
+Each model is a diffusers folder or a single-file checkpoint (LDM or SGM layout; SDXL files are
+SGM with two text towers). Modules are
 built on the meta device from the family's config and then filled from the file, so nothing
 is initialised twice and nothing is fetched from a hub. `pair.py` puts a teacher and a student
 together on top of this.
@@ -15,11 +16,12 @@ from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import ModelLoadError
 from . import checkpoint_layout as layout_map
 from .families import (
+    SDXL_FAMILIES,
     Detection,
     FamilyConfig,
     Role,
@@ -83,6 +85,7 @@ class ModelSource:
             config, reason = family_config(detection.family), f"detected: {detection.reason}"
         else:
             config, reason = family_config(family), "family given by the caller"
+            _check_named_family(path, detection, config)
         return cls(path, config, reason, weights, detection.layout, detection.text_kind)
 
     @property
@@ -98,12 +101,13 @@ class ModelSource:
             return layout_map.vae_sources(keys, self.config.vae)
         if self.text_kind is None:
             raise ModelLoadError(f"{self.path.name} has no text encoder to load")
-        return layout_map.text_sources(keys, self.layout, self.text_kind)
+        return layout_map.text_sources(keys, self.layout, self.text_kind, component)
 
     def state_dict(self, component: str, model_keys: list[str]) -> dict[str, torch.Tensor]:
-        """The diffusers/transformers-named weights of one component, for a model with `model_keys`."""
+        """The diffusers/transformers-named weights of one component ("unet", "vae", "text_encoder",
+        "text_encoder_2"), for a model with `model_keys`."""
         if self.weights is None:
-            stem = "model" if component == "text_encoder" else "diffusion_pytorch_model"
+            stem = "model" if component.startswith("text_encoder") else "diffusion_pytorch_model"
             folder = self.path / component
             if not folder.is_dir():
                 raise ModelLoadError(f"{self.path} has no {component}/ folder")
@@ -115,7 +119,7 @@ class ModelSource:
         if self.weights is not None:
             sources = self._sources(component, names)
             return fingerprint(lambda n: sources[n].read(_read_rows_if_token(self.weights, n, sources[n].key)), names)
-        stem = "model" if component == "text_encoder" else "diffusion_pytorch_model"
+        stem = "model" if component.startswith("text_encoder") else "diffusion_pytorch_model"
         file = _first_existing(self.path / component, (f"{stem}.safetensors", f"{stem}.fp16.safetensors"))
         if file is None:  # sharded or pickled: read whole, once, for a hash
             state = self.state_dict(component, list(names))
@@ -129,8 +133,22 @@ class ModelSource:
             return (self.path / component).is_dir()
         if component == "text_encoder":
             return self.text_kind is not None
+        if component == "text_encoder_2":
+            return self.text_kind == "sdxl"
         prefix = layout_map.VAE_PREFIX if component == "vae" else layout_map.UNET_PREFIX
         return any(k.startswith(prefix) for k in self.weights.keys())
+
+
+def _check_named_family(path: Path, detection: Detection, config: FamilyConfig) -> None:
+    """Refuse to read an SDXL file with an SD 1.x / 2.x family, or the reverse: the tensors could never fit."""
+    detected_xl = detection.family in SDXL_FAMILIES
+    if detected_xl != config.is_sdxl:
+        what = "an SDXL" if detected_xl else "an SD 1.x / 2.x"
+        fits = "sdxl-base or sdxl-turbo" if detected_xl else "sd21-base, sd21-768v, sd-turbo or sd15"
+        raise ModelLoadError(
+            f"{path.name} is {what} checkpoint ({detection.reason}), but family {config.name!r} was named: "
+            f"name one of {fits}, or leave the family on auto"
+        )
 
 
 def _first_existing(folder: Path, names) -> Path | None:
@@ -221,19 +239,32 @@ def load_vae(
 
 
 def load_text_encoder(
-    source: ModelSource, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> CLIPTextModel:
-    config = CLIPTextConfig(**{k: v for k, v in source.config.text_encoder.items() if not k.startswith("_")})
+    source: ModelSource,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    component: str = "text_encoder",
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """One text encoder of `source`: "text_encoder" (a `CLIPTextModel`) or, for SDXL, "text_encoder_2"
+    (a `CLIPTextModelWithProjection`: OpenCLIP ViT-bigG and its pooled-output projection, as diffusers'
+    StableDiffusionXLPipeline uses it). Raises ModelLoadError when the weights do not fit the config."""
+    settings = source.config.text_config(component)
+    config = CLIPTextConfig(**{k: v for k, v in settings.items() if not k.startswith("_")})
+    projected = component == "text_encoder_2" or "CLIPTextModelWithProjection" in settings.get("architectures", ())
+    model_class = CLIPTextModelWithProjection if projected else CLIPTextModel
     return _build(
-        lambda: CLIPTextModel(config),
-        lambda k: source.state_dict("text_encoder", k),
+        lambda: model_class(config),
+        lambda k: source.state_dict(component, k),
         dtype,
         device,
-        f"text encoder of {source.path.name}",
+        f"{component.replace('_', ' ')} of {source.path.name}",
     )
 
 
-def load_tokenizer(source: ModelSource) -> CLIPTokenizer:
-    if source.weights is None and (source.path / "tokenizer" / "vocab.json").is_file():
-        return load_clip_tokenizer(source.config.tokenizer_style, folder=source.path / "tokenizer")
-    return load_clip_tokenizer(source.config.tokenizer_style, folder=source.config.tokenizer_folder)
+def load_tokenizer(source: ModelSource, component: str = "text_encoder") -> CLIPTokenizer:
+    """The tokenizer of one text encoder component: the model folder's own `tokenizer/` (`tokenizer_2/`)
+    vocabulary when it has one, else the shipped CLIP vocabulary; padded as the family's style says."""
+    style = source.config.tokenizer_style_of(component)
+    folder_name = "tokenizer" if component == "text_encoder" else "tokenizer_2"
+    if source.weights is None and (source.path / folder_name / "vocab.json").is_file():
+        return load_clip_tokenizer(style, folder=source.path / folder_name)
+    return load_clip_tokenizer(style, folder=source.config.tokenizer_folder)

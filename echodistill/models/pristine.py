@@ -21,11 +21,13 @@ from .pair import ModelPair
 @contextlib.contextmanager
 def pristine(pair: ModelPair) -> Iterator[ModelPair]:
     _check_unadapted(pair)
-    tokenizer = copy.deepcopy(pair.tokenizer)  # small: the vocabulary, not weights
-    embeddings = pair.text_encoder.get_input_embeddings()
-    # Resizing may grow the same module in place (new .data), so keep the original tensor too.
-    table, rows = embeddings.weight.data, embeddings.num_embeddings
-    vocab_size = pair.text_encoder.config.vocab_size
+    tokenizers = [copy.deepcopy(t) for t in pair.tokenizers]  # small: the vocabulary, not weights
+    # Per text encoder (SDXL: two). Resizing may grow the same module in place (new .data), so keep the tensor too.
+    saved = []
+    for encoder in pair.text_encoders:
+        embeddings = encoder.get_input_embeddings()
+        saved.append(
+            (encoder, embeddings, embeddings.weight.data, embeddings.num_embeddings, encoder.config.vocab_size))
     try:
         yield pair
     finally:
@@ -36,18 +38,21 @@ def pristine(pair: ModelPair) -> Iterator[ModelPair]:
             unet.requires_grad_(False)
         if pair.vae.is_gradient_checkpointing:  # the trainer's gradient_checkpointing covers the VAE decoder
             pair.vae.disable_gradient_checkpointing()
-        embeddings.weight.data, embeddings.num_embeddings = table, rows
-        pair.text_encoder.set_input_embeddings(embeddings)
-        pair.text_encoder.config.vocab_size = vocab_size
-        pair.text_encoder.requires_grad_(False)
-        pair.tokenizer = tokenizer
+        for encoder, embeddings, table, rows, vocab_size in saved:
+            embeddings.weight.data, embeddings.num_embeddings = table, rows
+            encoder.set_input_embeddings(embeddings)
+            encoder.config.vocab_size = vocab_size
+            encoder.requires_grad_(False)
+        pair.tokenizer = tokenizers[0]
+        if len(tokenizers) > 1:
+            pair.tokenizer_2 = tokenizers[1]
 
 
 def _check_unadapted(pair: ModelPair) -> None:
     """Only a base pair can be handed back as it was: one adapted in place has nothing to return to."""
     adapted = [name for name, unet in (("teacher", pair.teacher.unet), ("student", pair.student.unet))
                if adapter_kind(unet) is not None]
-    if isinstance(pair.text_encoder.get_input_embeddings(), ConceptEmbedding):
+    if any(isinstance(e.get_input_embeddings(), ConceptEmbedding) for e in pair.text_encoders):
         adapted.append("text encoder (concept token)")
     if adapted:
         raise EchoDistillError(

@@ -4,6 +4,11 @@ The classes are the real ones (UNet2DConditionModel with SD's 4 levels, Autoenco
 8x downscale, CLIPTextModel with the real 49408-token vocabulary); only the widths are small.
 They serve the test suite and the smoke run of `echodistill demo`: the code path is exactly
 the one real checkpoints take, in seconds on a CPU.
+
+SDXL-shaped ones too (`build_tiny_sdxl_pair`): a 3-level UNet with SDXL's block types, several
+transformer layers per block and `addition_embed_type="text_time"`, a CLIP ViT-L-like
+`CLIPTextModel` and an OpenCLIP-bigG-like `CLIPTextModelWithProjection`, written as diffusers
+folders or as SGM single files with the key names of Stability AI's SDXL files.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from . import checkpoint_layout as layout_map
 from .families import CONFIG_ROOT
@@ -79,8 +84,49 @@ TINY_FAMILIES = {
 }
 
 
+# Tiny SDXL: the two towers' widths (CLIP ViT-L-like, bigG-like) and the size/crop embedding width.
+SDXL_TEXT_WIDTHS = (24, 32)
+SDXL_TIME_EMBED_DIM = 8
+
+
+def sdxl_unet_config() -> dict:
+    """SDXL's UNet layout (Down, CrossAttnDown, CrossAttnDown; 1, 1, 2 transformer layers; text_time added
+    conditioning) at tiny widths; cross-attention = the two text widths summed, as in SDXL (768 + 1280)."""
+    clip_l, clip_g = SDXL_TEXT_WIDTHS
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [32, 64, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 1, 2],
+        "cross_attention_dim": clip_l + clip_g,
+        "attention_head_dim": [2, 4, 4],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": clip_g + 6 * SDXL_TIME_EMBED_DIM,  # pooled + 6 size/crop ids
+        "norm_num_groups": 8,
+    }
+
+
+def sdxl_text_configs() -> tuple[dict, dict]:
+    """(text_encoder, text_encoder_2) configs: quick_gelu CLIP-L-like, gelu bigG-like with a projection."""
+    clip_l, clip_g = SDXL_TEXT_WIDTHS
+    second = {**text_config(clip_g, "gelu"), "architectures": ["CLIPTextModelWithProjection"]}
+    return text_config(clip_l, "quick_gelu"), second
+
+
+TINY_SDXL_FAMILIES = {"tiny-sdxl": "sdxl-base", "tiny-sdxl-turbo": "sdxl-turbo"}
+
+
 def write_family(root: Path, name: str) -> Path:
     """A config folder like the shipped ones, with tiny networks."""
+    if name in TINY_SDXL_FAMILIES:
+        return _write_sdxl_family(root, name)
     shipped, hidden, act = TINY_FAMILIES[name]
     folder = root / name
     for part in ("unet", "vae", "text_encoder", "scheduler"):
@@ -95,24 +141,52 @@ def write_family(root: Path, name: str) -> Path:
     return folder
 
 
+def _write_sdxl_family(root: Path, name: str) -> Path:
+    shipped = TINY_SDXL_FAMILIES[name]
+    folder = root / name
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        (folder / part).mkdir(parents=True, exist_ok=True)
+    shutil.copy(CONFIG_ROOT / shipped / "model_index.json", folder / "model_index.json")
+    shutil.copy(
+        CONFIG_ROOT / shipped / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"
+    )
+    first, second = sdxl_text_configs()
+    (folder / "unet" / "config.json").write_text(json.dumps(sdxl_unet_config()))
+    (folder / "vae" / "config.json").write_text(json.dumps({**VAE_CONFIG, "scaling_factor": 0.13025}))
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(first))
+    (folder / "text_encoder_2" / "config.json").write_text(json.dumps(second))
+    return folder
+
+
 def build_models(family: Path, seed: int) -> dict[str, torch.nn.Module]:
-    """Random modules for a family folder; non-zero norms/biases so every tensor is distinctive."""
+    """Random modules for a family folder; non-zero norms/biases so every tensor is distinctive.
+
+    Keys "unet", "vae", "text_encoder", and for an SDXL family "text_encoder_2" (a CLIPTextModelWithProjection).
+    """
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(json.loads((family / "unet" / "config.json").read_text()))
     vae = AutoencoderKL.from_config(json.loads((family / "vae" / "config.json").read_text()))
-    text = CLIPTextModel(CLIPTextConfig(**json.loads((family / "text_encoder" / "config.json").read_text())))
-    for module in (unet, vae, text):
+    models = {"unet": unet, "vae": vae}
+    models["text_encoder"] = CLIPTextModel(
+        CLIPTextConfig(**json.loads((family / "text_encoder" / "config.json").read_text()))
+    )
+    if (family / "text_encoder_2" / "config.json").is_file():
+        models["text_encoder_2"] = CLIPTextModelWithProjection(
+            CLIPTextConfig(**json.loads((family / "text_encoder_2" / "config.json").read_text()))
+        )
+    for module in models.values():
         with torch.no_grad():
             for param in module.parameters():
                 param.add_(torch.randn_like(param) * 0.02)
         module.requires_grad_(False)  # frozen like loaded base models: no gradients for frozen weights
         module.eval()
-    return {"unet": unet, "vae": vae, "text_encoder": text}
+    return models
 
 
 def write_diffusers_folder(models: dict, folder: Path, family: Path) -> Path:
-    for part in ("unet", "vae", "text_encoder"):
-        models[part].save_pretrained(folder / part, safe_serialization=True)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if part in models:
+            models[part].save_pretrained(folder / part, safe_serialization=True)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     shutil.copy(family / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
     shutil.copy(family / "model_index.json", folder / "model_index.json")
@@ -126,7 +200,9 @@ def single_file_state(models: dict, family: Path, layout: str, text_kind: str, w
     )
     vae_state = models["vae"].state_dict()
     state.update(layout_map.scatter(layout_map.vae_sources(vae_state, VAE_CONFIG), vae_state))
-    if with_text:
+    if with_text and text_kind == "sdxl":
+        state.update(_sdxl_text_state(models))
+    elif with_text:
         # Flat key names whatever the transformers version (4.x prefixes them with `text_model.`).
         text_state = {
             k.removeprefix("text_model."): v
@@ -141,6 +217,21 @@ def single_file_state(models: dict, family: Path, layout: str, text_kind: str, w
             width = text_state["final_layer_norm.weight"].shape[0]
             state[f"{prefix}text_projection"] = torch.randn(width, width)
             state[f"{prefix}logit_scale"] = torch.tensor(4.6)
+    return state
+
+
+def _sdxl_text_state(models: dict) -> dict:
+    """Both towers under SGM's SDXL keys: CLIP ViT-L at conditioner.embedders.0.transformer.text_model.*,
+    bigG at conditioner.embedders.1.model.* (fused in_proj, text_projection stored (in, out), logit_scale)."""
+    state = {}
+    for component in ("text_encoder", "text_encoder_2"):
+        text_state = {
+            k.removeprefix("text_model."): v
+            for k, v in models[component].state_dict().items() if not k.endswith("position_ids")
+        }
+        state.update(layout_map.scatter(layout_map.text_sources(text_state, "sgm", "sdxl", component), text_state))
+    _, prefix = layout_map.SDXL_TEXT_TOWERS["text_encoder_2"]
+    state[f"{prefix}logit_scale"] = torch.tensor(4.6052)  # ln(100), as OpenCLIP saves it; no reader uses it
     return state
 
 
@@ -168,4 +259,22 @@ def build_tiny_pair(root: Path) -> dict:
     # SD-Turbo shares SD 2.1's text encoder and VAE: the student's copies are the teacher's.
     models["student"]["text_encoder"].load_state_dict(models["teacher"]["text_encoder"].state_dict())
     models["student"]["vae"].load_state_dict(models["teacher"]["vae"].state_dict())
+    return {"root": root, "families": families, "models": models}
+
+
+def build_tiny_sdxl_pair(root: Path) -> dict:
+    """Tiny SDXL teacher (SDXL base-like) and student (SDXL-Turbo-like) sharing both text encoders and the VAE.
+
+    Returns {"root", "families": {"tiny-sdxl", "tiny-sdxl-turbo"}, "models": {"teacher", "student"}}, each
+    models entry as `build_models` gives it. Write them with `write_diffusers_folder` or, in the SGM layout,
+    `write_single_file(models, path, family, "sgm", "sdxl", metadata)`.
+    """
+    families = {name: write_family(root / "families", name) for name in TINY_SDXL_FAMILIES}
+    models = {
+        "teacher": build_models(families["tiny-sdxl"], seed=11),
+        "student": build_models(families["tiny-sdxl-turbo"], seed=12),
+    }
+    # SDXL-Turbo keeps SDXL base's text encoders and VAE: the student's copies are the teacher's.
+    for part in ("text_encoder", "text_encoder_2", "vae"):
+        models["student"][part].load_state_dict(models["teacher"][part].state_dict())
     return {"root": root, "families": families, "models": models}

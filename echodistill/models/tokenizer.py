@@ -9,8 +9,12 @@ so no model download is needed just to tokenize a prompt.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
+
+import torch
 
 from transformers import CLIPTokenizer
 
@@ -71,3 +75,59 @@ def load_clip_tokenizer(
         )
     except Exception as exc:  # noqa: BLE001 - tokenizers' Rust side raises bare Exception on a bad vocab
         raise TokenizerError(f"cannot load the CLIP tokenizer in {str(source)!r}: {exc}") from exc
+
+
+def token_ids(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids (B, 77) of `prompts`, padded to 77 and cut there (a warning names a prompt over 75 tokens):
+    what training feeds a text encoder."""
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids  # (B, 77)
+    if ids.shape[0] and bool((ids[:, -1] != tokenizer.pad_token_id).any()):
+        for prompt in prompts:
+            if len(tokenizer(prompt, add_special_tokens=False).input_ids) > tokenizer.model_max_length - 2:
+                warnings.warn(f"the prompt {prompt[:60]!r}... is longer than {tokenizer.model_max_length - 2} tokens; "
+                              "training reads only its first 75 tokens", stacklevel=3)
+    return ids
+
+
+COMFYUI_MAX_WORD_LENGTH = 8  # ComfyUI keeps a group shorter than this whole in one chunk
+
+
+def prompt_chunks(tokenizer: CLIPTokenizer, prompt: str) -> list[list[int]]:
+    """The 77-token windows ComfyUI's CLIPTextEncode feeds the text encoder for `prompt`.
+
+    ComfyUI (comfy/sd1_clip.py ``tokenize_with_weights``) tokenizes the text between
+    embeddings as one group and each embedding as a group of its own, then fills windows of
+    start + 75 tokens + end (+ padding): a group of 8 tokens or more is cut at the window's
+    edge, a shorter one moves whole to the next window. Our concept tokens stand where ComfyUI
+    reads ``embedding:NAME``, so they are groups of their own here. ComfyUI's weight syntax
+    ``(word:1.2)`` is not interpreted (prompts with parentheses may differ).
+    """
+    length = tokenizer.model_max_length
+    start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    added = sorted((t for t in tokenizer.get_added_vocab() if t not in tokenizer.all_special_tokens),
+                   key=len, reverse=True)
+    parts = re.split("(" + "|".join(map(re.escape, added)) + ")", prompt) if added else [prompt]
+    groups = [tokenizer(part, add_special_tokens=False).input_ids for part in parts if part.strip()]
+    windows: list[list[int]] = []
+    window = [start]
+    for group in groups:
+        large = len(group) >= COMFYUI_MAX_WORD_LENGTH
+        while group:
+            if len(group) + len(window) > length - 1:
+                room = length - 1 - len(window)
+                if large:
+                    window += group[:room]
+                    group = group[room:]
+                window.append(end)
+                window += [pad] * (length - len(window))
+                windows.append(window)
+                window = [start]
+            else:
+                window += group
+                group = []
+    window.append(end)
+    window += [pad] * (length - len(window))
+    windows.append(window)
+    return windows

@@ -43,9 +43,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
 
 from ..errors import EchoDistillError
+from ..models.conditioning import Conditioning
 from ..models.diffusion import (
     alphas_cumprod_for,
-    encode_long_prompts,
     guided_epsilon_and_x0,
     same_length,
     student_one_step,
@@ -236,32 +236,39 @@ def _precision(pair: ModelPair, dtype: torch.dtype | str | None):
     return torch.autocast(pair.device.type, dtype=dtype)
 
 
-def _encode(pair: ModelPair, prompts: list[str], negative_prompt: str | None,
-            cache: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond (N, L, D), uncond (1, L, D) or None), from at most ONE text-encoder call over the
-    distinct prompts; with `cache`, only over those not encoded since the encoder last changed.
+def _encode(pair: ModelPair, prompts: list[str], negative_prompt: str | None, size: tuple[int, int],
+            cache: bool = True) -> tuple[Conditioning, Conditioning | None]:
+    """(cond (batch N), uncond (batch 1) or None), from at most ONE call per text encoder over the
+    distinct prompts; with `cache`, only over those not encoded since the encoders last changed.
 
     L = 77 up to 75 tokens; a longer prompt is read whole in 77-token windows, as ComfyUI's
     CLIPTextEncode does, and prompts of different lengths are repeated to a common L (which
-    leaves cross-attention unchanged)."""
+    leaves cross-attention unchanged). SDXL: each prompt's pooled `text_embeds`, and `time_ids` for
+    `size` = (height, width); an empty negative prompt is all zeros where the family's pipeline says
+    so (`force_zeros_for_empty_prompt`, as diffusers' StableDiffusionXLPipeline does)."""
+    conditioner = pair.conditioner
     unique = list(dict.fromkeys(prompts + ([] if negative_prompt is None else [negative_prompt])))
     if cache:
-        def encode(missing: list[str]) -> list[torch.Tensor]:
-            return encode_long_prompts(pair.tokenizer, pair.text_encoder, missing)
-
-        state = encoder_state(pair.tokenizer, pair.text_encoder)
-        embeds = prompt_cache(pair.text_encoder).encode(unique, state, encode)  # U x (77·k, D)
+        state = tuple(encoder_state(t, e) for t, e in zip(pair.tokenizers, pair.text_encoders))
+        embeds = prompt_cache(pair.text_encoder).encode(unique, state, conditioner.encode_long)  # U x batch 1
     else:
-        embeds = encode_long_prompts(pair.tokenizer, pair.text_encoder, unique)  # U x (77·k, D)
+        embeds = conditioner.encode_long(unique)  # U x Conditioning of batch 1, states (1, 77·k, D)
     row = {p: i for i, p in enumerate(unique)}
     chosen = [embeds[row[p]] for p in prompts] + ([] if negative_prompt is None else [embeds[row[negative_prompt]]])
-    aligned = same_length(chosen)  # (N [+ 1], L, D)
-    cond = aligned[: len(prompts)]  # (N, L, D)
-    uncond = None if negative_prompt is None else aligned[len(prompts):]  # (1, L, D)
+    states = same_length([c.encoder_hidden_states[0] for c in chosen])  # (N [+ 1], L, D)
+    pooled = None if chosen[0].text_embeds is None else torch.cat([c.text_embeds for c in chosen])  # (N [+ 1], P)
+    if negative_prompt == "" and conditioner.zeros_for_empty_prompt:
+        states[len(prompts):] = 0
+        pooled[len(prompts):] = 0
+    aligned = conditioner.sized(Conditioning(states, pooled, None if pooled is None else torch.zeros(len(states), 6)),
+                                size)
+    cond = aligned[: len(prompts)]  # batch N
+    uncond = None if negative_prompt is None else aligned[len(prompts):]  # batch 1
     return cond, uncond
 
 
-def _epsilon_and_x0(unet, latents, timestep: int, cond, uncond, guidance: float, alphas_cumprod, prediction_type):
+def _epsilon_and_x0(unet, latents, timestep: int, cond: Conditioning, uncond: Conditioning | None, guidance: float,
+                    alphas_cumprod, prediction_type):
     timesteps = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)  # (N,)
     if uncond is not None:
         return guided_epsilon_and_x0(unet, latents, timesteps, cond, uncond, guidance, alphas_cumprod, prediction_type)
@@ -270,9 +277,12 @@ def _epsilon_and_x0(unet, latents, timestep: int, cond, uncond, guidance: float,
             predict_x0(model_output, latents, timesteps, alphas_cumprod, prediction_type))
 
 
-def denoise(unet, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
-            schedule: Schedule, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def denoise(unet, noise: torch.Tensor, cond: Conditioning | torch.Tensor, uncond: Conditioning | torch.Tensor | None,
+            guidance: float, schedule: Schedule, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """Deterministic Euler/DDIM from `noise` (the model input at the first timestep) to x0 latents.
+
+    `cond` (batch N) and `uncond` (batch 1, or None without guidance) are `Conditioning`s (any family)
+    or SD 1.x / 2.x prompt-state tensors (N, L, D).
 
     The schedule moves to the device once, before the loop: inside it nothing is copied between
     host and device and nothing is read back, so the host only queues work.
@@ -332,6 +342,9 @@ def sample_student(
     student, device = pair.student, pair.device
     guided = guidance > 1.0
     if options.cuda_graph:
+        if pair.is_sdxl:
+            raise SamplingError("cuda_graph=True captures SD 1.x / 2.x students only; sample SDXL without it",
+                                parameters=("cuda_graph",))
         check_cuda_graph(device, steps, guided)
     h, w = latent_size(student.unet, pair.vae, width, height)
     alphas_cumprod = alphas_cumprod_for(student.scheduler_config, device)  # (T,)
@@ -339,17 +352,18 @@ def sample_student(
     noise = initial_noise(seeds, (student.unet.config.in_channels, h, w)).to(device)  # (N, 4, h, w)
     with _precision(pair, dtype), _speedups(pair, student.unet, options) as unet:
         noise = noise.contiguous(memory_format=torch.channels_last) if options.channels_last else noise
-        cond, uncond = _encode(pair, prompts, "" if guided else None, options.cache_prompts)
+        cond, uncond = _encode(pair, prompts, "" if guided else None, (height, width), options.cache_prompts)
         if steps == 1 and not guided:
             # Exactly the trainer's student generation, so previews and training see one model.
-            def one_step(noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            def one_step(noise: torch.Tensor, cond) -> torch.Tensor:
                 return student_one_step(unet, noise, cond, alphas_cumprod, student.prediction_type,
                                         schedule.timesteps[0])
 
             if options.cuda_graph:
-                key = (tuple(noise.shape), tuple(cond.shape), cond.dtype, torch.get_autocast_dtype("cuda"),
+                states = cond.encoder_hidden_states  # SD 1.x / 2.x only (checked above): a tensor to capture
+                key = (tuple(noise.shape), tuple(states.shape), states.dtype, torch.get_autocast_dtype("cuda"),
                        torch.is_autocast_enabled("cuda"), schedule.timesteps[0], module_identity(unet))
-                latents = captured_student(unet, key, one_step, noise, cond)(noise, cond).clone()
+                latents = captured_student(unet, key, one_step, noise, states)(noise, states).clone()
             else:
                 latents = one_step(noise, cond)
         else:
@@ -376,7 +390,9 @@ def sample_teacher(
     """The teacher's images: DDIM (η = 0) from its own scheduler config, CFG when guidance > 1.
 
     The teacher's parameterization (ε or v) is read from its config. Seeds, `dtype` and the
-    result are as for `sample_student`; the SD 2.1 768-v teacher wants width = height = 768.
+    result are as for `sample_student`; the SD 2.1 768-v teacher wants width = height = 768. SDXL
+    teachers are sampled the same way (DDIM from their own scheduler config), with their added
+    size conditioning for width x height and, for the empty negative prompt, SDXL's zero conditioning.
     `options` as for `sample_student`, except cuda_graph (one-step student only).
     """
     options = options or SamplerOptions()
@@ -390,7 +406,8 @@ def sample_teacher(
     noise = initial_noise(seeds, (teacher.unet.config.in_channels, h, w)).to(device)  # (N, 4, h, w)
     with _precision(pair, dtype), _speedups(pair, teacher.unet, options) as unet:
         noise = noise.contiguous(memory_format=torch.channels_last) if options.channels_last else noise
-        cond, uncond = _encode(pair, prompts, negative_prompt if guidance > 1.0 else None, options.cache_prompts)
+        cond, uncond = _encode(pair, prompts, negative_prompt if guidance > 1.0 else None, (height, width),
+                               options.cache_prompts)
         latents = denoise(unet, noise, cond, uncond, guidance, schedule, alphas_cumprod, teacher.prediction_type)
         return _result(pair, latents, seeds, prompts, return_latents)
 

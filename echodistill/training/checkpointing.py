@@ -19,7 +19,7 @@ import torch
 from ..errors import EchoDistillError
 from ..files import atomic_write_bytes
 from ..models.adapters import adapter_state_dict, load_adapter_state_dict
-from ..models.concept import concept_embedding
+from ..models.concept import concept_rows
 from .config import TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"  # in a run's folder
@@ -29,6 +29,15 @@ RESUMABLE_CHANGES = frozenset({"steps", "sample_every", "save_every", "log_every
 # The echo schedule a preset scales to the run's length (echo at steps/2, then every steps/4): a longer
 # run may move it along with `steps`; the steps already trained keep the rounds they had.
 SCALED_WITH_STEPS = frozenset({"echo_start", "echo_every"})
+
+
+def _row_name(stem: str, index: int) -> str:
+    """Checkpoint entry of the token row of text encoder `index`: "concept_row", "concept_row_2", ..."""
+    return stem if index == 0 else f"{stem}_{index + 1}"
+
+
+def _rows(stem: str, rows) -> dict[str, dict[str, torch.Tensor]]:
+    return {_row_name(stem, i): {"row": row.detach().clone()} for i, row in enumerate(rows)}
 
 
 @dataclass
@@ -52,10 +61,11 @@ class TrainingCheckpoint:
             weights={
                 "teacher_adapter": adapter_state_dict(pair.teacher.unet),
                 "student_adapter": adapter_state_dict(pair.student.unet),
-                "concept_row": {"row": concept_embedding(pair.text_encoder).concept_row.detach().clone()},
+                # "concept_row" is the first text encoder's row; SDXL adds "concept_row_2" (the bigG encoder's).
+                **_rows("concept_row", concept_rows(pair.text_encoders)),
                 "heads": trainer.ensemble.heads_state_dict(),
-                **({} if trainer.student_row is None else
-                   {"student_row": {"row": trainer.student_row.concept_row.detach().clone()}}),
+                **({} if trainer.student_rows is None else
+                   _rows("student_row", [r.concept_row for r in trainer.student_rows])),
             },
             optimizers={
                 "teacher": trainer.teacher_optimizer.state_dict(),
@@ -76,9 +86,10 @@ class TrainingCheckpoint:
         load_adapter_state_dict(pair.teacher.unet, self.weights["teacher_adapter"])
         load_adapter_state_dict(pair.student.unet, self.weights["student_adapter"])
         with torch.no_grad():
-            concept_embedding(pair.text_encoder).concept_row.copy_(self.weights["concept_row"]["row"])
-            if trainer.student_row is not None:
-                trainer.student_row.concept_row.copy_(self.weights["student_row"]["row"])
+            for index, row in enumerate(concept_rows(pair.text_encoders)):
+                row.copy_(self.weights[_row_name("concept_row", index)]["row"])
+            for index, row in enumerate(() if trainer.student_rows is None else trainer.student_rows):
+                row.concept_row.copy_(self.weights[_row_name("student_row", index)]["row"])
         trainer.ensemble.load_heads_state_dict(self.weights["heads"])
         trainer.teacher_optimizer.load_state_dict(self.optimizers["teacher"])
         trainer.student_optimizer.load_state_dict(self.optimizers["student"])

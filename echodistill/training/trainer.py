@@ -1,4 +1,4 @@
-# Whole on purpose (~470 lines): train_step reads top to bottom and the helpers around it are the words it is
+# Whole on purpose (~530 lines): train_step reads top to bottom and the helpers around it are the words it is
 # written in; splitting them off would hide the step. Checkpoints, previews and callbacks have their own modules.
 """The EchoDistill trainer: teacher and one-step student trained together through one text encoder.
 
@@ -12,6 +12,9 @@ One iteration (`train_step`) reads top to bottom, in the order of DESIGN §1:
 Ablations switch parts off: `schedule="sequential"` runs step 1 alone for the first half of the
 steps and 2-5 alone after it; `weight_adversarial=0` drops the adversarial term and step 5;
 `shared_text_encoder=False` gives the student a token row of its own, trained in step 4.
+Every family runs this one loop: prompts become a `Conditioning` through `pair.conditioner` (for
+SDXL: both text encoders' states, the pooled text and the size ids), and the token has a row in
+each shared text encoder (SDXL: two), all trained by the teacher's loss.
 Randomness comes only from the trainer's own generators, so a run resumed from a checkpoint on
 the CPU reproduces the uninterrupted run exactly.
 """
@@ -28,8 +31,15 @@ from ..concepts.bundle import ConceptBundle
 from ..errors import OutputWriteError
 from ..files import check_writable, exclusive_output
 from ..models.adapters import adapter_state_dict, add_adapter
-from ..models.concept import add_concept_token, concept_parameters, own_concept_embedding, reading_with
-from ..models.diffusion import alphas_cumprod_for, encode_prompts, student_one_step, teacher_target, unet_call
+from ..models.concept import (
+    ConceptEmbedding,
+    add_concept_tokens,
+    concept_rows,
+    own_concept_embeddings,
+    reading_with_all,
+)
+from ..models.conditioning import Conditioning
+from ..models.diffusion import alphas_cumprod_for, student_one_step, teacher_target, unet_call
 from ..models.pair import ModelPair
 from ..models.schedule import add_noise, denoising_target
 from .callbacks import Callbacks, TrainingCancelled, TrainingDiverged
@@ -76,14 +86,17 @@ class Trainer:
         self.noise_generator = torch.Generator().manual_seed(config.seed + 1)
 
         self.data_identity = data_identity(images)
-        self.concept = add_concept_token(pair.tokenizer, pair.text_encoder, config.token, config.initializer_word)
+        # One ConceptToken per shared text encoder (SDXL: CLIP ViT-L, then OpenCLIP ViT-bigG).
+        self.concepts = add_concept_tokens(pair.tokenizers, pair.text_encoders, config.token, config.initializer_word)
+        self.concept = self.concepts[0]
+        self.image_size = (config.resolution, config.resolution)  # SDXL's size conditioning: uncropped, as trained
         self.dataset = ConceptDataset.from_config(images, config, pair.vae_downscale)
         teacher_params = add_adapter(pair.teacher.unet, config)
         student_params = add_adapter(pair.student.unet, config)
-        # No shared encoder (ablation): the student reads the prompts with its own token row, trained by its losses.
-        self.student_row = None if config.shared_text_encoder else own_concept_embedding(pair.text_encoder)
-        if self.student_row is not None:
-            student_params = student_params + [self.student_row.concept_row]
+        # No shared encoder (ablation): the student reads the prompts with its own token row(s), trained by its losses.
+        self.student_rows = None if config.shared_text_encoder else own_concept_embeddings(pair.text_encoders)
+        if self.student_rows is not None:
+            student_params = student_params + [row.concept_row for row in self.student_rows]
         if config.gradient_checkpointing:
             pair.teacher.unet.enable_gradient_checkpointing()
             pair.student.unet.enable_gradient_checkpointing()
@@ -99,8 +112,10 @@ class Trainer:
         )
         self.clip_member = self.ensemble.members["clip_vit_h14"] if "clip_vit_h14" in self.ensemble.members else None
         backbones = {name: member.backbone for name, member in self.ensemble.members.items() if member.inputs == "images"}
-        self.offloader = Offloader({"text_encoder": pair.text_encoder, "vae": pair.vae, **backbones}, self.device,
-                                   enabled=config.offload)
+        encoders = {"text_encoder": pair.text_encoder, **({} if pair.text_encoder_2 is None else
+                                                          {"text_encoder_2": pair.text_encoder_2})}
+        self.offloader = Offloader({**encoders, "vae": pair.vae, **backbones}, self.device, enabled=config.offload)
+        self.encoder_names = tuple(encoders)
         self.backbone_names = tuple(backbones)
         self.reference_posteriors = self._encode_references() if config.cache_latents else None
         self.reference_anchor: torch.Tensor | None = None  # mean backbone embedding of the references, made once
@@ -110,7 +125,7 @@ class Trainer:
             fused=self.device.type == "cuda",  # one kernel per step instead of one per tensor
         )
         self.teacher_optimizer = torch.optim.AdamW(
-            teacher_params + concept_parameters(pair.text_encoder), lr=config.lr_teacher, **adamw
+            teacher_params + concept_rows(pair.text_encoders), lr=config.lr_teacher, **adamw
         )
         self.student_optimizer = torch.optim.AdamW(student_params, lr=config.lr_student, **adamw)
         self.heads_optimizer = torch.optim.AdamW(self.ensemble.heads_parameters(), lr=config.lr_heads, **adamw)
@@ -122,12 +137,21 @@ class Trainer:
 
         self.teacher_abar = alphas_cumprod_for(pair.teacher.scheduler_config, self.device)
         self.student_abar = alphas_cumprod_for(pair.student.scheduler_config, self.device)
-        with torch.no_grad():
-            self.uncond = encode_prompts(pair.tokenizer, pair.text_encoder, [""])  # (1, 77, D); no concept in it
+        with torch.no_grad():  # batch 1, no concept in it; SDXL: zero conditioning, as its pipelines use for ""
+            self.uncond = pair.conditioner.negative("", self.image_size)
         self.echo = EchoBuffer(config.echo_buffer_size)
         self.step = 0
         self.last_checkpoint: Path | None = None
         self._last_saved_step: int | None = None
+
+    @property
+    def student_row(self) -> ConceptEmbedding | None:
+        """The student's own row in the first text encoder (shared_text_encoder=False), else None."""
+        return None if self.student_rows is None else self.student_rows[0]
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The training prompts' conditioning (batch B) through every shared text encoder, at the run's image size."""
+        return self.pair.conditioner.encode(prompts, self.image_size)
 
     # --- helpers ---------------------------------------------------------------------------
     def _randn(self, shape) -> torch.Tensor:
@@ -204,7 +228,7 @@ class Trainer:
             f"{where}. Lower the learning rates, or train with mixed_precision='no'."
         )
 
-    def _ensemble_inputs(self, latents: torch.Tensor, images: torch.Tensor | None, cond: torch.Tensor) -> dict:
+    def _ensemble_inputs(self, latents: torch.Tensor, images: torch.Tensor | None, cond: Conditioning) -> dict:
         inputs = {"images": images}
         if self.ensemble.needs_latents:
             t = self._randint(0, self.config.discriminator_timestep_max, latents.shape[0])
@@ -224,7 +248,7 @@ class Trainer:
         logs: dict[str, torch.Tensor] = {}  # turned into floats once, at the end
         batch = self.dataset.sample_batch(cfg.batch_size, self.data_generator)
         real_pixels = batch.pixel_values.to(self.device)  # (B, 3, H, W) in [-1, 1]
-        self.offloader.use("text_encoder", *(() if cfg.cache_latents else ("vae",)))
+        self.offloader.use(*self.encoder_names, *(() if cfg.cache_latents else ("vae",)))
         real_latents = self._real_latents(batch)  # (B, 4, h, w)
         mask = batch.mask.to(self.device)  # (B, 1, h, w)
         prompts, weights = list(batch.prompts), torch.ones(len(batch.prompts), device=self.device)
@@ -238,7 +262,7 @@ class Trainer:
 
         # 1. Teacher step: masked denoising on real (+ echoed) latents; reaches teacher K/V and the token row.
         with self._autocast(), torch.set_grad_enabled(teacher_trains):
-            cond = encode_prompts(pair.tokenizer, pair.text_encoder, prompts)  # (B', 77, D)
+            cond = self.encode(prompts)  # batch B': states (B', 77, D) [+ SDXL text_embeds, time_ids]
         if teacher_trains:
             with self._autocast():
                 noise = self._randn(teacher_latents.shape)
@@ -257,11 +281,11 @@ class Trainer:
 
         # 2. Student generation from detached prompt embeddings (real prompts only).
         real_count = cfg.batch_size
-        teacher_cond = cond[:real_count].detach().float()  # (B, 77, D): the teacher's target and features read it
-        self.offloader.use("vae", *self.backbone_names, *(() if self.student_row is None else ("text_encoder",)))
+        teacher_cond = cond[:real_count].detach().float()  # batch B: the teacher's target and features read it
+        self.offloader.use("vae", *self.backbone_names, *(() if self.student_rows is None else self.encoder_names))
         student_noise = self._randn(real_latents.shape)  # (B, 4, h, w)
         with self._autocast():
-            student_cond = self._student_cond(batch.prompts, teacher_cond)  # (B, 77, D)
+            student_cond = self._student_cond(batch.prompts, teacher_cond)  # batch B
             student_latents = student_one_step(
                 pair.student.unet,
                 student_noise,
@@ -365,12 +389,12 @@ class Trainer:
         values = torch.stack([v.float().to(self.device) for v in logs.values()]).tolist()  # one sync
         return dict(zip(logs, values))
 
-    def _student_cond(self, prompts: list[str], teacher_cond: torch.Tensor) -> torch.Tensor:
-        """The student's prompt embeddings: the teacher's, detached, or read through its own token row."""
-        if self.student_row is None:
+    def _student_cond(self, prompts: list[str], teacher_cond: Conditioning) -> Conditioning:
+        """The student's conditioning: the teacher's, detached, or read through its own token row(s)."""
+        if self.student_rows is None:
             return teacher_cond.detach().float()
-        with reading_with(self.pair.text_encoder, self.student_row):
-            return encode_prompts(self.pair.tokenizer, self.pair.text_encoder, prompts).float()  # (B, 77, D)
+        with reading_with_all(self.pair.text_encoders, self.student_rows):
+            return self.encode(prompts).float()  # batch B
 
     def _semantic_embedding(self, images: torch.Tensor) -> torch.Tensor:
         features = self.clip_member.backbone(images)  # (B, D_clip)
@@ -385,7 +409,7 @@ class Trainer:
         contexts = torch.randint(0, 1 << 16, (cfg.echo_samples,), generator=self.data_generator).tolist()
         prompts = [echo_prompt(cfg.token, cfg.class_word, c) for c in contexts]
         with self._autocast():
-            cond = encode_prompts(pair.tokenizer, pair.text_encoder, prompts)
+            cond = self.encode(prompts)
             latents = student_one_step(
                 pair.student.unet,
                 self._randn((len(prompts), pair.student.unet.config.in_channels, *self._latent_size())),
@@ -422,7 +446,7 @@ class Trainer:
         features = self.ensemble.members["teacher_features"].features
 
         def embed(z: torch.Tensor) -> torch.Tensor:  # mid-block features at t = 0, unconditional
-            return features(z, 0, self.uncond.expand(z.shape[0], -1, -1))[-1]  # (n, C)
+            return features(z, 0, self.uncond.expand(z.shape[0]))[-1]  # (n, C)
 
         anchor = embed(reference_latents).mean(0, keepdim=True)  # (1, C)
         return torch.nn.functional.cosine_similarity(embed(latents), anchor)
@@ -435,7 +459,7 @@ class Trainer:
     def preview(self, count: int = 2) -> torch.Tensor:
         """One-step student images (N, 3, H, W) in [0, 1] for fixed seeds 0..N-1, for progress displays."""
         self.offloader.use_all()
-        return preview_images(self.pair, self.config, self.student_row, count)
+        return preview_images(self.pair, self.config, self.student_rows, count)
 
     def checkpoint(self) -> TrainingCheckpoint:
         return TrainingCheckpoint.capture(self)
@@ -453,7 +477,7 @@ class Trainer:
     def bundle(self) -> ConceptBundle:
         return ConceptBundle.from_trained_pair(
             self.pair, self.config, self.step, teacher_adapter=adapter_state_dict(self.pair.teacher.unet),
-            student_embedding=None if self.student_row is None else self.student_row.concept_row,
+            student_embeddings=None if self.student_rows is None else [r.concept_row for r in self.student_rows],
         )
 
     def train(self) -> ConceptBundle:

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from echodistill.errors import BackboneError
 from echodistill.models.backbones import BACKBONES, FrozenBackbone, load_backbone
+from echodistill.models.conditioning import Conditioning
 
 from .heads import DiscriminatorHead
 from .ip_adapter import load_ip_adapter_image_projection
@@ -126,9 +127,9 @@ class DiscriminatorEnsemble(nn.Module):
 
     def forward(self, images: torch.Tensor | None = None, latents: torch.Tensor | None = None,
                 timesteps: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                encoder_hidden_states: Conditioning | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """images (B, 3, H, W) in [-1, 1]; noised latents (B, 4, h, w) with their timesteps and
-        prompt embeddings. Returns {member name: (B, 2) logits}."""
+        prompt conditioning (a `Conditioning`, or prompt states (B, L, D)). Returns {member name: (B, 2) logits}."""
         logits = {}
         for name, member in self.members.items():
             if member.inputs == "images":

@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from echodistill.errors import BackboneError
+from echodistill.models.conditioning import Conditioning, as_conditioning
 
 from .heads import DiscriminatorHead
 
@@ -67,14 +68,15 @@ class TeacherFeatureDiscriminator(nn.Module):
         config = unet.config
         unsupported = {
             "class_embed_type": config.class_embed_type,
-            "addition_embed_type": config.addition_embed_type,
+            # SDXL's "text_time" (pooled text + size ids) is added to the time embedding as the UNet does.
+            "addition_embed_type": None if config.addition_embed_type == "text_time" else config.addition_embed_type,
             "encoder_hid_dim_type": getattr(config, "encoder_hid_dim_type", None),
             "time_embedding_act_fn": getattr(config, "time_embedding_act_fn", None),
         }
         unsupported = {k: v for k, v in unsupported.items() if v is not None}
         if unsupported or getattr(config, "center_input_sample", False) or unet.mid_block is None:
             raise BackboneError(
-                f"the teacher-feature discriminator supports Stable Diffusion 1.x/2.x UNets only; "
+                f"the teacher-feature discriminator supports Stable Diffusion 1.x/2.x and SDXL UNets only; "
                 f"this UNet sets {unsupported or 'center_input_sample/no mid block'}. Use the image "
                 f"backbones (dino_vits16, dinov2_vitl14, clip_vit_h14) instead"
             )
@@ -95,15 +97,27 @@ class TeacherFeatureDiscriminator(nn.Module):
         return list(self.heads.parameters())
 
     def features(self, latents: torch.Tensor, timesteps: torch.Tensor | float | int,
-                 encoder_hidden_states: torch.Tensor) -> list[torch.Tensor]:
-        """Pooled encoder features, one (B, C_level) float32 tensor per level."""
+                 encoder_hidden_states: Conditioning | torch.Tensor) -> list[torch.Tensor]:
+        """Pooled encoder features, one (B, C_level) float32 tensor per level.
+
+        `encoder_hidden_states`: a `Conditioning` (SDXL's added text_embeds / time_ids included, which
+        join the time embedding as in `UNet2DConditionModel.get_aug_embed`) or prompt states (B, L, D).
+        """
         unet = self._unet
         dtype = unet.dtype
         sample = latents.to(dtype)  # (B, 4, h, w)
-        encoder_hidden_states = encoder_hidden_states.to(dtype)  # (B, L, D_cross)
+        cond = as_conditioning(encoder_hidden_states).to(dtype)
+        encoder_hidden_states = cond.encoder_hidden_states  # (B, L, D_cross)
+        if (unet.config.addition_embed_type == "text_time") != (cond.text_embeds is not None):
+            raise BackboneError("an SDXL teacher's features need SDXL conditioning (text_embeds and time_ids), "
+                                "and only an SDXL teacher takes them: encode prompts with pair.conditioner")
         with _no_gradient_checkpointing(unet):
             t_emb = unet.get_time_embed(sample=sample, timestep=timesteps)  # (B, C0), no parameters
             emb = _frozen_call(unet.time_embedding, t_emb)  # (B, 4·C0)
+            if cond.text_embeds is not None:
+                time_embeds = unet.add_time_proj(cond.time_ids.flatten()).reshape(len(cond), -1)  # (B, 6·E), no params
+                added = torch.cat([cond.text_embeds, time_embeds], dim=-1).to(emb.dtype)  # (B, P + 6·E)
+                emb = emb + _frozen_call(unet.add_embedding, added)  # (B, 4·C0)
             sample = _frozen_call(unet.conv_in, sample)  # (B, C0, h, w)
             pooled = []
             for block in unet.down_blocks:
@@ -122,8 +136,8 @@ class TeacherFeatureDiscriminator(nn.Module):
         return pooled
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Noised latents (B, 4, h, w), timesteps (B,) or scalar, prompt embeddings (B, L, D).
+                encoder_hidden_states: Conditioning | torch.Tensor) -> torch.Tensor:
+        """Noised latents (B, 4, h, w), timesteps (B,) or scalar, a `Conditioning` or prompt embeddings (B, L, D).
 
         Returns logits (B, levels, 2); column 1 = real.
         """
