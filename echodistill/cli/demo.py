@@ -29,7 +29,7 @@ def subject_name(text: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..miniworld.concepts import CONCEPTS  # numpy only: the help lists the names without torch
     from ..miniworld.procedural import VALIDATION_SEEDS
-    from ..miniworld.recipe import DEMO_STEPS
+    from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS
 
     fresh = VALIDATION_SEEDS.start
     parser.add_argument("--concept", type=subject_name, default=sorted(CONCEPTS)[0], metavar="SUBJECT",
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"procedural one, procedural_<seed>, e.g. procedural_{fresh} (seeds {fresh}-"
                              f"{VALIDATION_SEEDS.stop - 1} were never trained on)")
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training iterations")
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and of the sampling noise")
+    parser.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of training and of the sampling noise")
     parser.add_argument("--out", default="demo-output", help="folder for the bundle, contact sheet and metrics")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: chosen per model size: 1 for the mini world)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
