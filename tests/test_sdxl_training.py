@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from echodistill.concepts.bundle import BundleMismatchError, ConceptBundle
+from echodistill.concepts.export import ExportError, export_embedding, export_lora
 from echodistill.models.adapters import WeightDelta, adapter_state_dict
 from echodistill.models.concept import concept_embedding
 from echodistill.models.conditioning import Conditioning
@@ -158,3 +159,7 @@ def test_sdxl_bundle_stores_clip_l_and_clip_g_and_applies_only_to_sdxl(make_trai
     with pytest.raises(BundleMismatchError,
                        match="trained on an SDXL pair .* but the loaded models are an SD 1.x / 2.x pair"):
         loaded.apply(load_model_pair(*tiny_pair_folders), parts=("student",))
+    for export in (export_lora, export_embedding):  # SD 2.x-style files would be wrong for SDXL: refused
+        with pytest.raises(ExportError, match="exporting SDXL concepts to LoRA and embedding files is not supported"):
+            export(loaded, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

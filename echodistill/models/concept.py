@@ -3,6 +3,10 @@
 The embedding table stays frozen. `ConceptEmbedding` wraps it and substitutes a separate
 trainable row wherever the concept's id appears, so an optimizer (weight decay included) can
 only ever touch that row: every other row is unchanged by construction, not by masking.
+
+SDXL has two shared text encoders: the token is added to both tokenizers and gets a row in each
+(768 wide in CLIP ViT-L, 1280 in OpenCLIP ViT-bigG): `add_concept_tokens`, `concept_rows`,
+`set_concept_rows`, `own_concept_embeddings` and `reading_with_all` take every encoder at once.
 """
 
 from __future__ import annotations

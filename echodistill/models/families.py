@@ -1,10 +1,14 @@
 """Model families: the shipped config folders, and how a single file's family is chosen.
 
-A family is a diffusers-layout config folder (model_index, unet, vae, text_encoder, scheduler;
-SDXL adds text_encoder_2) that fixes the architecture AND the prediction type. The prediction type is read from the
+A family is a diffusers-layout config folder (model_index, unet, vae, text_encoder, scheduler)
+that fixes the architecture AND the prediction type. The prediction type is read from the
 folder's scheduler config; it is never guessed from weights in code. Which folder a single
 file gets is decided by `detect_family` from the file's keys and header, with a stated reason,
 and the caller can always name the family (or any config folder) instead.
+
+SDXL families (`sdxl-base` teacher, `sdxl-turbo` student) add `text_encoder_2/` (OpenCLIP ViT-bigG
+with its projection) and a UNet with `addition_embed_type="text_time"`; `FamilyConfig.is_sdxl`,
+`text_components` and `tokenizer_style_of` say what a family's text side is.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# Whole on purpose (~470 lines): train_step reads top to bottom and the helpers around it are the words it is
+# Whole on purpose (~530 lines): train_step reads top to bottom and the helpers around it are the words it is
 # written in; splitting them off would hide the step. Checkpoints, previews and callbacks have their own modules.
 """The EchoDistill trainer: teacher and one-step student trained together through one text encoder.
 
