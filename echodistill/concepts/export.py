@@ -208,15 +208,6 @@ def _target(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def _refuse_sdxl(bundle: ConceptBundle) -> None:
-    """SDXL concepts need SDXL's kohya key names and a clip_l + clip_g embedding file, not written here yet."""
-    if bundle.is_sdxl:
-        raise ExportError(
-            f"this concept was trained on SDXL ({bundle.families}); exporting SDXL concepts to LoRA and embedding "
-            "files is not supported yet: sample it with echodistill (sample / sample_student) instead"
-        )
-
-
 def _text_width(bundle: ConceptBundle) -> int:
     return int(bundle.embedding.shape[-1])
 
@@ -313,7 +304,6 @@ def export_lora(
     when it is of the other kind (SDXL vs SD 1.x / 2.x), or when an SDXL concept of another family comes
     without one; OutputExistsError when `path` exists and not `overwrite`.
     """
-    _refuse_sdxl(bundle)
     if mode not in get_args(ExportMode):
         raise ExportError(f"mode={mode!r} is not one of {', '.join(map(repr, get_args(ExportMode)))}")
     if rank is not None and rank < 1:
@@ -408,7 +398,6 @@ def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrit
 
     Raises ExportError when a row is not finite, OutputExistsError when `path` exists and not `overwrite`.
     """
-    _refuse_sdxl(bundle)
     target = _target(path, overwrite)
     rows = [row.detach().float().reshape(1, -1) for row in bundle.embeddings_for("student")]  # (1, D) each
     if not all(torch.isfinite(row).all() for row in rows):
