@@ -142,7 +142,7 @@ def test_core_comfyui_nodes_reproduce_the_sdxl_student(export, concept, comfy_se
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255.0
     image_error = np.abs(image - concept["ours"].images[0].permute(1, 2, 0).numpy()).max()
     print(f"SDXL {export}: max |ComfyUI PNG - ours| {image_error:.2e}")
-    assert image_error <= 2.0 / 255.0  # 8-bit PNG quantization (1/255) plus the latent difference decoded
+    assert image_error <= 1.0 / 255.0 + 1e-3  # 8-bit PNG quantization (1/255) plus round-off, as the SD 2.x proof
 
 
 def test_without_the_lora_comfyui_misses_the_sdxl_student(concept, comfy_server):

@@ -176,15 +176,25 @@ def bundle_deltas(bundle: ConceptBundle, part: str = "student") -> dict[str, tor
 def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(down (r, in), up (out, r), relative Frobenius error) of the best rank-r approximation.
 
-    Truncated SVD in float64; the singular values are split evenly between the factors so
+    r is capped at min(out, in), where the fit is exact and needs no SVD: ΔW = I·ΔW (down = ΔW,
+    up = I, when out <= in) or ΔW·I (down = I, up = ΔW), error 0, and as kind to fp16 loaders as a
+    ``.diff`` (the identity is exact in any precision). Full rank is the default export, and an SVD of
+    each of SDXL's 140 K/V layers (up to 1280 x 2048) would take minutes on a CPU.
+    Below that: truncated SVD in float64; the singular values are split evenly between the factors so
     neither carries the whole scale (kinder to fp16 loaders). The error is measured on the
-    fp32 factors actually written. r is capped at min(out, in), where the fit is exact.
+    fp32 factors actually written.
     A conv ΔW (out, in, kh, kw) is fitted as (out, in·kh·kw) and returned in kohya's conv
     layout: down (r, in, kh, kw), up (out, r, 1, 1).
     """
     if delta.dim() == 4:
         down, up, error = low_rank_factors(delta.flatten(1), rank)
         return down.reshape(down.shape[0], *delta.shape[1:]), up[:, :, None, None], error
+    out_features, in_features = delta.shape
+    if rank >= min(out_features, in_features):
+        exact = delta.detach().float().cpu().clone()  # (out, in)
+        if out_features <= in_features:
+            return exact, torch.eye(out_features), 0.0  # down (out, in), up (out, out)
+        return torch.eye(in_features), exact, 0.0  # down (in, in), up (out, in)
     target = delta.detach().double().cpu()  # (out, in)
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
     r = min(rank, s.numel())
