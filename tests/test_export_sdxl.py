@@ -311,3 +311,22 @@ def test_export_concept_writes_both_sdxl_files(bundle, unet_config, tmp_path):
     assert targets.lora.name == "my_xl.safetensors" and targets.embedding.name == "my_xl_embedding.safetensors"
     assert all(k.startswith("lora_unet_") and ("_blocks_" in k or "middle_block" in k) for k in load_file(targets.lora))
     assert sorted(load_file(targets.embedding)) == ["clip_g", "clip_l"]
+
+
+def test_export_command_takes_the_unet_config_of_an_sdxl_concept(bundle, tiny_sdxl_folders, tmp_path, capsys):
+    from echodistill.cli import main
+
+    concept = bundle.save(tmp_path / "xl_concept.safetensors")
+    out = ["--concept", str(concept), "--out", str(tmp_path / "loras"), "--embedding-out", str(tmp_path / "emb")]
+    assert main(["export", *out]) == 2
+    err = capsys.readouterr().err
+    assert "pass --unet-config (the diffusers config of the UNet it was trained on)" in err and "unet_config" not in err
+    assert main(["export", *out, "--unet-config", str(tmp_path / "nowhere")]) == 2
+    assert "--unet-config " + str(tmp_path / "nowhere") + ": not a readable UNet config.json" in capsys.readouterr().err
+    assert not (tmp_path / "loras").exists() or not any((tmp_path / "loras").iterdir())
+
+    _, student = tiny_sdxl_folders
+    assert main(["export", *out, "--unet-config", str(student)]) == 0  # a diffusers folder: its unet/config.json
+    lora = load_file(tmp_path / "loras" / "xl_concept.safetensors")
+    assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in lora
+    assert sorted(load_file(tmp_path / "emb" / "xl_concept.safetensors")) == ["clip_g", "clip_l"]
