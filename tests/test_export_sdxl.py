@@ -270,6 +270,14 @@ def test_diffusers_sdxl_pipeline_draws_our_students_picture(adapter, pair, unet_
     assert error < 1e-4, error
     plain = sample(pair, [PROMPT.format("a")], seeds=[11], width=64, height=64)
     assert (plain.images - ours.images).abs().max().item() > 100 * max(error, 1e-6)
+    # Pooled at the real end token (our loader sets 49407): transformers' rule for the published config's
+    # eos_token_id 2 pools at the highest id, the added token, and draws another picture (README).
+    pipe.text_encoder_2.text_model.eos_token_id = 2
+    with torch.no_grad():
+        legacy = pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise, height=64, width=64,
+                      output_type="pt").images
+    pipe.text_encoder_2.text_model.eos_token_id = 49407
+    assert (legacy - ours.images).abs().max().item() > 100 * max(error, 1e-6)
 
     # At strength 1: fused, each K/V weight moved by exactly the bundle's ΔW.
     pipe.fuse_lora(lora_scale=1.0)
