@@ -323,9 +323,9 @@ def export_lora(
     if not deltas:
         raise ExportError(f"the bundle has no {part} adapter weights to export")
     layout = export_unet_config(bundle.is_sdxl, bundle.families, part, unet_config)
-    if layout is not None:
-        shapes = {m: tuple(d.shape) for m, d in deltas.items()}
-        check_against_unet(shapes, unet_config if isinstance(unet_config, nn.Module) else layout)
+    if unet_config is not None or layout is not None:
+        check_against_unet({m: tuple(d.shape) for m, d in deltas.items()}, unet_config if unet_config is not None
+                           else layout)
     keys = kohya_keys(deltas, layout, bundle.is_sdxl)  # module -> lora_unet_…
 
     tensors: dict[str, torch.Tensor] = {}

@@ -31,8 +31,11 @@ def apply_kohya_lora(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], st
     modules = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     linears = {kohya_key(n): (n, m) for n, m in modules.items()}
     config = getattr(unet, "config", None)
-    if config is not None and isinstance(config.get("layers_per_block"), int):
-        linears.update({kohya_key(path): (n, modules[n]) for n, path in sgm_module_names(modules, config).items()})
+    try:  # the SGM aliases of a UNet the single-file layout describes (not, e.g., per-level layers_per_block)
+        aliases = sgm_module_names(modules, config) if config is not None else {}
+    except ExportError:
+        aliases = {}
+    linears.update({kohya_key(path): (n, modules[n]) for n, path in aliases.items()})
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         stem, _, suffix = key.partition(".")
