@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import adapter_kind
-from .export import factor_product
+from .deltas import factor_product
 from .kohya_keys import KOHYA_SUFFIXES, ExportError, kohya_key, sgm_module_names
 
 
