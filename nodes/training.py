@@ -41,7 +41,8 @@ class TrainConcept(io.ComfyNode):
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Training iterations (paper: 1000)."),
                 io.Int.Input("resolution", default=0, min=0, max=1024, step=64,
                              tooltip="Training resolution in pixels; 0 = the student's native size (512 for "
-                                     "SD-Turbo, 64 for the mini world)."),
+                                     "SD-Turbo and SDXL-Turbo, 64 for the mini world). SDXL pairs train both UNets at "
+                                     "the student's 512 (the teacher reads the student's images at that size)."),
                 io.Float.Input("lr_student", default=2e-5, min=1e-7, max=1e-2, step=1e-6, tooltip="Student adapter learning rate."),
                 io.Float.Input("lr_teacher", default=1e-5, min=1e-7, max=1e-2, step=1e-6,
                                tooltip="Teacher adapter and token learning rate."),
