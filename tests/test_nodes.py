@@ -237,12 +237,6 @@ def test_a_fresh_procedural_subject_loads_by_name_listed_or_not(comfy):
 
 # --- SDXL: two shared text encoders through the same nodes ----------------------------------------
 
-SDXL_HEADERS = {
-    "teacher": {"modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.title": "SDXL 1.0 base"},
-    "student": {"modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.title": "SDXL Turbo"},
-}
-
-
 @pytest.fixture(scope="module")
 def sdxl_checkpoints(comfy, tiny_sdxl_world):
     """The tiny SDXL pair as SGM single files in ComfyUI's checkpoints folder, their config folders beside ours."""
@@ -253,7 +247,7 @@ def sdxl_checkpoints(comfy, tiny_sdxl_world):
     for role, family, name in (("teacher", "tiny-sdxl", "tiny_sdxl_base.safetensors"),
                                ("student", "tiny-sdxl-turbo", "tiny_sdxl_turbo.safetensors")):
         tiny.write_single_file(models[role], base / "checkpoints" / name, families[family], "sgm", "sdxl",
-                               SDXL_HEADERS[role])
+                               comfy_support.SDXL_HEADERS[role])
         shutil.copytree(families[family], base / "echodistill" / "configs" / family, dirs_exist_ok=True)
         names[role] = name
     return names
@@ -315,3 +309,20 @@ def test_concepts_and_models_of_the_two_lines_are_refused_in_one_line(comfy, sdx
         save_every=0, seed=4, resume=False, force=True).result[0]
     with pytest.raises(BundleMismatchError, match="load the same base models it was trained with"):
         nodes["EchoDistillOneStepSampler"].execute(sdxl, "a <v*> mug", 0, 1, 0.0, 64, 64, 1, sd2_concept)
+
+
+@torch.inference_mode()
+def test_the_adapter_input_preset_follows_the_preset_of_the_models_line(comfy, sdxl_checkpoints):
+    nodes = comfy["nodes"]
+    loader, train = nodes["EchoDistillLoadModels"], nodes["EchoDistillTrainConcept"]
+    sdxl = loader.execute(sdxl_checkpoints["teacher"], sdxl_checkpoints["student"], "configs/tiny-sdxl",
+                          "configs/tiny-sdxl-turbo", "fp32").result[0]
+    sd2 = loader.execute("diffusers/tiny-teacher", "diffusers/tiny-student", "auto", "auto", "fp32").result[0]
+    images = nodes["EchoDistillLoadImagesFromFolder"].execute("mug", 64).result[0]
+    args = dict(images=images, token="<v*>", class_word="mug", preset="lite", steps=1, resolution=64,
+                lr_student=2e-5, lr_teacher=1e-5, lr_heads=1e-4, adapter="preset", echo=False, sample_every=0,
+                save_every=0, seed=5, resume=False, force=True)
+    assert train.execute(models=sdxl, **args).result[0].adapter == "lora"  # SDXL's lite: LoRA K/V, to fit 24 GB
+    assert train.execute(models=sd2, **args).result[0].adapter == "custom_diffusion"
+    chosen = train.execute(models=sdxl, **{**args, "adapter": "custom_diffusion"}).result[0]
+    assert chosen.adapter == "custom_diffusion"  # a choice made in the node wins over the preset's
