@@ -23,7 +23,8 @@ ORDER = [  # later workflows use what earlier ones saved or exported
 # Workflows for files no test machine has (real SDXL-Turbo weights, an exported SDXL concept): they load and
 # queue, and ComfyUI refuses them before running, naming these files.
 NEEDS_REAL_FILES = {
-    "core_nodes_sample_exported_sdxl_concept": ("sd_xl_turbo_1.0_fp16.safetensors", "my_mug_xl.safetensors"),
+    "core_nodes_sample_exported_sdxl_concept": ("ckpt_name: 'sd_xl_turbo_1.0_fp16.safetensors' not in",
+                                                "lora_name: 'my_mug_xl.safetensors' not in"),
 }
 
 SET_TEST_VALUES = """([values]) => {
@@ -46,10 +47,10 @@ def page(prepared_server):
         yield page
 
 
-def _visible_dialogs(page) -> list[str]:
+def _visible_dialogs(page, chars: int = 300) -> list[str]:
     """Dialogs, modals and alert toasts on screen (the frontend reports workflow problems in toasts)."""
-    return page.evaluate("""() => [...document.querySelectorAll('.p-dialog, .comfy-modal, .p-toast-message')]
-        .filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 300))""")
+    return page.evaluate("""(chars) => [...document.querySelectorAll('.p-dialog, .comfy-modal, .p-toast-message')]
+        .filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, chars))""", chars)
 
 
 def test_example_workflows_are_exactly_the_tested_graphs():
@@ -105,10 +106,11 @@ def _refused_naming_missing_files(page, server, name: str, history_before: set) 
     dialogs: list[str] = []
     while time.monotonic() < deadline and not dialogs:
         page.wait_for_timeout(300)
-        dialogs = _visible_dialogs(page)
+        dialogs = _visible_dialogs(page, chars=2000)
     text = " ".join(dialogs)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    assert "Prompt outputs failed validation" in text and text.count("Value not in list") == 2, dialogs
     assert all(missing in text for missing in NEEDS_REAL_FILES[name]), dialogs
     assert set(server.get("/history")) == history_before
     page.keyboard.press("Escape")
