@@ -66,6 +66,16 @@ class TrainConcept(io.ComfyNode):
                 io.String.Input("captions", optional=True, multiline=True, default="",
                                 tooltip="One line per photo, in batch order ({} stands for the token and class "
                                         "word); e.g. from Load Images From Folder. Empty: the prompt templates."),
+                # Advanced, and optional so that workflows saved before they existed load unchanged; 0 keeps
+                # the preset's value (lite draws 8 echo samples), as resolution 0 keeps the native size.
+                io.Float.Input("augment_min_scale", optional=True, default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Smallest rescale of the shrink/zoom augmentation, as a fraction of the "
+                                       "training resolution, in (0, 1]; 0 = the preset's (1/3, Custom "
+                                       "Diffusion's). At 64 px (the mini world) use 0.5: shrunk further, a "
+                                       "subject spans too few latent cells to keep its detail."),
+                io.Int.Input("echo_samples", optional=True, default=0, min=0, max=256,
+                             tooltip="Student images drawn per echo round, the best quarter kept for the "
+                                     "teacher; 0 = the preset's (paper 16, lite 8; the mini world's recipe 8)."),
             ],
             outputs=[
                 Concept.Output(display_name="concept", tooltip="The trained concept (token + both adapters)."),
@@ -78,14 +88,16 @@ class TrainConcept(io.ComfyNode):
     @classmethod
     def execute(cls, models, images, token, class_word, preset, steps, resolution, lr_student, lr_teacher, lr_heads,
                 adapter, echo, sample_every, save_every, seed, resume, force, backbones=None,
-                captions="") -> io.NodeOutput:
+                captions="", augment_min_scale=0.0, echo_samples=0) -> io.NodeOutput:
         members = backbones["members"] if backbones else ["teacher_features"]
         resolution = resolution or native_resolution(models, "student")
         chosen_adapter = {} if adapter == "preset" else {"adapter": adapter}
+        advanced = {name: value for name, value in (("augment_min_scale", augment_min_scale),
+                                                     ("echo_samples", echo_samples)) if value}  # 0: the preset's
         config = preset_config(preset, line="sdxl" if models.is_sdxl else "sd", steps=steps, resolution=resolution,
                                token=token, class_word=class_word, lr_student=lr_student, lr_teacher=lr_teacher,
                                lr_heads=lr_heads, echo=echo, sample_every=sample_every, save_every=save_every,
-                               seed=seed, discriminators=tuple(members), **chosen_adapter)
+                               seed=seed, discriminators=tuple(members), **chosen_adapter, **advanced)
         photos = to_pil_list(images)
         per_photo = photo_captions(captions, len(photos))
         paths = dict(backbones["backbones"]) if backbones else {}

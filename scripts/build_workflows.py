@@ -21,9 +21,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import comfy_support  # noqa: E402
 from browser_support import launch_page  # noqa: E402
 
-from echodistill.miniworld.recipe import TUNED_LR_SCALES  # noqa: E402
+from echodistill.miniworld.recipe import DEMO_SEED, DEMO_STEPS, tuned_config  # noqa: E402
 from echodistill.models.tensor_files import atomic_write_text  # noqa: E402
-from echodistill.training.config import TrainConfig  # noqa: E402
 
 SD21 = {
     "name": "v2-1_512-ema-pruned.safetensors",
@@ -86,15 +85,16 @@ SDXL_USER_VALUES = {
 }
 
 # ... and in a graph on the shipped mini world (64×64 pictures; runs with no downloads, in minutes on a CPU)
-# The mini world trains at the rates `bench quality` and the demo use (bench lr-sweep's factor of the paper's).
-_MINIWORLD_LR = TUNED_LR_SCALES["echodistill"]
+# The mini world trains exactly as `scripts/demo` (and bench quality) train it: every training field of the
+# demo's config (its steps, seed, tuned rates, echo samples, augmentation bound). Only what the workflow shows
+# differs: previews every 50 steps and a checkpoint every 100 (the demo draws neither; neither changes training).
+_DEMO = tuned_config("any", DEMO_STEPS, DEMO_SEED)
 MINIWORLD_USER_VALUES = {
-    ("EchoDistillTrainConcept", "steps"): 200,
-    ("EchoDistillTrainConcept", "lr_student"): TrainConfig().lr_student * _MINIWORLD_LR,
-    ("EchoDistillTrainConcept", "lr_teacher"): TrainConfig().lr_teacher * _MINIWORLD_LR,
+    **{("EchoDistillTrainConcept", field): getattr(_DEMO, field)
+       for field in ("steps", "seed", "lr_student", "lr_teacher", "lr_heads", "adapter", "echo", "echo_samples",
+                     "augment_min_scale")},
     ("EchoDistillTrainConcept", "sample_every"): 50,
     ("EchoDistillTrainConcept", "save_every"): 100,
-    ("EchoDistillTrainConcept", "echo"): True,
     ("EchoDistillOneStepSampler", "batch_size"): 4,
     ("EchoDistillTeacherSampler", "steps"): 25,
 }

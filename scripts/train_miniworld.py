@@ -43,7 +43,7 @@ from echodistill.miniworld.concepts import CONCEPTS, TOKEN_PLACEHOLDER, evaluati
 from echodistill.miniworld.data import render_set  # noqa: E402
 from echodistill.miniworld.evaluate import image_grid, prompt_fidelity_report  # noqa: E402
 from echodistill.miniworld.grammar import Caption  # noqa: E402
-from echodistill.miniworld.image_prompt import ADAPTER_FILE, ImagePromptSettings, train_image_prompt  # noqa: E402
+from echodistill.miniworld.image_prompt import ImagePromptSettings, adapter_path, train_image_prompt  # noqa: E402
 from echodistill.miniworld.oracle import Oracle  # noqa: E402
 from echodistill.miniworld.oracle_train import (  # noqa: E402
     OracleSettings,
@@ -174,7 +174,6 @@ def main() -> None:
     log_dir = args.log_dir / "quick" if args.quick else args.log_dir
     model_root = log_dir / "models" if args.quick else (args.models_to or arch.MODEL_ROOT)
     oracle_root = log_dir / "oracle" if args.quick else (args.oracle_to or arch.ORACLE_ROOT)
-    image_prompt_root = oracle_root.parent / "image_prompt"
     ckpt = log_dir / "ckpt"
     log = RunLog(log_dir)
     first = STAGES.index(args.from_stage)
@@ -193,7 +192,7 @@ def main() -> None:
         adapter = train_image_prompt(pair.teacher.unet, pair.vae, pair.tokenizer, pair.text_encoder,
                                      pair.teacher.scheduler_config, settings.image_prompt, args.seed,
                                      log.stage("image_prompt"))
-        path = adapter.save(image_prompt_root / ADAPTER_FILE)
+        path = adapter.save(adapter_path(oracle_root))
         log("image_prompt", f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
         return
     if args.eval_only:

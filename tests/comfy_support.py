@@ -1,9 +1,16 @@
-"""A real ComfyUI 0.3.75 for tests: an SD-Turbo-layout checkpoint it accepts, and a live server.
+"""A real ComfyUI 0.3.75 for tests: SD-Turbo- and SDXL-layout checkpoints it accepts, and a live server.
 
 ComfyUI fixes the SD2 text tower (24 x 1024) and the VAE at full size, so the checkpoint is
 full size in its tensors' shapes but tiny on disk: every tensor is an overlapping strided view
 of one small random buffer (`.ckpt` keeps views; safetensors cannot). The UNet is the smallest
 ComfyUI still reads as SD 2.x: one level of 320 channels, one res-block, a mid block.
+
+The SDXL one likewise: both text towers (CLIP ViT-L 12 x 768, OpenCLIP ViT-bigG 32 x 1280) and the
+VAE are fixed by ComfyUI's configs, and its SDXL detection (comfy/supported_models.py `SDXL`) keys on
+the UNet's model channels (320), transformer depth per input res-block ([0, 0, 2, 2, 10, 10]), context
+width (2048), linear projections and the size/pooled-text input width (2816), reading the rest from
+the keys. So the smallest SDXL UNet it accepts keeps 320 channels at all three levels and those
+depths, with one transformer layer per output block (a 188 M-parameter UNet instead of 2.6 B).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from echodistill.models import checkpoint_layout as layout_map
 from echodistill.models.families import CONFIG_ROOT
@@ -47,6 +54,15 @@ MINI_SD2_UNET = {
     "attention_head_dim": [5],
     "use_linear_projection": True,
     "upcast_attention": False,
+}
+
+
+MINI_SDXL_UNET = {
+    **json.loads((CONFIG_ROOT / "sdxl-turbo" / "unet" / "config.json").read_text()),
+    "sample_size": 8,
+    "block_out_channels": [320, 320, 320],
+    "attention_head_dim": [5, 5, 5],  # 64-wide heads, as ComfyUI builds SDXL's attention
+    "reverse_transformer_layers_per_block": [[1, 1, 1], [1, 1, 1], [0, 0, 0]],
 }
 
 
@@ -108,6 +124,48 @@ def write_mini_sd2_checkpoint(path: Path, family: Path, seed: int = 0) -> Path:
         shapes[key.replace(".resblocks.22.", ".resblocks.23.")] = shapes[key]
     shapes[f"{prefix}text_projection"] = (width, width)
     state = _strided_state(shapes, seed)
+    state[f"{prefix}logit_scale"] = torch.tensor(4.6052)
+    torch.save({"state_dict": state}, path)
+    return path
+
+
+def write_mini_sdxl_family(folder: Path) -> Path:
+    """Our config folder for the mini SDXL checkpoint: SDXL-Turbo's configs with the small UNet."""
+    shutil.copytree(CONFIG_ROOT / "sdxl-turbo", folder)
+    (folder / "unet" / "config.json").write_text(json.dumps(MINI_SDXL_UNET))
+    return folder
+
+
+def write_mini_sdxl_checkpoint(path: Path, family: Path, seed: int = 0) -> Path:
+    """An SGM-layout SDXL .ckpt (Stability AI's key names, from checkpoint_layout's tables) that ComfyUI's
+    CheckpointLoaderSimple loads as SDXL and our loader reads with `family`."""
+    config = json.loads((family / "unet" / "config.json").read_text())
+    vae_config = json.loads((family / "vae" / "config.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        vae = AutoencoderKL.from_config(vae_config)
+        towers = {}
+        for component, model_class in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            text = json.loads((family / component / "config.json").read_text())
+            towers[component] = model_class(CLIPTextConfig(**{k: v for k, v in text.items() if not k.startswith("_")}))
+    shapes: dict[str, tuple[int, ...]] = {}
+    groups = [(layout_map.unet_sources(unet.state_dict(), config), unet.state_dict()),
+              (layout_map.vae_sources(vae.state_dict(), vae_config), vae.state_dict())]
+    for component, tower in towers.items():
+        meta = {k.removeprefix("text_model."): v for k, v in tower.state_dict().items() if not k.endswith("position_ids")}
+        groups.append((layout_map.text_sources(meta, "sgm", "sdxl", component), meta))
+    for sources, meta in groups:
+        for name, source in sources.items():
+            shape = tuple(meta[name].shape)
+            if source.chunk:  # fused q/k/v
+                shape = (source.chunk[1] * shape[0], *shape[1:])
+            elif source.transpose:
+                shape = shape[::-1]
+            elif source.conv1x1 and len(shape) == 2:
+                shape = (*shape, 1, 1)
+            shapes[source.key] = shape
+    state = _strided_state(shapes, seed)
+    _, prefix = layout_map.SDXL_TEXT_TOWERS["text_encoder_2"]
     state[f"{prefix}logit_scale"] = torch.tensor(4.6052)
     torch.save({"state_dict": state}, path)
     return path

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from echodistill.cli import main
-from echodistill.concepts.bundle import ConceptBundle
+from echodistill.concepts.bundle import ConceptBundle, bundle_summary
 from echodistill.errors import ConfigError
 from echodistill.models import tiny
 
@@ -122,6 +124,18 @@ def test_inspect_says_how_a_file_is_read(tiny_world, tmp_path, capsys):
     assert main(["inspect", str(path), "--role", "student", "--family", str(fam["tiny-turbo"])]) == 0
     out = capsys.readouterr().out
     assert "family tiny-turbo" in out and "layout sgm" in out and "prediction epsilon" in out
+
+
+def test_inspect_says_what_a_concept_bundle_holds(tmp_path, capsys):
+    assert main(["smoke", "--out", str(tmp_path), "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "concept.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "EchoDistill concept bundle" in out and "trained 1 steps" in out
+    assert "token rows embedding" in out and "on student and teacher" in out
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))
+    assert bundle_summary(plain) is None and bundle_summary(tmp_path / "missing.safetensors") is None
 
 
 def test_smoke_runs_end_to_end_on_a_tiny_random_pair(tmp_path, capsys):

@@ -79,8 +79,41 @@ def test_the_demo_takes_shipped_and_fresh_procedural_subjects_by_name():
     fresh = f"procedural_{VALIDATION_SEEDS.start + 7}"
     args = build_parser().parse_args(["demo", "--concept", fresh])
     assert args.concept == fresh
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown subject 'dog'.*procedural_<seed>"):
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown subject 'dog'.*procedural_<seed> or a bare seed"):
         subject_name("dog")
+
+
+def test_the_demo_takes_a_bare_seed_for_a_fresh_procedural_subject_and_draws_its_references():
+    from echodistill.miniworld.procedural import lookup_subject
+    from echodistill.miniworld.scoring import UnitInputs
+
+    seed = VALIDATION_SEEDS.start + 7
+    for written in (str(seed), f"procedural_{seed}", f"procedural_0{seed}"):
+        assert build_parser().parse_args(["demo", "--concept", written]).concept == f"procedural_{seed}"
+    unit = UnitInputs.build(lookup_subject(f"procedural_{seed}"), 0, 1, captions=True)  # what the demo trains on
+    assert unit.reference_pixels.shape == (5, 3, 64, 64) and len(unit.texts) == 12
+    assert all(image.caption.startswith("a {} on a plain ") for image in unit.images)
+    assert all(f"<v*> {unit.concept.class_word}" in text for text in unit.texts)
+    other = UnitInputs.build(lookup_subject(f"procedural_{seed + 1}"), 0, 1, captions=True)
+    assert not (unit.reference_pixels == other.reference_pixels).all()  # each seed its own subject
+
+
+@pytest.mark.parametrize(("concept", "message"), [
+    ("procedural_x", "unknown subject 'procedural_x': use a shipped one (checker_diamond, "),
+    ("3.5", "unknown subject '3.5'"),
+    ("-5", "unknown subject '-5'"),
+    ("\u00b2", "unknown subject '\u00b2'"),  # a digit to str.isdigit, no number to int()
+    ("procedural_", "unknown subject 'procedural_'"),
+    ("5", "procedural_5 is no fresh subject: seeds 0-999999 trained the base models and the image-prompt adapter; "
+          f"pick one nobody trained on, e.g. {VALIDATION_SEEDS.start}"),
+    ("procedural_2000001", "procedural_2000001 is no fresh subject: seeds 2000000-2099999 trained the subject oracle"),
+])
+def test_the_demo_refuses_a_bad_subject_in_one_line(concept, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["demo", "--concept", concept])
+    assert stop.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("echodistill demo: error: argument --concept: " + message)
 
 
 def test_miniworld_subject_names_read_as_reference_folders():

@@ -105,7 +105,7 @@ def test_core_comfyui_nodes_reproduce_the_student(export, concept, comfy_server)
     ours = concept["ours"].latents / 0.18215
     scale = ours.abs().max().item()
     # Same fp32 maths in a different order (24-layer text tower, UNet, LoRA merge): round-off only.
-    # The low-rank export is a full-rank SVD, exact to ~4e-8 relative per weight.
+    # The low-rank export at full rank is ΔW and an identity factor: exact.
     assert torch.allclose(theirs, ours, atol=1e-4 * scale, rtol=0), (theirs - ours).abs().max()
     # The concept matters: the same seed without its token lands measurably elsewhere, far beyond
     # the agreement error (the noise term sqrt(1 + σ²)·noise dominates the latent's magnitude).

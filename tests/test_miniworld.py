@@ -244,8 +244,9 @@ def test_demo_trains_a_fresh_procedural_subject_by_seed(tmp_path):
     from echodistill.cli import main
     from echodistill.miniworld.procedural import VALIDATION_SEEDS
 
-    name = f"procedural_{VALIDATION_SEEDS.start}"
-    assert main(["demo", "--steps", "1", "--concept", name, "--out", str(tmp_path), "--threads", "1"]) == 0
+    name = f"procedural_{VALIDATION_SEEDS.start}"  # given as its bare seed
+    assert main(["demo", "--steps", "1", "--concept", str(VALIDATION_SEEDS.start), "--out", str(tmp_path),
+                 "--threads", "1"]) == 0
     assert json.loads((tmp_path / f"{name}_metrics.json").read_text())["concept"] == name
     assert (tmp_path / f"{name}_contact_sheet.png").is_file()
 

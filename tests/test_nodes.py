@@ -128,6 +128,33 @@ def test_train_sample_save_load_export_in_process(comfy):
         nodes["EchoDistillExportConcept"].execute(concept, "my mug", "diff", 0, True)
 
 
+@torch.inference_mode()
+def test_advanced_training_inputs_reach_the_config_and_zero_keeps_the_presets_value(comfy):
+    nodes = comfy["nodes"]
+    train = nodes["EchoDistillTrainConcept"]
+    inputs = {p.id: p for p in train.define_schema().inputs}
+    scale, samples = inputs["augment_min_scale"], inputs["echo_samples"]
+    # optional and last, so workflows saved before they existed load with their widgets where they were
+    assert [p.id for p in train.define_schema().inputs][-2:] == ["augment_min_scale", "echo_samples"]
+    assert scale.optional and (scale.default, scale.min, scale.max) == (0.0, 0.0, 1.0)
+    assert "fraction of the training resolution" in scale.tooltip and "0 = the preset's" in scale.tooltip
+    assert samples.optional and samples.default == 0 and "0 = the preset's" in samples.tooltip
+
+    models = nodes["EchoDistillLoadModels"].execute("diffusers/tiny-teacher", "diffusers/tiny-student", "auto", "auto",
+                                                    "auto").result[0]
+    images = nodes["EchoDistillLoadImagesFromFolder"].execute("mug", 64).result[0]
+    base = dict(models=models, images=images, token="<v*>", class_word="mug", preset="paper", steps=1, resolution=64,
+                lr_student=2e-5, lr_teacher=1e-5, lr_heads=1e-4, adapter="custom_diffusion", echo=False,
+                sample_every=0, save_every=0, seed=3, resume=False, force=True)
+    default = train.execute(**base).result[0]
+    assert default.config["augment_min_scale"] == pytest.approx(1 / 3) and default.config["echo_samples"] == 16
+    assert train.execute(**{**base, "preset": "lite"}).result[0].config["echo_samples"] == 8
+    bounded = train.execute(**base, augment_min_scale=0.5, echo_samples=8).result[0]
+    assert bounded.config["augment_min_scale"] == 0.5 and bounded.config["echo_samples"] == 8
+    with pytest.raises(ConfigError, match="augment_min_scale=1.5 must be in"):
+        train.execute(**base, augment_min_scale=1.5)
+
+
 def test_loader_reads_sidecar_captions_one_line_per_photo(comfy):
     folder = comfy["base"] / "input" / "captioned"
     _photos(folder)

@@ -150,6 +150,33 @@ def test_image_prompt_adapter_refuses_another_unet_and_a_missing_file(tmp_path):
         ImagePromptAdapter.load(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_image_prompt_student_is_the_library_student_sampler_with_the_adapter_in_its_cross_attention(
+    tiny_pair_folders, dtype
+):
+    from echodistill.miniworld.image_prompt import ImagePromptAdapter, image_prompt_student
+    from echodistill.models.pair import load_model_pair
+    from echodistill.sampling.samplers import native_resolution, sample_student
+
+    pair = load_model_pair(*tiny_pair_folders, dtype=dtype)
+    unet = pair.student.unet
+    torch.manual_seed(0)
+    adapter = ImagePromptAdapter.for_unet(unet, tokens=2, width=8).eval()
+    references = torch.rand(3, 3, 64, 64)
+    prompts, seeds = ["a large circle on the left, on a blue striped background", "a small ring"], [5, 9]
+    processors = {name: type(p) for name, p in unet.attn_processors.items()}
+    for size in (64, None):  # None: the student's native size, as the samplers default to
+        side = size or native_resolution(pair)
+        plain = sample_student(pair, prompts, seeds=seeds, width=side, height=side, return_latents=False).images
+        silent = image_prompt_student(pair, adapter, references, prompts, seeds, 0.0, width=size, height=size)
+        steered = image_prompt_student(pair, adapter, references, prompts, seeds, width=size, height=size)
+        assert silent.shape == steered.shape == (2, 3, side, side) and steered.dtype == torch.float32
+        assert torch.equal(silent, plain)  # same noise, t = 999, prompt encoding, precision and decoding
+        assert (steered - plain).abs().max() > 1e-3
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == processors
+    assert {p.dtype for p in adapter.parameters()} == {torch.float32}  # a half-precision pair leaves it as it was
+
+
 def test_oracle_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
     from echodistill.miniworld import oracle_train, training
 

@@ -15,6 +15,7 @@ from echodistill.benchmarks import methods, quality, quality_report
 from echodistill.benchmarks.measuring import BenchError
 from echodistill.errors import ConfigError
 from echodistill.miniworld import recipe, scoring
+from echodistill.miniworld.image_prompt import ImagePromptAdapter, ImagePromptError, image_prompt_student
 from echodistill.miniworld.oracle import AttributeReader, Oracle, SubjectEncoder
 from echodistill.models.pair import load_model_pair
 
@@ -27,6 +28,12 @@ def random_oracle():
 
 def _forbid_training(monkeypatch):
     monkeypatch.setattr(quality, "train_method", lambda *a, **k: pytest.fail("a method was trained"))
+
+
+def _adapter(unet) -> ImagePromptAdapter:
+    """A small random image-prompt adapter for `unet` (the row's pipeline, not its quality, is tested)."""
+    torch.manual_seed(0)
+    return ImagePromptAdapter.for_unet(unet, tokens=2, width=8).eval().requires_grad_(False)
 
 
 def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
@@ -42,10 +49,12 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
 
     monkeypatch.setattr(quality, "train_method", spy)
     out = tmp_path / "quality"
-    report = quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=2,
-                                 methods=list(methods.METHODS), images_per_prompt=1, out=out, log=lambda _: None)
-    # One training per method, the teacher row sampling the full run's teacher: equal budgets, one seed.
-    assert sorted(trained) == sorted((m, 2, 3) for m in methods.METHODS if m != "teacher")
+    every = dict(concepts=["smiley"], seeds=[3], steps=2, methods=list(methods.METHODS), images_per_prompt=1,
+                 image_prompt=_adapter(pair.student.unet), log=lambda _: None)
+    report = quality.run_quality(pair, random_oracle, out=out, **every)
+    # One training per method, the teacher row sampling the full run's teacher, the image prompt none:
+    # equal budgets, one seed.
+    assert sorted(trained) == sorted((m, 2, 3) for m in methods.METHODS if m not in ("teacher", scoring.IMAGE_PROMPT))
     records = {r["method"]: r for r in report["records"]}
     assert set(records) == {scoring.PRIOR, scoring.START_PRIOR, scoring.TEACHER_PRIOR, *methods.METHODS}
     assert all(r["concept"] == "smiley" and r["seed"] == 3 for r in records.values())
@@ -55,6 +64,7 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
     assert records["teacher"]["train_seconds"] == records["echodistill"]["train_seconds"] > 0
     assert records[scoring.PRIOR]["train_seconds"] is None and records[scoring.TEACHER_PRIOR]["train_seconds"] is None
     assert records["sequential"]["seconds_per_step"] == pytest.approx(records["sequential"]["train_seconds"] / 2)
+    assert records[scoring.IMAGE_PROMPT]["train_seconds"] == records[scoring.IMAGE_PROMPT]["seconds_per_step"] == 0
     assert [row["method"] for row in report["summary"]] == [scoring.PRIOR, scoring.START_PRIOR, scoring.TEACHER_PRIOR,
                                                             *methods.METHODS]
 
@@ -63,26 +73,21 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
     for method in methods.METHODS.values():
         assert f"| {method.label} |" in table
     assert (out / "sheets" / "smiley-seed3.png").is_file()
-    assert len(list((out / "bundles").glob("smiley-seed3-*.safetensors"))) == len(methods.METHODS) - 1
+    assert len(list((out / "bundles").glob("smiley-seed3-*.safetensors"))) == len(methods.METHODS) - 2
 
     _forbid_training(monkeypatch)  # a finished concept x seed is kept by --resume, not retrained
-    again = quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=2,
-                                methods=list(methods.METHODS), images_per_prompt=1, out=out, resume=True,
-                                log=lambda _: None)
+    again = quality.run_quality(pair, random_oracle, out=out, resume=True, **every)
     assert again["records"] == json.loads(json.dumps(report["records"]))
     # a prior row missing from a finished unit (a row added since) is scored on resume, with no training
     saved = json.loads((out / "quality.json").read_text())
     saved["records"] = [r for r in saved["records"] if r["method"] != scoring.TEACHER_PRIOR]
     (out / "quality.json").write_text(json.dumps(saved))
-    filled = quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=2,
-                                 methods=list(methods.METHODS), images_per_prompt=1, out=out, resume=True,
-                                 log=lambda _: None)
+    filled = quality.run_quality(pair, random_oracle, out=out, resume=True, **every)
     by_method = {r["method"]: r for r in filled["records"]}
     assert by_method[scoring.TEACHER_PRIOR] == json.loads(json.dumps(records[scoring.TEACHER_PRIOR]))
     assert len(filled["records"]) == len(report["records"])
     with pytest.raises(BenchError, match="was written with other settings"):
-        quality.run_quality(pair, random_oracle, concepts=["smiley"], seeds=[3], steps=5,
-                            methods=list(methods.METHODS), out=out, resume=True, log=lambda _: None)
+        quality.run_quality(pair, random_oracle, out=out, resume=True, **{**every, "steps": 5})
 
 
 def test_the_teacher_row_alone_trains_the_full_run_but_reports_only_the_teacher(
@@ -96,6 +101,84 @@ def test_the_teacher_row_alone_trains_the_full_run_but_reports_only_the_teacher(
     assert [row["label"] for row in report["summary"]][:3] == [
         methods.PRIOR_LABEL, "untrained student, token at its starting row (the class word's)",
         "class-word prior of the teacher (25 steps, untrained, token removed)"]
+
+
+def test_the_image_prompt_row_trains_nothing_and_is_paired_with_echodistill_unit_by_unit(
+    tiny_pair_folders, random_oracle, monkeypatch
+):
+    pair = load_model_pair(*tiny_pair_folders)
+    trained = []
+    original = quality.train_method
+    monkeypatch.setattr(quality, "train_method", lambda *a: trained.append(a[1]) or original(*a))
+    report = quality.run_quality(pair, random_oracle, concepts=["window"], seeds=[0, 1], steps=2,
+                                 methods=["echodistill", scoring.IMAGE_PROMPT], images_per_prompt=1,
+                                 image_prompt=_adapter(pair.student.unet), log=lambda _: None)
+    assert trained == ["echodistill", "echodistill"]  # one per unit, none for the image prompt
+    rows = [r for r in report["records"] if r["method"] == scoring.IMAGE_PROMPT]
+    assert [(r["concept"], r["seed"], r["train_seconds"]) for r in rows] == [("window", 0, 0.0), ("window", 1, 0.0)]
+    summary = {row["method"]: row for row in report["summary"]}
+    row = summary[scoring.IMAGE_PROMPT]
+    assert row["label"] == "zero-training image prompt (IP-Adapter style), student 1 step" and row["runs"] == 2
+    assert row["train_seconds"] == {"mean": 0.0, "std": 0.0}
+    full = {r["seed"]: r for r in report["records"] if r["method"] == "echodistill"}
+    deltas = [full[r["seed"]]["subject_fidelity"] - r["subject_fidelity"] for r in rows]
+    paired = row["reference_minus_this"]
+    assert paired["units"] == 2 and paired["reference_wins_subject"] == sum(d > 0 for d in deltas)
+    assert paired["subject_fidelity"]["mean"] == pytest.approx(sum(deltas) / 2)
+    table = quality_report.markdown(report)
+    label = "| zero-training image prompt (IP-Adapter style), student 1 step |"
+    assert table.count(label) == 3  # the mean ± std table, the paired table, the per-concept table
+    assert "the image prompt's is 0: nothing trains" in table
+
+
+def test_the_image_prompt_row_reads_the_training_references_with_the_priors_prompts_and_noise(
+    tiny_pair_folders, random_oracle
+):
+    from echodistill.miniworld import CONCEPTS
+    from echodistill.training.data import ConceptDataset
+
+    pair = load_model_pair(*tiny_pair_folders)
+    adapter = _adapter(pair.student.unet)
+    unit = scoring.UnitInputs.build(CONCEPTS["smiley"], 2, 1, captions=True)
+    # the pictures it is given are the ones every trained method trains on
+    config = methods.method_config("custom_diffusion", "circle", 2, 2)
+    trained_on = ConceptDataset.from_config(unit.images, config, pair.vae_downscale).reference_pixel_values()
+    torch.testing.assert_close(unit.reference_pixels * 2 - 1, trained_on, atol=1e-6, rtol=0)
+
+    record, images = scoring.score_image_prompt(pair, random_oracle, unit, adapter)
+    _, prior = scoring.score_prior(pair, random_oracle, unit)
+    assert images.shape == prior.shape == (12, 3, recipe.RESOLUTION, recipe.RESOLUTION)
+    prompts = unit.texts_with("")
+    assert all(recipe.TOKEN not in text and "circle" in text for text in prompts)
+    # with the adapter's scale at 0 the row IS the class-word prior: same prompts, noise, size and sampler
+    silent = image_prompt_student(pair, adapter, unit.reference_pixels, prompts, unit.noise_seeds, 0.0,
+                                  width=recipe.RESOLUTION, height=recipe.RESOLUTION)
+    assert torch.equal(silent, prior)
+    assert (images - prior).abs().max() > 1e-3  # the references steer it
+    others = image_prompt_student(pair, adapter, unit.reference_pixels.flip(-1).roll(7, dims=-2), prompts,
+                                  unit.noise_seeds, width=recipe.RESOLUTION, height=recipe.RESOLUTION)
+    assert (images - others).abs().max() > 1e-4  # which references matters
+    assert record == {"concept": "smiley", "seed": 2, "method": scoring.IMAGE_PROMPT,
+                      **unit.score(random_oracle, images), "train_seconds": 0.0, "seconds_per_step": 0.0}
+
+
+def test_the_image_prompt_row_without_a_fitting_adapter_fails_before_anything_trains(
+    tiny_pair_folders, random_oracle, monkeypatch
+):
+    from diffusers import UNet2DConditionModel
+
+    pair = load_model_pair(*tiny_pair_folders)
+    _forbid_training(monkeypatch)
+    common = dict(concepts=["smiley"], seeds=[0], steps=2, methods=["echodistill", scoring.IMAGE_PROMPT],
+                  log=lambda _: None)
+    with pytest.raises(BenchError, match="the image_prompt row needs the image-prompt adapter"):
+        quality.run_quality(pair, random_oracle, **common)
+    other = UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, block_out_channels=(16, 32), down_block_types=(
+            "CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8)
+    with pytest.raises(ImagePromptError, match="other cross-attention layers"):
+        quality.run_quality(pair, random_oracle, image_prompt=_adapter(other), **common)
 
 
 def test_the_token_at_its_starting_row_reads_as_the_class_word_written_in_its_place(tiny_pair_folders):
@@ -200,6 +283,57 @@ def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
                                                             "subject_encoder.safetensors"}
     printed = capsys.readouterr().out
     assert command in printed and "| Textual Inversion on the student |" in printed
+
+
+def test_cli_image_prompt_row_reads_the_adapter_beside_the_oracle_on_the_shipped_mini_world(
+    tmp_path, capsys, random_oracle
+):
+    from echodistill.cli import build_parser, main
+    from echodistill.miniworld import STUDENT_DIR, TEACHER_DIR
+    from echodistill.miniworld.image_prompt import adapter_path
+
+    # by default the table leaves the row out: its adapter is not shipped
+    assert build_parser().parse_args(["bench", "quality"]).methods == list(methods.DEFAULT_METHODS)
+    assert scoring.IMAGE_PROMPT not in methods.DEFAULT_METHODS
+    if not (TEACHER_DIR / "model_index.json").is_file() or not (STUDENT_DIR / "model_index.json").is_file():
+        pytest.skip("the mini-world models are not shipped in this checkout")
+    random_oracle.save(tmp_path / "oracle")
+    path = _adapter(load_model_pair(TEACHER_DIR, STUDENT_DIR).student.unet).save(adapter_path(tmp_path / "oracle"))
+    assert path == tmp_path / "image_prompt" / "image_prompt_adapter.safetensors"
+    out = tmp_path / "report"
+    argv = ["bench", "quality", "--concepts", "crossed_ring", "--seeds", "0", "--methods", "image_prompt",
+            "--images-per-prompt", "1", "--oracle", str(tmp_path / "oracle"), "--out", str(out), "--threads", "1"]
+    assert main(argv) == 0  # nothing trains: the priors and the image prompt are sampled and scored
+    report = json.loads((out / "quality.json").read_text())
+    assert [r["method"] for r in report["records"]] == [scoring.PRIOR, scoring.START_PRIOR, scoring.IMAGE_PROMPT]
+    assert report["settings"]["image_prompt"]["path"] == str(path)
+    assert f"--oracle {tmp_path / 'oracle'} --image-prompt {path} --out" in report["settings"]["command"]
+    table = (out / "quality.md").read_text()
+    assert f"- image-prompt adapter (the zero-training row, trained once on procedural subjects, none of the " \
+           f"table's): `{path}` ({report['settings']['image_prompt']['digest']})" in table
+    assert "| zero-training image prompt (IP-Adapter style), student 1 step |" in capsys.readouterr().out
+
+
+def test_cli_a_missing_image_prompt_adapter_is_one_line_naming_the_command_that_builds_it(
+    tmp_path, capsys, random_oracle
+):
+    from echodistill.cli import main
+
+    random_oracle.save(tmp_path / "oracle")
+    out = tmp_path / "report"
+    argv = ["bench", "quality", "--methods", "echodistill", "image_prompt", "--oracle", str(tmp_path / "oracle"),
+            "--out", str(out)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error == (f"error: image-prompt adapter {tmp_path}/image_prompt/image_prompt_adapter.safetensors does not "
+                     "exist: build it with `.venv/bin/python scripts/train_miniworld.py --image-prompt-only "
+                     f"--oracle-to {tmp_path}/oracle`, or leave image_prompt out of --methods\n")
+    assert main([*argv, "--image-prompt", str(tmp_path / "nowhere.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --image-prompt {tmp_path}/nowhere.safetensors does not exist: give the file "
+                            "`.venv/bin/python scripts/train_miniworld.py --image-prompt-only --oracle-to ORACLE` "
+                            "writes") and error.count("\n") == 1
+    assert not out.exists()
 
 
 def test_learning_rate_scales_multiply_each_familys_published_rates_and_ablations_follow_echodistill():

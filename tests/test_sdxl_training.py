@@ -159,7 +159,16 @@ def test_sdxl_bundle_stores_clip_l_and_clip_g_and_applies_only_to_sdxl(make_trai
     with pytest.raises(BundleMismatchError,
                        match="trained on an SDXL pair .* but the loaded models are an SD 1.x / 2.x pair"):
         loaded.apply(load_model_pair(*tiny_pair_folders), parts=("student",))
-    for export in (export_lora, export_embedding):  # SD 2.x-style files would be wrong for SDXL: refused
-        with pytest.raises(ExportError, match="exporting SDXL concepts to LoRA and embedding files is not supported"):
-            export(loaded, tmp_path / "out.safetensors")
+    # Exported as SDXL files: SGM-named LoRA keys (the tiny family is not shipped, so its UNet config is
+    # needed to name them) and the student's own clip_l / clip_g rows.
+    with pytest.raises(ExportError, match="pass unet_config="):
+        export_lora(loaded, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+    report = export_lora(loaded, tmp_path / "out.safetensors", unet_config=dict(fresh.student.unet.config))
+    assert report.layers == len(bundle.student_adapter) and report.max_error == 0.0  # full rank: ΔW itself, exact
+    with safe_open(str(report.path), "pt") as handle:
+        assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+                   for k in handle.keys())
+    with safe_open(str(export_embedding(loaded, tmp_path / "rows.safetensors")), "pt") as handle:
+        assert torch.equal(handle.get_tensor("clip_l")[0], bundle.student_embedding)
+        assert torch.equal(handle.get_tensor("clip_g")[0], bundle.student_embedding_2)

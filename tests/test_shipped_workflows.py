@@ -3,7 +3,9 @@ pack or is written earlier in the same graph."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,10 @@ import pytest
 from echodistill.concepts.bundle import ConceptBundle
 from echodistill.jobs.runs import sample
 from echodistill.miniworld import SHIPPED_CONCEPT_DIR, STUDENT_DIR, TEACHER_DIR
+from echodistill.miniworld.procedural import lookup_subject
+from echodistill.miniworld.recipe import DEMO_SEED, DEMO_STEPS, tuned_config
 from echodistill.models.pair import load_model_pair
+from echodistill.training.config import TrainConfig, preset
 
 GRAPHS = Path(__file__).parent / "api_graphs"
 SHIPPED_PREFIX = "miniworld/"
@@ -60,3 +65,38 @@ def test_workflows_say_what_each_part_does(name):
         if node["type"] in ("PreviewImage", "SaveImage"):
             assert node.get("title"), f"{name}: an unlabelled {node['type']} (node {node['id']})"
     assert workflow["extra"]["echodistill"]["description"]
+
+
+def _widget_values(node: dict) -> dict:
+    """A UI-format node's widget values by input name (the frontend stores them in order, a seed's
+    "control after generate" right after it)."""
+    values = list(node["widgets_values"])
+    named = {}
+    for port in node["inputs"]:
+        if "widget" in port:
+            named[port["name"]] = values.pop(0)
+            if port["name"] == "seed":
+                values.pop(0)
+    assert values == [], f"unread widget values {values}"
+    return named
+
+
+def test_the_mini_world_workflow_trains_exactly_as_the_demo_does():
+    workflow = json.loads((Path(__file__).resolve().parents[1] / "workflows" /
+                           "echodistill_train_and_sample.json").read_text())
+    nodes = {n["type"]: _widget_values(n) for n in workflow["nodes"]
+             if n["type"] in ("EchoDistillTrainConcept", "EchoDistillLoadImagesFromFolder")}
+    train, folder = nodes["EchoDistillTrainConcept"], nodes["EchoDistillLoadImagesFromFolder"]["folder"]
+    demo = tuned_config(lookup_subject(folder.removeprefix("miniworld/")).class_word, DEMO_STEPS, DEMO_SEED)
+    # The node's config: the preset, then each input named as a config field (0 keeps the preset's value).
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    config = preset(train["preset"], **{k: v for k, v in train.items()
+                                        if k in fields and not (k in ("augment_min_scale", "echo_samples") and v == 0)})
+
+    def same(a, b) -> bool:
+        return math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) else a == b
+
+    differing = {name for name in fields if not same(getattr(config, name), getattr(demo, name))}
+    # Previews every 50 steps and a checkpoint every 100: what the workflow shows; they change no training.
+    assert differing == {"sample_every", "save_every"}, {n: (getattr(config, n), getattr(demo, n)) for n in differing}
+    assert config.augment_min_scale == 0.5 and config.echo_samples == 8 and config.seed == DEMO_SEED

@@ -1,4 +1,5 @@
-"""The rows of `bench quality` and how each trains: EchoDistill, its ablations, the baselines, the teacher.
+"""The rows of `bench quality` and how each trains: EchoDistill, its ablations, the baselines, the teacher,
+and the zero-training image prompt (which trains nothing: it reads the references at sampling time).
 
 Learning rates are tuned per family (LR_FAMILIES): the ablations and the teacher row keep the full
 method's rates (an ablation removes a part, not a setting), each baseline has its own. The mini
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..miniworld.recipe import AUGMENT_MIN_SCALE, RESOLUTION, TOKEN, TUNED_LR_SCALES, echodistill_config, scaled_rates
-from ..miniworld.scoring import PRIOR, START_PRIOR, TEACHER_PRIOR, TEACHER_STEPS
+from ..miniworld.scoring import IMAGE_PROMPT, PRIOR, START_PRIOR, TEACHER_PRIOR, TEACHER_STEPS
 from ..training.config import TrainConfig
 from .baselines import baseline_config
 from .measuring import BenchError
@@ -23,6 +24,7 @@ class Method:
     changes: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides of the full method
     baseline: str | None = None  # a baselines.BASELINES name: student-only training
     part: str = "student"  # which side of the trained concept is sampled
+    trained: bool = True  # False: no training run; the row samples the untrained pair with an adapter file
 
 
 METHODS: dict[str, Method] = {
@@ -35,7 +37,11 @@ METHODS: dict[str, Method] = {
     "textual_inversion": Method("Textual Inversion on the student", baseline="textual_inversion"),
     "dreambooth_lora": Method("DreamBooth-LoRA on the student", baseline="dreambooth_lora"),
     "teacher": Method(f"EchoDistill teacher, {TEACHER_STEPS} DDIM steps", part="teacher"),
+    IMAGE_PROMPT: Method("zero-training image prompt (IP-Adapter style), student 1 step", trained=False),
 }
+# What `bench quality` runs when --methods is not given: every row that needs no file beyond the
+# models and the oracle (the image-prompt adapter is trained separately and not shipped).
+DEFAULT_METHODS = tuple(name for name in METHODS if name != IMAGE_PROMPT)
 PRIOR_LABEL = "class-word prior (untrained student, token removed)"
 PRIOR_LABELS = {PRIOR: PRIOR_LABEL,
                 START_PRIOR: "untrained student, token at its starting row (the class word's)",
@@ -83,8 +89,8 @@ def method_config(name: str, class_word: str, steps: int, seed: int, lr_scale: f
 
 
 def training_runs(methods: Sequence[str]) -> list[str]:
-    """The trainings the rows need: the teacher row is the teacher side of the full run."""
-    runs = [m for m in methods if m != "teacher"]
+    """The trainings the rows need: the teacher row is the teacher side of the full run; untrained rows need none."""
+    runs = [m for m in methods if m != "teacher" and METHODS[m].trained]
     if "teacher" in methods and "echodistill" not in runs:
         runs.insert(0, "echodistill")
     return runs

@@ -16,7 +16,10 @@ encoder, sequential teacher-then-student) train with `Trainer`; the student-only
 teacher row samples the teacher side of the full EchoDistill run (its training time is that
 run's). Every concept is sampled through `sampling.with_concept.sample`, as a user's would. Untrained reference rows show
 the floor: the class-word prior (the student given the prompts without the token; the teacher's too
-when the teacher row is asked for) and the student with the token at its starting row.
+when the teacher row is asked for) and the student with the token at its starting row. The
+zero-training row (`image_prompt`) trains nothing: the student, with an IP-Adapter-style adapter
+trained once on other subjects (miniworld/image_prompt.py), reads the unit's references as an image
+prompt, from the same noise; its training time is 0 and it is paired against EchoDistill like the others.
 
 Outputs in --out: quality.json (settings, every run's scores, the summary; rewritten after each
 concept x seed, so --resume continues a stopped run), quality.md (the tables and the exact
@@ -34,8 +37,16 @@ import torch
 
 from ..imaging import labelled_rows, save_png
 from ..miniworld.concepts import CONCEPTS, reference_images
+from ..miniworld.image_prompt import ImagePromptAdapter
 from ..miniworld.recipe import RESOLUTION, TOKEN, TUNED_LR_SCALES
-from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_STEPS, UnitInputs, score_prior
+from ..miniworld.scoring import (
+    IMAGE_PROMPT,
+    TEACHER_GUIDANCE,
+    TEACHER_STEPS,
+    UnitInputs,
+    score_image_prompt,
+    score_prior,
+)
 from ..models.pristine import pristine
 from ..models.tensor_files import atomic_write_text
 from ..training.config import TrainConfig
@@ -92,11 +103,17 @@ def train_and_score(pair, oracle, unit: UnitInputs, run: str, rows: Sequence[str
 
 def evaluate_unit(pair, oracle, concept, seed: int, *, steps: int, methods: Sequence[str], images_per_prompt: int,
                   lr_scales: dict[str, float] | None = None, captions: bool = True, bundle_dir: Path | None = None,
+                  image_prompt: ImagePromptAdapter | None = None,
                   log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
     """Train every method on one concept with one seed and score it: (records, {row: images})."""
     lr_scales = lr_scales or {}
     unit = UnitInputs.build(concept, seed, images_per_prompt, captions=captions)
     records, rows = score_priors(pair, oracle, unit, prior_rows(methods))
+    if IMAGE_PROMPT in methods:
+        record, rows[IMAGE_PROMPT] = score_image_prompt(pair, oracle, unit, image_prompt)
+        records.append(record)
+        log(f"{concept.name} seed {seed}: {IMAGE_PROMPT:<18} no training  subject {record['subject_fidelity']:.3f}"
+            f"  prompt {record['prompt_fidelity']:.3f}")
     for run in training_runs(methods):
         served = [run] if run in methods else []
         if run == "echodistill" and "teacher" in methods:
@@ -115,12 +132,16 @@ def evaluate_unit(pair, oracle, concept, seed: int, *, steps: int, methods: Sequ
 def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], steps: int, methods: Sequence[str],
                 images_per_prompt: int = 4, lr_scales: dict[str, float] | None = None, captions: bool = True,
                 out: str | Path | None = None, settings: dict | None = None, resume: bool = False,
-                log: Callable[[str], None] = print) -> dict:
+                image_prompt: ImagePromptAdapter | None = None, log: Callable[[str], None] = print) -> dict:
     """Train, sample and score every method on every concept x seed; write the report as it grows.
 
     `lr_scales` ({family: factor}, see LR_FAMILIES; TUNED_LR_SCALES where not given) multiplies each
     family's published learning rates;
-    `captions` trains on the references' grammar captions (False: on the prompt templates).
+    `captions` trains on the references' grammar captions (False: on the prompt templates);
+    `image_prompt`: the adapter the `image_prompt` row samples with (required for that row).
+    Raises BenchError for unknown methods or concepts, bad seeds or factors, or the image_prompt
+    row without its adapter; ImagePromptError when the adapter does not fit the student; ConfigError
+    for a config a method cannot train with. All of these before anything trains.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -135,6 +156,12 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
         raise BenchError(f"learning-rate scales {lr_scales}: give factors > 0 for {', '.join(LR_FAMILIES)}")
     for run in training_runs(methods):  # a bad config fails now, not hours into the run
         method_config(run, CONCEPTS[concepts[0]].class_word, steps, 0, lr_scales[lr_family(run)])
+    if IMAGE_PROMPT in methods:
+        if image_prompt is None:
+            raise BenchError(f"the {IMAGE_PROMPT} row needs the image-prompt adapter (ImagePromptAdapter.load); "
+                             "pass it as image_prompt, or leave the row out of methods")
+        with image_prompt.attached(pair.student.unet):  # an adapter made for another UNet fails now
+            pass
 
     settings = {**(settings or {}), "concepts": list(concepts), "seeds": list(seeds), "steps": steps,
                 "methods": list(methods), "images_per_prompt": images_per_prompt, "lr_scales": lr_scales,
@@ -173,7 +200,8 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
             records = [r for r in records if not (r["concept"] == name and r["seed"] == seed)]
             unit, rows = evaluate_unit(pair, oracle, CONCEPTS[name], seed, steps=steps, methods=methods,
                                        images_per_prompt=images_per_prompt, lr_scales=lr_scales, captions=captions,
-                                       bundle_dir=out / "bundles" if out else None, log=log)
+                                       bundle_dir=out / "bundles" if out else None, image_prompt=image_prompt,
+                                       log=log)
             records += unit
             if out:
                 _save_sheet(out / "sheets" / f"{name}-seed{seed}.png", CONCEPTS[name], rows, images_per_prompt)

@@ -151,11 +151,16 @@ def markdown(report: dict) -> str:
                      "echodistill): " + ", ".join(f"{family} x{factor:g}" for family, factor in scaled.items()))
     if "oracle" in s:
         lines.append(f"- oracle: `{s['oracle']['path']}` ({json.dumps(s['oracle']['digests'], sort_keys=True)})")
+    if "image_prompt" in s:
+        lines.append(f"- image-prompt adapter (the zero-training row, trained once on procedural subjects, none of "
+                     f"the table's): `{s['image_prompt']['path']}` ({s['image_prompt']['digest']})")
     if s.get("device"):
         lines.append(f"- device: {s['device']}, torch {s.get('torch')}")
+    untrained = "; the image prompt's is 0: nothing trains" if "image_prompt" in s.get("methods", ()) else ""
     lines += [
         "- mean ± std over concepts x seeds; train s is wall time of one training run (the teacher row's is the full "
-        "EchoDistill run it samples); subject and prompt fidelity are the mini world's oracles, higher is better",
+        f"EchoDistill run it samples{untrained}); subject and prompt fidelity are the mini world's oracles, higher "
+        "is better",
         "",
         "| method | subject fidelity | prompt fidelity | train s | s/step | runs |",
         "|:--|--:|--:|--:|--:|--:|",

@@ -217,12 +217,28 @@ def run_export(args: argparse.Namespace) -> int:
 
     name = args.name or Path(args.concept).stem
     export_targets(name, args.out, args.embedding_out, overwrite=args.overwrite)  # refuse before loading
+    unet_config = _unet_config(args.unet_config) if args.unet_config else None
     bundle = ConceptBundle.load(args.concept)
     report, targets = export_concept(bundle, name, args.out, args.embedding_out, part=args.part, mode=args.mode,
-                                     rank=args.rank, overwrite=args.overwrite)
+                                     rank=args.rank, overwrite=args.overwrite, unet_config=unet_config)
     print(report.summary())
     print(f"embedding: {targets.embedding}  (prompt with '{targets.prompt_word}' in place of {bundle.token!r})")
     return 0
+
+
+def _unet_config(path: str) -> dict:
+    """A diffusers UNet config: the JSON file itself, or `unet/config.json` of a diffusers or family folder."""
+    file = Path(path)
+    if file.is_dir():
+        file = next((f for f in (file / "unet" / "config.json", file / "config.json") if f.is_file()), file)
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EchoDistillError(f"--unet-config {path}: not a readable UNet config.json "
+                               f"(give the file, or a folder holding unet/config.json): {error}") from None
+    if not isinstance(config, dict) or "block_out_channels" not in config:
+        raise EchoDistillError(f"--unet-config {path}: {file.name} is not a diffusers UNet config (no block_out_channels)")
+    return config
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -240,4 +256,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                              "weight patches, not loaded by diffusers")
     parser.add_argument("--rank", type=int, help="rank for --mode lowrank (default: full, exact; a lower rank is "
                                                  "smaller and approximate, its error is reported)")
+    parser.add_argument("--unet-config", help="the UNet's diffusers config (config.json, or a folder holding "
+                        "unet/config.json): checks the export against it; an SDXL concept trained on other than "
+                        "the shipped sdxl-base / sdxl-turbo needs it to name its keys")
     parser.add_argument("--overwrite", action="store_true", help="replace files that exist")

@@ -207,14 +207,15 @@ def run_train(args: argparse.Namespace) -> int:
 # --- bench quality, bench quality-merge ----------------------------------------------------------
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..benchmarks.methods import METHODS
+    from ..benchmarks.methods import DEFAULT_METHODS, METHODS
     from ..miniworld.recipe import TUNED_LR_SCALES
 
     parser.add_argument("--concepts", nargs="+", help="held-out mini-world concepts (default: all six)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training and sampling seeds")
     parser.add_argument("--steps", type=int, default=200, help="training iterations of every method (equal budget)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                        help=f"rows to train and score (default: all): {', '.join(METHODS)}")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                        help=f"rows to train and score: {', '.join(METHODS)} (default: all but image_prompt, the "
+                             "zero-training row, which needs the --image-prompt adapter file)")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="images per evaluation prompt and run")
     parser.add_argument("--lr-scale", nargs="+", default=[], metavar="FAMILY=FACTOR",
                         help="multiply a family's published learning rates (`bench lr-sweep` chooses them; "
@@ -222,7 +223,12 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
                              "1 for the published rates)")
     parser.add_argument("--templates", action="store_true",
                         help="train on the prompt templates instead of the references' grammar captions")
+    parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
+    parser.add_argument("--image-prompt", metavar="FILE",
+                        help="the image_prompt row's adapter (default: image_prompt/image_prompt_adapter.safetensors "
+                             "beside the --oracle folder, where scripts/train_miniworld.py --image-prompt-only "
+                             "writes it)")
     parser.add_argument("--out", default="runs/quality", help="folder for quality.json, quality.md, sheets/, bundles/")
     parser.add_argument("--resume", action="store_true", help="keep the finished concept x seed runs in --out")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
@@ -246,8 +252,10 @@ def quality_command_line(args: argparse.Namespace) -> str:
              str(args.images_per_prompt), "--lr-scale",
              *(f"{family}={factor:g}" for family, factor in parse_lr_scales(args.lr_scale).items()),
              *(["--templates"] if args.templates else []),
-             "--oracle", shown_path(args.oracle), "--out", str(args.out),
-             "--device", args.device]
+             *(["--models", shown_path(args.models)] if args.models else []),
+             "--oracle", shown_path(args.oracle),
+             *(["--image-prompt", shown_path(args.image_prompt)] if args.image_prompt else []),
+             "--out", str(args.out), "--device", args.device]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     if args.resume:
@@ -292,20 +300,50 @@ def load_world(args: argparse.Namespace) -> tuple[Any, Any, dict]:
     return pair, oracle, settings
 
 
+def image_prompt_file(args: argparse.Namespace) -> Path:
+    """The image_prompt row's adapter file: --image-prompt, or the one beside --oracle (read before load_world).
+
+    A missing file is a BenchError in one line naming the command that builds it.
+    """
+    from ..benchmarks.measuring import BenchError
+    from ..miniworld import ORACLE_ROOT
+    from ..miniworld.image_prompt import BUILD_COMMAND, adapter_path
+
+    path = Path(args.image_prompt) if args.image_prompt else adapter_path(args.oracle or ORACLE_ROOT)
+    if path.is_file():
+        return path
+    build = [".venv/bin/python", *BUILD_COMMAND.split(), *(["--models-to", args.models] if args.models else [])]
+    if args.image_prompt:
+        raise BenchError(f"--image-prompt {args.image_prompt} does not exist: give the file `{shlex.join(build)} "
+                         "--oracle-to ORACLE` writes (ORACLE/../image_prompt/image_prompt_adapter.safetensors), or "
+                         "leave image_prompt out of --methods")
+    build += ["--oracle-to", args.oracle] if args.oracle else []
+    raise BenchError(f"image-prompt adapter {shown_path(path)} does not exist: build it with `{shlex.join(build)}`, "
+                     "or leave image_prompt out of --methods")
+
+
 def run_quality(args: argparse.Namespace) -> int:
     from ..benchmarks.methods import parse_lr_scales
     from ..benchmarks.quality import run_quality
     from ..benchmarks.quality_report import markdown
     from ..miniworld import CONCEPTS
+    from ..miniworld.image_prompt import ImagePromptAdapter
+    from ..miniworld.scoring import IMAGE_PROMPT
 
     args.concepts = args.concepts or sorted(CONCEPTS)
     lr_scales = parse_lr_scales(args.lr_scale)
+    adapter = None
+    if IMAGE_PROMPT in args.methods:  # before any model loads: a missing adapter fails at once
+        args.image_prompt = image_prompt_file(args)
+        adapter = ImagePromptAdapter.load(args.image_prompt)
     pair, oracle, settings = load_world(args)
+    if adapter is not None:
+        settings["image_prompt"] = {"path": shown_path(args.image_prompt), "digest": _file_digest(args.image_prompt)}
     report = run_quality(pair, oracle, concepts=args.concepts, seeds=args.seeds, steps=args.steps,
                          methods=args.methods, images_per_prompt=args.images_per_prompt, lr_scales=lr_scales,
                          captions=not args.templates, out=args.out,
                          settings={**settings, "command": quality_command_line(args)}, resume=args.resume,
-                         log=_logger("quality"))
+                         image_prompt=adapter, log=_logger("quality"))
     print(markdown(report))
     print(f"wrote {Path(args.out) / 'quality.json'} and {Path(args.out) / 'quality.md'}")
     return 0

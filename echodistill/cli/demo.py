@@ -16,28 +16,46 @@ def add_demo_command(commands) -> None:
 
 
 def subject_name(text: str) -> str:
-    """argparse type of --concept: a shipped subject or procedural_<seed>, refused with the valid names."""
-    from ..miniworld.procedural import lookup_subject
+    """argparse type of --concept: a shipped subject's name, or a fresh procedural subject as procedural_<seed>
+    or its bare seed. Returns the subject's name ("3000000" and "procedural_03000000" read "procedural_3000000").
 
-    try:
-        lookup_subject(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+    Raises ArgumentTypeError (one line) for an unknown name, a seed that is no number, and a seed one of the
+    world's trainings used (the base models', the adapter's, the oracle's: no fresh test of personalization).
+    """
+    from ..miniworld.concepts import CONCEPTS
+    from ..miniworld.procedural import PREFIX, VALIDATION_SEEDS, is_procedural, procedural_name, trained_on
+
+    fresh = VALIDATION_SEEDS
+    if text in CONCEPTS:
+        return text
+    name = PREFIX + text if text.isascii() and text.isdigit() else text
+    if not is_procedural(name):
+        raise argparse.ArgumentTypeError(
+            f"unknown subject {text!r}: use a shipped one ({', '.join(sorted(CONCEPTS))}), procedural_<seed> or a "
+            f"bare seed for a fresh procedural subject (e.g. {fresh.start}; seeds {fresh.start}-{fresh.stop - 1})")
+    seed = int(name[len(PREFIX):])
+    trained = trained_on(seed)
+    if trained is not None:
+        what, seeds = trained
+        raise argparse.ArgumentTypeError(
+            f"{procedural_name(seed)} is no fresh subject: seeds {seeds.start}-{seeds.stop - 1} trained {what}; "
+            f"pick one nobody trained on, e.g. {fresh.start} (seeds {fresh.start}-{fresh.stop - 1})")
+    return procedural_name(seed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..miniworld.concepts import CONCEPTS  # numpy only: the help lists the names without torch
     from ..miniworld.procedural import VALIDATION_SEEDS
-    from ..miniworld.recipe import DEMO_STEPS
+    from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS
 
     fresh = VALIDATION_SEEDS.start
     parser.add_argument("--concept", type=subject_name, default=sorted(CONCEPTS)[0], metavar="SUBJECT",
                         help=f"the subject to learn: a shipped one ({', '.join(sorted(CONCEPTS))}) or a fresh "
-                             f"procedural one, procedural_<seed>, e.g. procedural_{fresh} (seeds {fresh}-"
-                             f"{VALIDATION_SEEDS.stop - 1} were never trained on)")
+                             f"procedural one, procedural_<seed> or just its seed, e.g. procedural_{fresh} or {fresh} "
+                             f"(seeds {fresh}-{VALIDATION_SEEDS.stop - 1} were never trained on; the seeds the "
+                             "world's models and oracle trained on are refused)")
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training iterations")
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and of the sampling noise")
+    parser.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of training and of the sampling noise")
     parser.add_argument("--out", default="demo-output", help="folder for the bundle, contact sheet and metrics")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: chosen per model size: 1 for the mini world)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -96,12 +96,12 @@ def _smoke_arguments(smoke: argparse.ArgumentParser) -> None:
 
 
 def add_inspect_command(commands) -> None:
-    add_command(commands, "inspect", help="say which family a checkpoint is read as, and why",
+    add_command(commands, "inspect", help="say which family a checkpoint is read as, and why (or what a concept holds)",
                 add_arguments=_inspect_arguments, run=_inspect)
 
 
 def _inspect_arguments(inspect: argparse.ArgumentParser) -> None:
-    inspect.add_argument("model", help="single-file checkpoint or diffusers folder")
+    inspect.add_argument("model", help="single-file checkpoint, diffusers folder or concept bundle (.safetensors)")
     inspect.add_argument("--family", default="auto", help=FAMILY_HELP)
     inspect.add_argument("--role", choices=("teacher", "student"), default="teacher",
                          help="read it as a teacher or as a student (families differ for single files)")
@@ -327,8 +327,13 @@ def _smoke_in(root: Path, args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from ..concepts.bundle import bundle_summary
     from ..models.loading import ModelSource
 
+    summary = bundle_summary(args.model) if Path(args.model).is_file() else None
+    if summary is not None:
+        print("\n".join(summary))
+        return 0
     source = ModelSource.open(args.model, args.family, role=args.role)
     print(f"{source.path.name}: family {source.family} ({source.reason})")
     print(

@@ -33,6 +33,35 @@ METADATA_KEY = "echodistill"
 SDXL_ROW_NAMES = ("clip_l", "clip_g")  # ComfyUI's SDXL embedding keys, in text-encoder order
 
 
+def bundle_summary(path: str | os.PathLike) -> list[str] | None:
+    """What a concept bundle file holds, in a few lines read from its header alone; None when the file is
+    not a bundle (no readable ``echodistill`` header), so callers can try other readings of it."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = (handle.metadata() or {}).get(METADATA_KEY)
+            keys = list(handle.keys())
+    except Exception:
+        return None
+    if header is None:
+        return None
+    try:
+        meta = json.loads(header)
+    except json.JSONDecodeError:
+        return None
+    rows = [k for k in keys if k in ("embedding", *SDXL_ROW_NAMES)]
+    parts = [part for part in ("student", "teacher") if any(k.startswith(f"{part}.") for k in keys)]
+    own_rows = any(k.startswith("student_") for k in keys)
+    families = meta.get("families", {})
+    return [
+        f"{Path(path).name}: EchoDistill concept bundle, token {meta.get('token')!r} "
+        f"(class word {meta.get('class_word')!r}), trained {meta.get('step', 0)} steps with pack {meta.get('version')}",
+        f"  base models: teacher {families.get('teacher')}, student {families.get('student')}; "
+        f"token rows {', '.join(rows) or 'none'}" + ("; the student has rows of its own" if own_rows else ""),
+        f"  adapter {meta.get('adapter')} on {' and '.join(parts) or 'no UNet'}; "
+        "apply it with the pack's nodes or `echodistill sample --concept`, or export it with `echodistill export`",
+    ]
+
+
 class BundleMismatchError(EchoDistillError):
     """A bundle is applied to base models other than the ones it was trained on."""
 

@@ -6,9 +6,12 @@ LoRA on the base checkpoint the concept was trained on, and ``embedding:NAME`` i
 What ComfyUI accepts (read in comfy/lora.py ``load_lora`` / ``model_lora_keys_unet``,
 comfy/weight_adapter/lora.py and comfy/sd1_clip.py ``load_embed``):
 
-- UNet keys ``lora_unet_<diffusers module path, dots as underscores>``: ComfyUI maps every
-  diffusers name of the UNet (via ``comfy.utils.unet_to_diffusers``) to its LDM weight, e.g.
-  ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k``.
+- UNet keys ``lora_unet_<module path, dots as underscores>``: ComfyUI maps every diffusers name of
+  the UNet (via ``comfy.utils.unet_to_diffusers``) and every LDM name of its own state dict to its
+  LDM weight. SD 1.x / 2.x exports write diffusers paths
+  (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k``), SDXL exports the SGM
+  paths of Stability AI's single files (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k``),
+  each as kohya's sd-scripts writes that family (kohya_keys.py).
 - per key, either ``.lora_up.weight`` (out, r), ``.lora_down.weight`` (r, in) and an optional
   scalar ``.alpha``, patched as ``W + strength * alpha / r * up @ down`` (no alpha: scale 1);
   or ``.diff`` (ΔW, the weight's own shape), patched as ``W + strength * diff``, plus an
@@ -18,7 +21,8 @@ comfy/weight_adapter/lora.py and comfy/sd1_clip.py ``load_embed``):
 Other clients (read in their public loaders):
 
 - diffusers (``load_lora_weights``) converts kohya ``lora_up``/``lora_down``/``alpha`` into a peft
-  adapter, but refuses ``.diff`` keys on an SD UNet. Its peft config holds ONE default alpha and
+  adapter (on an SDXL pipeline from SGM block names too), but refuses ``.diff`` keys on an SD UNet.
+  Its peft config holds ONE default alpha and
   only reliably honours per-layer ranks (``rank_pattern``), so per-layer alphas that differ end up
   applied as the most common one: a full-rank export whose layers differ in rank (320 / 640 /
   1024 on SD 2.x K/V) would load at alpha_common / r instead of 1. Every lowrank export therefore
@@ -46,28 +50,33 @@ from typing import Literal, Mapping, get_args
 import torch
 from torch import nn
 
-from ..errors import EchoDistillError
 from ..files import check_name, check_writable
-from ..models.adapters import LORA_ADAPTER_NAME
 from ..models.tensor_files import atomic_save_safetensors
 from ..version import __version__
-from .bundle import ConceptBundle
+from .bundle import SDXL_ROW_NAMES, ConceptBundle
+from .deltas import Part, bundle_deltas, factor_product, lora_factors, low_rank_factors  # noqa: F401
+from .kohya_keys import (  # noqa: F401  (KOHYA_SUFFIXES, kohya_key: part of this module's interface)
+    KOHYA_SUFFIXES,
+    KOHYA_UNET_PREFIX,
+    ExportError,
+    check_against_unet,
+    export_unet_config,
+    kohya_key,
+    kohya_keys,
+)
 
 ExportMode = Literal["diff", "lowrank"]
-Part = Literal["student", "teacher"]
 
-KOHYA_UNET_PREFIX = "lora_unet_"
 EXPORT_METADATA_KEY = "echodistill_export"
 # Text width -> kohya's ss_base_model_version. Only these two are stated; other widths stay unnamed.
 BASE_MODEL_VERSIONS = {1024: "sd_v2", 768: "sd_v1"}
-KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "diff", "diff_b")
+# What kohya's sd-scripts writes for SDXL LoRAs (ss_base_model_version) and Stability AI's model spec
+# (modelspec.architecture "<architecture>/<adapter>"), which A1111/Forge and other tools read to file a
+# LoRA or an embedding under SDXL.
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
+SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
-_PEFT_A = f".lora_A.{LORA_ADAPTER_NAME}.weight"
-_PEFT_B = f".lora_B.{LORA_ADAPTER_NAME}.weight"
-
-
-class ExportError(EchoDistillError):
-    """A bundle cannot be exported as asked, or a kohya state dict does not fit a UNet."""
 
 
 class OutputExistsError(ExportError, FileExistsError):
@@ -96,99 +105,6 @@ class ExportReport:
         )
 
 
-# --- ΔW from a bundle, without models --------------------------------------------------------
-
-
-def kohya_key(module_name: str) -> str:
-    """``down_blocks.0.….attn2.to_k`` -> ``lora_unet_down_blocks_0_…_attn2_to_k``."""
-    return KOHYA_UNET_PREFIX + module_name.replace(".", "_")
-
-
-def _part_state(bundle: ConceptBundle, part: str) -> dict[str, torch.Tensor]:
-    if part not in get_args(Part):
-        raise ExportError(f"part={part!r} is not one of {', '.join(map(repr, get_args(Part)))}")
-    return bundle.student_adapter if part == "student" else bundle.teacher_adapter
-
-
-def _peft_module(key: str, suffix: str) -> str:
-    # peft names the wrapped Linear `<module>.base_layer`; the LoRA belongs to `<module>` itself.
-    return key[: -len(suffix)].replace(".base_layer", "")
-
-
-def lora_factors(bundle: ConceptBundle, part: str = "student") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """module -> (down (r, in), up (out, r), alpha) of a peft LoRA bundle, fp32."""
-    if bundle.adapter != "lora":
-        raise ExportError(f"the bundle's adapter is {bundle.adapter!r}, not 'lora'")
-    state = _part_state(bundle, part)
-    downs = {_peft_module(k, _PEFT_A): v for k, v in state.items() if k.endswith(_PEFT_A)}
-    ups = {_peft_module(k, _PEFT_B): v for k, v in state.items() if k.endswith(_PEFT_B)}
-    other = sorted(k for k in state if not k.endswith((_PEFT_A, _PEFT_B)))
-    if other or set(downs) != set(ups):
-        unpaired = sorted(set(downs) ^ set(ups))
-        raise ExportError(
-            f"cannot export the {part} LoRA: unsupported tensors {other[:2]}, unpaired modules {unpaired[:2]}"
-        )
-    # Same defaults as ConceptBundle.apply, so the export equals what applying the bundle gives.
-    alpha = float(bundle.config.get("lora_alpha", 4.0))
-    factors = {}
-    for module, down in downs.items():
-        rank = down.shape[0]
-        if "lora_rank" in bundle.config and int(bundle.config["lora_rank"]) != rank:
-            raise ExportError(
-                f"{module}: lora_A has rank {rank} but the bundle config says lora_rank={bundle.config['lora_rank']}"
-            )
-        up = ups[module]
-        if down.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-            raise ExportError(f"{module}: a conv LoRA's lora_B must be 1x1, got {tuple(up.shape)}")
-        factors[module] = (down.float(), up.float(), alpha)
-    return factors
-
-
-def factor_product(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """up @ down for a Linear (down (r, in), up (out, r)) or a conv layer in kohya's layout
-    (down (r, in, kh, kw), up (out, r, 1, 1)): the ΔW of the layer's weight shape, before scale."""
-    if down.dim() == 2:
-        return up @ down
-    return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
-
-
-def bundle_deltas(bundle: ConceptBundle, part: str = "student") -> dict[str, torch.Tensor]:
-    """module name -> ΔW (fp32, shape of the layer's weight: Linear or conv) of one part of a bundle."""
-    state = _part_state(bundle, part)
-    if bundle.adapter == "lora":
-        return {m: (alpha / down.shape[0]) * factor_product(down, up)
-                for m, (down, up, alpha) in lora_factors(bundle, part).items()}
-    if bundle.adapter != "custom_diffusion":
-        raise ExportError(f"unknown bundle adapter {bundle.adapter!r}: expected 'custom_diffusion' or 'lora'")
-    other = sorted(k for k in state if not k.endswith(".delta"))
-    if other:
-        raise ExportError(f"custom-diffusion bundle holds non-delta tensors, e.g. {other[:2]}")
-    return {k[: -len(".delta")]: v.float() for k, v in state.items()}
-
-
-def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(down (r, in), up (out, r), relative Frobenius error) of the best rank-r approximation.
-
-    Truncated SVD in float64; the singular values are split evenly between the factors so
-    neither carries the whole scale (kinder to fp16 loaders). The error is measured on the
-    fp32 factors actually written. r is capped at min(out, in), where the fit is exact.
-    A conv ΔW (out, in, kh, kw) is fitted as (out, in·kh·kw) and returned in kohya's conv
-    layout: down (r, in, kh, kw), up (out, r, 1, 1).
-    """
-    if delta.dim() == 4:
-        down, up, error = low_rank_factors(delta.flatten(1), rank)
-        return down.reshape(down.shape[0], *delta.shape[1:]), up[:, :, None, None], error
-    target = delta.detach().double().cpu()  # (out, in)
-    u, s, vh = torch.linalg.svd(target, full_matrices=False)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    up = (u[:, :r] * root).float()  # (out, r)
-    down = (root[:, None] * vh[:r]).float()  # (r, in)
-    norm = torch.linalg.matrix_norm(target)
-    residual = torch.linalg.matrix_norm(target - up.double() @ down.double())
-    return down, up, float(residual / norm) if norm > 0 else 0.0
-
-
 # --- writing --------------------------------------------------------------------------------
 
 
@@ -201,38 +117,8 @@ def _target(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def _refuse_sdxl(bundle: ConceptBundle) -> None:
-    """SDXL concepts need SDXL's kohya key names and a clip_l + clip_g embedding file, not written here yet."""
-    if bundle.is_sdxl:
-        raise ExportError(
-            f"this concept was trained on SDXL ({bundle.families}); exporting SDXL concepts to LoRA and embedding "
-            "files is not supported yet: sample it with echodistill (sample / sample_student) instead"
-        )
-
-
 def _text_width(bundle: ConceptBundle) -> int:
     return int(bundle.embedding.shape[-1])
-
-
-def _check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mapping | nn.Module) -> None:
-    """Every exported module must be a Linear or conv layer of that UNet with ΔW's shape (built on meta: free)."""
-    if isinstance(unet_config, nn.Module):
-        unet = unet_config
-    else:
-        from diffusers import UNet2DConditionModel
-
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(dict(unet_config))
-    linears = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    for module, shape in shapes.items():
-        if module not in linears:
-            raise ExportError(
-                f"{module} is not a Linear or conv layer of the given UNet: was the bundle trained on another?")
-        if tuple(linears[module].weight.shape) != tuple(shape):
-            raise ExportError(
-                f"{module}: ΔW has shape {tuple(shape)} but the given UNet's weight is "
-                f"{tuple(linears[module].weight.shape)}"
-            )
 
 
 def _same_or_dynamic(values: set) -> str | None:
@@ -240,6 +126,16 @@ def _same_or_dynamic(values: set) -> str | None:
     if not values:
         return None
     return str(values.pop()) if len(values) == 1 else "Dynamic"
+
+
+def _sdxl_spec(adapter: str, title: str) -> dict[str, str]:
+    """Stability AI's model spec 1.0.0 header of an SDXL LoRA ("lora") or embedding ("textual-inversion")."""
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{SDXL_ARCHITECTURE}/{adapter}",
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+        "modelspec.title": title,
+    }
 
 
 def _lora_metadata(bundle: ConceptBundle, part: str, mode: str, ranks: set, alphas: set, errors) -> dict[str, str]:
@@ -268,7 +164,11 @@ def _lora_metadata(bundle: ConceptBundle, part: str, mode: str, ranks: set, alph
             "use it with the matching embedding file"
         ),
     }
-    if width in BASE_MODEL_VERSIONS:
+    if bundle.is_sdxl:
+        meta.update(_sdxl_spec("lora", f"EchoDistill {bundle.token} ({part})"))
+        meta["ss_base_model_version"] = SDXL_BASE_MODEL_VERSION
+        meta["ss_v2"] = "False"
+    elif width in BASE_MODEL_VERSIONS:
         meta["ss_base_model_version"] = BASE_MODEL_VERSIONS[width]
         meta["ss_v2"] = str(BASE_MODEL_VERSIONS[width] == "sd_v2")
     for name, values in (("ss_network_dim", ranks), ("ss_network_alpha", alphas)):
@@ -300,10 +200,19 @@ def export_lora(
     A1111/Forge and InvokeAI read it; diffusers does not. The report gives each layer's relative
     Frobenius error and their max and mean.
 
-    `unet_config` (a diffusers UNet config, or a UNet without adapters), when given, checks
-    that every layer exists in that UNet with ΔW's shape before anything is written.
+    Key names (see `kohya_keys`): SD 1.x / 2.x concepts get diffusers module paths
+    (``lora_unet_down_blocks_…``), SDXL concepts the SGM / LDM paths of Stability AI's single files
+    (``lora_unet_input_blocks_…`` / ``middle_block_…`` / ``output_blocks_…``), as kohya's sd-scripts
+    writes each, with ``ss_base_model_version`` "sdxl_base_v1-0" and ``modelspec.architecture``
+    "stable-diffusion-xl-v1-base/lora" in the header for SDXL.
+
+    `unet_config` (a diffusers UNet config, or a UNet without adapters), when given, checks that every
+    layer exists in that UNet with ΔW's shape before anything is written. An SDXL concept needs it to
+    name its keys unless it was trained on a shipped SDXL family (sdxl-base / sdxl-turbo), whose config
+    is then used and checked against. Raises ExportError (nothing written) when the UNet does not fit,
+    when it is of the other kind (SDXL vs SD 1.x / 2.x), or when an SDXL concept of another family comes
+    without one; OutputExistsError when `path` exists and not `overwrite`.
     """
-    _refuse_sdxl(bundle)
     if mode not in get_args(ExportMode):
         raise ExportError(f"mode={mode!r} is not one of {', '.join(map(repr, get_args(ExportMode)))}")
     if rank is not None and rank < 1:
@@ -312,8 +221,11 @@ def export_lora(
     deltas = bundle_deltas(bundle, part)  # module -> (out, in)
     if not deltas:
         raise ExportError(f"the bundle has no {part} adapter weights to export")
-    if unet_config is not None:
-        _check_against_unet({m: tuple(d.shape) for m, d in deltas.items()}, unet_config)
+    layout = export_unet_config(bundle.is_sdxl, bundle.families, part, unet_config)
+    if unet_config is not None or layout is not None:
+        check_against_unet({m: tuple(d.shape) for m, d in deltas.items()}, unet_config if unet_config is not None
+                           else layout)
+    keys = kohya_keys(deltas, layout, bundle.is_sdxl)  # module -> lora_unet_…
 
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
@@ -322,7 +234,7 @@ def export_lora(
     peft = lora_factors(bundle, part) if bundle.adapter == "lora" else {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module, delta in sorted(deltas.items()):
-        key = kohya_key(module)
+        key = keys[module]
         if mode == "diff":
             tensors[f"{key}.diff"] = delta.contiguous()
             errors[module] = 0.0
@@ -338,7 +250,7 @@ def export_lora(
     # alpha_l / r becomes alpha / r by scaling both factors by sqrt(alpha_l / alpha) (<= 1).
     common = max((alpha for _, _, alpha in factors.values()), default=0.0)
     for module, (down, up, alpha) in factors.items():
-        key = kohya_key(module)
+        key = keys[module]
         if alpha != common:
             root = (alpha / common) ** 0.5
             down, up = down * root, up * root
@@ -365,17 +277,18 @@ def export_lora(
 
 
 def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write the concept token's embedding row for ComfyUI's ``embedding:NAME`` prompt syntax.
+    """Write the concept token's embedding row(s) for ComfyUI's ``embedding:NAME`` prompt syntax.
 
     Put the file in ComfyUI's ``models/embeddings`` as ``NAME.safetensors``; the prompt then says
     ``embedding:NAME`` where it said the token, and keeps the class word, e.g. the training
-    prompt "a photo of <v*> dog" becomes "a photo of embedding:NAME dog".
+    prompt "a photo of <v*> dog" becomes "a photo of embedding:NAME dog". The rows are the ones the
+    student reads (its own when it was trained without the shared text encoder), float32.
 
-    One tensor (1, D), keyed by the concept's token (e.g. ``<v*>``), so every client reads it
-    without being told anything more:
+    SD 1.x / 2.x: one tensor (1, D), keyed by the concept's token (e.g. ``<v*>``), so every client
+    reads it without being told anything more:
 
-    - ComfyUI's ``load_embed`` takes ``string_to_param``, else its tokenizer's key (``clip_l`` /
-      ``clip_h``), else the file's first tensor - ours - and checks its width.
+    - ComfyUI's ``load_embed`` (comfy/sd1_clip.py) takes ``string_to_param``, else its tokenizer's key
+      (``clip_l`` / ``clip_h``), else the file's first tensor - ours - and checks its width.
     - diffusers' ``load_textual_inversion`` registers a one-tensor file under the tensor's key,
       so the token needs no ``token=`` and the prompt is the one our samplers take
       ("a photo of <v*> dog"). It refuses a token already in the vocabulary; pass ``token=``
@@ -383,14 +296,22 @@ def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrit
     - A1111/Forge take the one tensor of a one-tensor file (trigger word: the file name), and
       InvokeAI reads the token count from the tensor's first dimension (1) and its base model
       from the width (768: SD 1.x, 1024: SD 2.x); trigger ``<file name>``.
+
+    SDXL: two tensors, ``clip_l`` (1, 768) for the CLIP ViT-L encoder and ``clip_g`` (1, 1280) for
+    the OpenCLIP ViT-bigG one, the layout of SDXL embeddings in ComfyUI (each of its two SDXL
+    tokenizers reads its own key in ``load_embed``), A1111/Forge and InvokeAI. diffusers'
+    ``load_textual_inversion`` takes one tensor per call, with the token named: load ``clip_l`` into
+    ``text_encoder`` / ``tokenizer`` and ``clip_g`` into ``text_encoder_2`` / ``tokenizer_2``, both under
+    the token (stored in the header, key ``echodistill_export``). The header also carries Stability AI's
+    model spec (``modelspec.architecture`` "stable-diffusion-xl-v1-base/textual-inversion").
+
+    Raises ExportError when a row is not finite, OutputExistsError when `path` exists and not `overwrite`.
     """
-    _refuse_sdxl(bundle)
     target = _target(path, overwrite)
-    width = _text_width(bundle)
-    key = bundle.token
-    row = bundle.embedding_for("student").detach().float().reshape(1, width)  # (1, D): the student reads it
-    if not torch.isfinite(row).all():
+    rows = [row.detach().float().reshape(1, -1) for row in bundle.embeddings_for("student")]  # (1, D) each
+    if not all(torch.isfinite(row).all() for row in rows):
         raise ExportError("the bundle's embedding row is not finite; refusing to export it")
+    tensors = dict(zip(SDXL_ROW_NAMES, rows)) if bundle.is_sdxl else {bundle.token: rows[0]}
     info = {
         "kind": "embedding",
         "token": bundle.token,
@@ -401,7 +322,12 @@ def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrit
         "step": bundle.step,
         "pack_version": __version__,
     }
-    return atomic_save_safetensors({key: row}, target, {EXPORT_METADATA_KEY: json.dumps(info, sort_keys=True)})
+    metadata = {}
+    if bundle.is_sdxl:
+        info["text_encoder_2_fingerprint"] = bundle.fingerprints.get("text_encoder_2")
+        metadata.update(_sdxl_spec("textual-inversion", f"EchoDistill {bundle.token}"))
+    metadata[EXPORT_METADATA_KEY] = json.dumps(info, sort_keys=True)
+    return atomic_save_safetensors(tensors, target, metadata)
 
 
 EMBEDDING_SUFFIX = "_embedding"  # the embedding's stem when it shares the LoRA's folder
@@ -446,12 +372,13 @@ def export_targets(name: str, lora_dir: str | os.PathLike, embedding_dir: str | 
 def export_concept(bundle: ConceptBundle, name: str, lora_dir: str | os.PathLike,
                    embedding_dir: str | os.PathLike | None = None, *, part: Part = "student",
                    mode: ExportMode = "diff", rank: int | None = None, overwrite: bool = False,
-                   ) -> tuple[ExportReport, ExportTargets]:
+                   unet_config: Mapping | nn.Module | None = None) -> tuple[ExportReport, ExportTargets]:
     """The LoRA and the embedding of `bundle` under one checked name (see `export_targets`), both folders
-    probed for writing before either file is written."""
+    probed for writing before either file is written. `unet_config` as in `export_lora`."""
     targets = export_targets(name, lora_dir, embedding_dir, overwrite=overwrite)
     for folder in {targets.lora.parent, targets.embedding.parent}:
         check_writable(folder, "export folder")
-    report = export_lora(bundle, targets.lora, part=part, mode=mode, rank=rank, overwrite=True)
+    report = export_lora(bundle, targets.lora, part=part, mode=mode, rank=rank, overwrite=True,
+                         unet_config=unet_config)
     export_embedding(bundle, targets.embedding, overwrite=True)
     return report, targets

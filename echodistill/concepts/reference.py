@@ -12,20 +12,30 @@ import torch
 from torch import nn
 
 from ..models.adapters import adapter_kind
-from .export import KOHYA_SUFFIXES, ExportError, factor_product, kohya_key
+from .deltas import factor_product
+from .kohya_keys import KOHYA_SUFFIXES, ExportError, kohya_key, sgm_module_names
 
 
 def apply_kohya_lora(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], strength: float = 1.0) -> list[str]:
     """Patch a plain diffusers UNet's Linear and conv weights in place from kohya UNet keys, as ComfyUI does.
 
     ``W + strength * alpha/r * up @ down`` (no alpha: scale 1), or ``W + strength * diff``
-    (``diff_b`` on the bias). Unlike ComfyUI, any key that maps to no Linear layer, has an
+    (``diff_b`` on the bias). A module is found under its diffusers path or, as ComfyUI also maps
+    (``model_lora_keys_unet``), its SGM / LDM path in a single file of the UNet's config
+    (``lora_unet_input_blocks_4_1_…``). Unlike ComfyUI, any key that maps to no Linear layer, has an
     unknown suffix or an incomplete pair raises, and nothing is patched unless everything fits.
     Sums are taken in fp32 and cast back to the weight's dtype. Returns the patched module names.
     """
     if adapter_kind(unet) is not None:
         raise ExportError("apply_kohya_lora patches plain weights: give it a UNet without adapters")
-    linears = {kohya_key(n): (n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    modules = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    linears = {kohya_key(n): (n, m) for n, m in modules.items()}
+    config = getattr(unet, "config", None)
+    try:  # the SGM aliases of a UNet the single-file layout describes (not, e.g., per-level layers_per_block)
+        aliases = sgm_module_names(modules, config) if config is not None else {}
+    except ExportError:
+        aliases = {}
+    linears.update({kohya_key(path): (n, modules[n]) for n, path in aliases.items()})
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         stem, _, suffix = key.partition(".")

@@ -20,7 +20,7 @@ from ..concepts.bundle import ConceptBundle
 from ..imaging import contact_sheet, save_png
 from ..miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle
 from ..miniworld.procedural import lookup_subject
-from ..miniworld.recipe import DEMO_STEPS, tuned_config
+from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS, tuned_config
 from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_STEPS, UnitInputs, score_prior
 from ..models.pair import load_model_pair
 from ..models.pristine import pristine
@@ -54,7 +54,7 @@ class DemoReport:
         return "\n".join(f"{a:<26}{b:>18}{c:>18}" for a, b, c in rows)
 
 
-def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int = DEFAULT_STEPS, seed: int = 0,
+def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int = DEFAULT_STEPS, seed: int = DEMO_SEED,
              overrides: dict | None = None, callbacks: Callbacks | None = None) -> DemoReport:
     """Train, sample, measure; `callbacks` observe and steer the training (the command line's show a bar)."""
     out_dir = check_writable(out_dir, "output folder")  # before a model is loaded or a step taken

@@ -21,11 +21,15 @@ pretrained image tower exists in this world, and the subject oracle must stay in
     adapter = train_image_prompt(pair, ImagePromptSettings(), seed=0, log=print)
     adapter.save(path); adapter = ImagePromptAdapter.load(path)
     images = image_prompt_student(pair, adapter, references, prompts, seeds)   # (N, 3, 64, 64) in [0, 1]
+
+Where the file lives: `adapter_path(oracle_root)`, beside the oracle it was trained with
+(`scripts/train_miniworld.py --image-prompt-only` writes it there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -36,21 +40,27 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import EchoDistillError
 from ..models.diffusion import alphas_cumprod_for, encode_prompts
-from ..models.schedule import add_noise, denoising_target, predict_x0
-from ..sampling.samplers import initial_noise
+from ..models.schedule import add_noise, denoising_target
+from ..sampling.samplers import native_resolution, sample_student
 from .grammar import COLORS, POSITIONS, SIZES, Scene, sample_scene
 from .procedural import BASE_SEEDS, procedural_caption, procedural_subject
 from .render import render
 from .training import Log, Meter, make_optimizer, min_snr_loss, structured_noise
 
 ADAPTER_FILE = "image_prompt_adapter.safetensors"
+BUILD_COMMAND = "scripts/train_miniworld.py --image-prompt-only"
+
+
+def adapter_path(oracle_root: str | os.PathLike) -> Path:
+    """Where the adapter trained with the oracle in `oracle_root` lives: <oracle_root>/../image_prompt/ADAPTER_FILE."""
+    return Path(oracle_root).parent / "image_prompt" / ADAPTER_FILE
 
 
 class ImagePromptError(EchoDistillError):
@@ -137,10 +147,14 @@ class ImagePromptAdapter(nn.Module):
         return self.projection(self.encoder(references).mean(dim=0, keepdim=True))
 
     @contextlib.contextmanager
-    def attached(self, unet, scale: float = 1.0) -> Iterator[None]:
+    def attached(self, unet, scale: float = 1.0, image_tokens: torch.Tensor | None = None) -> Iterator[None]:
         """Route `unet`'s cross-attention through the adapter; its own processors come back afterwards.
 
-        Inside, call the UNet with `encoder_hidden_states=(text_states, [image_tokens])`.
+        Without `image_tokens`, call the UNet inside with `encoder_hidden_states=(text_states,
+        [image_tokens])` (training). With `image_tokens` (1 or B, tokens, D), every cross-attention
+        layer reads those tokens itself and the UNet takes the text states alone, as the library's
+        samplers call it; the processors then run in copies cast to the UNet's dtype, so a half-
+        precision pair works and the adapter is left as it was.
         Raises ImagePromptError when the UNet's cross-attention layers differ from the adapter's.
         """
         layers = cross_attention_layers(unet)
@@ -148,16 +162,16 @@ class ImagePromptAdapter(nn.Module):
         found = {name: (m.to_k.out_features, m.to_k.in_features) for name, m in layers.items()}
         if found != expected:
             raise ImagePromptError("this image-prompt adapter was trained for a UNet with other cross-attention "
-                                   "layers; retrain it for this model (scripts/train_miniworld.py --image-prompt-only)")
+                                   f"layers; retrain it for this model ({BUILD_COMMAND})")
         original = unet.attn_processors
-        processors = {}
-        for name in original:
-            if name in layers:
-                processor = self.processors[name.replace(".", "/")]
-                processor.scale = [scale]
-                processors[name] = processor
-            else:
-                processors[name] = AttnProcessor2_0()
+        processors = dict(original)  # self-attention keeps its own processors
+        for name in layers:
+            processor = self.processors[name.replace(".", "/")]
+            if image_tokens is not None and next(processor.parameters()).dtype != unet.dtype:
+                processor = copy.deepcopy(processor).to(unet.dtype)
+            processor.scale = [scale]
+            processors[name] = (processor if image_tokens is None
+                                else _FixedImageTokens(processor, image_tokens.to(unet.device, unet.dtype)))
         unet.set_attn_processor(processors)
         try:
             yield
@@ -178,8 +192,7 @@ class ImagePromptAdapter(nn.Module):
     def load(cls, path: str | os.PathLike) -> "ImagePromptAdapter":
         path = Path(path)
         if not path.is_file():
-            raise ImagePromptError(f"image-prompt adapter not found: {path}; build it with "
-                                   "scripts/train_miniworld.py --image-prompt-only")
+            raise ImagePromptError(f"image-prompt adapter not found: {path}; build it with {BUILD_COMMAND}")
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         if metadata.get("class") != cls.__name__:
@@ -189,6 +202,17 @@ class ImagePromptAdapter(nn.Module):
         adapter = cls(**config)
         adapter.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
         return adapter.eval().requires_grad_(False)
+
+
+class _FixedImageTokens:
+    """An IP-Adapter processor given its image tokens once: the UNet is then called with the text states alone."""
+
+    def __init__(self, processor: IPAdapterAttnProcessor2_0, image_tokens: torch.Tensor) -> None:
+        self.processor, self.image_tokens = processor, image_tokens  # (1 or B, tokens, D)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        tokens = self.image_tokens.expand(hidden_states.shape[0], -1, -1)  # (B, tokens, D)
+        return self.processor(attn, hidden_states, (encoder_hidden_states, [tokens]), attention_mask, temb)
 
 
 # --- training -------------------------------------------------------------------------------
@@ -280,21 +304,22 @@ def train_image_prompt(unet, vae, tokenizer, text_encoder, scheduler_config: dic
 
 @torch.no_grad()
 def image_prompt_student(pair, adapter: ImagePromptAdapter, references: torch.Tensor, prompts: Sequence[str],
-                         seeds: Sequence[int], scale: float = 1.0) -> torch.Tensor:
-    """The one-step student with the adapter: (N, 3, 64, 64) in [0, 1], one picture per prompt.
+                         seeds: Sequence[int], scale: float = 1.0, *, width: int | None = None,
+                         height: int | None = None) -> torch.Tensor:
+    """The one-step student with the adapter: (N, 3, height, width) float32 in [0, 1] on the CPU, one per prompt.
 
-    `references` (R, 3, 64, 64) in [0, 1] are one subject's pictures (their features averaged);
-    noise per prompt from `seeds`, as the samplers draw it (t = 999, ComfyUI's convention).
+    `references` (R, 3, H, W) in [0, 1] are one subject's pictures (their features averaged).
+    The pictures come from `sampling.sample_student` itself, with the adapter's processors in the
+    student's cross-attention: the same noise per seed, t = 999 (ComfyUI's convention), prompt
+    encoding, precision and decoding as every other student row, so with `scale` 0 this is
+    `sample_student` exactly. `width`/`height` in pixels default to the student's native size.
+    The adapter moves to the pair's device. Raises ImagePromptError when the adapter was trained
+    for another UNet, SamplingError for a size or seeds the sampler refuses.
     """
-    unet, vae = pair.student.unet, pair.vae
-    tokens = adapter.subject_tokens(references.float() * 2 - 1)  # (1, tokens, D)
-    text = encode_prompts(pair.tokenizer, pair.text_encoder, list(prompts))  # (N, 77, D)
-    size = 64 // pair.vae_downscale
-    noise = initial_noise([int(s) for s in seeds], (4, size, size))  # (N, 4, 16, 16), the samplers' draw
-    alphas_cumprod = alphas_cumprod_for(pair.student.scheduler_config)
-    timesteps = torch.full((len(prompts),), 999, dtype=torch.long)
-    with adapter.attached(unet, scale):
-        output = unet(noise, timesteps, encoder_hidden_states=(text, [tokens.expand(len(prompts), -1, -1)])).sample
-    latents = predict_x0(output, noise, timesteps, alphas_cumprod, pair.student.prediction_type)
-    pixels = vae.decode(latents / vae.config.scaling_factor).sample  # (N, 3, 64, 64) in [-1, 1]
-    return ((pixels + 1) / 2).clamp(0, 1)
+    unet = pair.student.unet
+    side = native_resolution(pair, "student")
+    adapter.to(pair.device)
+    tokens = adapter.subject_tokens(references.to(pair.device, torch.float32) * 2 - 1)  # (1, tokens, D)
+    with adapter.attached(unet, scale, image_tokens=tokens):
+        return sample_student(pair, list(prompts), seeds=[int(s) for s in seeds], width=width or side,
+                              height=height or side, return_latents=False).images  # (N, 3, H, W)

@@ -64,10 +64,20 @@ class SeedRange:
 BASE_SEEDS = SeedRange(0, 1_000_000)  # base-model training data: a fresh subject per picture
 ORACLE_SEEDS = SeedRange(2_000_000, 2_100_000)  # the subject encoder's training subjects
 VALIDATION_SEEDS = SeedRange(3_000_000, 3_100_000)  # never trained on: oracle validation, fresh demo subjects
+# What each range trained: a subject from one of them is no fresh test of personalization.
+TRAINED_SEEDS: dict[str, SeedRange] = {"the base models and the image-prompt adapter": BASE_SEEDS,
+                                       "the subject oracle": ORACLE_SEEDS}
 
 
 def is_procedural(name: str) -> bool:
-    return name.startswith(PREFIX) and name[len(PREFIX):].isdigit()
+    """Whether `name` is "procedural_<seed>", the seed written in ASCII digits."""
+    seed = name[len(PREFIX):]
+    return name.startswith(PREFIX) and seed.isascii() and seed.isdigit()
+
+
+def trained_on(seed: int) -> tuple[str, SeedRange] | None:
+    """(what trained on it, its seed range) when procedural subject `seed` was in a training set; None: fresh."""
+    return next(((what, seeds) for what, seeds in TRAINED_SEEDS.items() if seeds.start <= seed < seeds.stop), None)
 
 
 def procedural_name(seed: int) -> str:

@@ -17,6 +17,8 @@ from .drawing import RESOLUTION
 
 TOKEN = "<v*>"
 DEMO_STEPS = 200  # the demo's training iterations: about 75 s on an idle 2-core CPU
+DEMO_SEED = 0  # the demo's training and sampling seed
+ECHO_SAMPLES = 8  # student images drawn per echo round at the mini world's size (the paper preset draws 16)
 # The augmentation's smallest rescale at 64 px: half the picture, so a shrunk subject still spans
 # 8×8 latent cells of the 4× VAE (Custom Diffusion's R/3 leaves ~5×5, where a 15-pixel subject's
 # detail is gone: on the first mini world, the teacher fitted with all UNet weights reached 0.57 subject
@@ -32,7 +34,7 @@ TUNED_LR_SCALES: dict[str, float] = {"echodistill": 3.0, "custom_diffusion": 0.3
 def echodistill_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
     """The paper preset at the mini world's size, echo rounds scaled to the step budget (as the demo)."""
     return preset("paper", steps=steps, resolution=RESOLUTION, token=TOKEN, class_word=class_word, seed=seed,
-                  echo_start=max(1, steps // 2), echo_every=max(1, steps // 4), echo_samples=8,
+                  echo_start=max(1, steps // 2), echo_every=max(1, steps // 4), echo_samples=ECHO_SAMPLES,
                   sample_every=0, save_every=0, augment_min_scale=AUGMENT_MIN_SCALE, **changes)
 
 

@@ -2,7 +2,9 @@
 
 A `UnitInputs` is one concept x seed: what a method trains on (the references), what it draws
 (the concept's evaluation prompts, each from fixed noise) and what the drawings are scored against.
-The demo scores its concept with it, and `bench quality` every row of its table.
+The demo scores its concept with it, and `bench quality` every row of its table: the trained
+concepts, the untrained priors (`score_prior`) and the zero-training image prompt
+(`score_image_prompt`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from ..sampling.with_concept import sample
 from .concepts import Concept, evaluation_prompts, reference_images
 from .drawing import RESOLUTION
+from .image_prompt import ImagePromptAdapter, image_prompt_student
 from .oracle import Oracle
 from .recipe import TOKEN, training_references
 
@@ -22,6 +25,7 @@ TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
 PRIOR = "class_prior"  # the untrained student given the prompts without the token
 TEACHER_PRIOR = "class_prior_teacher"  # what the teacher drew before training, the same way
 START_PRIOR = "token_at_start"  # the untrained student with the token at its starting row: where training begins
+IMAGE_PROMPT = "image_prompt"  # the untrained student with the image-prompt adapter: no training at all
 
 
 @dataclass
@@ -49,6 +53,10 @@ class UnitInputs:
             noise_seeds=[seed * 100_000 + i for i in range(len(prompts) * images_per_prompt)],
         )
 
+    def texts_with(self, word: str) -> list[str]:
+        """The evaluation prompts with the token replaced by `word` ("" removes it), spaces tidied."""
+        return [" ".join(text.replace(TOKEN, word).split()) for text in self.texts]
+
     def sample(self, pair, texts: list[str] | None = None, **options) -> torch.Tensor:
         return sample(pair, texts or self.texts, seeds=self.noise_seeds, width=RESOLUTION, height=RESOLUTION,
                       return_latents=False, **options).images  # (N, 3, 64, 64)
@@ -64,12 +72,29 @@ def score_prior(pair, oracle: Oracle, unit: UnitInputs, row: str = PRIOR) -> tup
     START_PRIOR keeps the token at the row every method but DreamBooth-LoRA starts from, the class
     word's (its initializer): the same prompt embeddings as writing the class word in its place.
     """
-    word = unit.concept.class_word if row == START_PRIOR else ""
-    prior_texts = [" ".join(text.replace(TOKEN, word).split()) for text in unit.texts]
+    prior_texts = unit.texts_with(unit.concept.class_word if row == START_PRIOR else "")
     if row == TEACHER_PRIOR:
         images = unit.sample(pair, prior_texts, part="teacher", steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE)
     else:
         images = unit.sample(pair, prior_texts, part="student")
     record = {"concept": unit.concept.name, "seed": unit.seed, "method": row, **unit.score(oracle, images),
               "train_seconds": None, "seconds_per_step": None}
+    return record, images
+
+
+def score_image_prompt(pair, oracle: Oracle, unit: UnitInputs,
+                       adapter: ImagePromptAdapter) -> tuple[dict, torch.Tensor]:
+    """The zero-training row: the untrained student given the unit's references as an image prompt.
+
+    The references are the pictures every trained method trains on; the prompts are the unit's
+    evaluation prompts with the token removed (the class word names the subject, as in the
+    adapter's training captions; the untrained tokenizer has no token). Same noise seeds, size
+    (RESOLUTION) and oracle calls as every other row; nothing trains, so train_seconds is 0.
+    Returns (record, images (N, 3, 64, 64) in [0, 1]). Raises ImagePromptError when the adapter
+    was trained for another UNet.
+    """
+    images = image_prompt_student(pair, adapter, unit.reference_pixels, unit.texts_with(""), unit.noise_seeds,
+                                  width=RESOLUTION, height=RESOLUTION)
+    record = {"concept": unit.concept.name, "seed": unit.seed, "method": IMAGE_PROMPT, **unit.score(oracle, images),
+              "train_seconds": 0.0, "seconds_per_step": 0.0}
     return record, images
