@@ -39,20 +39,27 @@ class LoadEchoDistillModels(io.ComfyNode):
             node_id="EchoDistillLoadModels",
             display_name="Load EchoDistill Models (shared encoder)",
             category=CATEGORY,
-            description="Loads a multi-step teacher and a one-step student that share ONE tokenizer and text encoder.",
+            description="Loads a multi-step teacher and a one-step student that share their tokenizer(s) and text "
+                        "encoder(s): one for SD 2.1 + SD-Turbo, two (CLIP ViT-L + OpenCLIP ViT-bigG) for SDXL base + "
+                        "SDXL-Turbo. A teacher and student of different lines (SD 2.x with SDXL) are refused.",
             inputs=[
                 io.Combo.Input("teacher", options=folders.model_choices(),
-                               tooltip="Multi-step teacher (SD 2.1): a checkpoint, or a diffusers folder in models/echodistill/diffusers."),
+                               tooltip="Multi-step teacher (SD 2.1, or SDXL base: sd_xl_base_1.0.safetensors): a "
+                                       "checkpoint, or a diffusers folder in models/echodistill/diffusers."),
                 io.Combo.Input("student", options=folders.model_choices(),
-                               tooltip="One-step student (SD-Turbo): a checkpoint, or a diffusers folder."),
+                               tooltip="One-step student (SD-Turbo, or SDXL-Turbo with an SDXL base teacher): a "
+                                       "checkpoint, or a diffusers folder."),
                 io.Combo.Input("teacher_family", options=families, default="auto",
-                               tooltip="Config the teacher is read with; it fixes the prediction type (sd21-768v = v-prediction)."),
+                               tooltip="Config the teacher is read with; it fixes the prediction type (sd21-768v = v-prediction; "
+                                       "auto: SD 2.1 base for SD 2.x files, SDXL base for SDXL files)."),
                 io.Combo.Input("student_family", options=families, default="auto",
-                               tooltip="Config the student is read with (auto: SD-Turbo for SD 2.x files)."),
+                               tooltip="Config the student is read with (auto: SD-Turbo for SD 2.x files, SDXL-Turbo for "
+                                       "SDXL files)."),
                 io.Combo.Input("dtype", options=DTYPES, default="auto",
                                tooltip="Weights precision; auto = bf16/fp16 on CUDA, fp32 on CPU."),
             ],
-            outputs=[Models.Output(display_name="models", tooltip="Teacher + student + their single shared text encoder.")],
+            outputs=[Models.Output(display_name="models",
+                                   tooltip="Teacher + student + their shared text encoder(s): one (SD 2.x), two (SDXL).")],
         )
 
     @classmethod

@@ -25,7 +25,8 @@ def _common_inputs(steps_default: int, steps_max: int, guidance_default: float) 
                        tooltip="Classifier-free guidance (values <= 1 switch it off)."),
         io.Int.Input("width", default=0, min=0, max=2048, step=64,
                      tooltip="Image width in pixels, a multiple of 64; 0 = the models' native size (512 for SD 2.1 "
-                             "base and SD-Turbo, 768 for SD 2.1 768-v, 64 for the mini world). Far from it the "
+                             "base, SD-Turbo and SDXL-Turbo, 768 for SD 2.1 768-v, 1024 for SDXL base, 64 for the "
+                             "mini world). Far from it the "
                              "models draw noise (a warning in the console)."),
         io.Int.Input("height", default=0, min=0, max=2048, step=64,
                      tooltip="Image height in pixels, a multiple of 64; 0 = the models' native size."),

@@ -37,18 +37,24 @@ class TrainConcept(io.ComfyNode):
                 io.String.Input("token", default="<v*>", tooltip="The new word that will mean your subject in prompts."),
                 io.String.Input("class_word", default="dog", tooltip="What the subject is (dog, mug, toy...)."),
                 io.Combo.Input("preset", options=list(PRESETS), default="paper",
-                               tooltip="paper: the published defaults; balanced/lite: bf16 + gradient checkpointing for smaller GPUs."),
+                               tooltip="paper: the published defaults; balanced/lite: bf16 + gradient checkpointing "
+                                       "for smaller GPUs (load the models in bf16). Estimated peak GPU memory at "
+                                       "512 px (docs/memory.md): SD 2.x paper 27 GB, balanced 12, lite 9; SDXL paper "
+                                       "54, balanced 30, lite 17 (SDXL's lite trains LoRA K/V)."),
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Training iterations (paper: 1000)."),
                 io.Int.Input("resolution", default=0, min=0, max=1024, step=64,
                              tooltip="Training resolution in pixels; 0 = the student's native size (512 for "
-                                     "SD-Turbo, 64 for the mini world)."),
+                                     "SD-Turbo and SDXL-Turbo, 64 for the mini world). SDXL pairs train both UNets at "
+                                     "the student's 512 (the teacher reads the student's images at that size)."),
                 io.Float.Input("lr_student", default=2e-5, min=1e-7, max=1e-2, step=1e-6, tooltip="Student adapter learning rate."),
                 io.Float.Input("lr_teacher", default=1e-5, min=1e-7, max=1e-2, step=1e-6,
                                tooltip="Teacher adapter and token learning rate."),
                 io.Float.Input("lr_heads", default=1e-4, min=1e-7, max=1e-2, step=1e-6,
                                tooltip="Discriminator heads learning rate."),
-                io.Combo.Input("adapter", options=["custom_diffusion", "lora"], default="custom_diffusion",
-                               tooltip="custom_diffusion: cross-attention K/V (paper); lora: peft LoRA."),
+                io.Combo.Input("adapter", options=["preset", "custom_diffusion", "lora"], default="preset",
+                               tooltip="preset: the preset's choice (custom_diffusion, except lite on SDXL: lora, to "
+                                       "fit 24 GB); custom_diffusion: full cross-attention K/V deltas (paper); lora: "
+                                       "peft LoRA on the same K/V."),
                 io.Boolean.Input("echo", default=True, tooltip="Feed the student's best images back to the teacher."),
                 io.Int.Input("sample_every", default=100, min=0, max=10000, tooltip="Preview image every N steps (0: never)."),
                 io.Int.Input("save_every", default=250, min=0, max=10000, tooltip="Resumable checkpoint every N steps."),
@@ -85,12 +91,13 @@ class TrainConcept(io.ComfyNode):
                 captions="", augment_min_scale=0.0, echo_samples=0) -> io.NodeOutput:
         members = backbones["members"] if backbones else ["teacher_features"]
         resolution = resolution or native_resolution(models, "student")
+        chosen_adapter = {} if adapter == "preset" else {"adapter": adapter}
         advanced = {name: value for name, value in (("augment_min_scale", augment_min_scale),
                                                      ("echo_samples", echo_samples)) if value}  # 0: the preset's
-        config = preset_config(preset, steps=steps, resolution=resolution, token=token, class_word=class_word,
-                         lr_student=lr_student, lr_teacher=lr_teacher, lr_heads=lr_heads, adapter=adapter, echo=echo,
-                         sample_every=sample_every, save_every=save_every, seed=seed, discriminators=tuple(members),
-                         **advanced)
+        config = preset_config(preset, line="sdxl" if models.is_sdxl else "sd", steps=steps, resolution=resolution,
+                               token=token, class_word=class_word, lr_student=lr_student, lr_teacher=lr_teacher,
+                               lr_heads=lr_heads, echo=echo, sample_every=sample_every, save_every=save_every,
+                               seed=seed, discriminators=tuple(members), **chosen_adapter, **advanced)
         photos = to_pil_list(images)
         per_photo = photo_captions(captions, len(photos))
         paths = dict(backbones["backbones"]) if backbones else {}

@@ -35,6 +35,18 @@ SD_TURBO = {
     "directory": "checkpoints",
 }
 
+SDXL_BASE = {
+    "name": "sd_xl_base_1.0.safetensors",
+    "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+    "directory": "checkpoints",
+}
+SDXL_TURBO = {
+    "name": "sd_xl_turbo_1.0_fp16.safetensors",
+    "url": "https://huggingface.co/stabilityai/sdxl-turbo/resolve/main/sd_xl_turbo_1.0_fp16.safetensors",
+    "directory": "checkpoints",
+}
+MODEL_FILES = (SD21, SD_TURBO, SDXL_BASE, SDXL_TURBO)
+
 # (class_type, input) -> the value a user starts from, in a graph on SD 2.1 + SD-Turbo
 SD_USER_VALUES = {
     ("EchoDistillLoadModels", "teacher"): SD21["name"],
@@ -59,6 +71,18 @@ SD_USER_VALUES = {
     ("EmptyLatentImage", "height"): 512,
 }
 TEXT_SWAPS = {"embedding:mini_mug": "embedding:my_mug"}
+
+# ... in a graph on SDXL base + SDXL-Turbo: both train at the student's 512 px (docs/memory.md says why), with
+# the preset that fits a 24 GB card.
+SDXL_USER_VALUES = {
+    **SD_USER_VALUES,
+    ("EchoDistillLoadModels", "teacher"): SDXL_BASE["name"],
+    ("EchoDistillLoadModels", "student"): SDXL_TURBO["name"],
+    ("EchoDistillTrainConcept", "preset"): "lite",
+    ("EchoDistillTrainConcept", "adapter"): "preset",
+    ("CheckpointLoaderSimple", "ckpt_name"): SDXL_TURBO["name"],
+    ("LoraLoader", "lora_name"): "my_mug_xl.safetensors",
+}
 
 # ... and in a graph on the shipped mini world (64×64 pictures; runs with no downloads, in minutes on a CPU)
 # The mini world trains exactly as `scripts/demo` (and bench quality) train it: every training field of the
@@ -90,6 +114,13 @@ DESCRIPTIONS = {
                                         "yours.",
     "echodistill_train_and_export": "Train a concept and export it as a LoRA + embedding for core nodes.",
     "core_nodes_sample_exported_concept": "Core nodes only: SD-Turbo + the exported LoRA + embedding:my_mug, one step.",
+    "echodistill_sdxl_train_and_sample": "SDXL: train a concept on SDXL base (teacher) + SDXL-Turbo (student), which "
+                                         "share both text encoders, then draw it in one step at 512 px; preset lite "
+                                         "(about 17 GB estimated peak, a 24 GB card). Saved as my_mug_xl.",
+    "core_nodes_sample_exported_sdxl_concept": "Core nodes only: SDXL-Turbo + an exported SDXL concept's LoRA + "
+                                               "embedding:my_mug_xl (clip_l and clip_g rows), one step at 512 px: "
+                                               "KSampler with euler + sgm_uniform at cfg 1 is our student's t = 999 "
+                                               "step.",
 }
 
 # Groups drawn around the parts of each graph (short titles: the node titles and the workflow's
@@ -101,6 +132,10 @@ GROUPS = {
                                          ("2. Student and teacher", ["3", "4", "5", "6"])],
     "echodistill_train_and_export": [("1. Models + your photos", ["1", "2"]), ("2. Train + export", ["3", "4"])],
     "core_nodes_sample_exported_concept": [("Core nodes: exported LoRA + embedding", [str(i) for i in range(1, 11)])],
+    "echodistill_sdxl_train_and_sample": [("1. SDXL models + photos", ["1", "2"]), ("2. Train (lite: 24 GB)", ["3"]),
+                                          ("3. Draw, watch, save", ["4", "5", "6", "7", "8"])],
+    "core_nodes_sample_exported_sdxl_concept": [("Core nodes: exported SDXL LoRA + embedding",
+                                                 [str(i) for i in range(1, 9)])],
 }
 
 ADD_GROUPS = """([groups]) => {
@@ -132,8 +167,12 @@ FIX_SEEDS_AND_ARRANGE = """async ([graph, name]) => {
 }"""
 
 
-def user_graph(graph: dict) -> dict:
-    values = MINIWORLD_USER_VALUES if on_miniworld(graph) else SD_USER_VALUES
+def on_sdxl(name: str) -> bool:
+    return "sdxl" in name
+
+
+def user_graph(graph: dict, name: str) -> dict:
+    values = MINIWORLD_USER_VALUES if on_miniworld(graph) else SDXL_USER_VALUES if on_sdxl(name) else SD_USER_VALUES
     graph = json.loads(json.dumps(graph))
     for node in graph.values():
         for name, value in list(node["inputs"].items()):
@@ -148,7 +187,7 @@ def user_graph(graph: dict) -> dict:
 
 def models_for(graph: dict) -> list[dict]:
     names = {v for n in graph.values() for v in n["inputs"].values() if isinstance(v, str)}
-    return [m for m in (SD21, SD_TURBO) if m["name"] in names]
+    return [m for m in MODEL_FILES if m["name"] in names]
 
 
 def main() -> int:
@@ -160,7 +199,7 @@ def main() -> int:
     try:
         with launch_page(server.url, width=1900, height=1000) as page:
             for source in sorted((REPO / "tests" / "api_graphs").glob("*.json")):
-                graph = user_graph(json.loads(source.read_text()))
+                graph = user_graph(json.loads(source.read_text()), source.stem)
                 page.evaluate(FIX_SEEDS_AND_ARRANGE, [graph, source.stem])
                 page.evaluate(ADD_GROUPS, [GROUPS.get(source.stem, [])])
                 # JSON.stringify drops `undefined` fields; passed through as null they fail the schema.

@@ -36,6 +36,10 @@ from echodistill.models.families import CONFIG_ROOT
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = REPO / ".cache" / "comfyui"
+SDXL_HEADERS = {  # what Stability AI's SDXL files say in their modelspec header, for the tiny SDXL single files
+    "teacher": {"modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.title": "SDXL 1.0 base"},
+    "student": {"modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.title": "SDXL Turbo"},
+}
 
 MINI_SD2_UNET = {
     "_class_name": "UNet2DConditionModel",

@@ -147,9 +147,12 @@ def comfy_server(comfy_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prepared_server(comfy_server, comfy_models, tiny_pair_folders, tiny_world, mini_sd2):
-    """The live server with tiny models, the mini SD2 checkpoint's config, and concept photos in place."""
+def prepared_server(comfy_server, comfy_models, tiny_pair_folders, tiny_world, mini_sd2, tiny_sdxl_world):
+    """The live server with tiny models (SD 2.x-like diffusers folders, SDXL-like SGM single files in checkpoints/),
+    the mini SD2 checkpoint's config, the tiny SDXL families' configs, and concept photos in place."""
     import shutil
+
+    import comfy_support
 
     from PIL import Image
 
@@ -161,6 +164,12 @@ def prepared_server(comfy_server, comfy_models, tiny_pair_folders, tiny_world, m
     sd15 = tiny.build_models(tiny_world["families"]["tiny-sd15"], seed=3)
     tiny.write_diffusers_folder(sd15, diffusers / "tiny-sd15", tiny_world["families"]["tiny-sd15"])
     shutil.copytree(mini_sd2["family"], comfy_models["echodistill"] / "configs" / "mini-sd2", dirs_exist_ok=True)
+    sdxl_families, sdxl_models = tiny_sdxl_world["families"], tiny_sdxl_world["models"]
+    for role, family, name in (("teacher", "tiny-sdxl", "tiny_sdxl_base.safetensors"),
+                               ("student", "tiny-sdxl-turbo", "tiny_sdxl_turbo.safetensors")):
+        tiny.write_single_file(sdxl_models[role], comfy_models["checkpoints"] / name, sdxl_families[family], "sgm",
+                               "sdxl", comfy_support.SDXL_HEADERS[role])
+        shutil.copytree(sdxl_families[family], comfy_models["echodistill"] / "configs" / family, dirs_exist_ok=True)
     photos = comfy_server.base / "input" / "concept_photos"
     photos.mkdir(parents=True, exist_ok=True)
     for i in range(3):

@@ -141,3 +141,107 @@ def test_bench_sample_passes_the_speed_options_and_records_them(tmp_path, capsys
     assert "echodistill options: channels_last, fuse_qkv" in capsys.readouterr().out
     assert main([*argv[:-2], "--cuda-graph", "--out", str(out)]) != 0
     assert "--cuda-graph needs the models on a CUDA device; they are on cpu" in capsys.readouterr().err
+
+
+# --- SDXL, and counting on the meta device ---------------------------------------------------------
+
+def test_sdxl_pair_builds_the_real_architectures_without_memory():
+    pair = bench.build_pair("sdxl", "meta", "bf16")
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(pair.student.unet) == count(pair.teacher.unet) == 2_567_463_684  # SDXL UNet
+    assert count(pair.text_encoder) == 123_060_480 and count(pair.text_encoder_2) == 694_659_840  # CLIP-L, bigG
+    assert count(pair.vae) == 83_653_863 and pair.is_sdxl and pair.dtype == torch.bfloat16
+    assert (pair.teacher.family, pair.student.family) == ("sdxl-base", "sdxl-turbo")
+    assert (pair.tokenizer.pad_token, pair.tokenizer_2.pad_token) == ("<|endoftext|>", "!")
+    assert pair.text_encoder_2.config.eos_token_id == 49407  # pooled at the real end token, as load_model_pair sets
+    assert pair.student.unet.device.type == "meta"
+
+
+def _real_cpu_counts(preset_name: str) -> tuple[int, int, int]:
+    """(sampling FLOPs per image, training FLOPs per iteration, training peak tensor bytes) of the tiny pair on the
+    CPU, the same code paths as meta_run's, tracked by the same tensor-bytes tracker."""
+    from echodistill.benchmarks.meta_run import MetaExecution, _pair_tensors
+    from echodistill.sampling.samplers import sample_student
+    from echodistill.sampling.speed import SamplerOptions
+    from echodistill.training.config import preset
+    from echodistill.training.trainer import Trainer
+
+    pair = bench.build_pair("tiny", "cpu", "fp32")
+    sample_flops = benchmarking.count_flops(lambda: sample_student(
+        pair, ["a photo of a dog, picture 0"], seeds=[0], width=64, height=64, return_latents=False,
+        options=SamplerOptions(cache_prompts=False)))
+    config = preset(preset_name, resolution=64, class_word="toy").with_changes(mixed_precision="no", offload=False)
+    with MetaExecution(_pair_tensors(pair)) as tracker:
+        trainer = Trainer(pair, bench.synthetic_concept_images(4, 64), config)
+        trainer.train_step()
+        tracker.reset_peak()
+        train_flops = benchmarking.count_flops(trainer.train_step)
+    return sample_flops, train_flops, tracker.peak
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_meta_device_counts_agree_with_a_real_cpu_run():
+    """FLOPs within 2% (the CPU's flash-attention backward recomputes the attention matrix; meta's math path does
+    not), peak tensor bytes within 5%, for sampling and for training with and without gradient checkpointing."""
+    from echodistill.benchmarks.meta_run import sample_cost, train_cost
+
+    for name in ("paper", "balanced"):
+        real_sample, real_train, real_peak = _real_cpu_counts(name)
+        meta = train_cost("tiny", name, 64, mixed_precision="no")
+        assert meta["weights_dtype"] == ("fp32" if name == "paper" else "bf16")
+        if name == "paper":  # same dtype as the CPU run: bytes comparable
+            assert meta["peak_bytes"] == pytest.approx(real_peak, rel=0.05)
+        assert meta["flops_per_iteration"] == pytest.approx(real_train, rel=0.02)
+    assert sample_cost("tiny", 64, dtype="fp32")["flops_per_image"] == pytest.approx(real_sample, rel=0.02)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_training_estimate_parts_add_up():
+    from echodistill.benchmarks.meta_run import train_cost
+
+    paper = train_cost("tiny", "paper", 64)
+    frozen = sum(part["bytes"] for part in paper["weights"].values())
+    assert paper["frozen_bytes"] == frozen > 0
+    assert paper["optimizer_bytes"] == 2 * paper["trainable_bytes"]  # AdamW: two fp32 moments per trained value
+    assert paper["trainable_bytes"] == 4 * paper["trainable_parameters"]  # adapters, rows and heads stay fp32
+    assert paper["between_iterations_bytes"] >= frozen + paper["trainable_bytes"] + paper["optimizer_bytes"]
+    assert paper["peak_bytes"] == paper["between_iterations_bytes"] + paper["activation_bytes"]
+    checkpointed = train_cost("tiny", "paper", 64, gradient_checkpointing=True)
+    assert checkpointed["activation_bytes"] < paper["activation_bytes"]
+    assert checkpointed["flops_per_iteration"] > paper["flops_per_iteration"]  # the recompute is executed
+
+
+def test_sampling_flops_of_both_lines_are_counted_on_the_meta_device():
+    from echodistill.benchmarks.meta_run import flops_by_model
+
+    flops = flops_by_model("sdxl", "sample", 64)
+    # 98.5 GFLOP per image is what `bench sample --model sd --size 64` counted on a CPU (README, Performance).
+    assert flops["sd"] == pytest.approx(98.5e9, rel=0.005)
+    assert flops["sdxl"] > 2 * flops["sd"]  # a 2.6 G-parameter UNet and two text encoders
+    lines = bench.flops_lines({"benchmark": "sample", "settings": {"size": 64}, "flops_by_model": flops})
+    assert "FLOPs per image at 64 px" in lines and f"(SDXL / SD 2.x = {flops['sdxl'] / flops['sd']:.2f}x)" in lines
+    assert flops_by_model("tiny", "sample", 64) is None and bench.flops_lines({"flops_by_model": None}) == ""
+
+
+def test_sdxl_lite_trains_lora_and_other_lines_keep_their_presets():
+    from echodistill.errors import ConfigError
+    from echodistill.training.config import preset
+
+    assert preset("lite", line="sdxl").adapter == "lora"
+    assert preset("lite").adapter == preset("lite", line="sd").adapter == "custom_diffusion"
+    assert preset("paper", line="sdxl") == preset("paper")
+    assert preset("lite", line="sdxl", adapter="custom_diffusion").adapter == "custom_diffusion"  # overrides win
+    with pytest.raises(ConfigError, match="unknown model line 'flux'; valid lines: sd, sdxl"):
+        preset("lite", line="flux")
+
+
+@pytest.mark.slow
+def test_sdxl_lite_fits_a_24_gb_card_on_paper():
+    """The real SDXL pair at 512 px, counted on the meta device (about a minute on one CPU core)."""
+    from echodistill.benchmarks.memory import bench_memory
+
+    report = bench_memory(("sdxl",), ("lite",), 512)
+    (lite,) = report["results"]
+    assert lite["adapter"] == "lora" and lite["weights_dtype"] == "bf16"
+    assert lite["weights"]["teacher_unet"]["bytes"] == lite["weights"]["student_unet"]["bytes"] == 2 * 2_567_463_684
+    assert lite["with_overhead_gb"] < 24

@@ -243,3 +243,18 @@ def test_train_on_a_shipped_subject_at_the_models_native_size(tmp_path):
                  "miniworld/checker_diamond", "--class-word", "diamond", "--out", str(out), "--steps", "1",
                  "--set", "echo=false", "--set", "sample_every=0"]) == 0
     assert ConceptBundle.load(out).config["resolution"] == 64  # the mini world's size, not the preset's 512
+
+
+def test_train_lite_on_an_sdxl_pair_uses_sdxls_lite(tiny_sdxl_folders, tmp_path):
+    """SDXL's lite trains LoRA K/V (training.config.LINE_PRESETS); a --set adapter still wins."""
+    teacher, student = tiny_sdxl_folders
+    photos = _photo_folder(tmp_path / "photos")
+    for name, extra, adapter in (("lite", [], "lora"), ("chosen", ["--set", "adapter=custom_diffusion"],
+                                                         "custom_diffusion")):
+        out = tmp_path / f"{name}.safetensors"
+        code = main(["train", "--teacher", str(teacher), "--student", str(student), "--images", str(photos),
+                     "--class-word", "cup", "--out", str(out), "--steps", "1", "--resolution", "64", "--preset",
+                     "lite", "--set", "echo=false", "--set", "sample_every=0", *extra])
+        assert code == 0
+        bundle = ConceptBundle.load(out)
+        assert bundle.is_sdxl and bundle.adapter == adapter and bundle.config["batch_size"] == 1

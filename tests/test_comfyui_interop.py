@@ -60,8 +60,11 @@ def concept(mini_sd2, comfy_models):
     return {"ours": ours, "plain": plain, "diff": diff, "lowrank": lowrank, "three": three, "long": long}
 
 
-def _graph(lora_name: str, prefix: str, strength: float = 1.0, steps: int = 1, prompt: str = PROMPT) -> dict:
-    return {
+def _graph(lora_name: str, prefix: str, strength: float = 1.0, steps: int = 1, prompt: str = PROMPT,
+           ksampler: str | None = None) -> dict:
+    """The core-nodes graph: SDTurboScheduler + SamplerCustom, or with `ksampler` a plain KSampler with that
+    scheduler and the euler sampler (what the SDXL core-nodes workflow uses)."""
+    graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "mini_turbo.ckpt"}},
         "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
                                                     "strength_model": strength, "strength_clip": 1.0}},
@@ -77,6 +80,13 @@ def _graph(lora_name: str, prefix: str, strength: float = 1.0, steps: int = 1, p
         "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": prefix}},
         "11": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": f"latents/{prefix}"}},
     }
+    if ksampler is not None:
+        for node in ("5", "6"):
+            del graph[node]
+        graph["8"] = {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "seed": SEED, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": ksampler,
+            "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["7", 0], "denoise": 1.0}}
+    return graph
 
 
 @pytest.mark.parametrize("export", ["diff", "lowrank"])
@@ -120,6 +130,17 @@ def test_without_the_lora_comfyui_misses_the_student(concept, comfy_server):
     theirs = load_file(str(latent_file))["latent_tensor"].float()
     ours = concept["ours"].latents / 0.18215
     assert (theirs - ours).abs().max() > 1e-4 * ours.abs().max() * 10
+
+
+def test_a_plain_ksampler_at_one_step_is_the_students_t999_step(concept, comfy_server):
+    """KSampler(euler, sgm_uniform, 1 step, cfg 1), as the SDXL core-nodes workflow has it, draws exactly what
+    SDTurboScheduler + SamplerCustom draw: one Euler step from sigma(t = 999) to 0, i.e. our student."""
+    entry = comfy_server.run(_graph(concept["diff"].path.name, "interop_ksampler", ksampler="sgm_uniform"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    latent_file = next((comfy_server.base / "output" / "latents").glob("interop_ksampler_*.latent"))
+    theirs = load_file(str(latent_file))["latent_tensor"].float()
+    ours = concept["ours"].latents / 0.18215
+    assert torch.allclose(theirs, ours, atol=1e-4 * ours.abs().max().item(), rtol=0), (theirs - ours).abs().max()
 
 
 def test_comfyui_turbo_schedule_reproduces_core_nodes_at_three_steps(concept, comfy_server):

@@ -75,6 +75,28 @@ def test_train_export_then_core_nodes_only(server):
     assert len(_outputs(entry, "10")) == 1
 
 
+def test_sdxl_train_and_sample_runs_with_the_packs_nodes(server, comfy_models):
+    entry = server.run(graph("echodistill_sdxl_train_and_sample"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(_outputs(entry, "5")) == 1 and len(_outputs(entry, "7")) == 2  # the sample; the last preview
+    saved = ConceptBundle.load(comfy_models["echodistill"] / "concepts" / "my_mug_xl.safetensors")
+    assert saved.is_sdxl and saved.families == {"teacher": "tiny-sdxl", "student": "tiny-sdxl-turbo"}
+
+
+def test_the_sdxl_core_nodes_graph_validates_up_to_the_files_it_needs(server):
+    """Every node and value is valid in a real ComfyUI; only the SDXL-Turbo checkpoint and the exported LoRA,
+    which no test machine has, are refused, by name, before anything runs."""
+    status, answer = server.post("/prompt", {"prompt": graph("core_nodes_sample_exported_sdxl_concept")})
+    assert status == 400, answer
+    errors = answer["node_errors"]
+    assert set(errors) == {"1", "2"}, errors  # the checkpoint and the LoRA loaders; every other node is valid
+    assert all(e["dependent_outputs"] == ["8"] for e in errors.values())
+    details = json.dumps(errors)
+    for missing in ("ckpt_name: 'sd_xl_turbo_1.0_fp16.safetensors' not in", "lora_name: 'my_mug_xl.safetensors' not in"):
+        assert missing in details, details
+    assert server.get("/system_stats")["system"]
+
+
 def test_interrupt_leaves_a_checkpoint_that_resumes(server, comfy_models):
     long_run = graph("echodistill_train_and_sample")
     train = long_run["3"]["inputs"]

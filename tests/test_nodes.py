@@ -260,3 +260,96 @@ def test_a_fresh_procedural_subject_loads_by_name_listed_or_not(comfy):
     images, count, _, _ = loader.execute(f"miniworld/procedural_{seed}", 64).result
     torch.testing.assert_close(images, torch.from_numpy(reference_images(procedural_subject(seed))).float() / 255,
                                atol=1 / 255, rtol=0)
+
+
+# --- SDXL: two shared text encoders through the same nodes ----------------------------------------
+
+@pytest.fixture(scope="module")
+def sdxl_checkpoints(comfy, tiny_sdxl_world):
+    """The tiny SDXL pair as SGM single files in ComfyUI's checkpoints folder, their config folders beside ours."""
+    from echodistill.models import tiny
+
+    base, families, models = comfy["base"], tiny_sdxl_world["families"], tiny_sdxl_world["models"]
+    names = {}
+    for role, family, name in (("teacher", "tiny-sdxl", "tiny_sdxl_base.safetensors"),
+                               ("student", "tiny-sdxl-turbo", "tiny_sdxl_turbo.safetensors")):
+        tiny.write_single_file(models[role], base / "checkpoints" / name, families[family], "sgm", "sdxl",
+                               comfy_support.SDXL_HEADERS[role])
+        shutil.copytree(families[family], base / "echodistill" / "configs" / family, dirs_exist_ok=True)
+        names[role] = name
+    return names
+
+
+@torch.inference_mode()
+def test_an_sdxl_pair_trains_and_samples_through_the_nodes(comfy, sdxl_checkpoints):
+    nodes = comfy["nodes"]
+    loader = nodes["EchoDistillLoadModels"]
+    options = {p.id: p.options for p in loader.define_schema().inputs if hasattr(p, "options")}
+    assert {"sdxl-base", "sdxl-turbo"} <= set(options["teacher_family"]) == set(options["student_family"])
+    assert set(sdxl_checkpoints.values()) <= set(options["teacher"])
+    models = loader.execute(sdxl_checkpoints["teacher"], sdxl_checkpoints["student"], "configs/tiny-sdxl",
+                            "configs/tiny-sdxl-turbo", "fp32").result[0]
+    assert models.is_sdxl and len(models.text_encoders) == 2
+    assert (models.teacher.family, models.student.family) == ("tiny-sdxl", "tiny-sdxl-turbo")
+
+    images = nodes["EchoDistillLoadImagesFromFolder"].execute("mug", 64).result[0]
+    concept, curve, preview = nodes["EchoDistillTrainConcept"].execute(
+        models=models, images=images, token="<v*>", class_word="mug", preset="paper", steps=2, resolution=64,
+        lr_student=2e-5, lr_teacher=1e-5, lr_heads=1e-4, adapter="custom_diffusion", echo=False, sample_every=1,
+        save_every=0, seed=3, resume=True, force=False).result
+    assert concept.step == 2 and concept.is_sdxl and curve.shape[-1] == 3 and preview.shape == (2, 64, 64, 3)
+    clip_l, clip_g = (e.config.hidden_size for e in models.text_encoders)
+    assert concept.embedding.shape == (clip_l,) and concept.embedding_2.shape == (clip_g,)
+    assert len(models.tokenizer) == len(models.tokenizer_2) == 49408  # the loaded pair is untouched by training
+
+    sampler = nodes["EchoDistillOneStepSampler"]
+    drawn, latent = sampler.execute(models, "a photo of a <v*> mug", 3, 1, 0.0, 64, 64, 2, concept).result
+    plain = sampler.execute(models, "a photo of a <v*> mug", 3, 1, 0.0, 64, 64, 2, None).result[0]
+    assert drawn.shape == (2, 64, 64, 3) and latent["samples"].shape == (2, 4, 8, 8)
+    assert torch.isfinite(drawn).all() and not torch.equal(drawn, plain)  # the concept's two rows are read
+    teacher = nodes["EchoDistillTeacherSampler"].execute(models, "a <v*> mug", "", 0, 3, 7.5, 64, 64, 1, concept)
+    assert teacher.result[0].shape == (1, 64, 64, 3)
+
+    assert nodes["EchoDistillSaveConcept"].execute(concept, "mug_xl", False).result[0] == "mug_xl.safetensors"
+    loaded = nodes["EchoDistillLoadConcept"].execute("mug_xl.safetensors").result[0]
+    assert loaded.is_sdxl and torch.equal(loaded.embedding_2, concept.embedding_2)
+    again = sampler.execute(models, "a photo of a <v*> mug", 3, 1, 0.0, 64, 64, 2, loaded).result[0]
+    torch.testing.assert_close(again, drawn)
+
+
+@torch.inference_mode()
+def test_concepts_and_models_of_the_two_lines_are_refused_in_one_line(comfy, sdxl_checkpoints):
+    from echodistill.concepts.bundle import BundleMismatchError
+    from echodistill.errors import IncompatiblePairError
+
+    nodes = comfy["nodes"]
+    loader = nodes["EchoDistillLoadModels"]
+    with pytest.raises(IncompatiblePairError, match="cannot share a text encoder.*pair SDXL base with SDXL-Turbo"):
+        loader.execute(sdxl_checkpoints["teacher"], "diffusers/tiny-student", "configs/tiny-sdxl", "auto", "fp32")
+    sdxl = loader.execute(sdxl_checkpoints["teacher"], sdxl_checkpoints["student"], "configs/tiny-sdxl",
+                          "configs/tiny-sdxl-turbo", "fp32").result[0]
+    sd2 = loader.execute("diffusers/tiny-teacher", "diffusers/tiny-student", "auto", "auto", "fp32").result[0]
+    images = nodes["EchoDistillLoadImagesFromFolder"].execute("mug", 64).result[0]
+    sd2_concept = nodes["EchoDistillTrainConcept"].execute(
+        models=sd2, images=images, token="<v*>", class_word="mug", preset="paper", steps=1, resolution=64,
+        lr_student=2e-5, lr_teacher=1e-5, lr_heads=1e-4, adapter="custom_diffusion", echo=False, sample_every=0,
+        save_every=0, seed=4, resume=False, force=True).result[0]
+    with pytest.raises(BundleMismatchError, match="load the same base models it was trained with"):
+        nodes["EchoDistillOneStepSampler"].execute(sdxl, "a <v*> mug", 0, 1, 0.0, 64, 64, 1, sd2_concept)
+
+
+@torch.inference_mode()
+def test_the_adapter_input_preset_follows_the_preset_of_the_models_line(comfy, sdxl_checkpoints):
+    nodes = comfy["nodes"]
+    loader, train = nodes["EchoDistillLoadModels"], nodes["EchoDistillTrainConcept"]
+    sdxl = loader.execute(sdxl_checkpoints["teacher"], sdxl_checkpoints["student"], "configs/tiny-sdxl",
+                          "configs/tiny-sdxl-turbo", "fp32").result[0]
+    sd2 = loader.execute("diffusers/tiny-teacher", "diffusers/tiny-student", "auto", "auto", "fp32").result[0]
+    images = nodes["EchoDistillLoadImagesFromFolder"].execute("mug", 64).result[0]
+    args = dict(images=images, token="<v*>", class_word="mug", preset="lite", steps=1, resolution=64,
+                lr_student=2e-5, lr_teacher=1e-5, lr_heads=1e-4, adapter="preset", echo=False, sample_every=0,
+                save_every=0, seed=5, resume=False, force=True)
+    assert train.execute(models=sdxl, **args).result[0].adapter == "lora"  # SDXL's lite: LoRA K/V, to fit 24 GB
+    assert train.execute(models=sd2, **args).result[0].adapter == "custom_diffusion"
+    chosen = train.execute(models=sdxl, **{**args, "adapter": "custom_diffusion"}).result[0]
+    assert chosen.adapter == "custom_diffusion"  # a choice made in the node wins over the preset's

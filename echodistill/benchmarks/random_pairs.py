@@ -1,8 +1,10 @@
 """Random-weight model pairs for the speed benchmarks: speed does not depend on the values.
 
-`sd` builds the real SD-Turbo / SD 2.1 base architectures from the shipped configs directly on
-the target device and dtype: built on the meta device, materialised with `to_empty`, filled by a
-fan-in scaled normal. `tiny` is the test suite's tiny pair.
+`sd` builds the real SD-Turbo / SD 2.1 base architectures, `sdxl` the real SDXL-Turbo / SDXL base
+ones (both text encoders: CLIP ViT-L and OpenCLIP ViT-bigG with its projection), from the shipped
+configs directly on the target device and dtype: built on the meta device, materialised with
+`to_empty`, filled by a fan-in scaled normal. On `device="meta"` they stay unmaterialised: shapes
+only, for counting FLOPs and bytes (`meta_run.py`). `tiny` is the test suite's tiny pair.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ def _random_module(factory: Callable[[], torch.nn.Module], device: torch.device,
     with torch.device("meta"):
         module = factory()
     # nn.Module.to, not diffusers' override: it warns about `_keep_in_fp32_modules`, empty for SD's UNet and VAE.
-    module = torch.nn.Module.to(module, dtype=dtype).to_empty(device=device)
+    module = torch.nn.Module.to(module, dtype=dtype)
+    if device.type == "meta":  # shapes only: nothing to fill
+        return module.requires_grad_(False).eval()
+    module = module.to_empty(device=device)
     with torch.no_grad():
         for name, param in module.named_parameters():
             if param.ndim >= 2:
@@ -68,6 +73,41 @@ def _sd_pair(device: torch.device, dtype: torch.dtype, with_teacher: bool) -> Mo
     )
 
 
+def _sdxl_pair(device: torch.device, dtype: torch.dtype, with_teacher: bool) -> ModelPair:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..models.families import family_config
+    from ..models.pair import EOS_TOKEN_ID, DiffusionModel, ModelPair
+    from ..models.tokenizer import load_clip_tokenizer
+
+    teacher_config, student_config = family_config("sdxl-base"), family_config("sdxl-turbo")
+
+    def text_config(component: str) -> CLIPTextConfig:
+        config = teacher_config.text_config(component)
+        return CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
+
+    student = _random_module(lambda: UNet2DConditionModel.from_config(student_config.unet), device, dtype)
+    teacher = (
+        _random_module(lambda: UNet2DConditionModel.from_config(teacher_config.unet), device, dtype)
+        if with_teacher else student  # sampling never calls the teacher: share, and save 10 GB in fp32
+    )
+    text_encoder_2 = _random_module(lambda: CLIPTextModelWithProjection(text_config("text_encoder_2")), device, dtype)
+    text_encoder_2.text_model.eos_token_id = text_encoder_2.config.eos_token_id = EOS_TOKEN_ID  # as load_model_pair
+    return ModelPair(
+        tokenizer=load_clip_tokenizer(teacher_config.tokenizer_style_of("text_encoder")),
+        text_encoder=_random_module(lambda: CLIPTextModel(text_config("text_encoder")), device, dtype),
+        vae=_random_module(lambda: AutoencoderKL.from_config(student_config.vae), device, dtype),
+        teacher=DiffusionModel(teacher, teacher_config, teacher_config.folder, "random", "bench: random weights"),
+        student=DiffusionModel(student, student_config, student_config.folder, "random", "bench: random weights"),
+        text_fingerprint="random",
+        vae_fingerprint="random",
+        tokenizer_2=load_clip_tokenizer(teacher_config.tokenizer_style_of("text_encoder_2")),
+        text_encoder_2=text_encoder_2,
+        text_fingerprint_2="random",
+    )
+
+
 def _tiny_pair(device: torch.device, dtype: torch.dtype, with_teacher: bool) -> ModelPair:
     # with_teacher is ignored: the tiny teacher costs nothing worth saving.
     from ..models.families import FamilyConfig
@@ -99,13 +139,21 @@ def _tiny_pair(device: torch.device, dtype: torch.dtype, with_teacher: bool) -> 
     )
 
 
-MODELS: dict[str, Callable[[torch.device, torch.dtype, bool], "ModelPair"]] = {"tiny": _tiny_pair, "sd": _sd_pair}
+MODELS: dict[str, Callable[[torch.device, torch.dtype, bool], "ModelPair"]] = {
+    "tiny": _tiny_pair, "sd": _sd_pair, "sdxl": _sdxl_pair,
+}
+MODEL_HELP = ("sd: SD-Turbo / SD 2.1 base architectures with random weights; sdxl: SDXL-Turbo / SDXL base (two text "
+              "encoders); tiny: the test models")
 
 
 def build_pair(
     model: str, device: str | torch.device, dtype: torch.dtype | str, *, with_teacher: bool = True
 ) -> ModelPair:
-    """A random-weight pair: 'sd' (real SD-Turbo + SD 2.1 base architectures) or 'tiny'."""
+    """A random-weight pair: 'sd' (real SD-Turbo + SD 2.1 base architectures), 'sdxl' (real SDXL-Turbo + SDXL base)
+    or 'tiny'. On device "meta" the real architectures are not materialised (see `meta_run`).
+
+    Raises BenchError for an unknown model name (listing the valid ones).
+    """
     from ..models.loading import resolve_dtype
 
     if model not in MODELS:

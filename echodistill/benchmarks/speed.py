@@ -27,7 +27,11 @@ What each number is:
   peak from `PEAK_TFLOPS`; null where the device is not in the table (every CPU).
 
 `--model sd` times the real SD-Turbo / SD 2.1 base architectures with random weights
-(random_pairs.py); `--model tiny` the test suite's tiny pair.
+(random_pairs.py), `--model sdxl` the real SDXL-Turbo / SDXL base ones (peer: diffusers'
+StableDiffusionXLPipeline); `--model tiny` the test suite's tiny pair. With `sd` or `sdxl` the command
+adds `flops_by_model` to the report (`meta_run.flops_by_model`): both lines' FLOPs per image / per
+iteration at the run's size, counted on the meta device through the same code path, so SDXL's cost
+stands next to SD 2.x's whichever one was timed; `flops_lines` prints it under the table.
 """
 
 from __future__ import annotations
@@ -68,10 +72,19 @@ __all__ = ["PEAK_TFLOPS", "BenchError", "Measurement", "MemoryProbe", "bench_sam
 # --- bench sample --------------------------------------------------------------------------------
 
 def diffusers_pipeline(pair: ModelPair):
-    """diffusers' one-step SD-Turbo pipeline over the pair's own student, text encoder and VAE."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    """diffusers' one-step pipeline over the pair's own student, text encoder(s) and VAE: StableDiffusionPipeline
+    (SD-Turbo) or StableDiffusionXLPipeline (SDXL-Turbo, both text encoders)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = EulerDiscreteScheduler.from_config(pair.student.scheduler_config, timestep_spacing="trailing")
+    if pair.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=pair.vae, text_encoder=pair.text_encoder, text_encoder_2=pair.text_encoder_2,
+            tokenizer=pair.tokenizer, tokenizer_2=pair.tokenizer_2, unet=pair.student.unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=pair.teacher.config.force_zeros_for_empty_prompt,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline(
         vae=pair.vae, text_encoder=pair.text_encoder, tokenizer=pair.tokenizer, unet=pair.student.unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -130,11 +143,11 @@ def bench_sample(
         "settings": {"model": model, "device": str(torch_device), "dtype": dtype, "batches": list(batches),
                      "size": size, "repeats": repeats, "warmup": warmup, "steps": 1, "guidance": 0.0,
                      "options": dataclasses.asdict(options),
-                     "peer": "diffusers StableDiffusionPipeline, EulerDiscreteScheduler trailing, same modules"},
+                     "peer": f"diffusers {type(pipe).__name__}, EulerDiscreteScheduler trailing, same modules"},
         "device": _device_facts(torch_device, name, peak),
         "notes": ["ratios are echodistill / diffusers: below 1 is better for latency, above 1 for images/s",
-                  "both sides run the same student UNet, text encoder and VAE objects; with --model sd the "
-                  "teacher UNet is not built (sampling never calls it)",
+                  "both sides run the same student UNet, text encoder(s) and VAE objects; with --model sd or sdxl "
+                  "the teacher UNet is not built (sampling never calls it)",
                   "echodistill returns images on the CPU (its contract); diffusers' output_type 'pt' leaves them "
                   "on the device",
                   "with cache_prompts (the default) repeated calls reuse the prompt embeddings; diffusers re-encodes "
@@ -193,15 +206,15 @@ def custom_diffusion_step(pair: ModelPair, images, config: TrainConfig) -> Calla
     same batch size, precision, checkpointing, clipping and optimizer settings as `config`.
     """
     from ..models.adapters import add_custom_diffusion
-    from ..models.concept import add_concept_token, concept_parameters
-    from ..models.diffusion import alphas_cumprod_for, encode_prompts, unet_call
+    from ..models.concept import add_concept_tokens, concept_rows
+    from ..models.diffusion import alphas_cumprod_for, unet_call
     from ..models.schedule import add_noise, denoising_target
     from ..training.data import ConceptDataset
     from ..training.losses import masked_denoising_loss
 
     device, vae, unet = pair.device, pair.vae, pair.teacher.unet
-    add_concept_token(pair.tokenizer, pair.text_encoder, config.token, config.initializer_word)
-    params = add_custom_diffusion(unet) + concept_parameters(pair.text_encoder)
+    add_concept_tokens(pair.tokenizers, pair.text_encoders, config.token, config.initializer_word)
+    params = add_custom_diffusion(unet) + concept_rows(pair.text_encoders)  # K/V deltas + one row per encoder
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=config.lr_teacher, betas=(config.adam_beta1, config.adam_beta2),
@@ -219,7 +232,7 @@ def custom_diffusion_step(pair: ModelPair, images, config: TrainConfig) -> Calla
             latents = (posterior.mean + posterior.std * draw).float() * vae.config.scaling_factor  # (B, 4, h, w)
         autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
         with autocast:
-            cond = encode_prompts(pair.tokenizer, pair.text_encoder, batch.prompts)  # (B, 77, D)
+            cond = pair.conditioner.encode(batch.prompts, size=(config.resolution, config.resolution))  # (B, 77, D)
             noise = torch.randn(latents.shape, generator=generator).to(device)  # (B, 4, h, w)
             t = torch.randint(0, len(abar), (latents.shape[0],), generator=generator).to(device)  # (B,)
             prediction = unet_call(unet, add_noise(latents, noise, t, abar), t, cond)  # (B, 4, h, w)
@@ -282,6 +295,21 @@ def bench_train(
     }
 
 
+def flops_lines(report: dict) -> str:
+    """The `flops_by_model` comparison as lines under a table ("" when there is none)."""
+    compared = report.get("flops_by_model")
+    if not compared:
+        return ""
+    size = report["settings"].get("size", report["settings"].get("resolution"))
+    unit = "image" if report["benchmark"] == "sample" else "iteration"
+    rows = {"": compared} if report["benchmark"] == "sample" else {f"{k}: ": v for k, v in compared.items()}
+    lines = [f"\nFLOPs per {unit} at {size} px, counted on the meta device (same code path, both lines):"]
+    for label, counts in rows.items():
+        lines.append(f"  {label}SD 2.x {counts['sd'] / 1e9:,.1f} GFLOP, SDXL {counts['sdxl'] / 1e9:,.1f} GFLOP "
+                     f"(SDXL / SD 2.x = {counts['sdxl'] / counts['sd']:.2f}x)")
+    return "\n".join(lines)
+
+
 # --- tables -----------------------------------------------------------------
 
 def _fmt(value, spec: str) -> str:
@@ -318,7 +346,7 @@ def sample_table(report: dict) -> str:
              f"{s['warmup']} warm-up calls; echodistill options: {', '.join(switched_on)}\ndevice: {d['name']}; peak {_fmt(d['peak_tflops'], '.0f')} TFLOP/s; "
              f"memory: {d['memory_method']}")
     headers = ["batch", "impl", "p50 ms", "p95 ms", "mem+ MB", "GFLOP/call", "TFLOP/s", "util %", "img/s"]
-    return title + "\n" + format_table(headers, rows)
+    return title + "\n" + format_table(headers, rows) + flops_lines(report)
 
 
 def train_table(report: dict) -> str:
@@ -337,7 +365,7 @@ def train_table(report: dict) -> str:
              f"memory: {d['memory_method']}")
     headers = ["preset", "impl", "s/it p50", "s/it p95", "mem+ MB", "GFLOP/it", "TFLOP/s", "util %",
                f"{PROJECTED_ITERATIONS} it s (projected)"]
-    return title + "\n" + format_table(headers, rows)
+    return title + "\n" + format_table(headers, rows) + flops_lines(report)
 
 
 def _log(message: str) -> None:

@@ -2,6 +2,7 @@
 
     bench sample          one-step student vs diffusers' pipeline, same modules
     bench train           EchoDistill train_step per preset vs Custom Diffusion
+    bench memory          each preset's estimated peak memory and FLOPs per iteration, SD 2.x and SDXL
     bench quality         subject/prompt fidelity and training time of EchoDistill, its ablations and baselines
     bench quality-merge   one quality table from runs made side by side
     bench lr-sweep        each quality-benchmark method's learning rate, chosen on a tuning concept and seed
@@ -35,6 +36,9 @@ def _add_bench_commands(bench: argparse.ArgumentParser) -> None:
                 add_arguments=add_sample_arguments, run=run_sample)
     add_command(bench_commands, "train", help="EchoDistill train_step per preset vs Custom Diffusion",
                 add_arguments=add_train_arguments, run=run_train)
+    add_command(bench_commands, "memory",
+                help="each preset's estimated peak memory and FLOPs per iteration (meta device; SD 2.x and SDXL)",
+                add_arguments=add_memory_arguments, run=run_memory)
     add_command(bench_commands, "quality",
                 help="subject/prompt fidelity and training time of EchoDistill, its ablations and baselines",
                 add_arguments=add_quality_arguments, run=run_quality)
@@ -85,10 +89,9 @@ DEVICE_HELP = "torch device, e.g. cpu, cuda (default: cuda when there is one, el
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.measuring import DTYPE_NAMES
-    from ..benchmarks.random_pairs import MODELS
+    from ..benchmarks.random_pairs import MODEL_HELP, MODELS
 
-    parser.add_argument("--model", choices=tuple(MODELS), default="sd",
-                        help="sd: SD-Turbo / SD 2.1 architectures with random weights; tiny: the test models")
+    parser.add_argument("--model", choices=tuple(MODELS), default="sd", help=MODEL_HELP)
     parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to time")
@@ -108,11 +111,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.measuring import DTYPE_NAMES
-    from ..benchmarks.random_pairs import MODELS
+    from ..benchmarks.random_pairs import MODEL_HELP, MODELS
     from ..training.config import PRESETS
 
-    parser.add_argument("--model", choices=tuple(MODELS), default="sd",
-                        help="sd: SD-Turbo / SD 2.1 architectures with random weights; tiny: the test models")
+    parser.add_argument("--model", choices=tuple(MODELS), default="sd", help=MODEL_HELP)
     parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weights dtype (presets autocast)")
     parser.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS),
@@ -122,6 +124,30 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (square)")
     parser.add_argument("--out", default="bench_train.json", help="JSON file for every number")
     _add_threads_argument(parser)
+
+
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..training.config import PRESETS
+
+    parser.add_argument("--models", nargs="+", choices=("sd", "sdxl", "tiny"), default=["sd", "sdxl"],
+                        help="model lines to estimate: sd (SD-Turbo + SD 2.1 base), sdxl (SDXL-Turbo + SDXL base)")
+    parser.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS),
+                        help="training presets to estimate")
+    parser.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (square)")
+    parser.add_argument("--teacher-resolutions", type=int, nargs="*", default=[],
+                        help="also count the teacher's own iteration alone at these sizes in pixels, e.g. 512 1024")
+    parser.add_argument("--out", default="bench_memory.json", help="JSON file for every number")
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from ..benchmarks.measuring import BenchError
+    from ..benchmarks.memory import bench_memory, memory_table
+
+    sizes = [args.resolution, *args.teacher_resolutions]
+    if any(size < 64 or size % 64 for size in sizes):
+        raise BenchError(f"resolutions {sizes}: each must be a multiple of 64 pixels, at least 64")
+    report = bench_memory(tuple(args.models), tuple(args.presets), args.resolution, tuple(args.teacher_resolutions))
+    return _finish(report, memory_table(report), args.out)
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +180,7 @@ def _finish(report: dict, table: str, out: str) -> int:
 
 def run_sample(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
+    from ..benchmarks.meta_run import flops_by_model
     from ..benchmarks.speed import bench_sample, sample_table
     from ..sampling.speed import SamplerOptions
 
@@ -162,15 +189,18 @@ def run_sample(args: argparse.Namespace) -> int:
                              cuda_graph=args.cuda_graph)
     report = bench_sample(args.model, _default_device(args.device), args.dtype, tuple(args.batch), args.size,
                           args.repeats, args.warmup, options)
+    report["flops_by_model"] = flops_by_model(args.model, "sample", args.size)
     return _finish(report, sample_table(report), args.out)
 
 
 def run_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
+    from ..benchmarks.meta_run import flops_by_model
     from ..benchmarks.speed import bench_train, train_table
 
     report = bench_train(args.model, _default_device(args.device), args.dtype, tuple(args.presets), args.steps,
                          args.warmup, args.resolution)
+    report["flops_by_model"] = flops_by_model(args.model, "train", args.resolution, tuple(args.presets))
     return _finish(report, train_table(report), args.out)
 
 

@@ -162,7 +162,7 @@ def run_training(
 def _train(args: argparse.Namespace) -> int:
     from ..models.pair import load_model_pair
     from ..sampling.samplers import native_resolution
-    from ..training.config import TrainConfig, preset
+    from ..training.config import LINE_PRESETS, TrainConfig, preset
 
     out = Path(args.out)
     if out.suffix != ".safetensors" or out.is_dir():  # checked before training: the bundle could never be written
@@ -191,6 +191,9 @@ def _train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
     )
+    if not args.config and pair.is_sdxl:  # the preset as SDXL has it (LINE_PRESETS: lite trains LoRA K/V)
+        config = config.with_changes(**{k: v for k, v in LINE_PRESETS["sdxl"].get(args.preset, {}).items()
+                                        if k not in overrides})
     if not args.config and "resolution" not in overrides:  # the preset's 512 would be noise for the mini world
         config = config.with_changes(resolution=native_resolution(pair, "student"))
     images = concept_images(args.images, config.resolution)  # again at the final resolution: its size check

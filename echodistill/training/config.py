@@ -276,21 +276,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# What a preset changes on top for one model line, where that line's size calls for it (estimates: `echodistill
+# bench memory`, docs/memory.md). SDXL: the paper's full cross-attention K/V deltas are 683 M parameters in its two
+# UNets, 10.9 GB in fp32 with their gradients and AdamW moments, so `lite` (at most 24 GB) trains LoRA on the same
+# K/V projections instead (the config's LoRA defaults).
+LINE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "sd": {},
+    "sdxl": {"lite": {"adapter": "lora"}},
+}
+
+
 def echo_schedule(steps: int) -> dict[str, int]:
     """The echo schedule scaled to a run of `steps`: the paper's 500 and 250 of 1000 iterations
     (first echo half-way, then every quarter), so a short run echoes too."""
     return {"echo_start": max(1, steps // 2), "echo_every": max(1, steps // 4)}
 
 
-def preset(name: str, **overrides) -> TrainConfig:
-    """A named preset, with field overrides (each validated).
+def preset(name: str, *, line: str = "sd", **overrides) -> TrainConfig:
+    """A named preset for a model line ("sd": SD 1.x / 2.x, "sdxl"), with field overrides (each validated).
 
+    `LINE_PRESETS` says what a line changes (SDXL's `lite` trains LoRA K/V); overrides win over both.
     Given `steps` without `echo_start` / `echo_every`, the echo schedule follows the run's length
     (`echo_schedule`): the paper's 500 / 250 would never echo in a 200-step run.
+    Raises ConfigError for an unknown preset, line or field.
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **overrides}
+    if line not in LINE_PRESETS:
+        raise ConfigError(f"unknown model line {line!r}; valid lines: {', '.join(LINE_PRESETS)}")
+    values = {**PRESETS[name], **LINE_PRESETS[line].get(name, {}), **overrides}
     if "steps" in overrides:
         values = {**echo_schedule(int(overrides["steps"])), **values}
     return TrainConfig().with_changes(**values)
