@@ -93,6 +93,21 @@ def test_manifest_builds_each_concepts_config_and_knows_the_mini_world(tiny_pair
     assert proc.subject == "procedural_3" and proc.captions == ("{}",) * 5
 
 
+def test_manifest_presets_follow_the_teachers_model_line(tiny_pair_folders, tiny_sdxl_folders, tmp_path):
+    _photos(tmp_path / "good", 40)
+    concepts = [{"name": "a", "photos": "good", "class_word": "dog"},
+                {"name": "b", "photos": "good", "class_word": "dog", "config": {"adapter": "custom_diffusion"}}]
+    shared = {**SHARED, "preset": "lite"}
+    sdxl = load_manifest(_write_manifest(tmp_path / "xl.toml", tiny_sdxl_folders, concepts, shared))
+    assert [c.config.adapter for c in sdxl.concepts] == ["lora", "custom_diffusion"]  # SDXL lite; the user's wins
+    sd = load_manifest(_write_manifest(tmp_path / "sd.toml", tiny_pair_folders, concepts, shared))
+    assert [c.config.adapter for c in sd.concepts] == ["custom_diffusion", "custom_diffusion"]
+    not_a_model = tmp_path / "notes.safetensors"
+    not_a_model.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="teacher: "):
+        load_manifest(_write_manifest(tmp_path / "bad.toml", (not_a_model, tiny_pair_folders[1]), concepts, shared))
+
+
 def test_the_shipped_example_manifest_is_valid():
     root = Path(__file__).resolve().parents[1]
     manifest = load_manifest(root / "docs" / "fleet-miniworld.toml")

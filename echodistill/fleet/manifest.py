@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EchoDistillError
 from ..training.config import PRESETS, TrainConfig, preset
 
 if sys.version_info >= (3, 11):
@@ -136,6 +136,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     for key in ("steps", "resolution", "seed"):
         if key in data:
             shared[key] = data[key]
+    line = "sd"
     for role in ("teacher", "student"):
         if not isinstance(data.get(role), str):
             problems.append(f"`{role}` is missing: a checkpoint, a diffusers folder or miniworld/{role}")
@@ -147,6 +148,11 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
             continue
         if not model.exists():
             problems.append(f"{role}: {model} does not exist")
+        elif role == "teacher":
+            try:
+                line = model_line(model, data.get("teacher_family", "auto"))
+            except EchoDistillError as exc:
+                problems.append(f"teacher: {exc}")
 
     entries = data.get("concept", [])
     if not isinstance(entries, list) or not entries:
@@ -166,7 +172,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
             if entry["name"] in seen:
                 problems.append(f"{where}: duplicate output name (also concept #{seen[entry['name']]})")
             seen.setdefault(entry["name"], index)
-        job = _concept_job(entry, where, shared, preset_name, known, path.parent, problems)
+        job = _concept_job(entry, where, shared, preset_name, known, path.parent, problems, line)
         if job is not None and not name_problem:
             jobs.append(job)
     if problems:
@@ -184,7 +190,7 @@ def _table(value, where: str, problems: list[str]) -> dict:
 
 
 def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known: set[str], base: Path,
-                 problems: list[str]) -> ConceptJob | None:
+                 problems: list[str], line: str = "sd") -> ConceptJob | None:
     count = len(problems)
     problems += [f"{where}: unknown key {k!r}; valid: {', '.join(sorted(CONCEPT_KEYS))}"
                  for k in sorted(set(entry) - CONCEPT_KEYS)]
@@ -222,7 +228,7 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
     if "token" in entry:
         changes["token"] = entry["token"]
     try:
-        config = build_config(preset_name, changes)
+        config = build_config(preset_name, changes, line)
     except (ConfigError, TypeError) as exc:
         problems.append(f"{where}: {exc}")
         return None
@@ -230,8 +236,17 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
                       captions=None if captions is None else tuple(captions))
 
 
-def build_config(preset_name: str, changes: dict) -> TrainConfig:
-    """A preset with `changes`, validated by TrainConfig itself; lists become tuples as TOML has no tuple."""
+def model_line(teacher: Path, family: str = "auto") -> str:
+    """The model line ("sd" or "sdxl", training.config.LINE_PRESETS) of the teacher at `teacher`, read from its
+    header or config folder without loading weights; raises the loader's error for a file it cannot read."""
+    from ..models.loading import ModelSource
+
+    return "sdxl" if ModelSource.open(teacher, family, role="teacher").config.is_sdxl else "sd"
+
+
+def build_config(preset_name: str, changes: dict, line: str = "sd") -> TrainConfig:
+    """A preset as `line` has it (SDXL's lite trains LoRA K/V) with `changes`, validated by TrainConfig itself;
+    lists become tuples as TOML has no tuple."""
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
     if preset_name == MINIWORLD_PRESET:
         from ..miniworld.recipe import tuned_config
@@ -240,4 +255,4 @@ def build_config(preset_name: str, changes: dict) -> TrainConfig:
         class_word = changes.pop("class_word")
         config = tuned_config(class_word, steps, seed)
         return TrainConfig.from_dict({**config.to_dict(), **changes})
-    return preset(preset_name, **changes)
+    return preset(preset_name, line=line, **changes)
