@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from echodistill.concepts.bundle import BundleMismatchError, ConceptBundle
 from echodistill.concepts.export import ExportError, export_embedding, export_lora
@@ -159,12 +160,17 @@ def test_sdxl_bundle_stores_clip_l_and_clip_g_and_applies_only_to_sdxl(make_trai
     with pytest.raises(BundleMismatchError,
                        match="trained on an SDXL pair .* but the loaded models are an SD 1.x / 2.x pair"):
         loaded.apply(load_model_pair(*tiny_pair_folders), parts=("student",))
-    # Exported as SDXL files: SGM-named LoRA keys (the tiny family is not shipped, so its UNet config is
-    # needed to name them) and the student's own clip_l / clip_g rows.
-    with pytest.raises(ExportError, match="pass unet_config="):
-        export_lora(loaded, tmp_path / "out.safetensors")
+    # Exported as SDXL files: SGM-named LoRA keys and the student's own clip_l / clip_g rows. The tiny family
+    # is not shipped, so the keys are named from the UNet configs the bundle stored at training.
+    assert loaded.unet_configs["student"]["cross_attention_dim"] == fresh.student.unet.config.cross_attention_dim
+    assert loaded.unet_configs["student"]["addition_embed_type"] == "text_time"
+    forgotten = ConceptBundle(**{**loaded.__dict__, "unet_configs": {}})  # as saved before configs were stored
+    with pytest.raises(ExportError, match="saved without its UNet's config.*pass unet_config="):
+        export_lora(forgotten, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
-    report = export_lora(loaded, tmp_path / "out.safetensors", unet_config=dict(fresh.student.unet.config))
+    given = export_lora(forgotten, tmp_path / "given.safetensors", unet_config=dict(fresh.student.unet.config))
+    report = export_lora(loaded, tmp_path / "out.safetensors")
+    assert load_file(given.path).keys() == load_file(report.path).keys()
     assert report.layers == len(bundle.student_adapter) and report.max_error == 0.0  # full rank: ΔW itself, exact
     with safe_open(str(report.path), "pt") as handle:
         assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))

@@ -33,6 +33,11 @@ METADATA_KEY = "echodistill"
 SDXL_ROW_NAMES = ("clip_l", "clip_g")  # ComfyUI's SDXL embedding keys, in text-encoder order
 
 
+def _plain_config(config) -> dict:
+    """A diffusers config as plain JSON values (tuples become lists; private keys such as _diffusers_version dropped)."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+
+
 def bundle_summary(path: str | os.PathLike) -> list[str] | None:
     """What a concept bundle file holds, in a few lines read from its header alone; None when the file is
     not a bundle (no readable ``echodistill`` header), so callers can try other readings of it."""
@@ -83,6 +88,9 @@ class ConceptBundle:
     student_embedding: torch.Tensor | None = None  # (D,) the student's own row (shared_text_encoder=False)
     embedding_2: torch.Tensor | None = None  # (1280,) SDXL: the row in the second (OpenCLIP ViT-bigG) encoder
     student_embedding_2: torch.Tensor | None = None  # (1280,) SDXL: the student's own second row
+    # SDXL: {"teacher"|"student": the UNet's diffusers config}, so an export can name its SGM keys for any
+    # SDXL family, shipped or not (SD 1.x / 2.x exports use diffusers names and need none)
+    unet_configs: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_trained_pair(cls, pair: ModelPair, config, step: int, *, teacher_adapter: dict[str, torch.Tensor],
@@ -111,6 +119,8 @@ class ConceptBundle:
             step=step,
             student_embedding=None if own is None else own[0].detach().clone(),
             student_embedding_2=None if own is None or len(own) < 2 else own[1].detach().clone(),
+            unet_configs={part: _plain_config(getattr(pair, part).unet.config) for part in ("teacher", "student")}
+            if len(rows) > 1 else {},
         )
 
     @property
@@ -159,6 +169,7 @@ class ConceptBundle:
             "config": self.config,
             "step": self.step,
             "version": self.version,
+            **({"unet_configs": self.unet_configs} if self.unet_configs else {}),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -199,6 +210,7 @@ class ConceptBundle:
             step=meta.get("step", 0),
             version=meta.get("version", "unknown"),
             student_embedding=tensors.get(f"student_{first}" if sdxl else "student_embedding"),
+            unet_configs=meta.get("unet_configs", {}),
         )
 
     # --- applying ----------------------------------------------------------------------------

@@ -221,7 +221,7 @@ def export_lora(
     deltas = bundle_deltas(bundle, part)  # module -> (out, in)
     if not deltas:
         raise ExportError(f"the bundle has no {part} adapter weights to export")
-    layout = export_unet_config(bundle.is_sdxl, bundle.families, part, unet_config)
+    layout = export_unet_config(bundle.is_sdxl, bundle.families, part, unet_config, bundle.unet_configs.get(part))
     if unet_config is not None or layout is not None:
         check_against_unet({m: tuple(d.shape) for m, d in deltas.items()}, unet_config if unet_config is not None
                            else layout)

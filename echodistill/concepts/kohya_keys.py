@@ -81,10 +81,11 @@ def _describe(unet_config: Mapping) -> str:
 
 
 def export_unet_config(sdxl: bool, families: Mapping[str, str], part: str,
-                       unet_config: Mapping | nn.Module | None) -> Mapping | None:
+                       unet_config: Mapping | nn.Module | None, stored: Mapping | None = None) -> Mapping | None:
     """The diffusers UNet config an export of `part` is named and checked against.
 
-    `unet_config` (a config mapping, or a diffusers UNet whose ``.config`` is read) when given; else, for an
+    `unet_config` (a config mapping, or a diffusers UNet whose ``.config`` is read) when given; else the
+    config the SDXL bundle stored at training (`stored`, ConceptBundle.unet_configs); else, for an
     SDXL concept trained on a shipped family (sdxl-base, sdxl-turbo), that family's UNet config; else None
     (SD 1.x / 2.x need none: their keys are diffusers paths). Raises ExportError, in one line naming both, when
     the config is of the other kind than the concept (SDXL vs SD 1.x / 2.x), and when an SDXL concept of
@@ -101,11 +102,14 @@ def export_unet_config(sdxl: bool, families: Mapping[str, str], part: str,
     family = families.get(part)
     if not sdxl:
         return None
+    if stored:
+        return stored
     if family in SDXL_FAMILIES:
         return family_config(family).unet
     raise ExportError(
-        f"this SDXL concept's {part} family {family!r} is not a shipped one ({', '.join(SDXL_FAMILIES)}), so its "
-        "UNet layout is unknown: pass unet_config= (the diffusers config of the UNet it was trained on)",
+        f"this SDXL concept's {part} family {family!r} is not a shipped one ({', '.join(SDXL_FAMILIES)}) and the "
+        "concept was saved without its UNet's config, so its UNet layout is unknown: pass unet_config= (the diffusers "
+        "config of the UNet it was trained on), or retrain it with this version, which stores it",
         parameters=("unet_config",))
 
 
