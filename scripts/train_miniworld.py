@@ -95,7 +95,8 @@ FULL = RunSettings(
     vae=VaeSettings(steps=1500, full_steps=150),
     teacher=TeacherSettings(steps=8000, batch=64, text_lr=0.0),
     student=StudentSettings(pairs=6144, pair_steps=8, steps=1500, batch=64),
-    oracle=OracleSettings(images=24000, reader_steps=1500, subjects=16000, views=4, steps=5000, subjects_per_batch=64),
+    oracle=OracleSettings(images=24000, reader_steps=1500, subjects=16000, views=4, steps=6000, subjects_per_batch=64,
+                          negative_weight=1.0),
 )
 QUICK = RunSettings(
     train_images=512,

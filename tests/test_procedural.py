@@ -252,6 +252,20 @@ def test_supervised_contrastive_loss_rewards_pulling_positives_together():
     assert torch.allclose(lone, -torch.log(e / (e + 2)))
 
 
+def test_negative_cosine_penalty_counts_only_other_subjects_above_zero():
+    from echodistill.miniworld.oracle_train import negative_cosine_penalty
+
+    labels = torch.tensor([0, 0, 1, 2])
+    # 0 and 0: the same subject (never penalized); 0 vs 1 at cosine 0.6; 2 at cosine -0.8 to the rest (clipped)
+    embeddings = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [-0.8, 0.0, 0.6]])
+    # ordered pairs of different subjects: 10 (of 12); four at 0.6 (0-2, 1-2 both ways), the rest clipped or 0
+    cos_1_2 = float(embeddings[2] @ embeddings[3])  # -0.48: clipped
+    assert cos_1_2 < 0
+    expected = 4 * 0.6 ** 2 / 10
+    assert torch.isclose(negative_cosine_penalty(embeddings, labels), torch.tensor(expected))
+    assert negative_cosine_penalty(torch.eye(3), torch.tensor([0, 1, 2])) == 0
+
+
 def test_an_encoder_file_with_classifier_prototypes_still_loads(tmp_path):
     from safetensors.torch import save_file
 

@@ -42,6 +42,10 @@ class OracleSettings:
     steps: int = 1500  # the encoder's steps
     subjects_per_batch: int = 48  # P: a batch is two views of each of P subjects
     temperature: float = 0.1  # of the contrastive softmax over cosines (SupCon's default)
+    # Weight of mean(max(0, cos)²) over the batch's pairs of different subjects. SupCon only ranks a subject's
+    # partner above the others, so unrelated subjects may stay at cosine 0.4-0.6; the metric reports
+    # max(0, cos), so this term pulls them to 0 or below, where an unrelated subject scores nothing.
+    negative_weight: float = 0.0
     lr: float = 2e-3
     warmup: int = 50
     checkpoint_every: int = 200
@@ -118,6 +122,12 @@ def subject_views(subjects: int, views: int, seed: int, seeds: SeedRange = ORACL
     return SubjectViews(np.stack(images), np.asarray(labels, dtype=np.int64), views)
 
 
+def negative_cosine_penalty(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """mean(max(0, cos)²) over pairs of pictures of different subjects: embeddings (B, D) unit length -> scalar."""
+    negatives = labels[:, None] != labels[None, :]
+    return ((embeddings @ embeddings.T).clamp(min=0) ** 2)[negatives].mean()
+
+
 def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """SupCon (Khosla et al., 2020, eq. 2): embeddings (B, D) unit length, labels (B,) -> scalar.
 
@@ -181,7 +191,8 @@ def train_attribute_reader(train: RenderedSet, settings: OracleSettings, seed: i
 
 def train_subject_encoder(pool: SubjectViews, settings: OracleSettings, seed: int, log: Log,
                           resume_path: Path | None = None) -> SubjectEncoder:
-    """The encoder, by the supervised contrastive loss over two degraded, randomly mirrored views per subject."""
+    """The encoder, by the supervised contrastive loss over two degraded, randomly mirrored views per subject,
+    plus `settings.negative_weight` × negative_cosine_penalty."""
     torch.manual_seed(seed + 1)
     generator = torch.Generator().manual_seed(seed + 5)
     encoder = SubjectEncoder().train()
@@ -198,12 +209,15 @@ def train_subject_encoder(pool: SubjectViews, settings: OracleSettings, seed: in
         batch = degrade(pixels[index].float() / 127.5 - 1, generator)
         # A mirror image is the same subject, so mirrored views are positives too.
         batch = torch.where((torch.rand(len(index), generator=generator) < 0.5).view(-1, 1, 1, 1), batch.flip(-1), batch)
-        loss = supervised_contrastive_loss(encoder(batch), labels[index], settings.temperature)
+        embeddings = encoder(batch)
+        contrastive = supervised_contrastive_loss(embeddings, labels[index], settings.temperature)
+        penalty = negative_cosine_penalty(embeddings, labels[index])
+        loss = contrastive + settings.negative_weight * penalty
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        meter.add(encoder=loss.item())
+        meter.add(encoder=contrastive.item(), negatives=penalty.item())
         if step % 100 == 0 or step == settings.steps:
             log(f"encoder {meter.line(step, settings.steps)}")
         if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
