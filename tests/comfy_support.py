@@ -318,3 +318,33 @@ class ComfyServer:
             return prompt_id, messages, binary
 
         return asyncio.run(watch())
+
+
+def lora_graph(checkpoint: str, lora_name: str, prompt: str, seed: int, prefix: str, *, strength: float = 1.0,
+               steps: int = 1, ksampler: str | None = None) -> dict:
+    """A core-nodes API graph: checkpoint -> LoraLoader -> CLIPTextEncode(prompt) and "" -> SDTurboScheduler +
+    euler in SamplerCustom at cfg 1 (or, with `ksampler`, a plain KSampler with that scheduler and euler) on a
+    64x64 empty latent; saves the image under `prefix` and the latent under latents/`prefix`."""
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+                                                    "strength_model": strength, "strength_clip": 1.0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": prompt}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
+        "5": {"class_type": "SDTurboScheduler", "inputs": {"model": ["2", 0], "steps": steps, "denoise": 1.0}},
+        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["2", 0], "add_noise": True, "noise_seed": seed, "cfg": 1.0, "positive": ["3", 0],
+            "negative": ["4", 0], "sampler": ["6", 0], "sigmas": ["5", 0], "latent_image": ["7", 0]}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": prefix}},
+        "11": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": f"latents/{prefix}"}},
+    }
+    if ksampler is not None:
+        for node in ("5", "6"):
+            del graph[node]
+        graph["8"] = {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": ksampler,
+            "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["7", 0], "denoise": 1.0}}
+    return graph

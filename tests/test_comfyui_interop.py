@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import comfy_support
+
 from echodistill.concepts.bundle import ConceptBundle
 from echodistill.concepts.export import export_embedding, export_lora
 from echodistill.models.adapters import adapter_state_dict, add_custom_diffusion
@@ -62,31 +64,8 @@ def concept(mini_sd2, comfy_models):
 
 def _graph(lora_name: str, prefix: str, strength: float = 1.0, steps: int = 1, prompt: str = PROMPT,
            ksampler: str | None = None) -> dict:
-    """The core-nodes graph: SDTurboScheduler + SamplerCustom, or with `ksampler` a plain KSampler with that
-    scheduler and the euler sampler (what the SDXL core-nodes workflow uses)."""
-    graph = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "mini_turbo.ckpt"}},
-        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
-                                                    "strength_model": strength, "strength_clip": 1.0}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": prompt.format("embedding:echo_concept")}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
-        "5": {"class_type": "SDTurboScheduler", "inputs": {"model": ["2", 0], "steps": steps, "denoise": 1.0}},
-        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "8": {"class_type": "SamplerCustom", "inputs": {
-            "model": ["2", 0], "add_noise": True, "noise_seed": SEED, "cfg": 1.0, "positive": ["3", 0],
-            "negative": ["4", 0], "sampler": ["6", 0], "sigmas": ["5", 0], "latent_image": ["7", 0]}},
-        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
-        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": prefix}},
-        "11": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": f"latents/{prefix}"}},
-    }
-    if ksampler is not None:
-        for node in ("5", "6"):
-            del graph[node]
-        graph["8"] = {"class_type": "KSampler", "inputs": {
-            "model": ["2", 0], "seed": SEED, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": ksampler,
-            "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["7", 0], "denoise": 1.0}}
-    return graph
+    return comfy_support.lora_graph("mini_turbo.ckpt", lora_name, prompt.format("embedding:echo_concept"), SEED,
+                                    prefix, strength=strength, steps=steps, ksampler=ksampler)
 
 
 @pytest.mark.parametrize("export", ["diff", "lowrank"])

@@ -82,22 +82,8 @@ def comfy_modules():
 
 
 def _graph(lora_name: str, prefix: str, strength: float = 1.0) -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
-                                                    "strength_model": strength, "strength_clip": 1.0}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": PROMPT.format(f"embedding:{EMBEDDING}")}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
-        "5": {"class_type": "SDTurboScheduler", "inputs": {"model": ["2", 0], "steps": 1, "denoise": 1.0}},
-        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "8": {"class_type": "SamplerCustom", "inputs": {
-            "model": ["2", 0], "add_noise": True, "noise_seed": SEED, "cfg": 1.0, "positive": ["3", 0],
-            "negative": ["4", 0], "sampler": ["6", 0], "sigmas": ["5", 0], "latent_image": ["7", 0]}},
-        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
-        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": prefix}},
-        "11": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": f"latents/{prefix}"}},
-    }
+    return comfy_support.lora_graph(CHECKPOINT, lora_name, PROMPT.format(f"embedding:{EMBEDDING}"), SEED, prefix,
+                                    strength=strength)
 
 
 def _latent(server, prefix: str) -> torch.Tensor:

@@ -6,7 +6,6 @@ Run with `-s` to see the measured max-abs errors.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import warnings
@@ -29,34 +28,19 @@ from echodistill.concepts.export import (
 from echodistill.concepts.reference import apply_kohya_lora
 from echodistill.jobs.runs import sample
 from echodistill.models import tiny
-from echodistill.models.adapters import WeightDelta, adapter_state_dict, add_custom_diffusion, add_lora
+from echodistill.models.adapters import WeightDelta
 from echodistill.models.pair import load_model_pair
 from echodistill.sampling.samplers import alphas_cumprod_for, initial_noise
+
+from test_other_clients import _bundle
 
 PROMPT = "a photo of {} dog"
 UNET_PREFIX = "model.diffusion_model."
 
 
 def _sdxl_bundle(pair, adapter="custom_diffusion", seed=0) -> ConceptBundle:
-    """A bundle over the tiny SDXL pair's fingerprints: random (far from zero) adapter weights and rows."""
-    generator = torch.Generator().manual_seed(seed)
-    states = {}
-    for part in ("student", "teacher"):
-        unet = copy.deepcopy(getattr(pair, part).unet)
-        if adapter == "custom_diffusion":
-            add_custom_diffusion(unet)
-        else:
-            add_lora(unet, 3, 6.0, ("attn2.to_k", "attn2.to_v"))
-        states[part] = {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in adapter_state_dict(unet).items()}
-    widths = [encoder.config.hidden_size for encoder in pair.text_encoders]  # (24, 32): CLIP-L-like, bigG-like
-    rows = [torch.randn(width, generator=generator) for width in widths]
-    return ConceptBundle(
-        token="<v*>", initializer="dog", class_word="dog", embedding=rows[0], embedding_2=rows[1], adapter=adapter,
-        student_adapter=states["student"], teacher_adapter=states["teacher"], fingerprints=pair.fingerprints(),
-        families={"teacher": pair.teacher.family, "student": pair.student.family},
-        config={"adapter": adapter, "lora_rank": 3, "lora_alpha": 6.0, "lora_targets": ["attn2.to_k", "attn2.to_v"]},
-        step=5,
-    )
+    """A bundle over the tiny SDXL pair's fingerprints: random (far from zero) adapter weights and both rows."""
+    return _bundle(pair, adapter, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ PROMPT = "a photo of {} dog"
 
 
 def _bundle(pair, adapter="custom_diffusion", targets=("attn2.to_k", "attn2.to_v"), extra_modules=(), seed=0):
-    """A bundle with random, far-from-zero adapter weights on the tiny pair; `extra_modules` adds
+    """A bundle with random, far-from-zero adapter weights and token rows (one per text encoder: two on an
+    SDXL pair) on a tiny pair; `extra_modules` adds
     custom-diffusion ΔW on further Linear layers (so full-rank factors differ in rank per layer)."""
     generator = torch.Generator().manual_seed(seed)
     states = {}
@@ -44,10 +45,10 @@ def _bundle(pair, adapter="custom_diffusion", targets=("attn2.to_k", "attn2.to_v
             if name.endswith(extra_modules) and extra_modules and isinstance(module, torch.nn.Linear):
                 state[f"{name}.delta"] = torch.randn(module.weight.shape, generator=generator) * 0.05
         states[part] = state
-    width = pair.text_encoder.config.hidden_size
+    rows = [torch.randn(encoder.config.hidden_size, generator=generator) for encoder in pair.text_encoders]
     return ConceptBundle(
-        token="<v*>", initializer="dog", class_word="dog", embedding=torch.randn(width, generator=generator),
-        adapter=adapter, student_adapter=states["student"], teacher_adapter=states["teacher"],
+        token="<v*>", initializer="dog", class_word="dog", embedding=rows[0],
+        embedding_2=rows[1] if len(rows) > 1 else None, adapter=adapter, student_adapter=states["student"], teacher_adapter=states["teacher"],
         fingerprints=pair.fingerprints(), families={"teacher": pair.teacher.family, "student": pair.student.family},
         config={"adapter": adapter, "lora_rank": 3, "lora_alpha": 6.0, "lora_targets": list(targets)}, step=5,
     )

@@ -55,7 +55,7 @@ def _pipeline(pair, unet, scheduler) -> StableDiffusionPipeline:
     return pipe
 
 
-def _pipeline_outputs(pipe, prompts, seeds, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def pipeline_outputs(pipe, prompts, seeds, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, images) from diffusers: output_type "latent" and "pt", same generators."""
     common = dict(prompt=prompts, height=SIZE, width=SIZE, **kwargs)
     latents = pipe(output_type="latent", generator=_generators(seeds), **common).images
@@ -63,7 +63,7 @@ def _pipeline_outputs(pipe, prompts, seeds, **kwargs) -> tuple[torch.Tensor, tor
     return latents, images
 
 
-def _report(what: str, ours, latents, images) -> tuple[float, float]:
+def report(what: str, ours, latents, images) -> tuple[float, float]:
     latent_err = (ours.latents - latents).abs().max().item()
     image_err = (ours.images - images).abs().max().item()
     print(f"\n{what}: max|Δlatents| {latent_err:.3g} (|latents| ≤ {latents.abs().max():.3g}), "
@@ -94,9 +94,9 @@ def test_student_matches_diffusers_euler_trailing(pair, steps, guidance):
     sigma_max = scheduler.sigmas[0]
     noise = randn_tensor((len(SEEDS), 4, 8, 8), generator=_generators(SEEDS), dtype=torch.float32)
     start = noise * (sigma_max**2 + 1).sqrt() / sigma_max
-    latents, images = _pipeline_outputs(pipe, PROMPTS, SEEDS, num_inference_steps=steps, guidance_scale=guidance,
+    latents, images = pipeline_outputs(pipe, PROMPTS, SEEDS, num_inference_steps=steps, guidance_scale=guidance,
                                         latents=start)
-    latent_err, image_err = _report(f"student {steps} step(s), guidance {guidance}", ours, latents, images)
+    latent_err, image_err = report(f"student {steps} step(s), guidance {guidance}", ours, latents, images)
     # Relative bound: latents reach |53| here, since 1/sqrt(ᾱ_999) amplifies ε̂ about 15x.
     assert latent_err < 1e-5 * latents.abs().max()
     assert image_err < 1e-5
@@ -114,7 +114,7 @@ def test_diffusers_default_start_is_the_same_sampler_from_scaled_noise(pair, ste
         latents = denoise(pair.student.unet, scaled, cond, None, 0.0, schedule, alphas_cumprod,
                           pair.student.prediction_type)
     pipe = _pipeline(pair, pair.student.unet, EulerDiscreteScheduler.from_config(config))
-    theirs, _ = _pipeline_outputs(pipe, PROMPTS, SEEDS, num_inference_steps=steps, guidance_scale=0.0)
+    theirs, _ = pipeline_outputs(pipe, PROMPTS, SEEDS, num_inference_steps=steps, guidance_scale=0.0)
     same = (latents - theirs).abs().max().item()
     assert same < 1e-5 * theirs.abs().max()
     ours = sample_student(pair, PROMPTS, seeds=SEEDS, steps=steps, width=SIZE, height=SIZE)
@@ -130,8 +130,8 @@ def test_teacher_matches_diffusers_ddim_with_cfg(pair, v_pair, which):
     assert model_pair.teacher.prediction_type == which
     ours = sample_teacher(model_pair, PROMPTS, seeds=SEEDS, steps=5, guidance=7.5, width=SIZE, height=SIZE)
     pipe = _pipeline(model_pair, model_pair.teacher.unet, DDIMScheduler.from_config(model_pair.teacher.scheduler_config))
-    latents, images = _pipeline_outputs(pipe, PROMPTS, SEEDS, num_inference_steps=5, guidance_scale=7.5)
-    latent_err, image_err = _report(f"teacher DDIM 5 steps, CFG 7.5, {which}", ours, latents, images)
+    latents, images = pipeline_outputs(pipe, PROMPTS, SEEDS, num_inference_steps=5, guidance_scale=7.5)
+    latent_err, image_err = report(f"teacher DDIM 5 steps, CFG 7.5, {which}", ours, latents, images)
     assert latent_err < 1e-5 * latents.abs().max()
     assert image_err < 1e-5
 

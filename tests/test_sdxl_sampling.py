@@ -16,6 +16,9 @@ from echodistill.models.pair import load_model_pair
 from echodistill.sampling.samplers import SamplingError, sample_student, sample_teacher
 from echodistill.sampling.speed import SamplerOptions
 
+import test_sampling as parity  # the SD 2.x parity helpers: diffusers' outputs and the report
+from test_sampling import _generators
+
 SIZE = 64
 PROMPTS = ["a photo of a dog", "a red car on a street", "a photo of a dog"]
 SEEDS = [0, 1, 2]
@@ -24,10 +27,6 @@ SEEDS = [0, 1, 2]
 @pytest.fixture(scope="module")
 def pair(tiny_sdxl_folders):
     return load_model_pair(*tiny_sdxl_folders)
-
-
-def _generators(seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def _pipeline(pair, unet, scheduler) -> StableDiffusionXLPipeline:
@@ -41,18 +40,11 @@ def _pipeline(pair, unet, scheduler) -> StableDiffusionXLPipeline:
 
 
 def _pipeline_outputs(pipe, seeds, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    common = dict(prompt=PROMPTS, height=SIZE, width=SIZE, **kwargs)
-    latents = pipe(output_type="latent", generator=_generators(seeds), **common).images
-    images = pipe(output_type="pt", generator=_generators(seeds), **common).images
-    return latents, images
+    return parity.pipeline_outputs(pipe, PROMPTS, seeds, **kwargs)
 
 
 def _report(what: str, ours, latents, images) -> tuple[float, float]:
-    latent_err = (ours.latents - latents).abs().max().item()
-    image_err = (ours.images - images).abs().max().item()
-    print(f"\nSDXL {what}: max|Δlatents| {latent_err:.3g} (|latents| ≤ {latents.abs().max():.3g}), "
-          f"max|Δimages| {image_err:.3g}")
-    return latent_err, image_err
+    return parity.report(f"SDXL {what}", ours, latents, images)
 
 
 @pytest.mark.parametrize(("steps", "guidance"), [(1, 0.0), (2, 0.0), (4, 0.0), (1, 3.0)])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -15,18 +14,10 @@ from echodistill.models.concept import concept_embedding
 from echodistill.models.conditioning import Conditioning
 from echodistill.models.pair import load_model_pair
 from echodistill.training.config import TrainConfig
-from echodistill.training.data import load_concept_images
 from echodistill.training.discriminators.teacher_features import TeacherFeatureDiscriminator
 from echodistill.training.trainer import Trainer
 
-
-def _images():
-    pictures = []
-    for i in range(3):
-        picture = Image.new("RGB", (64, 64), (200, 40 * i, 60))
-        picture.paste((20, 20, 220), (16 + 4 * i, 16, 40 + 4 * i, 48))
-        pictures.append(picture)
-    return load_concept_images(pictures, resolution=64)
+from test_trainer import _images  # the same three photos as the SD 2.x trainer tests
 
 
 def _config(**changes) -> TrainConfig:
