@@ -132,7 +132,15 @@ def test_inspect_says_what_a_concept_bundle_holds(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "concept.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "EchoDistill concept bundle" in out and "trained 1 steps" in out
-    assert "token rows embedding" in out and "on student and teacher" in out
+    assert "one token row" in out and "on student and teacher" in out
+    assert main(["inspect", "miniworld/student", "--role", "student"]) == 0  # the loaders' names work here too
+    assert "diffusers folder with its own configs" in capsys.readouterr().out
+    assert main(["inspect", "miniworld/teacher", "--family", "sdxl-base"]) == 2  # its configs say SD 2.x-like
+    assert "is an SD 1.x / 2.x diffusers folder (its own configs say so), but family 'sdxl-base'" in capsys.readouterr().err
+    from echodistill.cli.train import FAMILY_HELP
+    from echodistill.models.families import FAMILIES
+
+    assert all(name in FAMILY_HELP for name in FAMILIES)
     plain = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(1)}, str(plain))
     assert bundle_summary(plain) is None and bundle_summary(tmp_path / "missing.safetensors") is None

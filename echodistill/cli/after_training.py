@@ -257,6 +257,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, help="rank for --mode lowrank (default: full, exact; a lower rank is "
                                                  "smaller and approximate, its error is reported)")
     parser.add_argument("--unet-config", help="the UNet's diffusers config (config.json, or a folder holding "
-                        "unet/config.json): checks the export against it; an SDXL concept trained on other than "
-                        "the shipped sdxl-base / sdxl-turbo needs it to name its keys")
+                        "unet/config.json): checks the export against it; names the keys of an SDXL concept saved "
+                        "without its UNets' configs (concepts trained by this version store them)")
     parser.add_argument("--overwrite", action="store_true", help="replace files that exist")

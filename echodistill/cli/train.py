@@ -15,7 +15,8 @@ SMOKE_STEPS = 4
 
 
 MODEL_HELP = "checkpoint (.safetensors, .ckpt), diffusers folder, or the shipped mini world's miniworld/teacher|student"
-FAMILY_HELP = "model family (sd21-base, sd21-768v, sd-turbo, sd15) or a config folder; auto reads it from the file"
+FAMILY_HELP = ("model family (sd21-base, sd21-768v, sd-turbo, sd15, sdxl-base, sdxl-turbo) or a config folder; "
+               "auto reads it from the file")
 
 
 def model_source(name: str) -> str:
@@ -330,11 +331,12 @@ def _inspect(args: argparse.Namespace) -> int:
     from ..concepts.bundle import bundle_summary
     from ..models.loading import ModelSource
 
-    summary = bundle_summary(args.model) if Path(args.model).is_file() else None
+    model = model_source(args.model)
+    summary = bundle_summary(model) if Path(model).is_file() else None
     if summary is not None:
         print("\n".join(summary))
         return 0
-    source = ModelSource.open(args.model, args.family, role=args.role)
+    source = ModelSource.open(model, args.family, role=args.role)
     print(f"{source.path.name}: family {source.family} ({source.reason})")
     print(
         f"  layout {source.layout}, prediction {source.config.prediction_type}, "

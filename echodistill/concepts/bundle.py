@@ -53,15 +53,17 @@ def bundle_summary(path: str | os.PathLike) -> list[str] | None:
         meta = json.loads(header)
     except json.JSONDecodeError:
         return None
-    rows = [k for k in keys if k in ("embedding", *SDXL_ROW_NAMES)]
+    rows = ("a row in each SDXL text encoder (clip_l, clip_g)" if all(k in keys for k in SDXL_ROW_NAMES)
+            else "one token row (the shared text encoder's)" if "embedding" in keys else "no token row")
     parts = [part for part in ("student", "teacher") if any(k.startswith(f"{part}.") for k in keys)]
     own_rows = any(k.startswith("student_") for k in keys)
     families = meta.get("families", {})
     return [
         f"{Path(path).name}: EchoDistill concept bundle, token {meta.get('token')!r} "
         f"(class word {meta.get('class_word')!r}), trained {meta.get('step', 0)} steps with pack {meta.get('version')}",
-        f"  base models: teacher {families.get('teacher')}, student {families.get('student')}; "
-        f"token rows {', '.join(rows) or 'none'}" + ("; the student has rows of its own" if own_rows else ""),
+        f"  trained on teacher family {families.get('teacher')!r}, student family {families.get('student')!r} "
+        f"(a diffusers folder's family is its folder name); {rows}"
+        + ("; the student has rows of its own" if own_rows else ""),
         f"  adapter {meta.get('adapter')} on {' and '.join(parts) or 'no UNet'}; "
         "apply it with the pack's nodes or `echodistill sample --concept`, or export it with `echodistill export`",
     ]

@@ -100,7 +100,7 @@ class ExportReport:
     def summary(self) -> str:
         rank = "exact ΔW" if self.rank is None else f"rank {self.rank}"
         return (
-            f"{self.path.name}: {self.layers} {self.part} UNet layers, {self.mode} ({rank}), "
+            f"{self.path}: {self.layers} {self.part} UNet layers, {self.mode} ({rank}), "
             f"relative error max {self.max_error:.3g}, mean {self.mean_error:.3g}"
         )
 
@@ -364,8 +364,9 @@ def export_targets(name: str, lora_dir: str | os.PathLike, embedding_dir: str | 
     if not overwrite:
         existing = [str(p) for p in (lora, embedding) if p.exists()]
         if existing:
-            raise OutputExistsError(f"{' and '.join(existing)} already exist(s): pick another name, or pass "
-                                    "overwrite=True to replace it", parameters=("overwrite",))
+            verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+            raise OutputExistsError(f"{' and '.join(existing)} already {verb}: pick another name, or pass "
+                                    f"overwrite=True to replace {them}", parameters=("overwrite",))
     return ExportTargets(lora, embedding)
 
 

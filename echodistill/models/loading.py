@@ -65,9 +65,15 @@ class ModelSource:
             refuse_unsupported_folder(path)
             if not (path / "unet" / "config.json").is_file():
                 raise ModelLoadError(f"{path} is not a diffusers model folder (no unet/config.json)")
+            own = FamilyConfig(path.name, path)
             if family == "auto":
-                return cls(path, FamilyConfig(path.name, path), "diffusers folder with its own configs")
-            return cls(path, family_config(family), "family given by the caller")
+                return cls(path, own, "diffusers folder with its own configs")
+            named = family_config(family)
+            if own.is_sdxl != named.is_sdxl:  # its weights could never fit the named family's modules
+                what = "an SDXL" if own.is_sdxl else "an SD 1.x / 2.x"
+                raise ModelLoadError(f"{path.name} is {what} diffusers folder (its own configs say so), but family "
+                                     f"{named.name!r} was named: name a family of its kind, or leave it on auto")
+            return cls(path, named, "family given by the caller")
         if not path.is_file():
             raise ModelLoadError(f"model not found: {path} (give a .safetensors file or a diffusers folder)")
         weights = TensorFile(path)

@@ -187,9 +187,11 @@ class TrainConfig:
             raise ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]",
                               parameters=("echo_keep_ratio",))
         if self.echo and self.echo_start >= self.steps:
+            # echo starts after step echo_start, so a run of one step can never echo, whatever echo_start is
+            fix = (f"use echo_start={self.steps // 2} (preset() scales it to steps) or echo=False" if self.steps > 1
+                   else "train 2 or more steps, or set echo=False")
             warnings.warn(f"echo=True but echo_start={self.echo_start} >= steps={self.steps}: this run never echoes; "
-                          f"use echo_start={max(1, self.steps // 2)} (preset() scales it to steps) or echo=False",
-                          stacklevel=3)
+                          f"{fix}", stacklevel=3)
         if self.resolution % 64:
             raise ConfigError(f"resolution={self.resolution!r} must be a multiple of 64", parameters=("resolution",))
         for name in ("target_timestep_min", "target_timestep_max", "student_timestep", "discriminator_timestep_max"):
