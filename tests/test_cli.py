@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from PIL import Image
@@ -10,6 +12,7 @@ from safetensors.torch import save_file
 from echodistill.cli import main
 from echodistill.concepts.bundle import ConceptBundle, bundle_summary
 from echodistill.errors import ConfigError
+from echodistill.miniworld.architecture import shipped_model
 from echodistill.models import tiny
 
 
@@ -137,6 +140,11 @@ def test_inspect_says_what_a_concept_bundle_holds(tmp_path, capsys):
     assert "diffusers folder with its own configs" in capsys.readouterr().out
     assert main(["inspect", "miniworld/teacher", "--family", "sdxl-base"]) == 2  # its configs say SD 2.x-like
     assert "is an SD 1.x / 2.x diffusers folder (its own configs say so), but family 'sdxl-base'" in capsys.readouterr().err
+    broken = tmp_path / "broken_folder"
+    shutil.copytree(shipped_model("miniworld/teacher"), broken)
+    (broken / "unet" / "config.json").write_text("{ not json")
+    assert main(["inspect", str(broken), "--family", "sd-turbo"]) == 2
+    assert "unet/config.json is not valid JSON" in capsys.readouterr().err
     from echodistill.cli.train import FAMILY_HELP
     from echodistill.models.families import FAMILIES
 
@@ -144,6 +152,14 @@ def test_inspect_says_what_a_concept_bundle_holds(tmp_path, capsys):
     plain = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(1)}, str(plain))
     assert bundle_summary(plain) is None and bundle_summary(tmp_path / "missing.safetensors") is None
+    for header, problem in (("{not json", "not valid JSON"), ('["a"]', "not a JSON object"),
+                            ('{"token": "<v*>", "families": "x"}', "'initializer' is missing")):
+        damaged = tmp_path / "damaged.safetensors"
+        save_file({"embedding": torch.zeros(4)}, str(damaged), metadata={"echodistill": header})
+        assert main(["inspect", str(damaged)]) == 2 and main(["export", "--concept", str(damaged), "--out",
+                                                               str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error: damaged.safetensors") == 2 and problem in err, err
 
 
 def test_smoke_runs_end_to_end_on_a_tiny_random_pair(tmp_path, capsys):

@@ -322,3 +322,15 @@ def test_export_command_takes_the_unet_config_of_an_sdxl_concept(bundle, tiny_sd
     lora = load_file(tmp_path / "loras" / "xl_concept.safetensors")
     assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in lora
     assert sorted(load_file(tmp_path / "emb" / "xl_concept.safetensors")) == ["clip_g", "clip_l"]
+
+
+def test_a_damaged_stored_or_given_unet_config_is_refused_in_one_line(bundle, unet_config, tmp_path):
+    for stored in ("x", {"sample_size": 16}):
+        damaged = ConceptBundle(**{**bundle.__dict__, "unet_configs": {"student": stored}})
+        with pytest.raises(ExportError, match="stored student UNet config is not a diffusers UNet config"):
+            export_lora(damaged, tmp_path / "a.safetensors")
+    inconsistent = {**unet_config, "block_out_channels": [1, 2]}
+    with pytest.raises(ExportError, match="does not build a diffusers UNet"):
+        export_lora(bundle, tmp_path / "a.safetensors", unet_config=inconsistent)
+    assert not (tmp_path / "a.safetensors").exists()
+

@@ -72,7 +72,7 @@ def test_manifest_lists_every_problem_at_once(tiny_pair_folders, tmp_path):
         load_manifest(path)
     message = str(info.value)
     assert "6 problem(s)" in message, message
-    for expected in ("concept 'a': duplicate output name", "'../escape' must be a plain name",
+    for expected in ("concept 'a': duplicate output name", "name '../escape' cannot be used",
                      "missing-folder does not exist", "unknown config key 'lr_studnet'",
                      "resolution=100 must be a multiple of 64", "unknown subject 'no_such_subject'"):
         assert expected in message, message
@@ -102,6 +102,15 @@ def test_manifest_presets_follow_the_teachers_model_line(tiny_pair_folders, tiny
     assert [c.config.adapter for c in sdxl.concepts] == ["lora", "custom_diffusion"]  # SDXL lite; the user's wins
     sd = load_manifest(_write_manifest(tmp_path / "sd.toml", tiny_pair_folders, concepts, shared))
     assert [c.config.adapter for c in sd.concepts] == ["custom_diffusion", "custom_diffusion"]
+    mixed = _write_manifest(tmp_path / "mixed.toml", (tiny_pair_folders[0], tiny_sdxl_folders[1]), concepts, {
+        **shared, "dtype": "fp8", "student_family": 5})
+    with pytest.raises(ConfigError) as info:
+        load_manifest(mixed)
+    for expected in ("cannot share a text encoder", "dtype: ", "`student_family` must be a string, got 5"):
+        assert expected in str(info.value), str(info.value)
+    long_name = [{"name": "a" * 300, "photos": "good", "class_word": "dog"}]
+    with pytest.raises(ConfigError, match="cannot be used"):
+        load_manifest(_write_manifest(tmp_path / "long.toml", tiny_pair_folders, long_name, shared))
     not_a_model = tmp_path / "notes.safetensors"
     not_a_model.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="teacher: "):

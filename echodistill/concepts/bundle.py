@@ -33,6 +33,30 @@ METADATA_KEY = "echodistill"
 SDXL_ROW_NAMES = ("clip_l", "clip_g")  # ComfyUI's SDXL embedding keys, in text-encoder order
 
 
+# Header fields and the JSON types they must have; a header that differs was edited or damaged.
+_HEADER_TYPES = {"token": str, "initializer": str, "class_word": str, "adapter": str, "fingerprints": dict,
+                 "families": dict, "config": dict, "step": int, "unet_configs": dict}
+_REQUIRED = ("token", "initializer", "class_word", "adapter", "fingerprints", "families")
+
+
+def _checked_header(path: Path, header: str) -> dict:
+    """The bundle header as a dict; EchoDistillError naming the file for invalid JSON or fields of the wrong type."""
+    try:
+        meta = json.loads(header)
+    except json.JSONDecodeError as exc:
+        raise EchoDistillError(f"{path.name}: its '{METADATA_KEY}' header is not valid JSON ({exc}); the file was "
+                               "damaged or edited: use the bundle as training wrote it") from None
+    problems = [] if isinstance(meta, dict) else ["the header is not a JSON object"]
+    if not problems:
+        problems = [f"'{k}' is missing" for k in _REQUIRED if k not in meta]
+        problems += [f"'{k}' is a {type(meta[k]).__name__}, not a {t.__name__}" for k, t in _HEADER_TYPES.items()
+                     if k in meta and not isinstance(meta[k], t)]
+    if problems:
+        raise EchoDistillError(f"{path.name}: a damaged concept header ({'; '.join(problems)}); use the bundle as "
+                               "training wrote it")
+    return meta
+
+
 def _plain_config(config) -> dict:
     """A diffusers config as plain JSON values (tuples become lists; private keys such as _diffusers_version dropped)."""
     return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
@@ -40,7 +64,8 @@ def _plain_config(config) -> dict:
 
 def bundle_summary(path: str | os.PathLike) -> list[str] | None:
     """What a concept bundle file holds, in a few lines read from its header alone; None when the file is
-    not a bundle (no readable ``echodistill`` header), so callers can try other readings of it."""
+    not a bundle (no ``echodistill`` header), so callers can try other readings of it. Raises EchoDistillError
+    for a bundle whose header is damaged (invalid JSON, fields of the wrong type)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = (handle.metadata() or {}).get(METADATA_KEY)
@@ -49,10 +74,7 @@ def bundle_summary(path: str | os.PathLike) -> list[str] | None:
         return None
     if header is None:
         return None
-    try:
-        meta = json.loads(header)
-    except json.JSONDecodeError:
-        return None
+    meta = _checked_header(Path(path), header)
     rows = ("a row in each SDXL text encoder (clip_l, clip_g)" if all(k in keys for k in SDXL_ROW_NAMES)
             else "one token row (the shared text encoder's)" if "embedding" in keys else "no token row")
     parts = [part for part in ("student", "teacher") if any(k.startswith(f"{part}.") for k in keys)]
@@ -194,7 +216,7 @@ class ConceptBundle:
         sdxl = all(name in tensors for name in SDXL_ROW_NAMES)
         if header is None or not ("embedding" in tensors or sdxl):
             raise EchoDistillError(f"{path.name} is not an EchoDistill concept bundle (no '{METADATA_KEY}' header)")
-        meta = json.loads(header)
+        meta = _checked_header(path, header)
         first, second = SDXL_ROW_NAMES
         return cls(
             token=meta["token"],

@@ -103,6 +103,10 @@ def export_unet_config(sdxl: bool, families: Mapping[str, str], part: str,
     if not sdxl:
         return None
     if stored:
+        if not isinstance(stored, Mapping) or "block_out_channels" not in stored:
+            raise ExportError(f"the concept's stored {part} UNet config is not a diffusers UNet config: the file was "
+                              "edited or damaged; pass unet_config= (the config of the UNet it was trained on)",
+                              parameters=("unet_config",))
         return stored
     if family in SDXL_FAMILIES:
         return family_config(family).unet
@@ -123,8 +127,12 @@ def check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mappi
     else:
         from diffusers import UNet2DConditionModel
 
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(dict(unet_config))
+        try:
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(dict(unet_config))
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # diffusers' own checks of a config
+            raise ExportError(f"the UNet config does not build a diffusers UNet ({exc}): give the config.json of "
+                              "the UNet the concept was trained on") from None
     linears = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     for module, shape in shapes.items():
         if module not in linears:

@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, EchoDistillError
+from ..files import check_name as check_output_name
+from ..models.loading import ModelSource, resolve_dtype
+from ..models.pair import check_shareable
 from ..training.config import PRESETS, TrainConfig, preset
 
 if sys.version_info >= (3, 11):
@@ -92,11 +95,13 @@ def resolve_model(name: str, base: Path) -> Path:
 
 
 def check_name(name: Any) -> str | None:
-    """The reason an output name is refused, or None: one plain name, no separators, no '..'."""
+    """The reason an output name is refused, or None: the rule every output name follows (files.check_name)."""
     if not isinstance(name, str) or not name.strip():
         return "a concept needs a non-empty string `name`"
-    if "/" in name or "\\" in name or name in {".", ".."} or ".." in name or os.path.isabs(name):
-        return f"name {name!r} must be a plain name without path separators or '..', e.g. 'my_dog'"
+    try:
+        check_output_name(name, "name")
+    except ConfigError as exc:
+        return str(exc)
     return None
 
 
@@ -128,6 +133,15 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     known = {f.name for f in fields(TrainConfig)}
     for key in sorted(set(data) - SHARED_KEYS):
         problems.append(f"unknown top-level key {key!r}; valid: {', '.join(sorted(SHARED_KEYS))}")
+    for key in ("preset", "teacher_family", "student_family", "dtype"):
+        if key in data and not isinstance(data[key], str):
+            problems.append(f"`{key}` must be a string, got {data[key]!r}")
+            data = {k: v for k, v in data.items() if k != key}
+    if "dtype" in data:
+        try:
+            resolve_dtype(data["dtype"])
+        except EchoDistillError as exc:
+            problems.append(f"dtype: {exc}")
     preset_name = data.get("preset", "paper")
     if preset_name != MINIWORLD_PRESET and preset_name not in PRESETS:
         problems.append(f"preset {preset_name!r} is unknown; valid: {', '.join([*PRESETS, MINIWORLD_PRESET])}")
@@ -136,7 +150,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     for key in ("steps", "resolution", "seed"):
         if key in data:
             shared[key] = data[key]
-    line = "sd"
+    line, sources = "sd", {}
     for role in ("teacher", "student"):
         if not isinstance(data.get(role), str):
             problems.append(f"`{role}` is missing: a checkpoint, a diffusers folder or miniworld/{role}")
@@ -148,11 +162,18 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
             continue
         if not model.exists():
             problems.append(f"{role}: {model} does not exist")
-        elif role == "teacher":
+        else:
             try:
-                line = model_line(model, data.get("teacher_family", "auto"))
+                sources[role] = ModelSource.open(model, data.get(f"{role}_family", "auto"), role=role)
             except EchoDistillError as exc:
-                problems.append(f"teacher: {exc}")
+                problems.append(f"{role}: {exc}")
+    if len(sources) == 2:
+        try:  # as load_model_pair checks it: one set of text encoders must serve both
+            check_shareable(sources["teacher"], sources["student"])
+        except EchoDistillError as exc:
+            problems.append(str(exc))
+    if "teacher" in sources:
+        line = "sdxl" if sources["teacher"].config.is_sdxl else "sd"
 
     entries = data.get("concept", [])
     if not isinstance(entries, list) or not entries:
@@ -234,14 +255,6 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
         return None
     return ConceptJob(name=entry["name"], photos=photos, config=config,
                       captions=None if captions is None else tuple(captions))
-
-
-def model_line(teacher: Path, family: str = "auto") -> str:
-    """The model line ("sd" or "sdxl", training.config.LINE_PRESETS) of the teacher at `teacher`, read from its
-    header or config folder without loading weights; raises the loader's error for a file it cannot read."""
-    from ..models.loading import ModelSource
-
-    return "sdxl" if ModelSource.open(teacher, family, role="teacher").config.is_sdxl else "sd"
 
 
 def build_config(preset_name: str, changes: dict, line: str = "sd") -> TrainConfig:

@@ -52,7 +52,13 @@ class FamilyConfig:
         path = self.folder / part / file
         if not path.is_file():
             raise ModelLoadError(f"config folder {self.folder} lacks {part}/{file}")
-        return json.loads(path.read_text())
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{path} is not valid JSON ({exc}): restore the file from the model's release") from None
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not a config object")
+        return config
 
     @cached_property
     def unet(self) -> dict:
