@@ -29,6 +29,24 @@ def _check_measured(case: dict, per_call: str, count: int) -> None:
     assert case["utilisation_pct"] is None  # no CPU has a peak in the table
 
 
+@pytest.mark.parametrize("command", [
+    ["sample", "--model", "sdxl", "--size", "100"], ["sample", "--model", "sdxl", "--size", "0"],
+    ["train", "--model", "sdxl", "--resolution", "100"], ["memory", "--teacher-resolutions", "512", "100"],
+    ["memory", "--out", "."]])
+def test_bench_sizes_and_outputs_are_refused_before_anything_is_built(command, monkeypatch, capsys):
+    from echodistill.benchmarks import random_pairs
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(random_pairs, "build_pair", never, raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *command])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be a positive multiple of 64" in err or "is a folder" in err, err
+
+
 def test_bench_sample_tiny_writes_json_and_prints_table(tmp_path, capsys):
     out = tmp_path / "sample.json"
     argv = ["bench", "sample", "--model", "tiny", "--device", "cpu", "--size", "64", "--batch", "1", "2",

@@ -63,7 +63,7 @@ def add_threads_arguments(threads: argparse.ArgumentParser) -> None:
                          help="busy background processes for a case (repeatable; default: 0 and 1)")
     threads.add_argument("--threads", type=int, action="append",
                          help="thread counts to time (repeatable; default: 1, the chosen count, all cores)")
-    threads.add_argument("--out", default="bench-threads.json", help="every number, as JSON")
+    threads.add_argument("--out", type=json_out, default="bench-threads.json", help="every number, as JSON")
 
 
 def run_threads(args: argparse.Namespace) -> int:
@@ -95,10 +95,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to time")
-    parser.add_argument("--size", type=int, default=512, help="image width and height in pixels")
+    parser.add_argument("--size", type=pixels, default=512, help="image width and height in pixels (a multiple of 64)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
-    parser.add_argument("--out", default="bench_sample.json", help="JSON file for every number")
+    parser.add_argument("--out", type=json_out, default="bench_sample.json", help="JSON file for every number")
     speed = parser.add_argument_group("speed options of echodistill's sampler (SamplerOptions)")
     speed.add_argument("--no-prompt-cache", action="store_true", help="re-encode the prompts every call")
     speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions (UNet and VAE)")
@@ -121,8 +121,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training presets to time")
     parser.add_argument("--steps", type=int, default=10, help="timed iterations per case")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per case first")
-    parser.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (square)")
-    parser.add_argument("--out", default="bench_train.json", help="JSON file for every number")
+    parser.add_argument("--resolution", type=pixels, default=512,
+                        help="training resolution in pixels (square, a multiple of 64)")
+    parser.add_argument("--out", type=json_out, default="bench_train.json", help="JSON file for every number")
     _add_threads_argument(parser)
 
 
@@ -133,10 +134,11 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model lines to estimate: sd (SD-Turbo + SD 2.1 base), sdxl (SDXL-Turbo + SDXL base)")
     parser.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS),
                         help="training presets to estimate")
-    parser.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (square)")
-    parser.add_argument("--teacher-resolutions", type=int, nargs="*", default=[],
+    parser.add_argument("--resolution", type=pixels, default=512,
+                        help="training resolution in pixels (square, a multiple of 64)")
+    parser.add_argument("--teacher-resolutions", type=pixels, nargs="*", default=[],
                         help="also count the teacher's own iteration alone at these sizes in pixels, e.g. 512 1024")
-    parser.add_argument("--out", default="bench_memory.json", help="JSON file for every number")
+    parser.add_argument("--out", type=json_out, default="bench_memory.json", help="JSON file for every number")
 
 
 def run_memory(args: argparse.Namespace) -> int:
@@ -148,6 +150,27 @@ def run_memory(args: argparse.Namespace) -> int:
         raise BenchError(f"resolutions {sizes}: each must be a multiple of 64 pixels, at least 64")
     report = bench_memory(tuple(args.models), tuple(args.presets), args.resolution, tuple(args.teacher_resolutions))
     return _finish(report, memory_table(report), args.out)
+
+
+def pixels(text: str) -> int:
+    """argparse type: a positive multiple of 64 (the VAE's 8 × the UNet's 8), checked before any model is built."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    if value <= 0 or value % 64:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive multiple of 64, e.g. {max(64, value // 64 * 64)}")
+    return value
+
+
+def json_out(text: str) -> str:
+    """argparse type: a JSON file to write at the end, refused at once when it can never be written there."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name a .json file, e.g. {path / 'bench.json'}")
+    if path.parent != Path("") and path.parent.exists() and not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} is not a folder")
+    return text
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
