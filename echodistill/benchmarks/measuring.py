@@ -64,7 +64,11 @@ def peak_tflops(name: str) -> float | None:
 
 
 def check_device(device: str) -> torch.device:
-    device = torch.device(device)
+    """`device` as a torch.device benchmarks can run on; BenchError naming it otherwise."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BenchError(f"--device {device!r} is not a device: write cpu, cuda or cuda:1") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"device {str(device)!r} asked for, but CUDA is not available here: pass --device cpu")
     if device.type not in ("cpu", "cuda"):
