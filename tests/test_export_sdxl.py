@@ -30,9 +30,8 @@ from echodistill.jobs.runs import sample
 from echodistill.models import tiny
 from echodistill.models.adapters import WeightDelta
 from echodistill.models.pair import load_model_pair
-from echodistill.sampling.samplers import alphas_cumprod_for, initial_noise
 
-from test_other_clients import _bundle
+from test_other_clients import _bundle, diffusers_one_step
 
 PROMPT = "a photo of {} dog"
 UNET_PREFIX = "model.diffusion_model."
@@ -241,13 +240,7 @@ def test_diffusers_sdxl_pipeline_draws_our_students_picture(adapter, pair, unet_
     assert pipe.tokenizer.convert_tokens_to_ids(bundle.token) == len(pipe.tokenizer) - 1
     assert pipe.tokenizer_2.convert_tokens_to_ids(bundle.token) == len(pipe.tokenizer_2) - 1
 
-    # diffusers' trailing Euler starts at σ_max·noise and ours (as ComfyUI) at unit noise: line them up.
-    alpha_bar = float(alphas_cumprod_for(fresh.student.scheduler_config, torch.device("cpu"))[999])
-    sigma = ((1 - alpha_bar) / alpha_bar) ** 0.5
-    noise = initial_noise([11], (4, 8, 8)) * (1 + sigma**2) ** 0.5 / sigma
-    with torch.no_grad():
-        theirs = pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise, height=64, width=64,
-                      output_type="pt").images
+    theirs = diffusers_one_step(pipe, prompt, fresh.student.scheduler_config)
     error = (theirs - ours.images).abs().max().item()
     print(f"\ndiffusers SDXL pipeline ({adapter} export) vs our student: max |Δimage| {error:.2e}")
     # Same fp32 maths, peft's LoRA forward (x·Aᵀ·Bᵀ) against our merged / wrapped layers: round-off only.
@@ -257,9 +250,7 @@ def test_diffusers_sdxl_pipeline_draws_our_students_picture(adapter, pair, unet_
     # Pooled at the real end token (our loader sets 49407): transformers' rule for the published config's
     # eos_token_id 2 pools at the highest id, the added token, and draws another picture (README).
     pipe.text_encoder_2.text_model.eos_token_id = 2
-    with torch.no_grad():
-        legacy = pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise, height=64, width=64,
-                      output_type="pt").images
+    legacy = diffusers_one_step(pipe, prompt, fresh.student.scheduler_config)
     pipe.text_encoder_2.text_model.eos_token_id = 49407
     assert (legacy - ours.images).abs().max().item() > 100 * max(error, 1e-6)
 

@@ -54,6 +54,17 @@ def _bundle(pair, adapter="custom_diffusion", targets=("attn2.to_k", "attn2.to_v
     )
 
 
+def diffusers_one_step(pipe, prompt: str, scheduler_config: dict, seed: int = 11) -> torch.Tensor:
+    """The pipeline's one-step picture (1, 3, 64, 64) from our noise of `seed`: diffusers' trailing Euler starts
+    at σ_max·noise and ours (as ComfyUI) at unit noise, so the noise is rescaled to line them up."""
+    alpha_bar = float(alphas_cumprod_for(scheduler_config, torch.device("cpu"))[999])
+    sigma = ((1 - alpha_bar) / alpha_bar) ** 0.5
+    noise = initial_noise([seed], (4, 8, 8)) * (1 + sigma**2) ** 0.5 / sigma
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise, height=64, width=64,
+                    output_type="pt").images
+
+
 def _pipeline(pair_folders) -> StableDiffusionPipeline:
     """A diffusers pipeline over a fresh copy of the tiny student, built only from public classes."""
     pair = load_model_pair(*pair_folders)
@@ -115,13 +126,7 @@ def test_diffusers_draws_our_students_picture_from_the_exports(tiny_pair_folders
     pipe.load_lora_weights(str(lora))
     pipe.load_textual_inversion(str(embedding))  # the token comes from the file
     assert bundle.token in pipe.tokenizer.get_vocab()
-    # diffusers' trailing Euler starts at σ_max·noise and ours (as ComfyUI) at unit noise: line them up.
-    alpha_bar = float(alphas_cumprod_for(pair.student.scheduler_config, torch.device("cpu"))[999])
-    sigma = ((1 - alpha_bar) / alpha_bar) ** 0.5
-    noise = initial_noise([11], (4, 8, 8)) * (1 + sigma**2) ** 0.5 / sigma
-    with torch.no_grad():
-        theirs = pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise, height=64, width=64,
-                      output_type="pt").images
+    theirs = diffusers_one_step(pipe, prompt, pair.student.scheduler_config)
     error = (theirs - ours.images).abs().max().item()
     assert error < 1e-4, error
     # The concept matters far beyond that agreement.
