@@ -12,6 +12,7 @@ folder, once they are older than this process.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import json
 import os
@@ -158,12 +159,72 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# The folders check_writable created inside the innermost `removing_new_folders_on_error` block.
+_NEW_FOLDERS: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("echodistill_new_folders",
+                                                                                   default=None)
+_LEFT_BY_REFUSAL = (".echodistill.lock",)  # what a refused job may leave in a folder it made: the released lock
+
+
+@contextlib.contextmanager
+def removing_new_folders_on_error() -> Iterator[None]:
+    """A job that fails inside this block leaves no folder behind that `check_writable` made for it.
+
+    Folders that existed before, and folders holding anything the job wrote (a checkpoint, an image),
+    stay: only an empty folder (or one holding just our released lock file) is removed, deepest first.
+    """
+    created: list[Path] = []
+    token = _NEW_FOLDERS.set(created)
+    try:
+        yield
+    except BaseException:
+        for top in reversed(created):
+            _remove_if_empty(top)
+        raise
+    finally:
+        _NEW_FOLDERS.reset(token)
+
+
+def _remove_if_empty(top: Path) -> None:
+    for folder in sorted((p for p in [top, *top.rglob("*")] if p.is_dir() and not p.is_symlink()),
+                         key=lambda p: len(p.parts), reverse=True):
+        try:
+            leftovers = [entry for entry in folder.iterdir() if entry.name not in _LEFT_BY_REFUSAL]
+            if not leftovers:
+                for entry in folder.iterdir():
+                    entry.unlink()
+                folder.rmdir()
+        except OSError:
+            return  # not ours to force: leave it
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of `folder`'s path that does not exist yet (None when `folder` exists)."""
+    missing = None
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def make_folder(folder: Path) -> None:
+    """mkdir -p, remembering (inside `removing_new_folders_on_error`) the outermost folder it made."""
+    missing = _first_missing(folder.absolute())
+    folder.mkdir(parents=True, exist_ok=True)
+    created = _NEW_FOLDERS.get()
+    if missing is not None and created is not None:
+        created.append(missing)
+
+
 def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Path:
     """Create `folder` if needed and write + remove a probe file in it, before any long job starts; our own stale
-    temp files in it go too."""
+    temp files in it go too. Inside `removing_new_folders_on_error`, a folder made here goes again if the job fails.
+
+    Raises OutputWriteError naming the folder and the cause (no permission, no space).
+    """
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         clean_stale_temp_files(folder)  # what a killed earlier run left behind
         fd, probe = tempfile.mkstemp(prefix=".echodistill-probe.", suffix=".tmp", dir=folder)
         try:
@@ -204,7 +265,7 @@ def exclusive_output(target: str | os.PathLike, what: str = "output") -> Iterato
             held[1] += 1
     if held is None:
         try:
-            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(lock_path.parent)
             lock = FileLock(str(lock_path), timeout=0, mode=file_mode())
             lock.acquire()
         except Timeout:

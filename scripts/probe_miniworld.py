@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", type=Path, help="also save the first 32 pictures here (PNG)")
+    parser.add_argument("--keep", type=Path, help="write the teacher/ and student/ folders here instead of a temporary "
+                        "folder (the checkpoint stands in for both), for `echodistill bench world-probe --models`")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -49,8 +51,9 @@ def main() -> None:
     vae.load_state_dict(vae_state["state"])
     vae.register_to_config(scaling_factor=vae_state["scaling_factor"])
     with tempfile.TemporaryDirectory() as scratch:
-        teacher = arch.write_model_folder(Path(scratch) / "teacher", "teacher", unet, text_encoder, vae)
-        student = arch.write_model_folder(Path(scratch) / "student", "student", unet, text_encoder, vae)
+        root = args.keep or Path(scratch)
+        teacher = arch.write_model_folder(root / "teacher", "teacher", unet, text_encoder, vae)
+        student = arch.write_model_folder(root / "student", "student", unet, text_encoder, vae)
         pair = load_model_pair(teacher, student)
         _, captions = evaluation_captions(args.prompts, args.seed)
         prompts = [caption.text for caption in captions]

@@ -240,6 +240,15 @@ def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "loras"), "--name", "cup"]) == 2
     assert "pass --overwrite to replace it" in capsys.readouterr().err
+    # refused after the output folder was made: the command leaves no empty folder behind, and speaks in flags
+    assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "new" / "loras"), "--rank", "0"]) == 2
+    assert "error: --rank 0 must be a positive integer (or leave it out" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(["sample", *models, "--prompt", "a cup", "--width", "100", "--out", str(tmp_path / "refused" / "pngs")]) == 2
+    assert "--width 100 must be a positive multiple" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    (tmp_path / "kept").mkdir()
+    assert main(["sample", *models, "--prompt", "a cup", "--width", "100", "--out", str(tmp_path / "kept")]) == 2
+    assert (tmp_path / "kept").is_dir()  # a folder the user had stays, empty or not
 
     clip = CLIPModel(CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
                                              "num_attention_heads": 4, "vocab_size": 49408},

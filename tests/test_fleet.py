@@ -238,6 +238,28 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_uninterrupted_bundle(ray_
         assert torch.equal(got[key], expected[key]), key
 
 
+def test_workers_that_cannot_load_the_models_stop_the_fleet_with_the_loaders_message(ray_cluster, tiny_pair_folders,
+                                                                                      tmp_path):
+    import shutil
+
+    from echodistill.errors import EchoDistillError
+    from echodistill.fleet.engine import FleetError
+
+    teacher = shutil.copytree(tiny_pair_folders[0], tmp_path / "teacher")
+    weights = next((teacher / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])  # torn: the configs read, the weights do not
+    manifest = _write_manifest(tmp_path / "fleet.toml", (teacher, tiny_pair_folders[1]),
+                               [{"name": "a", "photos": str(_photos(tmp_path / "p", 40)), "class_word": "dog"}])
+    with pytest.raises(FleetError, match="no worker could load the base models") as caught:
+        _run(manifest, tmp_path / "out")
+    message = str(caught.value)
+    assert weights.name in message and "no worker left" not in message, message
+    assert "\n" not in message and "Traceback" not in message
+    assert isinstance(caught.value, EchoDistillError)  # the command line prints it in one line, exit 2
+    state = json.loads((tmp_path / "out" / "fleet-state.json").read_text())
+    assert state["concepts"]["a"]["status"] == "queued"  # nothing was tried: a rerun with good models trains it
+
+
 def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path, capsys):
     good = _photos(tmp_path / "good", 40)
     path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders,

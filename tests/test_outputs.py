@@ -157,3 +157,23 @@ def test_stale_temp_files_of_ours_are_removed_at_the_next_write(tmp_path):
     assert not stale.exists() and foreign.exists() and fresh.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".concept.safetensors.ab12cd34.tmp", ".notes.tmp",
                                                           "scores.json"]
+
+
+def test_a_failed_job_removes_only_the_empty_folders_it_made(tmp_path):
+    from echodistill.files import check_writable, exclusive_output, removing_new_folders_on_error
+
+    (tmp_path / "had").mkdir()
+    with pytest.raises(RuntimeError):
+        with removing_new_folders_on_error():
+            check_writable(tmp_path / "new" / "deep" / "out")
+            check_writable(tmp_path / "had")
+            check_writable(tmp_path / "wrote")
+            (tmp_path / "wrote" / "image.png").write_bytes(b"png")  # something the job made stays
+            with exclusive_output(tmp_path / "locked"):  # a run folder: its released lock is no content
+                check_writable(tmp_path / "locked")
+            raise RuntimeError("refused")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "locked").exists()
+    assert (tmp_path / "had").is_dir() and (tmp_path / "wrote" / "image.png").is_file()
+    with removing_new_folders_on_error():  # success: everything stays
+        check_writable(tmp_path / "ok" / "out")
+    assert (tmp_path / "ok" / "out").is_dir()

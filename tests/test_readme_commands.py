@@ -213,3 +213,16 @@ def test_fresh_shell_has_no_project_environment():
     result = run_fresh("echo \"$PATH|${VIRTUAL_ENV:-}\"", REPO, REPO, timeout=30)
     assert result.stdout.strip() == f"{FRESH_PATH}|"
     assert str(Path(sys.executable).parent) not in FRESH_PATH.split(os.pathsep)
+
+
+def test_the_options_table_is_the_one_train_config_writes():
+    from echodistill.training.options_doc import options_table, replace_table
+
+    readme = (REPO / "README.md").read_text()
+    assert options_table() in readme, (
+        "the README's options table is out of date: .venv/bin/python -m echodistill.training.options_doc --write README.md")
+    assert "| `offload` | `False` |" in options_table() and "| `augment_min_scale` | `0.333` |" in options_table()
+    stale = readme.replace("| `offload` |", "| `offloaded` |")
+    assert replace_table(stale) == readme  # the rewrite restores it in place, nothing else moves
+    with pytest.raises(ValueError, match="no options table"):
+        replace_table("# no table here\n")

@@ -18,6 +18,7 @@ import sys
 import warnings
 
 from ..errors import EchoDistillError
+from ..files import removing_new_folders_on_error
 from . import after_training, bench, demo, fleet, train
 from .terminal import Parser
 
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     command = _COMMAND[0] = command_parser(parser, args)
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        return args.run(args)
+        with removing_new_folders_on_error():  # a refused command leaves no empty output folder behind
+            return args.run(args)
     except EchoDistillError as exc:
         print(f"error: {exc.in_terms_of(flag_names(command, exc.parameters))}", file=sys.stderr)
         return 2

@@ -445,7 +445,8 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = ProbeSettings()
     parser.add_argument("--concepts", nargs="+",
-                        help="subjects: the held-out concepts' names or procedural_<seed> (default: the six concepts)")
+                        help="subjects: the held-out concepts' names, or fresh procedural subjects as procedural_<seed> or the bare "
+                             "seed (3000000-3099999) (default: the six concepts)")
     parser.add_argument("--fresh", type=int, default=0,
                         help="also probe this many fresh procedural subjects nobody tuned for (default: 0)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training iterations per subject")
@@ -465,11 +466,11 @@ def run_world_probe(args: argparse.Namespace) -> int:
     from ..benchmarks.measuring import BenchError
     from ..benchmarks.world_probe import ProbeSettings, markdown, run_world_probe as probe
     from ..miniworld import CONCEPTS
-    from ..miniworld.procedural import VALIDATION_SEEDS, lookup_subject, procedural_subject
+    from ..miniworld.procedural import VALIDATION_SEEDS, fresh_subject_name, lookup_subject, procedural_subject
 
     names = args.concepts or sorted(CONCEPTS)
-    try:
-        subjects = [lookup_subject(name) for name in names]
+    try:  # a subject the base models or the oracle trained on is no test of the world
+        subjects = [lookup_subject(fresh_subject_name(name)) for name in names]
     except ValueError as error:
         raise BenchError(f"--concepts: {error}") from None
     if args.fresh < 0:

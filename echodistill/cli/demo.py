@@ -17,30 +17,13 @@ def add_demo_command(commands) -> None:
 
 def subject_name(text: str) -> str:
     """argparse type of --concept: a shipped subject's name, or a fresh procedural subject as procedural_<seed>
-    or its bare seed. Returns the subject's name ("3000000" and "procedural_03000000" read "procedural_3000000").
+    or its bare seed (miniworld.procedural.fresh_subject_name). Raises ArgumentTypeError (one line)."""
+    from ..miniworld.procedural import fresh_subject_name
 
-    Raises ArgumentTypeError (one line) for an unknown name, a seed that is no number, and a seed one of the
-    world's trainings used (the base models', the adapter's, the oracle's: no fresh test of personalization).
-    """
-    from ..miniworld.concepts import CONCEPTS
-    from ..miniworld.procedural import PREFIX, VALIDATION_SEEDS, is_procedural, procedural_name, trained_on
-
-    fresh = VALIDATION_SEEDS
-    if text in CONCEPTS:
-        return text
-    name = PREFIX + text if text.isascii() and text.isdigit() else text
-    if not is_procedural(name):
-        raise argparse.ArgumentTypeError(
-            f"unknown subject {text!r}: use a shipped one ({', '.join(sorted(CONCEPTS))}), procedural_<seed> or a "
-            f"bare seed for a fresh procedural subject (e.g. {fresh.start}; seeds {fresh.start}-{fresh.stop - 1})")
-    seed = int(name[len(PREFIX):])
-    trained = trained_on(seed)
-    if trained is not None:
-        what, seeds = trained
-        raise argparse.ArgumentTypeError(
-            f"{procedural_name(seed)} is no fresh subject: seeds {seeds.start}-{seeds.stop - 1} trained {what}; "
-            f"pick one nobody trained on, e.g. {fresh.start} (seeds {fresh.start}-{fresh.stop - 1})")
-    return procedural_name(seed)
+    try:
+        return fresh_subject_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ _PEFT_B = f".lora_B.{LORA_ADAPTER_NAME}.weight"
 
 def _part_state(bundle: ConceptBundle, part: str) -> dict[str, torch.Tensor]:
     if part not in get_args(Part):
-        raise ExportError(f"part={part!r} is not one of {', '.join(map(repr, get_args(Part)))}")
+        raise ExportError(f"part={part!r} is not one of {', '.join(map(repr, get_args(Part)))}", parameters=("part",))
     return bundle.student_adapter if part == "student" else bundle.teacher_adapter
 
 

@@ -214,9 +214,11 @@ def export_lora(
     without one; OutputExistsError when `path` exists and not `overwrite`.
     """
     if mode not in get_args(ExportMode):
-        raise ExportError(f"mode={mode!r} is not one of {', '.join(map(repr, get_args(ExportMode)))}")
+        raise ExportError(f"mode={mode!r} is not one of {', '.join(map(repr, get_args(ExportMode)))}",
+                          parameters=("mode",))
     if rank is not None and rank < 1:
-        raise ExportError(f"rank={rank} must be a positive integer (or None)")
+        raise ExportError(f"rank={rank} must be a positive integer (or leave it out: full rank, exact)",
+                          parameters=("rank",))
     target = _target(path, overwrite)
     deltas = bundle_deltas(bundle, part)  # module -> (out, in)
     if not deltas:

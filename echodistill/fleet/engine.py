@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,14 @@ from .worker import remote_worker
 
 WATCHING = {"sample_every", "save_every", "log_every"}  # how a run is watched, not what it computes
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding echodistill/
+
+
+class FleetError(EchoDistillError):
+    """The fleet cannot train at all: no worker could load the base models."""
+
+
+class FleetWarning(UserWarning):
+    """Something the fleet worked around (a worker that could not load the models was stopped)."""
 
 
 class FleetTimeout(EchoDistillError):
@@ -133,9 +142,10 @@ def _drive(manifest, out, options, state, queue, finished, bar, notify) -> None:
     actors = [Worker.remote(str(teacher), str(student), teacher_family=manifest.teacher_family,
                             student_family=manifest.student_family, dtype=manifest.dtype,
                             device="cuda" if use_gpu else "cpu", threads=threads) for _ in range(count)]
-    idle, running, probing = deque(range(count)), {}, {}
     deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
     try:
+        actors = _loaded(actors, options.timeout_s)
+        idle, running, probing = deque(range(len(actors))), {}, {}
         _verify(actors, out, state, finished, queue, notify, options.timeout_s)
         while queue or running:
             dispatched = bool(queue and idle)
@@ -175,6 +185,30 @@ def _drive(manifest, out, options, state, queue, finished, bar, notify) -> None:
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
+
+
+def _loaded(actors: list, timeout_s: float | None) -> list:
+    """The workers whose base models loaded; the others are stopped, with a FleetWarning naming why.
+
+    Raises FleetError with the loader's own message (a missing file, a wrong family) when none loaded.
+    """
+    problems, alive = [], []
+    for actor, ref in [(actor, actor.identity.remote()) for actor in actors]:
+        try:
+            answer = ray.get(ref, timeout=timeout_s)
+        except (RayActorError, GetTimeoutError) as exc:  # killed while loading (out of memory), or stuck
+            answer = {"error": str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}
+        if answer.get("error"):
+            problems.append(answer["error"])
+            ray.kill(actor, no_restart=True)
+        else:
+            alive.append(actor)
+    if not alive:
+        raise FleetError(f"no worker could load the base models: {problems[0]}")
+    if problems:
+        warnings.warn(f"{len(problems)} of {len(actors)} workers could not load the base models and were stopped "
+                      f"(the others train every concept): {problems[0]}", FleetWarning, stacklevel=2)
+    return alive
 
 
 def _verify(actors, out: Path, state: FleetState, finished: list, queue: deque, notify, timeout_s) -> None:

@@ -46,12 +46,17 @@ class FleetWorker:
         if threads:
             torch.set_num_threads(threads)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.pair = load_model_pair(teacher, student, teacher_family=teacher_family, student_family=student_family,
-                                    dtype=dtype, device=device)
+        self.load_error: str | None = None  # the loader's own message: a raise here would reach the driver as
+        try:                                # a bare "actor died", and Ray would retry a load that cannot work
+            self.pair = load_model_pair(teacher, student, teacher_family=teacher_family,
+                                        student_family=student_family, dtype=dtype, device=device)
+        except EchoDistillError as exc:
+            self.pair, self.load_error = None, str(exc)
         self.loads, self.jobs = 1, 0  # one pair load in this process, however many concepts it trains
 
     def identity(self) -> dict:
-        return {"worker": self.name, "pid": os.getpid(), "pair_loads": self.loads, "jobs": self.jobs}
+        return {"worker": self.name, "pid": os.getpid(), "pair_loads": self.loads, "jobs": self.jobs,
+                "error": self.load_error}
 
     def verify(self, bundle_path: str) -> str | None:
         """None when the finished bundle loads and fits this worker's base models, else why not."""

@@ -69,10 +69,13 @@ TRAINED_SEEDS: dict[str, SeedRange] = {"the base models and the image-prompt ada
                                        "the subject oracle": ORACLE_SEEDS}
 
 
+MAX_SEED = 2**63 - 1  # numpy's seeds take any size; a name must still fit a file name (255 bytes)
+
+
 def is_procedural(name: str) -> bool:
-    """Whether `name` is "procedural_<seed>", the seed written in ASCII digits."""
+    """Whether `name` is "procedural_<seed>", the seed written in ASCII digits, 0 to MAX_SEED."""
     seed = name[len(PREFIX):]
-    return name.startswith(PREFIX) and seed.isascii() and seed.isdigit()
+    return name.startswith(PREFIX) and seed.isascii() and seed.isdigit() and int(seed) <= MAX_SEED
 
 
 def trained_on(seed: int) -> tuple[str, SeedRange] | None:
@@ -168,6 +171,33 @@ def procedural_subject(seed: int) -> Concept:
         color_word=body if body in PALETTE else None,
         pattern_word=pattern,
     )
+
+
+def fresh_subject_name(text: str) -> str:
+    """A subject a user names for a fresh test: a named concept, "procedural_<seed>" or the bare seed.
+
+    Returns the subject's name ("3000000" and "procedural_03000000" read "procedural_3000000"). Raises
+    ValueError (one line, naming the fresh range) for an unknown name, a seed that is no number or is
+    above MAX_SEED, and a seed one of the world's trainings used (no fresh test of personalization).
+    """
+    from .concepts import CONCEPTS
+
+    fresh = VALIDATION_SEEDS
+    if text in CONCEPTS:
+        return text
+    name = PREFIX + text if text.isascii() and text.isdigit() else text
+    if not is_procedural(name):
+        raise ValueError(
+            f"unknown subject {text[:40] + ('...' if len(text) > 40 else '')!r}: use a shipped one "
+            f"({', '.join(sorted(CONCEPTS))}), procedural_<seed> or a bare seed for a fresh procedural subject "
+            f"(e.g. {fresh.start}; seeds {fresh.start}-{fresh.stop - 1}, at most {MAX_SEED})")
+    seed = int(name[len(PREFIX):])
+    trained = trained_on(seed)
+    if trained is not None:
+        what, seeds = trained
+        raise ValueError(f"{procedural_name(seed)} is no fresh subject: seeds {seeds.start}-{seeds.stop - 1} trained "
+                         f"{what}; pick one nobody trained on, e.g. {fresh.start} (seeds {fresh.start}-{fresh.stop - 1})")
+    return procedural_name(seed)
 
 
 def lookup_subject(name: str) -> Concept:

@@ -137,6 +137,7 @@ class VaeSettings:
     lr: float = 2e-3
     kl_weight: float = 1e-6  # SD's: the latents stay detailed; their scale is fixed afterwards
     warmup: int = 50
+    checkpoint_every: int = 200
 
 
 def _crops(images: np.ndarray, size: int, generator: torch.Generator) -> np.ndarray:
@@ -146,19 +147,23 @@ def _crops(images: np.ndarray, size: int, generator: torch.Generator) -> np.ndar
     return np.stack([image[top : top + size, left : left + size] for image, (top, left) in zip(images, offsets)])
 
 
-def train_vae(images: np.ndarray, settings: VaeSettings, seed: int, log: Log) -> AutoencoderKL:
+def train_vae(images: np.ndarray, settings: VaeSettings, seed: int, log: Log,
+              resume_path: Path | None = None) -> AutoencoderKL:
     """AutoencoderKL on rendered scenes with L1 + MSE reconstruction and a tiny KL term.
 
     The VAE is fully convolutional (plus one attention layer in the middle), so it learns
     local reconstruction from crops at a quarter of the cost, and finishes on whole pictures.
+    With `resume_path`, the loop state is saved there every `settings.checkpoint_every` steps and
+    picked up from it, as train_teacher does.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     vae = build_vae().train()
     optimizer, scheduler = make_optimizer([{"params": vae.parameters(), "lr": settings.lr, "weight_decay": 0.0}],
                                           settings.steps, settings.warmup)
+    first = restore_loop_state(resume_path, {"vae": vae}, optimizer, scheduler, generator, log, "vae", settings.steps)
     meter = Meter()
-    for step in range(1, settings.steps + 1):
+    for step in range(first, settings.steps + 1):
         batch = images[_batch_indices(len(images), settings.batch, generator).numpy()]
         if step <= settings.steps - settings.full_steps:
             batch = _crops(batch, settings.crop, generator)
@@ -178,6 +183,8 @@ def train_vae(images: np.ndarray, settings: VaeSettings, seed: int, log: Log) ->
         meter.add(loss=loss.item(), l1=l1.item(), kl=kl.item())
         if step % 50 == 0 or step == settings.steps:
             log(f"vae {meter.line(step, settings.steps)}")
+        if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
+            save_loop_state(resume_path, step, {"vae": vae}, optimizer, scheduler, generator)
     return vae.eval()
 
 

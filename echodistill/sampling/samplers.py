@@ -103,7 +103,7 @@ def _check_alphas(scheduler, alphas_cumprod: torch.Tensor, config: dict) -> None
 def _check_steps(steps: int, config: dict) -> None:
     total = config.get("num_train_timesteps", 1000)
     if not isinstance(steps, int) or not 1 <= steps <= total:
-        raise SamplingError(f"steps={steps!r} must be an integer from 1 to {total}")
+        raise SamplingError(f"steps={steps!r} must be an integer from 1 to {total}", parameters=("steps",))
 
 
 def euler_trailing_schedule(scheduler_config: dict, steps: int, alphas_cumprod: torch.Tensor) -> Schedule:
@@ -132,7 +132,8 @@ def comfyui_turbo_schedule(scheduler_config: dict, steps: int, alphas_cumprod: t
     10), Euler between them, the last step returns x̂0. With ComfyUI's ``euler`` sampler it is the
     same computation (``euler_ancestral`` adds fresh noise at each step and matches only at 1 step)."""
     if not isinstance(steps, int) or not 1 <= steps <= COMFYUI_TURBO_MAX_STEPS:
-        raise SamplingError(f"steps={steps!r}: ComfyUI's SD-Turbo schedule has 1 to {COMFYUI_TURBO_MAX_STEPS} steps")
+        raise SamplingError(f"steps={steps!r}: ComfyUI's SD-Turbo schedule has 1 to {COMFYUI_TURBO_MAX_STEPS} steps",
+                            parameters=("steps",))
     total = scheduler_config.get("num_train_timesteps", 1000)
     if total != 1000:
         raise SamplingError(f"ComfyUI's SD-Turbo schedule assumes 1000 training timesteps, this model has {total}")
@@ -147,7 +148,8 @@ def student_schedule(name: str, scheduler_config: dict, steps: int, alphas_cumpr
         return euler_trailing_schedule(scheduler_config, steps, alphas_cumprod)
     if name == "comfyui_turbo":
         return comfyui_turbo_schedule(scheduler_config, steps, alphas_cumprod)
-    raise SamplingError(f"schedule={name!r} is not one of {', '.join(map(repr, STUDENT_SCHEDULES))}")
+    raise SamplingError(f"schedule={name!r} is not one of {', '.join(map(repr, STUDENT_SCHEDULES))}",
+                        parameters=("schedule",))
 
 
 def ddim_schedule(scheduler_config: dict, steps: int, alphas_cumprod: torch.Tensor) -> Schedule:

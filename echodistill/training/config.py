@@ -129,7 +129,8 @@ class TrainConfig:
     )
     # --- observation --------------------------------------------------------------------------
     sample_every: int = _f(100, "one-step preview images every N iterations (0: never)")
-    save_every: int = _f(250, "resumable checkpoint every N iterations (0: only at the end or on cancel)")
+    save_every: int = _f(250, "resumable checkpoint every N iterations; one is always written at the end and "
+                                  "on cancel (0: only then)")
     log_every: int = _f(1, "progress callback every N iterations")
 
     def __post_init__(self):
