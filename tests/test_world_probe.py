@@ -38,6 +38,7 @@ def test_probe_trains_the_teacher_scores_it_and_hands_the_pair_back(world, tmp_p
     saved = json.loads((tmp_path / "world_probe.json").read_text())
     assert saved["settings"]["steps"] == 2 and saved["settings"]["min_scale"] == 0.5
     assert (tmp_path / "sheets" / "procedural_3000000.png").is_file() and "mean" in (tmp_path / "world_probe.md").read_text()
+    assert 0 <= report["records"][0]["vae_ceiling"] <= 1 and "through the VAE" in (tmp_path / "world_probe.md").read_text()
     # the borrow is handed back: no adapter, no token row left behind
     after = pair.teacher.unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -55,3 +56,40 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
     assert trained.returncode == 2 and "procedural_5 is no fresh subject" in trained.stderr
     missing = run("--models", str(tmp_path / "nowhere"), "--steps", "1")
     assert missing.returncode == 2 and "is not a folder" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_vae_ceiling_scores_the_exact_renders_after_the_round_trip(world):
+    """A lossless stand-in VAE reaches the exact renders' own score; one that loses everything does not."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from echodistill.miniworld.concepts import CONCEPTS, evaluation_prompts, reference_images
+    from echodistill.miniworld.evaluate import vae_ceiling, vae_round_trip_fidelity
+    from echodistill.miniworld.render import render
+
+    _, oracle = world
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, lossless: bool):
+            super().__init__()
+            self.lossless, self.anchor = lossless, torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, pixels):  # (N, 3, 64, 64) in [-1, 1]
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=pixels if self.lossless else pixels * 0 - 1))
+
+        def decode(self, latents):
+            return SimpleNamespace(sample=latents)
+
+        device, dtype = torch.device("cpu"), torch.float32
+
+    concept = CONCEPTS["smiley"]
+    rng = np.random.default_rng(5)
+    exact = np.stack([render(prompt.scene, rng) for prompt in evaluation_prompts(concept)])
+    expected = oracle.subject_fidelity(exact, reference_images(concept))
+    assert vae_round_trip_fidelity(StandIn(True), oracle, concept, layout_seed=5) == pytest.approx(expected, abs=1e-4)
+    black = oracle.subject_fidelity(np.zeros_like(exact), reference_images(concept))
+    assert vae_round_trip_fidelity(StandIn(False), oracle, concept, layout_seed=5) == pytest.approx(black, abs=1e-4)
+    ceiling = vae_ceiling(StandIn(True), oracle)
+    assert set(ceiling) == {*CONCEPTS, "mean"}
+    assert ceiling["mean"] == pytest.approx(np.mean([ceiling[name] for name in CONCEPTS]), abs=1e-4)

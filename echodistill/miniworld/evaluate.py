@@ -98,23 +98,29 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> np.ndarray:
 
 
 @torch.no_grad()
-def vae_ceiling(vae, oracle: Oracle) -> dict[str, float]:
-    """The subject fidelity a perfect generator could reach through `vae`: each concept's evaluation scenes
-    rendered exactly, encoded and decoded (posterior mean), scored against the concept's references.
+def vae_round_trip_fidelity(vae, oracle: Oracle, concept, layout_seed: int = 77) -> float:
+    """The subject fidelity a perfect generator could reach through `vae` on `concept`: its evaluation
+    scenes rendered exactly, encoded and decoded (posterior mean), scored against its references.
 
     A generator draws latents; its pictures are the VAE's decodings. Where the round trip already loses a
-    subject's detail, no adapter can learn that subject, however good the UNet. Returns {concept: fidelity}
-    and "mean"; the exact renders' own score (the oracle's ceiling, ≈ 0.9) is the number to compare with.
+    subject's detail, no adapter can learn that subject, however good the UNet. Compare with the exact
+    renders' own score (the oracle's ceiling, about 0.9: oracle_train.generalization_report).
     """
-    from .concepts import CONCEPTS, evaluation_prompts, reference_images
+    from .concepts import evaluation_prompts, reference_images
 
-    scores = {}
-    for index, name in enumerate(sorted(CONCEPTS)):
-        concept = CONCEPTS[name]
-        rng = np.random.default_rng(index + 77)  # generalization_report's layouts: the same scenes
-        exact = np.stack([render(prompt.scene, rng) for prompt in evaluation_prompts(concept)])  # (12, 64, 64, 3)
-        pixels = torch.from_numpy(exact).permute(0, 3, 1, 2).float() / 127.5 - 1  # (12, 3, 64, 64) in [-1, 1]
-        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-        scores[name] = round(oracle.subject_fidelity((decoded + 1) / 2, reference_images(concept)), 4)
+    rng = np.random.default_rng(layout_seed)
+    exact = np.stack([render(prompt.scene, rng) for prompt in evaluation_prompts(concept)])  # (12, 64, 64, 3)
+    pixels = torch.from_numpy(exact).permute(0, 3, 1, 2).float() / 127.5 - 1  # (12, 3, 64, 64) in [-1, 1]
+    pixels = pixels.to(vae.device, vae.dtype)
+    decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.float().clamp(-1, 1)
+    return round(oracle.subject_fidelity((decoded + 1) / 2, reference_images(concept)), 4)
+
+
+def vae_ceiling(vae, oracle: Oracle) -> dict[str, float]:
+    """vae_round_trip_fidelity of each named concept (the layouts of generalization_report), and their mean."""
+    from .concepts import CONCEPTS
+
+    scores = {name: vae_round_trip_fidelity(vae, oracle, CONCEPTS[name], index + 77)
+              for index, name in enumerate(sorted(CONCEPTS))}
     scores["mean"] = round(float(np.mean(list(scores.values()))), 4)
     return scores
