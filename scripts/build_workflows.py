@@ -81,6 +81,7 @@ SDXL_USER_VALUES = {
     ("EchoDistillTrainConcept", "preset"): "lite",
     ("EchoDistillTrainConcept", "adapter"): "preset",
     ("CheckpointLoaderSimple", "ckpt_name"): SDXL_TURBO["name"],
+    ("EchoDistillExportConcept", "name"): "my_mug_xl",
     ("LoraLoader", "lora_name"): "my_mug_xl.safetensors",
 }
 
@@ -116,7 +117,8 @@ DESCRIPTIONS = {
     "core_nodes_sample_exported_concept": "Core nodes only: SD-Turbo + the exported LoRA + embedding:my_mug, one step.",
     "echodistill_sdxl_train_and_sample": "SDXL: train a concept on SDXL base (teacher) + SDXL-Turbo (student), which "
                                          "share both text encoders, then draw it in one step at 512 px; preset lite "
-                                         "(about 17 GB estimated peak, a 24 GB card). Saved as my_mug_xl.",
+                                         "(about 17 GB estimated peak, a 24 GB card). Saved and exported as my_mug_xl "
+                                         "(LoRA + embedding) for core_nodes_sample_exported_sdxl_concept.",
     "core_nodes_sample_exported_sdxl_concept": "Core nodes only: SDXL-Turbo + an exported SDXL concept's LoRA + "
                                                "embedding:my_mug_xl (clip_l and clip_g rows), one step at 512 px: "
                                                "KSampler with euler + sgm_uniform at cfg 1 is our student's t = 999 "
@@ -132,7 +134,8 @@ GROUPS = {
                                          ("2. Student and teacher", ["3", "4", "5", "6"])],
     "echodistill_train_and_export": [("1. Models + your photos", ["1", "2"]), ("2. Train + export", ["3", "4"])],
     "core_nodes_sample_exported_concept": [("Core nodes: exported LoRA + embedding", [str(i) for i in range(1, 11)])],
-    "echodistill_sdxl_train_and_sample": [("1. SDXL models + photos", ["1", "2"]), ("2. Train (lite: 24 GB)", ["3"]),
+    "echodistill_sdxl_train_and_sample": [("1. SDXL models + photos", ["1", "2"]),
+                                          ("2. Train (lite: 24 GB) + export", ["3", "9"]),
                                           ("3. Draw, watch, save", ["4", "5", "6", "7", "8"])],
     "core_nodes_sample_exported_sdxl_concept": [("Core nodes: exported SDXL LoRA + embedding",
                                                  [str(i) for i in range(1, 9)])],

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from safetensors import safe_open
+
 from echodistill.concepts.bundle import ConceptBundle
 from echodistill.training.checkpointing import TrainingCheckpoint
 
@@ -81,19 +83,27 @@ def test_sdxl_train_and_sample_runs_with_the_packs_nodes(server, comfy_models):
     assert len(_outputs(entry, "5")) == 1 and len(_outputs(entry, "7")) == 2  # the sample; the last preview
     saved = ConceptBundle.load(comfy_models["echodistill"] / "concepts" / "my_mug_xl.safetensors")
     assert saved.is_sdxl and saved.families == {"teacher": "tiny-sdxl", "student": "tiny-sdxl-turbo"}
+    # exported for the core-nodes SDXL graph: SGM kohya keys, an embedding with both encoders' rows
+    models = server.base / "models"  # where the Export node writes: ComfyUI's first folder of each kind
+    with safe_open(str(models / "loras" / "my_mug_xl.safetensors"), "pt") as lora:
+        assert any(k.startswith("lora_unet_input_blocks_") for k in lora.keys())
+    with safe_open(str(models / "embeddings" / "my_mug_xl.safetensors"), "pt") as embedding:
+        assert set(embedding.keys()) == {"clip_l", "clip_g"}
 
 
 def test_the_sdxl_core_nodes_graph_validates_up_to_the_files_it_needs(server):
-    """Every node and value is valid in a real ComfyUI; only the SDXL-Turbo checkpoint and the exported LoRA,
-    which no test machine has, are refused, by name, before anything runs."""
+    """Every node and value is valid in a real ComfyUI; only the SDXL-Turbo checkpoint, which no test machine
+    has (and the exported LoRA, until the SDXL training graph has exported it), is refused, by name, before
+    anything runs."""
+    exported = (server.base / "models" / "loras" / "my_mug_xl.safetensors").is_file()
     status, answer = server.post("/prompt", {"prompt": graph("core_nodes_sample_exported_sdxl_concept")})
     assert status == 400, answer
     errors = answer["node_errors"]
-    assert set(errors) == {"1", "2"}, errors  # the checkpoint and the LoRA loaders; every other node is valid
+    assert set(errors) == ({"1"} if exported else {"1", "2"}), errors  # the loaders; every other node is valid
     assert all(e["dependent_outputs"] == ["8"] for e in errors.values())
     details = json.dumps(errors)
-    for missing in ("ckpt_name: 'sd_xl_turbo_1.0_fp16.safetensors' not in", "lora_name: 'my_mug_xl.safetensors' not in"):
-        assert missing in details, details
+    assert "ckpt_name: 'sd_xl_turbo_1.0_fp16.safetensors' not in" in details, details
+    assert ("lora_name: 'my_mug_xl.safetensors' not in" in details) == (not exported), details
     assert server.get("/system_stats")["system"]
 
 
