@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from echodistill.errors import IncompatiblePairError
+from echodistill.errors import IncompatiblePairError, ModelLoadError
 from echodistill.models import checkpoint_layout as layout_map
 from echodistill.models import loading
 from echodistill.models import tiny
@@ -129,6 +129,27 @@ def test_single_files_load_to_the_same_weights_as_diffusers_folders(single_files
 def test_a_tiny_sdxl_file_named_as_an_sd2_family_is_refused(single_files):
     with pytest.raises(Exception, match="is an SDXL checkpoint .*name one of sdxl-base or sdxl-turbo"):
         loading.ModelSource.open(single_files[0], "sd-turbo", role="student")
+
+
+@pytest.mark.parametrize(("dropped", "message"), [
+    ("conditioner.embedders.1.", "a partial SDXL checkpoint: it holds the CLIP ViT-L text encoder "
+                                 r"\(conditioner.embedders.0.transformer.text_model.\*\) but not the OpenCLIP ViT-bigG"),
+    ("conditioner.embedders.0.", "a partial SDXL checkpoint: it holds the OpenCLIP ViT-bigG text encoder .* but not "
+                                 "the CLIP ViT-L"),
+    ("conditioner.", r"has no text encoder \(a UNet-only file\?\).*whole checkpoint"),
+    ("model.diffusion_model.output_blocks.", r"lacks [0-9]+ tensors its family's config expects \([0-9]+ of the UNet; "
+                                             "e.g. model.diffusion_model.output_blocks"),
+])
+def test_a_partial_sdxl_file_is_refused_naming_the_part_it_lacks(single_files, tiny_sdxl_world, tmp_path, dropped,
+                                                                   message):
+    from safetensors.torch import load_file, save_file
+
+    fam = tiny_sdxl_world["families"]
+    kept = {k: v for k, v in load_file(single_files[0]).items() if not k.startswith(dropped)}
+    partial = tmp_path / "partial.safetensors"
+    save_file(kept, str(partial))
+    with pytest.raises(ModelLoadError, match=message):
+        load_model_pair(partial, single_files[1], teacher_family=fam["tiny-sdxl"], student_family=fam["tiny-sdxl-turbo"])
 
 
 # --- two shared text encoders --------------------------------------------------------------------------

@@ -43,6 +43,21 @@ SDXL_TEXT_TOWERS: dict[str, tuple[TextKind, str]] = {
     "text_encoder_2": ("openclip", "conditioner.embedders.1.model."),
 }
 
+TOWER_NAMES = {"text_encoder": "CLIP ViT-L text encoder", "text_encoder_2": "OpenCLIP ViT-bigG text encoder"}
+# key prefix -> the part of the model it belongs to, for messages about missing tensors
+PART_NAMES: dict[str, str] = {
+    UNET_PREFIX: "UNet",
+    VAE_PREFIX: "VAE",
+    **{prefix: TOWER_NAMES[component] for component, (_, prefix) in SDXL_TEXT_TOWERS.items()},
+    **{prefix: "text encoder" for prefix in TEXT_PREFIXES.values()},
+    "cond_stage_model.": "text encoder",
+}
+
+
+def part_of(key: str) -> str:
+    """Which part of a checkpoint `key` belongs to ("UNet", "VAE", "OpenCLIP ViT-bigG text encoder", ...)."""
+    return next((name for prefix, name in PART_NAMES.items() if key.startswith(prefix)), "other tensors")
+
 
 @dataclass(frozen=True)
 class Source:
@@ -267,10 +282,15 @@ def gather(sources: Mapping[str, Source], weights) -> dict[str, torch.Tensor]:
     state = {}
     missing = sorted({s.key for s in sources.values() if s.key not in weights})
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        parts: dict[str, int] = {}
+        for key in missing:
+            parts[part_of(key)] = parts.get(part_of(key), 0) + 1
+        counted = ", ".join(f"{count} of the {part}" for part, count in parts.items())
+        name = getattr(getattr(weights, "path", None), "name", "the checkpoint")
         raise ModelLoadError(
-            f"the checkpoint lacks {len(missing)} tensors its config expects ({shown}). "
-            "Pick the right family for this file."
+            f"{name} lacks {len(missing)} tensors its family's config expects ({counted}; e.g. {missing[0]}): a cut "
+            "or partial file, or a file of another family. Give the whole checkpoint, or pick the family it was "
+            "made for."
         )
     for name, source in sources.items():
         if source.chunk is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import ModelLoadError
-from .checkpoint_layout import SDXL_TEXT_TOWERS, TEXT_PREFIXES, UNET_PREFIX
+from .checkpoint_layout import SDXL_TEXT_TOWERS, TEXT_PREFIXES, TOWER_NAMES, UNET_PREFIX
 from .tensor_files import TensorFile
 
 CONFIG_ROOT = Path(__file__).parent.parent / "configs"
@@ -234,8 +234,16 @@ def refuse_unsupported_folder(path: Path) -> None:
 def detect_layout(weights: TensorFile) -> tuple[str, str | None]:
     """(layout, text tower kind) of a single file, from its keys alone; kind "sdxl" for SDXL's two towers."""
     keys = weights.keys()
-    if all(any(k.startswith(prefix) for k in keys) for _, prefix in SDXL_TEXT_TOWERS.values()):
+    towers = {component: any(k.startswith(prefix) for k in keys) for component, (_, prefix) in SDXL_TEXT_TOWERS.items()}
+    if all(towers.values()):
         return "sgm", "sdxl"
+    if any(towers.values()):  # one SDXL tower without the other: no SDXL model reads prompts with one
+        (present,), (absent,) = [c for c, has in towers.items() if has], [c for c, has in towers.items() if not has]
+        raise ModelLoadError(
+            f"{weights.path.name} is a partial SDXL checkpoint: it holds the {TOWER_NAMES[present]} "
+            f"({SDXL_TEXT_TOWERS[present][1]}*) but not the {TOWER_NAMES[absent]} ({SDXL_TEXT_TOWERS[absent][1]}*). "
+            "Give the whole file (SDXL base / SDXL-Turbo hold both text encoders) or a diffusers folder."
+        )
     for (layout, kind), prefix in TEXT_PREFIXES.items():
         if any(k.startswith(prefix) for k in keys):
             return layout, kind

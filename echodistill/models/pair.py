@@ -221,7 +221,9 @@ def _load_model_pair(teacher, student, *, teacher_family, student_family, dtype,
     check_shareable(teacher_source, student_source)
     if not teacher_source.has_component("text_encoder"):
         raise ModelLoadError(
-            f"the teacher {teacher_source.path.name} has no text encoder; the pair shares the teacher's"
+            f"the teacher {teacher_source.path.name} has no text encoder (a UNet-only file?): the pair reads every "
+            "prompt through the teacher's text encoder(s). Give the teacher's whole checkpoint (SD 2.1 or SDXL base, "
+            "text encoders included) or its diffusers folder"
         )
 
     text_encoder = load_text_encoder(teacher_source, dtype, device)
