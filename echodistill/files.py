@@ -162,7 +162,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 # The folders check_writable created inside the innermost `removing_new_folders_on_error` block.
 _NEW_FOLDERS: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("echodistill_new_folders",
                                                                                    default=None)
-_LEFT_BY_REFUSAL = (".echodistill.lock",)  # what a refused job may leave in a folder it made: the released lock
+
+
+def _left_by_refusal(name: str) -> bool:
+    """What a refused job may leave in a folder it made: a released lock (a run folder's, or an output file's)."""
+    return name == ".echodistill.lock" or (name.startswith(".") and name.endswith(".lock"))
 
 
 @contextlib.contextmanager
@@ -188,7 +192,7 @@ def _remove_if_empty(top: Path) -> None:
     for folder in sorted((p for p in [top, *top.rglob("*")] if p.is_dir() and not p.is_symlink()),
                          key=lambda p: len(p.parts), reverse=True):
         try:
-            leftovers = [entry for entry in folder.iterdir() if entry.name not in _LEFT_BY_REFUSAL]
+            leftovers = [entry for entry in folder.iterdir() if not _left_by_refusal(entry.name)]
             if not leftovers:
                 for entry in folder.iterdir():
                     entry.unlink()

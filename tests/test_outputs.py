@@ -171,8 +171,11 @@ def test_a_failed_job_removes_only_the_empty_folders_it_made(tmp_path):
             (tmp_path / "wrote" / "image.png").write_bytes(b"png")  # something the job made stays
             with exclusive_output(tmp_path / "locked"):  # a run folder: its released lock is no content
                 check_writable(tmp_path / "locked")
+            with exclusive_output(tmp_path / "file_out" / "concept.safetensors"):  # an output file's lock neither
+                pass
             raise RuntimeError("refused")
     assert not (tmp_path / "new").exists() and not (tmp_path / "locked").exists()
+    assert not (tmp_path / "file_out").exists()
     assert (tmp_path / "had").is_dir() and (tmp_path / "wrote" / "image.png").is_file()
     with removing_new_folders_on_error():  # success: everything stays
         check_writable(tmp_path / "ok" / "out")

@@ -63,7 +63,8 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, targets: tuple[str, ...])
     from peft import LoraConfig, inject_adapter_in_model
 
     if not _modules_with_suffix(unet, targets):
-        raise ConfigError(f"lora_targets={targets!r} match no module of the UNet (e.g. 'attn2.to_k')")
+        raise ConfigError(f"lora_targets={list(targets)!r} match no module of the UNet (e.g. 'attn2.to_k')",
+                          parameters=("lora_targets",))
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
     inject_adapter_in_model(config, unet, adapter_name=LORA_ADAPTER_NAME)
     for name, param in unet.named_parameters():
