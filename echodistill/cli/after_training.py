@@ -38,7 +38,9 @@ def _load(args: argparse.Namespace, part: str):
     return pair, bundle
 
 
-def _prompts(args: argparse.Namespace, bundle) -> list[str]:
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt and --prompts-file's lines, read before any model loads; refused when there are none and no
+    --concept gives a default prompt."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
@@ -47,10 +49,9 @@ def _prompts(args: argparse.Namespace, bundle) -> list[str]:
             raise EchoDistillError(f"--prompts-file {args.prompts_file}: not a UTF-8 text file; give one prompt "
                                    "per line") from None
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        if bundle is None:
-            raise EchoDistillError("give --prompt (repeatable) or --prompts-file")
-        prompts = [f"a photo of {bundle.token} {bundle.class_word}"]
+    if not prompts and not args.concept:
+        raise EchoDistillError("give --prompt (repeatable) or --prompts-file (or a --concept, for its "
+                               "'a photo of <token> <class word>')")
     return prompts
 
 
@@ -94,13 +95,16 @@ def _check_sample_numbers(args: argparse.Namespace, part: str) -> None:
 
 def run_sample(args: argparse.Namespace) -> int:
     from ..files import check_writable
-    from ..sampling.samplers import native_resolution, sample_student, sample_teacher
 
     part = "teacher" if args.command == "teacher-sample" else "student"
-    _check_sample_numbers(args, part)  # before anything loads: a typo costs no model load
+    _check_sample_numbers(args, part)  # before anything loads (torch too): a typo costs no wait
+    given = _prompts(args)
+    from ..sampling.samplers import native_resolution, sample_student, sample_teacher
+
     check_writable(args.out, "--out folder")  # before loading models and sampling
     pair, bundle = _load(args, part)
-    prompts = [p for p in _prompts(args, bundle) for _ in range(args.count)]
+    given = given or [f"a photo of {bundle.token} {bundle.class_word}"]
+    prompts = [p for p in given for _ in range(args.count)]
     seeds = [args.seed + i for i in range(len(prompts))]
     native = native_resolution(pair, part)  # 512 for SD 2.1 base and SD-Turbo, 64 for the mini world
     width, height = args.width or native, args.height or native
@@ -114,7 +118,7 @@ def run_sample(args: argparse.Namespace) -> int:
         extra["schedule"] = args.schedule
     paths = _write_images(result, Path(args.out), sampler=part, steps=args.steps, guidance=args.guidance,
                           bundle=bundle, extra=extra)
-    print(f"{len(paths)} images of {width}x{height} px written to {args.out}")
+    print(f"{len(paths)} image{'s' if len(paths) != 1 else ''} of {width}x{height} px written to {args.out}")
     return 0
 
 

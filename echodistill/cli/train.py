@@ -276,6 +276,7 @@ def _smoke(args: argparse.Namespace) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="echodistill-smoke-") as folder:
             _smoke_in(Path(folder), args)
+        print("tiny models, concept and previews were written to a temporary folder, now removed (--out DIR keeps them)")
     print(f"smoke check passed in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -298,8 +299,8 @@ def _smoke_in(root: Path, args: argparse.Namespace) -> None:
     )
 
     pair = load_model_pair(teacher, student, student_family=families["tiny-turbo"])
-    print(f"teacher  {teacher.name}  family={pair.teacher.family} prediction={pair.teacher.prediction_type}")
-    print(f"student  {student.name}  family={pair.student.family} ({pair.student.family_reason})")
+    print(f"teacher: {teacher.name}/ (a diffusers folder: its own config; {pair.teacher.prediction_type} prediction)")
+    print(f"student: {student.name} (family {pair.student.family}: {pair.student.family_reason})")
     print(f"shared text encoder {pair.text_fingerprint}, VAE {pair.vae_fingerprint}")
     prompt = f"a photo of {args.token} {args.class_word}"
     with pristine(pair):  # the probe's token is added again by the trainer below
