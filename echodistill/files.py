@@ -162,11 +162,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 # The folders check_writable created inside the innermost `removing_new_folders_on_error` block.
 _NEW_FOLDERS: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("echodistill_new_folders",
                                                                                    default=None)
+_OUR_LOCKS: set[str] = set()  # lock files this process held (exclusive_output): no other writer's
 
 
-def _left_by_refusal(name: str) -> bool:
-    """What a refused job may leave in a folder it made: a released lock (a run folder's, or an output file's)."""
-    return name == ".echodistill.lock" or (name.startswith(".") and name.endswith(".lock"))
+def _left_by_refusal(entry: Path) -> bool:
+    """What a refused job may leave in a folder it made: a lock file it held itself and released."""
+    return str(entry.resolve()) in _OUR_LOCKS
 
 
 @contextlib.contextmanager
@@ -192,7 +193,7 @@ def _remove_if_empty(top: Path) -> None:
     for folder in sorted((p for p in [top, *top.rglob("*")] if p.is_dir() and not p.is_symlink()),
                          key=lambda p: len(p.parts), reverse=True):
         try:
-            leftovers = [entry for entry in folder.iterdir() if not _left_by_refusal(entry.name)]
+            leftovers = [entry for entry in folder.iterdir() if not _left_by_refusal(entry)]
             if not leftovers:
                 for entry in folder.iterdir():
                     entry.unlink()
@@ -227,6 +228,11 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
     Raises OutputWriteError naming the folder and the cause (no permission, no space).
     """
     folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists() or
+                     p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        kind = "a broken link" if blocking.is_symlink() and not blocking.exists() else "a file, not a folder"
+        raise OutputWriteError(f"cannot write {folder}: {blocking} is {kind}; choose another {what}")
     try:
         make_folder(folder)
         clean_stale_temp_files(folder)  # what a killed earlier run left behind
@@ -272,6 +278,7 @@ def exclusive_output(target: str | os.PathLike, what: str = "output") -> Iterato
             make_folder(lock_path.parent)
             lock = FileLock(str(lock_path), timeout=0, mode=file_mode())
             lock.acquire()
+            _OUR_LOCKS.add(key)
         except Timeout:
             raise OutputBusyError(
                 f"another training is already writing {target} ({_holder(lock_path)}): wait for it to finish, "

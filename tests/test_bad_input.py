@@ -94,3 +94,69 @@ def test_the_shipped_pair_is_named_as_the_loaders_name_it_and_nothing_else(tmp_p
     assert main(["sample", "--teacher", "miniworld/foo", "--student", "miniworld/student", "--prompt", "x",
                  "--out", str(tmp_path / "out")]) == 2
     assert "'miniworld/foo' is not a shipped model; shipped: miniworld/student, miniworld/teacher" in capsys.readouterr().err
+
+
+def _damage(folder, case):
+    """A copy of a diffusers folder damaged one way; returns what the loader and `inspect` must name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = next((folder / "unet").glob("*.safetensors"))
+    if case == "truncated unet":
+        weights.write_bytes(weights.read_bytes()[:2000])
+        return "is not a readable safetensors file"
+    if case == "no unet weights":
+        weights.unlink()
+        return "no weights in"
+    if case == "unet config {}":
+        (folder / "unet" / "config.json").write_text("{}")
+        return "lacks block_out_channels, cross_attention_dim: not a UNet config"
+    if case == "unet config list":
+        (folder / "unet" / "config.json").write_text("[1, 2]")
+        return "holds a JSON list, not a config object"
+    if case == "model_index garbage":
+        (folder / "model_index.json").write_text("garbage{")
+        return "model_index.json is not valid JSON"
+    if case == "integer weights":
+        save_file({k: v.to(torch.int32) for k, v in load_file(weights).items()}, str(weights))
+        return "holds torch.int32 values where a weight is a floating-point number"
+    if case == "junk .bin":
+        weights.unlink()
+        (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04junk" * 40)
+        return "is not a readable PyTorch checkpoint"
+    if case == "no text encoder":
+        shutil.rmtree(folder / "text_encoder")
+        return "text_encoder"
+    raise ValueError(case)
+
+
+DAMAGES = ["truncated unet", "no unet weights", "unet config {}", "unet config list", "model_index garbage",
+           "integer weights", "junk .bin", "no text encoder"]
+
+
+@pytest.mark.parametrize("case", DAMAGES)
+def test_a_damaged_teacher_is_refused_in_one_line_by_sample(case, tiny_pair_folders, tmp_path, capsys):
+    import shutil
+
+    teacher = shutil.copytree(tiny_pair_folders[0], tmp_path / "teacher")
+    message = _damage(teacher, case)
+    assert main(["sample", "--teacher", str(teacher), "--student", str(tiny_pair_folders[1]), "--prompt", "x",
+                 "--width", "64", "--height", "64", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["truncated unet", "no unet weights", "unet config list", "junk .bin",
+                                  "no text encoder"])
+def test_inspect_opens_every_part_the_role_reads(case, tiny_pair_folders, tmp_path, capsys):
+    """A folder whose configs read but whose weights do not is refused by `inspect`, as loading would refuse it."""
+    import shutil
+
+    teacher = shutil.copytree(tiny_pair_folders[0], tmp_path / "teacher")
+    message = _damage(teacher, case)
+    assert main(["inspect", str(teacher)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert main(["inspect", str(tiny_pair_folders[0])]) == 0  # the undamaged folder reads

@@ -109,6 +109,7 @@ def test_the_demo_takes_a_bare_seed_for_a_fresh_procedural_subject_and_draws_its
     ("procedural_2000001", "procedural_2000001 is no fresh subject: seeds 2000000-2099999 trained the subject oracle"),
     ("3" * 300, f"unknown subject '{'3' * 40}...': use a shipped one"),  # no file name could hold it
     (str(2**63), f"unknown subject '{2**63}'"),
+    ("7" * 5000, "unknown subject '7777"),  # longer than int() reads
 ])
 def test_the_demo_refuses_a_bad_subject_in_one_line(concept, message, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -256,8 +256,9 @@ def test_workers_that_cannot_load_the_models_stop_the_fleet_with_the_loaders_mes
     assert weights.name in message and "no worker left" not in message, message
     assert "\n" not in message and "Traceback" not in message
     assert isinstance(caught.value, EchoDistillError)  # the command line prints it in one line, exit 2
-    state = json.loads((tmp_path / "out" / "fleet-state.json").read_text())
-    assert state["concepts"]["a"]["status"] == "queued"  # nothing was tried: a rerun with good models trains it
+    state = json.loads((tmp_path / "out" / "fleet-state.json").read_text())["concepts"]["a"]
+    assert state["status"] == "failed" and weights.name in state["error"]  # what `fleet status` shows
+    assert state["attempts"] == 0  # nothing was tried: a rerun with good models queues and trains it
 
 
 def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path, capsys):
@@ -270,3 +271,12 @@ def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path,
     assert main(["fleet", "run", str(broken), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert "2 problem(s)" in error and "does not exist" in error and "class_word" in error
+    import shutil
+
+    teacher = shutil.copytree(tiny_pair_folders[0], tmp_path / "torn_teacher")
+    weights = next((teacher / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:2000])  # its configs read; its weights do not
+    torn = _write_manifest(tmp_path / "torn.toml", (teacher, tiny_pair_folders[1]),
+                           [{"name": "a", "photos": str(good), "class_word": "dog"}])
+    assert main(["fleet", "run", str(torn), "--out", str(tmp_path / "out"), "--check"]) == 2
+    assert f"teacher: {weights} is not a readable safetensors file" in capsys.readouterr().err

@@ -54,6 +54,8 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
     assert unknown.returncode == 2 and "unknown subject 'dog'" in unknown.stderr and "Traceback" not in unknown.stderr
     trained = run("--concepts", "procedural_5")  # the base models saw it: no test of the world
     assert trained.returncode == 2 and "procedural_5 is no fresh subject" in trained.stderr
+    nothing = run("--steps", "0")
+    assert nothing.returncode == 2 and "--steps 0: give 1 or more" in nothing.stderr
     missing = run("--models", str(tmp_path / "nowhere"), "--steps", "1")
     assert missing.returncode == 2 and "is not a folder" in missing.stderr and "Traceback" not in missing.stderr
 

@@ -69,7 +69,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 _COMMAND: list[argparse.ArgumentParser | None] = [None]  # the command running, for _show_warning
-WARNING_PARAMETERS = ("width", "height")  # what the library's warnings (SizeWarning) may name
+# what the library's warnings may name: SizeWarning (width, height), ConfigWarning (echo, echo_start, steps)
+WARNING_PARAMETERS = ("width", "height", "echo", "echo_start", "steps")
 
 
 def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
@@ -84,6 +85,18 @@ def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 _PYTHON_SHOWWARNING = warnings.showwarning
 
 
+def _set_keys(args: argparse.Namespace) -> set[str]:
+    """The config fields the user gave through --set KEY=VALUE."""
+    return {item.partition("=")[0].strip() for item in getattr(args, "set", None) or []}
+
+
+def _end_progress_lines() -> None:
+    """Close live progress bars, so that an error starts its own line instead of following the bar's."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch starts OpenMP: idle threads sleep instead of spinning (see training.threads).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -95,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         with removing_new_folders_on_error():  # a refused command leaves no empty output folder behind
             return args.run(args)
     except EchoDistillError as exc:
-        print(f"error: {exc.in_terms_of(flag_names(command, exc.parameters))}", file=sys.stderr)
+        _end_progress_lines()
+        names = flag_names(command, exc.parameters)
+        names.update({key: f"--set {key}=" for key in _set_keys(args) if key in names})  # as the user wrote it
+        print(f"error: {exc.in_terms_of(names)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the user named cannot be read or written: say which and why, no traceback
         from ..files import describe_os_error
 
+        _end_progress_lines()
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{describe_os_error(exc)}", file=sys.stderr)
         return 2

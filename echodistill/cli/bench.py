@@ -469,8 +469,11 @@ def run_world_probe(args: argparse.Namespace) -> int:
     from ..miniworld.procedural import VALIDATION_SEEDS, fresh_subject_name, lookup_subject, procedural_subject
 
     names = args.concepts or sorted(CONCEPTS)
+    if args.steps < 1:
+        raise BenchError(f"--steps {args.steps}: give 1 or more training iterations per subject (the bar: 400)")
     try:  # a subject the base models or the oracle trained on is no test of the world
-        subjects = [lookup_subject(fresh_subject_name(name)) for name in names]
+        fresh = list(dict.fromkeys(fresh_subject_name(name) for name in names))  # each subject once
+        subjects = [lookup_subject(name) for name in fresh]
     except ValueError as error:
         raise BenchError(f"--concepts: {error}") from None
     if args.fresh < 0:

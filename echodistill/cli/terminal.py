@@ -118,8 +118,11 @@ def parse_overrides(pairs: list[str]) -> dict:
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {pair!r}: write key=value, e.g. --set echo=false")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair}: write key=value, e.g. --set echo=false")
+        if value.strip().lower() in ("true", "false"):  # Python's True / False too, as the messages may show them
+            overrides[key] = value.strip().lower() == "true"
+            continue
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:

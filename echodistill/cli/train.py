@@ -338,6 +338,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print("\n".join(summary))
         return 0
     source = ModelSource.open(model, args.family, role=args.role)
+    source.check_files(args.role)  # a damaged or partial model is refused here, not at training time
     print(f"{source.path.name}: family {source.family} ({source.reason})")
     print(
         f"  layout {source.layout}, prediction {source.config.prediction_type}, "

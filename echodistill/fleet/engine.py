@@ -144,7 +144,12 @@ def _drive(manifest, out, options, state, queue, finished, bar, notify) -> None:
                             device="cuda" if use_gpu else "cpu", threads=threads) for _ in range(count)]
     deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
     try:
-        actors = _loaded(actors, options.timeout_s)
+        try:
+            actors = _loaded(actors, options.timeout_s)
+        except FleetError as exc:  # said in the state too: `fleet status` must not show them queued forever
+            for job in queue:
+                notify(job.name, state.update(job.name, status="failed", error=str(exc)))
+            raise
         idle, running, probing = deque(range(len(actors))), {}, {}
         _verify(actors, out, state, finished, queue, notify, options.timeout_s)
         while queue or running:

@@ -164,7 +164,9 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
             problems.append(f"{role}: {model} does not exist")
         else:
             try:
-                sources[role] = ModelSource.open(model, data.get(f"{role}_family", "auto"), role=role)
+                source = ModelSource.open(model, data.get(f"{role}_family", "auto"), role=role)
+                source.check_files(role)  # damaged weights refused here, not on every worker
+                sources[role] = source
             except EchoDistillError as exc:
                 problems.append(f"{role}: {exc}")
     if len(sources) == 2:

@@ -75,7 +75,8 @@ MAX_SEED = 2**63 - 1  # numpy's seeds take any size; a name must still fit a fil
 def is_procedural(name: str) -> bool:
     """Whether `name` is "procedural_<seed>", the seed written in ASCII digits, 0 to MAX_SEED."""
     seed = name[len(PREFIX):]
-    return name.startswith(PREFIX) and seed.isascii() and seed.isdigit() and int(seed) <= MAX_SEED
+    return (name.startswith(PREFIX) and seed.isascii() and seed.isdigit() and len(seed.lstrip("0")) <= 19
+            and int(seed) <= MAX_SEED)  # the length first: int() refuses strings of 4,300+ digits
 
 
 def trained_on(seed: int) -> tuple[str, SeedRange] | None:

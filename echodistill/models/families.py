@@ -25,6 +25,7 @@ from .checkpoint_layout import SDXL_TEXT_TOWERS, TEXT_PREFIXES, TOWER_NAMES, UNE
 from .tensor_files import TensorFile
 
 CONFIG_ROOT = Path(__file__).parent.parent / "configs"
+UNET_REQUIRED = ("block_out_channels", "cross_attention_dim")  # what the loaders read from every UNet config
 
 # name -> (text tower kind, tokenizer style per text encoder, what it is)
 FAMILIES: dict[str, tuple[str, str, str]] = {
@@ -62,7 +63,12 @@ class FamilyConfig:
 
     @cached_property
     def unet(self) -> dict:
-        return self._read("unet")
+        config = self._read("unet")
+        missing = [key for key in UNET_REQUIRED if key not in config]
+        if missing:
+            raise ModelLoadError(f"{self.folder / 'unet' / 'config.json'} lacks {', '.join(missing)}: not a UNet "
+                                 "config; restore the file from the model's release")
+        return config
 
     @cached_property
     def vae(self) -> dict:
@@ -87,8 +93,7 @@ class FamilyConfig:
 
     @cached_property
     def model_index(self) -> dict:
-        path = self.folder / "model_index.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return self._read("", "model_index.json") if (self.folder / "model_index.json").is_file() else {}
 
     @property
     def text_components(self) -> tuple[str, ...]:
@@ -223,7 +228,7 @@ def refuse_unsupported_folder(path: Path) -> None:
             unet = json.loads((path / "unet" / "config.json").read_text())
         except (ValueError, OSError):
             unet = {}
-        if unet.get("cross_attention_dim") == 1280:
+        if isinstance(unet, dict) and unet.get("cross_attention_dim") == 1280:  # anything else: the loader says
             what = "an SDXL refiner (its UNet cross-attends to one 1280-wide OpenCLIP ViT-bigG tower)"
     elif (path / "transformer" / "config.json").is_file():
         what = "a transformer (DiT) model such as SD3 or Flux"

@@ -31,7 +31,7 @@ from .families import (
     family_config,
     refuse_unsupported_folder,
 )
-from .tensor_files import TensorFile, fingerprint, read_folder_weights
+from .tensor_files import TensorFile, fingerprint, folder_weight_files, read_folder_weights
 from .tokenizer import load_clip_tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -120,6 +120,23 @@ class ModelSource:
             return _match_text_prefix(read_folder_weights(folder, stem), model_keys)
         return layout_map.gather(self._sources(component, model_keys), self.weights)
 
+    def check_files(self, role: Role) -> None:
+        """Open what `role` reads (teacher: UNet + text encoders; student: UNet + VAE): configs parsed, every weight
+        file's header read, nothing loaded. `inspect` and `fleet run --check` refuse a damaged model with it before
+        any training; loading still checks every tensor's name, shape and type.
+
+        Raises ModelLoadError naming the missing or unreadable part.
+        """
+        components = ["unet", *(self.config.text_components if role == "teacher" else ("vae",))]
+        _ = self.config.unet  # parsed and checked
+        for component in components:
+            if not self.has_component(component):
+                raise ModelLoadError(f"{self.path} has no {component} (the {role} reads it): give the whole model")
+            if self.weights is None:
+                self.config._read(component)  # its config.json parses
+                stem = "model" if component.startswith("text_encoder") else "diffusion_pytorch_model"
+                folder_weight_files(self.path / component, stem)
+
     def fingerprint(self, component: str, names: tuple[str, ...]) -> str:
         """Hash of a few tensors of one component, read without loading the component."""
         if self.weights is not None:
@@ -198,6 +215,9 @@ def _build(factory: Callable[[], torch.nn.Module], read: Callable[[list[str]], d
             f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}). Pick the right family for this file."
         )
     for name, tensor in module.state_dict().items():
+        if name in state and tensor.is_floating_point() and not state[name].is_floating_point():
+            raise ModelLoadError(f"{what}: {name} holds {state[name].dtype} values where a weight is a floating-point "
+                                 "number: a damaged or foreign file; restore it from the model's release")
         if name in state and tuple(state[name].shape) != tuple(tensor.shape):
             raise ModelLoadError(
                 f"{what}: {name} has shape {tuple(state[name].shape)} in the file but "

@@ -82,14 +82,17 @@ class TensorFile:
 
 def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # old zip-less pickles cannot be memory-mapped
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # old zip-less pickles cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
+        cause = (str(exc).strip().splitlines() or [""])[0][:160]
+        cause = f": {cause}" if cause and not cause.isdigit() else ""  # a bare number says nothing to a user
         raise ModelLoadError(
-            f"{path.name} could not be loaded safely (weights_only=True): {exc}. "
-            "Convert it to .safetensors with a trusted tool."
-        ) from exc
+            f"{path} is not a readable PyTorch checkpoint (truncated, damaged, or a pickle that is not plain "
+            f"weights{cause}). Download it again, or convert it to .safetensors with a trusted tool"
+        ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -97,30 +100,32 @@ def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def read_folder_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
-    """The state dict of one diffusers/transformers component folder (single or sharded)."""
-    candidates = [
-        f"{stem}.safetensors",
-        f"{stem}.fp16.safetensors",
-        f"{stem}.safetensors.index.json",
-        f"{stem}.fp16.safetensors.index.json",
-        f"{stem}.bin",
-        f"{stem}.fp16.bin",
-    ]
+def folder_weight_files(folder: Path, stem: str) -> list[TensorFile]:
+    """Every weight file of one diffusers/transformers component folder, opened (headers read, nothing loaded
+    from a safetensors file). Raises ModelLoadError for no weights, a damaged file or a damaged shard index."""
+    candidates = [f"{stem}{variant}{suffix}" for suffix in (".safetensors", ".safetensors.index.json", ".bin")
+                  for variant in ("", ".fp16")]
     for name in candidates:
         path = folder / name
         if not path.is_file():
             continue
-        if name.endswith(".index.json"):
+        if not name.endswith(".index.json"):
+            return [TensorFile(path)]
+        try:
             shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                tf = TensorFile(folder / shard)
-                state.update({k: tf.get(k) for k in tf.keys()})
-            return state
-        tf = TensorFile(path)
-        return {k: tf.get(k) for k in tf.keys()}
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise ModelLoadError(f"{path} is not a shard index (no weight_map): restore it from the model's "
+                                 "release") from None
+        return [TensorFile(folder / shard) for shard in shards]
     raise ModelLoadError(f"no weights in {folder}: expected one of {', '.join(candidates)}")
+
+
+def read_folder_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """The state dict of one diffusers/transformers component folder (single or sharded)."""
+    state: dict[str, torch.Tensor] = {}
+    for tf in folder_weight_files(folder, stem):
+        state.update({k: tf.get(k) for k in tf.keys()})
+    return state
 
 
 def fingerprint(get: Callable[[str], torch.Tensor], names: Iterable[str]) -> str:

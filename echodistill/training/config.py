@@ -21,6 +21,10 @@ TrainingSchedule = Literal["joint", "sequential"]
 DISCRIMINATOR_KINDS = ("teacher_features", "dino_vits16", "dinov2_vitl14", "clip_vit_h14")
 
 
+class ConfigWarning(UserWarning):
+    """A config that runs but does not do what its fields suggest (echo on, yet no echo round in the run)."""
+
+
 def _check_type(name: str, value: Any, hint: Any) -> None:
     """Raise ConfigError naming the field when `value` is not of the field's type (before any comparison)."""
     origin = get_origin(hint)
@@ -189,10 +193,10 @@ class TrainConfig:
                               parameters=("echo_keep_ratio",))
         if self.echo and self.echo_start >= self.steps:
             # echo starts after step echo_start, so a run of one step can never echo, whatever echo_start is
-            fix = (f"use echo_start={self.steps // 2} (preset() scales it to steps) or echo=False" if self.steps > 1
-                   else "train 2 or more steps, or set echo=False")
-            warnings.warn(f"echo=True but echo_start={self.echo_start} >= steps={self.steps}: this run never echoes; "
-                          f"{fix}", stacklevel=3)
+            fix = (f"use echo_start={self.steps // 2} (preset() scales it to steps) or echo=false" if self.steps > 1
+                   else "train 2 or more steps, or pass echo=false")
+            warnings.warn(f"echo=true but echo_start={self.echo_start} >= steps={self.steps}: this run never echoes; "
+                          f"{fix}", ConfigWarning, stacklevel=3)
         if self.resolution % 64:
             raise ConfigError(f"resolution={self.resolution!r} must be a multiple of 64", parameters=("resolution",))
         for name in ("target_timestep_min", "target_timestep_max", "student_timestep", "discriminator_timestep_max"):
