@@ -64,7 +64,8 @@ class ExportConcept(io.ComfyNode):
         lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
         embedding_dir = Path(folder_paths.get_folder_paths("embeddings")[0])
         try:
-            report, targets = export_concept(concept, name, lora_dir, embedding_dir, mode=mode, rank=rank or None,
+            rank = (rank or None) if mode == "lowrank" else None  # the widget's rank is for lowrank only
+            report, targets = export_concept(concept, name, lora_dir, embedding_dir, mode=mode, rank=rank,
                                              overwrite=overwrite)
         except EchoDistillError as error:
             raise _in_node_terms(error) from error

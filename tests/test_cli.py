@@ -243,6 +243,8 @@ def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
     # refused after the output folder was made: the command leaves no empty folder behind, and speaks in flags
     assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "new" / "loras"), "--rank", "0"]) == 2
     assert "error: --rank 0 must be a positive integer (or leave it out" in capsys.readouterr().err
+    assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "new"), "--mode", "diff", "--rank", "4"]) == 2
+    assert "error: --rank 4 applies to --mode lowrank only: diff patches are exact" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     assert main(["sample", *models, "--prompt", "a cup", "--width", "100", "--out", str(tmp_path / "refused" / "pngs")]) == 2
     assert "--width 100 must be a positive multiple" in capsys.readouterr().err and not (tmp_path / "refused").exists()

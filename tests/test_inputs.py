@@ -55,7 +55,7 @@ def test_cli_train_names_the_files_it_does_not_use(tmp_path, capsys):
     folder = _folder(tmp_path)
     code = main(["train", "--teacher", str(tmp_path / "no-teacher"), "--student", str(tmp_path / "no-student"),
                  "--images", str(folder), "--class-word", "mug", "--out", str(tmp_path / "c.safetensors"),
-                 "--steps", "1", "--resolution", "64"])
+                 "--steps", "1", "--resolution", "64", "--set", "echo=false"])
     out = capsys.readouterr()
     assert "z_extra.gif (GIF" in out.out and "notes.json" in out.out
     assert code == 2 and out.err.startswith("error:")  # the missing teacher, after the photo report

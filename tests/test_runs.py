@@ -117,7 +117,7 @@ def test_outputs_are_probed_before_the_first_step(tiny_pair_folders, tmp_path, m
     monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("trained before the outputs were checked"))
     assert main(["train", "--teacher", str(teacher), "--student", str(student), "--images", str(photos),
                  "--class-word", "cup", "--out", str(read_only / "c.safetensors"), "--run-dir", str(tmp_path / "r"),
-                 "--steps", "1", "--resolution", "64"]) == 2
+                 "--steps", "1", "--resolution", "64", "--set", "echo=false"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write {read_only}: no permission to write there") and err.count("\n") == 1
     assert main(["sample", "--teacher", str(teacher), "--student", str(student), "--prompt", "a cup",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import EchoDistillError
 from .terminal import TerminalCallbacks, add_command, parse_overrides, stop_on_ctrl_c
 
 HELP = ("the main job on the shipped mini world: train a held-out subject, sample it, write a contact sheet, "
@@ -48,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..jobs.demo import run_demo
 
+    if args.threads is not None and args.threads < 1:
+        raise EchoDistillError(f"--threads {args.threads}: give 1 or more (or leave it out)")
     if args.threads:
         from ..training.threads import set_cpu_threads
 

@@ -219,6 +219,9 @@ def export_lora(
     if rank is not None and rank < 1:
         raise ExportError(f"rank={rank} must be a positive integer (or leave it out: full rank, exact)",
                           parameters=("rank",))
+    if rank is not None and mode != "lowrank":
+        raise ExportError(f"rank={rank} applies to mode=lowrank only: {mode} patches are exact, at full rank",
+                          parameters=("rank", "mode"))
     target = _target(path, overwrite)
     deltas = bundle_deltas(bundle, part)  # module -> (out, in)
     if not deltas:
