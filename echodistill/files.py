@@ -172,7 +172,8 @@ def _left_by_refusal(entry: Path) -> bool:
 
 @contextlib.contextmanager
 def removing_new_folders_on_error() -> Iterator[None]:
-    """A job that fails inside this block leaves no folder behind that `check_writable` made for it.
+    """A job that fails inside this block leaves no folder behind that `check_writable` or `exclusive_output`
+    made for it (the command line runs every command in one; see make_folder).
 
     Folders that existed before, and folders holding anything the job wrote (a checkpoint, an image),
     stay: only an empty folder (or one holding just our released lock file) is removed, deepest first.
@@ -228,8 +229,8 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
     Raises OutputWriteError naming the folder and the cause (no permission, no space).
     """
     folder = Path(folder)
-    blocking = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists() or
-                     p.exists() and not p.is_dir()), None)
+    blocking = next((p for p in (folder, *folder.parents)
+                     if (p.is_symlink() and not p.exists()) or (p.exists() and not p.is_dir())), None)
     if blocking is not None:
         kind = "a broken link" if blocking.is_symlink() and not blocking.exists() else "a file, not a folder"
         raise OutputWriteError(f"cannot write {folder}: {blocking} is {kind}; choose another {what}")
