@@ -88,6 +88,7 @@ def test_eval_reports_bad_photo_folders_as_train_does(problem, tmp_path, capsys)
     assert code == 2, err
     last = err.strip().splitlines()
     assert any(line.startswith("error:") for line in last) and "Traceback" not in err
+    assert "error: --references: " in err  # which of the two folders
     if problem == "missing":
         assert "does not exist" in err
     else:

@@ -162,11 +162,14 @@ def _read_images(folder: str, what: str):
     try:
         shipped = subject_references(folder)
     except ValueError as error:
-        raise EchoDistillError(f"{folder!r}: {error}") from None
+        raise EchoDistillError(f"--{what} {folder!r}: {error}") from None
     if shipped is not None and not Path(folder).is_dir():  # miniworld/<subject>: its drawn references
         pixels = [np.asarray(picture, dtype=np.float32) / 255.0 for picture in shipped[0]]  # (H, W, 3) each
         return [torch.from_numpy(p).permute(2, 0, 1) for p in pixels], [None] * len(pixels)
-    photos = load_concept_images(folder, min_size_fraction=0)
+    try:
+        photos = load_concept_images(folder, min_size_fraction=0)
+    except EchoDistillError as error:  # which of the two folders: the flag says
+        raise type(error)(f"--{what}: {error}") from None
     print(f"{what}: {photos.report()}", file=sys.stderr)
     images, prompts = [], []
     for item in photos:
