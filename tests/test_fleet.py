@@ -67,11 +67,13 @@ def test_manifest_lists_every_problem_at_once(tiny_pair_folders, tmp_path):
         {"name": "c", "photos": str(good), "class_word": "dog", "config": {"lr_studnet": 1e-4}},
         {"name": "d", "photos": str(good), "class_word": "dog", "config": {"resolution": 100}},
         {"name": "e", "photos": "miniworld/no_such_subject"},
+        {"name": "f", "photos": "missing-too", "config": {"steps": 0}},  # three at once, each listed
     ])
     with pytest.raises(ConfigError) as info:
         load_manifest(path)
     message = str(info.value)
-    assert "6 problem(s)" in message, message
+    assert "9 problem(s)" in message, message
+    assert "'f': photos folder" in message and "'f': `class_word` is missing" in message and "'f': steps=0" in message
     for expected in ("concept 'a': duplicate output name", "name '../escape' cannot be used",
                      "missing-folder does not exist", "unknown config key 'lr_studnet'",
                      "resolution=100 must be a multiple of 64", "unknown subject 'no_such_subject'"):

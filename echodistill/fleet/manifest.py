@@ -244,16 +244,18 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
         from ..miniworld import reference_captions
 
         captions = reference_captions(subject)  # the world's grammar: what its text encoder learned
-    if len(problems) > count:
-        return None
+    failed = len(problems) > count
     changes = {**{k: v for k, v in shared.items() if k in known}, **{k: v for k, v in own.items() if k in known}}
-    changes["class_word"] = class_word
+    # A missing class word is reported above; a stand-in lets the config's own problems be listed with it.
+    changes["class_word"] = class_word if class_word is not None else "object"
     if "token" in entry:
         changes["token"] = entry["token"]
     try:
         config = build_config(preset_name, changes, line)
     except (ConfigError, TypeError) as exc:
         problems.append(f"{where}: {exc}")
+        return None
+    if failed:
         return None
     return ConceptJob(name=entry["name"], photos=photos, config=config,
                       captions=None if captions is None else tuple(captions))
