@@ -97,6 +97,15 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> np.ndarray:
     return (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
 
 
+def exact_evaluation_renders(concept, layout_seed: int) -> np.ndarray:
+    """(12, 64, 64, 3) uint8: the concept's evaluation scenes drawn exactly (layouts from `layout_seed`), what a
+    perfect personalized model would draw; the oracle's and the VAE's ceilings are scored on these."""
+    from .concepts import evaluation_prompts
+
+    rng = np.random.default_rng(layout_seed)
+    return np.stack([render(prompt.scene, rng) for prompt in evaluation_prompts(concept)])
+
+
 @torch.no_grad()
 def vae_round_trip_fidelity(vae, oracle: Oracle, concept, layout_seed: int = 77) -> float:
     """The subject fidelity a perfect generator could reach through `vae` on `concept`: its evaluation
@@ -106,10 +115,9 @@ def vae_round_trip_fidelity(vae, oracle: Oracle, concept, layout_seed: int = 77)
     subject's detail, no adapter can learn that subject, however good the UNet. Compare with the exact
     renders' own score (the oracle's ceiling, about 0.9: oracle_train.generalization_report).
     """
-    from .concepts import evaluation_prompts, reference_images
+    from .concepts import reference_images
 
-    rng = np.random.default_rng(layout_seed)
-    exact = np.stack([render(prompt.scene, rng) for prompt in evaluation_prompts(concept)])  # (12, 64, 64, 3)
+    exact = exact_evaluation_renders(concept, layout_seed)  # (12, 64, 64, 3)
     pixels = torch.from_numpy(exact).permute(0, 3, 1, 2).float() / 127.5 - 1  # (12, 3, 64, 64) in [-1, 1]
     pixels = pixels.to(vae.device, vae.dtype)
     decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.float().clamp(-1, 1)

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .concepts import CONCEPTS, Concept, evaluation_prompts, reference_images
+from .concepts import CONCEPTS, Concept, reference_images
 from .data import RenderedSet, subject_scene
+from .evaluate import exact_evaluation_renders
 from .grammar import ATTRIBUTES, COLORS, SHAPES, Scene, sample_scene
 from .oracle import GRAMMAR_SUBJECTS, AttributeReader, Oracle, SubjectEncoder
 from .procedural import ORACLE_SEEDS, VALIDATION_SEEDS, SeedRange, is_procedural, lookup_subject, procedural_subject
@@ -273,8 +274,7 @@ def generalization_report(oracle: Oracle, fresh: int = 24) -> dict:
     subjects += [procedural_subject(seed) for seed in VALIDATION_SEEDS.seeds()[:fresh]]
     renders, references = {}, {}
     for subject in subjects:
-        rng = np.random.default_rng(len(renders) + 77)  # the evaluation scenes' layouts
-        renders[subject.name] = np.stack([render(p.scene, rng) for p in evaluation_prompts(subject)])
+        renders[subject.name] = exact_evaluation_renders(subject, len(renders) + 77)
         references[subject.name] = reference_images(subject)
     own, worst_other = {}, {}
     for name, images in renders.items():

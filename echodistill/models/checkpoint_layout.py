@@ -20,6 +20,7 @@ Layouts:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping
 
@@ -282,10 +283,7 @@ def gather(sources: Mapping[str, Source], weights) -> dict[str, torch.Tensor]:
     state = {}
     missing = sorted({s.key for s in sources.values() if s.key not in weights})
     if missing:
-        parts: dict[str, int] = {}
-        for key in missing:
-            parts[part_of(key)] = parts.get(part_of(key), 0) + 1
-        counted = ", ".join(f"{count} of the {part}" for part, count in parts.items())
+        counted = ", ".join(f"{count} of the {part}" for part, count in Counter(map(part_of, missing)).items())
         name = getattr(getattr(weights, "path", None), "name", "the checkpoint")
         raise ModelLoadError(
             f"{name} lacks {len(missing)} tensors its family's config expects ({counted}; e.g. {missing[0]}): a cut "
