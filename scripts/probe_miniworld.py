@@ -43,8 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    state = torch.load(args.checkpoint, weights_only=True)
-    vae_state = torch.load(args.vae, weights_only=True)
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    vae_state = torch.load(args.vae, map_location="cpu", weights_only=True)
     unet, text_encoder, vae = arch.build_unet(), arch.build_text_encoder(), arch.build_vae()
     unet.load_state_dict(state["unet"])
     text_encoder.load_state_dict(state["text_encoder"])

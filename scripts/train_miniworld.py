@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the mini world's shipped models from one seed, on a CPU.
+"""Train the mini world's shipped models from one seed, on a CPU (or a CUDA GPU with --device cuda).
 
     nice -n 10 .venv/bin/python scripts/train_miniworld.py --seed 0
 
@@ -14,7 +14,9 @@ Stages (each logged to runs/miniworld/<stage>.log and, all together, to train.lo
   7. eval     — load both folders with load_model_pair, sample through echodistill.sampling,
                 score with the oracle; numbers in runs/miniworld/eval.json, pictures beside them
 Intermediate results are kept in runs/miniworld/ckpt/, so `--from-stage student` redoes only the
-later stages. `--quick` shrinks every stage to seconds, to check the script end to end (it writes
+later stages, and `--to-stage teacher` stops after the teacher. With `--device cuda` the VAE, text
+encoder, teacher and student train on the GPU from the same random draws as on the CPU (training.py),
+and their checkpoints resume on either. `--quick` shrinks every stage to seconds, to check the script end to end (it writes
 into runs/miniworld/quick/ instead of the package).
 """
 
@@ -130,11 +132,12 @@ class RunLog:
         return lambda message: self(stage, message)
 
 
-def hardware() -> dict:
+def hardware(device: str = "cpu") -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            **({"gpu": torch.cuda.get_device_name()} if device == "cuda" else {})}
 
 
 def cpu_seconds() -> float:
@@ -157,6 +160,9 @@ def main() -> None:
     parser.add_argument("--log-dir", type=Path, default=REPO / "runs" / "miniworld")
     parser.add_argument("--from-stage", choices=STAGES, default="render",
                         help="redo this stage and the later ones, reading earlier results from <log-dir>/ckpt")
+    parser.add_argument("--to-stage", choices=STAGES, default=STAGES[-1], help="stop after this stage")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the VAE, text encoder, teacher and student train (the rest runs on the CPU)")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run into <log-dir>/quick")
     parser.add_argument("--models-to", type=Path, help="write the teacher/student folders here instead of the package")
     parser.add_argument("--oracle-to", type=Path, help="write (and evaluate with) the oracle here instead of the package")
@@ -170,6 +176,10 @@ def main() -> None:
                         help="train only the oracles (they need no other stage), e.g. in a second process")
     args = parser.parse_args()
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    if STAGES.index(args.to_stage) < STAGES.index(args.from_stage):
+        parser.error(f"--to-stage {args.to_stage} comes before --from-stage {args.from_stage}")
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     log_dir = args.log_dir / "quick" if args.quick else args.log_dir
@@ -179,7 +189,9 @@ def main() -> None:
     log = RunLog(log_dir)
     first = STAGES.index(args.from_stage)
     redo = lambda stage: STAGES.index(stage) >= first  # noqa: E731
-    log("train", f"start: {' '.join(sys.argv)}; seed {args.seed}; {hardware()}")
+    last = STAGES.index(args.to_stage)
+    done = lambda stage: STAGES.index(stage) >= last  # noqa: E731
+    log("train", f"start: {' '.join(sys.argv)}; seed {args.seed}; {hardware(args.device)}")
     log("train", f"settings: {json.dumps(asdict(settings))}")
     cpu_start, wall_start = cpu_seconds(), time.time()
     teacher_config = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["teacher"]).scheduler
@@ -206,14 +218,16 @@ def main() -> None:
     rendered = render_set(settings.train_images, args.seed, workers=args.workers)
     log("render", f"{len(rendered.images)} scenes rendered in {time.time() - started:.0f} s; "
                   f"e.g. {rendered.captions[0].text!r}")
+    if done("render"):
+        return finish(log, wall_start, cpu_start, "render")
     tokenizer = load_clip_tokenizer("sd2")
 
     # 2. VAE --------------------------------------------------------------------------------
     vae = arch.build_vae()
     if redo("vae"):
         resume = ckpt / "vae_running.pt"
-        vae = train_vae(rendered.images, settings.vae, args.seed, log.stage("vae"), resume)
-        latents = encode_latents(vae, rendered.images)
+        vae = train_vae(rendered.images, settings.vae, args.seed, log.stage("vae"), resume, args.device)
+        latents = encode_latents(vae, rendered.images, device=args.device)
         factor = set_scaling_factor(vae, latents)
         save_atomically(ckpt / "vae.pt", {"state": vae.state_dict(), "scaling_factor": factor})
         resume.unlink(missing_ok=True)
@@ -222,17 +236,19 @@ def main() -> None:
                 (ckpt / stale).unlink()
                 log("vae", f"removed {stale}: it was trained on another VAE's latents")
     else:
-        saved = torch.load(ckpt / "vae.pt", weights_only=True)
+        saved = torch.load(ckpt / "vae.pt", map_location="cpu", weights_only=True)
         vae.load_state_dict(saved["state"])
         vae.register_to_config(scaling_factor=saved["scaling_factor"])
         vae.eval()
-        latents = encode_latents(vae, rendered.images)
+        latents = encode_latents(vae, rendered.images, device=args.device)
     vae.requires_grad_(False)
     held_out = render_set(256, args.seed + 10_000).images
     log("vae", f"scaling_factor {vae.config.scaling_factor:.5f}; held-out PSNR {reconstruction_psnr(vae, held_out):.2f} dB")
     if (oracle_root / "subject_encoder.safetensors").is_file():  # what any generator could reach through it
         log("vae", f"subject fidelity through the VAE (exact renders: ~0.9): {vae_ceiling(vae, Oracle.load(oracle_root))}")
     latents = latents * vae.config.scaling_factor  # (N, 4, 16, 16), unit variance
+    if done("vae"):
+        return finish(log, wall_start, cpu_start, "vae")
 
     # 3. text encoder + teacher -------------------------------------------------------------
     unet, text_encoder = arch.build_unet(), arch.build_text_encoder()
@@ -247,17 +263,19 @@ def main() -> None:
             captions = rendered.captions + [Caption("", {})] * (len(rendered.captions) // 10)  # the empty prompt too
             caption_ids = torch.cat([ids, empty.expand(len(captions) - len(ids), -1)])
             text_encoder = pretrain_text_encoder(caption_ids, stated_labels(captions), settings.text, args.seed,
-                                                 log.stage("teacher"))
+                                                 log.stage("teacher"), args.device)
         unet, text_encoder = train_teacher(latents, ids, empty, teacher_config, settings.teacher, args.seed,
-                                           log.stage("teacher"), text_encoder, resume)
+                                           log.stage("teacher"), text_encoder, resume, args.device)
         save_atomically(ckpt / "teacher.pt", {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()})
         resume.unlink(missing_ok=True)
     else:
-        saved = torch.load(ckpt / "teacher.pt", weights_only=True)
+        saved = torch.load(ckpt / "teacher.pt", map_location="cpu", weights_only=True)
         unet.load_state_dict(saved["unet"])
         text_encoder.load_state_dict(saved["text_encoder"])
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
+    if done("teacher"):
+        return finish(log, wall_start, cpu_start, "teacher")
 
     # 4. student ----------------------------------------------------------------------------
     student = arch.build_unet()
@@ -269,12 +287,15 @@ def main() -> None:
                               for i in range(0, len(prompts), 512)])  # (P, 77, D)
             uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1, 77, D)
         noise = torch.randn((len(prompts), 4, 16, 16), generator=torch.Generator().manual_seed(args.seed + 4))
-        targets = teacher_pairs(unet, cond, uncond, noise, teacher_config, settings.student, log.stage("student"))
+        targets = teacher_pairs(unet, cond, uncond, noise, teacher_config, settings.student, log.stage("student"),
+                                args.device)
         student = distill_student(unet, noise, cond, targets, student_config, settings.student, args.seed,
-                                  log.stage("student"))
+                                  log.stage("student"), args.device)
         save_atomically(ckpt / "student.pt", {"unet": student.state_dict()})
     else:
-        student.load_state_dict(torch.load(ckpt / "student.pt", weights_only=True)["unet"])
+        student.load_state_dict(torch.load(ckpt / "student.pt", map_location="cpu", weights_only=True)["unet"])
+    if done("student"):
+        return finish(log, wall_start, cpu_start, "student")
 
     # 5. write the diffusers folders --------------------------------------------------------
     if redo("write"):
@@ -282,18 +303,27 @@ def main() -> None:
         student_dir = arch.write_model_folder(model_root / "student", "student", student, text_encoder, vae)
         log("write", f"wrote {teacher_dir} ({arch.folder_size(teacher_dir) / 1e6:.2f} MB) and "
                      f"{student_dir} ({arch.folder_size(student_dir) / 1e6:.2f} MB)")
+    if done("write"):
+        return finish(log, wall_start, cpu_start, "write")
 
     # 6. oracles ----------------------------------------------------------------------------
     if redo("oracle") and not args.keep_oracle:
         train_oracle_stage(settings, args, oracle_root, log)
+    if done("oracle"):
+        return finish(log, wall_start, cpu_start, "oracle")
 
     # 7. evaluation through the shipped files -----------------------------------------------
     report = evaluate_stage(model_root, oracle_root, settings, args, log_dir, log)
     elapsed, cpu = time.time() - wall_start, cpu_seconds() - cpu_start
     report["run"] = {"wall_s": round(elapsed), "cpu_s": round(cpu), "command": " ".join(sys.argv), "seed": args.seed,
-                     "hardware": hardware(), "shipped_bytes": arch.folder_size(model_root) + arch.folder_size(oracle_root)}
+                     "hardware": hardware(args.device), "shipped_bytes": arch.folder_size(model_root) + arch.folder_size(oracle_root)}
     atomic_write_text(log_dir / "eval.json", json.dumps(report, indent=2))
     log("train", f"done in {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU; report in {log_dir / 'eval.json'}")
+
+
+def finish(log: RunLog, wall_start: float, cpu_start: float, stage: str) -> None:
+    log("train", f"stopped after the {stage} stage (--to-stage) in {(time.time() - wall_start) / 60:.1f} min wall, "
+                 f"{(cpu_seconds() - cpu_start) / 60:.1f} min CPU")
 
 
 def evaluate_stage(model_root: Path, oracle_root: Path, settings: RunSettings, args: argparse.Namespace,

@@ -1,4 +1,4 @@
-"""The shipped mini world: renderer, grammar, concepts, shipped models and oracles. Nothing trains here."""
+"""The shipped mini world: renderer, grammar, concepts, shipped models and oracles; the training script's pieces on toy sizes."""
 
 from __future__ import annotations
 
@@ -207,13 +207,8 @@ def test_oracle_rejects_bad_input(oracle, tmp_path):
 
 def test_teacher_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
     from echodistill.miniworld import training
-    from echodistill.models.families import CONFIG_ROOT, family_config
 
-    scheduler = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["teacher"]).scheduler
-    latents = torch.randn((6, 4, 16, 16), generator=torch.Generator().manual_seed(0))
-    tokenizer = load_clip_tokenizer("sd2")
-    ids = tokenizer(["a red circle"] * 6, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    scheduler, latents, ids, empty = _teacher_inputs()
     settings = training.TeacherSettings(steps=4, batch=2, warmup=1, checkpoint_every=2)
     quiet = lambda message: None  # noqa: E731
 
@@ -236,6 +231,90 @@ def test_teacher_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, mon
     assert any("resumed" in line and "step 2/4" in line for line in lines), lines
     for (name, a), b in zip(uncut.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def _teacher_inputs(count: int = 6):
+    from echodistill.models.families import CONFIG_ROOT, family_config
+
+    scheduler = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["teacher"]).scheduler
+    latents = torch.randn((count, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    tokenizer = load_clip_tokenizer("sd2")
+    ids = tokenizer(["a red circle"] * count, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    return scheduler, latents, ids, empty
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_teacher_trained_on_cuda_and_resumed_on_the_cpu_ends_near_a_cpu_run(tmp_path, monkeypatch):
+    """The random draws stay on the CPU, so a GPU run follows the CPU run up to float rounding."""
+    from echodistill.miniworld import training
+
+    scheduler, latents, ids, empty = _teacher_inputs()
+    settings = training.TeacherSettings(steps=4, batch=2, warmup=1, checkpoint_every=2)
+    on_cpu, _ = training.train_teacher(latents, ids, empty, scheduler, settings, 0, lambda m: None)
+    state = tmp_path / "teacher_running.pt"
+    real_save = training.save_atomically
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_atomically", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_teacher(latents, ids, empty, scheduler, settings, 0, lambda m: None, resume_path=state,
+                               device="cuda")
+    monkeypatch.setattr(training, "save_atomically", real_save)
+    mixed, text_encoder = training.train_teacher(latents, ids, empty, scheduler, settings, 0, lambda m: None,
+                                                 resume_path=state)
+    assert mixed.device.type == "cpu" and text_encoder.device.type == "cpu"
+    for (name, a), b in zip(on_cpu.state_dict().items(), mixed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_stages_take_a_device_and_return_cpu_models_without_touching_their_inputs():
+    """The contract train_miniworld.py --device relies on, checked on the CPU: inputs are copied, not moved."""
+    from echodistill.miniworld import training
+
+    scheduler, latents, ids, empty = _teacher_inputs(4)
+    vae = arch.build_vae()
+    images = np.zeros((2, 64, 64, 3), np.uint8)
+    encoded = training.encode_latents(vae, images, device="cpu")
+    assert encoded.shape == (2, 4, 16, 16) and encoded.device.type == "cpu"
+    settings = training.TeacherSettings(steps=1, batch=2, warmup=1)
+    unet, text_encoder = training.train_teacher(latents, ids, empty, scheduler, settings, 0, lambda m: None,
+                                                device="cpu")
+    student_settings = training.StudentSettings(pair_steps=2, pair_batch=2, steps=1, batch=2, warmup=1)
+    cond = torch.randn((2, 77, arch.TEXT_WIDTH))
+    noise = torch.randn((2, 4, 16, 16))
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    targets = training.teacher_pairs(unet, cond, cond[:1], noise, scheduler, student_settings, lambda m: None,
+                                     device="cpu")
+    student = training.distill_student(unet, noise, cond, targets, scheduler, student_settings, 0, lambda m: None,
+                                       device="cpu")
+    assert targets.shape == noise.shape and student.device.type == "cpu" and student is not unet
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # the teacher stayed as it was
+
+
+def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "train_miniworld.py"
+    run = lambda *flags: subprocess.run([sys.executable, str(script), "--quick", "--log-dir", str(tmp_path), *flags],  # noqa: E731
+                                        capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                                         "OMP_NUM_THREADS": "1"})
+    refused = run("--from-stage", "student", "--to-stage", "vae")
+    assert refused.returncode == 2 and "--to-stage vae comes before --from-stage student" in refused.stderr
+    if not torch.cuda.is_available():
+        refused = run("--device", "cuda")
+        assert refused.returncode == 2 and "--device cuda: torch sees no CUDA GPU" in refused.stderr
+    assert not (tmp_path / "quick").exists()
+    done = run("--to-stage", "vae")
+    assert done.returncode == 0, done.stderr
+    ckpt = tmp_path / "quick" / "ckpt"
+    assert (ckpt / "vae.pt").is_file() and not (ckpt / "teacher.pt").exists()
+    assert "stopped after the vae stage" in done.stdout
 
 
 # --- the main job -------------------------------------------------------------------------------

@@ -6,6 +6,12 @@ Each stage is one function whose loop reads top to bottom (draw a batch → forw
 backward → clip → step → log). Everything random comes from generators seeded by the caller,
 so one seed gives the same models (on the same torch build and thread count).
 
+Every stage takes a `device` ("cpu" or "cuda"): its inputs may live anywhere, it trains there,
+and it returns its models and tensors on the CPU, so the stages chain without knowing where the
+others ran. Random numbers are always drawn on the CPU and then moved, so a run on a GPU draws
+the same batches, noise and timesteps as one on a CPU, and a loop checkpoint saved on one
+resumes on the other.
+
 Student distillation ("knowledge distillation" in the sense of Luhman & Luhman, 2021): the
 teacher turns N fixed (noise, prompt) pairs into images with guided DDIM; the student starts as
 a copy of the teacher and learns to map the same noise to the same image in ONE evaluation at
@@ -99,7 +105,7 @@ def restore_loop_state(path: Path | None, modules: dict[str, torch.nn.Module], o
     """The first step to run: 1, or the step after the one saved at `path` (whose state is loaded in place)."""
     if path is None or not path.is_file():
         return 1
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict copies to each module's device
     for name, module in modules.items():
         module.load_state_dict(state[name])
     optimizer.load_state_dict(state["optimizer"])
@@ -121,9 +127,9 @@ def _batch_indices(count: int, batch: int, generator: torch.Generator) -> torch.
     return torch.randint(0, count, (batch,), generator=generator)
 
 
-def _to_signed(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, 64, 64, 3) -> float32 (B, 3, 64, 64) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+def _to_signed(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (B, 64, 64, 3) -> float32 (B, 3, 64, 64) in [-1, 1] on `device`."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 # --- stage 1: VAE -------------------------------------------------------------------------------
@@ -148,7 +154,7 @@ def _crops(images: np.ndarray, size: int, generator: torch.Generator) -> np.ndar
 
 
 def train_vae(images: np.ndarray, settings: VaeSettings, seed: int, log: Log,
-              resume_path: Path | None = None) -> AutoencoderKL:
+              resume_path: Path | None = None, device: torch.device | str = "cpu") -> AutoencoderKL:
     """AutoencoderKL on rendered scenes with L1 + MSE reconstruction and a tiny KL term.
 
     The VAE is fully convolutional (plus one attention layer in the middle), so it learns
@@ -158,7 +164,7 @@ def train_vae(images: np.ndarray, settings: VaeSettings, seed: int, log: Log,
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    vae = build_vae().train()
+    vae = build_vae().to(device).train()
     optimizer, scheduler = make_optimizer([{"params": vae.parameters(), "lr": settings.lr, "weight_decay": 0.0}],
                                           settings.steps, settings.warmup)
     first = restore_loop_state(resume_path, {"vae": vae}, optimizer, scheduler, generator, log, "vae", settings.steps)
@@ -167,9 +173,9 @@ def train_vae(images: np.ndarray, settings: VaeSettings, seed: int, log: Log,
         batch = images[_batch_indices(len(images), settings.batch, generator).numpy()]
         if step <= settings.steps - settings.full_steps:
             batch = _crops(batch, settings.crop, generator)
-        pixels = _to_signed(batch)  # (B, 3, s, s)
+        pixels = _to_signed(batch, device)  # (B, 3, s, s)
         posterior = vae.encode(pixels).latent_dist
-        latents = posterior.sample(generator)  # (B, 4, s/4, s/4)
+        latents = posterior.sample(generator)  # (B, 4, s/4, s/4); drawn on the CPU generator, then moved
         reconstruction = vae.decode(latents).sample  # (B, 3, s, s)
         l1 = (reconstruction - pixels).abs().mean()
         mse = (reconstruction - pixels).pow(2).mean()
@@ -185,13 +191,16 @@ def train_vae(images: np.ndarray, settings: VaeSettings, seed: int, log: Log,
             log(f"vae {meter.line(step, settings.steps)}")
         if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
             save_loop_state(resume_path, step, {"vae": vae}, optimizer, scheduler, generator)
-    return vae.eval()
+    return vae.cpu().eval()
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """Posterior means (N, 4, 16, 16), unscaled."""
-    parts = [vae.encode(_to_signed(images[i : i + batch])).latent_dist.mean for i in range(0, len(images), batch)]
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Posterior means (N, 4, 16, 16), unscaled, on the CPU; encoded on `device` by a copy of `vae`."""
+    encoder = copy.deepcopy(vae).to(device)
+    parts = [encoder.encode(_to_signed(images[i : i + batch], device)).latent_dist.mean.cpu()
+             for i in range(0, len(images), batch)]
     return torch.cat(parts)
 
 
@@ -230,7 +239,8 @@ def stated_labels(captions: list[Caption]) -> dict[str, torch.Tensor]:
 
 
 def pretrain_text_encoder(
-    token_ids: torch.Tensor, labels: dict[str, torch.Tensor], settings: TextSettings, seed: int, log: Log
+    token_ids: torch.Tensor, labels: dict[str, torch.Tensor], settings: TextSettings, seed: int, log: Log,
+    device: torch.device | str = "cpu",
 ) -> CLIPTextModel:
     """Teach the encoder what captions state before any UNet reads it: the role CLIP pretraining plays for SD.
 
@@ -252,6 +262,9 @@ def pretrain_text_encoder(
     generator = torch.Generator().manual_seed(seed + 5)
     text_encoder = build_text_encoder().train()
     heads = torch.nn.ModuleDict({name: torch.nn.Linear(TEXT_WIDTH, len(c) + 1) for name, c in TEXT_ATTRIBUTES.items()})
+    text_encoder.to(device)
+    heads.to(device)
+    token_ids, labels = token_ids.to(device), {name: value.to(device) for name, value in labels.items()}
 
     def logits(head: torch.nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
         return settings.head_scale * pooled @ F.normalize(head.weight, dim=1).T + head.bias
@@ -260,7 +273,7 @@ def pretrain_text_encoder(
                                           settings.steps, settings.warmup)
     meter = Meter()
     for step in range(1, settings.steps + 1):
-        index = _batch_indices(len(token_ids), settings.batch, generator)
+        index = _batch_indices(len(token_ids), settings.batch, generator).to(device)
         pooled = text_encoder(token_ids[index]).last_hidden_state.mean(dim=1)  # (B, D)
         losses = {name: F.cross_entropy(logits(head, pooled), labels[name][index]) for name, head in heads.items()}
         loss = sum(losses.values())
@@ -271,7 +284,7 @@ def pretrain_text_encoder(
         meter.add(loss=loss.item())
         if step % 100 == 0 or step == settings.steps:
             log(f"text {meter.line(step, settings.steps)}")
-    return text_encoder.eval()
+    return text_encoder.cpu().eval()
 
 
 # --- text encoder + teacher UNet, jointly -----------------------------------------------------
@@ -320,6 +333,7 @@ def train_teacher(
     log: Log,
     text_encoder: CLIPTextModel | None = None,
     resume_path: Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """ε-prediction denoising on scaled latents (N, 4, 16, 16) with captions `token_ids` (N, 77).
 
@@ -330,11 +344,12 @@ def train_teacher(
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    unet = build_unet().train()
-    text_encoder = build_text_encoder() if text_encoder is None else text_encoder
+    unet = build_unet().to(device).train()
+    text_encoder = (build_text_encoder() if text_encoder is None else text_encoder).to(device)
+    latents, token_ids, empty_ids = latents.to(device), token_ids.to(device), empty_ids.to(device)
     frozen_text = settings.text_lr == 0  # as SD trains on a frozen, pretrained CLIP text encoder
     text_encoder.train(not frozen_text).requires_grad_(not frozen_text)
-    alphas_cumprod = alphas_cumprod_for(scheduler_config)  # (T,)
+    alphas_cumprod = alphas_cumprod_for(scheduler_config).to(device)  # (T,)
     snr = alphas_cumprod / (1 - alphas_cumprod)  # (T,)
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     groups = [{"params": list(unet.parameters()), "lr": settings.lr, "weight_decay": 1e-2}]
@@ -346,13 +361,13 @@ def train_teacher(
     first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "teacher", settings.steps)
     meter = Meter()
     for step in range(first, settings.steps + 1):
-        index = _batch_indices(len(latents), settings.batch, generator)
+        index = _batch_indices(len(latents), settings.batch, generator).to(device)
         clean = latents[index]  # (B, 4, 16, 16)
         ids = token_ids[index].clone()  # (B, 77)
-        dropped = torch.rand(settings.batch, generator=generator) < settings.caption_dropout
+        dropped = (torch.rand(settings.batch, generator=generator) < settings.caption_dropout).to(device)
         ids[dropped] = empty_ids
-        noise = structured_noise(clean.shape, generator, settings.offset_noise, settings.coarse_noise)
-        timesteps = torch.randint(0, len(alphas_cumprod), (settings.batch,), generator=generator)
+        noise = structured_noise(clean.shape, generator, settings.offset_noise, settings.coarse_noise).to(device)
+        timesteps = torch.randint(0, len(alphas_cumprod), (settings.batch,), generator=generator).to(device)
         noisy = add_noise(clean, noise, timesteps, alphas_cumprod)
         with torch.set_grad_enabled(not frozen_text):
             encoder_hidden_states = text_encoder(ids).last_hidden_state  # (B, 77, D)
@@ -369,7 +384,7 @@ def train_teacher(
             log(f"teacher {meter.line(step, settings.steps)}")
         if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
             save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
-    return unet.eval(), text_encoder.eval()
+    return unet.cpu().eval(), text_encoder.cpu().eval()
 
 
 # --- stage 3: student, distilled from the teacher -----------------------------------------------
@@ -395,17 +410,20 @@ def teacher_pairs(
     scheduler_config: dict,
     settings: StudentSettings,
     log: Log,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """The teacher's guided DDIM images (N, 4, 16, 16) from `noise` under prompts (N, 77, D)."""
-    alphas_cumprod = alphas_cumprod_for(scheduler_config)
+    """The teacher's guided DDIM images (N, 4, 16, 16), on the CPU, from `noise` under prompts (N, 77, D)."""
+    unet = copy.deepcopy(unet).to(device)
+    uncond = uncond.to(device)
+    alphas_cumprod = alphas_cumprod_for(scheduler_config).to(device)
     schedule = ddim_schedule(scheduler_config, settings.pair_steps, alphas_cumprod)
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     targets = []
     start = time.time()
     for i in range(0, len(noise), settings.pair_batch):
         sl = slice(i, i + settings.pair_batch)
-        targets.append(denoise(unet, noise[sl], encoder_hidden_states[sl], uncond, settings.pair_guidance,
-                               schedule, alphas_cumprod, prediction_type))
+        targets.append(denoise(unet, noise[sl].to(device), encoder_hidden_states[sl].to(device), uncond,
+                               settings.pair_guidance, schedule, alphas_cumprod, prediction_type).cpu())
         done = min(i + settings.pair_batch, len(noise))
         log(f"pairs {done}/{len(noise)} ({time.time() - start:.0f} s)")
     return torch.cat(targets)
@@ -420,18 +438,20 @@ def distill_student(
     settings: StudentSettings,
     seed: int,
     log: Log,
+    device: torch.device | str = "cpu",
 ) -> UNet2DConditionModel:
     """A copy of the teacher trained so that ONE step at t = 999 from `noise` lands on `targets`."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 2)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    alphas_cumprod = alphas_cumprod_for(scheduler_config)
+    student = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
+    noise, encoder_hidden_states, targets = noise.to(device), encoder_hidden_states.to(device), targets.to(device)
+    alphas_cumprod = alphas_cumprod_for(scheduler_config).to(device)
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     optimizer, scheduler = make_optimizer([{"params": student.parameters(), "lr": settings.lr, "weight_decay": 1e-2}],
                                       settings.steps, settings.warmup)
     meter = Meter()
     for step in range(1, settings.steps + 1):
-        index = _batch_indices(len(noise), settings.batch, generator)
+        index = _batch_indices(len(noise), settings.batch, generator).to(device)
         latents = student_one_step(student, noise[index], encoder_hidden_states[index], alphas_cumprod,
                                    prediction_type)  # (B, 4, 16, 16)
         loss = F.mse_loss(latents, targets[index])
@@ -443,4 +463,4 @@ def distill_student(
         meter.add(loss=loss.item())
         if step % 50 == 0 or step == settings.steps:
             log(f"student {meter.line(step, settings.steps)}")
-    return student.eval().requires_grad_(False)
+    return student.cpu().eval().requires_grad_(False)
