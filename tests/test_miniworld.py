@@ -86,7 +86,12 @@ def test_scene_rejects_unknown_words():
 
 def test_vocabulary_is_known_to_the_clip_tokenizer():
     tokenizer = load_clip_tokenizer("sd2")
-    words = {w for choices in ATTRIBUTES.values() for w in choices} | {"on", "the", "at", "in", "background"}
+    from echodistill.miniworld.training import TEXT_ATTRIBUTES
+    from echodistill.miniworld.procedural import DECORATION_NOUNS
+
+    words = {w for choices in ATTRIBUTES.values() for w in choices} | {"on", "the", "at", "in", "background", "with"}
+    words |= {w for choices in TEXT_ATTRIBUTES.values() for phrase in choices for w in phrase.split()}
+    words |= {noun.split()[-1] for noun in DECORATION_NOUNS.values()}  # "a cross" -> cross
     for word in sorted(words):
         ids = tokenizer(word, add_special_tokens=False).input_ids
         assert ids and tokenizer.unk_token_id not in ids, word

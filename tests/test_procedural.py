@@ -11,8 +11,8 @@ from echodistill.miniworld.concepts import CONCEPTS, evaluation_prompts, referen
 from echodistill.miniworld.data import render_set
 from echodistill.miniworld.grammar import SHAPES, sample_scene
 from echodistill.miniworld.procedural import (
-    BASE_SEEDS, ORACLE_SEEDS, PATTERN_WORDS, VALIDATION_SEEDS, is_procedural, lookup_subject, procedural_caption,
-    procedural_name, procedural_subject,
+    ALL_COLORS, BASE_SEEDS, DECORATIONS, ORACLE_SEEDS, PATTERN_WORDS, VALIDATION_SEEDS, decoration_phrase, is_procedural,
+    lookup_subject, procedural_caption, procedural_name, procedural_subject,
 )
 from echodistill.miniworld.render import render
 
@@ -38,7 +38,11 @@ def test_subjects_have_grammar_outlines_several_colours_and_caption_words():
     subjects = [procedural_subject(seed) for seed in range(200)]
     assert {s.class_word for s in subjects} == set(SHAPES)
     assert {s.pattern_word for s in subjects} - {None} == set(PATTERN_WORDS.values())
-    assert any(s.color_word is None for s in subjects) and any(s.color_word is not None for s in subjects)
+    # every body colour has a word, palette or not; one or two decorations, each in a colour other than the body's
+    assert {s.color_word for s in subjects} == set(ALL_COLORS)
+    assert {len(s.decorations) for s in subjects} == {1, 2}
+    assert all(s.color_word not in {c for _, c in s.decorations} for s in subjects)
+    assert {kind for s in subjects for kind, _ in s.decorations} == set(DECORATIONS)
     # multi-colour: a reference shows more distinct colours than a plain shape on a plain background (2)
     colours = [len(np.unique(reference_images(s).reshape(-1, 3), axis=0)) for s in subjects[:10]]
     assert min(colours) > 2
@@ -55,20 +59,44 @@ def test_lookup_knows_named_and_procedural_subjects_and_refuses_others():
 
 
 def test_procedural_captions_name_the_class_and_only_the_words_the_subject_has():
-    subject = next(procedural_subject(s) for s in range(100) if procedural_subject(s).color_word
-                   and procedural_subject(s).pattern_word)
+    subject = next(procedural_subject(s) for s in range(2000) if procedural_subject(s).pattern_word
+                   and len(procedural_subject(s).decorations) == 2 and " " in procedural_subject(s).color_word)
     rng = np.random.default_rng(3)
-    texts = set()
-    for _ in range(60):
+    texts, listed = set(), 0
+    for _ in range(80):
         scene = sample_scene(rng, subject.name)
         scene, caption = procedural_caption(scene, subject, rng)
-        assert subject.class_word in caption.text.split() and caption.stated["shape"] == subject.class_word
-        if "color" in caption.stated:
-            assert caption.stated["color"] == subject.color_word and subject.color_word in caption.text.split()
+        text = f" {caption.text} "
+        assert f" {subject.class_word} " in text and caption.stated["shape"] == subject.class_word
+        if "color" in caption.stated:  # "light blue" too: two words
+            before_noun = text.split(f" {subject.class_word}")[0] + " "
+            assert caption.stated["color"] == subject.color_word and f" {subject.color_word} " in before_noun
         if "pattern" in caption.stated:
-            assert subject.pattern_word in caption.text.split()
+            assert f" {subject.pattern_word} " in text and "decoration" not in caption.stated
+        if "decoration" in caption.stated:  # every decoration listed with its colour, the first one labelled
+            listed += 1
+            assert (caption.stated["decoration"], caption.stated["decoration_color"]) == subject.decorations[0]
+            assert f" with {decoration_phrase(subject.decorations)}" in text
         texts.add(caption.text)
-    assert len(texts) > 20  # omissions and templates vary them
+    assert len(texts) > 20 and 20 < listed < 60  # omissions, templates and listing vary them
+
+
+def test_decoration_phrases_read_as_english():
+    assert decoration_phrase((("stripes", "blue"), ("core", "white"))) == "blue stripes and a white core"
+    assert decoration_phrase((("checker", "light blue"),)) == "light blue checks"
+    assert decoration_phrase((("cross", "red"),)) == "a red cross"
+    assert decoration_phrase((("half", "orange"), ("band", "teal"))) == "an orange half and a teal band"
+
+
+def test_text_encoder_heads_cover_every_word_a_caption_states():
+    from echodistill.miniworld.training import TEXT_ATTRIBUTES, stated_labels
+
+    captions = render_set(300, 0).captions
+    labels = stated_labels(captions)  # raises ValueError for a stated word no head knows
+    for name, choices in TEXT_ATTRIBUTES.items():
+        assert labels[name].shape == (300,) and int(labels[name].max()) <= len(choices)
+    for name in ("decoration", "decoration_color", "pattern", "color"):
+        assert (labels[name] < len(TEXT_ATTRIBUTES[name])).any(), name  # each head sees stated words
 
 
 def test_base_data_mixes_plain_shapes_and_procedural_subjects_but_never_the_named_concepts():

@@ -27,7 +27,7 @@ from .drawing import (
     PALETTE, Layer, Layout, Painter, POSITION_CENTRES, annulus, box, disk, draw, rhombus, star, triangle,
 )
 
-ORANGE = (0.98, 0.58, 0.12)  # outside the grammar's palette on purpose: no caption names it
+ORANGE = (0.98, 0.58, 0.12)  # outside the grammar's palette: no plain shape has it
 PURPLE = (0.52, 0.22, 0.70)
 TOKEN_PLACEHOLDER = "{token}"
 
@@ -42,8 +42,9 @@ class Concept:
     paint: Painter = field(repr=False)  # (u, v) local frame -> layers, bottom first
     clashes: tuple[str, ...]  # background colours it would vanish into
     angle_jitter: float = np.deg2rad(20.0)  # radians, either way
-    color_word: str | None = None  # the palette word for its body colour, where a caption may name it
+    color_word: str | None = None  # the word for its body colour, where a caption may name it
     pattern_word: str | None = None  # "striped" / "checkered" / "dotted", where a caption may name it
+    decorations: tuple[tuple[str, str], ...] = ()  # (decoration, colour word) a caption may list after "with"
 
 
 def _crossed_ring(u, v) -> list[Layer]:

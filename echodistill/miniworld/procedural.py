@@ -2,9 +2,13 @@
 
 They play two roles that real-world photos play for SD and DINO:
   * the base models' training data mixes them in, captioned by their class word (the grammar
-    shape of their outline) and, when nameable, their main colour and pattern word ("a red
-    striped ring"): the class word then covers a whole family of instances, as "dog" does in
-    SD, and a personalization method has to pick ONE instance out of it;
+    shape of their outline), often with their body colour and either a pattern word ("a red
+    striped ring") or their decorations and those colours ("an orange ring with a blue cross"):
+    the class word then covers a whole family of instances, as "dog" does in SD, and a
+    personalization method has to pick ONE instance out of it. As SD's captions can name a
+    subject's colours and parts but never its identity, the text encoder learns directions for
+    every colour and part, and a concept token can combine them; the exact geometry (stripe
+    period and angle, where the dots lie) no caption states;
   * the subject oracle learns to tell them apart (contrastive instance discrimination over
     thousands of seeds), so it scores subjects it never saw — the six named concepts and fresh seeds — the
     way DINO scores DreamBench's dog.
@@ -13,7 +17,7 @@ Seeds are split into disjoint ranges (`SeedRange`): base-model data, oracle trai
 validation; the named concepts are drawn by hand (concepts.py) and are never produced here.
 
     subject = procedural_subject(123)         # a Concept: class word, painter, colour / pattern words
-    subject.class_word, subject.color_word, subject.pattern_word
+    subject.class_word, subject.color_word, subject.pattern_word, subject.decorations
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from .drawing import PALETTE, SHAPE_MASKS, Layer, annulus, box, disk
 
 PREFIX = "procedural_"
 
-# Colours outside the grammar's palette: a subject may be any of them, but no caption names them.
-UNNAMED_COLORS: dict[str, tuple[float, float, float]] = {
+# Colours outside the grammar's palette: plain grammar shapes never take them; a procedural subject may, and its
+# captions name them as they name palette colours.
+EXTRA_COLORS: dict[str, tuple[float, float, float]] = {
     "orange": (0.98, 0.58, 0.12),
     "purple": (0.52, 0.22, 0.70),
     "teal": (0.10, 0.62, 0.62),
@@ -40,13 +45,17 @@ UNNAMED_COLORS: dict[str, tuple[float, float, float]] = {
     "light blue": (0.35, 0.75, 0.95),
     "grey": (0.55, 0.55, 0.55),
 }
-ALL_COLORS: dict[str, tuple[float, float, float]] = {**PALETTE, **UNNAMED_COLORS}
+ALL_COLORS: dict[str, tuple[float, float, float]] = {**PALETTE, **EXTRA_COLORS}
 
-# Decorations painted over the body, inside its outline; the first three have a caption word.
+# Decorations painted over the body, inside its outline; the first three also have an adjective.
 PATTERN_WORDS: dict[str, str] = {"stripes": "striped", "checker": "checkered", "dots": "dotted"}
 DECORATIONS: tuple[str, ...] = ("stripes", "checker", "dots", "cross", "core", "half", "band")
-PATTERN_STATED = 0.5  # share of captions of a patterned subject that say "striped" etc.
-NAMED_MAIN_COLOR = 0.6  # share of subjects whose body is a palette colour (captions can name it)
+# How a caption names a decoration after "with": plural nouns take no article ("with blue stripes").
+DECORATION_NOUNS: dict[str, str] = {"stripes": "stripes", "checker": "checks", "dots": "dots", "cross": "a cross",
+                                    "core": "a core", "half": "a half", "band": "a band"}
+DECORATIONS_STATED = 0.5  # share of captions that list the decorations and their colours
+PATTERN_STATED = 0.5  # of the other captions of a patterned subject, the share that say "striped" etc.
+NAMED_MAIN_COLOR = 0.6  # share of subjects whose body is a palette colour (the rest: EXTRA_COLORS)
 SECOND_DECORATION = 0.35
 
 
@@ -161,17 +170,29 @@ def procedural_subject(seed: int) -> Concept:
             layers.append((inside & mask(u, v), ALL_COLORS[color]))
         return layers
 
-    pattern = PATTERN_WORDS.get(kinds[0])
-    description = f"a {body} {shape} with {' and '.join(f'{c} {k}' for k, c in zip(kinds, colors))}"
+    decorations = tuple(zip(kinds, colors))
     return Concept(
         name=procedural_name(seed),
         class_word=shape,
-        description=description,
+        description=f"a {body} {shape} with {decoration_phrase(decorations)}",
         paint=paint,
         clashes=(body,) if body in PALETTE else (),
-        color_word=body if body in PALETTE else None,
-        pattern_word=pattern,
+        color_word=body,
+        pattern_word=PATTERN_WORDS.get(kinds[0]),
+        decorations=decorations,
     )
+
+
+def decoration_phrase(decorations: tuple[tuple[str, str], ...]) -> str:
+    """'blue stripes and an orange core' for (("stripes", "blue"), ("core", "orange"))."""
+    parts = []
+    for kind, color in decorations:
+        noun = DECORATION_NOUNS[kind]
+        if noun.startswith("a "):  # a singular noun: its article agrees with the colour word
+            parts.append(f"{'an' if color[0] in 'aeiou' else 'a'} {color} {noun[2:]}")
+        else:
+            parts.append(f"{color} {noun}")
+    return " and ".join(parts)
 
 
 def fresh_subject_name(text: str) -> str:
@@ -238,19 +259,24 @@ def subject_references(name: str) -> tuple[list, list[str]] | None:
 def procedural_caption(scene: Scene, subject: Concept, rng: np.random.Generator) -> tuple[Scene, Caption]:
     """A training caption for a procedural subject, drawn as grammar captions are (training_caption).
 
-    The noun is the class word, with the body's colour word and pattern word in front when the
-    subject has them and the draw keeps them: "a large red striped ring on the left, on a blue
-    plain background". `stated` records shape (the class word), colour and pattern where said,
-    for the text encoder's pretraining heads. A template naming a size sets the scene's size.
+    The noun is the class word, with the body's colour word in front when the draw keeps it, then
+    either the decorations with their colours ("a large red ring with a blue cross on the left, on
+    a plain yellow background") or, sometimes, the pattern word ("a red striped ring ..."). `stated`
+    records shape (the class word), colour, pattern, and the first decoration and its colour where
+    said, for the text encoder's pretraining heads. A template naming a size sets the scene's size.
     """
     words, said = [], {"shape": subject.class_word}
     if subject.color_word is not None and rng.random() >= OMIT_PROBABILITY:
         words.append(subject.color_word)
         said["color"] = subject.color_word
-    if subject.pattern_word is not None and rng.random() < PATTERN_STATED:
+    listed = bool(subject.decorations) and rng.random() < DECORATIONS_STATED
+    if not listed and subject.pattern_word is not None and rng.random() < PATTERN_STATED:
         words.append(subject.pattern_word)
         said["pattern"] = subject.pattern_word
     noun = " ".join(words + [subject.class_word])
+    if listed:
+        noun += f" with {decoration_phrase(subject.decorations)}"
+        said["decoration"], said["decoration_color"] = subject.decorations[0]
     if rng.random() < TEMPLATE_PROBABILITY:
         template = str(rng.choice(PROMPT_TEMPLATES))
         size = next((s for s in ("small", "large") if s in template.split()), None)

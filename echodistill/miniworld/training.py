@@ -41,11 +41,18 @@ from ..models.schedule import add_noise, denoising_target
 from ..sampling.samplers import ddim_schedule, denoise
 from .architecture import TEXT_WIDTH, build_text_encoder, build_unet, build_vae
 from .grammar import ATTRIBUTES, Caption
-from .procedural import PATTERN_WORDS
+from .procedural import ALL_COLORS, DECORATIONS, PATTERN_WORDS
 
-# What the text encoder's pretraining heads read from a caption: the oracle's attributes plus the
-# pattern word of a procedural subject ("a red striped ring").
-TEXT_ATTRIBUTES: dict[str, tuple[str, ...]] = {**ATTRIBUTES, "pattern": tuple(PATTERN_WORDS.values())}
+# What the text encoder's pretraining heads read from a caption: the oracle's attributes (a procedural
+# subject's body may take any colour, so "color" covers them all), its pattern word ("a red striped ring"),
+# and its first decoration with that decoration's colour ("... ring with a blue cross").
+TEXT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    **ATTRIBUTES,
+    "color": tuple(dict.fromkeys([*ATTRIBUTES["color"], *ALL_COLORS])),
+    "pattern": tuple(PATTERN_WORDS.values()),
+    "decoration": DECORATIONS,
+    "decoration_color": tuple(ALL_COLORS),
+}
 
 Log = Callable[[str], None]
 
