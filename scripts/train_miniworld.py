@@ -46,7 +46,7 @@ from echodistill.miniworld.data import render_set  # noqa: E402
 from echodistill.miniworld.evaluate import image_grid, prompt_fidelity_report, vae_ceiling  # noqa: E402
 from echodistill.miniworld.grammar import Caption  # noqa: E402
 from echodistill.miniworld.image_prompt import ImagePromptSettings, adapter_path, train_image_prompt  # noqa: E402
-from echodistill.miniworld.oracle import Oracle  # noqa: E402
+from echodistill.miniworld.oracle import Oracle, OracleError  # noqa: E402
 from echodistill.miniworld.oracle_train import (  # noqa: E402
     OracleSettings,
     generalization_report,
@@ -160,36 +160,34 @@ def main() -> None:
     parser.add_argument("--log-dir", type=Path, default=REPO / "runs" / "miniworld")
     parser.add_argument("--from-stage", choices=STAGES, default="render",
                         help="redo this stage and the later ones, reading earlier results from <log-dir>/ckpt")
-    parser.add_argument("--to-stage", choices=STAGES, default=STAGES[-1], help="stop after this stage")
+    parser.add_argument("--to-stage", choices=STAGES[1:], default=STAGES[-1],
+                        help="stop after this stage (its results are in <log-dir>/ckpt or the written folders)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where the VAE, text encoder, teacher and student train (the rest runs on the CPU)")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run into <log-dir>/quick")
     parser.add_argument("--models-to", type=Path, help="write the teacher/student folders here instead of the package")
     parser.add_argument("--oracle-to", type=Path, help="write (and evaluate with) the oracle here instead of the package")
     parser.add_argument("--keep-oracle", action="store_true", help="skip the oracle stage; evaluate with the shipped oracle")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="only score the models in --models-to (default: the package's) with the oracle")
-    parser.add_argument("--image-prompt-only", action="store_true",
-                        help="only train the zero-training image-prompt adapter on the models in --models-to "
-                             "(default: the package's); written beside the oracle")
-    parser.add_argument("--oracle-only", action="store_true",
-                        help="train only the oracles (they need no other stage), e.g. in a second process")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--eval-only", action="store_true",
+                       help="only score the models in --models-to (default: the package's) with the oracle")
+    modes.add_argument("--image-prompt-only", action="store_true",
+                       help="only train the zero-training image-prompt adapter on the models in --models-to "
+                            "(default: the package's); written beside the oracle")
+    modes.add_argument("--oracle-only", action="store_true",
+                       help="train only the oracles (they need no other stage), e.g. in a second process")
     args = parser.parse_args()
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
-    if STAGES.index(args.to_stage) < STAGES.index(args.from_stage):
-        parser.error(f"--to-stage {args.to_stage} comes before --from-stage {args.from_stage}")
-    torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     log_dir = args.log_dir / "quick" if args.quick else args.log_dir
     model_root = log_dir / "models" if args.quick else (args.models_to or arch.MODEL_ROOT)
     oracle_root = log_dir / "oracle" if args.quick else (args.oracle_to or arch.ORACLE_ROOT)
     ckpt = log_dir / "ckpt"
+    first, last = STAGES.index(args.from_stage), STAGES.index(args.to_stage)
+    check_arguments(parser, args, ckpt, oracle_root)
+    torch.set_num_threads(args.threads)
     log = RunLog(log_dir)
-    first = STAGES.index(args.from_stage)
     redo = lambda stage: STAGES.index(stage) >= first  # noqa: E731
-    last = STAGES.index(args.to_stage)
     done = lambda stage: STAGES.index(stage) >= last  # noqa: E731
     log("train", f"start: {' '.join(sys.argv)}; seed {args.seed}; {hardware(args.device)}")
     log("train", f"settings: {json.dumps(asdict(settings))}")
@@ -212,6 +210,9 @@ def main() -> None:
         report = evaluate_stage(model_root, oracle_root, settings, args, log_dir, log)
         atomic_write_text(log_dir / "eval.json", json.dumps({**report, "models": str(model_root)}, indent=2))
         return
+    if first >= STAGES.index("oracle"):  # they read the written folders, not the checkpoints
+        run_late_stages(settings, args, model_root, oracle_root, log_dir, log, redo, done, cpu_start, wall_start)
+        return
 
     # 1. render -----------------------------------------------------------------------------
     started = time.time()
@@ -231,7 +232,7 @@ def main() -> None:
         factor = set_scaling_factor(vae, latents)
         save_atomically(ckpt / "vae.pt", {"state": vae.state_dict(), "scaling_factor": factor})
         resume.unlink(missing_ok=True)
-        for stale in ("teacher_running.pt",):  # it denoises the old VAE's latents
+        for stale in ("teacher_running.pt", "teacher.pt", "student.pt"):  # they denoise the old VAE's latents
             if (ckpt / stale).is_file():
                 (ckpt / stale).unlink()
                 log("vae", f"removed {stale}: it was trained on another VAE's latents")
@@ -268,6 +269,9 @@ def main() -> None:
                                            log.stage("teacher"), text_encoder, resume, args.device)
         save_atomically(ckpt / "teacher.pt", {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()})
         resume.unlink(missing_ok=True)
+        if (ckpt / "student.pt").is_file():  # distilled from the teacher just replaced
+            (ckpt / "student.pt").unlink()
+            log("teacher", "removed student.pt: it was distilled from the previous teacher")
     else:
         saved = torch.load(ckpt / "teacher.pt", map_location="cpu", weights_only=True)
         unet.load_state_dict(saved["unet"])
@@ -306,6 +310,11 @@ def main() -> None:
     if done("write"):
         return finish(log, wall_start, cpu_start, "write")
 
+    run_late_stages(settings, args, model_root, oracle_root, log_dir, log, redo, done, cpu_start, wall_start)
+
+
+def run_late_stages(settings: RunSettings, args: argparse.Namespace, model_root: Path, oracle_root: Path,
+                    log_dir: Path, log: RunLog, redo, done, cpu_start: float, wall_start: float) -> None:
     # 6. oracles ----------------------------------------------------------------------------
     if redo("oracle") and not args.keep_oracle:
         train_oracle_stage(settings, args, oracle_root, log)
@@ -319,6 +328,39 @@ def main() -> None:
                      "hardware": hardware(args.device), "shipped_bytes": arch.folder_size(model_root) + arch.folder_size(oracle_root)}
     atomic_write_text(log_dir / "eval.json", json.dumps(report, indent=2))
     log("train", f"done in {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU; report in {log_dir / 'eval.json'}")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, ckpt: Path, oracle_root: Path) -> None:
+    """Refuse, before anything is rendered or written, what the run could not finish (parser.error exits with 2)."""
+    for flag, value in (("--threads", args.threads), ("--workers", args.workers)):
+        if value < 1:
+            parser.error(f"{flag} {value}: give 1 or more")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: give a non-negative integer")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    staged = args.from_stage != "render" or args.to_stage != STAGES[-1]
+    mode = next((f"--{m.replace('_', '-')}" for m in ("eval_only", "image_prompt_only", "oracle_only")
+                 if getattr(args, m)), None)
+    if mode and staged:
+        parser.error(f"{mode} runs on its own: leave out --from-stage/--to-stage")
+    if args.quick and (args.models_to or args.oracle_to):
+        parser.error("--quick writes into <log-dir>/quick: leave out --models-to/--oracle-to")
+    if STAGES.index(args.to_stage) < STAGES.index(args.from_stage):
+        parser.error(f"--to-stage {args.to_stage} comes before --from-stage {args.from_stage}")
+    first = STAGES.index(args.from_stage)
+    if not mode and first <= STAGES.index("write"):  # the stages before --from-stage are read back from ckpt/
+        for stage, name in (("vae", "vae.pt"), ("teacher", "teacher.pt"), ("student", "student.pt")):
+            if STAGES.index(stage) < first and not (ckpt / name).is_file():
+                parser.error(f"--from-stage {args.from_stage} reads {ckpt / name}, which does not exist: "
+                             f"start from --from-stage {stage}")
+    evaluates = args.eval_only or (not mode and args.to_stage == "eval")
+    trains_oracle = first <= STAGES.index("oracle") and not args.keep_oracle
+    if evaluates and not trains_oracle:
+        try:
+            Oracle.load(oracle_root)
+        except OracleError as error:
+            parser.error(f"the eval stage needs the oracle: {error}")
 
 
 def finish(log: RunLog, wall_start: float, cpu_start: float, stage: str) -> None:

@@ -206,6 +206,15 @@ def test_oracle_rejects_bad_input(oracle, tmp_path):
         oracle.prompt_fidelity(np.zeros((1, 64, 64, 3), np.uint8), [{"mood": "happy"}])
     with pytest.raises(OracleError, match="run scripts/train_miniworld.py"):
         Oracle.load(tmp_path)
+    (tmp_path / "attribute_reader.safetensors").write_bytes(b"\x10" + bytes(40))  # truncated, not safetensors
+    with pytest.raises(OracleError, match="attribute_reader.safetensors is not a readable oracle file"):
+        Oracle.load(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "attribute_reader.safetensors",
+              metadata={"class": "AttributeReader", "labels": json.dumps(ATTRIBUTES), "config": "{}"})
+    with pytest.raises(OracleError, match="does not hold AttributeReader weights this version can read"):
+        Oracle.load(tmp_path)
 
 
 # --- training script pieces ---------------------------------------------------------------------
@@ -311,6 +320,13 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
                                                                                          "OMP_NUM_THREADS": "1"})
     refused = run("--from-stage", "student", "--to-stage", "vae")
     assert refused.returncode == 2 and "--to-stage vae comes before --from-stage student" in refused.stderr
+    for flags, message in ((("--from-stage", "write"), "--from-stage write reads"),
+                           (("--threads", "0"), "--threads 0: give 1 or more"),
+                           (("--seed", "-1"), "--seed -1: give a non-negative integer"),
+                           (("--oracle-only", "--to-stage", "vae"), "--oracle-only runs on its own"),
+                           (("--from-stage", "eval", "--keep-oracle"), "the eval stage needs the oracle")):
+        refused = run(*flags)  # refused before anything renders or writes
+        assert refused.returncode == 2 and message in refused.stderr, (flags, refused.stderr)
     if not torch.cuda.is_available():
         refused = run("--device", "cuda")
         assert refused.returncode == 2 and "--device cuda: torch sees no CUDA GPU" in refused.stderr
@@ -320,6 +336,8 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
     ckpt = tmp_path / "quick" / "ckpt"
     assert (ckpt / "vae.pt").is_file() and not (ckpt / "teacher.pt").exists()
     assert "stopped after the vae stage" in done.stdout
+    missing = run("--from-stage", "student")  # the VAE is there, the teacher is not
+    assert missing.returncode == 2 and f"reads {ckpt / 'teacher.pt'}, which does not exist" in missing.stderr
 
 
 # --- the main job -------------------------------------------------------------------------------

@@ -81,11 +81,16 @@ def test_procedural_captions_name_the_class_and_only_the_words_the_subject_has()
     assert len(texts) > 20 and 20 < listed < 60  # omissions, templates and listing vary them
 
 
-def test_decoration_phrases_read_as_english():
+def test_decoration_phrases_and_articles_read_as_english():
     assert decoration_phrase((("stripes", "blue"), ("core", "white"))) == "blue stripes and a white core"
     assert decoration_phrase((("checker", "light blue"),)) == "light blue checks"
     assert decoration_phrase((("cross", "red"),)) == "a red cross"
     assert decoration_phrase((("half", "orange"), ("band", "teal"))) == "an orange half and a teal band"
+    orange = next(procedural_subject(s) for s in VALIDATION_SEEDS.seeds() if procedural_subject(s).color_word == "orange")
+    assert orange.description.startswith("an orange ")
+    captions = [procedural_caption(sample_scene(np.random.default_rng(i), orange.name), orange, np.random.default_rng(i))[1]
+                for i in range(40)]
+    assert not any(" a orange" in f" {c.text}" for c in captions) and any(" an orange" in f" {c.text}" for c in captions)
 
 
 def test_text_encoder_heads_cover_every_word_a_caption_states():

@@ -58,6 +58,15 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
     assert nothing.returncode == 2 and "--steps 0: give 1 or more" in nothing.stderr
     missing = run("--models", str(tmp_path / "nowhere"), "--steps", "1")
     assert missing.returncode == 2 and "is not a folder" in missing.stderr and "Traceback" not in missing.stderr
+    for flags, message in ((("--lr", "nan"), "--lr nan: give a finite learning rate"),
+                           (("--token-lr", "-0.5"), "--token-lr -0.5: give a finite learning rate"),
+                           (("--lr", "0", "--token-lr", "0"), "train nothing"),
+                           (("--min-scale", "0"), "--min-scale 0.0: give a fraction of the picture in (0, 1]"),
+                           (("--seed", "-1"), "--seed -1: give a non-negative integer"),
+                           (("--fresh", "100001"), "--fresh 100001: give 0 to 100000")):
+        refused = run("--concepts", "smiley", *flags)  # before any model loads: no report with NaN in it
+        assert refused.returncode == 2 and message in refused.stderr, (flags, refused.stderr)
+        assert not (tmp_path / "sheets").exists() and not (tmp_path / "world_probe.json").exists()
 
 
 def test_the_vae_ceiling_scores_the_exact_renders_after_the_round_trip(world):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -446,7 +447,8 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ProbeSettings()
     parser.add_argument("--concepts", nargs="+",
                         help="subjects: the held-out concepts' names, or fresh procedural subjects as procedural_<seed> or the bare "
-                             "seed (3000000-3099999) (default: the six concepts)")
+                             "seed (e.g. 3000000-3099999, the validation seeds; the seeds the world's models and oracle "
+                             "trained on are refused) (default: the six concepts)")
     parser.add_argument("--fresh", type=int, default=0,
                         help="also probe this many fresh procedural subjects nobody tuned for (default: 0)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training iterations per subject")
@@ -476,8 +478,17 @@ def run_world_probe(args: argparse.Namespace) -> int:
         subjects = [lookup_subject(name) for name in fresh]
     except ValueError as error:
         raise BenchError(f"--concepts: {error}") from None
-    if args.fresh < 0:
-        raise BenchError(f"--fresh {args.fresh} must not be negative")
+    if not 0 <= args.fresh <= len(VALIDATION_SEEDS.seeds()):
+        raise BenchError(f"--fresh {args.fresh}: give 0 to {len(VALIDATION_SEEDS.seeds())} (the validation seeds)")
+    for flag, value in (("--lr", args.lr), ("--token-lr", args.token_lr)):
+        if not math.isfinite(value) or value < 0:
+            raise BenchError(f"{flag} {value}: give a finite learning rate, 0 or more")
+    if args.lr == 0 and args.token_lr == 0:
+        raise BenchError("--lr 0 and --token-lr 0 train nothing: give one of them a positive rate")
+    if not (math.isfinite(args.min_scale) and 0 < args.min_scale <= 1):
+        raise BenchError(f"--min-scale {args.min_scale}: give a fraction of the picture in (0, 1]")
+    if args.seed < 0:
+        raise BenchError(f"--seed {args.seed}: give a non-negative integer")
     subjects += [procedural_subject(seed) for seed in VALIDATION_SEEDS.seeds()[: args.fresh]]
     settings = ProbeSettings(steps=args.steps, lr=args.lr, token_lr=args.token_lr, min_scale=args.min_scale,
                              seed=args.seed)

@@ -14,6 +14,7 @@ shipped teacher has seen, as the real SD 2.1 has seen "a photo of".
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Mapping
 
@@ -121,6 +122,15 @@ def background_phrase(bg_color: str, bg_pattern: str) -> str:
     return f"on a {bg_color} {bg_pattern} background"
 
 
+_A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiou])")
+
+
+def with_articles(text: str) -> str:
+    """'a orange star' -> 'an orange star': the article agrees with the word after it (captions put colours
+    that start with a vowel after "a")."""
+    return _A_BEFORE_VOWEL.sub(r"\1n ", text)
+
+
 def describe(scene: Scene, stated: frozenset[str] | None = None, noun: str | None = None) -> Caption:
     """The grammar's sentence for `scene`, stating only the attributes in `stated` (all if None).
 
@@ -146,7 +156,7 @@ def describe(scene: Scene, stated: frozenset[str] | None = None, noun: str | Non
         text += " " + POSITION_PHRASES[scene.position]
     if "bg_color" in stated:
         text += (", " if "position" in stated else " ") + background_phrase(scene.bg_color, scene.bg_pattern)
-    return Caption(text, {name: attrs[name] for name in sorted(stated)})
+    return Caption(with_articles(text), {name: attrs[name] for name in sorted(stated)})
 
 
 def templated(scene: Scene, template: str) -> tuple[Scene, Caption]:
@@ -160,7 +170,7 @@ def templated(scene: Scene, template: str) -> tuple[Scene, Caption]:
     stated = {"shape": scene.subject, "color": scene.color}
     if size is not None:
         stated["size"] = size
-    return scene, Caption(template.format(f"{scene.color} {scene.subject}"), stated)
+    return scene, Caption(with_articles(template.format(f"{scene.color} {scene.subject}")), stated)
 
 
 def training_caption(scene: Scene, rng: np.random.Generator) -> tuple[Scene, Caption]:

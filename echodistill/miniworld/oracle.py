@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import EchoDistillError
@@ -128,20 +128,28 @@ def load_module(path: Path, cls: type[nn.Module], labels: Mapping | Sequence | N
     """The module saved at `path`; `labels` None accepts the labels it was saved with (the subject encoder's)."""
     if not path.is_file():
         raise OracleError(f"oracle weights not found: {path}; run scripts/train_miniworld.py to build them")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    saved_labels = json.loads(metadata.get("labels", "null"))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        saved_labels = json.loads(metadata.get("labels", "null"))
+    except (OSError, ValueError, SafetensorError) as error:  # truncated, not safetensors, or bad metadata
+        raise OracleError(f"{path} is not a readable oracle file ({error}); rebuild it with "
+                          "scripts/train_miniworld.py") from None
     if metadata.get("class") != cls.__name__ or (labels is not None and saved_labels != json.loads(json.dumps(labels))):
         raise OracleError(
             f"{path.name} was trained for other labels or another class ({metadata.get('class')}); "
             "the grammar or the concepts changed since: retrain with scripts/train_miniworld.py"
         )
-    config, state = json.loads(metadata["config"]), load_file(str(path))
-    if cls is SubjectEncoder:
-        config = {k: v for k, v in config.items() if k not in _LEGACY_ENCODER["config"]}
-        state = {k: v for k, v in state.items() if k not in _LEGACY_ENCODER["state"]}
-    module = cls(**config)
-    module.load_state_dict({k: v.float() for k, v in state.items()})
+    try:
+        config, state = json.loads(metadata["config"]), load_file(str(path))
+        if cls is SubjectEncoder:
+            config = {k: v for k, v in config.items() if k not in _LEGACY_ENCODER["config"]}
+            state = {k: v for k, v in state.items() if k not in _LEGACY_ENCODER["state"]}
+        module = cls(**config)
+        module.load_state_dict({k: v.float() for k, v in state.items()})
+    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as error:  # weights that do not fit
+        raise OracleError(f"{path} does not hold {cls.__name__} weights this version can read ({error}); rebuild it with "
+                          "scripts/train_miniworld.py") from None
     return module.eval().requires_grad_(False)
 
 

@@ -28,7 +28,7 @@ from functools import lru_cache
 import numpy as np
 
 from .concepts import Concept
-from .grammar import COLORS, OMIT_PROBABILITY, SHAPES, TEMPLATE_PROBABILITY, Caption, Scene, describe
+from .grammar import COLORS, OMIT_PROBABILITY, SHAPES, TEMPLATE_PROBABILITY, Caption, Scene, describe, with_articles
 from ..training.templates import PROMPT_TEMPLATES
 from .drawing import PALETTE, SHAPE_MASKS, Layer, annulus, box, disk
 
@@ -174,7 +174,7 @@ def procedural_subject(seed: int) -> Concept:
     return Concept(
         name=procedural_name(seed),
         class_word=shape,
-        description=f"a {body} {shape} with {decoration_phrase(decorations)}",
+        description=with_articles(f"a {body} {shape} with {decoration_phrase(decorations)}"),
         paint=paint,
         clashes=(body,) if body in PALETTE else (),
         color_word=body,
@@ -187,12 +187,9 @@ def decoration_phrase(decorations: tuple[tuple[str, str], ...]) -> str:
     """'blue stripes and an orange core' for (("stripes", "blue"), ("core", "orange"))."""
     parts = []
     for kind, color in decorations:
-        noun = DECORATION_NOUNS[kind]
-        if noun.startswith("a "):  # a singular noun: its article agrees with the colour word
-            parts.append(f"{'an' if color[0] in 'aeiou' else 'a'} {color} {noun[2:]}")
-        else:
-            parts.append(f"{color} {noun}")
-    return " and ".join(parts)
+        noun = DECORATION_NOUNS[kind]  # "a cross" or "stripes"
+        parts.append(f"a {color} {noun[2:]}" if noun.startswith("a ") else f"{color} {noun}")
+    return with_articles(" and ".join(parts))
 
 
 def fresh_subject_name(text: str) -> str:
@@ -283,7 +280,7 @@ def procedural_caption(scene: Scene, subject: Concept, rng: np.random.Generator)
         if size is not None:
             scene = Scene(scene.subject, scene.color, size, scene.position, scene.bg_color, scene.bg_pattern)
             said["size"] = size
-        return scene, Caption(template.format(noun), said)
+        return scene, Caption(with_articles(template.format(noun)), said)
     stated = {"size", "position", "bg_color", "bg_pattern"}
     for name in ("size", "position"):
         if rng.random() < OMIT_PROBABILITY:
