@@ -219,8 +219,6 @@ def main() -> None:
     rendered = render_set(settings.train_images, args.seed, workers=args.workers)
     log("render", f"{len(rendered.images)} scenes rendered in {time.time() - started:.0f} s; "
                   f"e.g. {rendered.captions[0].text!r}")
-    if done("render"):
-        return finish(log, wall_start, cpu_start, "render")
     tokenizer = load_clip_tokenizer("sd2")
 
     # 2. VAE --------------------------------------------------------------------------------
@@ -344,6 +342,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
                  if getattr(args, m)), None)
     if mode and staged:
         parser.error(f"{mode} runs on its own: leave out --from-stage/--to-stage")
+    if mode and args.device != "cpu":
+        parser.error(f"{mode} runs on the CPU: --device applies to the VAE, text encoder, teacher and student stages")
     if args.quick and (args.models_to or args.oracle_to):
         parser.error("--quick writes into <log-dir>/quick: leave out --models-to/--oracle-to")
     if STAGES.index(args.to_stage) < STAGES.index(args.from_stage):
