@@ -34,6 +34,11 @@ def test_probe_trains_the_teacher_scores_it_and_hands_the_pair_back(world, tmp_p
     for record in report["records"]:
         assert 0 <= record["subject_fidelity"] <= 1 and 0 <= record["prompt_fidelity"] <= 1
         assert 0 <= record["prior_subject_fidelity"] <= 1
+        # half of the 12 evaluation scenes are small: each half scored on its own
+        by_size = record["subject_fidelity_by_size"]
+        assert set(by_size) == {"small", "large"} and all(0 <= v <= 1 for v in by_size.values())
+        assert sum(by_size.values()) / 2 == pytest.approx(record["subject_fidelity"], abs=1e-5)  # 6 and 6 pictures
+    assert "small / large" in (tmp_path / "world_probe.md").read_text()
     assert report["fair"] == (report["mean"]["subject_fidelity"] >= 0.5 and report["mean"]["prompt_fidelity"] >= 0.8)
     saved = json.loads((tmp_path / "world_probe.json").read_text())
     assert saved["settings"]["steps"] == 2 and saved["settings"]["min_scale"] == 0.5
