@@ -154,9 +154,11 @@ def markdown(report: dict) -> str:
              "prompt fidelity | train s |",
              "|---|---|---|---|---|---|---|"]
     for r in report["records"]:
-        by_size = " / ".join(f"{r['subject_fidelity_by_size'].get(size, float('nan')):.3f}" for size in ("small", "large"))
-        lines.append(f"| {r['concept']} | {r['subject_fidelity']:.3f} | {by_size} | {r['prior_subject_fidelity']:.3f} | "
-                     f"{r['vae_ceiling']:.3f} | {r['prompt_fidelity']:.3f} | {r['train_seconds']:.0f} |")
+        sizes = r["subject_fidelity_by_size"]
+        by_size = " / ".join(f"{sizes[size]:.3f}" if size in sizes else "–" for size in ("small", "large"))
+        lines.append(f"| {r['concept']} | {r['subject_fidelity']:.3f} | {by_size} | "
+                     f"{r['prior_subject_fidelity']:.3f} | {r['vae_ceiling']:.3f} | {r['prompt_fidelity']:.3f} | "
+                     f"{r['train_seconds']:.0f} |")
     m = report["mean"]
     lines.append(f"| **mean** | **{m['subject_fidelity']:.3f}** | | {m['prior_subject_fidelity']:.3f} | "
                  f"{m['vae_ceiling']:.3f} | **{m['prompt_fidelity']:.3f}** | |")
