@@ -40,6 +40,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     ("sample", "--help"),
     ("demo", "--help"),
     ("bench", "--help"),
+    ("bench", "world-probe", "--help"),
     ("sample",),  # missing required options: an argument error
     ("demo", "--concept", "no_such_subject"),
     ("no-such-command",),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,7 +26,7 @@ from ..imaging import labelled_rows, save_png
 from ..miniworld.concepts import Concept
 from ..miniworld.evaluate import vae_round_trip_fidelity
 from ..miniworld.oracle import Oracle
-from ..miniworld.recipe import AUGMENT_MIN_SCALE, RESOLUTION, TOKEN
+from ..miniworld.recipe import RESOLUTION, TOKEN
 from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_PRIOR, TEACHER_STEPS, UnitInputs, score_prior
 from ..models.adapters import add_custom_diffusion
 from ..models.concept import add_concept_token, concept_parameters
@@ -38,22 +38,7 @@ from ..models.tensor_files import atomic_write_text
 from ..sampling.samplers import sample_teacher
 from ..training.data import ConceptDataset
 from ..training.losses import masked_denoising_loss
-
-# The world's bar (a fair world lets the paper's adapter learn its subjects).
-SUBJECT_BAR, PROMPT_BAR = 0.50, 0.80
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    steps: int = 400
-    batch: int = 2  # the paper's
-    # K/V deltas; the paper's 1e-5 is for SD's 320–1280-wide layers and 1000+ steps. On the second world's
-    # teacher (docs/quality.md, token row at 1e-2) crossed_ring scored 0.136 at 1e-3, 0.242 at 1e-4, 0.166 at 3e-5.
-    lr: float = 1e-4
-    token_lr: float = 1e-2
-    min_scale: float = AUGMENT_MIN_SCALE
-    seed: int = 0
-    images_per_prompt: int = 1
+from .probe_settings import PROMPT_BAR, SUBJECT_BAR, ProbeSettings
 
 
 def probe_subject(pair: ModelPair, oracle: Oracle, concept: Concept, settings: ProbeSettings,

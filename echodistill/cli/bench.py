@@ -442,7 +442,7 @@ def _logger(name: str):
 # --- bench world-probe ---------------------------------------------------------------------------
 
 def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..benchmarks.world_probe import ProbeSettings
+    from ..benchmarks.probe_settings import ProbeSettings
 
     defaults = ProbeSettings()
     parser.add_argument("--concepts", nargs="+",
@@ -466,7 +466,8 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_world_probe(args: argparse.Namespace) -> int:
     from ..benchmarks.measuring import BenchError
-    from ..benchmarks.world_probe import ProbeSettings, markdown, run_world_probe as probe
+    from ..benchmarks.probe_settings import ProbeSettings
+    from ..benchmarks.world_probe import markdown, run_world_probe as probe
     from ..miniworld import CONCEPTS
     from ..miniworld.procedural import VALIDATION_SEEDS, fresh_subject_name, lookup_subject, procedural_subject
 
