@@ -338,6 +338,11 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
     assert "stopped after the vae stage" in done.stdout
     missing = run("--from-stage", "student")  # the VAE is there, the teacher is not
     assert missing.returncode == 2 and f"reads {ckpt / 'teacher.pt'}, which does not exist" in missing.stderr
+    for stale in ("teacher.pt", "student.pt"):  # trained on the latents of a VAE about to be replaced
+        (ckpt / stale).write_bytes(b"old")
+    redone = run("--to-stage", "vae")
+    assert redone.returncode == 0 and not (ckpt / "teacher.pt").exists() and not (ckpt / "student.pt").exists()
+    assert "removed teacher.pt: it was trained on another VAE's latents" in redone.stdout
 
 
 # --- the main job -------------------------------------------------------------------------------
