@@ -181,6 +181,15 @@ def test_image_prompt_adapter_refuses_another_unet_and_a_missing_file(tmp_path):
             pass
     with pytest.raises(ImagePromptError, match="not found"):
         ImagePromptAdapter.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10" + bytes(40))  # truncated, not safetensors: one error naming the file
+    with pytest.raises(ImagePromptError, match="junk.safetensors is not a readable adapter file"):
+        ImagePromptAdapter.load(junk)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, junk, metadata={"class": "ImagePromptAdapter", "config": "{}"})
+    with pytest.raises(ImagePromptError, match="does not hold an adapter this version can read"):
+        ImagePromptAdapter.load(junk)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

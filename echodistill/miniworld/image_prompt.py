@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import EchoDistillError
@@ -193,14 +193,22 @@ class ImagePromptAdapter(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise ImagePromptError(f"image-prompt adapter not found: {path}; build it with {BUILD_COMMAND}")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except (OSError, SafetensorError) as error:  # truncated or not safetensors
+            raise ImagePromptError(f"{path} is not a readable adapter file ({error}); rebuild it with "
+                                   f"{BUILD_COMMAND}") from None
         if metadata.get("class") != cls.__name__:
             raise ImagePromptError(f"{path} is not an image-prompt adapter (class {metadata.get('class')!r})")
-        config = json.loads(metadata["config"])
-        config["layer_shapes"] = {k: tuple(v) for k, v in config["layer_shapes"].items()}
-        adapter = cls(**config)
-        adapter.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+        try:
+            config = json.loads(metadata["config"])
+            config["layer_shapes"] = {k: tuple(v) for k, v in config["layer_shapes"].items()}
+            adapter = cls(**config)
+            adapter.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, SafetensorError) as error:
+            raise ImagePromptError(f"{path} does not hold an adapter this version can read ({error}); rebuild it "
+                                   f"with {BUILD_COMMAND}") from None
         return adapter.eval().requires_grad_(False)
 
 
