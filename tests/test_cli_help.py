@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from echodistill.cli import build_parser, in_flag_terms
+from echodistill.cli import build_parser, in_flag_terms, main
 from echodistill.cli.demo import subject_name
 from echodistill.errors import EchoDistillError
 from echodistill.miniworld.procedural import VALIDATION_SEEDS, subject_references
@@ -163,3 +163,16 @@ def test_the_demo_sheet_captions_every_column_and_leaves_no_empty_cell():
     assert sheet.height <= 6 + 128 + 12 + 2 * (4 * LINE_HEIGHT + 6 + 2 * (128 + 6) + 6)
     with pytest.raises(ValueError, match=r"one image per caption \(12\)"):
         contact_sheet(references, [("student", images[:5])], prompts)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--steps", "0"], "error: --steps 0 must be at least 1"),
+    (["--set", "echo=maybe"], "error: --set echo='maybe' must be true or false"),
+])
+def test_the_demo_refuses_a_bad_value_before_it_prints_or_writes_anything(argv, message, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no header, no progress bar
+    assert captured.err.strip() == message
+    assert not out.exists()

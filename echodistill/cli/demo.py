@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..jobs.demo import run_demo
+    from ..jobs.demo import demo_config, run_demo
 
     if args.threads is not None and args.threads < 1:
         raise EchoDistillError(f"--threads {args.threads}: give 1 or more (or leave it out)")
@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
         from ..training.threads import set_cpu_threads
 
         set_cpu_threads(args.threads)
-    print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {args.steps} steps, seed {args.seed}")
     overrides = parse_overrides(args.set)
+    demo_config(args.concept, args.steps, args.seed, overrides)  # a bad value is refused before any output
+    print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {args.steps} steps, seed {args.seed}")
     callbacks = TerminalCallbacks(overrides.get("steps", args.steps), preview_dir=Path(args.out) / "run")
     with stop_on_ctrl_c(callbacks):
         report = run_demo(args.out, concept_name=args.concept, steps=args.steps, seed=args.seed,

@@ -54,17 +54,27 @@ class DemoReport:
         return "\n".join(f"{a:<26}{b:>18}{c:>18}" for a, b, c in rows)
 
 
+def demo_config(concept_name: str, steps: int, seed: int, overrides: dict | None = None):
+    """The demo's TrainConfig for `concept_name` (recipe.tuned_config with `overrides`).
+
+    Raises ConfigError for a bad value (steps < 1, an unknown field) and ValueError for an unknown
+    subject: cheap checks the command line runs before it prints anything.
+    """
+    concept = lookup_subject(concept_name)
+    return tuned_config(concept.class_word, steps, seed).with_changes(**(overrides or {}))
+
+
 def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int = DEFAULT_STEPS, seed: int = DEMO_SEED,
              overrides: dict | None = None, callbacks: Callbacks | None = None) -> DemoReport:
     """Train, sample, measure; `callbacks` observe and steer the training (the command line's show a bar)."""
-    out_dir = check_writable(out_dir, "output folder")  # before a model is loaded or a step taken
     name = concept_name or sorted(CONCEPTS)[0]
     concept = lookup_subject(name)  # a shipped subject or a fresh procedural one ("procedural_<seed>")
+    config = demo_config(name, steps, seed, overrides)  # bad values fail before a file is touched
+    out_dir = check_writable(out_dir, "output folder")  # before a model is loaded or a step taken
     oracle = Oracle.load()  # before training: a missing file should cost seconds, not a run
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR)
     # Trained, drawn and scored as bench quality does it: captioned references, its rates, its prompts and noise.
     unit = UnitInputs.build(concept, seed, images_per_prompt=1, captions=True)
-    config = tuned_config(concept.class_word, steps, seed).with_changes(**(overrides or {}))
 
     started = time.perf_counter()
     with pristine(pair):  # training adds the token and adapters; the samplers below apply the bundle themselves
