@@ -20,7 +20,7 @@ import warnings
 from ..errors import EchoDistillError
 from ..files import removing_new_folders_on_error
 from . import after_training, bench, demo, fleet, train
-from .terminal import Parser
+from .terminal import Parser, exit_on_sigterm
 
 DESCRIPTION = "The `echodistill` command line: the library's jobs without ComfyUI."
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     command = _COMMAND[0] = command_parser(parser, args)
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        with removing_new_folders_on_error():  # a refused command leaves no empty output folder behind
+        with exit_on_sigterm(), removing_new_folders_on_error():  # a refused or stopped command leaves no folder behind
             return args.run(args)
     except EchoDistillError as exc:
         _end_progress_lines()

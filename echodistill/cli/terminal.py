@@ -1,5 +1,5 @@
 """What the commands share: the parser (help with defaults, arguments added when a command is used),
-training progress in a terminal, Ctrl-C as a clean stop, --set parsing."""
+training progress in a terminal, Ctrl-C (or SIGTERM) as a clean stop, --set parsing."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def add_command(commands, name: str, *, help: str, add_arguments: Callable[[argp
 
 
 class TerminalCallbacks:
-    """tqdm progress with the current losses; the first Ctrl-C asks for a clean, resumable stop."""
+    """tqdm progress with the current losses; the first Ctrl-C or SIGTERM asks for a clean, resumable stop."""
 
     def __init__(self, total: int, start: int = 0, preview_dir: Path | None = None):
         from tqdm import tqdm
@@ -75,6 +75,7 @@ class TerminalCallbacks:
         self.bar = tqdm(total=total, initial=start, desc="EchoDistill", unit="it", dynamic_ncols=True)
         self.preview_dir = preview_dir
         self.stop_requested = False
+        self.stop_signal = signal.SIGINT  # the signal that asked for the stop: the exit status says which
 
     def on_progress(self, step: int, total: int, logs: dict[str, float]) -> None:
         self.bar.n = step
@@ -90,27 +91,52 @@ class TerminalCallbacks:
     def should_stop(self) -> bool:
         return self.stop_requested
 
-    def request_stop(self, *_):
+    def request_stop(self, signum: int = signal.SIGINT, _frame=None):
         if self.stop_requested:
             raise KeyboardInterrupt
-        self.stop_requested = True
+        self.stop_requested, self.stop_signal = True, signum
         self.bar.write("stopping after this iteration; a checkpoint will be saved (Ctrl-C again to abort)")
 
 
 @contextlib.contextmanager
 def stop_on_ctrl_c(callbacks: TerminalCallbacks) -> Iterator[None]:
-    """While training: the first Ctrl-C stops cleanly; a cancelled run says where to resume and exits 130."""
+    """While training: the first Ctrl-C or SIGTERM (a scheduler's or `kill`'s stop) stops cleanly after the
+    iteration; the cancelled run says where to resume and exits 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
     from ..training.callbacks import TrainingCancelled
 
-    previous = signal.signal(signal.SIGINT, callbacks.request_stop)
+    previous = {signum: signal.signal(signum, callbacks.request_stop) for signum in STOP_SIGNALS}
     try:
         yield
     except TrainingCancelled as cancelled:
         callbacks.bar.close()
         print(f"stopped at step {cancelled.step}; resume with --resume {cancelled.checkpoint}")
-        raise SystemExit(130) from None
+        raise SystemExit(128 + callbacks.stop_signal) from None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM outside training ends the command as Ctrl-C would, by an exception: held output locks are released
+    and half-made folders removed on the way out (Python's default for SIGTERM is to die on the spot). Exit 143."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
