@@ -271,7 +271,8 @@ def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path,
     path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders,
                            [{"name": "a", "photos": str(good), "class_word": "dog"}])
     assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check"]) == 0
-    assert "1 concepts" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    printed = capsys.readouterr().out
+    assert "1 concepts" in printed and "the pair loads" in printed and not (tmp_path / "out").exists()
     broken = _write_manifest(tmp_path / "broken.toml", tiny_pair_folders, [{"name": "a", "photos": "nowhere"}])
     assert main(["fleet", "run", str(broken), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
@@ -285,3 +286,13 @@ def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path,
                            [{"name": "a", "photos": str(good), "class_word": "dog"}])
     assert main(["fleet", "run", str(torn), "--out", str(tmp_path / "out"), "--check"]) == 2
     assert f"teacher: {weights} is not a readable safetensors file" in capsys.readouterr().err
+    from safetensors.torch import load_file, save_file
+
+    missing = shutil.copytree(tiny_pair_folders[0], tmp_path / "missing_teacher")
+    weights = next((missing / "unet").glob("*.safetensors"))
+    save_file({k: v for k, v in load_file(weights).items() if k != "conv_out.weight"}, str(weights))
+    lacking = _write_manifest(tmp_path / "lacking.toml", (missing, tiny_pair_folders[1]),
+                              [{"name": "a", "photos": str(good), "class_word": "dog"}])
+    assert main(["fleet", "run", str(lacking), "--out", str(tmp_path / "out"), "--check"]) == 2  # headers read; the
+    error = capsys.readouterr().err  # load the workers would do finds the tensor missing, before any Ray starts
+    assert "conv_out.weight" in error and "Traceback" not in error and not (tmp_path / "out").exists()

@@ -25,7 +25,9 @@ def add_fleet_command(commands) -> None:
                      help="where workers train: auto = one CUDA device per worker when there are GPUs, else the CPU")
     run.add_argument("--threads", type=int, help="torch CPU threads per worker on CPU (default 1)")
     run.add_argument("--max-attempts", type=int, default=3, help="tries per concept when workers are lost")
-    run.add_argument("--check", action="store_true", help="only check the manifest, train nothing")
+    run.add_argument("--check", action="store_true",
+                     help="check the manifest and load the teacher/student pair once on the CPU, as every worker "
+                          "will (missing or mismatched tensors show here, not on the cluster); train nothing")
     run.set_defaults(run=_run)
 
     status = actions.add_parser("status", help="each concept's state: queued, training step k, done or failed")
@@ -46,6 +48,13 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{manifest.path.name}: {len(manifest.concepts)} concepts, teacher {manifest.teacher}, "
           f"student {manifest.student}")
     if args.check:
+        from ..models.pair import load_model_pair
+
+        teacher, student = manifest.model_paths()
+        pair = load_model_pair(teacher, student, teacher_family=manifest.teacher_family,
+                               student_family=manifest.student_family, dtype=manifest.dtype, device="cpu")
+        print(f"the pair loads: teacher {pair.teacher.family}, student {pair.student.family}, "
+              f"one shared text encoder {pair.text_fingerprint}; nothing trained (--check)")
         return 0
     try:
         from ..fleet.engine import FleetOptions, run_fleet, start_ray, stop_ray
