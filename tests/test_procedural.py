@@ -256,6 +256,73 @@ def test_oracle_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monk
             assert torch.equal(a, b), name
 
 
+def test_look_alike_batches_group_each_anchor_with_its_mined_neighbours():
+    from echodistill.miniworld.oracle_train import SubjectViews, _hard_batch
+
+    subjects, views = 12, 3
+    pool = SubjectViews(np.zeros((subjects * views, 64, 64, 3), np.uint8), np.repeat(np.arange(subjects), views), views)
+    nearest = torch.tensor([[(i + k) % subjects for k in range(1, 9)] for i in range(subjects)])  # (12, 8)
+    index = _hard_batch(pool, nearest, subjects=8, neighbours=4, generator=torch.Generator().manual_seed(0))
+    assert index.shape == (16,)
+    first, second = (index[:8] // views).tolist(), (index[8:] // views).tolist()
+    assert first == second and len(set(first)) == 8  # two pictures of each of 8 distinct subjects
+    assert (index[:8] % views != index[8:] % views).all()  # and two different views of it
+    for group in (first[:4], first[4:]):  # an anchor, then three of its eight mined neighbours
+        assert set(group[1:]) <= set(nearest[group[0]].tolist()), group
+
+
+def test_mined_neighbours_are_the_nearest_other_subjects_by_cosine():
+    from echodistill.miniworld.oracle import SubjectEncoder
+    from echodistill.miniworld.oracle_train import nearest_subjects, subject_views
+
+    torch.manual_seed(0)
+    encoder = SubjectEncoder().train()
+    pool = subject_views(10, 2, seed=3)
+    nearest = nearest_subjects(encoder, pool, count=3, chunk=4)  # chunks smaller than the pool
+    assert nearest.shape == (10, 3) and encoder.training  # left as it was found
+    with torch.no_grad():
+        embeddings = encoder.eval()(torch.from_numpy(pool.images[::2]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    similarity = (embeddings @ embeddings.T).fill_diagonal_(-2.0)
+    assert torch.equal(nearest, similarity.topk(3, dim=1).indices)
+    assert all(i not in row for i, row in enumerate(nearest.tolist()))
+
+
+def test_look_alike_phase_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
+    from echodistill.miniworld import oracle_train, training
+    from echodistill.miniworld.oracle import SubjectEncoder
+
+    pool = oracle_train.subject_views(12, 2, seed=0)
+    # mined at steps 1 and 4, cut after step 2: the resumed run must use the neighbours mined at step 1
+    settings = oracle_train.OracleSettings(subjects_per_batch=8, hard_steps=5, neighbours=4, mine_every=3, warmup=1,
+                                           checkpoint_every=2)
+    quiet = lambda message: None  # noqa: E731
+
+    def start() -> SubjectEncoder:
+        torch.manual_seed(1)
+        return SubjectEncoder()
+
+    uncut = oracle_train.refine_on_look_alikes(start(), pool, settings, 0, quiet)
+    assert not any(torch.equal(a, b) for a, b in zip(uncut.state_dict().values(), start().state_dict().values())
+                   if a.is_floating_point() and a.numel() > 1)  # it trained
+    state = tmp_path / "oracle_running_hard.pt"
+    real_save = training.save_atomically
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        raise KeyboardInterrupt  # the session ends right after the first checkpoint
+
+    monkeypatch.setattr(training, "save_atomically", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        oracle_train.refine_on_look_alikes(start(), pool, settings, 0, quiet, resume_path=state)
+    assert torch.load(state, weights_only=True)["step"] == 2
+    monkeypatch.setattr(training, "save_atomically", real_save)
+    lines = []
+    resumed = oracle_train.refine_on_look_alikes(start(), pool, settings, 0, lines.append, resume_path=state)
+    assert any("look-alikes resumed" in line and "step 2/5" in line for line in lines), lines
+    for (name, a), b in zip(uncut.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_subject_views_are_deterministic_pairs_of_one_subject_in_different_scenes():
     from echodistill.miniworld.oracle import GRAMMAR_SUBJECTS
     from echodistill.miniworld.oracle_train import subject_views

@@ -47,6 +47,13 @@ class OracleSettings:
     # partner above the others, so unrelated subjects may stay at cosine 0.4-0.6; the metric reports
     # max(0, cos), so this term pulls them to 0 or below, where an unrelated subject scores nothing.
     negative_weight: float = 0.0
+    # Then `hard_steps` more steps on batches of look-alikes: each batch is `subjects_per_batch / neighbours`
+    # random anchors with `neighbours - 1` of their nearest pool subjects (mined every `mine_every` steps from the
+    # encoder as it is), so the softmax's negatives are the subjects a random batch almost never pairs up.
+    hard_steps: int = 0
+    neighbours: int = 4
+    mine_every: int = 250
+    hard_lr: float = 5e-4
     lr: float = 2e-3
     warmup: int = 50
     checkpoint_every: int = 200
@@ -154,6 +161,54 @@ def _pairs_batch(pool: SubjectViews, subjects: int, generator: torch.Generator) 
     return torch.cat([chosen * pool.views + first, chosen * pool.views + second])
 
 
+@torch.no_grad()
+def nearest_subjects(encoder: SubjectEncoder, pool: SubjectViews, count: int, chunk: int = 1024) -> torch.Tensor:
+    """(S, count) indices of each pool subject's `count` nearest other subjects, by the cosine of the embeddings
+    of their first views; a subject drawn twice in the pool (equal labels) is never its own neighbour."""
+    was_training = encoder.training
+    encoder.eval()
+    first = torch.from_numpy(pool.images[:: pool.views]).permute(0, 3, 1, 2)  # (S, 3, 64, 64) uint8
+    labels = torch.from_numpy(pool.labels[:: pool.views])
+    embeddings = torch.cat([encoder(first[i : i + chunk].float() / 127.5 - 1) for i in range(0, len(first), chunk)])
+    nearest = []
+    for i in range(0, len(first), chunk):
+        similarity = embeddings[i : i + chunk] @ embeddings.T  # (chunk, S)
+        similarity[labels[i : i + chunk, None] == labels[None, :]] = -2.0  # itself, and itself drawn twice
+        nearest.append(similarity.topk(count, dim=1).indices)
+    encoder.train(was_training)
+    return torch.cat(nearest)
+
+
+def _hard_batch(pool: SubjectViews, nearest: torch.Tensor, subjects: int, neighbours: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """Two different views of `subjects` distinct subjects in groups of look-alikes: (2·subjects,) indices.
+
+    Each group is a random anchor and `neighbours - 1` subjects drawn from its mined nearest ones (those
+    already in the batch skipped); a group that runs short is filled with random subjects.
+    """
+    count = len(pool.labels) // pool.views
+    chosen: list[int] = []
+    taken: set[int] = set()
+    order = torch.randperm(count, generator=generator).tolist()
+    for anchor in order:
+        if len(chosen) >= subjects:
+            break
+        if anchor in taken:
+            continue
+        group = [anchor]
+        for candidate in nearest[anchor][torch.randperm(nearest.shape[1], generator=generator)].tolist():
+            if len(group) == neighbours or len(chosen) + len(group) == subjects:
+                break
+            if candidate not in taken and candidate not in group:
+                group.append(candidate)
+        chosen.extend(group)
+        taken.update(group)
+    picked = torch.tensor(chosen[:subjects])
+    first = torch.randint(0, pool.views, (len(picked),), generator=generator)
+    second = (first + torch.randint(1, pool.views, (len(picked),), generator=generator)) % pool.views
+    return torch.cat([picked * pool.views + first, picked * pool.views + second])
+
+
 def _resume_file(resume_path: Path | None, part: str) -> Path | None:
     return None if resume_path is None else resume_path.with_name(f"{resume_path.stem}_{part}{resume_path.suffix}")
 
@@ -207,21 +262,70 @@ def train_subject_encoder(pool: SubjectViews, settings: OracleSettings, seed: in
     meter = Meter()
     for step in range(first, settings.steps + 1):
         index = _pairs_batch(pool, settings.subjects_per_batch, generator)
-        batch = degrade(pixels[index].float() / 127.5 - 1, generator)
-        # A mirror image is the same subject, so mirrored views are positives too.
-        batch = torch.where((torch.rand(len(index), generator=generator) < 0.5).view(-1, 1, 1, 1), batch.flip(-1), batch)
-        embeddings = encoder(batch)
-        contrastive = supervised_contrastive_loss(embeddings, labels[index], settings.temperature)
-        penalty = negative_cosine_penalty(embeddings, labels[index])
-        loss = contrastive + settings.negative_weight * penalty
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        meter.add(encoder=contrastive.item(), negatives=penalty.item())
+        _encoder_step(encoder, optimizer, scheduler, pixels, labels, index, settings, generator, meter)
         if step % 100 == 0 or step == settings.steps:
             log(f"encoder {meter.line(step, settings.steps)}")
         if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
+            save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
+    return encoder.eval().requires_grad_(False)
+
+
+def _encoder_step(encoder: SubjectEncoder, optimizer, scheduler, pixels: torch.Tensor, labels: torch.Tensor,
+                  index: torch.Tensor, settings: OracleSettings, generator: torch.Generator, meter: Meter) -> None:
+    """One contrastive step on the pool pictures `index`: degraded, half of them mirrored."""
+    batch = degrade(pixels[index].float() / 127.5 - 1, generator)
+    # A mirror image is the same subject, so mirrored views are positives too.
+    batch = torch.where((torch.rand(len(index), generator=generator) < 0.5).view(-1, 1, 1, 1), batch.flip(-1), batch)
+    embeddings = encoder(batch)
+    contrastive = supervised_contrastive_loss(embeddings, labels[index], settings.temperature)
+    penalty = negative_cosine_penalty(embeddings, labels[index])
+    loss = contrastive + settings.negative_weight * penalty
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    meter.add(encoder=contrastive.item(), negatives=penalty.item())
+
+
+class _Mined(torch.nn.Module):
+    """The mined neighbours (subjects, count) as a buffer: saved and restored with the loop state."""
+
+    def __init__(self, subjects: int, count: int) -> None:
+        super().__init__()
+        self.register_buffer("nearest", torch.zeros(subjects, count, dtype=torch.long))
+
+
+def refine_on_look_alikes(encoder: SubjectEncoder, pool: SubjectViews, settings: OracleSettings, seed: int,
+                          log: Log, resume_path: Path | None = None) -> SubjectEncoder:
+    """`settings.hard_steps` contrastive steps on batches of look-alike subjects (_hard_batch), from `encoder`.
+
+    Hard-negative mining as in metric learning (e.g. Schroff et al., FaceNet, 2015; Robinson et al., 2021):
+    a random batch of 64 among 16,000 subjects rarely holds two that share body colour, pattern and
+    decorations, so after the first phase the loss no longer separates them (cosines 0.4-0.7 between
+    look-alikes, docs/quality.md). The neighbours are mined from the encoder every `mine_every` steps.
+    """
+    generator = torch.Generator().manual_seed(seed + 7)
+    encoder.train().requires_grad_(True)
+    optimizer, scheduler = make_optimizer(
+        [{"params": list(encoder.parameters()), "lr": settings.hard_lr, "weight_decay": 1e-4}],
+        settings.hard_steps, settings.warmup,
+    )
+    pixels, labels = torch.from_numpy(pool.images).permute(0, 3, 1, 2), torch.from_numpy(pool.labels)
+    # Mined per subject: a group draws `neighbours - 1` of them. Kept in the loop state, so that a resumed run
+    # uses the neighbours the cut one had mined, not ones mined from later weights.
+    mined = _Mined(len(pool.labels) // pool.views, max(2 * settings.neighbours, 8))
+    modules = {"encoder": encoder, "mined": mined}
+    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "look-alikes",
+                               settings.hard_steps)
+    meter = Meter()
+    for step in range(first, settings.hard_steps + 1):
+        if (step - 1) % settings.mine_every == 0:
+            mined.nearest.copy_(nearest_subjects(encoder, pool, mined.nearest.shape[1]))
+        index = _hard_batch(pool, mined.nearest, settings.subjects_per_batch, settings.neighbours, generator)
+        _encoder_step(encoder, optimizer, scheduler, pixels, labels, index, settings, generator, meter)
+        if step % 100 == 0 or step == settings.hard_steps:
+            log(f"look-alikes {meter.line(step, settings.hard_steps)}")
+        if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.hard_steps:
             save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
     return encoder.eval().requires_grad_(False)
 
@@ -231,11 +335,13 @@ def train_oracles(train: RenderedSet, valid: RenderedSet, pool: SubjectViews, se
     """The reader on `train`, then the encoder on `pool`; validated on `valid` and fresh subjects.
 
     With `resume_path` (e.g. ckpt/oracle_running.pt), each loop's state is saved every
-    `settings.checkpoint_every` steps beside it (<stem>_reader.pt, <stem>_encoder.pt) and picked
+    `settings.checkpoint_every` steps beside it (<stem>_reader.pt, <stem>_encoder.pt, <stem>_hard.pt) and picked
     up when it exists, as the teacher stage does; the caller removes them when done.
     """
     reader = train_attribute_reader(train, settings, seed, log, _resume_file(resume_path, "reader"))
     encoder = train_subject_encoder(pool, settings, seed, log, _resume_file(resume_path, "encoder"))
+    if settings.hard_steps:
+        encoder = refine_on_look_alikes(encoder, pool, settings, seed, log, _resume_file(resume_path, "hard"))
     oracle = Oracle(reader, encoder)
     log(f"oracle validation: {validation_report(oracle, valid)}")
     return oracle
