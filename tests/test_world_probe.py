@@ -38,7 +38,9 @@ def test_probe_trains_the_teacher_scores_it_and_hands_the_pair_back(world, tmp_p
         by_size = record["subject_fidelity_by_size"]
         assert set(by_size) == {"small", "large"} and all(0 <= v <= 1 for v in by_size.values())
         assert sum(by_size.values()) / 2 == pytest.approx(record["subject_fidelity"], abs=1e-5)  # 6 and 6 pictures
+        assert 0 <= record["fit_subject_fidelity"] <= 1  # the references redrawn from their own captions
     assert "small / large" in (tmp_path / "world_probe.md").read_text()
+    assert "own captions (fit)" in (tmp_path / "world_probe.md").read_text()
     assert report["fair"] == (report["mean"]["subject_fidelity"] >= 0.5 and report["mean"]["prompt_fidelity"] >= 0.8)
     saved = json.loads((tmp_path / "world_probe.json").read_text())
     assert saved["settings"]["steps"] == 2 and saved["settings"]["min_scale"] == 0.5
@@ -48,6 +50,32 @@ def test_probe_trains_the_teacher_scores_it_and_hands_the_pair_back(world, tmp_p
     after = pair.teacher.unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert pair.text_encoder.get_input_embeddings().weight.shape[0] == rows_before
+
+
+def test_the_whole_unet_diagnostic_trains_every_weight_and_puts_them_all_back(world, tmp_path, monkeypatch):
+    pair, oracle = world
+    before = {k: v.clone() for k, v in pair.teacher.unet.state_dict().items()}
+    changed = []
+    real_sample = world_probe.sample_teacher
+
+    def sample_and_compare(borrowed, *args, **kwargs):  # while trained: the UNet's own weights moved, no adapter
+        now = borrowed.teacher.unet.state_dict()
+        assert now.keys() == before.keys()
+        changed.append(sum(not torch.equal(before[k], now[k]) for k in before))
+        return real_sample(borrowed, *args, **kwargs)
+
+    monkeypatch.setattr(world_probe, "sample_teacher", sample_and_compare)
+    settings = world_probe.ProbeSettings(steps=2, lr=1e-3, trainable="unet")
+    report = world_probe.run_world_probe(pair, oracle, [procedural_subject(3_000_001)], settings, tmp_path,
+                                         log=lambda m: None)
+    assert changed and min(changed) > len(before) // 2  # most tensors trained (a few get no gradient)
+    after = pair.teacher.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # handed back exactly
+    assert not any(p.requires_grad for p in pair.teacher.unet.parameters())
+    assert report["fair"] is False and report["settings"]["trainable"] == "unet"
+    assert "Diagnostic run: every UNet weight" in (tmp_path / "world_probe.md").read_text()
+    with pytest.raises(ValueError, match="trainable='lora'"):
+        world_probe.ProbeSettings(trainable="lora")
 
 
 def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tmp_path):
@@ -68,7 +96,8 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
                            (("--lr", "0", "--token-lr", "0"), "train nothing"),
                            (("--min-scale", "0"), "--min-scale 0.0: give a fraction of the picture in (0, 1]"),
                            (("--seed", "-1"), "--seed -1: give a non-negative integer"),
-                           (("--fresh", "100001"), "--fresh 100001: give 0 to 100000")):
+                           (("--fresh", "100001"), "--fresh 100001: give 0 to 100000"),
+                           (("--trainable", "lora"), "argument --trainable: invalid choice: 'lora'")):
         refused = run("--concepts", "smiley", *flags)  # before any model loads: no report with NaN in it
         assert refused.returncode == 2 and message in refused.stderr, (flags, refused.stderr)
         assert not (tmp_path / "sheets").exists() and not (tmp_path / "world_probe.json").exists()

@@ -442,7 +442,7 @@ def _logger(name: str):
 # --- bench world-probe ---------------------------------------------------------------------------
 
 def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..benchmarks.probe_settings import ProbeSettings
+    from ..benchmarks.probe_settings import DEFAULT_LR, TRAINABLE, ProbeSettings
 
     defaults = ProbeSettings()
     parser.add_argument("--concepts", nargs="+",
@@ -452,7 +452,13 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", type=int, default=0,
                         help="also probe this many fresh procedural subjects nobody tuned for (default: 0)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training iterations per subject")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of the teacher's K/V deltas")
+    parser.add_argument("--trainable", choices=TRAINABLE, default=defaults.trainable,
+                        help="what trains with the token row: adapter, the paper's K/V deltas (the bar); unet, every "
+                             "UNet weight, DreamBooth-style (a diagnostic: is a shortfall the adapter's or the "
+                             "teacher's?)")
+    parser.add_argument("--lr", type=float,
+                        help=f"learning rate of what --trainable names (default: {DEFAULT_LR['adapter']:g} for the "
+                             f"adapter, {DEFAULT_LR['unet']:g} for the UNet)")
     parser.add_argument("--token-lr", type=float, default=defaults.token_lr, help="learning rate of the token row")
     parser.add_argument("--min-scale", type=float, default=defaults.min_scale,
                         help="smallest augmentation rescale, a fraction of the 64-pixel picture")
@@ -466,12 +472,14 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_world_probe(args: argparse.Namespace) -> int:
     from ..benchmarks.measuring import BenchError
-    from ..benchmarks.probe_settings import ProbeSettings
+    from ..benchmarks.probe_settings import DEFAULT_LR, ProbeSettings
     from ..benchmarks.world_probe import markdown, run_world_probe as probe
     from ..miniworld import CONCEPTS
     from ..miniworld.procedural import VALIDATION_SEEDS, fresh_subject_name, lookup_subject, procedural_subject
 
     names = args.concepts or sorted(CONCEPTS)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.trainable]
     if args.steps < 1:
         raise BenchError(f"--steps {args.steps}: give 1 or more training iterations per subject (the bar: 400)")
     try:  # a subject the base models or the oracle trained on is no test of the world
@@ -492,7 +500,7 @@ def run_world_probe(args: argparse.Namespace) -> int:
         raise BenchError(f"--seed {args.seed}: give a non-negative integer")
     subjects += [procedural_subject(seed) for seed in VALIDATION_SEEDS.seeds()[: args.fresh]]
     settings = ProbeSettings(steps=args.steps, lr=args.lr, token_lr=args.token_lr, min_scale=args.min_scale,
-                             seed=args.seed)
+                             seed=args.seed, trainable=args.trainable)
     pair, oracle, world = load_world(args)
     report = probe(pair, oracle, subjects, settings, args.out,
                    extra={**world, "command": shlex.join(["echodistill", *sys.argv[1:]])},
