@@ -125,6 +125,9 @@ def _damage(folder, case):
         weights.unlink()
         (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04junk" * 40)
         return "is not a readable PyTorch checkpoint"
+    if case == "missing tensor":
+        save_file({k: v for k, v in load_file(weights).items() if k != "conv_out.weight"}, str(weights))
+        return "1 missing, e.g. ['conv_out.weight']"
     if case == "no text encoder":
         shutil.rmtree(folder / "text_encoder")
         return "text_encoder"
@@ -160,3 +163,23 @@ def test_inspect_opens_every_part_the_role_reads(case, tiny_pair_folders, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert main(["inspect", str(tiny_pair_folders[0])]) == 0  # the undamaged folder reads
+
+
+@pytest.mark.parametrize("case", ["missing tensor", "integer weights"])
+def test_inspect_load_finds_what_only_loading_the_tensors_shows(case, tiny_pair_folders, tmp_path, capsys):
+    """Headers that read but tensors that do not fit: `inspect` alone passes, `inspect --load` refuses in one line."""
+    import shutil
+
+    teacher = shutil.copytree(tiny_pair_folders[0], tmp_path / "teacher")
+    message = _damage(teacher, case)
+    assert main(["inspect", str(teacher)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(teacher), "--load"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert main(["inspect", str(tiny_pair_folders[0]), "--load"]) == 0
+    out = capsys.readouterr().out
+    assert "loads as a teacher: unet " in out and "text_encoder " in out and "M parameters" in out
+    assert main(["inspect", str(tiny_pair_folders[1]), "--role", "student", "--load"]) == 0
+    student = capsys.readouterr().out
+    assert "loads as a student: unet " in student and ", vae " in student and "text_encoder" not in student

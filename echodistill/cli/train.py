@@ -106,6 +106,9 @@ def _inspect_arguments(inspect: argparse.ArgumentParser) -> None:
     inspect.add_argument("--family", default="auto", help=FAMILY_HELP)
     inspect.add_argument("--role", choices=("teacher", "student"), default="teacher",
                          help="read it as a teacher or as a student (families differ for single files)")
+    inspect.add_argument("--load", action="store_true",
+                         help="also load every part the role reads, one at a time (half precision, CPU), as training "
+                              "would: every tensor's name, shape and type is checked (slower: reads all the weights)")
 
 
 def run_training(
@@ -344,4 +347,26 @@ def _inspect(args: argparse.Namespace) -> int:
         f"  layout {source.layout}, prediction {source.config.prediction_type}, "
         f"text encoder: {source.config.text_architecture}"
     )
+    if args.load:
+        print(f"  loads as a {args.role}: " + ", ".join(_load_parts(source, args.role)))
     return 0
+
+
+def _load_parts(source, role: str) -> list[str]:
+    """Load each component `role` reads (models.loading, as load_model_pair does), one at a time; "<part> N.NM
+    parameters" for each. Raises ModelLoadError naming a missing, extra, misshapen or non-float tensor."""
+    import torch
+
+    from ..models.loading import load_text_encoder, load_unet, load_vae
+
+    loaders = {"unet": load_unet, "vae": load_vae}
+    parts = []
+    for component in ("unet", *(source.config.text_components if role == "teacher" else ("vae",))):
+        dtype = torch.float16  # half the memory of fp32; every check still runs
+        if component in loaders:
+            module = loaders[component](source, dtype=dtype)
+        else:
+            module = load_text_encoder(source, dtype=dtype, component=component)
+        parts.append(f"{component} {sum(p.numel() for p in module.parameters()) / 1e6:.1f}M parameters")
+        del module
+    return parts

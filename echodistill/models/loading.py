@@ -122,8 +122,8 @@ class ModelSource:
 
     def check_files(self, role: Role) -> None:
         """Open what `role` reads (teacher: UNet + text encoders; student: UNet + VAE): configs parsed, every weight
-        file's header read, nothing loaded. `inspect` and `fleet run --check` refuse a damaged model with it before
-        any training; loading still checks every tensor's name, shape and type.
+        file's header read, nothing loaded. `inspect` refuses a damaged model with it before any training; loading
+        (`inspect --load`, `fleet run --check`, every job) also checks every tensor's name, shape and type.
 
         Raises ModelLoadError naming the missing or unreadable part.
         """
