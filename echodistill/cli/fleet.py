@@ -53,8 +53,8 @@ def _run(args: argparse.Namespace) -> int:
         teacher, student = manifest.model_paths()
         pair = load_model_pair(teacher, student, teacher_family=manifest.teacher_family,
                                student_family=manifest.student_family, dtype=manifest.dtype, device="cpu")
-        print(f"the pair loads: teacher {pair.teacher.family}, student {pair.student.family}, "
-              f"one shared text encoder {pair.text_fingerprint}; nothing trained (--check)")
+        print(f"the pair loads, as every worker will load it (one text encoder shared, fingerprint "
+              f"{pair.text_fingerprint}); nothing trained (--check)")
         return 0
     try:
         from ..fleet.engine import FleetOptions, run_fleet, start_ray, stop_ray
