@@ -396,7 +396,7 @@ def train_oracle_stage(settings: RunSettings, args: argparse.Namespace, oracle_r
                   f"in {time.time() - started:.0f} s")
     resume = args.log_dir / ("quick" if args.quick else "") / "ckpt" / "oracle_running.pt"
     oracle = train_oracles(train, valid, pool, settings.oracle, args.seed, log.stage("oracle"), resume)
-    for part in ("reader", "encoder", "hard"):
+    for part in ("reader", "encoder", "hard", "twins"):
         resume.with_name(f"{resume.stem}_{part}{resume.suffix}").unlink(missing_ok=True)
     log("oracle", f"generalization to unseen subjects: {json.dumps(generalization_report(oracle))}")
     oracle.save(oracle_root)

@@ -323,6 +323,73 @@ def test_look_alike_phase_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, mon
         assert torch.equal(a, b), name
 
 
+def test_an_outline_twin_keeps_the_subjects_colours_and_decorations_on_another_shape():
+    from echodistill.miniworld.grammar import SHAPES
+    from echodistill.miniworld.procedural import lookup_subject
+
+    subject = procedural_subject(1234)
+    shape = next(s for s in SHAPES if s != subject.class_word)
+    twin = procedural_subject(1234, outline=shape)
+    assert twin.class_word == shape and twin.name == f"procedural_1234_as_{shape}"
+    assert (twin.color_word, twin.decorations) == (subject.color_word, subject.decorations)
+    assert lookup_subject(twin.name).description == twin.description
+    assert procedural_subject(1234).description == subject.description  # the subject itself is unchanged
+    u, v = np.meshgrid(np.linspace(-1, 1, 48), np.linspace(-1, 1, 48))
+    body, twin_body = subject.paint(u, v)[0][0], twin.paint(u, v)[0][0]
+    assert body.any() and twin_body.any() and (body != twin_body).any()  # another outline
+    with pytest.raises(ValueError, match="outline 'blob'"):
+        procedural_subject(1234, outline="blob")
+
+
+def test_outline_twin_batches_hold_each_subject_with_its_twin():
+    from echodistill.miniworld.oracle import GRAMMAR_SUBJECTS
+    from echodistill.miniworld.oracle_train import _twin_batch, outline_twin_views
+
+    pool = outline_twin_views(6, 2, seed=3)
+    assert pool.images.shape == (24, 64, 64, 3)
+    labels = pool.labels.reshape(12, 2)[:, 0]
+    subjects, twins = labels[0::2], labels[1::2]
+    assert (subjects >= len(GRAMMAR_SUBJECTS)).all() and (twins < 0).all() and len(set(labels)) == 12
+    index = _twin_batch(pool, subjects=4, generator=torch.Generator().manual_seed(0))
+    first = (index[:4] // 2).tolist()  # picture index -> pool subject (2 views each)
+    assert first[0] // 2 == first[1] // 2 and first[0] % 2 == 0 and first[1] == first[0] + 1  # a subject, its twin
+    assert first[2] // 2 == first[3] // 2 and first[2] + 1 == first[3] and first[0] != first[2]
+    assert (index[:4] // 2 == index[4:] // 2).all() and (index[:4] % 2 != index[4:] % 2).all()
+
+
+def test_outline_twin_phase_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
+    from echodistill.miniworld import oracle_train, training
+    from echodistill.miniworld.oracle import SubjectEncoder
+
+    twins = oracle_train.outline_twin_views(6, 2, seed=0)
+    settings = oracle_train.OracleSettings(subjects_per_batch=4, twin_steps=4, warmup=1, checkpoint_every=2)
+    quiet = lambda message: None  # noqa: E731
+
+    def start() -> SubjectEncoder:
+        torch.manual_seed(1)
+        return SubjectEncoder()
+
+    uncut = oracle_train.refine_on_outline_twins(start(), twins, settings, 0, quiet)
+    state = tmp_path / "oracle_running_twins.pt"
+    real_save = training.save_atomically
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_atomically", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        oracle_train.refine_on_outline_twins(start(), twins, settings, 0, quiet, resume_path=state)
+    monkeypatch.setattr(training, "save_atomically", real_save)
+    lines = []
+    resumed = oracle_train.refine_on_outline_twins(start(), twins, settings, 0, lines.append, resume_path=state)
+    assert any("outline twins resumed" in line and "step 2/4" in line for line in lines), lines
+    trained = [not torch.equal(a, b) for a, b in zip(uncut.state_dict().values(), start().state_dict().values())]
+    assert any(trained)
+    for (name, a), b in zip(uncut.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_subject_views_are_deterministic_pairs_of_one_subject_in_different_scenes():
     from echodistill.miniworld.oracle import GRAMMAR_SUBJECTS
     from echodistill.miniworld.oracle_train import subject_views

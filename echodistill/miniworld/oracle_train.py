@@ -53,7 +53,11 @@ class OracleSettings:
     hard_steps: int = 0
     neighbours: int = 4
     mine_every: int = 250
-    hard_lr: float = 5e-4
+    # Or then `twin_steps` more steps on batches of subjects with their outline twins (procedural_subject's
+    # `outline`: same colours and decorations, another shape), `twin_pairs` of them drawn for the purpose.
+    twin_steps: int = 0
+    twin_pairs: int = 4000
+    refine_lr: float = 5e-4  # of either refinement
     lr: float = 2e-3
     warmup: int = 50
     checkpoint_every: int = 200
@@ -209,6 +213,67 @@ def _hard_batch(pool: SubjectViews, nearest: torch.Tensor, subjects: int, neighb
     return torch.cat([picked * pool.views + first, picked * pool.views + second])
 
 
+def outline_twin_views(pairs: int, views: int, seed: int, seeds: SeedRange = ORACLE_SEEDS) -> SubjectViews:
+    """`pairs` procedural subjects of `seeds`, each followed by its outline twin (a random other shape), each
+    drawn in `views` random scenes: subject 2i is a subject, 2i + 1 its twin. A twin's label is negative and
+    unique to (seed, shape), so it never equals a subject's label (GRAMMAR_SUBJECTS + seed, as subject_views).
+
+    Picture (i, v) depends only on (seed, i, v). Raises ValueError for fewer than two views.
+    """
+    if views < 2:
+        raise ValueError(f"a contrastive pool needs at least two views per subject, got {views}")
+    images, labels = [], []
+    for i in range(pairs):
+        rng = np.random.default_rng([seed, i, 1])
+        number = int(rng.integers(seeds.start, seeds.stop))
+        subject = procedural_subject(number)
+        shape = str(rng.choice([s for s in SHAPES if s != subject.class_word]))
+        for concept, label in ((subject, len(GRAMMAR_SUBJECTS) + number),
+                               (procedural_subject(number, outline=shape), -1 - (number * len(SHAPES) + SHAPES.index(shape)))):
+            images.extend(render(subject_scene(concept, rng), rng) for _ in range(views))
+            labels.extend([label] * views)
+    return SubjectViews(np.stack(images), np.asarray(labels, dtype=np.int64), views)
+
+
+def _twin_batch(pool: SubjectViews, subjects: int, generator: torch.Generator) -> torch.Tensor:
+    """Two different views of `subjects // 2` random subjects and of each one's twin: (2·subjects,) indices."""
+    pairs = len(pool.labels) // pool.views // 2
+    chosen = torch.randperm(pairs, generator=generator)[: subjects // 2]
+    picked = torch.stack([2 * chosen, 2 * chosen + 1], dim=1).flatten()
+    first = torch.randint(0, pool.views, (len(picked),), generator=generator)
+    second = (first + torch.randint(1, pool.views, (len(picked),), generator=generator)) % pool.views
+    return torch.cat([picked * pool.views + first, picked * pool.views + second])
+
+
+def refine_on_outline_twins(encoder: SubjectEncoder, twins: SubjectViews, settings: OracleSettings, seed: int,
+                            log: Log, resume_path: Path | None = None) -> SubjectEncoder:
+    """`settings.twin_steps` contrastive steps on batches of subjects and their outline twins (_twin_batch).
+
+    Counterfactual negatives against a shortcut: an encoder that matches subjects by their palette scores a
+    ring and a star in the same colours as one subject (docs/quality.md); a batch holding both, as different
+    subjects, can only be ranked right by the outline.
+    """
+    generator = torch.Generator().manual_seed(seed + 9)
+    encoder.train().requires_grad_(True)
+    optimizer, scheduler = make_optimizer(
+        [{"params": list(encoder.parameters()), "lr": settings.refine_lr, "weight_decay": 1e-4}],
+        settings.twin_steps, settings.warmup,
+    )
+    pixels, labels = torch.from_numpy(twins.images).permute(0, 3, 1, 2), torch.from_numpy(twins.labels)
+    modules = {"encoder": encoder}
+    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "outline twins",
+                               settings.twin_steps)
+    meter = Meter()
+    for step in range(first, settings.twin_steps + 1):
+        index = _twin_batch(twins, settings.subjects_per_batch, generator)
+        _encoder_step(encoder, optimizer, scheduler, pixels, labels, index, settings, generator, meter)
+        if step % 100 == 0 or step == settings.twin_steps:
+            log(f"outline twins {meter.line(step, settings.twin_steps)}")
+        if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.twin_steps:
+            save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
+    return encoder.eval().requires_grad_(False)
+
+
 def _resume_file(resume_path: Path | None, part: str) -> Path | None:
     return None if resume_path is None else resume_path.with_name(f"{resume_path.stem}_{part}{resume_path.suffix}")
 
@@ -307,7 +372,7 @@ def refine_on_look_alikes(encoder: SubjectEncoder, pool: SubjectViews, settings:
     generator = torch.Generator().manual_seed(seed + 7)
     encoder.train().requires_grad_(True)
     optimizer, scheduler = make_optimizer(
-        [{"params": list(encoder.parameters()), "lr": settings.hard_lr, "weight_decay": 1e-4}],
+        [{"params": list(encoder.parameters()), "lr": settings.refine_lr, "weight_decay": 1e-4}],
         settings.hard_steps, settings.warmup,
     )
     pixels, labels = torch.from_numpy(pool.images).permute(0, 3, 1, 2), torch.from_numpy(pool.labels)
@@ -335,13 +400,16 @@ def train_oracles(train: RenderedSet, valid: RenderedSet, pool: SubjectViews, se
     """The reader on `train`, then the encoder on `pool`; validated on `valid` and fresh subjects.
 
     With `resume_path` (e.g. ckpt/oracle_running.pt), each loop's state is saved every
-    `settings.checkpoint_every` steps beside it (<stem>_reader.pt, <stem>_encoder.pt, <stem>_hard.pt) and picked
+    `settings.checkpoint_every` steps beside it (<stem>_reader.pt, <stem>_encoder.pt, <stem>_hard.pt, <stem>_twins.pt) and picked
     up when it exists, as the teacher stage does; the caller removes them when done.
     """
     reader = train_attribute_reader(train, settings, seed, log, _resume_file(resume_path, "reader"))
     encoder = train_subject_encoder(pool, settings, seed, log, _resume_file(resume_path, "encoder"))
     if settings.hard_steps:
         encoder = refine_on_look_alikes(encoder, pool, settings, seed, log, _resume_file(resume_path, "hard"))
+    if settings.twin_steps:
+        twins = outline_twin_views(settings.twin_pairs, settings.views, seed + 60_000)
+        encoder = refine_on_outline_twins(encoder, twins, settings, seed, log, _resume_file(resume_path, "twins"))
     oracle = Oracle(reader, encoder)
     log(f"oracle validation: {validation_report(oracle, valid)}")
     return oracle

@@ -137,15 +137,21 @@ def _pick_color(rng: np.random.Generator, avoid: set[str]) -> str:
 
 
 @lru_cache(maxsize=4096)
-def procedural_subject(seed: int) -> Concept:
+def procedural_subject(seed: int, outline: str | None = None) -> Concept:
     """The subject of `seed`: an outline from the grammar's shapes, a body colour and 1–2 decorations.
 
-    Deterministic in `seed` (numpy's PCG64 on every machine). Raises ValueError for a negative seed.
+    Deterministic in `seed` (numpy's PCG64 on every machine). `outline`: the same colours and decorations on
+    another of the grammar's shapes (the subject's outline twin, "procedural_<seed>_as_<shape>"), a different
+    subject that shares its palette: the subject oracle learns from such pairs that the outline matters.
+    Raises ValueError for a negative seed or an outline that is not one of SHAPES.
     """
     if seed < 0:
         raise ValueError(f"procedural subject seeds are non-negative integers, got {seed}")
+    if outline is not None and outline not in SHAPES:
+        raise ValueError(f"outline {outline!r}: give one of {', '.join(SHAPES)}")
     rng = np.random.default_rng([seed, 7919])
-    shape = str(SHAPES[int(rng.integers(len(SHAPES)))])
+    shape = str(SHAPES[int(rng.integers(len(SHAPES)))])  # drawn either way: the later draws stay the subject's
+    twin, shape = outline is not None, outline or shape
     if rng.random() < NAMED_MAIN_COLOR:
         body = str(COLORS[int(rng.integers(len(COLORS)))])
     else:
@@ -172,7 +178,7 @@ def procedural_subject(seed: int) -> Concept:
 
     decorations = tuple(zip(kinds, colors))
     return Concept(
-        name=procedural_name(seed),
+        name=procedural_name(seed) + (f"_as_{shape}" if twin else ""),
         class_word=shape,
         description=with_articles(f"a {body} {shape} with {decoration_phrase(decorations)}"),
         paint=paint,
@@ -220,7 +226,8 @@ def fresh_subject_name(text: str) -> str:
 
 
 def lookup_subject(name: str) -> Concept:
-    """A named concept (concepts.CONCEPTS) or a procedural one ("procedural_<seed>").
+    """A named concept (concepts.CONCEPTS) or a procedural one ("procedural_<seed>", or an outline twin
+    "procedural_<seed>_as_<shape>", see procedural_subject).
 
     Raises ValueError naming both kinds for anything else.
     """
@@ -230,6 +237,9 @@ def lookup_subject(name: str) -> Concept:
         return CONCEPTS[name]
     if is_procedural(name):
         return procedural_subject(int(name[len(PREFIX):]))
+    base, twin, outline = name.partition("_as_")
+    if twin and is_procedural(base) and outline in SHAPES:
+        return procedural_subject(int(base[len(PREFIX):]), outline=outline)
     raise ValueError(f"unknown subject {name!r}: use a concept {tuple(sorted(CONCEPTS))} or '{PREFIX}<seed>'")
 
 
