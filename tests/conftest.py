@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 
@@ -178,3 +179,32 @@ def prepared_server(comfy_server, comfy_models, tiny_pair_folders, tiny_world, m
         picture.save(photos / f"mug{i}.png")
     (comfy_server.base / "input" / "empty_photos").mkdir(exist_ok=True)
     return comfy_server
+
+
+@pytest.fixture
+def cut_after_checkpoint(monkeypatch):
+    """cut(name=None, saved=None): a context manager inside which the mini world's training loops die as a
+    session's end kills them (KeyboardInterrupt) right after writing the checkpoint file `name` (None: the first
+    one); every save happens for real, and `saved` collects the file names. The body must die, or the test fails.
+    """
+    from echodistill.miniworld import training
+
+    real_save = training.save_atomically
+
+    @contextlib.contextmanager
+    def cut(name: str | None = None, saved: list | None = None):
+        def save_then_die(path, payload):
+            real_save(path, payload)
+            if saved is not None:
+                saved.append(path.name)
+            if name is None or path.name == name:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(training, "save_atomically", save_then_die)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(training, "save_atomically", real_save)
+
+    return cut

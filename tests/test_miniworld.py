@@ -219,7 +219,7 @@ def test_oracle_rejects_bad_input(oracle, tmp_path):
 
 # --- training script pieces ---------------------------------------------------------------------
 
-def test_teacher_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
+def test_teacher_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, cut_after_checkpoint):
     from echodistill.miniworld import training
 
     scheduler, latents, ids, empty = _teacher_inputs()
@@ -229,17 +229,9 @@ def test_teacher_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, mon
     uncut, _ = training.train_teacher(latents, ids, empty, scheduler, settings, 0, quiet)
 
     state = tmp_path / "teacher_running.pt"
-    real_save = training.save_atomically
-
-    def save_then_die(path, payload):
-        real_save(path, payload)
-        raise KeyboardInterrupt  # the session ends right after the first checkpoint
-
-    monkeypatch.setattr(training, "save_atomically", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with cut_after_checkpoint():  # the session ends right after the first checkpoint
         training.train_teacher(latents, ids, empty, scheduler, settings, 0, quiet, resume_path=state)
     assert torch.load(state, weights_only=True)["step"] == 2
-    monkeypatch.setattr(training, "save_atomically", real_save)
     lines = []
     resumed, _ = training.train_teacher(latents, ids, empty, scheduler, settings, 0, lines.append, resume_path=state)
     assert any("resumed" in line and "step 2/4" in line for line in lines), lines
@@ -259,7 +251,7 @@ def _teacher_inputs(count: int = 6):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_teacher_trained_on_cuda_and_resumed_on_the_cpu_ends_near_a_cpu_run(tmp_path, monkeypatch):
+def test_teacher_trained_on_cuda_and_resumed_on_the_cpu_ends_near_a_cpu_run(tmp_path, cut_after_checkpoint):
     """The random draws stay on the CPU, so a GPU run follows the CPU run up to float rounding."""
     from echodistill.miniworld import training
 
@@ -267,17 +259,9 @@ def test_teacher_trained_on_cuda_and_resumed_on_the_cpu_ends_near_a_cpu_run(tmp_
     settings = training.TeacherSettings(steps=4, batch=2, warmup=1, checkpoint_every=2)
     on_cpu, _ = training.train_teacher(latents, ids, empty, scheduler, settings, 0, lambda m: None)
     state = tmp_path / "teacher_running.pt"
-    real_save = training.save_atomically
-
-    def save_then_die(path, payload):
-        real_save(path, payload)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_atomically", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with cut_after_checkpoint():
         training.train_teacher(latents, ids, empty, scheduler, settings, 0, lambda m: None, resume_path=state,
                                device="cuda")
-    monkeypatch.setattr(training, "save_atomically", real_save)
     mixed, text_encoder = training.train_teacher(latents, ids, empty, scheduler, settings, 0, lambda m: None,
                                                  resume_path=state)
     assert mixed.device.type == "cpu" and text_encoder.device.type == "cpu"

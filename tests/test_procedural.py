@@ -219,8 +219,8 @@ def test_image_prompt_student_is_the_library_student_sampler_with_the_adapter_in
     assert {p.dtype for p in adapter.parameters()} == {torch.float32}  # a half-precision pair leaves it as it was
 
 
-def test_oracle_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
-    from echodistill.miniworld import oracle_train, training
+def test_oracle_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch, cut_after_checkpoint):
+    from echodistill.miniworld import oracle_train
 
     train, valid = render_set(24, 0, oracle=True), render_set(8, 1, oracle=True)
     pool = oracle_train.subject_views(6, 2, seed=0)
@@ -231,22 +231,12 @@ def test_oracle_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monk
     uncut = oracle_train.train_oracles(train, valid, pool, settings, 0, quiet)
 
     state = tmp_path / "oracle_running.pt"
-    real_save = training.save_atomically
     saved = []
-
-    def save_then_die(path, payload):
-        real_save(path, payload)
-        saved.append(path.name)
-        if path.name == "oracle_running_encoder.pt":
-            raise KeyboardInterrupt  # the session ends right after the encoder's first checkpoint
-
-    monkeypatch.setattr(training, "save_atomically", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with cut_after_checkpoint("oracle_running_encoder.pt", saved):  # right after the encoder's first checkpoint
         oracle_train.train_oracles(train, valid, pool, settings, 0, quiet, resume_path=state)
     assert saved == ["oracle_running_reader.pt", "oracle_running_reader.pt", "oracle_running_encoder.pt"]
     assert torch.load(tmp_path / "oracle_running_reader.pt", weights_only=True)["step"] == 4  # finished
     assert torch.load(tmp_path / "oracle_running_encoder.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(training, "save_atomically", real_save)
     lines = []
     resumed = oracle_train.train_oracles(train, valid, pool, settings, 0, lines.append, resume_path=state)
     assert any("reader resumed" in line and "step 4/4" in line for line in lines), lines
@@ -287,42 +277,6 @@ def test_mined_neighbours_are_the_nearest_other_subjects_by_cosine():
     assert all(i not in row for i, row in enumerate(nearest.tolist()))
 
 
-def test_look_alike_phase_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
-    from echodistill.miniworld import oracle_train, training
-    from echodistill.miniworld.oracle import SubjectEncoder
-
-    pool = oracle_train.subject_views(12, 2, seed=0)
-    # mined at steps 1 and 4, cut after step 2: the resumed run must use the neighbours mined at step 1
-    settings = oracle_train.OracleSettings(subjects_per_batch=8, hard_steps=5, neighbours=4, mine_every=3, warmup=1,
-                                           checkpoint_every=2)
-    quiet = lambda message: None  # noqa: E731
-
-    def start() -> SubjectEncoder:
-        torch.manual_seed(1)
-        return SubjectEncoder()
-
-    uncut = oracle_train.refine_on_look_alikes(start(), pool, settings, 0, quiet)
-    assert not any(torch.equal(a, b) for a, b in zip(uncut.state_dict().values(), start().state_dict().values())
-                   if a.is_floating_point() and a.numel() > 1)  # it trained
-    state = tmp_path / "oracle_running_hard.pt"
-    real_save = training.save_atomically
-
-    def save_then_die(path, payload):
-        real_save(path, payload)
-        raise KeyboardInterrupt  # the session ends right after the first checkpoint
-
-    monkeypatch.setattr(training, "save_atomically", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        oracle_train.refine_on_look_alikes(start(), pool, settings, 0, quiet, resume_path=state)
-    assert torch.load(state, weights_only=True)["step"] == 2
-    monkeypatch.setattr(training, "save_atomically", real_save)
-    lines = []
-    resumed = oracle_train.refine_on_look_alikes(start(), pool, settings, 0, lines.append, resume_path=state)
-    assert any("look-alikes resumed" in line and "step 2/5" in line for line in lines), lines
-    for (name, a), b in zip(uncut.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-
-
 def test_an_outline_twin_keeps_the_subjects_colours_and_decorations_on_another_shape():
     from echodistill.miniworld.grammar import SHAPES
     from echodistill.miniworld.procedural import lookup_subject
@@ -357,35 +311,36 @@ def test_outline_twin_batches_hold_each_subject_with_its_twin():
     assert (index[:4] // 2 == index[4:] // 2).all() and (index[:4] % 2 != index[4:] % 2).all()
 
 
-def test_outline_twin_phase_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch):
-    from echodistill.miniworld import oracle_train, training
+@pytest.mark.parametrize("phase", ["look-alikes", "outline twins"])
+def test_a_refinement_phase_cut_off_and_resumed_ends_as_an_uncut_run(phase, tmp_path, cut_after_checkpoint):
+    from echodistill.miniworld import oracle_train
     from echodistill.miniworld.oracle import SubjectEncoder
 
-    twins = oracle_train.outline_twin_views(6, 2, seed=0)
-    settings = oracle_train.OracleSettings(subjects_per_batch=4, twin_steps=4, warmup=1, checkpoint_every=2)
+    if phase == "look-alikes":  # mined at steps 1 and 4, cut after step 2: the resumed run must use step 1's
+        pool = oracle_train.subject_views(12, 2, seed=0)
+        settings = oracle_train.OracleSettings(subjects_per_batch=8, hard_steps=5, neighbours=4, mine_every=3,
+                                               warmup=1, checkpoint_every=2)
+        refine = oracle_train.refine_on_look_alikes
+    else:
+        pool = oracle_train.outline_twin_views(6, 2, seed=0)
+        settings = oracle_train.OracleSettings(subjects_per_batch=4, twin_steps=5, warmup=1, checkpoint_every=2)
+        refine = oracle_train.refine_on_outline_twins
     quiet = lambda message: None  # noqa: E731
 
     def start() -> SubjectEncoder:
         torch.manual_seed(1)
         return SubjectEncoder()
 
-    uncut = oracle_train.refine_on_outline_twins(start(), twins, settings, 0, quiet)
-    state = tmp_path / "oracle_running_twins.pt"
-    real_save = training.save_atomically
-
-    def save_then_die(path, payload):
-        real_save(path, payload)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_atomically", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        oracle_train.refine_on_outline_twins(start(), twins, settings, 0, quiet, resume_path=state)
-    monkeypatch.setattr(training, "save_atomically", real_save)
+    uncut = refine(start(), pool, settings, 0, quiet)
+    assert not any(torch.equal(a, b) for a, b in zip(uncut.state_dict().values(), start().state_dict().values())
+                   if a.is_floating_point() and a.numel() > 1)  # it trained
+    state = tmp_path / "oracle_running_refine.pt"
+    with cut_after_checkpoint():  # the session ends right after the first checkpoint
+        refine(start(), pool, settings, 0, quiet, resume_path=state)
+    assert torch.load(state, weights_only=True)["step"] == 2
     lines = []
-    resumed = oracle_train.refine_on_outline_twins(start(), twins, settings, 0, lines.append, resume_path=state)
-    assert any("outline twins resumed" in line and "step 2/4" in line for line in lines), lines
-    trained = [not torch.equal(a, b) for a, b in zip(uncut.state_dict().values(), start().state_dict().values())]
-    assert any(trained)
+    resumed = refine(start(), pool, settings, 0, lines.append, resume_path=state)
+    assert any(f"{phase} resumed" in line and "step 2/5" in line for line in lines), lines
     for (name, a), b in zip(uncut.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -159,10 +160,15 @@ def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, 
 def _pairs_batch(pool: SubjectViews, subjects: int, generator: torch.Generator) -> torch.Tensor:
     """Indices of two different views of each of `subjects` distinct pool subjects: (2·subjects,)."""
     count = len(pool.labels) // pool.views
-    chosen = torch.randperm(count, generator=generator)[:subjects]
-    first = torch.randint(0, pool.views, (len(chosen),), generator=generator)
-    second = (first + torch.randint(1, pool.views, (len(chosen),), generator=generator)) % pool.views
-    return torch.cat([chosen * pool.views + first, chosen * pool.views + second])
+    return _two_views(pool, torch.randperm(count, generator=generator)[:subjects], generator)
+
+
+def _two_views(pool: SubjectViews, subjects: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Picture indices of two different random views of each of `subjects` (pool subject numbers, (P,)):
+    (2P,), all the first views, then all the second ones."""
+    first = torch.randint(0, pool.views, (len(subjects),), generator=generator)
+    second = (first + torch.randint(1, pool.views, (len(subjects),), generator=generator)) % pool.views
+    return torch.cat([subjects * pool.views + first, subjects * pool.views + second])
 
 
 @torch.no_grad()
@@ -208,9 +214,7 @@ def _hard_batch(pool: SubjectViews, nearest: torch.Tensor, subjects: int, neighb
         chosen.extend(group)
         taken.update(group)
     picked = torch.tensor(chosen[:subjects])
-    first = torch.randint(0, pool.views, (len(picked),), generator=generator)
-    second = (first + torch.randint(1, pool.views, (len(picked),), generator=generator)) % pool.views
-    return torch.cat([picked * pool.views + first, picked * pool.views + second])
+    return _two_views(pool, picked, generator)
 
 
 def outline_twin_views(pairs: int, views: int, seed: int, seeds: SeedRange = ORACLE_SEEDS) -> SubjectViews:
@@ -240,9 +244,7 @@ def _twin_batch(pool: SubjectViews, subjects: int, generator: torch.Generator) -
     pairs = len(pool.labels) // pool.views // 2
     chosen = torch.randperm(pairs, generator=generator)[: subjects // 2]
     picked = torch.stack([2 * chosen, 2 * chosen + 1], dim=1).flatten()
-    first = torch.randint(0, pool.views, (len(picked),), generator=generator)
-    second = (first + torch.randint(1, pool.views, (len(picked),), generator=generator)) % pool.views
-    return torch.cat([picked * pool.views + first, picked * pool.views + second])
+    return _two_views(pool, picked, generator)
 
 
 def refine_on_outline_twins(encoder: SubjectEncoder, twins: SubjectViews, settings: OracleSettings, seed: int,
@@ -254,24 +256,9 @@ def refine_on_outline_twins(encoder: SubjectEncoder, twins: SubjectViews, settin
     subjects, can only be ranked right by the outline.
     """
     generator = torch.Generator().manual_seed(seed + 9)
-    encoder.train().requires_grad_(True)
-    optimizer, scheduler = make_optimizer(
-        [{"params": list(encoder.parameters()), "lr": settings.refine_lr, "weight_decay": 1e-4}],
-        settings.twin_steps, settings.warmup,
-    )
-    pixels, labels = torch.from_numpy(twins.images).permute(0, 3, 1, 2), torch.from_numpy(twins.labels)
-    modules = {"encoder": encoder}
-    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "outline twins",
-                               settings.twin_steps)
-    meter = Meter()
-    for step in range(first, settings.twin_steps + 1):
-        index = _twin_batch(twins, settings.subjects_per_batch, generator)
-        _encoder_step(encoder, optimizer, scheduler, pixels, labels, index, settings, generator, meter)
-        if step % 100 == 0 or step == settings.twin_steps:
-            log(f"outline twins {meter.line(step, settings.twin_steps)}")
-        if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.twin_steps:
-            save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
-    return encoder.eval().requires_grad_(False)
+    return _contrastive_phase(encoder, twins, settings, "outline twins", settings.twin_steps, settings.refine_lr,
+                              generator, lambda step: _twin_batch(twins, settings.subjects_per_batch, generator), log,
+                              resume_path)
 
 
 def _resume_file(resume_path: Path | None, part: str) -> Path | None:
@@ -317,20 +304,30 @@ def train_subject_encoder(pool: SubjectViews, settings: OracleSettings, seed: in
     torch.manual_seed(seed + 1)
     generator = torch.Generator().manual_seed(seed + 5)
     encoder = SubjectEncoder().train()
+    return _contrastive_phase(encoder, pool, settings, "encoder", settings.steps, settings.lr, generator,
+                              lambda step: _pairs_batch(pool, settings.subjects_per_batch, generator), log,
+                              resume_path)
+
+
+def _contrastive_phase(encoder: SubjectEncoder, pool: SubjectViews, settings: OracleSettings, name: str, steps: int,
+                       lr: float, generator: torch.Generator, batch_of: Callable[[int], torch.Tensor], log: Log,
+                       resume_path: Path | None, extra: dict[str, torch.nn.Module] | None = None) -> SubjectEncoder:
+    """`steps` contrastive steps (_encoder_step) on the pool pictures `batch_of(step)` picks, AdamW at `lr` with
+    warm-up and cosine decay; the loop state (with the `extra` modules) saved every `settings.checkpoint_every`
+    steps at `resume_path` and picked up from there. Logs as `name`; returns the encoder in eval mode, frozen."""
+    encoder.train().requires_grad_(True)
     optimizer, scheduler = make_optimizer(
-        [{"params": list(encoder.parameters()), "lr": settings.lr, "weight_decay": 1e-4}],
-        settings.steps, settings.warmup,
+        [{"params": list(encoder.parameters()), "lr": lr, "weight_decay": 1e-4}], steps, settings.warmup,
     )
     pixels, labels = torch.from_numpy(pool.images).permute(0, 3, 1, 2), torch.from_numpy(pool.labels)
-    modules = {"encoder": encoder}
-    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "encoder", settings.steps)
+    modules = {"encoder": encoder, **(extra or {})}
+    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, name, steps)
     meter = Meter()
-    for step in range(first, settings.steps + 1):
-        index = _pairs_batch(pool, settings.subjects_per_batch, generator)
-        _encoder_step(encoder, optimizer, scheduler, pixels, labels, index, settings, generator, meter)
-        if step % 100 == 0 or step == settings.steps:
-            log(f"encoder {meter.line(step, settings.steps)}")
-        if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
+    for step in range(first, steps + 1):
+        _encoder_step(encoder, optimizer, scheduler, pixels, labels, batch_of(step), settings, generator, meter)
+        if step % 100 == 0 or step == steps:
+            log(f"{name} {meter.line(step, steps)}")
+        if resume_path is not None and step % settings.checkpoint_every == 0 and step < steps:
             save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
     return encoder.eval().requires_grad_(False)
 
@@ -370,29 +367,17 @@ def refine_on_look_alikes(encoder: SubjectEncoder, pool: SubjectViews, settings:
     look-alikes, docs/quality.md). The neighbours are mined from the encoder every `mine_every` steps.
     """
     generator = torch.Generator().manual_seed(seed + 7)
-    encoder.train().requires_grad_(True)
-    optimizer, scheduler = make_optimizer(
-        [{"params": list(encoder.parameters()), "lr": settings.refine_lr, "weight_decay": 1e-4}],
-        settings.hard_steps, settings.warmup,
-    )
-    pixels, labels = torch.from_numpy(pool.images).permute(0, 3, 1, 2), torch.from_numpy(pool.labels)
     # Mined per subject: a group draws `neighbours - 1` of them. Kept in the loop state, so that a resumed run
     # uses the neighbours the cut one had mined, not ones mined from later weights.
     mined = _Mined(len(pool.labels) // pool.views, max(2 * settings.neighbours, 8))
-    modules = {"encoder": encoder, "mined": mined}
-    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "look-alikes",
-                               settings.hard_steps)
-    meter = Meter()
-    for step in range(first, settings.hard_steps + 1):
+
+    def batch_of(step: int) -> torch.Tensor:
         if (step - 1) % settings.mine_every == 0:
             mined.nearest.copy_(nearest_subjects(encoder, pool, mined.nearest.shape[1]))
-        index = _hard_batch(pool, mined.nearest, settings.subjects_per_batch, settings.neighbours, generator)
-        _encoder_step(encoder, optimizer, scheduler, pixels, labels, index, settings, generator, meter)
-        if step % 100 == 0 or step == settings.hard_steps:
-            log(f"look-alikes {meter.line(step, settings.hard_steps)}")
-        if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.hard_steps:
-            save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
-    return encoder.eval().requires_grad_(False)
+        return _hard_batch(pool, mined.nearest, settings.subjects_per_batch, settings.neighbours, generator)
+
+    return _contrastive_phase(encoder, pool, settings, "look-alikes", settings.hard_steps, settings.refine_lr,
+                              generator, batch_of, log, resume_path, extra={"mined": mined})
 
 
 def train_oracles(train: RenderedSet, valid: RenderedSet, pool: SubjectViews, settings: OracleSettings, seed: int,
