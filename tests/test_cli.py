@@ -293,3 +293,18 @@ def test_train_lite_on_an_sdxl_pair_uses_sdxls_lite(tiny_sdxl_folders, tmp_path)
         assert code == 0
         bundle = ConceptBundle.load(out)
         assert bundle.is_sdxl and bundle.adapter == adapter and bundle.config["batch_size"] == 1
+
+
+def test_train_takes_the_miniworld_preset_a_manifest_takes_and_names_it_among_the_valid_ones(tmp_path, capsys):
+    from echodistill.concepts.bundle import ConceptBundle
+    from echodistill.jobs.demo import demo_config
+
+    out = tmp_path / "w.safetensors"
+    train = ["train", "--teacher", "miniworld/teacher", "--student", "miniworld/student", "--images",
+             "miniworld/window", "--out", str(out)]
+    assert main([*train, "--preset", "miniworld", "--steps", "2"]) == 0
+    expected = demo_config("window", 2, 0).to_dict()  # the demo's recipe, as `preset = "miniworld"` in a manifest
+    assert ConceptBundle.load(out).config == {**expected, "token": "<v*>"}
+    capsys.readouterr()
+    assert main([*train, "--preset", "bogus"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --preset bogus: give one of paper, balanced, lite, miniworld"

@@ -48,7 +48,7 @@ def test_sigterm_during_training_saves_a_checkpoint_that_resumes_and_leaves_no_l
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
     text = log.read_text()
-    assert "stopping after this iteration" in text
+    assert "stopping after this iteration; a checkpoint will be saved (SIGTERM again to abort)" in text
     checkpoint = Path(text.split("resume with --resume ")[1].split()[0])
     assert checkpoint.is_file() and checkpoint.parent == run_dir
     assert not out.exists() and _locks(tmp_path) == []
@@ -58,6 +58,7 @@ def test_sigterm_during_training_saves_a_checkpoint_that_resumes_and_leaves_no_l
                            "--resume", str(checkpoint)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
+    assert f"resuming from step {step} of {step + 1}" in done.stdout + done.stderr
     assert out.is_file() and _locks(tmp_path) == []
 
 

@@ -9,7 +9,13 @@ import argparse
 
 from ..errors import EchoDistillError
 
-MISSING_RAY = "the fleet needs Ray: pip install 'comfyui-echodistill[fleet]' (or pip install 'ray>=2.9')"
+def missing_ray() -> str:
+    """How to add Ray to the Python that runs this command (a bare `pip` may belong to another one)."""
+    import shlex
+    import sys
+
+    return (f"the fleet needs Ray, which this Python does not have: {shlex.quote(sys.executable)} -m pip install "
+            "'ray>=2.9' (the pack's optional extra: pip install -e '.[fleet]' in its folder)")
 
 
 def add_fleet_command(commands) -> None:
@@ -60,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         from ..fleet.engine import FleetOptions, run_fleet, start_ray, stop_ray
     except ImportError as exc:
         if exc.name == "ray":
-            raise EchoDistillError(MISSING_RAY) from None
+            raise EchoDistillError(missing_ray()) from None
         raise
     started = start_ray(args.address)
     try:

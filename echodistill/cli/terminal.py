@@ -95,7 +95,8 @@ class TerminalCallbacks:
         if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested, self.stop_signal = True, signum
-        self.bar.write("stopping after this iteration; a checkpoint will be saved (Ctrl-C again to abort)")
+        again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.bar.write(f"stopping after this iteration; a checkpoint will be saved ({again} again to abort)")
 
 
 @contextlib.contextmanager

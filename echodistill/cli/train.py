@@ -56,7 +56,9 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--class-word", help="the subject's class, e.g. dog (required for a photo folder; a mini-world "
                                             "subject's own class word by default)")
     train.add_argument("--out", required=True, help="concept bundle to write (.safetensors)")
-    train.add_argument("--preset", default="paper", help="training preset: paper, balanced or lite")
+    train.add_argument("--preset", default="paper",
+                       help="training preset: paper, balanced, lite, or miniworld (the demo's tuned rates and "
+                            "200 steps, as a fleet manifest's preset = \"miniworld\"; for the mini world's models)")
     train.add_argument("--config", help="a JSON config (from TrainConfig.to_json) instead of a preset")
     train.add_argument("--steps", type=int, help="training iterations (default: the preset's)")
     train.add_argument("--resolution", type=int,
@@ -77,7 +79,7 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--run-dir", help="checkpoints and previews (default: next to --out)")
 
 
-SMOKE_HELP = ("a few-seconds check of the install on a tiny random model pair written to a temporary folder: "
+SMOKE_HELP = ("a quick check (well under a minute) of the install on a tiny random model pair written to a temporary folder: "
               "loads it as real checkpoints are loaded, encodes a concept prompt, trains a few steps")
 
 
@@ -147,7 +149,10 @@ def run_training(
         )
         if resume:
             trainer.resume(resume)
-            callbacks.bar.n = trainer.step
+            callbacks.bar.write(f"resuming from step {trainer.step} of {config.steps} ({resume})")
+            # counted as the bar's start, so that its rate and time left cover this run's steps only
+            callbacks.bar.initial = callbacks.bar.n = callbacks.bar.last_print_n = trainer.step
+            callbacks.bar.refresh()
         with stop_on_ctrl_c(callbacks):
             bundle = trainer.train()
         callbacks.bar.close()
@@ -166,7 +171,8 @@ def run_training(
 def _train(args: argparse.Namespace) -> int:
     from ..models.pair import load_model_pair
     from ..sampling.samplers import native_resolution
-    from ..training.config import LINE_PRESETS, TrainConfig, preset
+    from ..fleet.manifest import MINIWORLD_PRESET, build_config
+    from ..training.config import LINE_PRESETS, PRESETS, TrainConfig, preset
 
     out = Path(args.out)
     if out.suffix != ".safetensors" or out.is_dir():  # checked before training: the bundle could never be written
@@ -180,6 +186,12 @@ def _train(args: argparse.Namespace) -> int:
     overrides.update(token=args.token, class_word=class_word)
     if args.config:
         config = TrainConfig.from_json(Path(args.config).read_text()).with_changes(**overrides)
+    elif args.preset not in (*PRESETS, MINIWORLD_PRESET):
+        raise ConfigError(f"--preset {args.preset}: give one of {', '.join((*PRESETS, MINIWORLD_PRESET))}")
+    elif args.preset == MINIWORLD_PRESET:
+        from ..miniworld.recipe import DEMO_STEPS
+
+        config = build_config(MINIWORLD_PRESET, {"steps": DEMO_STEPS, **overrides})
     else:
         config = preset(args.preset, **overrides)
     backbones = dict(_split_assignment(b) for b in args.backbone or [])

@@ -5,6 +5,6 @@
     worker.py     the Ray actor: loads the pair once, trains concept after concept (jobs.runs.train_concept)
     engine.py     the driver: a local cluster or --address, the queue, retries of lost workers, the bar
 
-Ray is an optional extra (`pip install comfyui-echodistill[fleet]`): only this package imports it, and
+Ray is an optional extra (`pip install -e '.[fleet]'` in the pack's folder): only this package imports it, and
 only `manifest` and `state` may be imported without it.
 """

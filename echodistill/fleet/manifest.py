@@ -117,7 +117,9 @@ def subject_of(photos: str):
 def load_manifest(path: str | os.PathLike) -> Manifest:
     path = Path(path).expanduser().resolve()
     if tomllib is None:  # pragma: no cover
-        raise ConfigError("reading a manifest on Python 3.10 needs tomli: pip install 'comfyui-echodistill[fleet]'")
+        import sys
+
+        raise ConfigError(f"reading a manifest on Python 3.10 needs tomli: {sys.executable} -m pip install 'tomli>=1.1'")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -215,7 +215,7 @@ def fresh_subject_name(text: str) -> str:
         raise ValueError(
             f"unknown subject {text[:40] + ('...' if len(text) > 40 else '')!r}: use a shipped one "
             f"({', '.join(sorted(CONCEPTS))}), procedural_<seed> or a bare seed for a fresh procedural subject "
-            f"(e.g. {fresh.start}; seeds {fresh.start}-{fresh.stop - 1}, at most {MAX_SEED})")
+            f"(e.g. {fresh.start}: seeds {fresh.start}-{fresh.stop - 1} are kept for such tests)")
     seed = int(name[len(PREFIX):])
     trained = trained_on(seed)
     if trained is not None:
