@@ -354,7 +354,10 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     source = ModelSource.open(model, args.family, role=args.role)
     source.check_files(args.role)  # a damaged or partial model is refused here, not at training time
-    print(f"{source.path.name}: family {source.family} ({source.reason})")
+    if source.layout == "diffusers":  # its family is just its folder's name: its configs say what it is
+        print(f"{source.path.name}: a diffusers folder with its own configs (no family to pick)")
+    else:
+        print(f"{source.path.name}: family {source.family} ({source.reason})")
     print(
         f"  layout {source.layout}, prediction {source.config.prediction_type}, "
         f"text encoder: {source.config.text_architecture}"
