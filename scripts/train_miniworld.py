@@ -97,10 +97,11 @@ FULL = RunSettings(
     vae=VaeSettings(steps=12000, full_steps=1000),  # at 1500 steps the round trip lost the subjects' detail
     teacher=TeacherSettings(steps=12000, batch=64, text_lr=0.0),  # 8,000 steps: shape read back 0.78 at 6,400
     student=StudentSettings(pairs=6144, pair_steps=8, steps=1500, batch=64),
-    # The oracle the second world is measured with (docs/quality.md: own 0.90, other 0.43 / 0.68 worst). Tried and
-    # not kept: negative_weight=1.0 (other 0.45 / 0.79 at 2,800 of 6,000 steps) and hard_steps=1500 of look-alike
-    # batches after these 5,000 (other 0.42 / 0.64, own 0.88).
-    oracle=OracleSettings(images=24000, reader_steps=1500, subjects=16000, views=4, steps=5000, subjects_per_batch=64),
+    # docs/quality.md: 5,000 random-batch steps give own 0.90, other 0.43 / 0.68 worst; 1,500 more on subjects beside
+    # their outline twins: own 0.89, other 0.41 / 0.59. Tried and not kept: negative_weight=1.0 (other 0.45 / 0.79
+    # at 2,800 of 6,000 steps) and hard_steps=1500 of look-alike batches (other 0.42 / 0.64, own 0.88).
+    oracle=OracleSettings(images=24000, reader_steps=1500, subjects=16000, views=4, steps=5000, subjects_per_batch=64,
+                          twin_steps=1500),
 )
 QUICK = RunSettings(
     train_images=512,
