@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from echodistill.cli.terminal import exit_on_sigterm
+from echodistill.cli.terminal import exit_on_stop_signals
 from echodistill.files import exclusive_output
 from echodistill.miniworld import STUDENT_DIR, TEACHER_DIR
 
@@ -65,9 +65,33 @@ def test_sigterm_during_training_saves_a_checkpoint_that_resumes_and_leaves_no_l
 def test_sigterm_outside_training_unwinds_as_an_exception_that_releases_locks(tmp_path):
     previous = signal.getsignal(signal.SIGTERM)
     target = tmp_path / "run"
-    with pytest.raises(SystemExit) as stop, exit_on_sigterm(), exclusive_output(target, "--run-dir"):
+    with pytest.raises(SystemExit) as stop, exit_on_stop_signals(), exclusive_output(target, "--run-dir"):
         assert _locks(tmp_path)  # held
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)  # the handler raises long before this ends
     assert stop.value.code == 128 + signal.SIGTERM
     assert _locks(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_ctrl_c_outside_training_unwinds_without_a_traceback():
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stop, exit_on_stop_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)
+    assert stop.value.code == 128 + signal.SIGINT and signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_stop_the_command_swallowed_still_sets_its_exit_status(monkeypatch):
+    """As when the exit lands in a finalizer, where Python ignores exceptions: the work ends, the status says 143."""
+    from echodistill.cli import demo, main
+
+    def swallowing(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        except SystemExit:
+            pass
+        return 0
+
+    monkeypatch.setattr(demo, "run", swallowing)
+    assert main(["demo"]) == 128 + signal.SIGTERM

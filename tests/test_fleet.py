@@ -270,6 +270,9 @@ def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path,
     good = _photos(tmp_path / "good", 40)
     path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders,
                            [{"name": "a", "photos": str(good), "class_word": "dog"}])
+    for flag in ("--workers", "--threads", "--max-attempts"):
+        assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check", flag, "0"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {flag} 0: give 1 or more"
     assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check"]) == 0
     printed = capsys.readouterr().out
     assert "1 concepts" in printed and "the pair loads" in printed and not (tmp_path / "out").exists()

@@ -98,6 +98,19 @@ def test_config_json_round_trip_and_errors_name_the_key():
         TrainConfig(discriminators=("dino",))
     with pytest.raises(ConfigError, match="echo_keep_ratio=1.5 must be in \\(0, 1\\]"):
         TrainConfig(echo_keep_ratio=1.5)
+    # what would train to NaN, never stop, or overflow the generator's seed: refused before anything loads
+    with pytest.raises(ConfigError, match="lr_student=inf must be a finite number"):
+        TrainConfig(lr_student=float("inf"))
+    with pytest.raises(ConfigError, match="weight_semantic=nan must be a finite number"):
+        TrainConfig(weight_semantic=float("nan"))
+    with pytest.raises(ConfigError, match="lr_teacher=1e\\+308 must be at most 1"):
+        TrainConfig(lr_teacher=1e308)
+    with pytest.raises(ConfigError, match=f"seed={2**63} must be at most {2**63 - 1}"):
+        TrainConfig(seed=2**63)
+    assert TrainConfig(seed=2**63 - 1, lr_student=1.0).seed == 2**63 - 1
+    for steps in ("abc", float("nan"), [1], True):  # the preset scales echo rounds from steps: no crash first
+        with pytest.raises(ConfigError, match="steps="):
+            preset("paper", steps=steps)
     with pytest.raises(ConfigError, match="unknown preset 'fast'; valid presets: paper, balanced, lite"):
         preset("fast")
     assert set(TrainConfig.help()) == set(config.to_dict())

@@ -91,11 +91,13 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
     assert nothing.returncode == 2 and "--steps 0: give 1 or more" in nothing.stderr
     missing = run("--models", str(tmp_path / "nowhere"), "--steps", "1")
     assert missing.returncode == 2 and "is not a folder" in missing.stderr and "Traceback" not in missing.stderr
-    for flags, message in ((("--lr", "nan"), "--lr nan: give a finite learning rate"),
-                           (("--token-lr", "-0.5"), "--token-lr -0.5: give a finite learning rate"),
+    for flags, message in ((("--lr", "nan"), "--lr nan: give a learning rate from 0 to 1"),
+                           (("--token-lr", "-0.5"), "--token-lr -0.5: give a learning rate from 0 to 1"),
+                           (("--lr", "1e300"), "--lr 1e+300: give a learning rate from 0 to 1"),
+                           (("--seed", str(2**64)), f"--seed {2**64}: give an integer from 0 to {2**63 - 1}"),
                            (("--lr", "0", "--token-lr", "0"), "train nothing"),
                            (("--min-scale", "0"), "--min-scale 0.0: give a fraction of the picture in (0, 1]"),
-                           (("--seed", "-1"), "--seed -1: give a non-negative integer"),
+                           (("--seed", "-1"), "--seed -1: give an integer from 0 to"),
                            (("--fresh", "100001"), "--fresh 100001: give 0 to 100000"),
                            (("--trainable", "lora"), "argument --trainable: invalid choice: 'lora'")):
         refused = run("--concepts", "smiley", *flags)  # before any model loads: no report with NaN in it

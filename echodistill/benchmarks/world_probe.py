@@ -38,6 +38,7 @@ from ..models.diffusion import alphas_cumprod_for, encode_prompts, unet_call
 from ..models.pair import ModelPair
 from ..models.pristine import pristine
 from ..models.schedule import add_noise, denoising_target
+from ..files import make_folder
 from ..models.tensor_files import atomic_write_text
 from ..sampling.samplers import sample_teacher
 from ..training.data import ConceptDataset
@@ -139,7 +140,7 @@ def run_world_probe(pair: ModelPair, oracle: Oracle, concepts: Sequence[Concept]
                     out: str | Path, extra: dict | None = None, log: Callable[[str], None] = print) -> dict:
     """Probe every concept; write world_probe.json, world_probe.md and one sheet per concept into `out`."""
     out = Path(out)
-    (out / "sheets").mkdir(parents=True, exist_ok=True)
+    make_folder(out / "sheets")  # the command line removes it again if the probe fails or is stopped
     records = []
     for concept in concepts:
         record, rows = probe_subject(pair, oracle, concept, settings, log)

@@ -20,7 +20,7 @@ import warnings
 from ..errors import EchoDistillError
 from ..files import removing_new_folders_on_error
 from . import after_training, bench, demo, fleet, train
-from .terminal import Parser, exit_on_sigterm
+from .terminal import SIGNALLED, Parser, exit_on_stop_signals
 
 DESCRIPTION = "The `echodistill` command line: the library's jobs without ComfyUI."
 
@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     command = _COMMAND[0] = command_parser(parser, args)
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        with exit_on_sigterm(), removing_new_folders_on_error():  # a refused or stopped command leaves no folder behind
-            return args.run(args)
+        with exit_on_stop_signals(), removing_new_folders_on_error():  # a refused or stopped command leaves no folder behind
+            status = args.run(args)
+        # asked to stop where it could not (a finalizer swallowed the exit, or the last iteration was under way):
+        # the work is done, and the status still says it was stopped
+        return 128 + SIGNALLED[-1] if SIGNALLED and status == 0 else status
     except EchoDistillError as exc:
         _end_progress_lines()
         names = flag_names(command, exc.parameters)

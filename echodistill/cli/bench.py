@@ -474,6 +474,7 @@ def run_world_probe(args: argparse.Namespace) -> int:
     from ..benchmarks.measuring import BenchError
     from ..benchmarks.probe_settings import DEFAULT_LR, ProbeSettings
     from ..benchmarks.world_probe import markdown, run_world_probe as probe
+    from ..training.config import MAX_SEED
     from ..miniworld import CONCEPTS
     from ..miniworld.procedural import VALIDATION_SEEDS, fresh_subject_name, lookup_subject, procedural_subject
 
@@ -490,14 +491,14 @@ def run_world_probe(args: argparse.Namespace) -> int:
     if not 0 <= args.fresh <= len(VALIDATION_SEEDS.seeds()):
         raise BenchError(f"--fresh {args.fresh}: give 0 to {len(VALIDATION_SEEDS.seeds())} (the validation seeds)")
     for flag, value in (("--lr", args.lr), ("--token-lr", args.token_lr)):
-        if not math.isfinite(value) or value < 0:
-            raise BenchError(f"{flag} {value}: give a finite learning rate, 0 or more")
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise BenchError(f"{flag} {value}: give a learning rate from 0 to 1")
     if args.lr == 0 and args.token_lr == 0:
         raise BenchError("--lr 0 and --token-lr 0 train nothing: give one of them a positive rate")
     if not (math.isfinite(args.min_scale) and 0 < args.min_scale <= 1):
         raise BenchError(f"--min-scale {args.min_scale}: give a fraction of the picture in (0, 1]")
-    if args.seed < 0:
-        raise BenchError(f"--seed {args.seed}: give a non-negative integer")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise BenchError(f"--seed {args.seed}: give an integer from 0 to {MAX_SEED}")
     subjects += [procedural_subject(seed) for seed in VALIDATION_SEEDS.seeds()[: args.fresh]]
     settings = ProbeSettings(steps=args.steps, lr=args.lr, token_lr=args.token_lr, min_scale=args.min_scale,
                              seed=args.seed, trainable=args.trainable)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     demo_config(args.concept, args.steps, args.seed, overrides)  # a bad value is refused before any output
     print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {args.steps} steps, seed {args.seed}")
     callbacks = TerminalCallbacks(overrides.get("steps", args.steps), preview_dir=Path(args.out) / "run")
-    with stop_on_ctrl_c(callbacks):
+    with stop_on_ctrl_c(callbacks, resumable=False):  # the demo takes no --resume
         report = run_demo(args.out, concept_name=args.concept, steps=args.steps, seed=args.seed,
                           overrides=overrides, callbacks=callbacks)
     callbacks.bar.close()

@@ -50,6 +50,9 @@ def add_fleet_command(commands) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..fleet.manifest import load_manifest
 
+    for flag, value in (("--workers", args.workers), ("--threads", args.threads), ("--max-attempts", args.max_attempts)):
+        if value is not None and value < 1:
+            raise EchoDistillError(f"{flag} {value}: give 1 or more")
     manifest = load_manifest(args.manifest)  # every problem at once, before Ray starts
     print(f"{manifest.path.name}: {len(manifest.concepts)} concepts, teacher {manifest.teacher}, "
           f"student {manifest.student}")

@@ -92,25 +92,31 @@ class TerminalCallbacks:
         return self.stop_requested
 
     def request_stop(self, signum: int = signal.SIGINT, _frame=None):
-        if self.stop_requested:
-            raise KeyboardInterrupt
+        if self.stop_requested:  # the second: stop now, unwinding (locks released), without a traceback
+            raise SystemExit(128 + signum)
+        SIGNALLED.append(signum)  # even if this run ends anyway, the command's exit status says it was asked to stop
         self.stop_requested, self.stop_signal = True, signum
         again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         self.bar.write(f"stopping after this iteration; a checkpoint will be saved ({again} again to abort)")
 
 
 @contextlib.contextmanager
-def stop_on_ctrl_c(callbacks: TerminalCallbacks) -> Iterator[None]:
+def stop_on_ctrl_c(callbacks: TerminalCallbacks, resumable: bool = True) -> Iterator[None]:
     """While training: the first Ctrl-C or SIGTERM (a scheduler's or `kill`'s stop) stops cleanly after the
-    iteration; the cancelled run says where to resume and exits 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
+    iteration; the cancelled run says where to resume (when the command takes --resume: `resumable`) and exits
+    128 + the signal (130 Ctrl-C, 143 SIGTERM). A stop asked for before (while the models loaded) stops the run
+    at its first iteration."""
     from ..training.callbacks import TrainingCancelled
 
     previous = {signum: signal.signal(signum, callbacks.request_stop) for signum in STOP_SIGNALS}
+    if SIGNALLED and not callbacks.stop_requested:
+        callbacks.stop_requested, callbacks.stop_signal = True, SIGNALLED[-1]
     try:
         yield
     except TrainingCancelled as cancelled:
         callbacks.bar.close()
-        print(f"stopped at step {cancelled.step}; resume with --resume {cancelled.checkpoint}")
+        where = f"resume with --resume {cancelled.checkpoint}" if resumable else f"its checkpoint: {cancelled.checkpoint}"
+        print(f"stopped at step {cancelled.step}; {where}")
         raise SystemExit(128 + callbacks.stop_signal) from None
     finally:
         for signum, handler in previous.items():
@@ -118,12 +124,15 @@ def stop_on_ctrl_c(callbacks: TerminalCallbacks) -> Iterator[None]:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALLED: list[int] = []  # the stop signals this command received (main() exits 128 + the last one)
 
 
 @contextlib.contextmanager
-def exit_on_sigterm() -> Iterator[None]:
-    """SIGTERM outside training ends the command as Ctrl-C would, by an exception: held output locks are released
-    and half-made folders removed on the way out (Python's default for SIGTERM is to die on the spot). Exit 143."""
+def exit_on_stop_signals() -> Iterator[None]:
+    """SIGTERM or Ctrl-C outside training ends the command by SystemExit(128 + signal), without a traceback: held
+    output locks are released and half-made folders removed on the way out (Python's default for SIGTERM is to
+    die on the spot, for Ctrl-C a KeyboardInterrupt traceback). `SIGNALLED` records them, in case the exception
+    is swallowed where Python ignores exceptions (a finalizer)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
@@ -131,13 +140,16 @@ def exit_on_sigterm() -> Iterator[None]:
         return
 
     def stop(signum, _frame):
+        SIGNALLED.append(signum)  # kept even where the exception below is swallowed (raised inside a __del__)
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    SIGNALLED.clear()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def parse_overrides(pairs: list[str]) -> dict:

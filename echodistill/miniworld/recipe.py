@@ -34,8 +34,8 @@ TUNED_LR_SCALES: dict[str, float] = {"echodistill": 3.0, "custom_diffusion": 0.3
 def echodistill_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
     """The paper preset at the mini world's size, echo rounds scaled to the step budget (as the demo)."""
     return preset("paper", steps=steps, resolution=RESOLUTION, token=TOKEN, class_word=class_word, seed=seed,
-                  echo_start=max(1, steps // 2), echo_every=max(1, steps // 4), echo_samples=ECHO_SAMPLES,
-                  sample_every=0, save_every=0, augment_min_scale=AUGMENT_MIN_SCALE, **changes)
+                  echo_samples=ECHO_SAMPLES, sample_every=0, save_every=0, augment_min_scale=AUGMENT_MIN_SCALE,
+                  **changes)  # preset() scales the echo rounds to `steps`
 
 
 def scaled_rates(config: TrainConfig, lr_scale: float) -> TrainConfig:

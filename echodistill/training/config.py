@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -142,6 +143,8 @@ class TrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             _check_type(f.name, value, hints[f.name])
+            if isinstance(value, float) and not math.isfinite(value):  # inf / nan would train to NaN or never stop
+                raise ConfigError(f"{f.name}={value!r} must be a finite number", parameters=(f.name,))
             choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
             if choices and value not in choices:
                 raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(repr, choices))}", parameters=(f.name,))
@@ -165,6 +168,13 @@ class TrainConfig:
         for name in ("lr_student", "lr_teacher", "lr_heads", "adam_epsilon", "lora_alpha"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be positive", parameters=(name,))
+        for name in ("lr_student", "lr_teacher", "lr_heads"):  # AdamW steps of size ~lr: above 1 is a typo
+            if getattr(self, name) > 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be at most 1 (AdamW moves each weight by "
+                                  "about the rate per step)", parameters=(name,))
+        if self.seed > MAX_SEED:
+            raise ConfigError(f"seed={self.seed!r} must be at most {MAX_SEED} (torch.Generator's seeds are 64-bit)",
+                              parameters=("seed",))
         non_negative = (
             "weight_decay",
             "grad_clip",
@@ -293,6 +303,9 @@ LINE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
+
+
 def echo_schedule(steps: int) -> dict[str, int]:
     """The echo schedule scaled to a run of `steps`: the paper's 500 and 250 of 1000 iterations
     (first echo half-way, then every quarter), so a short run echoes too."""
@@ -312,6 +325,7 @@ def preset(name: str, *, line: str = "sd", **overrides) -> TrainConfig:
     if line not in LINE_PRESETS:
         raise ConfigError(f"unknown model line {line!r}; valid lines: {', '.join(LINE_PRESETS)}")
     values = {**PRESETS[name], **LINE_PRESETS[line].get(name, {}), **overrides}
-    if "steps" in overrides:
-        values = {**echo_schedule(int(overrides["steps"])), **values}
+    steps = overrides.get("steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1:  # else TrainConfig names the fault
+        values = {**echo_schedule(steps), **values}
     return TrainConfig().with_changes(**values)
