@@ -168,11 +168,22 @@ def test_the_demo_sheet_captions_every_column_and_leaves_no_empty_cell():
 @pytest.mark.parametrize(("argv", "message"), [
     (["--steps", "0"], "error: --steps 0 must be at least 1"),
     (["--set", "echo=maybe"], "error: --set echo='maybe' must be true or false"),
+    (["--set", "seed=99999999999999999999"], "error: --set seed=99999999999999999999 must be at most "),
 ])
 def test_the_demo_refuses_a_bad_value_before_it_prints_or_writes_anything(argv, message, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # no header, no progress bar
-    assert captured.err.strip() == message
+    assert captured.err.strip().startswith(message)
     assert not out.exists()
+
+
+def test_the_demo_refuses_an_unusable_out_folder_before_it_prints_anything(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["demo", "--out", str(blocker / "demo")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "error: " in captured.err and str(blocker) in captured.err
+    assert main(["demo", "--out", ""]) == 2
+    assert capsys.readouterr().err.strip() == "error: --out '': name the folder for the bundle, contact sheet and metrics"

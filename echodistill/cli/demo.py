@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..files import check_writable
     from ..jobs.demo import demo_config, run_demo
 
     if args.threads is not None and args.threads < 1:
@@ -56,9 +57,12 @@ def run(args: argparse.Namespace) -> int:
 
         set_cpu_threads(args.threads)
     overrides = parse_overrides(args.set)
-    demo_config(args.concept, args.steps, args.seed, overrides)  # a bad value is refused before any output
-    print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {args.steps} steps, seed {args.seed}")
-    callbacks = TerminalCallbacks(overrides.get("steps", args.steps), preview_dir=Path(args.out) / "run")
+    config = demo_config(args.concept, args.steps, args.seed, overrides)  # a bad value is refused before any output
+    if not args.out.strip():
+        raise EchoDistillError("--out '': name the folder for the bundle, contact sheet and metrics")
+    check_writable(args.out, "--out")  # an unusable folder too (removed again if the run fails)
+    print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {config.steps} steps, seed {config.seed}")
+    callbacks = TerminalCallbacks(config.steps, preview_dir=Path(args.out) / "run")
     with stop_on_ctrl_c(callbacks, resumable=False):  # the demo takes no --resume
         report = run_demo(args.out, concept_name=args.concept, steps=args.steps, seed=args.seed,
                           overrides=overrides, callbacks=callbacks)

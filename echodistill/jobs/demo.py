@@ -92,7 +92,7 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     sheet_path = save_png(sheet, out_dir / f"{name}_contact_sheet.png", {"echodistill": json.dumps(
         {"concept": name, "prompts": unit.texts, "seeds": unit.noise_seeds})})
     report = DemoReport(
-        concept=name, steps=steps, train_seconds=train_seconds,
+        concept=name, steps=config.steps, train_seconds=train_seconds,  # --set steps= wins, as in training
         student_subject_fidelity=student_scores["subject_fidelity"],
         teacher_subject_fidelity=teacher_scores["subject_fidelity"],
         student_prompt_fidelity=student_scores["prompt_fidelity"],
