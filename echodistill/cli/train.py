@@ -171,7 +171,7 @@ def run_training(
 def _train(args: argparse.Namespace) -> int:
     from ..models.pair import load_model_pair
     from ..sampling.samplers import native_resolution
-    from ..fleet.manifest import MINIWORLD_PRESET, build_config
+    from ..miniworld.recipe import PRESET as MINIWORLD_PRESET, preset_config
     from ..training.config import LINE_PRESETS, PRESETS, TrainConfig, preset
 
     out = Path(args.out)
@@ -189,9 +189,7 @@ def _train(args: argparse.Namespace) -> int:
     elif args.preset not in (*PRESETS, MINIWORLD_PRESET):
         raise ConfigError(f"--preset {args.preset}: give one of {', '.join((*PRESETS, MINIWORLD_PRESET))}")
     elif args.preset == MINIWORLD_PRESET:
-        from ..miniworld.recipe import DEMO_STEPS
-
-        config = build_config(MINIWORLD_PRESET, {"steps": DEMO_STEPS, **overrides})
+        config = preset_config(overrides)
     else:
         config = preset(args.preset, **overrides)
     backbones = dict(_split_assignment(b) for b in args.backbone or [])

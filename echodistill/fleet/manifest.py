@@ -44,7 +44,7 @@ else:  # pragma: no cover - Python 3.10: the fleet extra installs tomli
         tomllib = None
 
 MINIWORLD_PREFIX = "miniworld/"
-MINIWORLD_PRESET = "miniworld"
+MINIWORLD_PRESET = "miniworld"  # miniworld.recipe.PRESET (not imported here: the manifest reads without torch)
 SHARED_KEYS = {"teacher", "student", "preset", "steps", "resolution", "seed", "config", "concept",
                "teacher_family", "student_family", "dtype"}
 CONCEPT_KEYS = {"name", "photos", "token", "class_word", "captions", "config"}
@@ -268,10 +268,7 @@ def build_config(preset_name: str, changes: dict, line: str = "sd") -> TrainConf
     lists become tuples as TOML has no tuple."""
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
     if preset_name == MINIWORLD_PRESET:
-        from ..miniworld.recipe import tuned_config
+        from ..miniworld.recipe import preset_config
 
-        steps, seed = changes.pop("steps", 100), changes.pop("seed", 0)
-        class_word = changes.pop("class_word")
-        config = tuned_config(class_word, steps, seed)
-        return TrainConfig.from_dict({**config.to_dict(), **changes})
+        return preset_config(changes, default_steps=100)
     return preset(preset_name, line=line, **changes)

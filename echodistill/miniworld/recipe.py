@@ -51,6 +51,20 @@ def tuned_config(class_word: str, steps: int, seed: int, **changes) -> TrainConf
     return scaled_rates(echodistill_config(class_word, steps, seed, **changes), TUNED_LR_SCALES["echodistill"])
 
 
+PRESET = "miniworld"  # the name `train --preset` and a fleet manifest's `preset =` give this recipe
+
+
+def preset_config(changes: dict, default_steps: int = DEMO_STEPS) -> TrainConfig:
+    """The "miniworld" preset: tuned_config for `changes["class_word"]`, at `changes`' steps and seed (defaults:
+    `default_steps`, 0), with every other field of `changes` over it (each validated by TrainConfig).
+
+    Raises ConfigError for a bad field (steps that are no whole number included)."""
+    changes = dict(changes)
+    steps, seed = changes.pop("steps", default_steps), changes.pop("seed", 0)
+    config = tuned_config(changes.pop("class_word"), steps, seed)
+    return TrainConfig.from_dict({**config.to_dict(), **changes})
+
+
 def training_references(concept: Concept, captions: bool = True, rendered=None) -> list[ConceptImage]:
     """A concept's references as training images, captioned in the world's grammar unless `captions` is False.
 
