@@ -374,8 +374,8 @@ def _load_parts(source, role: str) -> list[str]:
 
     loaders = {"unet": load_unet, "vae": load_vae}
     parts = []
-    for component in ("unet", *(source.config.text_components if role == "teacher" else ("vae",))):
-        dtype = torch.float16  # half the memory of fp32; every check still runs
+    dtype = torch.float16  # half the memory of fp32; every check still runs
+    for component in source.components(role):
         if component in loaders:
             module = loaders[component](source, dtype=dtype)
         else:

@@ -120,6 +120,10 @@ class ModelSource:
             return _match_text_prefix(read_folder_weights(folder, stem), model_keys)
         return layout_map.gather(self._sources(component, model_keys), self.weights)
 
+    def components(self, role: Role) -> tuple[str, ...]:
+        """What `role` reads of this model: the teacher its UNet and text encoder(s), the student its UNet and VAE."""
+        return ("unet", *(self.config.text_components if role == "teacher" else ("vae",)))
+
     def check_files(self, role: Role) -> None:
         """Open what `role` reads (teacher: UNet + text encoders; student: UNet + VAE): configs parsed, every weight
         file's header read, nothing loaded. `inspect` refuses a damaged model with it before any training; loading
@@ -127,9 +131,8 @@ class ModelSource:
 
         Raises ModelLoadError naming the missing or unreadable part.
         """
-        components = ["unet", *(self.config.text_components if role == "teacher" else ("vae",))]
         _ = self.config.unet  # parsed and checked
-        for component in components:
+        for component in self.components(role):
             if not self.has_component(component):
                 raise ModelLoadError(f"{self.path} has no {component} (the {role} reads it): give the whole model")
             if self.weights is None:
