@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 
 from echodistill.cli import main
 from echodistill.concepts.bundle import ConceptBundle, bundle_summary
-from echodistill.errors import ConfigError
+from echodistill.errors import ConfigError, EchoDistillError
 from echodistill.miniworld.architecture import shipped_model
 from echodistill.models import tiny
 
@@ -160,6 +161,34 @@ def test_inspect_says_what_a_concept_bundle_holds(tmp_path, capsys):
                                                                str(tmp_path / "never")]) == 2
         err = capsys.readouterr().err
         assert err.count("error: damaged.safetensors") == 2 and problem in err, err
+
+
+def test_a_damaged_bundle_is_refused_alike_by_inspect_export_and_load(tmp_path, capsys):
+    from safetensors import safe_open
+
+    assert main(["smoke", "--out", str(tmp_path), "--steps", "1"]) == 0
+    with safe_open(str(tmp_path / "concept.safetensors"), framework="pt") as handle:
+        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    teacher_key = next(k for k in tensors if k.startswith("teacher."))
+    nan = dict(tensors, embedding=torch.full_like(tensors["embedding"], float("nan")))
+    cases = {  # name: (tensors, header, what the error says)
+        "no_row": ({k: v for k, v in tensors.items() if k != "embedding"}, header, "no token row"),
+        "lost_weight": ({k: v for k, v in tensors.items() if k != teacher_key}, header,
+                        "teacher adapter tensor(s) where the header records"),
+        "matrix_row": (dict(tensors, embedding=torch.zeros(3, 7)), header, "'embedding' has shape (3, 7)"),
+        "nan_row": (nan, header, "'embedding' holds NaN or infinite values"),
+        "stripped": (tensors, None, "has a concept bundle's tensors but no 'echodistill' header"),
+    }
+    for name, (content, metadata, problem) in cases.items():
+        damaged = tmp_path / f"{name}.safetensors"
+        save_file(content, str(damaged), metadata=metadata)
+        assert main(["inspect", str(damaged)]) == 2
+        assert main(["export", "--concept", str(damaged), "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert err.count(f"error: {name}.safetensors") == 2 and problem in err, err
+        with pytest.raises(EchoDistillError, match=re.escape(problem)):
+            ConceptBundle.load(damaged)
+    assert not (tmp_path / "never").exists()
 
 
 def test_smoke_runs_end_to_end_on_a_tiny_random_pair(tmp_path, capsys):

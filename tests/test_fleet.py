@@ -80,6 +80,26 @@ def test_manifest_lists_every_problem_at_once(tiny_pair_folders, tmp_path):
         assert expected in message, message
 
 
+def test_manifest_refuses_empty_photo_folders_and_miscounted_captions_and_names_a_bad_preset_once(
+        tiny_pair_folders, tmp_path):
+    good, empty = _photos(tmp_path / "good", 40), tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no photo here")
+    path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, [
+        {"name": "a", "photos": str(empty), "class_word": "dog"},
+        {"name": "b", "photos": str(good), "class_word": "dog", "captions": ["a photo of a <v*> dog"] * 2},
+        {"name": "c", "photos": str(good), "class_word": "dog", "config": {"lr_student": 5.0, "batch_size": 0}},
+    ], shared={**SHARED, "preset": "fastest"})
+    with pytest.raises(ConfigError) as info:
+        load_manifest(path)
+    message = str(info.value)
+    assert "4 problem(s)" in message, message
+    assert message.count("preset 'fastest' is unknown") == 1, message
+    assert f"concept 'a': no usable image in folder {str(empty)!r}" in message, message
+    assert "concept 'b': `captions` lists 2 caption(s) for 3 photo(s)" in message, message
+    assert "concept 'c': 2 config problems:" in message and "batch_size=0 must be at least 1" in message, message
+
+
 def test_manifest_builds_each_concepts_config_and_knows_the_mini_world(tiny_pair_folders, tmp_path):
     good = _photos(tmp_path / "good", 40)
     path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, [

@@ -108,12 +108,28 @@ def test_config_json_round_trip_and_errors_name_the_key():
     with pytest.raises(ConfigError, match=f"seed={2**63} must be at most {2**63 - 1}"):
         TrainConfig(seed=2**63)
     assert TrainConfig(seed=2**63 - 1, lr_student=1.0).seed == 2**63 - 1
+    with pytest.raises(ConfigError, match="steps=1000001 must be at most 1,000,000"):
+        TrainConfig(steps=1_000_001)
     for steps in ("abc", float("nan"), [1], True):  # the preset scales echo rounds from steps: no crash first
         with pytest.raises(ConfigError, match="steps="):
             preset("paper", steps=steps)
     with pytest.raises(ConfigError, match="unknown preset 'fast'; valid presets: paper, balanced, lite"):
         preset("fast")
     assert set(TrainConfig.help()) == set(config.to_dict())
+
+
+def test_every_config_problem_is_reported_at_once_with_its_parameters():
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(steps=0, lr_student=2.0, resolution=100)
+    message = str(info.value)
+    assert message.startswith("3 config problems:\n"), message
+    for part in ("steps=0 must be at least 1", "lr_student=2.0 must be at most 1", "resolution=100 must be a multiple"):
+        assert part in message, message
+    assert info.value.parameters == ("steps", "lr_student", "resolution")
+    assert "--steps 0" in info.value.in_terms_of({"steps": "--steps"})
+    with pytest.raises(ConfigError) as info:  # types first: no comparison runs on a field of the wrong type
+        TrainConfig(steps="10", batch_size=None, lr_student=-1.0)
+    assert str(info.value).startswith("2 config problems:") and "lr_student" not in str(info.value)
 
 
 # --- routing and frozen weights -----------------------------------------------------------------

@@ -7,8 +7,9 @@ SDXL concepts have a row in each text encoder and store them under the names Com
 embedding files use: ``clip_l`` (768, CLIP ViT-L) and ``clip_g`` (1280, OpenCLIP ViT-bigG), and
 ``student_clip_l`` / ``student_clip_g`` for the student's own rows; they have no ``embedding``.
 Header metadata key ``echodistill`` holds JSON: token, initializer, class word, adapter kind and
-LoRA settings, base-model fingerprints, families, training config, step, pack version. Applying
-a bundle to models it was not trained on is refused.
+LoRA settings, base-model fingerprints, families, training config, step, pack version, and how many
+adapter tensors each part holds. A damaged bundle (a missing, misshapen or non-finite tensor) is refused
+when it is read; applying a bundle to models it was not trained on is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ SDXL_ROW_NAMES = ("clip_l", "clip_g")  # ComfyUI's SDXL embedding keys, in text-
 
 # Header fields and the JSON types they must have; a header that differs was edited or damaged.
 _HEADER_TYPES = {"token": str, "initializer": str, "class_word": str, "adapter": str, "fingerprints": dict,
-                 "families": dict, "config": dict, "step": int, "unet_configs": dict}
+                 "families": dict, "config": dict, "step": int, "unet_configs": dict, "adapter_tensors": dict}
 _REQUIRED = ("token", "initializer", "class_word", "adapter", "fingerprints", "families")
 
 
@@ -63,32 +64,68 @@ def _plain_config(config) -> dict:
 
 
 def bundle_summary(path: str | os.PathLike) -> list[str] | None:
-    """What a concept bundle file holds, in a few lines read from its header alone; None when the file is
-    not a bundle (no ``echodistill`` header), so callers can try other readings of it. Raises EchoDistillError
-    for a bundle whose header is damaged (invalid JSON, fields of the wrong type)."""
+    """What a concept bundle file holds, in a few lines; None when the file is no bundle (neither an
+    ``echodistill`` header nor a bundle's tensors), so callers can try other readings of it. The bundle is
+    read as ConceptBundle.load reads it, so every damage that refuses it there (a damaged header, a missing,
+    misshapen or non-finite tensor, a stripped header) raises the same EchoDistillError here."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = (handle.metadata() or {}).get(METADATA_KEY)
             keys = list(handle.keys())
     except Exception:
         return None
-    if header is None:
+    if header is None and not _looks_like_bundle(keys):
         return None
-    meta = _checked_header(Path(path), header)
-    rows = ("a row in each SDXL text encoder (clip_l, clip_g)" if all(k in keys for k in SDXL_ROW_NAMES)
-            else "one token row (the shared text encoder's)" if "embedding" in keys else "no token row")
-    parts = [part for part in ("student", "teacher") if any(k.startswith(f"{part}.") for k in keys)]
-    own_rows = any(k.startswith("student_") for k in keys)
-    families = meta.get("families", {})
+    bundle = ConceptBundle.load(path)
+    rows = ("a row in each SDXL text encoder (clip_l, clip_g)" if bundle.is_sdxl
+            else "one token row (the shared text encoder's)")
+    parts = [part for part in ("student", "teacher") if getattr(bundle, f"{part}_adapter")]
     return [
-        f"{Path(path).name}: EchoDistill concept bundle, token {meta.get('token')!r} "
-        f"(class word {meta.get('class_word')!r}), trained {meta.get('step', 0)} steps with pack {meta.get('version')}",
-        f"  trained on teacher family {families.get('teacher')!r}, student family {families.get('student')!r} "
-        f"(a diffusers folder's family is its folder name); {rows}"
-        + ("; the student has rows of its own" if own_rows else ""),
-        f"  adapter {meta.get('adapter')} on {' and '.join(parts) or 'no UNet'}; "
+        f"{Path(path).name}: EchoDistill concept bundle, token {bundle.token!r} "
+        f"(class word {bundle.class_word!r}), trained {bundle.step} steps with pack {bundle.version}",
+        f"  trained on teacher family {bundle.families.get('teacher')!r}, student family "
+        f"{bundle.families.get('student')!r} (a diffusers folder's family is its folder name); {rows}"
+        + ("; the student has rows of its own" if bundle.student_embedding is not None else ""),
+        f"  adapter {bundle.adapter} on {' and '.join(parts) or 'no UNet'}; "
         "apply it with the pack's nodes or `echodistill sample --concept`, or export it with `echodistill export`",
     ]
+
+
+_ROW_NAMES = ("embedding", "student_embedding", *SDXL_ROW_NAMES, *(f"student_{n}" for n in SDXL_ROW_NAMES))
+
+
+def _looks_like_bundle(keys: Iterable[str]) -> bool:
+    """Whether tensor names are a concept bundle's (token rows, part-prefixed adapter weights)."""
+    keys = list(keys)
+    return bool(keys) and any(k in _ROW_NAMES for k in keys) and all(
+        k in _ROW_NAMES or k.startswith(("student.", "teacher.")) for k in keys)
+
+
+def _tensor_problems(meta: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What is wrong with a bundle's tensors given its header: token rows missing or not one vector of one width,
+    tensors no bundle has, adapter weights missing against the counts the header records, non-float or
+    non-finite values. Empty for a bundle as training wrote it."""
+    sdxl = all(name in tensors for name in SDXL_ROW_NAMES)
+    problems = [] if sdxl or "embedding" in tensors else [
+        "no token row (an 'embedding' tensor, or 'clip_l' and 'clip_g' for SDXL)"]
+    problems += [f"an unexpected tensor {k!r}" for k in sorted(tensors)
+                 if k not in _ROW_NAMES and not k.startswith(("student.", "teacher."))]
+    for name in (n for n in _ROW_NAMES if n in tensors):
+        shared = name.removeprefix("student_")
+        if tensors[name].ndim != 1:
+            problems.append(f"token row {name!r} has shape {tuple(tensors[name].shape)}, not one vector")
+        elif name != shared and shared in tensors and tensors[shared].shape != tensors[name].shape:
+            problems.append(f"token row {name!r} is {tensors[name].numel()} wide, {shared!r} {tensors[shared].numel()}")
+    for part, expected in (meta.get("adapter_tensors") or {}).items():  # older bundles have no counts: not checked
+        found = sum(k.startswith(f"{part}.") for k in tensors)
+        if found != expected:
+            problems.append(f"{found} {part} adapter tensor(s) where the header records {expected}")
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            problems.append(f"{name!r} holds {tensor.dtype} values, not floats")
+        elif not torch.isfinite(tensor).all():
+            problems.append(f"{name!r} holds NaN or infinite values")
+    return problems
 
 
 class BundleMismatchError(EchoDistillError):
@@ -193,6 +230,7 @@ class ConceptBundle:
             "config": self.config,
             "step": self.step,
             "version": self.version,
+            "adapter_tensors": {"student": len(self.student_adapter), "teacher": len(self.teacher_adapter)},
             **({"unet_configs": self.unet_configs} if self.unet_configs else {}),
         }
 
@@ -213,10 +251,18 @@ class ConceptBundle:
                 tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         except Exception as exc:
             raise EchoDistillError(f"{path.name} is not a readable safetensors file: {exc}") from exc
-        sdxl = all(name in tensors for name in SDXL_ROW_NAMES)
-        if header is None or not ("embedding" in tensors or sdxl):
-            raise EchoDistillError(f"{path.name} is not an EchoDistill concept bundle (no '{METADATA_KEY}' header)")
+        if header is None:
+            stripped = _looks_like_bundle(tensors)
+            raise EchoDistillError(
+                f"{path.name} has a concept bundle's tensors but no '{METADATA_KEY}' header: a tool re-saved it "
+                "without its metadata; use the bundle as training wrote it" if stripped else
+                f"{path.name} is not an EchoDistill concept bundle (no '{METADATA_KEY}' header)")
         meta = _checked_header(path, header)
+        problems = _tensor_problems(meta, tensors)
+        if problems:
+            raise EchoDistillError(f"{path.name}: a damaged concept bundle ({'; '.join(problems)}); use the bundle as "
+                                   "training wrote it, or train it again")
+        sdxl = all(name in tensors for name in SDXL_ROW_NAMES)
         first, second = SDXL_ROW_NAMES
         return cls(
             token=meta["token"],

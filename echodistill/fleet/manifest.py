@@ -29,11 +29,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, EchoDistillError
+from ..errors import ConfigError, DataError, EchoDistillError
 from ..files import check_name as check_output_name
 from ..models.loading import ModelSource, resolve_dtype
 from ..models.pair import check_shareable
 from ..training.config import PRESETS, TrainConfig, preset
+from ..training.photos import concept_image_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -147,6 +148,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     preset_name = data.get("preset", "paper")
     if preset_name != MINIWORLD_PRESET and preset_name not in PRESETS:
         problems.append(f"preset {preset_name!r} is unknown; valid: {', '.join([*PRESETS, MINIWORLD_PRESET])}")
+        preset_name = "paper"  # reported once here; each concept's fields are still checked against the paper's
     shared = _table(data.get("config", {}), "[config]", problems)
     problems += [f"[config]: unknown config key {k!r}" for k in sorted(set(shared) - known)]
     for key in ("steps", "resolution", "seed"):
@@ -222,7 +224,7 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
     own = _table(entry.get("config", {}), f"{where} [concept.config]", problems)
     problems += [f"{where}: unknown config key {k!r}" for k in sorted(set(own) - known)]
     photos = entry.get("photos")
-    subject = None
+    subject, photo_count = None, None
     if not isinstance(photos, str) or not photos:
         problems.append(f"{where}: `photos` is missing: a folder of photos or miniworld/<subject>")
     elif photos.startswith(MINIWORLD_PREFIX):
@@ -235,6 +237,11 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
         folder = folder if folder.is_absolute() else base / folder
         if not folder.is_dir():
             problems.append(f"{where}: photos folder {folder} does not exist")
+        else:
+            try:  # a folder without a usable photo is refused here, not later on a worker
+                photo_count = len(concept_image_names(folder))
+            except DataError as exc:
+                problems.append(f"{where}: {exc}")
         photos = str(folder)
     class_word = entry.get("class_word", subject.class_word if subject is not None else None)
     if class_word is None and not (isinstance(photos, str) and photos.startswith(MINIWORLD_PREFIX)):
@@ -242,6 +249,9 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
     captions = entry.get("captions")
     if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
         problems.append(f"{where}: `captions` must be a list of strings, one per photo")
+    elif captions is not None and photo_count is not None and len(captions) != photo_count:
+        problems.append(f"{where}: `captions` lists {len(captions)} caption(s) for {photo_count} photo(s) in "
+                        f"{photos}: give one per photo, in file-name order")
     if subject is not None and captions is None:
         from ..miniworld import reference_captions
 

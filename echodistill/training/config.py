@@ -12,7 +12,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Iterator, Literal, get_args, get_origin, get_type_hints
 
 from ..errors import ConfigError
 
@@ -44,6 +44,15 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
     if not isinstance(value, expected) or (hint is not bool and isinstance(value, bool)):
         kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[hint]
         raise ConfigError(f"{name}={value!r} must be {kind}", parameters=(name,))
+
+
+def _raise_together(problems: list[ConfigError]) -> None:
+    """Raise the one problem, or one ConfigError listing them all (its `parameters` those of every problem)."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigError(f"{len(problems)} config problems:\n" + "\n".join(f"  - {p}" for p in problems),
+                          parameters=tuple(dict.fromkeys(name for p in problems for name in p.parameters)))
 
 
 def _f(default, help: str):
@@ -139,15 +148,34 @@ class TrainConfig:
     log_every: int = _f(1, "progress callback every N iterations")
 
     def __post_init__(self):
+        # Every problem is reported at once (a manifest or a --set line may hold several); the range
+        # checks run only once every field has its type, as they compare numbers.
+        _raise_together(list(self._type_problems()))
+        _raise_together(list(self._value_problems()))
+        if self.echo and self.echo_start >= self.steps:
+            # echo starts after step echo_start, so a run of one step can never echo, whatever echo_start is
+            fix = (f"use echo_start={self.steps // 2} (preset() scales it to steps) or echo=false" if self.steps > 1
+                   else "train 2 or more steps, or pass echo=false")
+            warnings.warn(f"echo=true but echo_start={self.echo_start} >= steps={self.steps}: this run never echoes; "
+                          f"{fix}", ConfigWarning, stacklevel=3)
+
+    def _type_problems(self) -> Iterator[ConfigError]:
         hints = get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
-            _check_type(f.name, value, hints[f.name])
+            try:
+                _check_type(f.name, value, hints[f.name])
+            except ConfigError as problem:
+                yield problem
+                continue
             if isinstance(value, float) and not math.isfinite(value):  # inf / nan would train to NaN or never stop
-                raise ConfigError(f"{f.name}={value!r} must be a finite number", parameters=(f.name,))
+                yield ConfigError(f"{f.name}={value!r} must be a finite number", parameters=(f.name,))
             choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
             if choices and value not in choices:
-                raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(repr, choices))}", parameters=(f.name,))
+                yield ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(repr, choices))}",
+                                  parameters=(f.name,))
+
+    def _value_problems(self) -> Iterator[ConfigError]:
         positive = (
             "steps",
             "batch_size",
@@ -164,16 +192,19 @@ class TrainConfig:
         )
         for name in positive:
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be at least 1", parameters=(name,))
+                yield ConfigError(f"{name}={getattr(self, name)!r} must be at least 1", parameters=(name,))
         for name in ("lr_student", "lr_teacher", "lr_heads", "adam_epsilon", "lora_alpha"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be positive", parameters=(name,))
+                yield ConfigError(f"{name}={getattr(self, name)!r} must be positive", parameters=(name,))
         for name in ("lr_student", "lr_teacher", "lr_heads"):  # AdamW steps of size ~lr: above 1 is a typo
             if getattr(self, name) > 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be at most 1 (AdamW moves each weight by "
+                yield ConfigError(f"{name}={getattr(self, name)!r} must be at most 1 (AdamW moves each weight by "
                                   "about the rate per step)", parameters=(name,))
+        if self.steps > MAX_STEPS:
+            yield ConfigError(f"steps={self.steps!r} must be at most {MAX_STEPS:,} (a personalization trains for "
+                              "hundreds to a few thousand steps; more is a typo)", parameters=("steps",))
         if self.seed > MAX_SEED:
-            raise ConfigError(f"seed={self.seed!r} must be at most {MAX_SEED} (torch.Generator's seeds are 64-bit)",
+            yield ConfigError(f"seed={self.seed!r} must be at most {MAX_SEED} (torch.Generator's seeds are 64-bit)",
                               parameters=("seed",))
         non_negative = (
             "weight_decay",
@@ -191,51 +222,45 @@ class TrainConfig:
         )
         for name in non_negative:
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must not be negative", parameters=(name,))
+                yield ConfigError(f"{name}={getattr(self, name)!r} must not be negative", parameters=(name,))
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 1)", parameters=(name,))
+                yield ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 1)", parameters=(name,))
         if not 0 < self.augment_min_scale <= 1:
-            raise ConfigError(f"augment_min_scale={self.augment_min_scale!r} must be in (0, 1]",
+            yield ConfigError(f"augment_min_scale={self.augment_min_scale!r} must be in (0, 1]",
                               parameters=("augment_min_scale",))
         if not 0 < self.echo_keep_ratio <= 1:
-            raise ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]",
+            yield ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]",
                               parameters=("echo_keep_ratio",))
-        if self.echo and self.echo_start >= self.steps:
-            # echo starts after step echo_start, so a run of one step can never echo, whatever echo_start is
-            fix = (f"use echo_start={self.steps // 2} (preset() scales it to steps) or echo=false" if self.steps > 1
-                   else "train 2 or more steps, or pass echo=false")
-            warnings.warn(f"echo=true but echo_start={self.echo_start} >= steps={self.steps}: this run never echoes; "
-                          f"{fix}", ConfigWarning, stacklevel=3)
         if self.resolution % 64:
-            raise ConfigError(f"resolution={self.resolution!r} must be a multiple of 64", parameters=("resolution",))
+            yield ConfigError(f"resolution={self.resolution!r} must be a multiple of 64", parameters=("resolution",))
         for name in ("target_timestep_min", "target_timestep_max", "student_timestep", "discriminator_timestep_max"):
             if not 0 <= getattr(self, name) <= 999:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 999]", parameters=(name,))
+                yield ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 999]", parameters=(name,))
         if self.target_timestep_min > self.target_timestep_max:
-            raise ConfigError(
+            yield ConfigError(
                 f"target_timestep_min={self.target_timestep_min} exceeds target_timestep_max={self.target_timestep_max}"
             )
         if not self.discriminators:
-            raise ConfigError(f"discriminators is empty: list at least one of {', '.join(DISCRIMINATOR_KINDS)}")
+            yield ConfigError(f"discriminators is empty: list at least one of {', '.join(DISCRIMINATOR_KINDS)}")
         unknown = [d for d in self.discriminators if d not in DISCRIMINATOR_KINDS]
         if unknown:
-            raise ConfigError(f"discriminators={unknown!r}: valid names are {', '.join(DISCRIMINATOR_KINDS)}",
+            yield ConfigError(f"discriminators={unknown!r}: valid names are {', '.join(DISCRIMINATOR_KINDS)}",
                               parameters=("discriminators",))
         if not self.token or any(ch.isspace() for ch in self.token):
-            raise ConfigError(f"token={self.token!r} must be one word without whitespace, e.g. '<v*>'",
+            yield ConfigError(f"token={self.token!r} must be one word without whitespace, e.g. '<v*>'",
                               parameters=("token",))
         if not self.class_word.strip():
-            raise ConfigError(f"class_word={self.class_word!r} is empty: give the subject's class, e.g. 'dog'",
+            yield ConfigError(f"class_word={self.class_word!r} is empty: give the subject's class, e.g. 'dog'",
                               parameters=("class_word",))
         if self.schedule == "sequential":
             if self.echo:
-                raise ConfigError(
+                yield ConfigError(
                     "schedule='sequential' with echo=True: the teacher is frozen once the student trains, so "
                     "nothing could be echoed back to it; set echo=False"
                 )
-            if self.steps < 2:
-                raise ConfigError(f"schedule='sequential' needs steps >= 2 (one per phase), got steps={self.steps}")
+            if self.steps == 1:  # 0 is reported above
+                yield ConfigError(f"schedule='sequential' needs steps >= 2 (one per phase), got steps={self.steps}")
 
     # --- derived ------------------------------------------------------------------------------
     @property
@@ -304,6 +329,7 @@ LINE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
+MAX_STEPS = 1_000_000  # a guard against typos: the paper preset trains 1,000 steps
 
 
 def echo_schedule(steps: int) -> dict[str, int]:

@@ -143,6 +143,13 @@ def load_concept_images(
     return ConceptPhotos(images, skipped)
 
 
+def concept_image_names(source: str | os.PathLike) -> list[str]:
+    """The file names load_concept_images reads from the folder (or file) `source`, in training order,
+    without decoding them: a cheap check before a long job. Raises DataError as load_concept_images
+    does for a missing folder or one without a usable image file."""
+    return [name for name, _, _ in _list_entries(source)[0]]
+
+
 def _skip_reason(path: Path) -> str:
     if path.is_dir():
         return "a folder: photos in subfolders are not read"
