@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 
 import pytest
@@ -152,6 +154,21 @@ def test_wrong_family_for_a_file_says_so(tiny_world, tmp_path):
     fam = tiny_world["families"]
     with pytest.raises(ModelLoadError, match="shape .* in the file but .* in the config. Pick the right family"):
         load_unet(ModelSource.open(teacher, fam["tiny-sd15"]))
+
+
+
+def test_a_diffusers_folder_whose_config_misfits_its_weights_is_named_as_such(tiny_pair_folders, tmp_path):
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_pair_folders[0], folder)
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_out_channels"] = [2 * c for c in config["block_out_channels"]]  # another model's config
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as info:
+        load_unet(ModelSource.open(folder))
+    message = str(info.value)
+    assert "in the file but" in message and "unet/config.json does not describe its weights" in message, message
+    assert "family" not in message  # a folder's configs are its own: no family would fit it
 
 
 def test_missing_model_and_unknown_family_errors(tiny_pair_folders, tmp_path):

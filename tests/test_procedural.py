@@ -397,6 +397,18 @@ def test_negative_cosine_penalty_counts_only_other_subjects_above_zero():
     assert negative_cosine_penalty(torch.eye(3), torch.tensor([0, 1, 2])) == 0
 
 
+def test_hardest_negative_hinge_penalizes_each_anchors_closest_other_subject_beyond_the_margin():
+    from echodistill.miniworld.oracle_train import hardest_negative_hinge
+
+    angle = torch.tensor([0.0, 0.3, 1.2, 1.25])  # unit vectors in a plane: cos = cos(angle difference)
+    embeddings = torch.stack([angle.cos(), angle.sin()], dim=1)
+    labels = torch.tensor([0, 0, 1, 2])  # 0 and 1 one subject: never each other's negative
+    closest = torch.tensor([(1.2 - 0.0), (1.2 - 0.3), 0.05, 0.05]).cos()  # each anchor's nearest other subject
+    expected = (closest - 0.5).clamp(min=0).pow(2).mean()
+    assert torch.isclose(hardest_negative_hinge(embeddings, labels, 0.5), expected)
+    assert hardest_negative_hinge(embeddings, labels, 1.0) == 0  # nothing beyond a margin of cos 1
+
+
 def test_an_encoder_file_with_classifier_prototypes_still_loads(tmp_path):
     from safetensors.torch import save_file
 

@@ -48,6 +48,10 @@ class OracleSettings:
     # partner above the others, so unrelated subjects may stay at cosine 0.4-0.6; the metric reports
     # max(0, cos), so this term pulls them to 0 or below, where an unrelated subject scores nothing.
     negative_weight: float = 0.0
+    # Weight of mean over anchors of max(0, cos to the most similar other subject - hardest_margin)²: the metric's
+    # "other" bar is about each subject's closest look-alike, which neither loss above singles out.
+    hardest_weight: float = 0.0
+    hardest_margin: float = 0.25
     # Then `hard_steps` more steps on batches of look-alikes: each batch is `subjects_per_batch / neighbours`
     # random anchors with `neighbours - 1` of their nearest pool subjects (mined every `mine_every` steps from the
     # encoder as it is), so the softmax's negatives are the subjects a random batch almost never pairs up.
@@ -139,6 +143,14 @@ def negative_cosine_penalty(embeddings: torch.Tensor, labels: torch.Tensor) -> t
     """mean(max(0, cos)²) over pairs of pictures of different subjects: embeddings (B, D) unit length -> scalar."""
     negatives = labels[:, None] != labels[None, :]
     return ((embeddings @ embeddings.T).clamp(min=0) ** 2)[negatives].mean()
+
+
+def hardest_negative_hinge(embeddings: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """mean over anchors of max(0, cos to its most similar picture of another subject - margin)²:
+    embeddings (B, D) unit length, labels (B,) -> scalar. A triplet-style hinge on the hardest negative
+    (Hermans et al., 2017, "batch hard"), without the positive term SupCon already provides."""
+    similarity = (embeddings @ embeddings.T).masked_fill(labels[:, None] == labels[None, :], -1.0)
+    return (similarity.max(dim=1).values - margin).clamp(min=0).pow(2).mean()
 
 
 def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -341,12 +353,13 @@ def _encoder_step(encoder: SubjectEncoder, optimizer, scheduler, pixels: torch.T
     embeddings = encoder(batch)
     contrastive = supervised_contrastive_loss(embeddings, labels[index], settings.temperature)
     penalty = negative_cosine_penalty(embeddings, labels[index])
-    loss = contrastive + settings.negative_weight * penalty
+    hardest = hardest_negative_hinge(embeddings, labels[index], settings.hardest_margin)
+    loss = contrastive + settings.negative_weight * penalty + settings.hardest_weight * hardest
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     scheduler.step()
-    meter.add(encoder=contrastive.item(), negatives=penalty.item())
+    meter.add(encoder=contrastive.item(), negatives=penalty.item(), hardest=hardest.item())
 
 
 class _Mined(torch.nn.Module):

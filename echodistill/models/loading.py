@@ -203,8 +203,19 @@ def _match_text_prefix(state: dict[str, torch.Tensor], model_keys: list[str]) ->
     return state
 
 
-def _build(factory: Callable[[], torch.nn.Module], read: Callable[[list[str]], dict], dtype, device, what: str):
-    """Build a module on the meta device, then fill it from disk: no random init, no copy."""
+def _mismatch_advice(source: ModelSource, component: str) -> str:
+    """What to do when `component`'s weights do not fit its config: a single file is read with its family's
+    configs (another family may fit); a diffusers folder's configs are its own (folder and weights disagree)."""
+    if source.layout == "diffusers":
+        return (f"The folder's {component}/config.json does not describe its weights (parts of two models?): "
+                "restore the folder from the model's release.")
+    return "Pick the right family for this file (`echodistill inspect FILE` says which family it is read as)."
+
+
+def _build(factory: Callable[[], torch.nn.Module], read: Callable[[list[str]], dict], dtype, device, what: str,
+           advice: str):
+    """Build a module on the meta device, then fill it from disk: no random init, no copy. Raises
+    ModelLoadError naming a missing, extra, misshapen or non-float tensor, ending with `advice`."""
     with torch.device("meta"):
         module = factory()
     keys = list(module.state_dict().keys())
@@ -215,7 +226,7 @@ def _build(factory: Callable[[], torch.nn.Module], read: Callable[[list[str]], d
     if missing or unexpected:
         raise ModelLoadError(
             f"{what}: the weights do not fit the config ({len(missing)} missing, e.g. {missing[:3]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}). Pick the right family for this file."
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}). {advice}"
         )
     for name, tensor in module.state_dict().items():
         if name in state and tensor.is_floating_point() and not state[name].is_floating_point():
@@ -224,7 +235,7 @@ def _build(factory: Callable[[], torch.nn.Module], read: Callable[[list[str]], d
         if name in state and tuple(state[name].shape) != tuple(tensor.shape):
             raise ModelLoadError(
                 f"{what}: {name} has shape {tuple(state[name].shape)} in the file but "
-                f"{tuple(tensor.shape)} in the config. Pick the right family for this file."
+                f"{tuple(tensor.shape)} in the config. {advice}"
             )
     # contiguous(): a pickled file may hold overlapping views of one storage; parameters must not alias.
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()}
@@ -251,6 +262,7 @@ def load_unet(
         dtype,
         device,
         f"UNet of {source.path.name}",
+        _mismatch_advice(source, "unet"),
     )
 
 
@@ -264,6 +276,7 @@ def load_vae(
         dtype,
         device,
         f"VAE of {source.path.name}",
+        _mismatch_advice(source, "vae"),
     )
 
 
@@ -286,6 +299,7 @@ def load_text_encoder(
         dtype,
         device,
         f"{component.replace('_', ' ')} of {source.path.name}",
+        _mismatch_advice(source, component),
     )
 
 
