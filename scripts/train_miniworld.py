@@ -99,7 +99,8 @@ FULL = RunSettings(
     student=StudentSettings(pairs=6144, pair_steps=8, steps=1500, batch=64),
     # docs/quality.md: 5,000 random-batch steps give own 0.90, other 0.43 / 0.68 worst; 1,500 more on subjects beside
     # their outline twins: own 0.89, other 0.41 / 0.59. Tried and not kept: negative_weight=1.0 (other 0.45 / 0.79
-    # at 2,800 of 6,000 steps) and hard_steps=1500 of look-alike batches (other 0.42 / 0.64, own 0.88).
+    # at 2,800 of 6,000 steps), hard_steps=1500 of look-alike batches (other 0.42 / 0.64, own 0.88) and 1,000 more
+    # twin steps with hardest_weight=1 / 5 (other 0.41 / 0.54 and 0.37 / 0.55; own 0.87 and 0.81, the lowest 0.70).
     oracle=OracleSettings(images=24000, reader_steps=1500, subjects=16000, views=4, steps=5000, subjects_per_batch=64,
                           twin_steps=1500),
 )

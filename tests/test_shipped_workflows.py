@@ -99,4 +99,4 @@ def test_the_mini_world_workflow_trains_exactly_as_the_demo_does():
     differing = {name for name in fields if not same(getattr(config, name), getattr(demo, name))}
     # Previews every 50 steps and a checkpoint every 100: what the workflow shows; they change no training.
     assert differing == {"sample_every", "save_every"}, {n: (getattr(config, n), getattr(demo, n)) for n in differing}
-    assert config.augment_min_scale == 0.5 and config.echo_samples == 8 and config.seed == DEMO_SEED
+    assert config.augment_min_scale == 1.0 and config.echo_samples == 8 and config.seed == DEMO_SEED

@@ -43,7 +43,7 @@ def test_probe_trains_the_teacher_scores_it_and_hands_the_pair_back(world, tmp_p
     assert "own captions (fit)" in (tmp_path / "world_probe.md").read_text()
     assert report["fair"] == (report["mean"]["subject_fidelity"] >= 0.5 and report["mean"]["prompt_fidelity"] >= 0.8)
     saved = json.loads((tmp_path / "world_probe.json").read_text())
-    assert saved["settings"]["steps"] == 2 and saved["settings"]["min_scale"] == 0.5
+    assert saved["settings"]["steps"] == 2 and saved["settings"]["min_scale"] == 1.0  # no subject shrunk at 64 px
     assert (tmp_path / "sheets" / "procedural_3000000.png").is_file() and "mean" in (tmp_path / "world_probe.md").read_text()
     assert 0 <= report["records"][0]["vae_ceiling"] <= 1 and "through the VAE" in (tmp_path / "world_probe.md").read_text()
     # the borrow is handed back: no adapter, no token row left behind

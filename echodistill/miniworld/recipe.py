@@ -19,11 +19,13 @@ TOKEN = "<v*>"
 DEMO_STEPS = 200  # the demo's training iterations: about 75 s on an idle 2-core CPU
 DEMO_SEED = 0  # the demo's training and sampling seed
 ECHO_SAMPLES = 8  # student images drawn per echo round at the mini world's size (the paper preset draws 16)
-# The augmentation's smallest rescale at 64 px: half the picture, so a shrunk subject still spans
-# 8×8 latent cells of the 4× VAE (Custom Diffusion's R/3 leaves ~5×5, where a 15-pixel subject's
-# detail is gone: on the first mini world, the teacher fitted with all UNet weights reached 0.57 subject
-# fidelity without the augmentation and 0.19–0.22 with it, docs/quality.md).
-AUGMENT_MIN_SCALE = 0.5
+# The augmentation's smallest rescale at 64 px: the whole picture, so no subject is ever shrunk (Custom
+# Diffusion's zoomed-in crops and mirror images remain). Shrinking ruins a 64-px subject's detail, and its "a far
+# away" / "very small" captions teach the token "draw it small": the world probe (teacher K/V + token, 400 steps,
+# six subjects, docs/quality.md) on the second world's teacher at step 3,200 scored mean subject fidelity 0.203
+# with the bound at half the picture, 0.360 at the whole picture, 0.370 with no rescale at all. (On the first
+# world, the teacher fitted with all UNet weights: 0.57 without the augmentation, 0.19-0.22 with it.)
+AUGMENT_MIN_SCALE = 1.0
 
 # Factors of the published rates chosen for the mini world at 100 steps by `echodistill bench lr-sweep
 # --concept smiley --seed 100` (docs/quality.md); the defaults of `bench quality` and the demo.
