@@ -299,6 +299,11 @@ def exclusive_output(target: str | os.PathLike, what: str = "output") -> Iterato
             if entry[1] == 0:
                 del _HELD[key]
                 _holder_path(lock_path).unlink(missing_ok=True)
+                # The job is done: the lock file goes, so a finished run leaves no ".x.lock" beside its output.
+                # Unlinked while still held, so a process that opened it before cannot lock it after us; one
+                # that opens the path now makes a new file and may start, as this job wrote all it had to.
+                with contextlib.suppress(OSError):  # Windows: an open file cannot be removed (filelock does it)
+                    lock_path.unlink()
                 entry[0].release()
 
 

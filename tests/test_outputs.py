@@ -159,6 +159,20 @@ def test_stale_temp_files_of_ours_are_removed_at_the_next_write(tmp_path):
                                                           "scores.json"]
 
 
+def test_a_released_output_lock_leaves_no_file_behind_and_is_taken_again(tmp_path):
+    from echodistill.files import exclusive_output
+
+    target, lock = tmp_path / "concept.safetensors", tmp_path / ".concept.safetensors.lock"
+    with exclusive_output(target):
+        with exclusive_output(target):  # re-entrant within the process
+            assert lock.is_file()
+        assert lock.is_file()  # the outer hold keeps it
+    assert list(tmp_path.iterdir()) == []  # no ".concept.safetensors.lock" beside a finished output
+    with exclusive_output(target):
+        assert lock.is_file()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_job_removes_only_the_empty_folders_it_made(tmp_path):
     from echodistill.files import check_writable, exclusive_output, removing_new_folders_on_error
 

@@ -256,7 +256,8 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quality", help="folder for quality.json, quality.md, sheets/, bundles/")
     parser.add_argument("--resume", action="store_true", help="keep the finished concept x seed runs in --out")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: chosen per model size, as training chooses: 1 here)")
 
 
 def shown_path(path: Path) -> str:
@@ -315,6 +316,10 @@ def load_world(args: argparse.Namespace) -> tuple[Any, Any, dict]:
             raise BenchError(f"--models {models}: {folder} is not a folder; give a folder holding the mini world's "
                              "teacher/ and student/ diffusers folders (scripts/train_miniworld.py --models-to)")
     pair = load_model_pair(teacher, student, device=args.device)
+    if args.threads is None:  # as training picks them (training.threads): one thread for the mini world's UNets
+        from ..training.threads import configure_cpu_threads
+
+        configure_cpu_threads(pair.teacher.unet, pair.device)
     settings = {
         "models": shown_path(Path(models)) if models else "shipped",
         "oracle": {"path": shown_path(args.oracle),
@@ -405,7 +410,8 @@ def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/lr_sweep", help="folder for lr_sweep.json and lr_sweep.md")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: chosen per model size, as training chooses: 1 here)")
 
 
 def lr_sweep_command_line(args: argparse.Namespace) -> str:
@@ -467,7 +473,8 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/world_probe", help="folder for world_probe.json/.md and sheets/")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: chosen per model size, as training chooses: 1 here)")
 
 
 def run_world_probe(args: argparse.Namespace) -> int:
