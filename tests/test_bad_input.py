@@ -36,6 +36,11 @@ def test_a_config_file_that_is_not_json_is_refused(tmp_path, monkeypatch, capsys
     (tmp_path / "bad.json").write_text("steps: 3")
     assert main([*TRAIN, "--config", "bad.json", "--out", "c.safetensors"]) == 2
     assert "the config is not JSON" in capsys.readouterr().err
+    (tmp_path / "latin.json").write_bytes('{"class_word": "caf\u00e9"}'.encode("latin-1"))
+    assert main([*TRAIN, "--config", "latin.json", "--out", "c.safetensors"]) == 2
+    assert "--config latin.json is not UTF-8 text" in capsys.readouterr().err
+    assert main([*TRAIN, "--config", "nope.json", "--out", "c.safetensors"]) == 2
+    assert "--config nope.json cannot be read" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -189,6 +190,14 @@ def test_a_damaged_bundle_is_refused_alike_by_inspect_export_and_load(tmp_path, 
         with pytest.raises(EchoDistillError, match=re.escape(problem)):
             ConceptBundle.load(damaged)
     assert not (tmp_path / "never").exists()
+    edited = json.loads(header["echodistill"])
+    for change, problem in (({"token": "a b"}, "the token 'a b' is not one word"), ({"step": -5}, "'step' is -5"),
+                            ({"adapter_tensors": {"student": "14"}}, "'adapter_tensors' holds")):
+        damaged = tmp_path / "edited.safetensors"
+        save_file(tensors, str(damaged), metadata={"echodistill": json.dumps({**edited, **change})})
+        assert main(["inspect", str(damaged)]) == 2 and problem in capsys.readouterr().err
+        with pytest.raises(EchoDistillError, match=re.escape(problem)):
+            ConceptBundle.load(damaged)
 
 
 def test_smoke_runs_end_to_end_on_a_tiny_random_pair(tmp_path, capsys):

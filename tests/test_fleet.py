@@ -98,6 +98,16 @@ def test_manifest_refuses_empty_photo_folders_and_miscounted_captions_and_names_
     assert f"concept 'a': no usable image in folder {str(empty)!r}" in message, message
     assert "concept 'b': `captions` lists 2 caption(s) for 3 photo(s)" in message, message
     assert "concept 'c': 2 config problems:" in message and "batch_size=0 must be at least 1" in message, message
+    nameless = _write_manifest(tmp_path / "nameless.toml", tiny_pair_folders, [
+        {"photos": str(good), "class_word": "dog"}, {"name": "fleet-state.json", "photos": str(good), "class_word": "dog"}])
+    with pytest.raises(ConfigError) as info:  # no KeyError: a missing name is one more problem
+        load_manifest(nameless)
+    assert "concept #1: a concept needs a non-empty string `name`" in str(info.value), str(info.value)
+    assert "name 'fleet-state.json' is the fleet's own file" in str(info.value), str(info.value)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("teacher = 'caf\u00e9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.toml is not UTF-8 text"):
+        load_manifest(latin)
 
 
 def test_manifest_builds_each_concepts_config_and_knows_the_mini_world(tiny_pair_folders, tmp_path):

@@ -169,6 +169,10 @@ def test_a_diffusers_folder_whose_config_misfits_its_weights_is_named_as_such(ti
     message = str(info.value)
     assert "in the file but" in message and "unet/config.json does not describe its weights" in message, message
     assert "family" not in message  # a folder's configs are its own: no family would fit it
+    config["block_out_channels"] = "x"  # a value no UNet can be built from: a ModelLoadError, no traceback
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="UNet of teacher: its config cannot build the model"):
+        load_unet(ModelSource.open(folder))
 
 
 def test_missing_model_and_unknown_family_errors(tiny_pair_folders, tmp_path):

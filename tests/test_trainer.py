@@ -130,6 +130,11 @@ def test_every_config_problem_is_reported_at_once_with_its_parameters():
     with pytest.raises(ConfigError) as info:  # types first: no comparison runs on a field of the wrong type
         TrainConfig(steps="10", batch_size=None, lr_student=-1.0)
     assert str(info.value).startswith("2 config problems:") and "lr_student" not in str(info.value)
+    from echodistill.miniworld.recipe import preset_config
+
+    with pytest.raises(ConfigError) as info:  # the mini world's recipe lists them all too
+        preset_config({"class_word": "circle", "steps": 0, "batch_size": 0, "resolution": 65})
+    assert str(info.value).startswith("3 config problems:"), str(info.value)
 
 
 # --- routing and frozen weights -----------------------------------------------------------------

@@ -185,7 +185,7 @@ def _train(args: argparse.Namespace) -> int:
     class_word = args.class_word or _subject_class_word(args.images)
     overrides.update(token=args.token, class_word=class_word)
     if args.config:
-        config = TrainConfig.from_json(Path(args.config).read_text()).with_changes(**overrides)
+        config = TrainConfig.from_json(_config_text(args.config)).with_changes(**overrides)
     elif args.preset not in (*PRESETS, MINIWORLD_PRESET):
         raise ConfigError(f"--preset {args.preset}: give one of {', '.join((*PRESETS, MINIWORLD_PRESET))}")
     elif args.preset == MINIWORLD_PRESET:
@@ -339,6 +339,16 @@ def _smoke_in(root: Path, args: argparse.Namespace) -> None:
         save_every=0,
     )
     run_training(pair, images, config, out=root / "concept.safetensors", run_dir=root / "run")
+
+
+def _config_text(path: str) -> str:
+    """The --config file's text; ConfigError naming the flag for a file that is missing or not UTF-8 text."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path} is not UTF-8 text: give a JSON file as TrainConfig.to_json writes") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path} cannot be read ({exc.strerror or exc}): give an existing JSON file") from None
 
 
 def _inspect(args: argparse.Namespace) -> int:

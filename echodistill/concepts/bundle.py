@@ -52,6 +52,15 @@ def _checked_header(path: Path, header: str) -> dict:
         problems = [f"'{k}' is missing" for k in _REQUIRED if k not in meta]
         problems += [f"'{k}' is a {type(meta[k]).__name__}, not a {t.__name__}" for k, t in _HEADER_TYPES.items()
                      if k in meta and not isinstance(meta[k], t)]
+    token = meta.get("token") if not problems else None
+    if isinstance(token, str) and (not token or any(ch.isspace() for ch in token)):
+        problems.append(f"the token {token!r} is not one word")  # TrainConfig's rule: no bundle is trained so
+    counts = meta.get("adapter_tensors") if not problems else None
+    if isinstance(counts, dict) and not all(isinstance(n, int) and not isinstance(n, bool) for n in counts.values()):
+        problems.append(f"'adapter_tensors' holds {counts!r}, not whole numbers")
+    step = meta.get("step", 0) if not problems else 0
+    if isinstance(step, bool) or (isinstance(step, int) and step < 0):
+        problems.append(f"'step' is {step!r}, not a step count")
     if problems:
         raise EchoDistillError(f"{path.name}: a damaged concept header ({'; '.join(problems)}); use the bundle as "
                                "training wrote it")

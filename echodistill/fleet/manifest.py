@@ -35,6 +35,7 @@ from ..models.loading import ModelSource, resolve_dtype
 from ..models.pair import check_shareable
 from ..training.config import PRESETS, TrainConfig, preset
 from ..training.photos import concept_image_names
+from .state import REPORT_NAME, STATE_NAME
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,10 +96,16 @@ def resolve_model(name: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+# What the fleet itself writes in --out (fleet/state.py): no concept folder may take these names.
+RESERVED_NAMES = (STATE_NAME, f"{REPORT_NAME}.md", f"{REPORT_NAME}.json")
+
+
 def check_name(name: Any) -> str | None:
     """The reason an output name is refused, or None: the rule every output name follows (files.check_name)."""
     if not isinstance(name, str) or not name.strip():
         return "a concept needs a non-empty string `name`"
+    if name in RESERVED_NAMES:
+        return f"name {name!r} is the fleet's own file in --out; choose another name"
     try:
         check_output_name(name, "name")
     except ConfigError as exc:
@@ -125,6 +132,10 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"manifest not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path.name} is not UTF-8 text: save the manifest as UTF-8 TOML") from None
+    except IsADirectoryError:
+        raise ConfigError(f"manifest {path} is a folder: give the manifest's .toml file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path.name} is not valid TOML: {exc}") from None
     return parse_manifest(data, path)
@@ -267,7 +278,7 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
     except (ConfigError, TypeError) as exc:
         problems.append(f"{where}: {exc}")
         return None
-    if failed:
+    if failed or check_name(entry.get("name")) is not None:  # a bad or missing name is reported by the caller
         return None
     return ConceptJob(name=entry["name"], photos=photos, config=config,
                       captions=None if captions is None else tuple(captions))

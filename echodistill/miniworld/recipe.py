@@ -10,6 +10,7 @@ import dataclasses
 
 from PIL import Image
 
+from ..errors import ConfigError
 from ..training.config import TrainConfig, preset
 from ..training.photos import ConceptImage, load_concept_images
 from .concepts import Concept, reference_captions, reference_images
@@ -62,8 +63,12 @@ def preset_config(changes: dict, default_steps: int = DEMO_STEPS) -> TrainConfig
 
     Raises ConfigError for a bad field (steps that are no whole number included)."""
     changes = dict(changes)
-    steps, seed = changes.pop("steps", default_steps), changes.pop("seed", 0)
-    config = tuned_config(changes.pop("class_word"), steps, seed)
+    steps, seed, class_word = changes.pop("steps", default_steps), changes.pop("seed", 0), changes.pop("class_word")
+    try:
+        config = tuned_config(class_word, steps, seed)
+    except ConfigError:  # list every problem at once: the recipe at its own values, then all the given ones
+        base = tuned_config("object", default_steps, 0).to_dict()
+        return TrainConfig.from_dict({**base, "steps": steps, "seed": seed, "class_word": class_word, **changes})
     return TrainConfig.from_dict({**config.to_dict(), **changes})
 
 

@@ -216,8 +216,12 @@ def _build(factory: Callable[[], torch.nn.Module], read: Callable[[list[str]], d
            advice: str):
     """Build a module on the meta device, then fill it from disk: no random init, no copy. Raises
     ModelLoadError naming a missing, extra, misshapen or non-float tensor, ending with `advice`."""
-    with torch.device("meta"):
-        module = factory()
+    try:
+        with torch.device("meta"):
+            module = factory()
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # diffusers / transformers on a bad config value
+        raise ModelLoadError(f"{what}: its config cannot build the model ({type(exc).__name__}: {exc}). "
+                             f"{advice}") from None
     keys = list(module.state_dict().keys())
     keys = [k for k in keys if not k.endswith("position_ids")]
     state = read(keys)
