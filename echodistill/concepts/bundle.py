@@ -54,7 +54,7 @@ def _checked_header(path: Path, header: str) -> dict:
                      if k in meta and not isinstance(meta[k], t)]
     token = meta.get("token") if not problems else None
     if isinstance(token, str) and (not token or any(ch.isspace() for ch in token)):
-        problems.append(f"the token {token!r} is not one word")  # TrainConfig's rule: no bundle is trained so
+        problems.append(f"the token {token!r} is not one word")  # TrainConfig refuses it: no training wrote it
     counts = meta.get("adapter_tensors") if not problems else None
     if isinstance(counts, dict) and not all(isinstance(n, int) and not isinstance(n, bool) for n in counts.values()):
         problems.append(f"'adapter_tensors' holds {counts!r}, not whole numbers")
