@@ -14,7 +14,10 @@ Stages (each logged to runs/miniworld/<stage>.log and, all together, to train.lo
   7. eval     — load both folders with load_model_pair, sample through echodistill.sampling,
                 score with the oracle; numbers in runs/miniworld/eval.json, pictures beside them
 Intermediate results are kept in runs/miniworld/ckpt/, so `--from-stage student` redoes only the
-later stages, and `--to-stage teacher` stops after the teacher. With `--device cuda` the VAE, text
+later stages, and `--to-stage teacher` stops after the teacher. A run cut off (a session ending, Ctrl-C)
+goes on from its last checkpoint when started again with the same command: every training loop
+(VAE, teacher, student, oracles, image-prompt adapter; not the text encoder's minutes-long pretraining) and the
+student's teacher pairs save their state. With `--device cuda` the VAE, text
 encoder, teacher and student train on the GPU from the same random draws as on the CPU (training.py),
 and their checkpoints resume on either. `--quick` shrinks every stage to seconds, to check the script end to end (it writes
 into runs/miniworld/quick/ instead of the package).
@@ -77,6 +80,8 @@ from echodistill.models.tokenizer import load_clip_tokenizer  # noqa: E402
 from echodistill.sampling.samplers import sample_student  # noqa: E402
 
 STAGES = ("render", "vae", "teacher", "student", "write", "oracle", "eval")
+# The student stage's resumable progress in ckpt/: the teacher's pairs so far, the distillation loop state.
+STUDENT_PROGRESS = ("student_pairs.pt", "student_running.pt")
 
 
 @dataclass(frozen=True)
@@ -206,8 +211,9 @@ def main() -> None:
         pair = load_model_pair(model_root / "teacher", model_root / "student")
         adapter = train_image_prompt(pair.teacher.unet, pair.vae, pair.tokenizer, pair.text_encoder,
                                      pair.teacher.scheduler_config, settings.image_prompt, args.seed,
-                                     log.stage("image_prompt"))
+                                     log.stage("image_prompt"), resume_path=ckpt / "image_prompt_running.pt")
         path = adapter.save(adapter_path(oracle_root))
+        (ckpt / "image_prompt_running.pt").unlink(missing_ok=True)
         log("image_prompt", f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
         return
     if args.eval_only:
@@ -234,7 +240,7 @@ def main() -> None:
         factor = set_scaling_factor(vae, latents)
         save_atomically(ckpt / "vae.pt", {"state": vae.state_dict(), "scaling_factor": factor})
         resume.unlink(missing_ok=True)
-        for stale in ("teacher_running.pt", "teacher.pt", "student.pt"):  # they denoise the old VAE's latents
+        for stale in ("teacher_running.pt", "teacher.pt", "student.pt", *STUDENT_PROGRESS):  # the old VAE's latents
             if (ckpt / stale).is_file():
                 (ckpt / stale).unlink()
                 log("vae", f"removed {stale}: it was trained on another VAE's latents")
@@ -271,9 +277,10 @@ def main() -> None:
                                            log.stage("teacher"), text_encoder, resume, args.device)
         save_atomically(ckpt / "teacher.pt", {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()})
         resume.unlink(missing_ok=True)
-        if (ckpt / "student.pt").is_file():  # distilled from the teacher just replaced
-            (ckpt / "student.pt").unlink()
-            log("teacher", "removed student.pt: it was distilled from the previous teacher")
+        for stale in ("student.pt", *STUDENT_PROGRESS):  # distilled from the teacher just replaced
+            if (ckpt / stale).is_file():
+                (ckpt / stale).unlink()
+                log("teacher", f"removed {stale}: it was made from the previous teacher")
     else:
         saved = torch.load(ckpt / "teacher.pt", map_location="cpu", weights_only=True)
         unet.load_state_dict(saved["unet"])
@@ -294,10 +301,12 @@ def main() -> None:
             uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1, 77, D)
         noise = torch.randn((len(prompts), 4, 16, 16), generator=torch.Generator().manual_seed(args.seed + 4))
         targets = teacher_pairs(unet, cond, uncond, noise, teacher_config, settings.student, log.stage("student"),
-                                args.device)
+                                args.device, resume_path=ckpt / "student_pairs.pt")
         student = distill_student(unet, noise, cond, targets, student_config, settings.student, args.seed,
-                                  log.stage("student"), args.device)
+                                  log.stage("student"), args.device, resume_path=ckpt / "student_running.pt")
         save_atomically(ckpt / "student.pt", {"unet": student.state_dict()})
+        for finished in STUDENT_PROGRESS:
+            (ckpt / finished).unlink(missing_ok=True)
     else:
         student.load_state_dict(torch.load(ckpt / "student.pt", map_location="cpu", weights_only=True)["unet"])
     if done("student"):

@@ -239,6 +239,51 @@ def test_teacher_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, cut
         assert torch.equal(a, b), name
 
 
+def test_student_stage_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, cut_after_checkpoint):
+    """Both halves resume: the teacher's pairs batch by batch, the distillation from its loop checkpoint."""
+    import dataclasses
+
+    from echodistill.miniworld import training
+
+    scheduler, _, _, _ = _teacher_inputs()
+    torch.manual_seed(0)
+    teacher = arch.build_unet().eval()
+    cond = torch.randn((3, 77, arch.TEXT_WIDTH), generator=torch.Generator().manual_seed(1))
+    noise = torch.randn((3, 4, 16, 16), generator=torch.Generator().manual_seed(2))
+    settings = training.StudentSettings(pair_steps=2, pair_batch=1, steps=4, batch=2, warmup=1, checkpoint_every=2)
+    quiet = lambda message: None  # noqa: E731
+
+    uncut_pairs = training.teacher_pairs(teacher, cond, cond[:1], noise, scheduler, settings, quiet)
+    pairs_file = tmp_path / "student_pairs.pt"
+    with cut_after_checkpoint("student_pairs.pt"):
+        training.teacher_pairs(teacher, cond, cond[:1], noise, scheduler, settings, quiet, resume_path=pairs_file)
+    assert len(torch.load(pairs_file, weights_only=True)["targets"]) == 1
+    lines = []
+    pairs = training.teacher_pairs(teacher, cond, cond[:1], noise, scheduler, settings, lines.append,
+                                   resume_path=pairs_file)
+    assert any("pairs resumed" in line and "at 1/3" in line for line in lines), lines
+    assert torch.equal(pairs, uncut_pairs)
+
+    other = dataclasses.replace(settings, pair_guidance=2.0)  # the saved pairs are another guidance's
+    lines.clear()
+    redone = training.teacher_pairs(teacher, cond, cond[:1], noise, scheduler, other, lines.append,
+                                    resume_path=pairs_file)
+    assert any("starting over" in line for line in lines), lines
+    assert torch.equal(redone, training.teacher_pairs(teacher, cond, cond[:1], noise, scheduler, other, quiet))
+
+    uncut = training.distill_student(teacher, noise, cond, pairs, scheduler, settings, 0, quiet)
+    state = tmp_path / "student_running.pt"
+    with cut_after_checkpoint("student_running.pt"):
+        training.distill_student(teacher, noise, cond, pairs, scheduler, settings, 0, quiet, resume_path=state)
+    assert torch.load(state, weights_only=True)["step"] == 2
+    lines.clear()
+    resumed = training.distill_student(teacher, noise, cond, pairs, scheduler, settings, 0, lines.append,
+                                       resume_path=state)
+    assert any("student resumed" in line and "step 2/4" in line for line in lines), lines
+    for (name, a), b in zip(uncut.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def _teacher_inputs(count: int = 6):
     from echodistill.models.families import CONFIG_ROOT, family_config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -217,6 +218,33 @@ def test_image_prompt_student_is_the_library_student_sampler_with_the_adapter_in
         assert (steered - plain).abs().max() > 1e-3
     assert {name: type(p) for name, p in unet.attn_processors.items()} == processors
     assert {p.dtype for p in adapter.parameters()} == {torch.float32}  # a half-precision pair leaves it as it was
+
+
+def test_image_prompt_training_changes_only_the_adapter_and_a_cut_run_resumes_as_an_uncut_one(
+    tiny_pair_folders, tmp_path, cut_after_checkpoint
+):
+    from echodistill.miniworld.image_prompt import ImagePromptSettings, train_image_prompt
+    from echodistill.models.pair import load_model_pair
+
+    pair = load_model_pair(*tiny_pair_folders)
+    parts = (pair.teacher.unet, pair.vae, pair.tokenizer, pair.text_encoder, pair.teacher.scheduler_config)
+    settings = ImagePromptSettings(pairs=6, steps=4, batch=2, warmup=1, checkpoint_every=2)
+    quiet = lambda message: None  # noqa: E731
+    frozen = {k: v.clone() for k, v in pair.teacher.unet.state_dict().items()}
+    uncut = train_image_prompt(*parts, settings, 0, quiet)
+    assert all(torch.equal(frozen[k], v) for k, v in pair.teacher.unet.state_dict().items())  # only the adapter
+
+    state = tmp_path / "image_prompt_running.pt"
+    with cut_after_checkpoint("image_prompt_running.pt"):
+        train_image_prompt(*parts, settings, 0, quiet, resume_path=state)
+    assert torch.load(state, weights_only=True)["step"] == 2
+    lines = []
+    resumed = train_image_prompt(*parts, settings, 0, lines.append, resume_path=state)
+    assert any("image prompt resumed" in line and "step 2/4" in line for line in lines), lines
+    fresh = train_image_prompt(*parts, dataclasses.replace(settings, steps=0), 0, quiet)  # the initial weights
+    for (name, a), b in zip(uncut.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(uncut.state_dict().values(), fresh.state_dict().values()))
 
 
 def test_oracle_training_cut_off_and_resumed_ends_as_an_uncut_run(tmp_path, monkeypatch, cut_after_checkpoint):

@@ -52,7 +52,8 @@ from ..sampling.samplers import native_resolution, sample_student
 from .grammar import COLORS, POSITIONS, SIZES, Scene, sample_scene
 from .procedural import BASE_SEEDS, procedural_caption, procedural_subject
 from .render import render
-from .training import Log, Meter, make_optimizer, min_snr_loss, structured_noise
+from .training import (Log, Meter, make_optimizer, min_snr_loss, restore_loop_state, save_loop_state,
+                       structured_noise)
 
 ADAPTER_FILE = "image_prompt_adapter.safetensors"
 BUILD_COMMAND = "scripts/train_miniworld.py --image-prompt-only"
@@ -81,6 +82,7 @@ class ImagePromptSettings:
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.35  # the base teacher's training noise (training.structured_noise)
     coarse_noise: float = 0.35
+    checkpoint_every: int = 200  # steps between loop checkpoints when training with a resume path
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -255,8 +257,12 @@ def render_pairs(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[st
 
 
 def train_image_prompt(unet, vae, tokenizer, text_encoder, scheduler_config: dict, settings: ImagePromptSettings,
-                       seed: int, log: Log) -> ImagePromptAdapter:
-    """Train the adapter on the frozen `unet` (the teacher) with the ε-prediction denoising loss."""
+                       seed: int, log: Log, resume_path: Path | None = None) -> ImagePromptAdapter:
+    """Train the adapter on the frozen `unet` (the teacher) with the ε-prediction denoising loss.
+
+    With `resume_path`, the loop state is saved there every `settings.checkpoint_every` steps and
+    picked up from it when it exists (training.save_loop_state), so a cut run ends as an uncut one.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 6)
     for module in (unet, vae, text_encoder):
@@ -275,9 +281,12 @@ def train_image_prompt(unet, vae, tokenizer, text_encoder, scheduler_config: dic
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     optimizer, scheduler = make_optimizer([{"params": list(adapter.parameters()), "lr": settings.lr,
                                             "weight_decay": 1e-2}], settings.steps, settings.warmup)
+    modules = {"adapter": adapter}
+    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "image prompt",
+                               settings.steps)
     meter = Meter()
     with adapter.attached(unet):
-        for step in range(1, settings.steps + 1):
+        for step in range(first, settings.steps + 1):
             index = torch.randint(0, len(latents), (settings.batch,), generator=generator)
             clean = latents[index]  # (B, 4, 16, 16)
             states = text[index].clone()  # (B, 77, D)
@@ -304,6 +313,8 @@ def train_image_prompt(unet, vae, tokenizer, text_encoder, scheduler_config: dic
             meter.add(loss=loss.item())
             if step % 50 == 0 or step == settings.steps:
                 log(f"image prompt {meter.line(step, settings.steps)}")
+            if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
+                save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
     log(f"image prompt settings: {json.dumps(asdict(settings))}")
     return adapter.eval().requires_grad_(False)
 

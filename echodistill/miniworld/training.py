@@ -406,6 +406,7 @@ class StudentSettings:
     batch: int = 64
     lr: float = 1e-4
     warmup: int = 100
+    checkpoint_every: int = 100  # distillation steps between loop checkpoints (the pairs are kept per batch)
 
 
 @torch.no_grad()
@@ -418,22 +419,50 @@ def teacher_pairs(
     settings: StudentSettings,
     log: Log,
     device: torch.device | str = "cpu",
+    resume_path: Path | None = None,
 ) -> torch.Tensor:
-    """The teacher's guided DDIM images (N, 4, 16, 16), on the CPU, from `noise` under prompts (N, 77, D)."""
+    """The teacher's guided DDIM images (N, 4, 16, 16), on the CPU, from `noise` under prompts (N, 77, D).
+
+    With `resume_path`, the images made so far are saved there after every batch of
+    `settings.pair_batch`, and a later call with the same inputs goes on from them; a file made from
+    other inputs or settings (another teacher's is removed by the script) is started over.
+    """
     unet = copy.deepcopy(unet).to(device)
     uncond = uncond.to(device)
     alphas_cumprod = alphas_cumprod_for(scheduler_config).to(device)
     schedule = ddim_schedule(scheduler_config, settings.pair_steps, alphas_cumprod)
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    targets = []
-    start = time.time()
-    for i in range(0, len(noise), settings.pair_batch):
+    inputs = _pairs_fingerprint(noise, encoder_hidden_states, uncond, settings)
+    targets = _restore_pairs(resume_path, inputs, log)
+    start, first = time.time(), sum(len(t) for t in targets)
+    for i in range(first, len(noise), settings.pair_batch):
         sl = slice(i, i + settings.pair_batch)
         targets.append(denoise(unet, noise[sl].to(device), encoder_hidden_states[sl].to(device), uncond,
                                settings.pair_guidance, schedule, alphas_cumprod, prediction_type).cpu())
         done = min(i + settings.pair_batch, len(noise))
+        if resume_path is not None and done < len(noise):
+            save_atomically(resume_path, {"inputs": inputs, "targets": torch.cat(targets)})
         log(f"pairs {done}/{len(noise)} ({time.time() - start:.0f} s)")
     return torch.cat(targets)
+
+
+def _pairs_fingerprint(noise: torch.Tensor, encoder_hidden_states: torch.Tensor, uncond: torch.Tensor,
+                       settings: StudentSettings) -> torch.Tensor:
+    """Numbers that change when the pairs' inputs or settings do: counts, settings and input sums (float64)."""
+    sums = [t.detach().double().cpu().sum() for t in (noise, noise.abs(), encoder_hidden_states, uncond)]
+    return torch.tensor([len(noise), settings.pair_steps, settings.pair_guidance, settings.pair_batch, *sums],
+                        dtype=torch.float64)
+
+
+def _restore_pairs(path: Path | None, inputs: torch.Tensor, log: Log) -> list[torch.Tensor]:
+    if path is None or not path.is_file():
+        return []
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["inputs"].shape != inputs.shape or not torch.allclose(state["inputs"], inputs, rtol=1e-9, atol=0):
+        log(f"pairs in {path} were made from other inputs or settings: starting over")
+        return []
+    log(f"pairs resumed from {path} at {len(state['targets'])}/{int(inputs[0])}")
+    return [state["targets"]]
 
 
 def distill_student(
@@ -446,8 +475,12 @@ def distill_student(
     seed: int,
     log: Log,
     device: torch.device | str = "cpu",
+    resume_path: Path | None = None,
 ) -> UNet2DConditionModel:
-    """A copy of the teacher trained so that ONE step at t = 999 from `noise` lands on `targets`."""
+    """A copy of the teacher trained so that ONE step at t = 999 from `noise` lands on `targets`.
+
+    With `resume_path`, the loop state is saved there every `settings.checkpoint_every` steps and
+    picked up from it when it exists, as the teacher's is."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 2)
     student = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
@@ -456,8 +489,10 @@ def distill_student(
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     optimizer, scheduler = make_optimizer([{"params": student.parameters(), "lr": settings.lr, "weight_decay": 1e-2}],
                                       settings.steps, settings.warmup)
+    modules = {"student": student}
+    first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "student", settings.steps)
     meter = Meter()
-    for step in range(1, settings.steps + 1):
+    for step in range(first, settings.steps + 1):
         index = _batch_indices(len(noise), settings.batch, generator).to(device)
         latents = student_one_step(student, noise[index], encoder_hidden_states[index], alphas_cumprod,
                                    prediction_type)  # (B, 4, 16, 16)
@@ -470,4 +505,6 @@ def distill_student(
         meter.add(loss=loss.item())
         if step % 50 == 0 or step == settings.steps:
             log(f"student {meter.line(step, settings.steps)}")
+        if resume_path is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
+            save_loop_state(resume_path, step, modules, optimizer, scheduler, generator)
     return student.cpu().eval().requires_grad_(False)
