@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -110,7 +112,7 @@ def _damage(folder, case):
     weights = next((folder / "unet").glob("*.safetensors"))
     if case == "truncated unet":
         weights.write_bytes(weights.read_bytes()[:2000])
-        return "is not a readable safetensors file"
+        return "is not a readable safetensors file (not a safetensors file, or cut short within its header"
     if case == "no unet weights":
         weights.unlink()
         return "no weights in"
@@ -123,6 +125,12 @@ def _damage(folder, case):
     if case == "model_index garbage":
         (folder / "model_index.json").write_text("garbage{")
         return "model_index.json is not valid JSON"
+    if case == "scheduler values":
+        path = folder / "scheduler" / "scheduler_config.json"
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({**config, "prediction_type": "eps", "num_train_timesteps": 0}))
+        return ("scheduler_config.json has prediction_type 'eps' (known: epsilon, v_prediction, sample); "
+                "num_train_timesteps 0 (a whole number of at least 1): restore the file")
     if case == "integer weights":
         save_file({k: v.to(torch.int32) for k, v in load_file(weights).items()}, str(weights))
         return "holds torch.int32 values where a weight is a floating-point number"
@@ -140,7 +148,7 @@ def _damage(folder, case):
 
 
 DAMAGES = ["truncated unet", "no unet weights", "unet config {}", "unet config list", "model_index garbage",
-           "integer weights", "junk .bin", "no text encoder"]
+           "scheduler values", "integer weights", "junk .bin", "no text encoder"]
 
 
 @pytest.mark.parametrize("case", DAMAGES)
@@ -157,7 +165,7 @@ def test_a_damaged_teacher_is_refused_in_one_line_by_sample(case, tiny_pair_fold
 
 
 @pytest.mark.parametrize("case", ["truncated unet", "no unet weights", "unet config list", "junk .bin",
-                                  "no text encoder"])
+                                  "no text encoder", "model_index garbage", "scheduler values"])
 def test_inspect_opens_every_part_the_role_reads(case, tiny_pair_folders, tmp_path, capsys):
     """A folder whose configs read but whose weights do not is refused by `inspect`, as loading would refuse it."""
     import shutil

@@ -148,6 +148,10 @@ def test_backbone_errors_are_actionable(tmp_path):
     save_file(clip, tmp_path / "noproj.safetensors")
     with pytest.raises(BackboneError, match="no visual_projection.weight"):
         load_backbone("clip_vit_h14", tmp_path / "noproj.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "noproj.safetensors").read_bytes()[:300])
+    with pytest.raises(BackboneError, match=r"cut.safetensors is not a readable safetensors file \(.*\): give the "
+                                            r"CLIP ViT-H/14 .*weights"):
+        load_backbone("clip_vit_h14", tmp_path / "cut.safetensors")
     dinov2 = _saved_state(_tiny("dinov2_vitl14", heads=1), tmp_path / "d")
     for drop, message in [("encoder.layer.0.mlp.fc1.weight", "lacks the tensor 'encoder.layer.0.mlp.fc1"),
                           ("encoder.layer.1.mlp.fc2.weight", "lacks or mis-sizes 1 weights of DINOv2")]:
@@ -264,6 +268,13 @@ def test_ip_adapter_errors(tmp_path):
     save_file({"image_proj.latents": torch.zeros(1, 16, 32)}, tmp_path / "plus.safetensors")
     with pytest.raises(BackboneError, match="Plus/FaceID Resampler"):
         load_ip_adapter_image_projection(tmp_path / "plus.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "plus.safetensors").read_bytes()[:60])
+    with pytest.raises(BackboneError, match=r"cut.safetensors is not a readable safetensors file \(.*\): use an "
+                                            r"IP-Adapter file"):
+        load_ip_adapter_image_projection(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.bin").write_bytes(b"\x80\x04junk" * 40)
+    with pytest.raises(BackboneError, match=r"junk.bin is not a readable PyTorch file .*; use an IP-Adapter file"):
+        load_ip_adapter_image_projection(tmp_path / "junk.bin")
 
 
 def test_ensemble_builds_runs_and_exposes_only_heads(tmp_path):

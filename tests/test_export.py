@@ -213,6 +213,30 @@ def test_a_trained_lora_run_exports_keys_that_all_map(tiny_pair_folders, tmp_pat
     patched = apply_kohya_lora(base, load_file(report.path))
     assert len(patched) == report.layers == len(bundle.student_adapter) // 2
     assert report.max_error == 0.0 and report.rank == config.lora_rank
+    assert bundle.unet_configs["student"]["block_out_channels"] == list(base.config.block_out_channels)  # stored
+
+
+def test_export_checks_a_bundle_against_the_unet_config_it_stored(cd_bundle, tiny_pair_folders, tmp_path):
+    """An edited bundle (a ΔW or token row of another shape) is refused with no --unet-config given."""
+    pair = load_model_pair(*tiny_pair_folders)
+    stored = {part: json.loads(json.dumps(dict(getattr(pair, part).unet.config))) for part in ("teacher", "student")}
+    bundle = dataclasses.replace(cd_bundle, unet_configs=stored)
+    assert export_lora(bundle, tmp_path / "ok.safetensors").layers > 0
+    export_embedding(bundle, tmp_path / "ok_embedding.safetensors")
+
+    key = sorted(bundle.student_adapter)[0]
+    narrow = {**bundle.student_adapter, key: bundle.student_adapter[key][..., :-8]}
+    with pytest.raises(ExportError, match=r"ΔW has shape .* but the student UNet it was trained on's weight is \(\d+, \d+\) \(its config, stored in "
+                       r"the bundle\): the bundle was edited or damaged"):
+        export_lora(dataclasses.replace(bundle, student_adapter=narrow), tmp_path / "narrow.safetensors")
+    assert not (tmp_path / "narrow.safetensors").exists()
+    wide_row = dataclasses.replace(bundle, embedding=torch.randn(40))
+    with pytest.raises(ExportError, match="embedding row is 40 wide but the student it was trained on reads 32-wide"):
+        export_embedding(wide_row, tmp_path / "wide.safetensors")
+    assert not (tmp_path / "wide.safetensors").exists()
+    sdxl_config = {**stored["student"], "addition_embed_type": "text_time"}
+    with pytest.raises(ExportError, match="stored student UNet config is not the diffusers config of an SD 1.x / 2.x"):
+        export_lora(dataclasses.replace(bundle, unet_configs={"student": sdxl_config}), tmp_path / "x.safetensors")
 
 
 # --- key mapping and refusals -----------------------------------------------------------------------

@@ -93,11 +93,13 @@ def test_manifest_refuses_empty_photo_folders_and_miscounted_captions_and_names_
     with pytest.raises(ConfigError) as info:
         load_manifest(path)
     message = str(info.value)
-    assert "4 problem(s)" in message, message
+    assert "5 problem(s)" in message, message
     assert message.count("preset 'fastest' is unknown") == 1, message
     assert f"concept 'a': no usable image in folder {str(empty)!r}" in message, message
     assert "concept 'b': `captions` lists 2 caption(s) for 3 photo(s)" in message, message
-    assert "concept 'c': 2 config problems:" in message and "batch_size=0 must be at least 1" in message, message
+    # each config problem on its own line, naming its concept
+    assert "concept 'c': batch_size=0 must be at least 1" in message, message
+    assert "concept 'c': lr_student=5.0 must be at most 1" in message, message
     nameless = _write_manifest(tmp_path / "nameless.toml", tiny_pair_folders, [
         {"photos": str(good), "class_word": "dog"}, {"name": "fleet-state.json", "photos": str(good), "class_word": "dog"}])
     with pytest.raises(ConfigError) as info:  # no KeyError: a missing name is one more problem
@@ -147,6 +149,128 @@ def test_manifest_presets_follow_the_teachers_model_line(tiny_pair_folders, tiny
     not_a_model.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="teacher: "):
         load_manifest(_write_manifest(tmp_path / "bad.toml", (not_a_model, tiny_pair_folders[1]), concepts, shared))
+
+
+MINIWORLD_PAIR = ("miniworld/teacher", "miniworld/student")
+
+
+def test_a_bad_shared_value_is_named_once_as_the_shared_keys_problem(tmp_path):
+    concepts = [{"name": name, "photos": "miniworld/smiley"} for name in ("a", "b", "c")]
+    zero = _write_manifest(tmp_path / "zero.toml", MINIWORLD_PAIR, concepts, shared={**SHARED, "steps": 0})
+    with pytest.raises(ConfigError) as info:
+        load_manifest(zero)
+    message = str(info.value)
+    assert "1 problem(s)" in message, message
+    assert "  - top-level `steps` (every concept's): steps=0 must be at least 1" in message, message
+    assert "concept '" not in message, message  # not once per concept
+    shared_config = _write_manifest(tmp_path / "shared.toml", MINIWORLD_PAIR, [
+        *concepts, {"name": "d", "photos": "miniworld/smiley", "config": {"lr_student": 5.0}},
+        {"name": "e", "photos": "miniworld/smiley", "config": {"batch_size": 0}}],
+        config={**CONFIG, "batch_size": 0})
+    with pytest.raises(ConfigError) as info:
+        load_manifest(shared_config)
+    message = str(info.value)
+    assert "3 problem(s)" in message, message
+    assert "  - [config]: batch_size=0 must be at least 1" in message, message
+    # a concept's own values: still listed, the same value included
+    assert "  - concept 'd': lr_student=5.0 must be at most 1" in message, message
+    assert "  - concept 'e': batch_size=0 must be at least 1" in message, message
+    fixed = _write_manifest(tmp_path / "fixed.toml", MINIWORLD_PAIR, [
+        {"name": "a", "photos": "miniworld/smiley", "config": {"steps": 3}}], shared={**SHARED, "steps": 0})
+    with pytest.raises(ConfigError) as info:  # the shared value is still wrong, even where a concept sets its own
+        load_manifest(fixed)
+    assert "1 problem(s)" in str(info.value) and "top-level `steps`" in str(info.value), str(info.value)
+
+
+def test_shared_values_of_the_wrong_type_are_listed_with_no_valid_concept(tmp_path):
+    shared = {**SHARED, "steps": "ten", "resolution": 100, "seed": "x"}
+    for concepts, concept_problem in (
+            ([], "the manifest lists no concepts: add [[concept]] tables"),
+            ([{"name": "../up", "photos": "miniworld/no_such_subject"}], "unknown subject 'no_such_subject'")):
+        path = _write_manifest(tmp_path / "fleet.toml", MINIWORLD_PAIR, concepts, shared=shared,
+                               config={**CONFIG, "batch_size": 0})
+        with pytest.raises(ConfigError) as info:
+            load_manifest(path)
+        message = str(info.value)
+        for expected in ("  - top-level `steps` (every concept's): steps='ten' must be a whole number",
+                         "  - top-level `seed` (every concept's): seed='x' must be a whole number",
+                         # range problems too: a bad type elsewhere hides none
+                         "  - top-level `resolution` (every concept's): resolution=100 must be a multiple of 64",
+                         "  - [config]: batch_size=0 must be at least 1", concept_problem):
+            assert message.count(expected) == 1, message
+    single = tmp_path / "single.toml"  # [concept] where [[concept]] was meant: a wrong type, not "no concepts"
+    single.write_text('teacher = "miniworld/teacher"\nstudent = "miniworld/student"\nsteps = "ten"\n'
+                      '[concept]\nname = "a"\nphotos = "miniworld/smiley"\n')
+    with pytest.raises(ConfigError) as info:
+        load_manifest(single)
+    message = str(info.value)
+    assert "2 problem(s)" in message and "steps='ten' must be a whole number" in message, message
+    assert "`concept` is a single table: write each concept as [[concept]] (two brackets), not [concept]" in message
+
+
+def test_a_value_of_the_wrong_type_is_named_as_such_not_as_missing(tmp_path):
+    path = tmp_path / "fleet.toml"
+    path.write_text('teacher = 5\nstudent = ["miniworld/student"]\n'
+                    '[[concept]]\nname = 7\nphotos = 3\nclass_word = "dog"\n'
+                    '[[concept]]\nname = "b"\nphotos = "miniworld/smiley"\n')
+    with pytest.raises(ConfigError) as info:
+        load_manifest(path)
+    message = str(info.value)
+    assert "4 problem(s)" in message and "missing" not in message, message
+    for expected in ("`teacher` must be a path string in quotes (a checkpoint, a diffusers folder or "
+                     "miniworld/teacher), got 5",
+                     "`student` must be a path string in quotes (a checkpoint, a diffusers folder or "
+                     "miniworld/student), got ['miniworld/student']",
+                     "concept #1: `name` must be a string in quotes (the output folder's name), got 7",
+                     "concept #1: `photos` must be a path string in quotes (a folder of photos or "
+                     "miniworld/<subject>), got 3"):
+        assert expected in message, message
+    path.write_text('student = "miniworld/student"\n[[concept]]\nphotos = "miniworld/smiley"\n')
+    with pytest.raises(ConfigError) as info:  # absent is still "missing"
+        load_manifest(path)
+    assert "`teacher` is missing" in str(info.value) and "needs a non-empty string `name`" in str(info.value)
+
+
+def test_fleet_run_check_refuses_a_mini_world_subject_with_miscounted_captions(tmp_path, capsys):
+    path = _write_manifest(tmp_path / "fleet.toml", MINIWORLD_PAIR, [
+        {"name": "a", "photos": "miniworld/smiley", "captions": ["a {} on a plain red background"] * 2},
+        {"name": "b", "photos": "miniworld/procedural_3", "captions": ["{}"] * 6},
+        {"name": "c", "photos": "miniworld/window", "captions": ["{}"] * 5}])  # one per reference: fine
+    assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "Traceback" not in err, err
+    assert ("  - concept 'a': `captions` lists 2 caption(s) for the 5 references of mini-world subject "
+            "'miniworld/smiley': give one per reference, or leave `captions` out for the world's own grammar "
+            "captions") in err, err
+    assert "  - concept 'b': `captions` lists 6 caption(s) for the 5 references" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("role, file, text", [("teacher", "model_index.json", "garbage{"),
+                                              ("student", "scheduler/scheduler_config.json", "[1, 2]"),
+                                              ("teacher", "scheduler/scheduler_config.json", "{")])
+def test_fleet_run_check_refuses_a_damaged_config_as_train_does(role, file, text, tiny_pair_folders, tmp_path,
+                                                               capsys):
+    """Configs only training reads (the teacher's model_index.json, each scheduler config): loading the pair
+    passes, `train` fails; `fleet run --check` refuses them with train's own message."""
+    import shutil
+
+    good = _photos(tmp_path / "good", 40)
+    pair = dict(zip(("teacher", "student"), tiny_pair_folders))
+    pair[role] = shutil.copytree(pair[role], tmp_path / role)
+    (pair[role] / file).write_text(text)
+    assert main(["train", "--teacher", str(pair["teacher"]), "--student", str(pair["student"]), "--images", str(good),
+                 "--class-word", "dog", "--steps", "2", "--resolution", "64", "--run-dir", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "c.safetensors")]) == 2
+    train_error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(train_error) == 1 and str(pair[role] / file) in train_error[0], train_error
+    path = _write_manifest(tmp_path / "fleet.toml", (pair["teacher"], pair["student"]),
+                           [{"name": "a", "photos": str(good), "class_word": "dog"}])
+    assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and "Traceback" not in err, err
+    assert f"  - {role}: {train_error[0].removeprefix('error: ')}" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_shipped_example_manifest_is_valid():

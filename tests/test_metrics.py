@@ -338,6 +338,9 @@ def test_missing_or_wrong_folders_name_the_needed_file(tmp_path, clip_folder):
         load_clip_metric_model(vision_only)
     with pytest.raises(MetricsError, match=r"holds a 'clip' model, not DINOv2 or DINO ViT"):
         load_dino_metric_model(clip_folder)
+    (tmp_path / "cut.safetensors").write_bytes(b"\x40" + bytes(20))
+    with pytest.raises(MetricsError, match=r"cut.safetensors is not a readable safetensors file \(.*\): DINO needs"):
+        load_dino_metric_model(tmp_path / "cut.safetensors")
     assert issubclass(MetricsError, EchoDistillError)
 
 

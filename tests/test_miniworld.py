@@ -207,7 +207,8 @@ def test_oracle_rejects_bad_input(oracle, tmp_path):
     with pytest.raises(OracleError, match="run scripts/train_miniworld.py"):
         Oracle.load(tmp_path)
     (tmp_path / "attribute_reader.safetensors").write_bytes(b"\x10" + bytes(40))  # truncated, not safetensors
-    with pytest.raises(OracleError, match="attribute_reader.safetensors is not a readable oracle file"):
+    with pytest.raises(OracleError, match=r"attribute_reader.safetensors is not a readable safetensors file \(its header is damaged; "
+                       r"safetensors says: [^)]*\): rebuild it with scripts/train_miniworld.py"):
         Oracle.load(tmp_path)
     from safetensors.torch import save_file
 

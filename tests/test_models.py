@@ -175,6 +175,31 @@ def test_a_diffusers_folder_whose_config_misfits_its_weights_is_named_as_such(ti
         load_unet(ModelSource.open(folder))
 
 
+def test_a_folder_read_with_a_named_family_is_advised_to_use_its_own_configs(tiny_pair_folders, tiny_world):
+    fam = tiny_world["families"]
+    with pytest.raises(ModelLoadError) as info:
+        load_unet(ModelSource.open(tiny_pair_folders[0], fam["tiny-sd15"]))
+    message = str(info.value)
+    assert "read with family tiny-sd15's configs, as named, not its own: leave the family on auto" in message, message
+    assert "restore the folder" not in message  # the folder is fine
+
+
+@pytest.mark.parametrize("edit", [{"hidden_size": 64}, {"num_hidden_layers": 7}])
+def test_a_text_encoder_config_edited_in_one_folder_is_named_not_blamed_on_the_pair(tiny_pair_folders, tmp_path, edit):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_pair_folders[0], teacher)
+    config_path = teacher / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    wrong = ", ".join(f"{k} {v} (the weights: {config[k]})" for k, v in edit.items())
+    config_path.write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ModelLoadError) as info:
+        load_model_pair(teacher, tiny_pair_folders[1])
+    message = str(info.value)
+    assert message == (f"{config_path} does not describe the weights beside it: it gives {wrong}. Restore the file "
+                       "from the model's release."), message
+    assert ModelSource.open(tiny_pair_folders[0]).text_config_misfit() is None  # the intact folder
+
+
 def test_missing_model_and_unknown_family_errors(tiny_pair_folders, tmp_path):
     teacher, student = tiny_pair_folders
     with pytest.raises(ModelLoadError, match="model not found: .*nope.safetensors"):

@@ -184,7 +184,8 @@ def test_image_prompt_adapter_refuses_another_unet_and_a_missing_file(tmp_path):
         ImagePromptAdapter.load(tmp_path / "missing.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10" + bytes(40))  # truncated, not safetensors: one error naming the file
-    with pytest.raises(ImagePromptError, match="junk.safetensors is not a readable adapter file"):
+    with pytest.raises(ImagePromptError, match=r"junk.safetensors is not a readable safetensors file \(its header is "
+                       r"damaged; safetensors says: [^)]*\): rebuild it with scripts/train_miniworld.py --image-prompt-only"):
         ImagePromptAdapter.load(junk)
     from safetensors.torch import save_file
 

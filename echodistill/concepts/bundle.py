@@ -27,7 +27,7 @@ from ..errors import EchoDistillError
 from ..models.adapters import adapter_kind, adapter_state_dict, add_custom_diffusion, add_lora, load_adapter_state_dict
 from ..models.concept import add_concept_tokens, concept_embedding, concept_rows, set_concept_rows
 from ..models.pair import ModelPair
-from ..models.tensor_files import atomic_save_safetensors, fingerprint
+from ..models.tensor_files import atomic_save_safetensors, fingerprint, open_safetensors
 from ..version import __version__
 
 METADATA_KEY = "echodistill"
@@ -189,8 +189,7 @@ class ConceptBundle:
             step=step,
             student_embedding=None if own is None else own[0].detach().clone(),
             student_embedding_2=None if own is None or len(own) < 2 else own[1].detach().clone(),
-            unet_configs={part: _plain_config(getattr(pair, part).unet.config) for part in ("teacher", "student")}
-            if len(rows) > 1 else {},
+            unet_configs={part: _plain_config(getattr(pair, part).unet.config) for part in ("teacher", "student")},
         )
 
     @property
@@ -254,12 +253,9 @@ class ConceptBundle:
         path = Path(path)
         if not path.is_file():
             raise EchoDistillError(f"concept bundle not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = (handle.metadata() or {}).get(METADATA_KEY)
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        except Exception as exc:
-            raise EchoDistillError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+        with open_safetensors(path, EchoDistillError, "copy the bundle again, or train the concept anew") as handle:
+            header = (handle.metadata() or {}).get(METADATA_KEY)
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         if header is None:
             stripped = _looks_like_bundle(tensors)
             raise EchoDistillError(

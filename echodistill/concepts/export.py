@@ -207,7 +207,9 @@ def export_lora(
     "stable-diffusion-xl-v1-base/lora" in the header for SDXL.
 
     `unet_config` (a diffusers UNet config, or a UNet without adapters), when given, checks that every
-    layer exists in that UNet with ΔW's shape before anything is written. An SDXL concept needs it to
+    layer exists in that UNet with ΔW's shape before anything is written; without it, the config the
+    bundle stored at training is checked against (bundles saved before it was stored: SD 1.x / 2.x
+    ones are not checked). An SDXL concept needs it to
     name its keys unless it was trained on a shipped SDXL family (sdxl-base / sdxl-turbo), whose config
     is then used and checked against. Raises ExportError (nothing written) when the UNet does not fit,
     when it is of the other kind (SDXL vs SD 1.x / 2.x), or when an SDXL concept of another family comes
@@ -227,9 +229,15 @@ def export_lora(
     if not deltas:
         raise ExportError(f"the bundle has no {part} adapter weights to export")
     layout = export_unet_config(bundle.is_sdxl, bundle.families, part, unet_config, bundle.unet_configs.get(part))
-    if unet_config is not None or layout is not None:
-        check_against_unet({m: tuple(d.shape) for m, d in deltas.items()}, unet_config if unet_config is not None
-                           else layout)
+    if unet_config is not None:
+        check_against_unet({m: tuple(d.shape) for m, d in deltas.items()}, unet_config)
+    elif layout is not None:
+        stored = bool(bundle.unet_configs.get(part))
+        check_against_unet({m: tuple(d.shape) for m, d in deltas.items()}, layout,
+                           f"the {part} UNet it was trained on" if stored else f"the shipped {bundle.families[part]} UNet",
+                           " (its config, stored in the bundle): the bundle was edited or damaged; export one as "
+                           "training saved it" if stored else ": pass unet_config= (the config of the UNet it was "
+                           "trained on)")
     keys = kohya_keys(deltas, layout, bundle.is_sdxl)  # module -> lora_unet_…
 
     tensors: dict[str, torch.Tensor] = {}
@@ -310,12 +318,20 @@ def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrit
     the token (stored in the header, key ``echodistill_export``). The header also carries Stability AI's
     model spec (``modelspec.architecture`` "stable-diffusion-xl-v1-base/textual-inversion").
 
-    Raises ExportError when a row is not finite, OutputExistsError when `path` exists and not `overwrite`.
+    Raises ExportError when a row is not finite or its width is not the one of the text states the
+    student's UNet config (stored in the bundle) reads; OutputExistsError when `path` exists and not
+    `overwrite`.
     """
     target = _target(path, overwrite)
     rows = [row.detach().float().reshape(1, -1) for row in bundle.embeddings_for("student")]  # (1, D) each
     if not all(torch.isfinite(row).all() for row in rows):
         raise ExportError("the bundle's embedding row is not finite; refusing to export it")
+    width = (bundle.unet_configs.get("student") or {}).get("cross_attention_dim")
+    if isinstance(width, int) and sum(row.shape[1] for row in rows) != width:  # the text states the UNet reads
+        raise ExportError(f"the bundle's embedding row{'s are' if len(rows) > 1 else ' is'} "
+                          f"{' + '.join(str(row.shape[1]) for row in rows)} wide but the student it was trained on "
+                          f"reads {width}-wide text states: the file was edited or damaged; export a bundle as "
+                          "training saved it")
     tensors = dict(zip(SDXL_ROW_NAMES, rows)) if bundle.is_sdxl else {bundle.token: rows[0]}
     info = {
         "kind": "embedding",

@@ -85,11 +85,12 @@ def export_unet_config(sdxl: bool, families: Mapping[str, str], part: str,
     """The diffusers UNet config an export of `part` is named and checked against.
 
     `unet_config` (a config mapping, or a diffusers UNet whose ``.config`` is read) when given; else the
-    config the SDXL bundle stored at training (`stored`, ConceptBundle.unet_configs); else, for an
-    SDXL concept trained on a shipped family (sdxl-base, sdxl-turbo), that family's UNet config; else None
-    (SD 1.x / 2.x need none: their keys are diffusers paths). Raises ExportError, in one line naming both, when
-    the config is of the other kind than the concept (SDXL vs SD 1.x / 2.x), and when an SDXL concept of
-    another family comes without one.
+    config the bundle stored at training (`stored`, ConceptBundle.unet_configs); else, for an SDXL concept
+    trained on a shipped family (sdxl-base, sdxl-turbo), that family's UNet config; else None (an SD 1.x /
+    2.x bundle saved before configs were stored: its keys are diffusers paths, so it is named without one,
+    and not checked). Raises ExportError, in one line naming both, when the config is of the other kind than
+    the concept (SDXL vs SD 1.x / 2.x), when the stored one is damaged, and when an SDXL concept of another
+    family comes without one.
     """
     config = getattr(unet_config, "config", None) if isinstance(unet_config, nn.Module) else unet_config
     trained = f"{families.get('teacher')} + {families.get('student')}"
@@ -100,14 +101,14 @@ def export_unet_config(sdxl: bool, families: Mapping[str, str], part: str,
                 f"{_describe(config)}: give the config of the UNet it was trained on")
         return config
     family = families.get(part)
+    if stored:
+        if not isinstance(stored, Mapping) or "block_out_channels" not in stored or is_sdxl_unet(stored) != sdxl:
+            raise ExportError(f"the concept's stored {part} UNet config is not the diffusers config of an "
+                              f"{_kind(sdxl)} UNet: the file was edited or damaged; pass unet_config= (the config "
+                              "of the UNet it was trained on)", parameters=("unet_config",))
+        return stored
     if not sdxl:
         return None
-    if stored:
-        if not isinstance(stored, Mapping) or "block_out_channels" not in stored:
-            raise ExportError(f"the concept's stored {part} UNet config is not a diffusers UNet config: the file was "
-                              "edited or damaged; pass unet_config= (the config of the UNet it was trained on)",
-                              parameters=("unet_config",))
-        return stored
     if family in SDXL_FAMILIES:
         return family_config(family).unet
     raise ExportError(
@@ -117,10 +118,12 @@ def export_unet_config(sdxl: bool, families: Mapping[str, str], part: str,
         parameters=("unet_config",))
 
 
-def check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mapping | nn.Module) -> None:
+def check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mapping | nn.Module,
+                       described: str = "the given UNet", hint: str = "") -> None:
     """Every exported module must be a Linear or conv layer of that UNet with ΔW's shape (built on meta: free).
 
-    Raises ExportError naming the first module that is missing or has another shape.
+    Raises ExportError naming the first module that is missing or has another shape; `described` names
+    the UNet in it, and `hint` ends it.
     """
     if isinstance(unet_config, nn.Module):
         unet = unet_config
@@ -137,9 +140,9 @@ def check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mappi
     for module, shape in shapes.items():
         if module not in linears:
             raise ExportError(
-                f"{module} is not a Linear or conv layer of the given UNet: was the bundle trained on another?")
+                f"{module} is not a Linear or conv layer of {described}{hint or ': was the bundle trained on another?'}")
         if tuple(linears[module].weight.shape) != tuple(shape):
             raise ExportError(
-                f"{module}: ΔW has shape {tuple(shape)} but the given UNet's weight is "
-                f"{tuple(linears[module].weight.shape)}"
+                f"{module}: ΔW has shape {tuple(shape)} but {described}'s weight is "
+                f"{tuple(linears[module].weight.shape)}{hint}"
             )

@@ -30,11 +30,11 @@ from typing import Literal, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from transformers import CLIPModel, CLIPTokenizer
 
 from ..errors import EchoDistillError
 from ..models.backbones import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, load_backbone
+from ..models.tensor_files import open_safetensors
 from ..models.tokenizer import load_clip_tokenizer
 
 
@@ -258,7 +258,7 @@ def load_dino_metric_model(path: str | os.PathLike, *, device: str | torch.devic
         _check_folder(source, "DINO", DINO_HINT)
         model_type = _model_type(source)
     elif source.suffix == ".safetensors":
-        with safe_open(str(source), framework="pt") as f:  # DINOv2 blocks carry layer scales, ViT's don't
+        with open_safetensors(source, MetricsError, f"DINO needs {DINO_HINT}") as f:  # DINOv2 has layer scales
             model_type = "dinov2" if any("layer_scale" in k for k in f.keys()) else "vit"
     else:
         raise MetricsError(f"{source} is neither a folder nor a .safetensors file; DINO needs {DINO_HINT}")

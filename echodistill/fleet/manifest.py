@@ -24,7 +24,9 @@ lists every problem (missing folders, duplicate names, unknown keys, bad values)
 from __future__ import annotations
 
 import os
+import re
 import sys
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ MINIWORLD_PREFIX = "miniworld/"
 MINIWORLD_PRESET = "miniworld"  # miniworld.recipe.PRESET (not imported here: the manifest reads without torch)
 SHARED_KEYS = {"teacher", "student", "preset", "steps", "resolution", "seed", "config", "concept",
                "teacher_family", "student_family", "dtype"}
+TOP_LEVEL_FIELDS = ("steps", "resolution", "seed")  # TrainConfig fields a manifest may also give at its top level
 CONCEPT_KEYS = {"name", "photos", "token", "class_word", "captions", "config"}
 
 
@@ -102,7 +105,9 @@ RESERVED_NAMES = (STATE_NAME, f"{REPORT_NAME}.md", f"{REPORT_NAME}.json")
 
 def check_name(name: Any) -> str | None:
     """The reason an output name is refused, or None: the rule every output name follows (files.check_name)."""
-    if not isinstance(name, str) or not name.strip():
+    if name is not None and not isinstance(name, str):
+        return f"`name` must be a string in quotes (the output folder's name), got {name!r}"
+    if name is None or not name.strip():
         return "a concept needs a non-empty string `name`"
     if name in RESERVED_NAMES:
         return f"name {name!r} is the fleet's own file in --out; choose another name"
@@ -162,13 +167,18 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
         preset_name = "paper"  # reported once here; each concept's fields are still checked against the paper's
     shared = _table(data.get("config", {}), "[config]", problems)
     problems += [f"[config]: unknown config key {k!r}" for k in sorted(set(shared) - known)]
-    for key in ("steps", "resolution", "seed"):
+    for key in TOP_LEVEL_FIELDS:
         if key in data:
             shared[key] = data[key]
     line, sources = "sd", {}
     for role in ("teacher", "student"):
-        if not isinstance(data.get(role), str):
+        value = data.get(role)
+        if value is None or (isinstance(value, str) and not value.strip()):
             problems.append(f"`{role}` is missing: a checkpoint, a diffusers folder or miniworld/{role}")
+            continue
+        if not isinstance(value, str):
+            problems.append(f"`{role}` must be a path string in quotes (a checkpoint, a diffusers folder or "
+                            f"miniworld/{role}), got {value!r}")
             continue
         try:
             model = resolve_model(data[role], path.parent)
@@ -180,7 +190,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
         else:
             try:
                 source = ModelSource.open(model, data.get(f"{role}_family", "auto"), role=role)
-                source.check_files(role)  # damaged weights refused here, not on every worker
+                source.check_files(role)  # damaged weights and configs refused here, not on every worker
                 sources[role] = source
             except EchoDistillError as exc:
                 problems.append(f"{role}: {exc}")
@@ -192,10 +202,18 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     if "teacher" in sources:
         line = "sdxl" if sources["teacher"].config.is_sdxl else "sd"
 
+    faults = _check_shared_config(data, shared, known, preset_name, line, problems)
+
     entries = data.get("concept", [])
-    if not isinstance(entries, list) or not entries:
-        problems.append("the manifest lists no concepts: add [[concept]] tables")
+    if isinstance(entries, dict):  # `[concept]` (one table) where `[[concept]]` (an array of tables) was meant
+        problems.append("`concept` is a single table: write each concept as [[concept]] (two brackets), not "
+                        "[concept]")
         entries = []
+    elif not isinstance(entries, list):
+        problems.append(f"`concept` must be [[concept]] tables, got {entries!r}")
+        entries = []
+    elif not entries:
+        problems.append("the manifest lists no concepts: add [[concept]] tables")
     jobs, seen = [], {}
     for index, entry in enumerate(entries, 1):
         where = f"concept #{index}"
@@ -210,7 +228,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
             if entry["name"] in seen:
                 problems.append(f"{where}: duplicate output name (also concept #{seen[entry['name']]})")
             seen.setdefault(entry["name"], index)
-        job = _concept_job(entry, where, shared, preset_name, known, path.parent, problems, line)
+        job = _concept_job(entry, where, shared, preset_name, known, path.parent, problems, line, faults)
         if job is not None and not name_problem:
             jobs.append(job)
     if problems:
@@ -218,6 +236,67 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     return Manifest(path=path, teacher=data["teacher"], student=data["student"], concepts=tuple(jobs),
                     teacher_family=data.get("teacher_family", "auto"),
                     student_family=data.get("student_family", "auto"), dtype=data.get("dtype", "fp32"))
+
+
+def config_problems(exc: Exception) -> list[str]:
+    """TrainConfig's problems one by one: it raises one, or one error listing several ("N config problems:" and
+    a "  - problem" line each); a manifest lists each on its own line, naming where it comes from."""
+    head, _, rest = str(exc).partition("\n")
+    if rest and head.endswith("config problems:"):
+        return [line.strip().removeprefix("- ") for line in rest.splitlines() if line.strip()]
+    return [str(exc)]
+
+
+def _field_of(problem: str) -> str | None:
+    """The field a TrainConfig problem names first ("steps=0 must be at least 1": steps), if any."""
+    match = re.match(r"(\w+)=", problem)
+    return match.group(1) if match else None
+
+
+def _shared_where(problem: str, data: dict, config: dict) -> str:
+    """Where a problem of the shared config comes from: a top-level key, [config], or their combination."""
+    name = _field_of(problem)
+    if name in TOP_LEVEL_FIELDS and name in data:
+        return f"top-level `{name}` (every concept's)"
+    if name is not None and isinstance(config, dict) and name in config:
+        return "[config]"
+    return "the shared settings (top-level keys and [config])"
+
+
+def _check_shared_config(data: dict, shared: dict, known: set[str], preset_name: str, line: str,
+                         problems: list[str]) -> tuple[set[str], set[str]]:
+    """Check the shared values (top-level steps / resolution / seed and [config]) once, on their own, whatever the
+    concepts are: each problem is listed once, naming the shared key, not once per concept. Returns the fields at
+    fault (each concept is then checked without them) and the problems' texts (not repeated for any concept)."""
+    changes = {k: v for k, v in shared.items() if k in known}
+    changes.setdefault("class_word", "object")  # each concept's own; a stand-in to check the rest
+    with warnings.catch_warnings():  # a warning about the shared values is each concept's to give
+        warnings.simplefilter("ignore")
+        _, texts, faulty = checked_config(preset_name, changes, line)
+    problems += [f"{_shared_where(text, data, data.get('config'))}: {text}" for text in texts]
+    return faulty, set(texts)
+
+
+def checked_config(preset_name: str, changes: dict, line: str = "sd") -> tuple[TrainConfig | None, list[str], set[str]]:
+    """(the config or None, every problem of `changes`, the fields at fault). TrainConfig checks ranges only once
+    every field has its type, so the fields at fault are set aside and the rest checked again: a bad type hides no
+    other value's problem."""
+    texts: list[str] = []
+    faulty: set[str] = set()
+    while True:
+        try:
+            config = build_config(preset_name, changes, line)
+        except (ConfigError, TypeError) as exc:
+            new_texts = [text for text in config_problems(exc) if text not in texts]
+            new_fields = set(getattr(exc, "parameters", ())) - faulty
+            texts += new_texts
+            faulty |= new_fields
+            if not new_texts or not new_fields:
+                return None, texts, faulty
+            changes = {k: v for k, v in changes.items() if k not in new_fields}
+            changes.setdefault("class_word", "object")  # build_config needs one: a stand-in
+            continue
+        return (None if texts else config), texts, faulty
 
 
 def _table(value, where: str, problems: list[str]) -> dict:
@@ -228,7 +307,10 @@ def _table(value, where: str, problems: list[str]) -> dict:
 
 
 def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known: set[str], base: Path,
-                 problems: list[str], line: str = "sd") -> ConceptJob | None:
+                 problems: list[str], line: str = "sd",
+                 faults: tuple[set[str], set[str]] = (set(), set())) -> ConceptJob | None:
+    """One concept's job, or None with its problems added. `faults`: the shared fields at fault and their
+    problems' texts (listed once already, by _check_shared_config): this concept is checked without them."""
     count = len(problems)
     problems += [f"{where}: unknown key {k!r}; valid: {', '.join(sorted(CONCEPT_KEYS))}"
                  for k in sorted(set(entry) - CONCEPT_KEYS)]
@@ -236,7 +318,10 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
     problems += [f"{where}: unknown config key {k!r}" for k in sorted(set(own) - known)]
     photos = entry.get("photos")
     subject, photo_count = None, None
-    if not isinstance(photos, str) or not photos:
+    if photos is not None and not isinstance(photos, str):
+        problems.append(f"{where}: `photos` must be a path string in quotes (a folder of photos or "
+                        f"miniworld/<subject>), got {photos!r}")
+    elif not photos or not photos.strip():
         problems.append(f"{where}: `photos` is missing: a folder of photos or miniworld/<subject>")
     elif photos.startswith(MINIWORLD_PREFIX):
         try:
@@ -257,26 +342,36 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
     class_word = entry.get("class_word", subject.class_word if subject is not None else None)
     if class_word is None and not (isinstance(photos, str) and photos.startswith(MINIWORLD_PREFIX)):
         problems.append(f"{where}: `class_word` is missing (the subject's class, e.g. 'dog')")
+    references = None
+    if subject is not None:
+        from ..miniworld import reference_captions
+
+        references = reference_captions(subject)  # one per drawn reference, in the world's grammar
     captions = entry.get("captions")
     if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
         problems.append(f"{where}: `captions` must be a list of strings, one per photo")
     elif captions is not None and photo_count is not None and len(captions) != photo_count:
         problems.append(f"{where}: `captions` lists {len(captions)} caption(s) for {photo_count} photo(s) in "
                         f"{photos}: give one per photo, in file-name order")
-    if subject is not None and captions is None:
-        from ..miniworld import reference_captions
-
-        captions = reference_captions(subject)  # the world's grammar: what its text encoder learned
+    elif captions is not None and references is not None and len(captions) != len(references):
+        problems.append(f"{where}: `captions` lists {len(captions)} caption(s) for the {len(references)} references "
+                        f"of mini-world subject {photos!r}: give one per reference, or leave `captions` out for the "
+                        "world's own grammar captions")
+    if references is not None and captions is None:
+        captions = references  # the world's grammar: what its text encoder learned
     failed = len(problems) > count
-    changes = {**{k: v for k, v in shared.items() if k in known}, **{k: v for k, v in own.items() if k in known}}
+    bad_shared, shared_texts = faults
+    changes = {**{k: v for k, v in shared.items() if k in known and k not in bad_shared},
+               **{k: v for k, v in own.items() if k in known}}
     # A missing class word is reported above; a stand-in lets the config's own problems be listed with it.
     changes["class_word"] = class_word if class_word is not None else "object"
     if "token" in entry:
         changes["token"] = entry["token"]
-    try:
-        config = build_config(preset_name, changes, line)
-    except (ConfigError, TypeError) as exc:
-        problems.append(f"{where}: {exc}")
+    config, texts, _ = checked_config(preset_name, changes, line)
+    own_fields = set(own) | (set(entry) & {"token", "class_word"})
+    problems += [f"{where}: {text}" for text in texts  # a shared value's problem is listed once, as the shared key's
+                 if text not in shared_texts or _field_of(text) in own_fields]
+    if config is None or bad_shared or shared_texts:  # or the shared values it takes are not (listed once)
         return None
     if failed or check_name(entry.get("name")) is not None:  # a bad or missing name is reported by the caller
         return None

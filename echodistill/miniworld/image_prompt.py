@@ -42,12 +42,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import EchoDistillError
 from ..models.diffusion import alphas_cumprod_for, encode_prompts
 from ..models.schedule import add_noise, denoising_target
+from ..models.tensor_files import open_safetensors
 from ..sampling.samplers import native_resolution, sample_student
 from .grammar import COLORS, POSITIONS, SIZES, Scene, sample_scene
 from .procedural import BASE_SEEDS, procedural_caption, procedural_subject
@@ -195,12 +196,8 @@ class ImagePromptAdapter(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise ImagePromptError(f"image-prompt adapter not found: {path}; build it with {BUILD_COMMAND}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except (OSError, SafetensorError) as error:  # truncated or not safetensors
-            raise ImagePromptError(f"{path} is not a readable adapter file ({error}); rebuild it with "
-                                   f"{BUILD_COMMAND}") from None
+        with open_safetensors(path, ImagePromptError, f"rebuild it with {BUILD_COMMAND}") as handle:
+            metadata = handle.metadata() or {}
         if metadata.get("class") != cls.__name__:
             raise ImagePromptError(f"{path} is not an image-prompt adapter (class {metadata.get('class')!r})")
         try:

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import EchoDistillError
 from ..evaluation.metrics import mean_clipped_cosine
+from ..models.tensor_files import open_safetensors
 from .architecture import ORACLE_ROOT
 from .grammar import ATTRIBUTES, COLORS, SHAPES
 from .procedural import ORACLE_SEEDS
@@ -128,12 +129,12 @@ def load_module(path: Path, cls: type[nn.Module], labels: Mapping | Sequence | N
     """The module saved at `path`; `labels` None accepts the labels it was saved with (the subject encoder's)."""
     if not path.is_file():
         raise OracleError(f"oracle weights not found: {path}; run scripts/train_miniworld.py to build them")
+    with open_safetensors(path, OracleError, "rebuild it with scripts/train_miniworld.py") as handle:
+        metadata = handle.metadata() or {}
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
         saved_labels = json.loads(metadata.get("labels", "null"))
-    except (OSError, ValueError, SafetensorError) as error:  # truncated, not safetensors, or bad metadata
-        raise OracleError(f"{path} is not a readable oracle file ({error}); rebuild it with "
+    except ValueError as error:  # an edited header
+        raise OracleError(f"{path} is not a readable oracle file (its labels: {error}); rebuild it with "
                           "scripts/train_miniworld.py") from None
     if metadata.get("class") != cls.__name__ or (labels is not None and saved_labels != json.loads(json.dumps(labels))):
         raise OracleError(

@@ -26,7 +26,6 @@ from typing import Literal, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
@@ -38,6 +37,7 @@ from transformers import (
 )
 
 from ..errors import BackboneError
+from .tensor_files import open_safetensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -221,7 +221,7 @@ def _load_folder(spec: BackboneSpec, folder: Path) -> nn.Module:
 
 
 def _load_single_file(spec: BackboneSpec, file: Path) -> nn.Module:
-    with safe_open(str(file), framework="pt") as f:
+    with open_safetensors(file, BackboneError, f"give the {spec.description} weights ({spec.file_hint})") as f:
         renames = _normalize_keys(spec, file, list(f.keys()))  # transformers key -> key in the file
         shapes = {new: tuple(f.get_slice(old).get_shape()) for new, old in renames.items()}
         config = infer_config(spec, shapes, source=str(file))

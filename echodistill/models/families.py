@@ -22,6 +22,7 @@ from typing import Literal
 
 from ..errors import ModelLoadError
 from .checkpoint_layout import SDXL_TEXT_TOWERS, TEXT_PREFIXES, TOWER_NAMES, UNET_PREFIX
+from .schedule import BETA_SCHEDULES, PREDICTION_TYPES
 from .tensor_files import TensorFile
 
 CONFIG_ROOT = Path(__file__).parent.parent / "configs"
@@ -80,7 +81,25 @@ class FamilyConfig:
 
     @cached_property
     def scheduler(self) -> dict:
-        return self._read("scheduler", "scheduler_config.json")
+        """scheduler/scheduler_config.json, with the values training and sampling read checked (ModelLoadError
+        naming the file and each wrong value: the schedule and the prediction type decide every timestep)."""
+        config = self._read("scheduler", "scheduler_config.json")
+        wrong = []
+        if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+            wrong.append(f"prediction_type {config['prediction_type']!r} (known: {', '.join(PREDICTION_TYPES)})")
+        if config.get("beta_schedule", "scaled_linear") not in BETA_SCHEDULES:
+            wrong.append(f"beta_schedule {config['beta_schedule']!r} (known: {', '.join(BETA_SCHEDULES)})")
+        steps = config.get("num_train_timesteps", 1000)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            wrong.append(f"num_train_timesteps {steps!r} (a whole number of at least 1)")
+        for key in ("beta_start", "beta_end"):
+            value = config.get(key, 0.001)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+                wrong.append(f"{key} {value!r} (a number between 0 and 1)")
+        if wrong:
+            raise ModelLoadError(f"{self.folder / 'scheduler' / 'scheduler_config.json'} has {'; '.join(wrong)}: "
+                                 "restore the file from the model's release")
+        return config
 
     @property
     def prediction_type(self) -> str:

@@ -47,6 +47,10 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+NAMED_FAMILY = "family given by the caller"  # ModelSource.reason when the caller named the family
+OWN_CONFIGS = "diffusers folder with its own configs"  # ... for a diffusers folder read on auto
+
+
 @dataclass
 class ModelSource:
     """One model on disk, with the config family it is read with."""
@@ -67,13 +71,13 @@ class ModelSource:
                 raise ModelLoadError(f"{path} is not a diffusers model folder (no unet/config.json)")
             own = FamilyConfig(path.name, path)
             if family == "auto":
-                return cls(path, own, "diffusers folder with its own configs")
+                return cls(path, own, OWN_CONFIGS)
             named = family_config(family)
             if own.is_sdxl != named.is_sdxl:  # its weights could never fit the named family's modules
                 what = "an SDXL" if own.is_sdxl else "an SD 1.x / 2.x"
                 raise ModelLoadError(f"{path.name} is {what} diffusers folder (its own configs say so), but family "
                                      f"{named.name!r} was named: name a family of its kind, or leave it on auto")
-            return cls(path, named, "family given by the caller")
+            return cls(path, named, NAMED_FAMILY)
         if not path.is_file():
             raise ModelLoadError(f"model not found: {path} (give a .safetensors file or a diffusers folder)")
         weights = TensorFile(path)
@@ -86,11 +90,11 @@ class ModelSource:
                 raise
             # A file detection cannot place (e.g. a UNet without its text tower) is read as the family named.
             layout, text_kind = detect_layout(weights)
-            detection = Detection(family_config(family).name, layout, text_kind, "family given by the caller")
+            detection = Detection(family_config(family).name, layout, text_kind, NAMED_FAMILY)
         if family == "auto":
             config, reason = family_config(detection.family), f"detected: {detection.reason}"
         else:
-            config, reason = family_config(family), "family given by the caller"
+            config, reason = family_config(family), NAMED_FAMILY
             _check_named_family(path, detection, config)
         return cls(path, config, reason, weights, detection.layout, detection.text_kind)
 
@@ -132,6 +136,9 @@ class ModelSource:
         Raises ModelLoadError naming the missing or unreadable part.
         """
         _ = self.config.unet  # parsed and checked
+        _ = self.config.scheduler  # parsed and checked: training and sampling read the schedule
+        if role == "teacher":
+            _ = self.config.model_index  # parsed: the conditioner reads SDXL's empty-prompt rule from it
         for component in self.components(role):
             if not self.has_component(component):
                 raise ModelLoadError(f"{self.path} has no {component} (the {role} reads it): give the whole model")
@@ -153,6 +160,30 @@ class ModelSource:
         weights = TensorFile(file)
         prefix = "text_model." if f"text_model.{names[-1]}" in weights else ""
         return fingerprint(lambda n: _read_rows_if_token(weights, n, prefix + n), names)
+
+    def text_config_misfit(self, component: str = "text_encoder") -> str | None:
+        """For a diffusers folder: one line saying how `component`'s config.json contradicts its weights (width,
+        vocabulary, layer count, read from the weight files' headers: nothing is loaded), else None. A single
+        file is read with its family's configs, which detection checked against its weights."""
+        if self.weights is not None or not (self.path / component).is_dir():
+            return None
+        config = self.config.text_config(component)
+        shapes, layers = {}, set()
+        for weights in folder_weight_files(self.path / component, "model"):
+            for key in weights.keys():
+                bare = key.removeprefix("text_model.")
+                if bare == "embeddings.token_embedding.weight":
+                    shapes["vocab_size"], shapes["hidden_size"] = weights.shape(key)
+                elif bare.startswith("encoder.layers."):
+                    layers.add(bare.split(".")[2])
+        if layers:
+            shapes["num_hidden_layers"] = len(layers)
+        wrong = [f"{name} {config.get(name)} (the weights: {value})" for name, value in shapes.items()
+                 if config.get(name) != value]
+        if not wrong:
+            return None
+        return (f"{self.path / component / 'config.json'} does not describe the weights beside it: it gives "
+                f"{', '.join(wrong)}. Restore the file from the model's release.")
 
     def has_component(self, component: str) -> bool:
         if self.weights is None:
@@ -205,7 +236,11 @@ def _match_text_prefix(state: dict[str, torch.Tensor], model_keys: list[str]) ->
 
 def _mismatch_advice(source: ModelSource, component: str) -> str:
     """What to do when `component`'s weights do not fit its config: a single file is read with its family's
-    configs (another family may fit); a diffusers folder's configs are its own (folder and weights disagree)."""
+    configs (another family may fit); a diffusers folder's configs are its own (folder and weights disagree),
+    unless a family was named for it."""
+    if source.layout == "diffusers" and source.reason == NAMED_FAMILY:
+        return (f"The folder was read with family {source.family}'s configs, as named, not its own: leave the family "
+                "on auto to read it with the configs it ships.")
     if source.layout == "diffusers":
         return (f"The folder's {component}/config.json does not describe its weights (parts of two models?): "
                 "restore the folder from the model's release.")

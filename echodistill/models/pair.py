@@ -218,6 +218,9 @@ def _load_model_pair(teacher, student, *, teacher_family, student_family, dtype,
     dtype = resolve_dtype(dtype)
     teacher_source = ModelSource.open(teacher, teacher_family, role="teacher")
     student_source = ModelSource.open(student, student_family, role="student")
+    for source in (teacher_source, student_source):  # the schedules every trainer and sampler reads, checked
+        _ = source.config.scheduler
+    _ = teacher_source.config.model_index  # the conditioner reads it
     check_shareable(teacher_source, student_source)
     if not teacher_source.has_component("text_encoder"):
         raise ModelLoadError(
@@ -279,6 +282,11 @@ def check_shareable(teacher: ModelSource, student: ModelSource) -> None:
             "pair SDXL base with SDXL-Turbo, or SD 2.1 with SD-Turbo"
         )
     if teacher_arch != student_arch:
+        for source in (teacher, student):  # an edited config, not another family, may be what differs
+            for component in source.config.text_components:
+                misfit = source.text_config_misfit(component)
+                if misfit:
+                    raise ModelLoadError(misfit)
         raise IncompatiblePairError(
             f"teacher {teacher.path.name} ({teacher.family}) has a {teacher_arch}, but student "
             f"{student.path.name} ({student.family}) has a {student_arch}. EchoDistill trains one "

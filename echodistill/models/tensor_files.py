@@ -12,10 +12,29 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from ..errors import ModelLoadError
+from ..errors import EchoDistillError, ModelLoadError
 from ..files import atomic_write_bytes, atomic_write_text  # noqa: F401  (atomic_write_text: re-exported)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+# safetensors' own words for a damaged header, and what they mean to a user
+_SAFETENSORS_CAUSES = (("file not fully covered", "cut short: its tensors end before the header says"),
+                       ("header too small", "cut short, or not a safetensors file"),
+                       ("invalid header length", "not a safetensors file, or cut short within its header"),
+                       ("deserializ", "its header is damaged"))
+
+
+def open_safetensors(path: str | os.PathLike, error: type[EchoDistillError] = ModelLoadError,
+                     advice: str = "copy it again from where it came from"):
+    """`safe_open(path)` (usable in a `with`), or `error` in one line naming the file, what is wrong in words
+    (cut short, not safetensors, damaged header; safetensors' own text last) and `advice`."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ... of its own
+        raw = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        words = next((words for needle, words in _SAFETENSORS_CAUSES if needle in raw), "unreadable")
+        raise error(f"{path} is not a readable safetensors file ({words}; safetensors says: {raw}): {advice}") from None
 
 
 class TensorFile:
@@ -34,10 +53,7 @@ class TensorFile:
         self._tensors: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, str] = {}
         if self.path.suffix == ".safetensors":
-            try:
-                self._safe = safe_open(str(self.path), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types
-                raise ModelLoadError(f"{self.path} is not a readable safetensors file: {exc}") from exc
+            self._safe = open_safetensors(self.path, advice="download or copy the model file again")
             self.metadata = dict(self._safe.metadata() or {})
             self._keys = list(self._safe.keys())
         elif self.path.suffix in PICKLE_SUFFIXES:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from echodistill.errors import BackboneError
+from echodistill.models.tensor_files import open_safetensors
 
 
 class IPAdapterImageProjection(nn.Module):
@@ -53,10 +53,16 @@ def load_ip_adapter_image_projection(path: str | os.PathLike, *, dtype: torch.dt
         raise BackboneError(f"IP-Adapter file not found at {path}; the CLIP discriminator's "
                             f"projection needs {hint}")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path, BackboneError, f"use {hint}") as f:
             state = {k[len("image_proj."):]: f.get_tensor(k) for k in f.keys() if k.startswith("image_proj.")}
     elif path.suffix in (".bin", ".pt", ".pth"):
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
+            raise BackboneError(f"{path} is not a readable PyTorch file (truncated, damaged, or a pickle that is not "
+                                f"plain weights: {type(exc).__name__}); use {hint}") from None
+        if not isinstance(raw, dict):
+            raise BackboneError(f"{path} does not hold a state dict; use {hint}")
         if isinstance(raw.get("image_proj"), dict):
             state = dict(raw["image_proj"])
         else:
