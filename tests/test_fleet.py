@@ -127,6 +127,16 @@ def test_manifest_builds_each_concepts_config_and_knows_the_mini_world(tiny_pair
     assert proc.subject == "procedural_3" and proc.captions == ("{}",) * 5
 
 
+def test_a_shared_class_word_serves_every_concept_without_its_own(tiny_pair_folders, tmp_path):
+    _photos(tmp_path / "good", 40)
+    path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, [
+        {"name": "a", "photos": "good"}, {"name": "b", "photos": "good", "class_word": "cat"},
+        {"name": "smiley", "photos": "miniworld/smiley"}], config={**CONFIG, "class_word": "dog"})
+    a, b, smiley = load_manifest(path).concepts
+    assert (a.config.class_word, b.config.class_word) == ("dog", "cat")
+    assert smiley.config.class_word == "circle"  # a mini-world subject's own class word is more specific
+
+
 def test_manifest_presets_follow_the_teachers_model_line(tiny_pair_folders, tiny_sdxl_folders, tmp_path):
     _photos(tmp_path / "good", 40)
     concepts = [{"name": "a", "photos": "good", "class_word": "dog"},

@@ -339,7 +339,8 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
             except DataError as exc:
                 problems.append(f"{where}: {exc}")
         photos = str(folder)
-    class_word = entry.get("class_word", subject.class_word if subject is not None else None)
+    # the concept's own, else a mini-world subject's (more specific than a shared one), else the shared [config]'s
+    class_word = entry.get("class_word", subject.class_word if subject is not None else shared.get("class_word"))
     if class_word is None and not (isinstance(photos, str) and photos.startswith(MINIWORLD_PREFIX)):
         problems.append(f"{where}: `class_word` is missing (the subject's class, e.g. 'dog')")
     references = None
