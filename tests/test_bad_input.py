@@ -196,3 +196,53 @@ def test_inspect_load_finds_what_only_loading_the_tensors_shows(case, tiny_pair_
     assert main(["inspect", str(tiny_pair_folders[1]), "--role", "student", "--load"]) == 0
     student = capsys.readouterr().out
     assert "loads as a student: unet " in student and ", vae " in student and "text_encoder" not in student
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*TRAIN[:-2], "--steps", "nan"], "--steps nan: give a whole number of training steps, e.g. --steps 400"),
+    ([*TRAIN, "--seed", "inf"], "--seed inf: give a whole number from 0, e.g. --seed 42"),
+    ([*TRAIN, "--resolution", "1e3"], "--resolution 1e3: give a whole number of pixels, a multiple of 64, e.g. "
+                                      "--resolution 512"),
+    ([*TRAIN, "--batch-size", "1.5"], "--batch-size 1.5: give a whole number of images per iteration, e.g. "
+                                      "--batch-size 2"),
+    (["demo", "--steps", "nan"], "--steps nan: give a whole number of training steps, e.g. --steps 200"),
+    (["smoke", "--threads", "1e9"], "--threads 1e9: give a whole number of CPU threads, e.g. --threads 1"),
+    (["sample", *MODELS, "--prompt", "x", "--out", "o", "--count", "inf"],
+     "--count inf: give a whole number of images per prompt, e.g. --count 4"),
+    (["sample", *MODELS, "--prompt", "x", "--out", "o", "--guidance", "high"],
+     "--guidance high: give a guidance scale, e.g. --guidance 7.5"),
+    (["bench", "sample", "--batch", "1", "nan"], "--batch nan: give whole numbers of images, e.g. --batch 16"),
+    (["fleet", "run", "fleet.toml", "--out", "o", "--workers", "two"],
+     "--workers two: give a whole number of worker slots, e.g. --workers 2"),
+    (["export", "--concept", "c.safetensors", "--out", "o", "--rank", "4.5"],
+     "--rank 4.5: give a whole-number rank, e.g. --rank 16"),
+])
+def test_a_number_flag_given_no_number_is_refused_in_one_line(argv, message, capsys):
+    """nan, inf, 1.5 or a word where a whole number goes: one `error:` line naming the flag and an example (no
+    usage dump, no traceback), as the commands' own errors read."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*TRAIN[:-2], "--out", "c.safetensors", "--steps", "-1"], "error: --steps -1 must be at least 1"),
+    ([*TRAIN, "--out", "c.safetensors", "--resolution", "8192"],
+     "error: --resolution 8192 must be at most 4096 pixels"),
+    ([*TRAIN, "--out", "c.safetensors", "--batch-size", "100000"], "error: --batch-size 100000 must be at most 256"),
+    ([*TRAIN, "--out", "c.safetensors", "--seed", "-1"], "error: --seed -1 must not be negative"),
+    (["smoke", "--steps", "0"], "error: --steps 0: give 1 to 1,000 training steps"),
+    (["smoke", "--threads", "100000"], "error: --threads 100000: give 1 to 1,024 CPU threads"),
+    (["demo", "--threads", "100000", "--out", "demo"], "error: --threads 100000: give 1 to 1,024 CPU threads"),
+    (["bench", "sample", "--batch", "1", "0"], "error: --batch 0: give 1 to 1,024 images per call"),
+    (["bench", "lr-sweep", "--factors", "1", "nan"], "error: --factors nan: give multiples of the published rates"),
+    (["fleet", "run", "fleet.toml", "--out", "o", "--workers", "5000"], "error: --workers 5000: give 1 to 1,024"),
+])
+def test_a_number_out_of_range_is_refused_in_one_line_before_anything_runs(argv, message, tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -346,3 +346,101 @@ def test_train_takes_the_miniworld_preset_a_manifest_takes_and_names_it_among_th
     capsys.readouterr()
     assert main([*train, "--preset", "bogus"]) == 2
     assert capsys.readouterr().err.strip() == "error: --preset bogus: give one of paper, balanced, lite, miniworld"
+
+
+# --- where each training config value comes from, and how messages name it --------------------------
+
+WINDOW = ["train", "--teacher", "miniworld/teacher", "--student", "miniworld/student", "--images", "miniworld/window"]
+
+
+def _config_of(argv):
+    """The TrainConfig `train` would run with for `argv` (nothing loads or trains)."""
+    from echodistill.cli import build_parser
+    from echodistill.cli.train import _train_config
+
+    return _train_config(build_parser().parse_args(argv))
+
+
+def test_set_gives_a_field_that_has_its_own_flag_and_a_disagreement_is_refused(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "w.safetensors")]
+    config = _config_of([*WINDOW, *out, "--set", "steps=7", "--set", "token=<sks>", "--set", "class_word=ring",
+                         "--set", "seed=5", "--set", "batch_size=1", "--set", "resolution=128"])
+    # --set wins over the preset, --token's default and the subject's class word; echo rounds follow its steps
+    assert (config.steps, config.token, config.class_word, config.seed, config.batch_size, config.resolution) == (
+        7, "<sks>", "ring", 5, 1, 128)
+    assert config.echo_start == 3
+    same = _config_of([*WINDOW, *out, "--steps", "7", "--set", "steps=7", "--token", "<t>", "--set", "token=<t>"])
+    assert (same.steps, same.token) == (7, "<t>")  # one value given twice is one value
+    for flag, value, assignment in (("--steps", "0", "steps=3"), ("--token", "a", "token=b"),
+                                    ("--class-word", "cup", "class_word=dog"), ("--seed", "1", "seed=2"),
+                                    ("--batch-size", "1", "batch_size=2"), ("--resolution", "64", "resolution=128")):
+        field = assignment.partition("=")[0]
+        assert main([*WINDOW, *out, flag, value, "--set", assignment]) == 2
+        assert capsys.readouterr().err == (f"error: {flag} {value} and --set {assignment}: two values for {field}; "
+                                           f"give it once, with {flag}\n")
+    assert main([*WINDOW, *out, "--set", "steps=3", "--set", "steps=4"]) == 2
+    assert capsys.readouterr().err == "error: --set steps=3 and --set steps=4: two values for steps; give it once\n"
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "0", "--set", "steps=3"]) == 2
+    assert capsys.readouterr().err == ("error: --steps 0 and --set steps=3: two values for steps; give it once, with "
+                                       "--steps\n")
+    assert main([*WINDOW, *out, "--set", "stepz=3"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown config field(s): stepz (--set stepz=3; did you mean "
+                                              "steps?); valid fields: steps, batch_size, ")
+    assert main([*WINDOW, *out, "--backbone", "dino=/models/dino"]) == 2  # not "--set discriminators=..."
+    assert capsys.readouterr().err.startswith("error: --backbone dino=/models/dino: 'dino' is no discriminator; "
+                                              "name one of teacher_features, dino_vits16")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_config_files_values_are_named_as_its_keys_and_the_flags_as_typed(tmp_path, capsys):
+    photos = _photo_folder(tmp_path / "photos")
+    config_file = tmp_path / "run.json"
+    base = ["train", "--teacher", "miniworld/teacher", "--student", "miniworld/student", "--images", str(photos),
+            "--out", str(tmp_path / "c.safetensors"), "--config", str(config_file)]
+    config_file.write_text(json.dumps({"steps": 0, "lr_student": "a", "class_word": "mug"}))
+    assert main(base) == 2
+    assert capsys.readouterr().err == (
+        "error: 2 config problems:\n"  # the type error hides no range problem, and neither claims a flag
+        f"  - lr_student='a' must be a number (lr_student from --config {config_file})\n"
+        f"  - steps=0 must be at least 1 (steps from --config {config_file})\n")
+    config_file.write_text(json.dumps({"steps": 5, "lr_student": -1, "lr_teacher": 0.5, "class_word": "mug"}))
+    assert main([*base, "--steps", "0", "--set", "lr_teacher=2"]) == 2
+    assert capsys.readouterr().err == (
+        "error: 3 config problems:\n"
+        "  - --steps 0 must be at least 1\n"
+        f"  - lr_student=-1 must be positive (lr_student from --config {config_file})\n"
+        "  - --set lr_teacher=2 must be at most 1 (AdamW moves each weight by about the rate per step)\n")
+    config_file.write_text(json.dumps({"steps": 5, "stepz": 3}))
+    assert main(base) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: unknown config field(s): stepz (in --config {config_file}; did you mean steps?)")
+    # the file's values stand (its token and class word too) unless a flag or --set changes them
+    config_file.write_text(json.dumps({"steps": 30, "token": "<sks>", "class_word": "mug", "seed": 3, "echo": False}))
+    config = _config_of(base)
+    assert (config.steps, config.token, config.class_word, config.seed) == (30, "<sks>", "mug", 3)
+    config = _config_of([*base, "--steps", "40", "--token", "<t>", "--set", "seed=4"])
+    assert (config.steps, config.token, config.class_word, config.seed) == (40, "<t>", "mug", 4)
+    assert main([*base, "--preset", "lite"]) == 2  # a preset would be ignored: refused, not dropped in silence
+    assert capsys.readouterr().err == (f"error: --config {config_file} and --preset lite: give one of them (change "
+                                       "the file's values with the flags or --set)\n")
+
+
+def test_the_echo_warning_prints_once_naming_only_what_was_given(tmp_path, capsys):
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"steps": 100, "class_word": "square"}))
+    missing = ["--teacher", str(tmp_path / "no-teacher"), "--student", str(tmp_path / "no-student")]
+    train = ["train", *missing, "--images", "miniworld/window", "--out", str(tmp_path / "c.safetensors")]
+    assert main([*train, "--config", str(config_file)]) == 2  # no teacher: stops after the config and the photos
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: echo=true but echo_start=500 >= steps=100: this run never echoes; use "
+                        f"echo_start=50 (preset() scales it to steps) or echo=false (steps from --config "
+                        f"{config_file})"]
+    assert main([*train, "--preset", "miniworld", "--steps", "1", "--set", "echo=false"]) == 2
+    assert "warning:" not in capsys.readouterr().err  # the recipe's own config before echo=false warns nothing
+    out = tmp_path / "w.safetensors"
+    assert main([*WINDOW, "--out", str(out), "--set", "steps=1", "--set", "sample_every=0"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    # built again at the student's native size: still one warning, and no "--set echo" the user never wrote
+    assert warnings == ["warning: echo=true but echo_start=1 >= --set steps=1: this run never echoes; train 2 or "
+                        "more steps, or pass echo=false"], warnings
+    assert ConceptBundle.load(out).step == 1

@@ -127,6 +127,16 @@ def test_manifest_builds_each_concepts_config_and_knows_the_mini_world(tiny_pair
     assert proc.subject == "procedural_3" and proc.captions == ("{}",) * 5
 
 
+def test_manifest_refuses_a_photos_folder_with_fewer_than_three_photos(tiny_pair_folders, tmp_path):
+    two = _photos(tmp_path / "two", 40)
+    (two / "2.png").unlink()
+    path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, [{"name": "a", "photos": "two",
+                                                                         "class_word": "dog"}])
+    with pytest.raises(ConfigError, match=r"concept 'a': .*two holds 2 photo\(s\), but a concept is learned from 3 "
+                                          r"to 20: add at least 1 more"):
+        load_manifest(path)
+
+
 def test_a_shared_class_word_serves_every_concept_without_its_own(tiny_pair_folders, tmp_path):
     _photos(tmp_path / "good", 40)
     path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, [

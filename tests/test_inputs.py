@@ -205,3 +205,55 @@ def test_sdxl_refiner_diffusers_folder_is_named(tmp_path):
     (folder / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 1280}))
     with pytest.raises(UnsupportedModelError, match="an SDXL refiner"):
         ModelSource.open(folder)
+
+
+def _plain_photos(folder: Path, count: int) -> Path:
+    folder.mkdir()
+    for i in range(count):
+        Image.new("RGB", (80, 72), (10 * i, 120, 200)).save(folder / f"p{i:02d}.png")
+    return folder
+
+
+def test_a_concept_needs_three_photos_and_more_than_twenty_are_used_with_a_warning(tmp_path):
+    from echodistill.training.photos import MAX_PHOTOS, MIN_PHOTOS, PhotoCountWarning, check_photo_count
+
+    assert (MIN_PHOTOS, MAX_PHOTOS) == (3, 20)  # DESIGN.md section 1: "a few (3-20) photos"
+    folder = _plain_photos(tmp_path / "two", 2)
+    Image.new("P", (80, 72)).save(folder / "z.gif")
+    with pytest.raises(DataError) as refused:
+        check_photo_count(load_concept_images(folder, resolution=64), f"--images {folder}")
+    message = str(refused.value)
+    assert message.startswith(f"--images {folder}: 2 photo(s) (p00.png, p01.png), but a concept is learned from 3 to "
+                              "20 photos of the subject: add at least 1 more"), message
+    assert message.endswith("1 other file(s) there are not read as photos: z.gif"), message
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # three, five (the mini world's references) and twenty pass in silence
+        for count in (3, 5, 20):
+            check_photo_count(load_concept_images(_plain_photos(tmp_path / f"n{count}", count), resolution=64), "x")
+    many = load_concept_images(_plain_photos(tmp_path / "many", 21), resolution=64)
+    with pytest.warns(PhotoCountWarning, match="many: 21 photos, more than the 3-20 the method is made for; training "
+                                               "uses all 21"):
+        check_photo_count(many, "many")
+
+
+def test_train_refuses_two_photos_and_warns_once_about_too_many(tmp_path, capsys):
+    def train(folder):
+        return main(["train", "--teacher", str(tmp_path / "no-teacher"), "--student", str(tmp_path / "no-student"),
+                     "--images", str(folder), "--class-word", "mug", "--out", str(tmp_path / "c.safetensors")])
+
+    two = _plain_photos(tmp_path / "two", 2)
+    assert train(two) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --images {two}: 2 photo(s) (p00.png, p01.png), but a concept is learned from 3 to 20 "
+                   "photos of the subject: add at least 1 more (other angles, backgrounds, lighting)\n"), err
+    many = _plain_photos(tmp_path / "many", 21)
+    assert train(many) == 2  # no teacher: the photos were checked first, and kept
+    captured = capsys.readouterr()
+    assert "21 photo(s) used" in captured.out
+    warning = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warning == [f"warning: --images {many}: 21 photos, more than the 3-20 the method is made for; training "
+                       "uses all 21 (each is drawn less often in the same steps); keep the 20 most varied to stay "
+                       "within it"], captured.err
+    assert captured.err.splitlines()[-1].startswith("error: model not found")

@@ -175,13 +175,19 @@ def test_a_diffusers_folder_whose_config_misfits_its_weights_is_named_as_such(ti
         load_unet(ModelSource.open(folder))
 
 
-def test_a_folder_read_with_a_named_family_is_advised_to_use_its_own_configs(tiny_pair_folders, tiny_world):
+def test_a_folder_read_with_a_named_family_is_advised_to_use_its_own_configs(tiny_pair_folders, tiny_world,
+                                                                              capsys):
     fam = tiny_world["families"]
     with pytest.raises(ModelLoadError) as info:
         load_unet(ModelSource.open(tiny_pair_folders[0], fam["tiny-sd15"]))
     message = str(info.value)
     assert "read with family tiny-sd15's configs, as named, not its own: leave the family on auto" in message, message
     assert "restore the folder" not in message  # the folder is fine
+    from echodistill.cli import main
+
+    assert main(["inspect", str(tiny_pair_folders[0]), "--family", str(fam["tiny-sd15"])]) == 0
+    assert capsys.readouterr().out.startswith("teacher: a diffusers folder, read with family tiny-sd15's configs as "
+                                              "named (leave --family on auto to read it with its own)")
 
 
 @pytest.mark.parametrize("edit", [{"hidden_size": 64}, {"num_hidden_layers": 7}])

@@ -81,6 +81,14 @@ def test_a_failed_bundle_write_keeps_the_run_and_says_where(tiny_pair_folders, t
     assert (tmp_path / "run" / "concept.safetensors").is_file()
 
 
+def test_train_concept_refuses_fewer_than_three_photos_before_any_step(tiny_pair_folders, tmp_path):
+    """The job every front end runs (nodes, fleet workers) holds to the method's 3-20 photos as the CLI does."""
+    pair = load_model_pair(*tiny_pair_folders)
+    with pytest.raises(EchoDistillError, match=r"the photos given: 2 photo\(s\).*learned from 3 to 20 photos"):
+        train_concept(pair, _pictures()[:2], _config(), run_dir=tmp_path / "run")
+    assert not list((tmp_path / "run").glob("*.pt")) and not (tmp_path / "run" / "concept.safetensors").exists()
+
+
 def test_a_full_disk_at_a_checkpoint_names_the_cause_and_the_last_good_one(tiny_pair_folders, tmp_path, monkeypatch):
     pair = load_model_pair(*tiny_pair_folders)
     trainer = Trainer(pair, load_concept_images(_pictures(), resolution=64), _config(steps=3, save_every=1),

@@ -127,9 +127,19 @@ def test_every_config_problem_is_reported_at_once_with_its_parameters():
         assert part in message, message
     assert info.value.parameters == ("steps", "lr_student", "resolution")
     assert "--steps 0" in info.value.in_terms_of({"steps": "--steps"})
-    with pytest.raises(ConfigError) as info:  # types first: no comparison runs on a field of the wrong type
+    with pytest.raises(ConfigError) as info:  # a bad type hides no range problem of another field
         TrainConfig(steps="10", batch_size=None, lr_student=-1.0)
-    assert str(info.value).startswith("2 config problems:") and "lr_student" not in str(info.value)
+    message = str(info.value)
+    assert message.startswith("3 config problems:"), message
+    assert "lr_student=-1.0 must be positive" in message, message
+    assert info.value.parameters == ("steps", "batch_size", "lr_student")
+    with pytest.raises(ConfigError) as info:  # a field of the wrong type is compared with nothing: named once
+        TrainConfig(steps=0.5, lr_teacher=float("nan"), echo_start=-3)
+    message = str(info.value)
+    assert message.startswith("3 config problems:"), message
+    assert "steps=0.5 must be a whole number, at least 1, e.g. steps=1000" in message, message
+    assert "lr_teacher=nan must be a finite number" in message and "lr_teacher=nan must be positive" not in message
+    assert "echo_start=-3 must not be negative" in message and "steps=0.5 must be at least 1" not in message
     from echodistill.miniworld.recipe import preset_config
 
     with pytest.raises(ConfigError) as info:  # the mini world's recipe lists them all too

@@ -61,14 +61,31 @@ def build_parser() -> Parser:
     return parser
 
 
+def in_user_terms(message: str, parameters: tuple[str, ...], parser: argparse.ArgumentParser,
+                  args: argparse.Namespace) -> str:
+    """A library message naming `parameters` as the user of the command `parser` gave them: a command that
+    records its config values' sources (`args.value_sources`, terminal.ValueSources) names each as typed, from
+    its --config file, or by its field name when the user never gave it; another command by its flags."""
+    sources = getattr(args, "value_sources", None)
+    if sources is not None:
+        return sources.render(message, parameters, flag_names(parser, parameters))
+    names = flag_names(parser, parameters)
+    names.update({key: f"--set {key}=" for key in _set_keys(args) if key in names})  # as the user wrote it
+    return EchoDistillError(message, parameters=tuple(names)).in_terms_of(names)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     if category.__module__.startswith("echodistill.") and _COMMAND[0] is not None:  # the library's: in flag terms
-        print(f"warning: {in_flag_terms(str(message), WARNING_PARAMETERS, _COMMAND[0])}", file=sys.stderr)
+        shown = in_user_terms(str(message), WARNING_PARAMETERS, _COMMAND[0], _COMMAND[1])
+        if shown not in _SHOWN:  # once, however many times the config was built (and rebuilt with a change)
+            _SHOWN.add(shown)
+            print(f"warning: {shown}", file=sys.stderr)
     else:
         _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 
 
-_COMMAND: list[argparse.ArgumentParser | None] = [None]  # the command running, for _show_warning
+_COMMAND: list = [None, None]  # the command running and its arguments, for _show_warning
+_SHOWN: set[str] = set()  # the warnings this command printed
 # what the library's warnings may name: SizeWarning (width, height), ConfigWarning (echo, echo_start, steps)
 WARNING_PARAMETERS = ("width", "height", "echo", "echo_start", "steps")
 
@@ -103,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = _COMMAND[0] = command_parser(parser, args)
+    _COMMAND[1] = args
+    _SHOWN.clear()
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         with exit_on_stop_signals(), removing_new_folders_on_error():  # a refused or stopped command leaves no folder behind
@@ -112,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + SIGNALLED[-1] if SIGNALLED and status == 0 else status
     except EchoDistillError as exc:
         _end_progress_lines()
-        names = flag_names(command, exc.parameters)
-        names.update({key: f"--set {key}=" for key in _set_keys(args) if key in names})  # as the user wrote it
-        print(f"error: {exc.in_terms_of(names)}", file=sys.stderr)
+        print(f"error: {in_user_terms(str(exc), exc.parameters, command, args)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the user named cannot be read or written: say which and why, no traceback
         from ..files import describe_os_error
@@ -125,4 +142,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         warnings.showwarning = previous
-        _COMMAND[0] = None
+        _COMMAND[:] = [None, None]

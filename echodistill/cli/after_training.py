@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import EchoDistillError
-from .terminal import add_command
+from .terminal import add_command, number, whole_number
 from .train import add_model_arguments, model_source
 
 PNG_KEY = "echodistill"
@@ -128,11 +128,16 @@ def add_sample_arguments(parser: argparse.ArgumentParser, *, teacher: bool) -> N
     parser.add_argument("--prompt", action="append",
                         help="prompt (repeatable) (default: 'a photo of <token> <class>' of --concept)")
     parser.add_argument("--prompts-file", help="a text file of prompts, one per line, added to --prompt")
-    parser.add_argument("--count", type=int, default=1, help="images per prompt")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; the next ones count up")
-    parser.add_argument("--steps", type=int, default=25 if teacher else 1,
+    parser.add_argument("--count", type=whole_number("--count", "a whole number of images per prompt", 4), default=1,
+                        help="images per prompt")
+    parser.add_argument("--seed", type=whole_number("--seed", "a whole number from 0", 0), default=0,
+                        help="seed of the first image; the next ones count up")
+    steps = 25 if teacher else 1
+    parser.add_argument("--steps", type=whole_number("--steps", "a whole number of denoising steps", steps),
+                        default=steps,
                         help="denoising steps" + ("" if teacher else " (1-4; the student is made for 1)"))
-    parser.add_argument("--guidance", type=float, default=7.5 if teacher else 0.0,
+    parser.add_argument("--guidance", type=number("--guidance", "a guidance scale", 7.5),
+                        default=7.5 if teacher else 0.0,
                         help="classifier-free guidance scale; 1 or less switches it off")
     if not teacher:
         parser.add_argument("--schedule", default="trailing", choices=("trailing", "comfyui-turbo"),
@@ -140,7 +145,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser, *, teacher: bool) -> N
                                  "use) or comfyui-turbo (999/899/799..., as ComfyUI's SDTurboScheduler with the "
                                  "euler sampler); one step is t = 999 either way")
     for side in ("width", "height"):
-        parser.add_argument(f"--{side}", type=int,
+        parser.add_argument(f"--{side}", type=whole_number(f"--{side}", "a whole number of pixels", 512),
                             help=f"image {side} in pixels, a multiple of the models' latent grid (default: the "
                                  f"{'teacher' if teacher else 'student'}'s native size: 512 for SD 2.1 base and "
                                  f"SD-Turbo, 768 for SD 2.1 768-v, 64 for the mini world)")
@@ -261,8 +266,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lowrank (default): lora_up/lora_down factors that ComfyUI, diffusers, A1111/Forge "
                              "and InvokeAI load; exact at full rank, but then larger than diff. diff: exact "
                              "weight patches, not loaded by diffusers")
-    parser.add_argument("--rank", type=int, help="rank for --mode lowrank (default: full, exact; a lower rank is "
-                                                 "smaller and approximate, its error is reported)")
+    parser.add_argument("--rank", type=whole_number("--rank", "a whole-number rank", 16),
+                        help="rank for --mode lowrank (default: full, exact; a lower rank is smaller and "
+                             "approximate, its error is reported)")
     parser.add_argument("--unet-config", help="the UNet's diffusers config (config.json, or a folder holding "
                         "unet/config.json): checks the export against it; names the keys of an SDXL concept saved "
                         "without its UNets' configs (concepts trained by this version store them)")

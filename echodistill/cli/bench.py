@@ -23,7 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .terminal import add_command
+from .terminal import MAX_THREADS, add_command, check_count, number, whole_number
+
+THREADS = whole_number("--threads", "a whole number of CPU threads", 1)
+MAX_LOAD = 64  # busy background processes `bench threads` may start
+MAX_BATCH = 1024  # images per timed call of `bench sample`
+MAX_REPEATS = 1_000_000  # timed or warm-up calls / iterations per case
+MAX_IMAGES_PER_PROMPT = 10_000
 
 
 def add_bench_command(commands) -> None:
@@ -59,10 +65,11 @@ def _add_bench_commands(bench: argparse.ArgumentParser) -> None:
 
 
 def add_threads_arguments(threads: argparse.ArgumentParser) -> None:
-    threads.add_argument("--steps", type=int, default=4, help="timed steps per case (after one warm-up step)")
-    threads.add_argument("--load", type=int, action="append",
+    threads.add_argument("--steps", type=whole_number("--steps", "a whole number of timed steps", 4),
+                         default=4, help="timed steps per case (after one warm-up step)")
+    threads.add_argument("--load", type=whole_number("--load", "a whole number of busy processes", 1), action="append",
                          help="busy background processes for a case (repeatable; default: 0 and 1)")
-    threads.add_argument("--threads", type=int, action="append",
+    threads.add_argument("--threads", type=THREADS, action="append",
                          help="thread counts to time (repeatable; default: 1, the chosen count, all cores)")
     threads.add_argument("--out", type=json_out, default="bench-threads.json", help="every number, as JSON")
 
@@ -73,6 +80,11 @@ def run_threads(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or any(n < 0 for n in args.load or []) or any(n < 1 for n in args.threads or []):
         raise BenchError("--steps and --threads must be at least 1, --load at least 0")
+    check_count("--steps", args.steps, 1, MAX_REPEATS, "timed steps")
+    for load in args.load or []:
+        check_count("--load", load, 0, MAX_LOAD, "busy processes")
+    for threads in args.threads or []:
+        check_count("--threads", threads, 1, MAX_THREADS, "CPU threads")
     report = thread_benchmark(args.steps, tuple(args.load or (0, 1)), tuple(args.threads) if args.threads else None)
     return _finish(report, thread_table(report), args.out)
 
@@ -95,10 +107,13 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=tuple(MODELS), default="sd", help=MODEL_HELP)
     parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to time")
+    parser.add_argument("--batch", type=whole_number("--batch", "whole numbers of images", 16),
+                        nargs="+", default=[1, 16], help="batch sizes to time")
     parser.add_argument("--size", type=pixels, default=512, help="image width and height in pixels (a multiple of 64)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per case")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
+    parser.add_argument("--repeats", type=whole_number("--repeats", "a whole number of calls", 10),
+                        default=10, help="timed calls per case")
+    parser.add_argument("--warmup", type=whole_number("--warmup", "a whole number of calls", 2), default=2,
+                        help="untimed calls per case first")
     parser.add_argument("--out", type=json_out, default="bench_sample.json", help="JSON file for every number")
     speed = parser.add_argument_group("speed options of echodistill's sampler (SamplerOptions)")
     speed.add_argument("--no-prompt-cache", action="store_true", help="re-encode the prompts every call")
@@ -120,8 +135,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weights dtype (presets autocast)")
     parser.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS),
                         help="training presets to time")
-    parser.add_argument("--steps", type=int, default=10, help="timed iterations per case")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per case first")
+    parser.add_argument("--steps", type=whole_number("--steps", "a whole number of timed iterations", 10), default=10,
+                        help="timed iterations per case")
+    parser.add_argument("--warmup", type=whole_number("--warmup", "a whole number of iterations", 2), default=2,
+                        help="untimed iterations per case first")
     parser.add_argument("--resolution", type=pixels, default=512,
                         help="training resolution in pixels (square, a multiple of 64)")
     parser.add_argument("--out", type=json_out, default="bench_train.json", help="JSON file for every number")
@@ -176,7 +193,7 @@ def json_out(text: str) -> str:
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--threads", type=int,
+        "--threads", type=THREADS,
         help="CPU threads for torch (default: chosen per model size, see echodistill.training.threads). On a shared machine use fewer than the free cores: "
         "oversubscribed OpenMP threads spin and can make each op ~100x slower",
     )
@@ -188,6 +205,7 @@ def _set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
             raise BenchError(f"--threads {threads} must be at least 1")
+        check_count("--threads", threads, 1, MAX_THREADS, "CPU threads")
         from ..training.threads import set_cpu_threads
 
         set_cpu_threads(threads)
@@ -203,6 +221,10 @@ def _finish(report: dict, table: str, out: str) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    for batch in args.batch:
+        check_count("--batch", batch, 1, MAX_BATCH, "images per call")
+    check_count("--repeats", args.repeats, 1, MAX_REPEATS, "timed calls")
+    check_count("--warmup", args.warmup, 0, MAX_REPEATS, "untimed calls")
     _set_threads(args.threads)
     from ..benchmarks.meta_run import flops_by_model
     from ..benchmarks.speed import bench_sample, sample_table
@@ -218,6 +240,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    check_count("--steps", args.steps, 1, MAX_REPEATS, "timed iterations")
+    check_count("--warmup", args.warmup, 0, MAX_REPEATS, "untimed iterations")
     _set_threads(args.threads)
     from ..benchmarks.meta_run import flops_by_model
     from ..benchmarks.speed import bench_train, train_table
@@ -235,12 +259,15 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     from ..miniworld.recipe import TUNED_LR_SCALES
 
     parser.add_argument("--concepts", nargs="+", help="held-out mini-world concepts (default: all six)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training and sampling seeds")
-    parser.add_argument("--steps", type=int, default=200, help="training iterations of every method (equal budget)")
+    parser.add_argument("--seeds", nargs="+", type=whole_number("--seeds", "whole numbers from 0", 0),
+                        default=[0, 1], help="training and sampling seeds")
+    parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", 200),
+                        default=200, help="training iterations of every method (equal budget)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help=f"rows to train and score: {', '.join(METHODS)} (default: all but image_prompt, the "
                              "zero-training row, which needs the --image-prompt adapter file)")
-    parser.add_argument("--images-per-prompt", type=int, default=4, help="images per evaluation prompt and run")
+    parser.add_argument("--images-per-prompt", type=whole_number("--images-per-prompt", "a whole number of images", 4),
+                        default=4, help="images per evaluation prompt and run")
     parser.add_argument("--lr-scale", nargs="+", default=[], metavar="FAMILY=FACTOR",
                         help="multiply a family's published learning rates (`bench lr-sweep` chooses them; "
                              "default: " + " ".join(f"{f}={x:g}" for f, x in TUNED_LR_SCALES.items()) + "; "
@@ -256,7 +283,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quality", help="folder for quality.json, quality.md, sheets/, bundles/")
     parser.add_argument("--resume", action="store_true", help="keep the finished concept x seed runs in --out")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=THREADS,
                         help="CPU threads for torch (default: chosen per model size, as training chooses: 1 here)")
 
 
@@ -304,6 +331,7 @@ def load_world(args: argparse.Namespace) -> tuple[Any, Any, dict]:
     if args.threads is not None:
         if args.threads < 1:
             raise BenchError(f"--threads {args.threads} must be at least 1")
+        check_count("--threads", args.threads, 1, MAX_THREADS, "CPU threads")
         from ..training.threads import set_cpu_threads
 
         set_cpu_threads(args.threads)
@@ -360,6 +388,7 @@ def run_quality(args: argparse.Namespace) -> int:
     from ..miniworld.scoring import IMAGE_PROMPT
 
     args.concepts = args.concepts or sorted(CONCEPTS)
+    _check_training_numbers(args)
     lr_scales = parse_lr_scales(args.lr_scale)
     adapter = None
     if IMAGE_PROMPT in args.methods:  # before any model loads: a missing adapter fails at once
@@ -398,19 +427,23 @@ def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.methods import LR_FAMILIES
 
     parser.add_argument("--concept", default="smiley", help="the tuning concept")
-    parser.add_argument("--seed", type=int, default=100, help="tuning seed (keep it out of the table's seeds)")
-    parser.add_argument("--steps", type=int, default=100, help="training iterations (the table's budget)")
-    parser.add_argument("--factors", nargs="+", type=float, default=[0.3, 1.0, 3.0, 10.0],
+    parser.add_argument("--seed", type=whole_number("--seed", "a whole number from 0", 100),
+                        default=100, help="tuning seed (keep it out of the table's seeds)")
+    parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", 100),
+                        default=100, help="training iterations (the table's budget)")
+    parser.add_argument("--factors", nargs="+", type=number("--factors", "positive numbers", 3.0),
+                        default=[0.3, 1.0, 3.0, 10.0],
                         help="multiples of each family's published learning rates to try")
     parser.add_argument("--families", nargs="+", default=list(LR_FAMILIES), metavar="FAMILY",
                         help=f"families to tune (default: all): {', '.join(LR_FAMILIES)}")
-    parser.add_argument("--images-per-prompt", type=int, default=1, help="images per evaluation prompt and run")
+    parser.add_argument("--images-per-prompt", type=whole_number("--images-per-prompt", "a whole number of images", 1),
+                        default=1, help="images per evaluation prompt and run")
     parser.add_argument("--templates", action="store_true",
                         help="train on the prompt templates instead of the references' grammar captions")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/lr_sweep", help="folder for lr_sweep.json and lr_sweep.md")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=THREADS,
                         help="CPU threads for torch (default: chosen per model size, as training chooses: 1 here)")
 
 
@@ -426,7 +459,13 @@ def lr_sweep_command_line(args: argparse.Namespace) -> str:
 
 def run_lr_sweep(args: argparse.Namespace) -> int:
     from ..benchmarks.lr_sweep import lr_scale_argument, markdown, run_lr_sweep
+    from ..benchmarks.measuring import BenchError
 
+    _check_training_numbers(args)
+    for factor in args.factors:
+        if not (math.isfinite(factor) and 0 < factor <= 1000):
+            raise BenchError(f"--factors {factor:g}: give multiples of the published rates above 0 (and at "
+                             "most 1000), e.g. --factors 0.3 1 3")
     pair, oracle, settings = load_world(args)
     report = run_lr_sweep(pair, oracle, concept=args.concept, seed=args.seed, steps=args.steps,
                           factors=args.factors, families=args.families, images_per_prompt=args.images_per_prompt,
@@ -436,6 +475,17 @@ def run_lr_sweep(args: argparse.Namespace) -> int:
     print(f"wrote {Path(args.out) / 'lr_sweep.json'} and {Path(args.out) / 'lr_sweep.md'}")
     print(lr_scale_argument(report["chosen"]))
     return 0
+
+
+def _check_training_numbers(args: argparse.Namespace) -> None:
+    """The seeds, steps and images per prompt of `bench quality` / `lr-sweep`, refused before anything loads."""
+    from ..training.config import MAX_SEED, MAX_STEPS
+
+    flag, seeds = ("--seeds", args.seeds) if hasattr(args, "seeds") else ("--seed", [args.seed])
+    for seed in seeds:
+        check_count(flag, seed, 0, MAX_SEED, "as a seed")
+    check_count("--steps", args.steps, 1, MAX_STEPS, "training steps")
+    check_count("--images-per-prompt", args.images_per_prompt, 1, MAX_IMAGES_PER_PROMPT, "images")
 
 
 def _logger(name: str):
@@ -455,25 +505,29 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="subjects: the held-out concepts' names, or fresh procedural subjects as procedural_<seed> or the bare "
                              "seed (e.g. 3000000-3099999, the validation seeds; the seeds the world's models and oracle "
                              "trained on are refused) (default: the six concepts)")
-    parser.add_argument("--fresh", type=int, default=0,
+    parser.add_argument("--fresh", type=whole_number("--fresh", "a whole number of subjects", 6), default=0,
                         help="also probe this many fresh procedural subjects nobody tuned for (default: 0)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="training iterations per subject")
+    parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", 400),
+                        default=defaults.steps, help="training iterations per subject")
     parser.add_argument("--trainable", choices=TRAINABLE, default=defaults.trainable,
                         help="what trains with the token row: adapter, the paper's K/V deltas (the bar); unet, every "
                              "UNet weight, DreamBooth-style (a diagnostic: is a shortfall the adapter's or the "
                              "teacher's?)")
-    parser.add_argument("--lr", type=float,
+    parser.add_argument("--lr", type=number("--lr", "a learning rate from 0 to 1", 1e-4),
                         help=f"learning rate of what --trainable names (default: {DEFAULT_LR['adapter']:g} for the "
                              f"adapter, {DEFAULT_LR['unet']:g} for the UNet)")
-    parser.add_argument("--token-lr", type=float, default=defaults.token_lr, help="learning rate of the token row")
-    parser.add_argument("--min-scale", type=float, default=defaults.min_scale,
+    parser.add_argument("--token-lr", type=number("--token-lr", "a learning rate from 0 to 1", 1e-3),
+                        default=defaults.token_lr, help="learning rate of the token row")
+    parser.add_argument("--min-scale", type=number("--min-scale", "a fraction in (0, 1]", 1.0),
+                        default=defaults.min_scale,
                         help="smallest augmentation rescale, a fraction of the 64-pixel picture")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="training and sampling seed")
+    parser.add_argument("--seed", type=whole_number("--seed", "a whole number from 0", 0),
+                        default=defaults.seed, help="training and sampling seed")
     parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/world_probe", help="folder for world_probe.json/.md and sheets/")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=THREADS,
                         help="CPU threads for torch (default: chosen per model size, as training chooses: 1 here)")
 
 
@@ -481,7 +535,7 @@ def run_world_probe(args: argparse.Namespace) -> int:
     from ..benchmarks.measuring import BenchError
     from ..benchmarks.probe_settings import DEFAULT_LR, ProbeSettings
     from ..benchmarks.world_probe import markdown, run_world_probe as probe
-    from ..training.config import MAX_SEED
+    from ..training.config import MAX_SEED, MAX_STEPS
     from ..miniworld import CONCEPTS
     from ..miniworld.procedural import VALIDATION_SEEDS, fresh_subject_name, lookup_subject, procedural_subject
 
@@ -490,6 +544,7 @@ def run_world_probe(args: argparse.Namespace) -> int:
         args.lr = DEFAULT_LR[args.trainable]
     if args.steps < 1:
         raise BenchError(f"--steps {args.steps}: give 1 or more training iterations per subject (the bar: 400)")
+    check_count("--steps", args.steps, 1, MAX_STEPS, "training iterations per subject")
     try:  # a subject the base models or the oracle trained on is no test of the world
         fresh = list(dict.fromkeys(fresh_subject_name(name) for name in names))  # each subject once
         subjects = [lookup_subject(name) for name in fresh]

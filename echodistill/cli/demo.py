@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import EchoDistillError
-from .terminal import TerminalCallbacks, add_command, parse_overrides, stop_on_ctrl_c
+from .terminal import (MAX_THREADS, TerminalCallbacks, add_command, check_count, given_config_values,
+                       stop_on_ctrl_c, whole_number)
 
 HELP = ("the main job on the shipped mini world: train a held-out subject, sample it, write a contact sheet, "
         "print the oracle metrics (about 1.5 minutes on an idle 2-core CPU at the default steps)")
@@ -38,34 +39,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"procedural one, procedural_<seed> or just its seed, e.g. procedural_{fresh} or {fresh} "
                              f"(seeds {fresh}-{VALIDATION_SEEDS.stop - 1} were never trained on; the seeds the "
                              "world's models and oracle trained on are refused)")
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training iterations")
-    parser.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of training and of the sampling noise")
+    parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", DEMO_STEPS),
+                        help=f"training iterations (default: {DEMO_STEPS})")
+    parser.add_argument("--seed", type=whole_number("--seed", "a whole number from 0", DEMO_SEED),
+                        help=f"seed of training and of the sampling noise (default: {DEMO_SEED})")
     parser.add_argument("--out", default="demo-output", help="folder for the bundle, contact sheet and metrics")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: chosen per model size: 1 for the mini world)")
+    parser.add_argument("--threads", type=whole_number("--threads", "a whole number of CPU threads", 1), default=None,
+                        help="torch CPU threads (default: chosen per model size: 1 for the mini world)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any training config field, e.g. --set echo=false (repeatable)")
+                        help="any training config field, e.g. --set echo=false (repeatable); steps and seed may be "
+                             "given either way, not both with different values")
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from ..files import check_writable
     from ..jobs.demo import demo_config, run_demo
+    from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS
+    from ..training.config import TrainConfig
 
     if args.threads is not None and args.threads < 1:
         raise EchoDistillError(f"--threads {args.threads}: give 1 or more (or leave it out)")
+    check_count("--threads", args.threads, 1, MAX_THREADS, "CPU threads")
     if args.threads:
         from ..training.threads import set_cpu_threads
 
         set_cpu_threads(args.threads)
-    overrides = parse_overrides(args.set)
-    config = demo_config(args.concept, args.steps, args.seed, overrides)  # a bad value is refused before any output
+    # --steps / --seed or --set (not both with different values); messages name each value as the user gave it
+    overrides, args.value_sources = given_config_values(args, tuple(f.name for f in fields(TrainConfig)))
+    steps, seed = overrides.pop("steps", DEMO_STEPS), overrides.pop("seed", DEMO_SEED)
+    config = demo_config(args.concept, steps, seed, overrides)  # a bad value is refused before any output
     if not args.out.strip():
         raise EchoDistillError("--out '': name the folder for the bundle, contact sheet and metrics")
     check_writable(args.out, "--out")  # an unusable folder too (removed again if the run fails)
     print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {config.steps} steps, seed {config.seed}")
     callbacks = TerminalCallbacks(config.steps, preview_dir=Path(args.out) / "run")
     with stop_on_ctrl_c(callbacks, resumable=False):  # the demo takes no --resume
-        report = run_demo(args.out, concept_name=args.concept, steps=args.steps, seed=args.seed,
-                          overrides=overrides, callbacks=callbacks)
+        report = run_demo(args.out, concept_name=args.concept, steps=steps, seed=seed, overrides=overrides,
+                          callbacks=callbacks)
     callbacks.bar.close()
     print(report.table())
     print(f"trained in {report.train_seconds:.0f} s; contact sheet {report.contact_sheet}; bundle {report.bundle}")

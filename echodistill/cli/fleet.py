@@ -8,6 +8,11 @@ from __future__ import annotations
 import argparse
 
 from ..errors import EchoDistillError
+from .terminal import MAX_THREADS, check_count, whole_number
+
+MAX_WORKERS = 1024  # worker slots of one fleet run
+MAX_ATTEMPTS = 100  # tries per concept
+
 
 def missing_ray() -> str:
     """How to add Ray to the Python that runs this command (a bare `pip` may belong to another one)."""
@@ -25,12 +30,15 @@ def add_fleet_command(commands) -> None:
     run = actions.add_parser("run", help="train every concept of MANIFEST (finished ones are verified and skipped)")
     run.add_argument("manifest", help="a TOML manifest (docs/fleet.md)")
     run.add_argument("--out", required=True, help="a shared folder for bundles, checkpoints and the state file")
-    run.add_argument("--workers", type=int, help="worker slots (default: one per GPU, else 1)")
+    run.add_argument("--workers", type=whole_number("--workers", "a whole number of worker slots", 2),
+                     help="worker slots (default: one per GPU, else 1)")
     run.add_argument("--address", help="join this Ray cluster (default: start a local one)")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="where workers train: auto = one CUDA device per worker when there are GPUs, else the CPU")
-    run.add_argument("--threads", type=int, help="torch CPU threads per worker on CPU (default 1)")
-    run.add_argument("--max-attempts", type=int, default=3, help="tries per concept when workers are lost")
+    run.add_argument("--threads", type=whole_number("--threads", "a whole number of CPU threads", 1),
+                     help="torch CPU threads per worker on CPU (default 1)")
+    run.add_argument("--max-attempts", type=whole_number("--max-attempts", "a whole number of tries", 3), default=3,
+                     help="tries per concept when workers are lost")
     run.add_argument("--check", action="store_true",
                      help="check the manifest and load the teacher/student pair once on the CPU, as every worker "
                           "will (missing or mismatched tensors show here, not on the cluster); train nothing")
@@ -53,6 +61,9 @@ def _run(args: argparse.Namespace) -> int:
     for flag, value in (("--workers", args.workers), ("--threads", args.threads), ("--max-attempts", args.max_attempts)):
         if value is not None and value < 1:
             raise EchoDistillError(f"{flag} {value}: give 1 or more")
+    check_count("--workers", args.workers, 1, MAX_WORKERS, "worker slots")
+    check_count("--threads", args.threads, 1, MAX_THREADS, "CPU threads per worker")
+    check_count("--max-attempts", args.max_attempts, 1, MAX_ATTEMPTS, "tries per concept")
     manifest = load_manifest(args.manifest)  # every problem at once, before Ray starts
     print(f"{manifest.path.name}: {len(manifest.concepts)} concepts, teacher {manifest.teacher}, "
           f"student {manifest.student}")

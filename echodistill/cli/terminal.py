@@ -1,16 +1,20 @@
-"""What the commands share: the parser (help with defaults, arguments added when a command is used),
-training progress in a terminal, Ctrl-C (or SIGTERM) as a clean stop, --set parsing."""
+"""What the commands share: the parser (help with defaults, arguments added when a command is used, numbers
+read or refused in one line), training progress in a terminal, Ctrl-C (or SIGTERM) as a clean stop, --set
+parsing and where each config value came from."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
+import re
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EchoDistillError
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -55,6 +59,62 @@ class Parser(argparse.ArgumentParser):
     def format_usage(self) -> str:
         self.populate()
         return super().format_usage()
+
+    def error(self, message: str):
+        """A value a number flag's type refused (`whole_number`, `number`) is said in one `error:` line, as the
+        commands' own errors are; any other argument error as argparse says it, after the usage."""
+        said = message.partition(": ")[2]
+        if said in _REFUSED_NUMBERS:
+            self.exit(2, f"error: {said}\n")
+        super().error(message)
+
+
+_REFUSED_NUMBERS: set[str] = set()  # what `whole_number` and `number` refused, in their words (for Parser.error)
+
+
+def _refused(message: str) -> argparse.ArgumentTypeError:
+    _REFUSED_NUMBERS.add(message)
+    return argparse.ArgumentTypeError(message)
+
+
+def whole_number(flag: str, what: str, example: int) -> Callable[[str], int]:
+    """argparse type of `flag`: the int its text spells. Anything else (nan, inf, 1.5, 1e3, ten) is refused in
+    one line naming the flag, saying what to give and how: "--steps nan: give a whole number of training steps,
+    e.g. --steps 400" (`what`: "a whole number of training steps"). Its range is checked where it is used (a
+    training config field's by TrainConfig, naming the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise _refused(f"{flag} {text}: give {what}, e.g. {flag} {example}") from None
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def number(flag: str, what: str, example: float) -> Callable[[str], float]:
+    """argparse type of `flag`: the float its text spells (nan and inf too: the command checks the range and
+    says what to give); text that is no number is refused in one line, as `whole_number` refuses it."""
+
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise _refused(f"{flag} {text}: give {what}, e.g. {flag} {example}") from None
+
+    parse.__name__ = "number"
+    return parse
+
+
+MAX_THREADS = 1024  # CPU threads a --threads flag may ask for: more is a typo (and each is an OS thread)
+
+
+def check_count(flag: str, value: int | None, low: int, high: int, what: str) -> None:
+    """Refuse `flag`'s value outside low..high (None: not given) in one line: "--threads 0: give 1 to 1,024 CPU
+    threads". Raises EchoDistillError."""
+    if value is not None and not low <= value <= high:
+        raise EchoDistillError(f"{flag} {value}: give {low} to {high:,} {what}")
 
 
 def add_command(commands, name: str, *, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
@@ -153,17 +213,94 @@ def exit_on_stop_signals() -> Iterator[None]:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """--set key=value pairs; values are JSON where they parse as JSON, strings otherwise."""
-    overrides = {}
+    """--set key=value pairs; values are JSON where they parse as JSON, strings otherwise. A key given twice with
+    different values is refused (ConfigError naming both), never settled silently by the order."""
+    overrides, written = {}, {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"--set {pair}: write key=value, e.g. --set echo=false")
         if value.strip().lower() in ("true", "false"):  # Python's True / False too, as the messages may show them
-            overrides[key] = value.strip().lower() == "true"
+            parsed = value.strip().lower() == "true"
+        else:
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = value
+        parsed = tuple(parsed) if isinstance(parsed, list) else parsed
+        if key in overrides and not _same(overrides[key], parsed):
+            raise ConfigError(f"--set {written[key]} and --set {pair}: two values for {key}; give it once")
+        overrides[key], written[key] = parsed, pair
+    return overrides
+
+
+def _same(a, b) -> bool:
+    """Whether two given values are the same value (3 and 3.0 are; True and 1 are not)."""
+    return type(a) is type(b) and a == b or (
+        isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool)
+        and not isinstance(b, bool) and a == b)
+
+
+@dataclass
+class ValueSources:
+    """Where a command's training config values came from, so that its messages name each one as the user gave
+    it: the flag typed (`--steps 0`), the --set written (`--set echo=false`), or the --config file and key
+    (`steps=0 ... (steps from --config run.json)`). A value the user never gave (a preset's, a default) keeps
+    its field name (`echo_start=500`): no message claims a flag the user did not type."""
+
+    fields: frozenset[str]  # the config's fields: a message's other parameters are named as the command's flags
+    typed: dict[str, str] = field(default_factory=dict)  # field -> "--steps" / "--set echo="
+    files: dict[str, str] = field(default_factory=dict)  # field -> "--config run.json"
+
+    def render(self, message: str, parameters: tuple[str, ...], flags: dict[str, str]) -> str:
+        """`message`, which names `parameters` (`steps=0`), in the user's terms; `flags`: how the command spells
+        each parameter (cli.flag_names), used for those that are no config field."""
+        names = {p: name for p, name in flags.items() if p not in self.fields and not name.startswith("--set ")}
+        names.update({p: self.typed[p] for p in parameters if p in self.typed})
+        lines = []
+        for line in message.split("\n"):
+            text = EchoDistillError(line, parameters=parameters).in_terms_of(names)
+            from_files: dict[str, list[str]] = {}
+            for p in parameters:
+                if p in self.files and p not in self.typed and re.search(rf"\b{re.escape(p)}=", line):
+                    from_files.setdefault(self.files[p], []).append(p)
+            lines.append(text + "".join(f" ({', '.join(keys)} from {where})" for where, keys in from_files.items()))
+        return "\n".join(lines)
+
+
+def given_config_values(args: argparse.Namespace, fields: tuple[str, ...]) -> tuple[dict, ValueSources]:
+    """The training config values the user typed: each --set KEY=VALUE, and each config field the command has
+    its own flag for (`--steps`: the field whose name is the flag's dest, None when not typed). A field given both
+    ways with different values is refused, naming both; the same value twice is one value. Returns the values and
+    their sources (ValueSources; the command adds a --config file's keys). Raises ConfigError for an unknown
+    --set key (with the field it may mean), or a conflict."""
+    given = parse_overrides(getattr(args, "set", None) or [])
+    written = {item.partition("=")[0].strip(): item for item in getattr(args, "set", None) or []}
+    unknown_fields(given, fields, {key: f"--set {written[key]}" for key in given})
+    sources = ValueSources(frozenset(fields), typed={key: f"--set {key}=" for key in given})
+    for name in fields:
+        value = getattr(args, name, None)
+        if value is None:
             continue
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        flag = "--" + name.replace("_", "-")
+        if name in given and not _same(given[name], value):
+            raise ConfigError(f"{flag} {value} and --set {written[name]}: two values for {name}; give it once, "
+                              f"with {flag}")
+        given[name] = value
+        sources.typed[name] = flag
+    return given, sources
+
+
+def unknown_fields(values: dict, fields: tuple[str, ...], where: dict[str, str]) -> None:
+    """Refuse the keys of `values` that are no config field, each named with `where` it was given and the field
+    it may mean, in one ConfigError: "unknown config field(s): stepz (--set stepz=3; did you mean steps?); valid
+    fields: ..."."""
+    unknown = [key for key in values if key not in fields]
+    if unknown:
+        def told(key: str) -> str:
+            close = difflib.get_close_matches(key, fields, n=1)
+            return f"{key} ({where[key]}{f'; did you mean {close[0]}?' if close else ''})"
+
+        raise ConfigError(f"unknown config field(s): {', '.join(map(told, unknown))}; valid fields: "
+                          f"{', '.join(fields)}")

@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .terminal import TerminalCallbacks, add_command, parse_overrides, stop_on_ctrl_c
+from .terminal import (MAX_THREADS, TerminalCallbacks, add_command, check_count, given_config_values,
+                       stop_on_ctrl_c, unknown_fields, whole_number)
 
 SMOKE_STEPS = 4
+DEFAULT_PRESET = "paper"
+SMOKE_MAX_STEPS = 1000  # the tiny pair learns nothing: more steps check nothing more
 
 
 MODEL_HELP = "checkpoint (.safetensors, .ckpt), diffusers folder, or the shipped mini world's miniworld/teacher|student"
@@ -49,25 +52,35 @@ def add_train_command(commands) -> None:
 def _train_arguments(train: argparse.ArgumentParser) -> None:
     add_model_arguments(train)
     train.add_argument("--images", required=True,
-                       help="folder of 3-20 concept photos (<photo>.txt beside one is its caption), or a mini-world "
+                       help="folder of 3-20 concept photos (fewer is refused; more are all used, with a warning; "
+                            "<photo>.txt beside one is its caption), or a mini-world "
                             "subject's references: miniworld/<subject>, e.g. miniworld/checker_diamond or "
                             "miniworld/procedural_3000000")
-    train.add_argument("--token", default="<v*>", help="the new word that stands for the concept in prompts")
-    train.add_argument("--class-word", help="the subject's class, e.g. dog (required for a photo folder; a mini-world "
-                                            "subject's own class word by default)")
+    train.add_argument("--token", help="the new word that stands for the concept in prompts (default: --config's "
+                                       "token, else <v*>)")
+    train.add_argument("--class-word", help="the subject's class, e.g. dog (required for a photo folder unless "
+                                            "--config gives class_word; a mini-world subject's own class word by "
+                                            "default)")
     train.add_argument("--out", required=True, help="concept bundle to write (.safetensors)")
-    train.add_argument("--preset", default="paper",
+    train.add_argument("--preset",
                        help="training preset: paper, balanced, lite, or miniworld (the demo's tuned rates and "
-                            "200 steps, as a fleet manifest's preset = \"miniworld\"; for the mini world's models)")
-    train.add_argument("--config", help="a JSON config (from TrainConfig.to_json) instead of a preset")
-    train.add_argument("--steps", type=int, help="training iterations (default: the preset's)")
-    train.add_argument("--resolution", type=int,
+                            "200 steps, as a fleet manifest's preset = \"miniworld\"; for the mini world's models) "
+                            f"(default: {DEFAULT_PRESET}; not with --config)")
+    train.add_argument("--config", help="a JSON config (from TrainConfig.to_json) instead of a preset; the flags "
+                                        "below and --set change its values")
+    train.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", 400),
+                       help="training iterations (default: the preset's)")
+    train.add_argument("--resolution", type=whole_number("--resolution", "a whole number of pixels, a multiple of 64",
+                                                         512),
                        help="training resolution in pixels, square, a multiple of 64 (default: the student's native "
                             "size: 512 for SD-Turbo, 64 for the mini world)")
-    train.add_argument("--batch-size", type=int, help="images per iteration (default: the preset's)")
-    train.add_argument("--seed", type=int, help="training seed (default: the preset's)")
+    train.add_argument("--batch-size", type=whole_number("--batch-size", "a whole number of images per iteration", 2),
+                       help="images per iteration (default: the preset's)")
+    train.add_argument("--seed", type=whole_number("--seed", "a whole number from 0", 42),
+                       help="training seed (default: the preset's)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="any config field, e.g. --set echo=false (repeatable)")
+                       help="any config field, e.g. --set echo=false (repeatable); a field with its own flag "
+                            "(--steps, --token, ...) may be given either way, not both with different values")
     train.add_argument(
         "--backbone",
         action="append",
@@ -92,8 +105,9 @@ def _smoke_arguments(smoke: argparse.ArgumentParser) -> None:
                                      "folder, deleted afterwards)")
     smoke.add_argument("--token", default="<v*>", help="the concept token to add")
     smoke.add_argument("--class-word", default="toy", help="the concept's class word")
-    smoke.add_argument("--steps", type=int, default=SMOKE_STEPS, help="training iterations")
-    smoke.add_argument("--threads", type=int, default=1,
+    smoke.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", SMOKE_STEPS),
+                       default=SMOKE_STEPS, help="training iterations")
+    smoke.add_argument("--threads", type=whole_number("--threads", "a whole number of CPU threads", 1), default=1,
                        help="torch CPU threads: the tiny models gain nothing from more, and on a busy machine extra "
                             "threads make it ten times slower")
 
@@ -171,32 +185,21 @@ def run_training(
 def _train(args: argparse.Namespace) -> int:
     from ..models.pair import load_model_pair
     from ..sampling.samplers import native_resolution
-    from ..miniworld.recipe import PRESET as MINIWORLD_PRESET, preset_config
-    from ..training.config import LINE_PRESETS, PRESETS, TrainConfig, preset
+    from ..training.config import LINE_PRESETS
+    from ..training.photos import check_photo_count
 
     out = Path(args.out)
     if out.suffix != ".safetensors" or out.is_dir():  # checked before training: the bundle could never be written
         raise ConfigError(f"--out {args.out}: give the concept bundle's file name, ending in .safetensors "
                           f"(e.g. --out {out.with_suffix('.safetensors').name if out.suffix else out.name + '.safetensors'})")
-    overrides = parse_overrides(args.set or [])
-    for name in ("steps", "resolution", "batch_size", "seed"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    class_word = args.class_word or _subject_class_word(args.images)
-    overrides.update(token=args.token, class_word=class_word)
-    if args.config:
-        config = TrainConfig.from_json(_config_text(args.config)).with_changes(**overrides)
-    elif args.preset not in (*PRESETS, MINIWORLD_PRESET):
-        raise ConfigError(f"--preset {args.preset}: give one of {', '.join((*PRESETS, MINIWORLD_PRESET))}")
-    elif args.preset == MINIWORLD_PRESET:
-        config = preset_config(overrides)
-    else:
-        config = preset(args.preset, **overrides)
-    backbones = dict(_split_assignment(b) for b in args.backbone or [])
+    config = _train_config(args)
+    backbones = _backbones(args.backbone or [])
     if backbones:
         config = config.with_changes(discriminators=tuple(dict.fromkeys((*config.discriminators, *backbones))))
     # Every photo given is used or named with its reason before the models load: a bad folder fails at once.
-    print(concept_images(args.images, config.resolution, min_size_fraction=0).report())
+    photos = concept_images(args.images, config.resolution, min_size_fraction=0)
+    print(photos.report())
+    check_photo_count(photos, f"--images {args.images}")
     pair = load_model_pair(
         model_source(args.teacher),
         model_source(args.student),
@@ -205,10 +208,11 @@ def _train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
     )
+    given = args.value_sources.typed  # the fields the user gave (flags, --set); a --config file gives all it holds
     if not args.config and pair.is_sdxl:  # the preset as SDXL has it (LINE_PRESETS: lite trains LoRA K/V)
         config = config.with_changes(**{k: v for k, v in LINE_PRESETS["sdxl"].get(args.preset, {}).items()
-                                        if k not in overrides})
-    if not args.config and "resolution" not in overrides:  # the preset's 512 would be noise for the mini world
+                                        if k not in given})
+    if not args.config and "resolution" not in given:  # the preset's 512 would be noise for the mini world
         config = config.with_changes(resolution=native_resolution(pair, "student"))
     images = concept_images(args.images, config.resolution)  # again at the final resolution: its size check
     out = Path(args.out)
@@ -224,6 +228,55 @@ def _train(args: argparse.Namespace) -> int:
         ip_adapter=args.ip_adapter,
     )
     return 0
+
+
+def _train_config(args: argparse.Namespace):
+    """The TrainConfig `train` runs with, built once from every source, highest first: the flags typed and --set
+    (a field given both ways must agree), the --config file's keys, the mini-world subject's class word, then the
+    preset (--preset) or TrainConfig's defaults. Records where each value came from (`args.value_sources`), so
+    that every message names it as the user gave it. Raises ConfigError listing every problem at once."""
+    from dataclasses import fields
+
+    from ..miniworld.recipe import PRESET as MINIWORLD_PRESET, preset_config
+    from ..training.config import PRESETS, TrainConfig, preset
+
+    if args.config and args.preset:  # a file holds every field a preset would set: one would silently lose
+        raise ConfigError(f"--config {args.config} and --preset {args.preset}: give one of them (change the file's "
+                          "values with the flags or --set)")
+    args.preset = args.preset or DEFAULT_PRESET
+    names = tuple(f.name for f in fields(TrainConfig))
+    changes, sources = given_config_values(args, names)
+    file_values = {}
+    if args.config:
+        text = _config_text(args.config)
+        try:
+            file_values = TrainConfig.json_fields(text)
+        except ConfigError as error:
+            raise ConfigError(f"--config {args.config}: {error}") from None
+        unknown_fields(file_values, names, dict.fromkeys(file_values, f"in --config {args.config}"))
+        sources.files = {key: f"--config {args.config}" for key in file_values if key not in changes}
+    args.value_sources = sources  # from here on, messages name each value as the user gave it
+    if "class_word" not in changes and "class_word" not in file_values:
+        changes["class_word"] = _subject_class_word(args.images)
+    if args.config:  # built once, so that a file's value the flags change is never checked (nor warned about)
+        return TrainConfig.from_dict({**file_values, **changes})
+    if args.preset not in (*PRESETS, MINIWORLD_PRESET):
+        raise ConfigError(f"--preset {args.preset}: give one of {', '.join((*PRESETS, MINIWORLD_PRESET))}")
+    if args.preset == MINIWORLD_PRESET:
+        return preset_config(changes)
+    return preset(args.preset, **changes)
+
+
+def _backbones(assignments: list[str]) -> dict[str, str]:
+    """--backbone NAME=PATH (repeatable) as {name: path}; ConfigError naming the flag for a bad one."""
+    from ..training.config import DISCRIMINATOR_KINDS
+
+    backbones = dict(_split_assignment(b) for b in assignments)
+    for name in backbones:
+        if name not in DISCRIMINATOR_KINDS:
+            raise ConfigError(f"--backbone {name}={backbones[name]}: {name!r} is no discriminator; name one of "
+                              f"{', '.join(DISCRIMINATOR_KINDS)}, e.g. --backbone dinov2_vitl14=/models/dinov2")
+    return backbones
 
 
 def _subject_class_word(images: str) -> str:
@@ -281,8 +334,10 @@ def _smoke(args: argparse.Namespace) -> int:
     """Smoke run on a tiny random pair: load it like real checkpoints, encode a concept prompt, train briefly."""
     import torch
 
+    check_count("--steps", args.steps, 1, SMOKE_MAX_STEPS, "training steps (a smoke check takes a few)")
+    check_count("--threads", args.threads, 1, MAX_THREADS, "CPU threads")
     started = time.perf_counter()
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     if args.out:
         _smoke_in(Path(args.out), args)
         print(f"tiny models, concept and previews kept in {args.out}")
@@ -324,7 +379,7 @@ def _smoke_in(root: Path, args: argparse.Namespace) -> None:
     print(f"concept {concept.token!r} -> id {concept.token_id}; {prompt!r} -> embeddings {tuple(embeds.shape)}")
 
     images = load_concept_images(_demo_images(), resolution=64)
-    steps = max(1, args.steps)
+    steps = args.steps
     config = preset(
         "paper",
         steps=steps,
@@ -353,7 +408,7 @@ def _config_text(path: str) -> str:
 
 def _inspect(args: argparse.Namespace) -> int:
     from ..concepts.bundle import bundle_summary
-    from ..models.loading import ModelSource
+    from ..models.loading import NAMED_FAMILY, ModelSource
 
     model = model_source(args.model)
     summary = bundle_summary(model) if Path(model).is_file() else None
@@ -362,7 +417,10 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     source = ModelSource.open(model, args.family, role=args.role)
     source.check_files(args.role)  # a damaged or partial model is refused here, not at training time
-    if source.layout == "diffusers":  # its family is just its folder's name: its configs say what it is
+    if source.layout == "diffusers" and source.reason == NAMED_FAMILY:
+        print(f"{source.path.name}: a diffusers folder, read with family {source.family}'s configs as named "
+              "(leave --family on auto to read it with its own)")
+    elif source.layout == "diffusers":  # its family is just its folder's name: its configs say what it is
         print(f"{source.path.name}: a diffusers folder with its own configs (no family to pick)")
     else:
         print(f"{source.path.name}: family {source.family} ({source.reason})")

@@ -36,7 +36,7 @@ from ..files import check_name as check_output_name
 from ..models.loading import ModelSource, resolve_dtype
 from ..models.pair import check_shareable
 from ..training.config import PRESETS, TrainConfig, preset
-from ..training.photos import concept_image_names
+from ..training.photos import MAX_PHOTOS, MIN_PHOTOS, concept_image_names
 from .state import REPORT_NAME, STATE_NAME
 
 if sys.version_info >= (3, 11):
@@ -278,9 +278,8 @@ def _check_shared_config(data: dict, shared: dict, known: set[str], preset_name:
 
 
 def checked_config(preset_name: str, changes: dict, line: str = "sd") -> tuple[TrainConfig | None, list[str], set[str]]:
-    """(the config or None, every problem of `changes`, the fields at fault). TrainConfig checks ranges only once
-    every field has its type, so the fields at fault are set aside and the rest checked again: a bad type hides no
-    other value's problem."""
+    """(the config or None, every problem of `changes`, the fields at fault). Fields of an unknown name or of the
+    wrong type are set aside and the rest checked again, so no bad value hides another's problem."""
     texts: list[str] = []
     faulty: set[str] = set()
     while True:
@@ -351,6 +350,9 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
     captions = entry.get("captions")
     if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
         problems.append(f"{where}: `captions` must be a list of strings, one per photo")
+    elif photo_count is not None and photo_count < MIN_PHOTOS:
+        problems.append(f"{where}: {photos} holds {photo_count} photo(s), but a concept is learned from {MIN_PHOTOS} to "
+                        f"{MAX_PHOTOS}: add at least {MIN_PHOTOS - photo_count} more")
     elif captions is not None and photo_count is not None and len(captions) != photo_count:
         problems.append(f"{where}: `captions` lists {len(captions)} caption(s) for {photo_count} photo(s) in "
                         f"{photos}: give one per photo, in file-name order")

@@ -20,7 +20,7 @@ from ..concepts.bundle import ConceptBundle
 from ..imaging import contact_sheet, save_png
 from ..miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle
 from ..miniworld.procedural import lookup_subject
-from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS, tuned_config
+from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS, preset_config
 from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_STEPS, UnitInputs, score_prior
 from ..models.pair import load_model_pair
 from ..models.pristine import pristine
@@ -57,11 +57,11 @@ class DemoReport:
 def demo_config(concept_name: str, steps: int, seed: int, overrides: dict | None = None):
     """The demo's TrainConfig for `concept_name` (recipe.tuned_config with `overrides`).
 
-    Raises ConfigError for a bad value (steps < 1, an unknown field) and ValueError for an unknown
-    subject: cheap checks the command line runs before it prints anything.
+    Raises ConfigError for a bad value (steps < 1, an unknown field), every problem at once, and ValueError for
+    an unknown subject: cheap checks the command line runs before it prints anything.
     """
     concept = lookup_subject(concept_name)
-    return tuned_config(concept.class_word, steps, seed).with_changes(**(overrides or {}))
+    return preset_config({"class_word": concept.class_word, "steps": steps, "seed": seed, **(overrides or {})})
 
 
 def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int = DEFAULT_STEPS, seed: int = DEMO_SEED,
@@ -92,7 +92,7 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     sheet_path = save_png(sheet, out_dir / f"{name}_contact_sheet.png", {"echodistill": json.dumps(
         {"concept": name, "prompts": unit.texts, "seeds": unit.noise_seeds})})
     report = DemoReport(
-        concept=name, steps=config.steps, train_seconds=train_seconds,  # --set steps= wins, as in training
+        concept=name, steps=config.steps, train_seconds=train_seconds,  # overrides' steps win, as in training
         student_subject_fidelity=student_scores["subject_fidelity"],
         teacher_subject_fidelity=teacher_scores["subject_fidelity"],
         student_prompt_fidelity=student_scores["prompt_fidelity"],

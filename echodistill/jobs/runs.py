@@ -26,6 +26,7 @@ from ..training.callbacks import Callbacks
 from ..training.checkpointing import CHECKPOINT_NAME, TrainingCheckpoint
 from ..training.config import TrainConfig
 from ..training.data import load_concept_images
+from ..training.photos import check_photo_count
 from ..training.trainer import Trainer
 
 BUNDLE_NAME = "concept.safetensors"
@@ -119,6 +120,7 @@ def _train_in(run_dir: Path, pair: ModelPair, images, config: TrainConfig, *, ca
                              height=config.resolution, return_latents=False).images
             return TrainingResult(bundle, preview=preview, reused=True)
     concept_images = load_concept_images(images, captions=captions, resolution=config.resolution)
+    check_photo_count(concept_images, str(images) if isinstance(images, (str, os.PathLike)) else "the photos given")
     recorder = _Recorder(callbacks or Callbacks())
     with torch.inference_mode(False), torch.enable_grad(), pristine(pair):
         trainer = Trainer(pair, concept_images, config, backbone_paths=backbone_paths,

@@ -11,7 +11,7 @@ import dataclasses
 from PIL import Image
 
 from ..errors import ConfigError
-from ..training.config import TrainConfig, preset
+from ..training.config import TrainConfig, draft_configs, preset
 from ..training.photos import ConceptImage, load_concept_images
 from .concepts import Concept, reference_captions, reference_images
 from .drawing import RESOLUTION
@@ -51,7 +51,9 @@ def scaled_rates(config: TrainConfig, lr_scale: float) -> TrainConfig:
 
 def tuned_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
     """EchoDistill at the mini world's tuned rates (TUNED_LR_SCALES): what the demo trains."""
-    return scaled_rates(echodistill_config(class_word, steps, seed, **changes), TUNED_LR_SCALES["echodistill"])
+    with draft_configs():  # the rates change below: only the config returned warns
+        config = echodistill_config(class_word, steps, seed, **changes)
+    return scaled_rates(config, TUNED_LR_SCALES["echodistill"])
 
 
 PRESET = "miniworld"  # the name `train --preset` and a fleet manifest's `preset =` give this recipe
@@ -65,9 +67,11 @@ def preset_config(changes: dict, default_steps: int = DEMO_STEPS) -> TrainConfig
     changes = dict(changes)
     steps, seed, class_word = changes.pop("steps", default_steps), changes.pop("seed", 0), changes.pop("class_word")
     try:
-        config = tuned_config(class_word, steps, seed)
+        with draft_configs():  # `changes` go over it: only the config returned warns (once)
+            config = tuned_config(class_word, steps, seed)
     except ConfigError:  # list every problem at once: the recipe at its own values, then all the given ones
-        base = tuned_config("object", default_steps, 0).to_dict()
+        with draft_configs():
+            base = tuned_config("object", default_steps, 0).to_dict()
         return TrainConfig.from_dict({**base, "steps": steps, "seed": seed, "class_word": class_word, **changes})
     return TrainConfig.from_dict({**config.to_dict(), **changes})
 

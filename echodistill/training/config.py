@@ -7,6 +7,7 @@ naming the field; `from_dict` rejects unknown keys. Variants are made with `with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,8 +27,9 @@ class ConfigWarning(UserWarning):
     """A config that runs but does not do what its fields suggest (echo on, yet no echo round in the run)."""
 
 
-def _check_type(name: str, value: Any, hint: Any) -> None:
-    """Raise ConfigError naming the field when `value` is not of the field's type (before any comparison)."""
+def _check_type(name: str, value: Any, hint: Any, example: Any = None) -> None:
+    """Raise ConfigError naming the field when `value` is not of the field's type (before any comparison);
+    `example`: a good value the message shows (the field's default)."""
     origin = get_origin(hint)
     if origin is Literal:
         return  # checked against its choices
@@ -43,16 +45,39 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         return
     if not isinstance(value, expected) or (hint is not bool and isinstance(value, bool)):
         kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[hint]
+        if hint is int:  # nan, 1.5, "ten": say which whole numbers (a count of steps is at least 1), with an example
+            kind += ", at least 1" if name in _POSITIVE else ", 0 or more" if name in _NON_NEGATIVE else ""
+            kind += f", e.g. {name}={example!r}" if isinstance(example, int) else ""
         raise ConfigError(f"{name}={value!r} must be {kind}", parameters=(name,))
 
 
+@contextlib.contextmanager
+def draft_configs() -> Iterator[None]:
+    """Build configs that are changed again before use (a recipe's base, then the caller's changes): their
+    caveats (ConfigWarning) are not shown; the config finally used warns its own, once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        yield
+
+
 def _raise_together(problems: list[ConfigError]) -> None:
-    """Raise the one problem, or one ConfigError listing them all (its `parameters` those of every problem)."""
+    """Raise the one problem, or one ConfigError listing them all (its `parameters` those of every problem,
+    its `problems` the single ones: a list given here is flattened, never nested)."""
+    problems = [single for problem in problems for single in getattr(problem, "problems", (problem,))]
     if len(problems) == 1:
         raise problems[0]
     if problems:
-        raise ConfigError(f"{len(problems)} config problems:\n" + "\n".join(f"  - {p}" for p in problems),
-                          parameters=tuple(dict.fromkeys(name for p in problems for name in p.parameters)))
+        error = ConfigError(f"{len(problems)} config problems:\n" + "\n".join(f"  - {p}" for p in problems),
+                            parameters=tuple(dict.fromkeys(name for p in problems for name in p.parameters)))
+        error.problems = tuple(problems)
+        raise error
+
+
+# The whole-number fields that count something (at least 1), and the numbers that may be 0 but not negative.
+_POSITIVE = ("steps", "batch_size", "resolution", "lora_rank", "target_steps", "echo_every", "echo_samples",
+             "echo_per_step", "echo_buffer_size", "ms_swd_projections", "ms_swd_scales", "log_every")
+_NON_NEGATIVE = ("weight_decay", "grad_clip", "weight_adversarial", "weight_latent_mse", "weight_semantic",
+                 "weight_ms_swd", "teacher_cfg", "echo_weight", "echo_start", "sample_every", "save_every", "seed")
 
 
 def _f(default, help: str):
@@ -148,23 +173,30 @@ class TrainConfig:
     log_every: int = _f(1, "progress callback every N iterations")
 
     def __post_init__(self):
-        # Every problem is reported at once (a manifest or a --set line may hold several); the range
-        # checks run only once every field has its type, as they compare numbers.
-        _raise_together(list(self._type_problems()))
-        _raise_together(list(self._value_problems()))
+        # Every problem is reported at once (a manifest or a --set line may hold several): the range checks
+        # compare numbers, so they skip only the fields of the wrong type, which are reported as such.
+        types = list(self._type_problems())
+        _raise_together([*types, *self._value_problems(skip={name for p in types for name in p.parameters})])
+        for caveat in self.caveats():
+            warnings.warn(caveat, ConfigWarning, stacklevel=3)
+
+    def caveats(self) -> list[str]:
+        """What this (valid) config does that its fields do not suggest, one sentence each; __post_init__
+        warns each as a ConfigWarning. Today: echo on, yet no echo round within the run."""
         if self.echo and self.echo_start >= self.steps:
             # echo starts after step echo_start, so a run of one step can never echo, whatever echo_start is
             fix = (f"use echo_start={self.steps // 2} (preset() scales it to steps) or echo=false" if self.steps > 1
                    else "train 2 or more steps, or pass echo=false")
-            warnings.warn(f"echo=true but echo_start={self.echo_start} >= steps={self.steps}: this run never echoes; "
-                          f"{fix}", ConfigWarning, stacklevel=3)
+            return [f"echo=true but echo_start={self.echo_start} >= steps={self.steps}: this run never echoes; {fix}"]
+        return []
 
     def _type_problems(self) -> Iterator[ConfigError]:
+        """Each field of the wrong type, not finite, or not one of its choices (a ConfigError naming it)."""
         hints = get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
             try:
-                _check_type(f.name, value, hints[f.name])
+                _check_type(f.name, value, hints[f.name], f.default)
             except ConfigError as problem:
                 yield problem
                 continue
@@ -175,85 +207,71 @@ class TrainConfig:
                 yield ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(repr, choices))}",
                                   parameters=(f.name,))
 
-    def _value_problems(self) -> Iterator[ConfigError]:
-        positive = (
-            "steps",
-            "batch_size",
-            "resolution",
-            "lora_rank",
-            "target_steps",
-            "echo_every",
-            "echo_samples",
-            "echo_per_step",
-            "echo_buffer_size",
-            "ms_swd_projections",
-            "ms_swd_scales",
-            "log_every",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
+    def _value_problems(self, skip: set[str] = frozenset()) -> Iterator[ConfigError]:
+        """Each value out of its range (a ConfigError naming it). The fields in `skip` (of the wrong type, not
+        finite: _type_problems names them) are compared with nothing."""
+
+        def checked(*names: str) -> bool:
+            return not skip.intersection(names)
+
+        for name in _POSITIVE:
+            if checked(name) and getattr(self, name) < 1:
                 yield ConfigError(f"{name}={getattr(self, name)!r} must be at least 1", parameters=(name,))
         for name in ("lr_student", "lr_teacher", "lr_heads", "adam_epsilon", "lora_alpha"):
-            if not getattr(self, name) > 0:
+            if checked(name) and not getattr(self, name) > 0:
                 yield ConfigError(f"{name}={getattr(self, name)!r} must be positive", parameters=(name,))
         for name in ("lr_student", "lr_teacher", "lr_heads"):  # AdamW steps of size ~lr: above 1 is a typo
-            if getattr(self, name) > 1:
+            if checked(name) and getattr(self, name) > 1:
                 yield ConfigError(f"{name}={getattr(self, name)!r} must be at most 1 (AdamW moves each weight by "
                                   "about the rate per step)", parameters=(name,))
-        if self.steps > MAX_STEPS:
+        if checked("steps") and self.steps > MAX_STEPS:
             yield ConfigError(f"steps={self.steps!r} must be at most {MAX_STEPS:,} (a personalization trains for "
                               "hundreds to a few thousand steps; more is a typo)", parameters=("steps",))
-        if self.seed > MAX_SEED:
+        if checked("resolution") and self.resolution > MAX_RESOLUTION:
+            yield ConfigError(f"resolution={self.resolution!r} must be at most {MAX_RESOLUTION} pixels (SD 2.1 "
+                              "trains at 512, SDXL at 1024)", parameters=("resolution",))
+        if checked("batch_size") and self.batch_size > MAX_BATCH_SIZE:
+            yield ConfigError(f"batch_size={self.batch_size!r} must be at most {MAX_BATCH_SIZE} (images per "
+                              "iteration: the presets take 1 or 2)", parameters=("batch_size",))
+        if checked("seed") and self.seed > MAX_SEED:
             yield ConfigError(f"seed={self.seed!r} must be at most {MAX_SEED} (torch.Generator's seeds are 64-bit)",
                               parameters=("seed",))
-        non_negative = (
-            "weight_decay",
-            "grad_clip",
-            "weight_adversarial",
-            "weight_latent_mse",
-            "weight_semantic",
-            "weight_ms_swd",
-            "teacher_cfg",
-            "echo_weight",
-            "echo_start",
-            "sample_every",
-            "save_every",
-            "seed",
-        )
-        for name in non_negative:
-            if getattr(self, name) < 0:
+        for name in _NON_NEGATIVE:
+            if checked(name) and getattr(self, name) < 0:
                 yield ConfigError(f"{name}={getattr(self, name)!r} must not be negative", parameters=(name,))
         for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
+            if checked(name) and not 0 <= getattr(self, name) < 1:
                 yield ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 1)", parameters=(name,))
-        if not 0 < self.augment_min_scale <= 1:
+        if checked("augment_min_scale") and not 0 < self.augment_min_scale <= 1:
             yield ConfigError(f"augment_min_scale={self.augment_min_scale!r} must be in (0, 1]",
                               parameters=("augment_min_scale",))
-        if not 0 < self.echo_keep_ratio <= 1:
+        if checked("echo_keep_ratio") and not 0 < self.echo_keep_ratio <= 1:
             yield ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]",
                               parameters=("echo_keep_ratio",))
-        if self.resolution % 64:
+        if checked("resolution") and self.resolution % 64:
             yield ConfigError(f"resolution={self.resolution!r} must be a multiple of 64", parameters=("resolution",))
-        for name in ("target_timestep_min", "target_timestep_max", "student_timestep", "discriminator_timestep_max"):
-            if not 0 <= getattr(self, name) <= 999:
+        timesteps = ("target_timestep_min", "target_timestep_max", "student_timestep", "discriminator_timestep_max")
+        for name in timesteps:
+            if checked(name) and not 0 <= getattr(self, name) <= 999:
                 yield ConfigError(f"{name}={getattr(self, name)!r} must be in [0, 999]", parameters=(name,))
-        if self.target_timestep_min > self.target_timestep_max:
+        if checked(*timesteps[:2]) and self.target_timestep_min > self.target_timestep_max:
             yield ConfigError(
                 f"target_timestep_min={self.target_timestep_min} exceeds target_timestep_max={self.target_timestep_max}"
             )
-        if not self.discriminators:
-            yield ConfigError(f"discriminators is empty: list at least one of {', '.join(DISCRIMINATOR_KINDS)}")
-        unknown = [d for d in self.discriminators if d not in DISCRIMINATOR_KINDS]
-        if unknown:
-            yield ConfigError(f"discriminators={unknown!r}: valid names are {', '.join(DISCRIMINATOR_KINDS)}",
-                              parameters=("discriminators",))
-        if not self.token or any(ch.isspace() for ch in self.token):
+        if checked("discriminators"):
+            if not self.discriminators:
+                yield ConfigError(f"discriminators is empty: list at least one of {', '.join(DISCRIMINATOR_KINDS)}")
+            unknown = [d for d in self.discriminators if d not in DISCRIMINATOR_KINDS]
+            if unknown:
+                yield ConfigError(f"discriminators={unknown!r}: valid names are {', '.join(DISCRIMINATOR_KINDS)}",
+                                  parameters=("discriminators",))
+        if checked("token") and (not self.token or any(ch.isspace() for ch in self.token)):
             yield ConfigError(f"token={self.token!r} must be one word without whitespace, e.g. '<v*>'",
                               parameters=("token",))
-        if not self.class_word.strip():
+        if checked("class_word") and not self.class_word.strip():
             yield ConfigError(f"class_word={self.class_word!r} is empty: give the subject's class, e.g. 'dog'",
                               parameters=("class_word",))
-        if self.schedule == "sequential":
+        if checked("schedule", "echo", "steps") and self.schedule == "sequential":
             if self.echo:
                 yield ConfigError(
                     "schedule='sequential' with echo=True: the teacher is frozen once the student trains, so "
@@ -290,13 +308,19 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(cls.json_fields(text))
+
+    @staticmethod
+    def json_fields(text: str) -> dict[str, Any]:
+        """The fields a JSON config (as to_json writes it) gives, unchecked: what from_json builds from.
+        Raises ConfigError for text that is not a JSON object."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise ConfigError(f"the config is not JSON ({error}); write it as TrainConfig.to_json does") from None
         if not isinstance(data, dict):
             raise ConfigError(f"the config must be a JSON object of fields, not {type(data).__name__}")
-        return cls.from_dict(data)
+        return data
 
     def with_changes(self, **changes) -> "TrainConfig":
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
@@ -330,6 +354,8 @@ LINE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
 MAX_STEPS = 1_000_000  # a guard against typos: the paper preset trains 1,000 steps
+MAX_RESOLUTION = 4096  # pixels per side: 8x SD 2.1's 512, 4x SDXL's 1024 (more is a typo, or out of memory)
+MAX_BATCH_SIZE = 256  # images per iteration: the presets take 1 or 2
 
 
 def echo_schedule(steps: int) -> dict[str, int]:

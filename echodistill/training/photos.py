@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ from PIL import Image, UnidentifiedImageError
 from echodistill.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# How many photos a concept is learned from: the method's "a few (3-20) photos of a subject" (DESIGN.md section 1).
+# Fewer cannot separate the subject from one photo's pose and background; more is allowed, with a warning.
+MIN_PHOTOS, MAX_PHOTOS = 3, 20
 
 
 # EXIF orientation (tag 0x0112) -> the transpose that makes the picture upright.
@@ -141,6 +145,30 @@ def load_concept_images(
     if problems:
         raise DataError("\n".join(problems))
     return ConceptPhotos(images, skipped)
+
+
+class PhotoCountWarning(UserWarning):
+    """More photos than the method is made for (MAX_PHOTOS): all of them are used."""
+
+
+def check_photo_count(photos: Sequence[ConceptImage], where: str) -> None:
+    """Check that a concept has the photos training needs: at least MIN_PHOTOS, else DataError naming `where`
+    (how the caller names the source, e.g. "--images photos/dog"), the count, the photos and the files of the
+    folder that were not read; above MAX_PHOTOS a PhotoCountWarning says that all of them are used.
+    The mini world's subjects have 5 references each."""
+    count = len(photos)
+    if count < MIN_PHOTOS:
+        names = f" ({', '.join(item.name for item in photos)})" if photos else ""
+        skipped = getattr(photos, "skipped", [])
+        unread = (f"; {len(skipped)} other file(s) there are not read as photos: "
+                  + ", ".join(name for name, _ in skipped)) if skipped else ""
+        raise DataError(f"{where}: {count} photo(s){names}, but a concept is learned from {MIN_PHOTOS} to "
+                        f"{MAX_PHOTOS} photos of the subject: add at least {MIN_PHOTOS - count} more (other "
+                        f"angles, backgrounds, lighting){unread}")
+    if count > MAX_PHOTOS:
+        warnings.warn(f"{where}: {count} photos, more than the {MIN_PHOTOS}-{MAX_PHOTOS} the method is made for; "
+                      f"training uses all {count} (each is drawn less often in the same steps); keep the "
+                      f"{MAX_PHOTOS} most varied to stay within it", PhotoCountWarning, stacklevel=2)
 
 
 def concept_image_names(source: str | os.PathLike) -> list[str]:
