@@ -90,6 +90,15 @@ def test_config_json_round_trip_and_errors_name_the_key():
     assert TrainConfig.from_json(config.to_json()) == config
     with pytest.raises(ConfigError, match="unknown config key\\(s\\) learning_rate"):
         TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ConfigError) as info:  # unknown keys and the known fields' problems, all at once
+        TrainConfig.from_dict({"stepz": 3, "steps": 0, "lr_studnet": 1.0})
+    assert str(info.value).startswith("2 config problems:\n  - unknown config key(s) lr_studnet (did you mean "
+                                      "lr_student?), stepz (did you mean steps?); valid keys: steps, ")
+    assert str(info.value).endswith("\n  - steps=0 must be at least 1")
+    assert set(info.value.parameters) == {"lr_studnet", "stepz", "steps"}
+    with pytest.raises(ConfigError, match=r"^2 config problems:\n  - unknown config key\(s\) batchsize \(did you "
+                                          r"mean batch_size\?\).*\n  - resolution=0 must be at least 1$"):
+        TrainConfig().with_changes(batchsize=2, resolution=0)
     with pytest.raises(ConfigError, match="lr_student=-1.0 must be positive"):
         TrainConfig(lr_student=-1.0)
     with pytest.raises(ConfigError, match="adapter='dora' is not one of 'custom_diffusion', 'lora'"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import warnings
@@ -299,12 +300,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
+        """The config `data` gives (lists become tuples). Raises ConfigError listing every problem at once:
+        unknown keys (each with the field it may mean) and the known fields' problems."""
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
+        return _built_with_unknown_keys(values, lambda known: cls(**known))
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
@@ -323,14 +322,33 @@ class TrainConfig:
         return data
 
     def with_changes(self, **changes) -> "TrainConfig":
-        unknown = sorted(set(changes) - {f.name for f in fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
+        """This config with `changes`; ConfigError lists every problem at once, as from_dict."""
+        return _built_with_unknown_keys(changes, lambda known: dataclasses.replace(self, **known))
 
     @staticmethod
     def help() -> dict[str, str]:
         return {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+
+
+def _built_with_unknown_keys(values: dict[str, Any], build) -> "TrainConfig":
+    """build(the known fields of `values`), or ConfigError listing the unknown keys (each with the field it may
+    mean) together with the problems of the known ones."""
+    names = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(values) - set(names))
+    if not unknown:
+        return build(values)
+    def told(key: str) -> str:
+        close = difflib.get_close_matches(key, names, n=1)
+        return f"{key} (did you mean {close[0]}?)" if close else key
+
+    problems = [ConfigError(f"unknown config key(s) {', '.join(map(told, unknown))}; valid keys: {', '.join(names)}",
+                            parameters=tuple(unknown))]
+    try:
+        with draft_configs():  # refused anyway: no caveat about it
+            build({k: v for k, v in values.items() if k in names})
+    except ConfigError as problem:
+        problems.append(problem)
+    _raise_together(problems)
 
 
 # Presets: the paper's defaults, and leaner variants for consumer GPUs.
