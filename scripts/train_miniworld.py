@@ -11,7 +11,9 @@ Stages (each logged to runs/miniworld/<stage>.log and, all together, to train.lo
   4. student  — a copy of the teacher distilled to one step at t = 999 (training.py explains how)
   5. write    — fp16 diffusers folders into echodistill/assets/miniworld/models/{teacher,student}
   6. oracle   — attribute reader and subject encoder into echodistill/assets/miniworld/oracle/
-  7. eval     — load both folders with load_model_pair, sample through echodistill.sampling,
+  7. image_prompt — the zero-training image-prompt adapter (image_prompt.py), trained once on the
+                procedural subjects through the written teacher, into echodistill/assets/miniworld/image_prompt/
+  8. eval     — load both folders with load_model_pair, sample through echodistill.sampling,
                 score with the oracle; numbers in runs/miniworld/eval.json, pictures beside them
 Intermediate results are kept in runs/miniworld/ckpt/, so `--from-stage student` redoes only the
 later stages, and `--to-stage teacher` stops after the teacher. A run cut off (a session ending, Ctrl-C)
@@ -79,7 +81,7 @@ from echodistill.models.tensor_files import atomic_write_text  # noqa: E402
 from echodistill.models.tokenizer import load_clip_tokenizer  # noqa: E402
 from echodistill.sampling.samplers import sample_student  # noqa: E402
 
-STAGES = ("render", "vae", "teacher", "student", "write", "oracle", "eval")
+STAGES = ("render", "vae", "teacher", "student", "write", "oracle", "image_prompt", "eval")
 # The student stage's resumable progress in ckpt/: the teacher's pairs so far, the distillation loop state.
 STUDENT_PROGRESS = ("student_pairs.pt", "student_running.pt")
 
@@ -208,13 +210,7 @@ def main() -> None:
         train_oracle_stage(settings, args, oracle_root, log)
         return
     if args.image_prompt_only:
-        pair = load_model_pair(model_root / "teacher", model_root / "student")
-        adapter = train_image_prompt(pair.teacher.unet, pair.vae, pair.tokenizer, pair.text_encoder,
-                                     pair.teacher.scheduler_config, settings.image_prompt, args.seed,
-                                     log.stage("image_prompt"), resume_path=ckpt / "image_prompt_running.pt")
-        path = adapter.save(adapter_path(oracle_root))
-        (ckpt / "image_prompt_running.pt").unlink(missing_ok=True)
-        log("image_prompt", f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        image_prompt_stage(settings, args, model_root, oracle_root, ckpt, log)
         return
     if args.eval_only:
         report = evaluate_stage(model_root, oracle_root, settings, args, log_dir, log)
@@ -332,7 +328,13 @@ def run_late_stages(settings: RunSettings, args: argparse.Namespace, model_root:
     if done("oracle"):
         return finish(log, wall_start, cpu_start, "oracle")
 
-    # 7. evaluation through the shipped files -----------------------------------------------
+    # 7. the zero-training image-prompt adapter, on the written teacher -----------------------
+    if redo("image_prompt"):
+        image_prompt_stage(settings, args, model_root, oracle_root, log_dir / "ckpt", log)
+    if done("image_prompt"):
+        return finish(log, wall_start, cpu_start, "image_prompt")
+
+    # 8. evaluation through the shipped files -----------------------------------------------
     report = evaluate_stage(model_root, oracle_root, settings, args, log_dir, log)
     elapsed, cpu = time.time() - wall_start, cpu_seconds() - cpu_start
     report["run"] = {"wall_s": round(elapsed), "cpu_s": round(cpu), "command": " ".join(sys.argv), "seed": args.seed,
@@ -396,6 +398,19 @@ def evaluate_stage(model_root: Path, oracle_root: Path, settings: RunSettings, a
     report["vae_ceiling"] = vae_ceiling(pair.vae, oracle)
     log("eval", f"subject fidelity through the VAE: {report['vae_ceiling']}")
     return report
+
+
+def image_prompt_stage(settings: RunSettings, args: argparse.Namespace, model_root: Path, oracle_root: Path,
+                       ckpt: Path, log: RunLog) -> None:
+    """Train the image-prompt adapter on the written teacher (resumable) and write it beside the oracle."""
+    pair = load_model_pair(model_root / "teacher", model_root / "student")
+    resume = ckpt / "image_prompt_running.pt"
+    adapter = train_image_prompt(pair.teacher.unet, pair.vae, pair.tokenizer, pair.text_encoder,
+                                 pair.teacher.scheduler_config, settings.image_prompt, args.seed,
+                                 log.stage("image_prompt"), resume_path=resume)
+    path = adapter.save(adapter_path(oracle_root))
+    resume.unlink(missing_ok=True)
+    log("image_prompt", f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 def train_oracle_stage(settings: RunSettings, args: argparse.Namespace, oracle_root: Path, log: RunLog) -> None:

@@ -373,6 +373,11 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
     redone = run("--to-stage", "vae")
     assert redone.returncode == 0 and not (ckpt / "teacher.pt").exists() and not (ckpt / "student.pt").exists()
     assert "removed teacher.pt: it was trained on another VAE's latents" in redone.stdout
+    rest = run("--from-stage", "teacher", "--to-stage", "image_prompt", "--keep-oracle")  # on the VAE just made
+    assert rest.returncode == 0, rest.stderr
+    assert "stopped after the image_prompt stage" in rest.stdout
+    assert (tmp_path / "quick" / "image_prompt" / "image_prompt_adapter.safetensors").is_file()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["student.pt", "teacher.pt", "vae.pt"]  # no progress files left
 
 
 # --- the main job -------------------------------------------------------------------------------
