@@ -82,28 +82,23 @@ def whole_number(flag: str, what: str, example: int) -> Callable[[str], int]:
     one line naming the flag, saying what to give and how: "--steps nan: give a whole number of training steps,
     e.g. --steps 400" (`what`: "a whole number of training steps"). Its range is checked where it is used (a
     training config field's by TrainConfig, naming the flag)."""
-
-    def parse(text: str) -> int:
-        try:
-            return int(text)
-        except ValueError:
-            raise _refused(f"{flag} {text}: give {what}, e.g. {flag} {example}") from None
-
-    parse.__name__ = "whole number"
-    return parse
+    return _number_type(int, "whole number", flag, what, example)
 
 
 def number(flag: str, what: str, example: float) -> Callable[[str], float]:
     """argparse type of `flag`: the float its text spells (nan and inf too: the command checks the range and
     says what to give); text that is no number is refused in one line, as `whole_number` refuses it."""
+    return _number_type(float, "number", flag, what, example)
 
-    def parse(text: str) -> float:
+
+def _number_type(convert: Callable[[str], int | float], name: str, flag: str, what: str, example) -> Callable:
+    def parse(text: str):
         try:
-            return float(text)
+            return convert(text)
         except ValueError:
             raise _refused(f"{flag} {text}: give {what}, e.g. {flag} {example}") from None
 
-    parse.__name__ = "number"
+    parse.__name__ = name  # argparse names the type by it in its own messages
     return parse
 
 
