@@ -29,7 +29,9 @@ class EchoDistillError(Exception):
 
             def replace(match: re.Match, name: str = name) -> str:
                 following = match.string[match.end():match.end() + 1]
-                if match.group(1) or name.endswith("=") or not following or not following.strip():
+                if name.endswith("="):  # a --set key: the value stays, as written after it
+                    return name + (match.group(1) or "")
+                if match.group(1) or not following or not following.strip():
                     return name
                 return f"{name} "
 

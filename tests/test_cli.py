@@ -346,6 +346,22 @@ def test_train_takes_the_miniworld_preset_a_manifest_takes_and_names_it_among_th
     capsys.readouterr()
     assert main([*train, "--preset", "bogus"]) == 2
     assert capsys.readouterr().err.strip() == "error: --preset bogus: give one of paper, balanced, lite, miniworld"
+    # A finished run is never replaced by a new one: --resume it, or --overwrite
+    run = tmp_path / "w-run" / "checkpoint.pt"
+    assert main([*train, "--preset", "miniworld", "--steps", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {run} holds an earlier run of this concept: continue it with "
+                                               f"--resume {run} (ask for more --steps to train it further), or pass "
+                                               "--overwrite to train anew")
+    run.unlink()
+    assert main([*train, "--preset", "miniworld", "--steps", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {out} already exists: pick another name, or pass "
+                                               "--overwrite to train anew and replace it")
+    before = out.read_bytes()
+    assert main([*train, "--preset", "miniworld", "--steps", "1", "--overwrite"]) == 0
+    assert ConceptBundle.load(out).step == 1 and out.read_bytes() != before
+    capsys.readouterr()
+    assert main([*train[:5], "--images", "miniworld/nosuch", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --images miniworld/nosuch: unknown subject 'nosuch'")
 
 
 # --- where each training config value comes from, and how messages name it --------------------------
@@ -359,6 +375,25 @@ def _config_of(argv):
     from echodistill.cli.train import _train_config
 
     return _train_config(build_parser().parse_args(argv))
+
+
+def test_a_set_value_of_the_wrong_type_is_shown_as_written(tmp_path, capsys):
+    assert main([*WINDOW, "--out", str(tmp_path / "w.safetensors"), "--set", "steps=true"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --set steps=True must be a whole number, at least 1, e.g. "
+                                               "--set steps=1000")
+
+
+def test_a_config_file_without_a_resolution_trains_at_the_students_native_size(tmp_path):
+    from echodistill.concepts.bundle import ConceptBundle
+
+    config = tmp_path / "run.json"
+    config.write_text('{"steps": 1, "echo": false}')
+    out = tmp_path / "w.safetensors"
+    assert main([*WINDOW, "--out", str(out), "--config", str(config)]) == 0
+    assert ConceptBundle.load(out).config["resolution"] == 64  # the mini world's, not TrainConfig's 512
+    config.write_text('{"steps": 1, "echo": false, "resolution": 128}')  # a size the file chose stands
+    assert main([*WINDOW, "--out", str(out), "--config", str(config), "--overwrite"]) == 0
+    assert ConceptBundle.load(out).config["resolution"] == 128
 
 
 def test_set_gives_a_field_that_has_its_own_flag_and_a_disagreement_is_refused(tmp_path, capsys):
@@ -412,8 +447,11 @@ def test_a_config_files_values_are_named_as_its_keys_and_the_flags_as_typed(tmp_
         "  - --set lr_teacher=2 must be at most 1 (AdamW moves each weight by about the rate per step)\n")
     config_file.write_text(json.dumps({"steps": 5, "stepz": 3}))
     assert main(base) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: unknown config field(s): stepz (in --config {config_file}; did you mean steps?)")
+    err = capsys.readouterr().err  # with every other problem, and no caveat about a config refused anyway
+    assert err.startswith(f"error: 2 config problems:\n  - unknown config field(s): stepz (in --config {config_file}; "
+                          "did you mean steps?)"), err
+    assert err.endswith("\n  - --class-word is required for a photo folder: the subject's class, e.g. --class-word "
+                        "dog\n"), err
     # the file's values stand (its token and class word too) unless a flag or --set changes them
     config_file.write_text(json.dumps({"steps": 30, "token": "<sks>", "class_word": "mug", "seed": 3, "echo": False}))
     config = _config_of(base)

@@ -19,6 +19,7 @@ from echodistill.concepts.export import (
     ExportError,
     OutputExistsError,
     bundle_deltas,
+    export_concept,
     export_embedding,
     export_lora,
 )
@@ -234,6 +235,12 @@ def test_export_checks_a_bundle_against_the_unet_config_it_stored(cd_bundle, tin
     with pytest.raises(ExportError, match="embedding row is 40 wide but the student it was trained on reads 32-wide"):
         export_embedding(wide_row, tmp_path / "wide.safetensors")
     assert not (tmp_path / "wide.safetensors").exists()
+    with pytest.raises(ExportError, match="embedding row is 40 wide"):  # both files, or neither
+        export_concept(wide_row, "wide", tmp_path / "loras", tmp_path / "embeddings")
+    assert not list(tmp_path.glob("loras/*")) and not list(tmp_path.glob("embeddings/*"))
+    negative = {**stored["student"], "cross_attention_dim": -3}  # a config no UNet can be built from
+    with pytest.raises(ExportError, match="the UNet config does not build a diffusers UNet"):
+        export_lora(dataclasses.replace(bundle, unet_configs={"student": negative}), tmp_path / "n.safetensors")
     sdxl_config = {**stored["student"], "addition_embed_type": "text_time"}
     with pytest.raises(ExportError, match="stored student UNet config is not the diffusers config of an SD 1.x / 2.x"):
         export_lora(dataclasses.replace(bundle, unet_configs={"student": sdxl_config}), tmp_path / "x.safetensors")

@@ -440,7 +440,7 @@ def test_workers_that_cannot_load_the_models_stop_the_fleet_with_the_loaders_mes
     assert state["attempts"] == 0  # nothing was tried: a rerun with good models queues and trains it
 
 
-def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path, capsys):
+def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path, capsys, monkeypatch):
     good = _photos(tmp_path / "good", 40)
     path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders,
                            [{"name": "a", "photos": str(good), "class_word": "dog"}])
@@ -450,6 +450,12 @@ def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path,
     assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check"]) == 0
     printed = capsys.readouterr().out
     assert "1 concepts" in printed and "the pair loads" in printed and not (tmp_path / "out").exists()
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
+    assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check"]) == 0  # the manifest is fine
+    assert capsys.readouterr().err.startswith("warning: the fleet needs Ray, which this Python does not have: ")
     broken = _write_manifest(tmp_path / "broken.toml", tiny_pair_folders, [{"name": "a", "photos": "nowhere"}])
     assert main(["fleet", "run", str(broken), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err

@@ -15,7 +15,7 @@ from echodistill.errors import IncompatiblePairError, ModelLoadError
 from echodistill.models import checkpoint_layout as layout_map
 from echodistill.models import tiny as tiny_models
 from echodistill.models.families import CONFIG_ROOT, FAMILIES, SDXL_FAMILIES, detect_family, family_config
-from echodistill.models.loading import ModelSource, load_unet
+from echodistill.models.loading import ModelSource, load_text_encoder, load_unet
 from echodistill.models.pair import SharedEncoderWarning, load_model_pair
 from echodistill.models.tensor_files import TensorFile
 
@@ -204,6 +204,17 @@ def test_a_text_encoder_config_edited_in_one_folder_is_named_not_blamed_on_the_p
     assert message == (f"{config_path} does not describe the weights beside it: it gives {wrong}. Restore the file "
                        "from the model's release."), message
     assert ModelSource.open(tiny_pair_folders[0]).text_config_misfit() is None  # the intact folder
+
+
+@pytest.mark.parametrize("edit", [{"num_attention_heads": 5}, {"vocab_size": "big"}])
+def test_a_text_encoder_config_no_model_can_be_built_from_is_one_load_error(tiny_pair_folders, tmp_path, edit):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_pair_folders[0], teacher)
+    config_path = teacher / "text_encoder" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **edit}))
+    with pytest.raises(ModelLoadError, match=r"^text encoder of teacher: its config cannot build the model \(.+\)\. "
+                                             r"The folder's text_encoder/config.json does not describe its weights"):
+        load_text_encoder(ModelSource.open(teacher))
 
 
 def test_missing_model_and_unknown_family_errors(tiny_pair_folders, tmp_path):

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import EchoDistillError
-from .terminal import (MAX_THREADS, TerminalCallbacks, add_command, check_count, given_config_values,
+from .terminal import (MAX_THREADS, TerminalCallbacks, add_command, built_config, check_count, given_config_values,
                        stop_on_ctrl_c, whole_number)
 
 HELP = ("the main job on the shipped mini world: train a held-out subject, sample it, write a contact sheet, "
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     # --steps / --seed or --set (not both with different values); messages name each value as the user gave it
     overrides, args.value_sources = given_config_values(args, tuple(f.name for f in fields(TrainConfig)))
     steps, seed = overrides.pop("steps", DEMO_STEPS), overrides.pop("seed", DEMO_SEED)
-    config = demo_config(args.concept, steps, seed, overrides)  # a bad value is refused before any output
+    config = built_config(args.value_sources,  # a bad value is refused before any output, every one at once
+                          lambda: demo_config(args.concept, steps, seed, overrides))
     if not args.out.strip():
         raise EchoDistillError("--out '': name the folder for the bundle, contact sheet and metrics")
     check_writable(args.out, "--out")  # an unusable folder too (removed again if the run fails)

@@ -6,6 +6,7 @@ Ray is imported only when `fleet run` starts, so the rest of the command line wo
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import EchoDistillError
 from .terminal import MAX_THREADS, check_count, whole_number
@@ -17,7 +18,6 @@ MAX_ATTEMPTS = 100  # tries per concept
 def missing_ray() -> str:
     """How to add Ray to the Python that runs this command (a bare `pip` may belong to another one)."""
     import shlex
-    import sys
 
     return (f"the fleet needs Ray, which this Python does not have: {shlex.quote(sys.executable)} -m pip install "
             "'ray>=2.9' (the pack's optional extra: pip install -e '.[fleet]' in its folder)")
@@ -75,6 +75,10 @@ def _run(args: argparse.Namespace) -> int:
                                student_family=manifest.student_family, dtype=manifest.dtype, device="cpu")
         print(f"the pair loads, as every worker will load it (one text encoder shared, fingerprint "
               f"{pair.text_fingerprint}); nothing trained (--check)")
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # the manifest is fine, but the run itself could not start
+            print(f"warning: {missing_ray()}", file=sys.stderr)
         return 0
     try:
         from ..fleet.engine import FleetOptions, run_fleet, start_ray, stop_ray

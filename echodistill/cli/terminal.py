@@ -247,6 +247,7 @@ class ValueSources:
     fields: frozenset[str]  # the config's fields: a message's other parameters are named as the command's flags
     typed: dict[str, str] = field(default_factory=dict)  # field -> "--steps" / "--set echo="
     files: dict[str, str] = field(default_factory=dict)  # field -> "--config run.json"
+    problems: list[ConfigError] = field(default_factory=list)  # found before the config is built (unknown keys)
 
     def render(self, message: str, parameters: tuple[str, ...], flags: dict[str, str]) -> str:
         """`message`, which names `parameters` (`steps=0`), in the user's terms; `flags`: how the command spells
@@ -268,12 +269,14 @@ def given_config_values(args: argparse.Namespace, fields: tuple[str, ...]) -> tu
     """The training config values the user typed: each --set KEY=VALUE, and each config field the command has
     its own flag for (`--steps`: the field whose name is the flag's dest, None when not typed). A field given both
     ways with different values is refused, naming both; the same value twice is one value. Returns the values and
-    their sources (ValueSources; the command adds a --config file's keys). Raises ConfigError for an unknown
-    --set key (with the field it may mean), or a conflict."""
+    their sources (ValueSources; the command adds a --config file's keys); an unknown --set key is left out and
+    kept in `sources.problems` for `built_config` to list. Raises ConfigError for a conflict."""
     given = parse_overrides(getattr(args, "set", None) or [])
     written = {item.partition("=")[0].strip(): item for item in getattr(args, "set", None) or []}
-    unknown_fields(given, fields, {key: f"--set {written[key]}" for key in given})
-    sources = ValueSources(frozenset(fields), typed={key: f"--set {key}=" for key in given})
+    unknown = unknown_fields(given, fields, {key: f"--set {written[key]}" for key in given})
+    given = {key: value for key, value in given.items() if key in fields}
+    sources = ValueSources(frozenset(fields), typed={key: f"--set {key}=" for key in given},
+                           problems=[unknown] if unknown else [])
     for name in fields:
         value = getattr(args, name, None)
         if value is None:
@@ -287,15 +290,33 @@ def given_config_values(args: argparse.Namespace, fields: tuple[str, ...]) -> tu
     return given, sources
 
 
-def unknown_fields(values: dict, fields: tuple[str, ...], where: dict[str, str]) -> None:
-    """Refuse the keys of `values` that are no config field, each named with `where` it was given and the field
-    it may mean, in one ConfigError: "unknown config field(s): stepz (--set stepz=3; did you mean steps?); valid
-    fields: ..."."""
+def unknown_fields(values: dict, fields: tuple[str, ...], where: dict[str, str]) -> ConfigError | None:
+    """The keys of `values` that are no config field, each named with `where` it was given and the field it may
+    mean, as one ConfigError (None when every key is a field): "unknown config field(s): stepz (--set stepz=3;
+    did you mean steps?); valid fields: ...". Callers list it with the other values' problems
+    (`built_config`)."""
     unknown = [key for key in values if key not in fields]
-    if unknown:
-        def told(key: str) -> str:
-            close = difflib.get_close_matches(key, fields, n=1)
-            return f"{key} ({where[key]}{f'; did you mean {close[0]}?' if close else ''})"
+    if not unknown:
+        return None
 
-        raise ConfigError(f"unknown config field(s): {', '.join(map(told, unknown))}; valid fields: "
-                          f"{', '.join(fields)}")
+    def told(key: str) -> str:
+        close = difflib.get_close_matches(key, fields, n=1)
+        return f"{key} ({where[key]}{f'; did you mean {close[0]}?' if close else ''})"
+
+    return ConfigError(f"unknown config field(s): {', '.join(map(told, unknown))}; valid fields: {', '.join(fields)}",
+                       parameters=tuple(unknown))
+
+
+def built_config(sources: "ValueSources", build: Callable):
+    """build() (a TrainConfig from the known values), or one ConfigError listing the problems found before
+    (`sources.problems`: unknown keys, a missing class word) together with build's own: none hides another."""
+    from ..training.config import draft_configs, raise_together
+
+    problems = list(sources.problems)
+    try:
+        with draft_configs() if problems else contextlib.nullcontext():  # refused anyway: no caveat about it
+            config = build()
+    except ConfigError as error:
+        problems.append(error)
+    raise_together(problems)
+    return config

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .terminal import (MAX_THREADS, TerminalCallbacks, add_command, check_count, given_config_values,
-                       stop_on_ctrl_c, unknown_fields, whole_number)
+from .terminal import (MAX_THREADS, TerminalCallbacks, add_command, built_config, check_count,
+                       given_config_values, stop_on_ctrl_c, unknown_fields, whole_number)
 
 SMOKE_STEPS = 4
 DEFAULT_PRESET = "paper"
@@ -90,6 +90,9 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--ip-adapter", help="IP-Adapter .safetensors whose image projection shapes the semantic loss")
     train.add_argument("--resume", help="checkpoint.pt of a stopped run")
     train.add_argument("--run-dir", help="checkpoints and previews (default: next to --out)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train anew over an existing --out bundle and its run folder's checkpoint (without it, "
+                            "either is refused, so that no finished or stopped run is lost)")
 
 
 SMOKE_HELP = ("a quick check (well under a minute) of the install on a tiny random model pair written to a temporary folder: "
@@ -194,6 +197,8 @@ def _train(args: argparse.Namespace) -> int:
                           f"(e.g. --out {out.with_suffix('.safetensors').name if out.suffix else out.name + '.safetensors'})")
     config = _train_config(args)
     backbones = _backbones(args.backbone or [])
+    run_dir = Path(args.run_dir) if args.run_dir else out.with_suffix("").with_name(out.stem + "-run")
+    _refuse_to_replace(out, run_dir, args)
     if backbones:
         config = config.with_changes(discriminators=tuple(dict.fromkeys((*config.discriminators, *backbones))))
     # Every photo given is used or named with its reason before the models load: a bad folder fails at once.
@@ -212,11 +217,9 @@ def _train(args: argparse.Namespace) -> int:
     if not args.config and pair.is_sdxl:  # the preset as SDXL has it (LINE_PRESETS: lite trains LoRA K/V)
         config = config.with_changes(**{k: v for k, v in LINE_PRESETS["sdxl"].get(args.preset, {}).items()
                                         if k not in given})
-    if not args.config and "resolution" not in given:  # the preset's 512 would be noise for the mini world
-        config = config.with_changes(resolution=native_resolution(pair, "student"))
+    if "resolution" not in given and "resolution" not in args.value_sources.files:  # nobody chose one: the
+        config = config.with_changes(resolution=native_resolution(pair, "student"))  # preset's 512 is noise at 64
     images = concept_images(args.images, config.resolution)  # again at the final resolution: its size check
-    out = Path(args.out)
-    run_dir = Path(args.run_dir) if args.run_dir else out.with_suffix("").with_name(out.stem + "-run")
     run_training(
         pair,
         images,
@@ -228,6 +231,23 @@ def _train(args: argparse.Namespace) -> int:
         ip_adapter=args.ip_adapter,
     )
     return 0
+
+
+def _refuse_to_replace(out: Path, run_dir: Path, args: argparse.Namespace) -> None:
+    """A new run (no --resume, no --overwrite) never replaces a bundle or a stopped run's checkpoint: ConfigError
+    naming the file and the two ways on."""
+    from ..training.checkpointing import CHECKPOINT_NAME
+
+    if args.resume or args.overwrite:
+        return
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if checkpoint.is_file():
+        raise ConfigError(f"{checkpoint} holds an earlier run of this concept: continue it with --resume {checkpoint} "
+                          "(ask for more --steps to train it further), or pass --overwrite to train anew",
+                          parameters=("overwrite",))
+    if out.exists():
+        raise ConfigError(f"--out {out} already exists: pick another name, or pass --overwrite to train anew and "
+                          "replace it", parameters=("overwrite",))
 
 
 def _train_config(args: argparse.Namespace):
@@ -253,18 +273,24 @@ def _train_config(args: argparse.Namespace):
             file_values = TrainConfig.json_fields(text)
         except ConfigError as error:
             raise ConfigError(f"--config {args.config}: {error}") from None
-        unknown_fields(file_values, names, dict.fromkeys(file_values, f"in --config {args.config}"))
+        unknown = unknown_fields(file_values, names, dict.fromkeys(file_values, f"in --config {args.config}"))
+        sources.problems += [unknown] if unknown else []
+        file_values = {key: value for key, value in file_values.items() if key in names}
         sources.files = {key: f"--config {args.config}" for key in file_values if key not in changes}
     args.value_sources = sources  # from here on, messages name each value as the user gave it
     if "class_word" not in changes and "class_word" not in file_values:
-        changes["class_word"] = _subject_class_word(args.images)
+        try:
+            changes["class_word"] = _subject_class_word(args.images)
+        except ConfigError as missing:  # listed with the values' problems; a stand-in checks the rest
+            sources.problems.append(missing)
+            changes["class_word"] = "object"
     if args.config:  # built once, so that a file's value the flags change is never checked (nor warned about)
-        return TrainConfig.from_dict({**file_values, **changes})
+        return built_config(sources, lambda: TrainConfig.from_dict({**file_values, **changes}))
     if args.preset not in (*PRESETS, MINIWORLD_PRESET):
         raise ConfigError(f"--preset {args.preset}: give one of {', '.join((*PRESETS, MINIWORLD_PRESET))}")
     if args.preset == MINIWORLD_PRESET:
-        return preset_config(changes)
-    return preset(args.preset, **changes)
+        return built_config(sources, lambda: preset_config(changes))
+    return built_config(sources, lambda: preset(args.preset, **changes))
 
 
 def _backbones(assignments: list[str]) -> dict[str, str]:
@@ -287,8 +313,8 @@ def _subject_class_word(images: str) -> str:
     if name is not None:
         try:
             return lookup_subject(name).class_word
-        except ValueError:
-            pass  # concept_images names the bad subject
+        except ValueError as error:  # an unknown subject, not a folder missing its class word
+            raise ConfigError(f"--images {images}: {error}") from None
     raise ConfigError("--class-word is required for a photo folder: the subject's class, e.g. --class-word dog")
 
 

@@ -323,15 +323,7 @@ def export_embedding(bundle: ConceptBundle, path: str | os.PathLike, *, overwrit
     `overwrite`.
     """
     target = _target(path, overwrite)
-    rows = [row.detach().float().reshape(1, -1) for row in bundle.embeddings_for("student")]  # (1, D) each
-    if not all(torch.isfinite(row).all() for row in rows):
-        raise ExportError("the bundle's embedding row is not finite; refusing to export it")
-    width = (bundle.unet_configs.get("student") or {}).get("cross_attention_dim")
-    if isinstance(width, int) and sum(row.shape[1] for row in rows) != width:  # the text states the UNet reads
-        raise ExportError(f"the bundle's embedding row{'s are' if len(rows) > 1 else ' is'} "
-                          f"{' + '.join(str(row.shape[1]) for row in rows)} wide but the student it was trained on "
-                          f"reads {width}-wide text states: the file was edited or damaged; export a bundle as "
-                          "training saved it")
+    rows = _embedding_rows(bundle)
     tensors = dict(zip(SDXL_ROW_NAMES, rows)) if bundle.is_sdxl else {bundle.token: rows[0]}
     info = {
         "kind": "embedding",
@@ -391,6 +383,21 @@ def export_targets(name: str, lora_dir: str | os.PathLike, embedding_dir: str | 
     return ExportTargets(lora, embedding)
 
 
+def _embedding_rows(bundle: ConceptBundle) -> list[torch.Tensor]:
+    """The student's token row(s), (1, D) float32 each; ExportError when one is not finite or their width is not
+    that of the text states the student's UNet (its config stored in the bundle) reads."""
+    rows = [row.detach().float().reshape(1, -1) for row in bundle.embeddings_for("student")]  # (1, D) each
+    if not all(torch.isfinite(row).all() for row in rows):
+        raise ExportError("the bundle's embedding row is not finite; refusing to export it")
+    width = (bundle.unet_configs.get("student") or {}).get("cross_attention_dim")
+    if isinstance(width, int) and sum(row.shape[1] for row in rows) != width:  # the text states the UNet reads
+        raise ExportError(f"the bundle's embedding row{'s are' if len(rows) > 1 else ' is'} "
+                          f"{' + '.join(str(row.shape[1]) for row in rows)} wide but the student it was trained on "
+                          f"reads {width}-wide text states: the file was edited or damaged; export a bundle as "
+                          "training saved it")
+    return rows
+
+
 def export_concept(bundle: ConceptBundle, name: str, lora_dir: str | os.PathLike,
                    embedding_dir: str | os.PathLike | None = None, *, part: Part = "student",
                    mode: ExportMode = "diff", rank: int | None = None, overwrite: bool = False,
@@ -400,6 +407,7 @@ def export_concept(bundle: ConceptBundle, name: str, lora_dir: str | os.PathLike
     targets = export_targets(name, lora_dir, embedding_dir, overwrite=overwrite)
     for folder in {targets.lora.parent, targets.embedding.parent}:
         check_writable(folder, "export folder")
+    _embedding_rows(bundle)  # a bad row is refused before the LoRA is written: never one file of the two
     report = export_lora(bundle, targets.lora, part=part, mode=mode, rank=rank, overwrite=True,
                          unet_config=unet_config)
     export_embedding(bundle, targets.embedding, overwrite=True)

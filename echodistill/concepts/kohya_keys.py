@@ -133,7 +133,7 @@ def check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mappi
         try:
             with torch.device("meta"):
                 unet = UNet2DConditionModel.from_config(dict(unet_config))
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # diffusers' own checks of a config
+        except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:  # diffusers' checks, torch's
             raise ExportError(f"the UNet config does not build a diffusers UNet ({exc}): give the config.json of "
                               "the UNet the concept was trained on") from None
     linears = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}

@@ -254,7 +254,8 @@ def _build(factory: Callable[[], torch.nn.Module], read: Callable[[list[str]], d
     try:
         with torch.device("meta"):
             module = factory()
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # diffusers / transformers on a bad config value
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:  # a bad config value (e.g. a
+        # negative size: torch's RuntimeError)
         raise ModelLoadError(f"{what}: its config cannot build the model ({type(exc).__name__}: {exc}). "
                              f"{advice}") from None
     keys = list(module.state_dict().keys())
@@ -329,7 +330,13 @@ def load_text_encoder(
     (a `CLIPTextModelWithProjection`: OpenCLIP ViT-bigG and its pooled-output projection, as diffusers'
     StableDiffusionXLPipeline uses it). Raises ModelLoadError when the weights do not fit the config."""
     settings = source.config.text_config(component)
-    config = CLIPTextConfig(**{k: v for k, v in settings.items() if not k.startswith("_")})
+    what = f"{component.replace('_', ' ')} of {source.path.name}"
+    try:
+        config = CLIPTextConfig(**{k: v for k, v in settings.items() if not k.startswith("_")})
+    except Exception as exc:  # transformers / huggingface_hub validate a config with errors of their own
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+        raise ModelLoadError(f"{what}: its config cannot build the model ({cause}). "
+                             f"{_mismatch_advice(source, component)}") from None
     projected = component == "text_encoder_2" or "CLIPTextModelWithProjection" in settings.get("architectures", ())
     model_class = CLIPTextModelWithProjection if projected else CLIPTextModel
     return _build(
@@ -337,7 +344,7 @@ def load_text_encoder(
         lambda k: source.state_dict(component, k),
         dtype,
         device,
-        f"{component.replace('_', ' ')} of {source.path.name}",
+        what,
         _mismatch_advice(source, component),
     )
 

@@ -61,7 +61,7 @@ def draft_configs() -> Iterator[None]:
         yield
 
 
-def _raise_together(problems: list[ConfigError]) -> None:
+def raise_together(problems: list[ConfigError]) -> None:
     """Raise the one problem, or one ConfigError listing them all (its `parameters` those of every problem,
     its `problems` the single ones: a list given here is flattened, never nested)."""
     problems = [single for problem in problems for single in getattr(problem, "problems", (problem,))]
@@ -177,7 +177,7 @@ class TrainConfig:
         # Every problem is reported at once (a manifest or a --set line may hold several): the range checks
         # compare numbers, so they skip only the fields of the wrong type, which are reported as such.
         types = list(self._type_problems())
-        _raise_together([*types, *self._value_problems(skip={name for p in types for name in p.parameters})])
+        raise_together([*types, *self._value_problems(skip={name for p in types for name in p.parameters})])
         for caveat in self.caveats():
             warnings.warn(caveat, ConfigWarning, stacklevel=3)
 
@@ -348,7 +348,7 @@ def _built_with_unknown_keys(values: dict[str, Any], build) -> "TrainConfig":
             build({k: v for k, v in values.items() if k in names})
     except ConfigError as problem:
         problems.append(problem)
-    _raise_together(problems)
+    raise_together(problems)
 
 
 # Presets: the paper's defaults, and leaner variants for consumer GPUs.
