@@ -137,6 +137,23 @@ def test_manifest_refuses_a_photos_folder_with_fewer_than_three_photos(tiny_pair
         load_manifest(path)
 
 
+def test_manifest_refuses_a_shared_value_given_twice_and_warns_of_more_than_twenty_photos(tiny_pair_folders,
+                                                                                        tmp_path):
+    from echodistill.training.photos import PhotoCountWarning
+
+    many = _photos(tmp_path / "many", 40)
+    for i in range(3, 21):
+        (many / f"{i}.png").write_bytes((many / "0.png").read_bytes())
+    concepts = [{"name": "a", "photos": "many", "class_word": "dog"}]
+    path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, concepts, config={**CONFIG, "steps": 7})
+    with pytest.raises(ConfigError, match=rf"top-level `steps = {STEPS}` and \[config\] `steps = 7`: two values for "
+                                          r"steps; give it once"), pytest.warns(PhotoCountWarning):
+        load_manifest(path)
+    path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, concepts)
+    with pytest.warns(PhotoCountWarning, match="many holds 21 photos, more than the 3-20"):
+        assert len(load_manifest(path).concepts) == 1
+
+
 def test_a_shared_class_word_serves_every_concept_without_its_own(tiny_pair_folders, tmp_path):
     _photos(tmp_path / "good", 40)
     path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, [

@@ -36,7 +36,7 @@ from ..files import check_name as check_output_name
 from ..models.loading import ModelSource, resolve_dtype
 from ..models.pair import check_shareable
 from ..training.config import PRESETS, TrainConfig, preset
-from ..training.photos import MAX_PHOTOS, MIN_PHOTOS, concept_image_names
+from ..training.photos import MAX_PHOTOS, MIN_PHOTOS, PhotoCountWarning, concept_image_names
 from .state import REPORT_NAME, STATE_NAME
 
 if sys.version_info >= (3, 11):
@@ -168,7 +168,10 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     shared = _table(data.get("config", {}), "[config]", problems)
     problems += [f"[config]: unknown config key {k!r}" for k in sorted(set(shared) - known)]
     for key in TOP_LEVEL_FIELDS:
-        if key in data:
+        if key in data and key in shared and shared[key] != data[key]:
+            problems.append(f"top-level `{key} = {data[key]!r}` and [config] `{key} = {shared[key]!r}`: two values for "
+                            f"{key}; give it once")
+        elif key in data:
             shared[key] = data[key]
     line, sources = "sd", {}
     for role in ("teacher", "student"):
@@ -353,6 +356,9 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
     elif photo_count is not None and photo_count < MIN_PHOTOS:
         problems.append(f"{where}: {photos} holds {photo_count} photo(s), but a concept is learned from {MIN_PHOTOS} to "
                         f"{MAX_PHOTOS}: add at least {MIN_PHOTOS - photo_count} more")
+    elif photo_count is not None and photo_count > MAX_PHOTOS:  # as train warns: all are used
+        warnings.warn(f"{where}: {photos} holds {photo_count} photos, more than the {MIN_PHOTOS}-{MAX_PHOTOS} the "
+                      f"method is made for; training uses all {photo_count}", PhotoCountWarning, stacklevel=2)
     elif captions is not None and photo_count is not None and len(captions) != photo_count:
         problems.append(f"{where}: `captions` lists {len(captions)} caption(s) for {photo_count} photo(s) in "
                         f"{photos}: give one per photo, in file-name order")
