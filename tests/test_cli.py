@@ -264,6 +264,12 @@ def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
         assert picture.size == (64, 64)
     assert (record["prompt"], record["seed"], record["steps"], record["concept"]["token"]) == (
         "a <v*> cup on a table", 6, 1, "<v*>")
+    assert main(["sample", *models, "--prompt", "a cup", "--seed", "9", "--width", "64", "--height", "64",
+                 "--out", str(tmp_path / "student")]) == 0  # into the same folder: after the images there
+    assert sorted(p.name for p in (tmp_path / "student").glob("*.png")) == [
+        "student-000-seed5.png", "student-001-seed6.png", "student-002-seed9.png"]
+    with Image.open(pngs[0]) as picture:
+        assert json.loads(picture.info["echodistill"])["prompt"] == "a <v*> cup on a table"  # not replaced
     assert main(["teacher-sample", *models, "--concept", str(concept), "--steps", "3", "--width", "64",
                  "--height", "64", "--out", str(tmp_path / "teacher")]) == 0
     assert len(list((tmp_path / "teacher").glob("teacher-*.png"))) == 1
@@ -304,7 +310,7 @@ def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
     assert main(["eval", "--images", str(tmp_path / "student"), "--references", str(tmp_path / "photos"),
                  "--class-word", "cup", "--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "scores.json")]) == 0
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert scores["images"] == 2 and scores["references"] == 3
+    assert scores["images"] == 3 and scores["references"] == 3
     assert 0 <= scores["clip_i"] <= 1 and 0 <= scores["clip_t"] <= 1 and "dino" not in scores
 
 

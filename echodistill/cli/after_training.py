@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def _write_images(result, out: Path, *, sampler: str, steps: int, guidance: floa
     from ..imaging import save_png, to_pil
 
     written = []
-    for index, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
+    first = _next_index(out, sampler)  # after the images already there: a second call never replaces them
+    for index, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds), first):
         record = {"prompt": prompt, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance,
                   "concept": None if bundle is None else {"token": bundle.token, "class_word": bundle.class_word,
                                                            "step": bundle.step}, **extra}
@@ -67,6 +69,13 @@ def _write_images(result, out: Path, *, sampler: str, steps: int, guidance: floa
         path = out / f"{sampler}-{index:03d}-seed{seed}.png"
         written.append(save_png(to_pil(image), path, {"parameters": parameters, PNG_KEY: json.dumps(record)}))
     return written
+
+
+def _next_index(out: Path, sampler: str) -> int:
+    """1 + the highest index of `sampler`'s images in `out` (<sampler>-<index>-seed<seed>.png), 0 for none."""
+    pattern = re.compile(rf"^{re.escape(sampler)}-(\d+)-seed\d+\.png$")
+    found = [int(m.group(1)) for p in out.glob(f"{sampler}-*.png") if (m := pattern.match(p.name))] if out.is_dir() else []
+    return max(found, default=-1) + 1
 
 
 MAX_COUNT, MAX_SIDE = 10_000, 4096  # images per prompt; pixels per side (8x SD 2.1's native 512)
