@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import re
-from typing import Mapping
+from typing import Iterable, Mapping
+
+
+def close_name(name: str, valid: Iterable[str]) -> str | None:
+    """The valid name `name` most likely misspells (difflib.get_close_matches, its default cutoff 0.6), or None."""
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return close[0] if close else None
 
 
 class EchoDistillError(Exception):

@@ -43,6 +43,10 @@ def test_a_config_file_that_is_not_json_is_refused(tmp_path, monkeypatch, capsys
     assert "--config latin.json is not UTF-8 text" in capsys.readouterr().err
     assert main([*TRAIN, "--config", "nope.json", "--out", "c.safetensors"]) == 2
     assert "--config nope.json cannot be read" in capsys.readouterr().err
+    (tmp_path / "twice.json").write_text('{"steps": 3, "class_word": "dog", "steps": 30}')  # json keeps the last
+    assert main([*TRAIN, "--config", "twice.json", "--out", "c.safetensors"]) == 2
+    assert "the config gives steps twice; give each field once" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -16,6 +16,7 @@ from echodistill.concepts.bundle import ConceptBundle, bundle_summary
 from echodistill.errors import ConfigError, EchoDistillError
 from echodistill.miniworld.architecture import shipped_model
 from echodistill.models import tiny
+from echodistill.version import __version__
 
 
 def _photo_folder(path):
@@ -164,6 +165,10 @@ def test_inspect_says_what_a_concept_bundle_holds(tmp_path, capsys):
         assert err.count("error: damaged.safetensors") == 2 and problem in err, err
 
 
+MAJOR, MINOR = map(int, __version__.split(".")[:2])
+NEXT_MINOR, SAME_LINE = f"{MAJOR}.{MINOR + 1}.0", f"{MAJOR}.{MINOR}.99"  # while the major is 0, a minor may change bundles
+
+
 def test_a_damaged_bundle_is_refused_alike_by_inspect_export_and_load(tmp_path, capsys):
     from safetensors import safe_open
 
@@ -192,12 +197,18 @@ def test_a_damaged_bundle_is_refused_alike_by_inspect_export_and_load(tmp_path, 
     assert not (tmp_path / "never").exists()
     edited = json.loads(header["echodistill"])
     for change, problem in (({"token": "a b"}, "the token 'a b' is not one word"), ({"step": -5}, "'step' is -5"),
-                            ({"adapter_tensors": {"student": "14"}}, "'adapter_tensors' holds")):
+                            ({"adapter_tensors": {"student": "14"}}, "'adapter_tensors' holds"),
+                            ({"version": 99}, "'version' is a int, not a str"),
+                            ({"version": "99.0"}, "saved by EchoDistill 99.0, newer than this pack"),
+                            ({"version": NEXT_MINOR}, f"saved by EchoDistill {NEXT_MINOR}, newer than this pack")):
         damaged = tmp_path / "edited.safetensors"
         save_file(tensors, str(damaged), metadata={"echodistill": json.dumps({**edited, **change})})
         assert main(["inspect", str(damaged)]) == 2 and problem in capsys.readouterr().err
         with pytest.raises(EchoDistillError, match=re.escape(problem)):
             ConceptBundle.load(damaged)
+    for readable in (SAME_LINE, "0.0.4", "unknown"):  # the same format line, an older one, a bundle from before versions
+        save_file(tensors, str(damaged), metadata={"echodistill": json.dumps({**edited, "version": readable})})
+        assert ConceptBundle.load(damaged).version == readable
 
 
 def test_smoke_runs_end_to_end_on_a_tiny_random_pair(tmp_path, capsys):

@@ -75,7 +75,8 @@ def test_manifest_lists_every_problem_at_once(tiny_pair_folders, tmp_path):
     assert "9 problem(s)" in message, message
     assert "'f': photos folder" in message and "'f': `class_word` is missing" in message and "'f': steps=0" in message
     for expected in ("concept 'a': duplicate output name", "name '../escape' cannot be used",
-                     "missing-folder does not exist", "unknown config key 'lr_studnet'",
+                     "missing-folder does not exist",
+                     "unknown config key 'lr_studnet' (did you mean 'lr_student'?)",
                      "resolution=100 must be a multiple of 64", "unknown subject 'no_such_subject'"):
         assert expected in message, message
 
@@ -496,3 +497,17 @@ def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path,
     assert main(["fleet", "run", str(lacking), "--out", str(tmp_path / "out"), "--check"]) == 2  # headers read; the
     error = capsys.readouterr().err  # load the workers would do finds the tensor missing, before any Ray starts
     assert "conv_out.weight" in error and "Traceback" not in error and not (tmp_path / "out").exists()
+
+
+def test_misspelt_manifest_keys_name_the_key_they_may_mean(tmp_path):
+    path = _write_manifest(tmp_path / "fleet.toml", MINIWORLD_PAIR,
+                           [{"name": "a", "photos": "miniworld/smiley", "captons": ["x"], "config": {"stepz": 3}}],
+                           shared={**SHARED, "presett": "paper"}, config={**CONFIG, "lr_studnet": 1e-4})
+    with pytest.raises(ConfigError) as info:
+        load_manifest(path)
+    message = str(info.value)
+    for expected in ("unknown top-level key 'presett' (did you mean 'preset'?)",
+                     "[config]: unknown config key 'lr_studnet' (did you mean 'lr_student'?)",
+                     "concept 'a': unknown key 'captons' (did you mean 'captions'?)",
+                     "unknown config key 'stepz' (did you mean 'steps'?)"):
+        assert expected in message, message

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import json
 import re
 import signal
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import ConfigError, EchoDistillError
+from ..errors import ConfigError, EchoDistillError, close_name
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -300,8 +299,8 @@ def unknown_fields(values: dict, fields: tuple[str, ...], where: dict[str, str])
         return None
 
     def told(key: str) -> str:
-        close = difflib.get_close_matches(key, fields, n=1)
-        return f"{key} ({where[key]}{f'; did you mean {close[0]}?' if close else ''})"
+        close = close_name(key, fields)
+        return f"{key} ({where[key]}{f'; did you mean {close}?' if close else ''})"
 
     return ConfigError(f"unknown config field(s): {', '.join(map(told, unknown))}; valid fields: {', '.join(fields)}",
                        parameters=tuple(unknown))

@@ -36,7 +36,7 @@ SDXL_ROW_NAMES = ("clip_l", "clip_g")  # ComfyUI's SDXL embedding keys, in text-
 
 # Header fields and the JSON types they must have; a header that differs was edited or damaged.
 _HEADER_TYPES = {"token": str, "initializer": str, "class_word": str, "adapter": str, "fingerprints": dict,
-                 "families": dict, "config": dict, "step": int, "unet_configs": dict, "adapter_tensors": dict}
+                 "families": dict, "config": dict, "step": int, "unet_configs": dict, "adapter_tensors": dict, "version": str}
 _REQUIRED = ("token", "initializer", "class_word", "adapter", "fingerprints", "families")
 
 
@@ -64,7 +64,22 @@ def _checked_header(path: Path, header: str) -> dict:
     if problems:
         raise EchoDistillError(f"{path.name}: a damaged concept header ({'; '.join(problems)}); use the bundle as "
                                "training wrote it")
+    if _format_line(meta.get("version", "")) > _format_line(__version__):
+        raise EchoDistillError(f"{path.name} was saved by EchoDistill {meta['version']}, newer than this pack "
+                               f"({__version__}), whose bundles this pack cannot read: update the pack")
     return meta
+
+
+def _format_line(version: str) -> tuple[int, ...]:
+    """The part of a pack version that changes when the bundle format may (semantic versioning: the major
+    number, and the minor one while the major is 0): "0.1.3" gives (0, 1), "2.4.0" gives (2,). A version
+    that does not start with numbers (an old bundle's "unknown") gives (): older than any."""
+    numbers = []
+    for part in version.split(".")[:2]:
+        if not part.isascii() or not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers[:2] if numbers[:1] == [0] else numbers[:1])
 
 
 def _plain_config(config) -> dict:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError, EchoDistillError
+from ..errors import ConfigError, DataError, EchoDistillError, close_name
 from ..files import check_name as check_output_name
 from ..models.loading import ModelSource, resolve_dtype
 from ..models.pair import check_shareable
@@ -151,7 +151,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     problems: list[str] = []
     known = {f.name for f in fields(TrainConfig)}
     for key in sorted(set(data) - SHARED_KEYS):
-        problems.append(f"unknown top-level key {key!r}; valid: {', '.join(sorted(SHARED_KEYS))}")
+        problems.append(f"unknown top-level key {_told(key, SHARED_KEYS)}; valid: {', '.join(sorted(SHARED_KEYS))}")
     for key in ("preset", "teacher_family", "student_family", "dtype"):
         if key in data and not isinstance(data[key], str):
             problems.append(f"`{key}` must be a string, got {data[key]!r}")
@@ -166,7 +166,7 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
         problems.append(f"preset {preset_name!r} is unknown; valid: {', '.join([*PRESETS, MINIWORLD_PRESET])}")
         preset_name = "paper"  # reported once here; each concept's fields are still checked against the paper's
     shared = _table(data.get("config", {}), "[config]", problems)
-    problems += [f"[config]: unknown config key {k!r}" for k in sorted(set(shared) - known)]
+    problems += [f"[config]: unknown config key {_told(k, known)}" for k in sorted(set(shared) - known)]
     for key in TOP_LEVEL_FIELDS:
         if key in data and key in shared and shared[key] != data[key]:
             problems.append(f"top-level `{key} = {data[key]!r}` and [config] `{key} = {shared[key]!r}`: two values for "
@@ -301,6 +301,12 @@ def checked_config(preset_name: str, changes: dict, line: str = "sd") -> tuple[T
         return (None if texts else config), texts, faulty
 
 
+def _told(key: str, valid) -> str:
+    """'stepz' (did you mean 'steps'?): an unknown key with the valid one it may misspell."""
+    close = close_name(key, sorted(valid))
+    return f"{key!r} (did you mean {close!r}?)" if close else repr(key)
+
+
 def _table(value, where: str, problems: list[str]) -> dict:
     if not isinstance(value, dict):
         problems.append(f"{where} must be a table of config fields")
@@ -314,10 +320,10 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
     """One concept's job, or None with its problems added. `faults`: the shared fields at fault and their
     problems' texts (listed once already, by _check_shared_config): this concept is checked without them."""
     count = len(problems)
-    problems += [f"{where}: unknown key {k!r}; valid: {', '.join(sorted(CONCEPT_KEYS))}"
+    problems += [f"{where}: unknown key {_told(k, CONCEPT_KEYS)}; valid: {', '.join(sorted(CONCEPT_KEYS))}"
                  for k in sorted(set(entry) - CONCEPT_KEYS)]
     own = _table(entry.get("config", {}), f"{where} [concept.config]", problems)
-    problems += [f"{where}: unknown config key {k!r}" for k in sorted(set(own) - known)]
+    problems += [f"{where}: unknown config key {_told(k, known)}" for k in sorted(set(own) - known)]
     photos = entry.get("photos")
     subject, photo_count = None, None
     if photos is not None and not isinstance(photos, str):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import math
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Literal, get_args, get_origin, get_type_hints
 
-from ..errors import ConfigError
+from ..errors import ConfigError, close_name
 
 AdapterKind = Literal["custom_diffusion", "lora"]
 Precision = Literal["no", "bf16", "fp16"]
@@ -312,11 +311,20 @@ class TrainConfig:
     @staticmethod
     def json_fields(text: str) -> dict[str, Any]:
         """The fields a JSON config (as to_json writes it) gives, unchecked: what from_json builds from.
-        Raises ConfigError for text that is not a JSON object."""
+        Raises ConfigError for text that is not a JSON object, or that gives a field twice."""
+        twice: list[str] = []
+
+        def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            seen = dict(pairs)
+            twice.extend(k for k in seen if [key for key, _ in pairs].count(k) > 1)
+            return seen
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as error:
             raise ConfigError(f"the config is not JSON ({error}); write it as TrainConfig.to_json does") from None
+        if twice:  # json keeps the last silently: which one the writer meant is unknown
+            raise ConfigError(f"the config gives {', '.join(dict.fromkeys(twice))} twice; give each field once")
         if not isinstance(data, dict):
             raise ConfigError(f"the config must be a JSON object of fields, not {type(data).__name__}")
         return data
@@ -338,8 +346,8 @@ def _built_with_unknown_keys(values: dict[str, Any], build) -> "TrainConfig":
     if not unknown:
         return build(values)
     def told(key: str) -> str:
-        close = difflib.get_close_matches(key, names, n=1)
-        return f"{key} (did you mean {close[0]}?)" if close else key
+        close = close_name(key, names)
+        return f"{key} (did you mean {close}?)" if close else key
 
     problems = [ConfigError(f"unknown config key(s) {', '.join(map(told, unknown))}; valid keys: {', '.join(names)}",
                             parameters=tuple(unknown))]
