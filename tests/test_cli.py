@@ -183,6 +183,8 @@ def test_a_damaged_bundle_is_refused_alike_by_inspect_export_and_load(tmp_path, 
                         "teacher adapter tensor(s) where the header records"),
         "matrix_row": (dict(tensors, embedding=torch.zeros(3, 7)), header, "'embedding' has shape (3, 7)"),
         "nan_row": (nan, header, "'embedding' holds NaN or infinite values"),
+        "whole_numbers": ({k: v.to(torch.int32) for k, v in tensors.items()}, header,  # named 3, counted after
+                          f"holds torch.int32 values and {len(tensors) - 3} more tensor(s), not floats"),
         "stripped": (tensors, None, "has a concept bundle's tensors but no 'echodistill' header"),
     }
     for name, (content, metadata, problem) in cases.items():

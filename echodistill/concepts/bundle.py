@@ -132,8 +132,10 @@ def _tensor_problems(meta: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
     sdxl = all(name in tensors for name in SDXL_ROW_NAMES)
     problems = [] if sdxl or "embedding" in tensors else [
         "no token row (an 'embedding' tensor, or 'clip_l' and 'clip_g' for SDXL)"]
-    problems += [f"an unexpected tensor {k!r}" for k in sorted(tensors)
-                 if k not in _ROW_NAMES and not k.startswith(("student.", "teacher."))]
+    unexpected = [repr(k) for k in sorted(tensors) if k not in _ROW_NAMES and not k.startswith(("student.", "teacher."))]
+    if unexpected:
+        problems.append(f"{'an unexpected tensor' if len(unexpected) == 1 else 'unexpected tensors'} "
+                        f"{_some(unexpected)}")
     for name in (n for n in _ROW_NAMES if n in tensors):
         shared = name.removeprefix("student_")
         if tensors[name].ndim != 1:
@@ -144,12 +146,21 @@ def _tensor_problems(meta: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
         found = sum(k.startswith(f"{part}.") for k in tensors)
         if found != expected:
             problems.append(f"{found} {part} adapter tensor(s) where the header records {expected}")
-    for name, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            problems.append(f"{name!r} holds {tensor.dtype} values, not floats")
-        elif not torch.isfinite(tensor).all():
-            problems.append(f"{name!r} holds NaN or infinite values")
+    not_floats = [f"{name!r} holds {tensor.dtype} values" for name, tensor in tensors.items()
+                  if not tensor.is_floating_point()]
+    not_finite = [repr(name) for name, tensor in tensors.items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if not_floats:
+        problems.append(f"{_some(not_floats)}, not floats")
+    if not_finite:
+        problems.append(f"{_some(not_finite)} {'holds' if len(not_finite) == 1 else 'hold'} NaN or infinite values")
     return problems
+
+
+def _some(items: list[str], shown: int = 3) -> str:
+    """The first `shown` of `items` and how many more: a damaged bundle's hundreds of tensors in one line."""
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more} more tensor(s)" if more > 0 else "")
 
 
 class BundleMismatchError(EchoDistillError):
