@@ -201,6 +201,8 @@ def test_a_damaged_bundle_is_refused_alike_by_inspect_export_and_load(tmp_path, 
     for change, problem in (({"token": "a b"}, "the token 'a b' is not one word"), ({"step": -5}, "'step' is -5"),
                             ({"adapter_tensors": {"student": "14"}}, "'adapter_tensors' holds"),
                             ({"version": 99}, "'version' is a int, not a str"),
+                            ({"adapter": "dora"}, "the adapter 'dora' is not one of 'custom_diffusion', 'lora'"),
+                            ({"adapter": "lora"}, "the header says 'lora' but 'student."),
                             ({"version": "99.0"}, "saved by EchoDistill 99.0, newer than this pack"),
                             ({"version": NEXT_MINOR}, f"saved by EchoDistill {NEXT_MINOR}, newer than this pack")):
         damaged = tmp_path / "edited.safetensors"

@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import EchoDistillError
-from ..models.adapters import adapter_kind, adapter_state_dict, add_custom_diffusion, add_lora, load_adapter_state_dict
+from ..models.adapters import (LORA_ADAPTER_NAME, adapter_kind, adapter_state_dict, add_custom_diffusion, add_lora,
+                               load_adapter_state_dict)
 from ..models.concept import add_concept_tokens, concept_embedding, concept_rows, set_concept_rows
 from ..models.pair import ModelPair
 from ..models.tensor_files import atomic_save_safetensors, fingerprint, open_safetensors
@@ -125,6 +126,11 @@ def _looks_like_bundle(keys: Iterable[str]) -> bool:
         k in _ROW_NAMES or k.startswith(("student.", "teacher.")) for k in keys)
 
 
+# How the adapter tensors of each kind are named: Custom Diffusion's ΔW, peft's LoRA factors.
+_ADAPTER_ENDINGS = {"custom_diffusion": (".delta",),
+                    "lora": (f".lora_A.{LORA_ADAPTER_NAME}.weight", f".lora_B.{LORA_ADAPTER_NAME}.weight")}
+
+
 def _tensor_problems(meta: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
     """What is wrong with a bundle's tensors given its header: token rows missing or not one vector of one width,
     tensors no bundle has, adapter weights missing against the counts the header records, non-float or
@@ -142,6 +148,15 @@ def _tensor_problems(meta: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
             problems.append(f"token row {name!r} has shape {tuple(tensors[name].shape)}, not one vector")
         elif name != shared and shared in tensors and tensors[shared].shape != tensors[name].shape:
             problems.append(f"token row {name!r} is {tensors[name].numel()} wide, {shared!r} {tensors[shared].numel()}")
+    adapter = meta.get("adapter")
+    if adapter not in _ADAPTER_ENDINGS:
+        problems.append(f"the adapter {adapter!r} is not one of {', '.join(map(repr, _ADAPTER_ENDINGS))}")
+    else:  # tensors of the other kind: a header edited or copied from another bundle
+        foreign = [repr(k) for k in sorted(tensors) if k.startswith(("student.", "teacher."))
+                   and not k.endswith(_ADAPTER_ENDINGS[adapter])]
+        if foreign:
+            problems.append(f"the header says {adapter!r} but {_some(foreign)} "
+                            f"{'is not one of its' if len(foreign) == 1 else 'are not its'} tensors")
     for part, expected in (meta.get("adapter_tensors") or {}).items():  # older bundles have no counts: not checked
         found = sum(k.startswith(f"{part}.") for k in tensors)
         if found != expected:
