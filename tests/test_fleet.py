@@ -511,3 +511,19 @@ def test_misspelt_manifest_keys_name_the_key_they_may_mean(tmp_path):
                      "concept 'a': unknown key 'captons' (did you mean 'captions'?)",
                      "unknown config key 'stepz' (did you mean 'steps'?)"):
         assert expected in message, message
+
+
+def test_fleet_run_check_reads_every_photo_as_a_worker_will(tiny_pair_folders, tmp_path, capsys):
+    good, torn, small = _photos(tmp_path / "good", 40), _photos(tmp_path / "torn", 60), _photos(tmp_path / "small", 80)
+    data = (torn / "1.png").read_bytes()
+    (torn / "1.png").write_bytes(data[: len(data) // 2])  # a copy cut short: named by --check, not on a worker
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(small / "3.png")  # a thumbnail, under half the 64-px resolution
+    path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders, [
+        {"name": "good", "photos": str(good), "class_word": "dog"},
+        {"name": "torn", "photos": str(torn), "class_word": "dog"},
+        {"name": "small", "photos": str(small), "class_word": "dog"}])
+    assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: 2 concept(s) whose photos cannot be trained on:"), error
+    assert "concept 'torn':" in error and "1.png" in error and "concept 'small':" in error and "3.png" in error
+    assert "concept 'good'" not in error and not (tmp_path / "out").exists()

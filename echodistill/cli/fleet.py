@@ -40,8 +40,9 @@ def add_fleet_command(commands) -> None:
     run.add_argument("--max-attempts", type=whole_number("--max-attempts", "a whole number of tries", 3), default=3,
                      help="tries per concept when workers are lost")
     run.add_argument("--check", action="store_true",
-                     help="check the manifest and load the teacher/student pair once on the CPU, as every worker "
-                          "will (missing or mismatched tensors show here, not on the cluster); train nothing")
+                     help="check the manifest, read every concept's photos and load the teacher/student pair once "
+                          "on the CPU, as every worker will (an unreadable photo, missing or mismatched tensors show "
+                          "here, not on the cluster); train nothing")
     run.set_defaults(run=_run)
 
     status = actions.add_parser("status", help="each concept's state: queued, training step k, done or failed")
@@ -68,7 +69,15 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{manifest.path.name}: {len(manifest.concepts)} concepts, teacher {manifest.teacher}, "
           f"student {manifest.student}")
     if args.check:
+        from ..errors import DataError
+        from ..fleet.manifest import photo_problems
         from ..models.pair import load_model_pair
+
+        problems = photo_problems(manifest)
+        if problems:
+            raise DataError(f"{len(problems)} concept(s) whose photos cannot be trained on:\n  - "
+                            + "\n  - ".join(problems))
+        print("every concept's photos read, as its worker will read them")
 
         teacher, student = manifest.model_paths()
         pair = load_model_pair(teacher, student, teacher_family=manifest.teacher_family,
