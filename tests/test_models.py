@@ -191,7 +191,8 @@ def test_a_folder_read_with_a_named_family_is_advised_to_use_its_own_configs(tin
 
 
 @pytest.mark.parametrize("edit", [{"hidden_size": 64}, {"num_hidden_layers": 7}])
-def test_a_text_encoder_config_edited_in_one_folder_is_named_not_blamed_on_the_pair(tiny_pair_folders, tmp_path, edit):
+def test_a_text_encoder_config_edited_in_one_folder_is_named_not_blamed_on_the_pair(tiny_pair_folders, tmp_path, edit,
+                                                                                     capsys):
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_pair_folders[0], teacher)
     config_path = teacher / "text_encoder" / "config.json"
@@ -204,6 +205,11 @@ def test_a_text_encoder_config_edited_in_one_folder_is_named_not_blamed_on_the_p
     assert message == (f"{config_path} does not describe the weights beside it: it gives {wrong}. Restore the file "
                        "from the model's release."), message
     assert ModelSource.open(tiny_pair_folders[0]).text_config_misfit() is None  # the intact folder
+    from echodistill.cli import main
+
+    assert main(["inspect", str(teacher)]) == 2  # inspect reads the headers too, without --load
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert main(["inspect", str(tiny_pair_folders[0])]) == 0
 
 
 @pytest.mark.parametrize("edit", [{"num_attention_heads": 5}, {"vocab_size": "big"}])

@@ -434,7 +434,7 @@ def _config_text(path: str) -> str:
 
 def _inspect(args: argparse.Namespace) -> int:
     from ..concepts.bundle import bundle_summary
-    from ..models.loading import NAMED_FAMILY, ModelSource
+    from ..models.loading import NAMED_FAMILY, ModelLoadError, ModelSource
 
     model = model_source(args.model)
     summary = bundle_summary(model) if Path(model).is_file() else None
@@ -443,6 +443,10 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     source = ModelSource.open(model, args.family, role=args.role)
     source.check_files(args.role)  # a damaged or partial model is refused here, not at training time
+    for component in source.config.text_components:  # an edited config.json, read against its weights' headers
+        misfit = source.text_config_misfit(component)
+        if misfit:
+            raise ModelLoadError(misfit)
     if source.layout == "diffusers" and source.reason == NAMED_FAMILY:
         print(f"{source.path.name}: a diffusers folder, read with family {source.family}'s configs as named "
               "(leave --family on auto to read it with its own)")
