@@ -184,7 +184,9 @@ def test_a_damaged_bundle_is_refused_alike_by_inspect_export_and_load(tmp_path, 
         "matrix_row": (dict(tensors, embedding=torch.zeros(3, 7)), header, "'embedding' has shape (3, 7)"),
         "nan_row": (nan, header, "'embedding' holds NaN or infinite values"),
         "whole_numbers": ({k: v.to(torch.int32) for k, v in tensors.items()}, header,  # named 3, counted after
-                          f"holds torch.int32 values and {len(tensors) - 3} more tensor(s), not floats"),
+                          f"holds torch.int32 values and {len(tensors) - 3} more tensor(s), not fp16, bf16 or fp32 floats"),
+        "fp8_row": (dict(tensors, embedding=tensors["embedding"].to(torch.float8_e4m3fn)), header,
+                    "'embedding' holds torch.float8_e4m3fn values, not fp16, bf16 or fp32 floats"),
         "stripped": (tensors, None, "has a concept bundle's tensors but no 'echodistill' header"),
     }
     for name, (content, metadata, problem) in cases.items():
@@ -200,7 +202,10 @@ def test_a_damaged_bundle_is_refused_alike_by_inspect_export_and_load(tmp_path, 
     edited = json.loads(header["echodistill"])
     for change, problem in (({"token": "a b"}, "the token 'a b' is not one word"), ({"step": -5}, "'step' is -5"),
                             ({"adapter_tensors": {"student": "14"}}, "'adapter_tensors' holds"),
-                            ({"version": 99}, "'version' is a int, not a str"),
+                            ({"version": 99}, "'version' is a whole number, not a string"),
+                            ({"step": True}, "'step' is true or false, not a whole number"),
+                            ({"version": ""}, "the pack version '' is not one EchoDistill writes"),
+                            ({"version": "v2.0.0"}, "the pack version 'v2.0.0' is not one EchoDistill writes"),
                             ({"adapter": "dora"}, "the adapter 'dora' is not one of 'custom_diffusion', 'lora'"),
                             ({"adapter": "lora"}, "the header says 'lora' but 'student."),
                             ({"version": "99.0"}, "saved by EchoDistill 99.0, newer than this pack"),

@@ -51,6 +51,16 @@ def test_every_file_of_a_folder_is_used_or_named_with_the_reason(tmp_path):
     assert "3 photo(s) used" in report and "z_extra.gif (GIF" in report
 
 
+def test_broken_links_among_the_photos_are_named_as_such(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "loop_a.png").symlink_to(folder / "loop_b.png")
+    (folder / "loop_b.png").symlink_to(folder / "loop_a.png")
+    skipped = dict(load_concept_images(folder, resolution=64).skipped)
+    for name in ("gone.png", "loop_a.png", "loop_b.png"):
+        assert skipped[name].startswith("a broken symbolic link"), skipped
+
+
 def test_cli_train_names_the_files_it_does_not_use(tmp_path, capsys):
     folder = _folder(tmp_path)
     code = main(["train", "--teacher", str(tmp_path / "no-teacher"), "--student", str(tmp_path / "no-student"),

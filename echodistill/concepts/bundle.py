@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -51,8 +52,8 @@ def _checked_header(path: Path, header: str) -> dict:
     problems = [] if isinstance(meta, dict) else ["the header is not a JSON object"]
     if not problems:
         problems = [f"'{k}' is missing" for k in _REQUIRED if k not in meta]
-        problems += [f"'{k}' is a {type(meta[k]).__name__}, not a {t.__name__}" for k, t in _HEADER_TYPES.items()
-                     if k in meta and not isinstance(meta[k], t)]
+        problems += [f"'{k}' is {_JSON_KINDS.get(type(meta[k]), 'a number')}, not {_JSON_KINDS[t]}"
+                     for k, t in _HEADER_TYPES.items() if k in meta and not _is_json_kind(meta[k], t)]
     token = meta.get("token") if not problems else None
     if isinstance(token, str) and (not token or any(ch.isspace() for ch in token)):
         problems.append(f"the token {token!r} is not one word")  # TrainConfig refuses it: no training wrote it
@@ -65,22 +66,33 @@ def _checked_header(path: Path, header: str) -> dict:
     if problems:
         raise EchoDistillError(f"{path.name}: a damaged concept header ({'; '.join(problems)}); use the bundle as "
                                "training wrote it")
-    if _format_line(meta.get("version", "")) > _format_line(__version__):
+    version = meta.get("version", "unknown")
+    if version != "unknown" and not re.fullmatch(r"\d+(\.\d+)*", version):
+        raise EchoDistillError(f"{path.name}: a damaged concept header (the pack version {version!r} is not one "
+                               "EchoDistill writes, such as '0.1.0'); use the bundle as training wrote it")
+    if _format_line(version) > _format_line(__version__):
         raise EchoDistillError(f"{path.name} was saved by EchoDistill {meta['version']}, newer than this pack "
                                f"({__version__}), whose bundles this pack cannot read: update the pack")
     return meta
 
 
+# A JSON value's kind in words, by the Python type json.loads gives it.
+_JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", dict: "an object", list: "a list",
+               bool: "true or false", type(None): "null"}
+
+
+def _is_json_kind(value, kind: type) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))  # JSON true is no step count
+
+
 def _format_line(version: str) -> tuple[int, ...]:
-    """The part of a pack version that changes when the bundle format may (semantic versioning: the major
-    number, and the minor one while the major is 0): "0.1.3" gives (0, 1), "2.4.0" gives (2,). A version
-    that does not start with numbers (an old bundle's "unknown") gives (): older than any."""
-    numbers = []
-    for part in version.split(".")[:2]:
-        if not part.isascii() or not part.isdigit():
-            break
-        numbers.append(int(part))
-    return tuple(numbers[:2] if numbers[:1] == [0] else numbers[:1])
+    """The part of a pack version ("0.1.3") that changes when the bundle format may (semantic versioning: the
+    major number, and the minor one while the major is 0): "0.1.3" gives (0, 1), "2.4.0" gives (2,). A bundle
+    from before versions were written ("unknown") gives (): older than any."""
+    if version == "unknown":
+        return ()
+    numbers = [int(part) for part in version.split(".")[:2]]
+    return tuple(numbers if numbers[0] == 0 else numbers[:1])
 
 
 def _plain_config(config) -> dict:
@@ -162,14 +174,19 @@ def _tensor_problems(meta: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
         if found != expected:
             problems.append(f"{found} {part} adapter tensor(s) where the header records {expected}")
     not_floats = [f"{name!r} holds {tensor.dtype} values" for name, tensor in tensors.items()
-                  if not tensor.is_floating_point()]
+                  if tensor.dtype not in _FLOATS]
     not_finite = [repr(name) for name, tensor in tensors.items()
-                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+                  if tensor.dtype in _FLOATS and not torch.isfinite(tensor).all()]
     if not_floats:
-        problems.append(f"{_some(not_floats)}, not floats")
+        problems.append(f"{_some(not_floats)}, not fp16, bf16 or fp32 floats")
     if not_finite:
         problems.append(f"{_some(not_finite)} {'holds' if len(not_finite) == 1 else 'hold'} NaN or infinite values")
     return problems
+
+
+# The float types a bundle is read in (training writes fp32; fp16/bf16/fp64 copies read the same). fp8 is not:
+# torch cannot even test it for NaN, and its 3-bit mantissa would not hold a K/V delta.
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _some(items: list[str], shown: int = 3) -> str:

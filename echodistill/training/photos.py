@@ -179,6 +179,8 @@ def concept_image_names(source: str | os.PathLike) -> list[str]:
 
 
 def _skip_reason(path: Path) -> str:
+    if path.is_symlink() and not path.exists():  # exists() follows the link: a dangling one or a loop
+        return "a broken symbolic link (its target is missing, or links back to itself)"
     if path.is_dir():
         return "a folder: photos in subfolders are not read"
     suffix = path.suffix.lower()
