@@ -222,11 +222,11 @@ def make_folder(folder: Path) -> None:
         created.append(missing)
 
 
-def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create `folder` if needed and write + remove a probe file in it, before any long job starts; our own stale
-    temp files in it go too. Inside `removing_new_folders_on_error`, a folder made here goes again if the job fails.
+def check_creatable(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Without creating anything: refuse a `folder` that could not be made or written, because a file or a broken
+    link stands on its path, or its nearest existing folder denies writing. What `--check` commands use.
 
-    Raises OutputWriteError naming the folder and the cause (no permission, no space).
+    Raises OutputWriteError naming the folder, the cause and `what` to choose instead.
     """
     folder = Path(folder)
     blocking = next((p for p in (folder, *folder.parents)
@@ -234,6 +234,20 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
     if blocking is not None:
         kind = "a broken link" if blocking.is_symlink() and not blocking.exists() else "a file, not a folder"
         raise OutputWriteError(f"cannot write {folder}: {blocking} is {kind}; choose another {what}")
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"cannot write {folder}: {existing} does not allow writing; choose another {what} "
+                               "or fix its permissions")
+    return folder
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `folder` if needed and write + remove a probe file in it, before any long job starts; our own stale
+    temp files in it go too. Inside `removing_new_folders_on_error`, a folder made here goes again if the job fails.
+
+    Raises OutputWriteError naming the folder and the cause (no permission, no space).
+    """
+    folder = check_creatable(folder, what)
     try:
         make_folder(folder)
         clean_stale_temp_files(folder)  # what a killed earlier run left behind

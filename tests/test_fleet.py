@@ -526,4 +526,10 @@ def test_fleet_run_check_reads_every_photo_as_a_worker_will(tiny_pair_folders, t
     error = capsys.readouterr().err
     assert error.startswith("error: 2 concept(s) whose photos cannot be trained on:"), error
     assert "concept 'torn':" in error and "1.png" in error and "concept 'small':" in error and "3.png" in error
+    assert "below 32 px (0.5 of the 64-px training resolution" in error and "lower resolution" in error, error
+    (tmp_path / "afile").write_text("not a folder")
+    good_only = _write_manifest(tmp_path / "good.toml", tiny_pair_folders,
+                                [{"name": "good", "photos": str(good), "class_word": "dog"}])
+    assert main(["fleet", "run", str(good_only), "--out", str(tmp_path / "afile" / "out"), "--check"]) == 2
+    assert "afile is a file, not a folder; choose another --out folder" in capsys.readouterr().err
     assert "concept 'good'" not in error and not (tmp_path / "out").exists()

@@ -65,6 +65,8 @@ def _run(args: argparse.Namespace) -> int:
     check_count("--workers", args.workers, 1, MAX_WORKERS, "worker slots")
     check_count("--threads", args.threads, 1, MAX_THREADS, "CPU threads per worker")
     check_count("--max-attempts", args.max_attempts, 1, MAX_ATTEMPTS, "tries per concept")
+    from ..files import check_creatable, check_writable
+
     manifest = load_manifest(args.manifest)  # every problem at once, before Ray starts
     print(f"{manifest.path.name}: {len(manifest.concepts)} concepts, teacher {manifest.teacher}, "
           f"student {manifest.student}")
@@ -73,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         from ..fleet.manifest import photo_problems
         from ..models.pair import load_model_pair
 
+        check_creatable(args.out, "--out folder")  # as a run would make it; --check writes nothing
         problems = photo_problems(manifest)
         if problems:
             raise DataError(f"{len(problems)} concept(s) whose photos cannot be trained on:\n  - "
@@ -95,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         if exc.name == "ray":
             raise EchoDistillError(missing_ray()) from None
         raise
+    check_writable(args.out, "--out folder")  # before Ray starts: a file in the way is named, not a worker's error
     started = start_ray(args.address)
     try:
         state = run_fleet(manifest, args.out, FleetOptions(workers=args.workers, device=args.device,

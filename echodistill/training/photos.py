@@ -137,10 +137,9 @@ def load_concept_images(
         )
     if too_small:
         problems.append(
-            f"{len(too_small)} image(s){where} have a shorter side below the minimum of "
-            f"{min_side} px "
-            f"(min_size_fraction {min_size_fraction} x resolution {resolution}): "
-            f"{', '.join(too_small)}. Use larger photos, or lower resolution or min_size_fraction."
+            f"{len(too_small)} image(s){where} have a shorter side below {min_side} px "
+            f"({min_size_fraction:g} of the {resolution}-px training resolution: smaller ones would be upscaled into "
+            f"blur): {', '.join(too_small)}. Use larger photos, remove these, or train at a lower resolution."
         )
     if problems:
         raise DataError("\n".join(problems))
