@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -210,6 +211,26 @@ def test_a_text_encoder_config_edited_in_one_folder_is_named_not_blamed_on_the_p
     assert main(["inspect", str(teacher)]) == 2  # inspect reads the headers too, without --load
     assert capsys.readouterr().err == f"error: {message}\n"
     assert main(["inspect", str(tiny_pair_folders[0])]) == 0
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ({"num_attention_heads": -2}, "num_attention_heads is -2, not a whole number of at least 1"),  # torch builds it
+    ({"hidden_act": "swish9"}, 'hidden_act "swish9" is no activation transformers has'),
+    ({"hidden_size": "32"}, 'hidden_size is "32", not a whole number of at least 1'),
+    ({"intermediate_size": 7}, "intermediate_size 7 (the weights: 64)"),
+    ({"max_position_embeddings": 50}, "max_position_embeddings 50 (the weights: 77)")])
+def test_text_encoder_configs_no_encoder_or_not_these_weights_are_refused_by_inspect_and_load(
+        tiny_pair_folders, tmp_path, edit, problem, capsys):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_pair_folders[0], teacher)
+    config_path = teacher / "text_encoder" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **edit}))
+    from echodistill.cli import main
+
+    assert main(["inspect", str(teacher)]) == 2  # no --load: the config and the weights' headers are read
+    assert problem in capsys.readouterr().err
+    with pytest.raises(ModelLoadError, match=re.escape(problem)):
+        load_model_pair(teacher, teacher)  # the same folder twice: only the file's own fault can stop it
 
 
 @pytest.mark.parametrize("edit", [{"num_attention_heads": 5}, {"vocab_size": "big"}])

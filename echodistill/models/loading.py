@@ -9,6 +9,7 @@ together on top of this.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,21 +166,31 @@ class ModelSource:
         """For a diffusers folder: one line saying how `component`'s config.json contradicts its weights (width,
         vocabulary, layer count, read from the weight files' headers: nothing is loaded), else None. A single
         file is read with its family's configs, which detection checked against its weights."""
-        if self.weights is not None or not (self.path / component).is_dir():
-            return None
+        if self.weights is not None or not (self.path / component).is_dir() or self.reason == NAMED_FAMILY:
+            return None  # a named family's configs are not the folder's: the load says to leave it on auto
         config = self.config.text_config(component)
+        problems = text_config_problems(config)
+        if problems:
+            return (f"{self.path / component / 'config.json'} cannot describe a text encoder: "
+                    f"{'; '.join(problems)}. Restore the file from the model's release.")
         shapes, layers = {}, set()
         for weights in folder_weight_files(self.path / component, "model"):
             for key in weights.keys():
                 bare = key.removeprefix("text_model.")
                 if bare == "embeddings.token_embedding.weight":
                     shapes["vocab_size"], shapes["hidden_size"] = weights.shape(key)
+                elif bare == "embeddings.position_embedding.weight":
+                    shapes["max_position_embeddings"] = weights.shape(key)[0]
+                elif bare == "encoder.layers.0.mlp.fc1.weight":
+                    shapes["intermediate_size"] = weights.shape(key)[0]
                 elif bare.startswith("encoder.layers."):
                     layers.add(bare.split(".")[2])
         if layers:
             shapes["num_hidden_layers"] = len(layers)
-        wrong = [f"{name} {config.get(name)} (the weights: {value})" for name, value in shapes.items()
-                 if config.get(name) != value]
+        defaults = CLIPTextConfig()  # what transformers takes for a size the file leaves out
+        wrong = [f"{name} {json.dumps(config[name])} (the weights: {value})" if name in config else
+                 f"no {name}, so transformers' default {getattr(defaults, name)} (the weights: {value})"
+                 for name, value in shapes.items() if config.get(name, getattr(defaults, name)) != value]
         if not wrong:
             return None
         return (f"{self.path / component / 'config.json'} does not describe the weights beside it: it gives "
@@ -331,6 +342,10 @@ def load_text_encoder(
     StableDiffusionXLPipeline uses it). Raises ModelLoadError when the weights do not fit the config."""
     settings = source.config.text_config(component)
     what = f"{component.replace('_', ' ')} of {source.path.name}"
+    problems = text_config_problems(settings)
+    if problems:
+        raise ModelLoadError(f"{what}: its config cannot build the model ({'; '.join(problems)}). "
+                             f"{_mismatch_advice(source, component)}")
     try:
         config = CLIPTextConfig(**{k: v for k, v in settings.items() if not k.startswith("_")})
     except Exception as exc:  # transformers / huggingface_hub validate a config with errors of their own
@@ -347,6 +362,33 @@ def load_text_encoder(
         what,
         _mismatch_advice(source, component),
     )
+
+
+# CLIP text-encoder sizes that must be whole numbers of at least one (transformers' CLIPTextConfig checks none).
+_TEXT_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "max_position_embeddings")
+
+
+def text_config_problems(settings: dict) -> list[str]:
+    """What no CLIP text encoder can be built from in a text encoder's config.json (transformers builds some of
+    them and fails at the first prompt, e.g. -3 attention heads): sizes that are not whole numbers ≥ 1, a width
+    the heads do not divide, an activation transformers does not have (`transformers.activations.ACT2FN`).
+    Absent keys take CLIPTextConfig's defaults and are not problems."""
+    from transformers.activations import ACT2FN
+
+    problems = []
+    for key in (k for k in _TEXT_SIZES if k in settings):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{key} is {json.dumps(value)}, not a whole number of at least 1")
+    width, heads = settings.get("hidden_size"), settings.get("num_attention_heads")
+    if not problems and isinstance(width, int) and isinstance(heads, int) and width % heads:
+        problems.append(f"hidden_size {width} is not a multiple of num_attention_heads {heads}")
+    act = settings.get("hidden_act", "quick_gelu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        problems.append(f"hidden_act {json.dumps(act)} is no activation transformers has (e.g. \"gelu\", "
+                        "\"quick_gelu\")")
+    return problems
 
 
 def load_tokenizer(source: ModelSource, component: str = "text_encoder") -> CLIPTokenizer:

@@ -272,6 +272,11 @@ def _load_model_pair(teacher, student, *, teacher_family, student_family, dtype,
 
 def check_shareable(teacher: ModelSource, student: ModelSource) -> None:
     """Raise unless one set of text encoders can serve both; warn when their weights differ."""
+    for source in (teacher, student):  # an edited config is named as such, not blamed on the pair
+        for component in source.config.text_components:
+            misfit = source.text_config_misfit(component)
+            if misfit:
+                raise ModelLoadError(misfit)
     teacher_arch, student_arch = teacher.config.text_architecture, student.config.text_architecture
     if teacher.config.is_sdxl != student.config.is_sdxl:
         xl, other = (teacher, student) if teacher.config.is_sdxl else (student, teacher)
@@ -282,11 +287,6 @@ def check_shareable(teacher: ModelSource, student: ModelSource) -> None:
             "pair SDXL base with SDXL-Turbo, or SD 2.1 with SD-Turbo"
         )
     if teacher_arch != student_arch:
-        for source in (teacher, student):  # an edited config, not another family, may be what differs
-            for component in source.config.text_components:
-                misfit = source.text_config_misfit(component)
-                if misfit:
-                    raise ModelLoadError(misfit)
         raise IncompatiblePairError(
             f"teacher {teacher.path.name} ({teacher.family}) has a {teacher_arch}, but student "
             f"{student.path.name} ({student.family}) has a {student_arch}. EchoDistill trains one "
