@@ -508,3 +508,22 @@ def test_the_echo_warning_prints_once_naming_only_what_was_given(tmp_path, capsy
     assert warnings == ["warning: echo=true but echo_start=1 >= --set steps=1: this run never echoes; train 2 or "
                         "more steps, or pass echo=false"], warnings
     assert ConceptBundle.load(out).step == 1
+
+
+def test_inspect_refuses_what_export_would_refuse_against_the_stored_unet_configs(tmp_path, capsys):
+    from safetensors import safe_open
+
+    assert main(["smoke", "--out", str(tmp_path), "--steps", "1"]) == 0
+    capsys.readouterr()
+    with safe_open(str(tmp_path / "concept.safetensors"), framework="pt") as handle:
+        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    deltas = [k for k in tensors if k.endswith(".delta")]
+    cases = {"squares": ({k: torch.zeros(7, 7) if k in deltas else v for k, v in tensors.items()},
+                         f"(and {sum(k.startswith('student.') for k in deltas) - 1} more module(s)): ΔW has shape (7, 7)"),
+             "wide_row": (dict(tensors, embedding=torch.zeros(64)), "embedding row is 64 wide")}
+    for name, (content, problem) in cases.items():
+        save_file(content, str(tmp_path / f"{name}.safetensors"), metadata=header)
+        assert main(["inspect", str(tmp_path / f"{name}.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {name}.safetensors: ") and problem in err and err.count("\n") == 1, err
+    assert main(["inspect", str(tmp_path / "concept.safetensors")]) == 0

@@ -383,6 +383,22 @@ def export_targets(name: str, lora_dir: str | os.PathLike, embedding_dir: str | 
     return ExportTargets(lora, embedding)
 
 
+def check_stored_shapes(bundle: ConceptBundle) -> None:
+    """Check each part's adapter tensors and the token row(s) against the UNet configs the bundle stores (the
+    UNets it was trained on; built on meta, no weights), as `export` and `sample` would find them. A bundle
+    from before configs were stored is not checked. Raises ExportError naming the first misfit and counting
+    the rest."""
+    for part in ("student", "teacher"):
+        stored = bundle.unet_configs.get(part)
+        if not stored or not getattr(bundle, f"{part}_adapter"):
+            continue
+        layout = export_unet_config(bundle.is_sdxl, bundle.families, part, None, stored)
+        check_against_unet({m: tuple(d.shape) for m, d in bundle_deltas(bundle, part).items()}, layout,
+                           f"the {part} UNet it was trained on", " (its config, stored in the bundle): the bundle "
+                           "was edited or damaged; use the bundle as training saved it")
+    _embedding_rows(bundle)
+
+
 def _embedding_rows(bundle: ConceptBundle) -> list[torch.Tensor]:
     """The student's token row(s), (1, D) float32 each; ExportError when one is not finite or their width is not
     that of the text states the student's UNet (its config stored in the bundle) reads."""
@@ -393,7 +409,7 @@ def _embedding_rows(bundle: ConceptBundle) -> list[torch.Tensor]:
     if isinstance(width, int) and sum(row.shape[1] for row in rows) != width:  # the text states the UNet reads
         raise ExportError(f"the bundle's embedding row{'s are' if len(rows) > 1 else ' is'} "
                           f"{' + '.join(str(row.shape[1]) for row in rows)} wide but the student it was trained on "
-                          f"reads {width}-wide text states: the file was edited or damaged; export a bundle as "
+                          f"reads {width}-wide text states: the file was edited or damaged; use a bundle as "
                           "training saved it")
     return rows
 

@@ -122,8 +122,8 @@ def check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mappi
                        described: str = "the given UNet", hint: str = "") -> None:
     """Every exported module must be a Linear or conv layer of that UNet with ΔW's shape (built on meta: free).
 
-    Raises ExportError naming the first module that is missing or has another shape; `described` names
-    the UNet in it, and `hint` ends it.
+    Raises ExportError naming the first module that is missing (or else has another shape) and how many more
+    do; `described` names the UNet in it, and `hint` ends it.
     """
     if isinstance(unet_config, nn.Module):
         unet = unet_config
@@ -137,12 +137,14 @@ def check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mappi
             raise ExportError(f"the UNet config does not build a diffusers UNet ({exc}): give the config.json of "
                               "the UNet the concept was trained on") from None
     linears = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    for module, shape in shapes.items():
-        if module not in linears:
-            raise ExportError(
-                f"{module} is not a Linear or conv layer of {described}{hint or ': was the bundle trained on another?'}")
-        if tuple(linears[module].weight.shape) != tuple(shape):
-            raise ExportError(
-                f"{module}: ΔW has shape {tuple(shape)} but {described}'s weight is "
-                f"{tuple(linears[module].weight.shape)}{hint}"
-            )
+    missing = [module for module in shapes if module not in linears]
+    if missing:
+        more = f" (and {len(missing) - 1} more module(s))" if len(missing) > 1 else ""
+        raise ExportError(f"{missing[0]}{more} is not a Linear or conv layer of {described}"
+                          f"{hint or ': was the bundle trained on another?'}")
+    misshapen = [module for module, shape in shapes.items() if tuple(linears[module].weight.shape) != tuple(shape)]
+    if misshapen:
+        first = misshapen[0]
+        more = f" (and {len(misshapen) - 1} more module(s))" if len(misshapen) > 1 else ""
+        raise ExportError(f"{first}{more}: ΔW has shape {tuple(shapes[first])} but {described}'s weight is "
+                          f"{tuple(linears[first].weight.shape)}{hint}")
