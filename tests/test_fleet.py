@@ -36,6 +36,13 @@ def _photos(folder: Path, shade: int) -> Path:
     return folder
 
 
+def _refused(manifest: Path) -> str:
+    """The message of the ConfigError that loading `manifest` must raise."""
+    with pytest.raises(ConfigError) as info:
+        load_manifest(manifest)
+    return str(info.value)
+
+
 def _toml(value) -> str:
     return json.dumps(value)  # strings, numbers, booleans and lists of them are the same in TOML
 
@@ -227,9 +234,7 @@ def test_shared_values_of_the_wrong_type_are_listed_with_no_valid_concept(tmp_pa
             ([{"name": "../up", "photos": "miniworld/no_such_subject"}], "unknown subject 'no_such_subject'")):
         path = _write_manifest(tmp_path / "fleet.toml", MINIWORLD_PAIR, concepts, shared=shared,
                                config={**CONFIG, "batch_size": 0})
-        with pytest.raises(ConfigError) as info:
-            load_manifest(path)
-        message = str(info.value)
+        message = _refused(path)
         for expected in ("  - top-level `steps` (every concept's): steps='ten' must be a whole number",
                          "  - top-level `seed` (every concept's): seed='x' must be a whole number",
                          # range problems too: a bad type elsewhere hides none
@@ -503,9 +508,7 @@ def test_misspelt_manifest_keys_name_the_key_they_may_mean(tmp_path):
     path = _write_manifest(tmp_path / "fleet.toml", MINIWORLD_PAIR,
                            [{"name": "a", "photos": "miniworld/smiley", "captons": ["x"], "config": {"stepz": 3}}],
                            shared={**SHARED, "presett": "paper"}, config={**CONFIG, "lr_studnet": 1e-4})
-    with pytest.raises(ConfigError) as info:
-        load_manifest(path)
-    message = str(info.value)
+    message = _refused(path)
     for expected in ("unknown top-level key 'presett' (did you mean 'preset'?)",
                      "[config]: unknown config key 'lr_studnet' (did you mean 'lr_student'?)",
                      "concept 'a': unknown key 'captons' (did you mean 'captions'?)",
