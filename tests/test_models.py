@@ -191,6 +191,20 @@ def test_a_folder_read_with_a_named_family_is_advised_to_use_its_own_configs(tin
                                               "named (leave --family on auto to read it with its own)")
 
 
+def test_a_text_encoder_pickled_under_transformers_name_loads_as_its_safetensors_twin(tiny_pair_folders, tmp_path):
+    from safetensors.torch import load_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_pair_folders[0], teacher)
+    stored = teacher / "text_encoder" / "model.safetensors"
+    torch.save(load_file(str(stored)), teacher / "text_encoder" / "pytorch_model.bin")  # as older releases ship it
+    stored.unlink()
+    pickled, original = load_model_pair(teacher, tiny_pair_folders[1]), load_model_pair(*tiny_pair_folders)
+    assert pickled.text_fingerprint == original.text_fingerprint
+    ids = torch.tensor([[49406, 320, 1929, 49407]])
+    assert torch.equal(pickled.text_encoder(ids).last_hidden_state, original.text_encoder(ids).last_hidden_state)
+
+
 @pytest.mark.parametrize("edit", [{"hidden_size": 64}, {"num_hidden_layers": 7}])
 def test_a_text_encoder_config_edited_in_one_folder_is_named_not_blamed_on_the_pair(tiny_pair_folders, tmp_path, edit,
                                                                                      capsys):

@@ -119,8 +119,10 @@ def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def folder_weight_files(folder: Path, stem: str) -> list[TensorFile]:
     """Every weight file of one diffusers/transformers component folder, opened (headers read, nothing loaded
     from a safetensors file). Raises ModelLoadError for no weights, a damaged file or a damaged shard index."""
-    candidates = [f"{stem}{variant}{suffix}" for suffix in (".safetensors", ".safetensors.index.json", ".bin")
-                  for variant in ("", ".fp16")]
+    # transformers names its pickle pytorch_model.bin (SD 2.1 and older releases ship one); diffusers keeps the stem
+    pickled = "pytorch_model" if stem == "model" else stem
+    candidates = [f"{stem}{variant}{suffix}" for suffix in (".safetensors", ".safetensors.index.json")
+                  for variant in ("", ".fp16")] + [f"{pickled}{variant}.bin" for variant in ("", ".fp16")]
     for name in candidates:
         path = folder / name
         if not path.is_file():
