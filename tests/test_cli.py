@@ -526,4 +526,10 @@ def test_inspect_refuses_what_export_would_refuse_against_the_stored_unet_config
         assert main(["inspect", str(tmp_path / f"{name}.safetensors")]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {name}.safetensors: ") and problem in err and err.count("\n") == 1, err
+        assert main(["sample", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student.safetensors"),
+                     "--student-family", str(tmp_path / "families" / "tiny-turbo"), "--concept",
+                     str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {name}.safetensors: " in err and problem in err, err  # the file named, as inspect names it
     assert main(["inspect", str(tmp_path / "concept.safetensors")]) == 0
+    assert not (tmp_path / "never").exists()

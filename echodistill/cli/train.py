@@ -433,19 +433,15 @@ def _config_text(path: str) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ..concepts.bundle import ConceptBundle, bundle_summary
+    from ..concepts.bundle import bundle_summary
     from ..models.loading import NAMED_FAMILY, ModelLoadError, ModelSource
 
     model = model_source(args.model)
     summary = bundle_summary(model) if Path(model).is_file() else None
     if summary is not None:
-        from ..concepts.export import check_stored_shapes
-        from ..concepts.kohya_keys import ExportError
+        from .after_training import load_checked_bundle
 
-        try:  # what export and sample would refuse, refused here
-            check_stored_shapes(ConceptBundle.load(model))
-        except ExportError as exc:
-            raise ExportError(f"{Path(model).name}: {exc}") from None
+        load_checked_bundle(model)  # what export and sample would refuse, refused here
         print("\n".join(summary))
         return 0
     source = ModelSource.open(model, args.family, role=args.role)
