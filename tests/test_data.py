@@ -177,7 +177,7 @@ def test_too_small_images_are_listed_with_sizes(tmp_path):
     _noise_image(0, size=(300, 260)).save(tmp_path / "ok.png")
     _noise_image(1, size=(200, 180)).save(tmp_path / "small1.png")
     _noise_image(2, size=(100, 400)).save(tmp_path / "small2.png")
-    with pytest.raises(DataError, match="minimum of 256 px") as info:
+    with pytest.raises(DataError, match=r"below 256 px \(0.5 of the 512-px training resolution") as info:
         load_concept_images(tmp_path, resolution=512, min_size_fraction=0.5)
     message = str(info.value)
     assert "small1.png (200x180)" in message and "small2.png (100x400)" in message
