@@ -27,6 +27,7 @@ def add_commands(commands) -> None:
 
 
 def _load(args: argparse.Namespace, part: str):
+    from ..concepts.export import load_checked_bundle
     from ..models.pair import load_model_pair
 
     pair = load_model_pair(model_source(args.teacher), model_source(args.student), teacher_family=args.teacher_family,
@@ -36,22 +37,6 @@ def _load(args: argparse.Namespace, part: str):
         bundle = load_checked_bundle(args.concept)
         bundle.apply(pair, parts=(part,))
     return pair, bundle
-
-
-def load_checked_bundle(path: str):
-    """The bundle at `path`, its tensors checked against the UNet configs it stores (`check_stored_shapes`): an
-    edited or damaged file is refused naming itself, the first misfit and how many more, before any model
-    would read it. Raises EchoDistillError (ExportError for a misfit)."""
-    from ..concepts.bundle import ConceptBundle
-    from ..concepts.export import check_stored_shapes
-    from ..concepts.kohya_keys import ExportError
-
-    bundle = ConceptBundle.load(path)
-    try:
-        check_stored_shapes(bundle)
-    except ExportError as exc:
-        raise ExportError(f"{Path(path).name}: {exc}") from None
-    return bundle
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:

@@ -439,7 +439,7 @@ def _inspect(args: argparse.Namespace) -> int:
     model = model_source(args.model)
     summary = bundle_summary(model) if Path(model).is_file() else None
     if summary is not None:
-        from .after_training import load_checked_bundle
+        from ..concepts.export import load_checked_bundle
 
         load_checked_bundle(model)  # what export and sample would refuse, refused here
         print("\n".join(summary))

@@ -399,6 +399,18 @@ def check_stored_shapes(bundle: ConceptBundle) -> None:
     _embedding_rows(bundle)
 
 
+def load_checked_bundle(path: str | os.PathLike) -> ConceptBundle:
+    """The bundle at `path`, its tensors checked against the UNet configs it stores (`check_stored_shapes`): an
+    edited or damaged file is refused naming itself, the first misfit and how many more, before any model
+    reads it (what `inspect` and `sample` do). Raises EchoDistillError (ExportError for a misfit)."""
+    bundle = ConceptBundle.load(path)
+    try:
+        check_stored_shapes(bundle)
+    except ExportError as exc:
+        raise ExportError(f"{Path(path).name}: {exc}") from None
+    return bundle
+
+
 def _embedding_rows(bundle: ConceptBundle) -> list[torch.Tensor]:
     """The student's token row(s), (1, D) float32 each; ExportError when one is not finite or their width is not
     that of the text states the student's UNet (its config stored in the bundle) reads."""
