@@ -27,7 +27,7 @@ def test_probe_trains_the_teacher_scores_it_and_hands_the_pair_back(world, tmp_p
     pair, oracle = world
     before = {k: v.clone() for k, v in pair.teacher.unet.state_dict().items()}
     rows_before = pair.text_encoder.get_input_embeddings().weight.shape[0]
-    settings = world_probe.ProbeSettings(steps=2)
+    settings = world_probe.ProbeSettings(steps=2, seeds=1)
     report = world_probe.run_world_probe(pair, oracle, [procedural_subject(3_000_000)], settings, tmp_path,
                                          log=lambda m: None)
     assert [r["concept"] for r in report["records"]] == ["procedural_3000000"]
@@ -44,7 +44,8 @@ def test_probe_trains_the_teacher_scores_it_and_hands_the_pair_back(world, tmp_p
     assert report["fair"] == (report["mean"]["subject_fidelity"] >= 0.5 and report["mean"]["prompt_fidelity"] >= 0.8)
     saved = json.loads((tmp_path / "world_probe.json").read_text())
     assert saved["settings"]["steps"] == 2 and saved["settings"]["min_scale"] == 1.0  # no subject shrunk at 64 px
-    assert (tmp_path / "sheets" / "procedural_3000000.png").is_file() and "mean" in (tmp_path / "world_probe.md").read_text()
+    assert (tmp_path / "sheets" / "procedural_3000000_seed0.png").is_file() and "mean" in (tmp_path / "world_probe.md").read_text()
+    assert report["records"][0]["seed"] == 0 and report["standard_error"] is None  # one subject: no spread to give
     assert 0 <= report["records"][0]["vae_ceiling"] <= 1 and "through the VAE" in (tmp_path / "world_probe.md").read_text()
     # the borrow is handed back: no adapter, no token row left behind
     after = pair.teacher.unet.state_dict()
@@ -65,7 +66,7 @@ def test_the_whole_unet_diagnostic_trains_every_weight_and_puts_them_all_back(wo
         return real_sample(borrowed, *args, **kwargs)
 
     monkeypatch.setattr(world_probe, "sample_teacher", sample_and_compare)
-    settings = world_probe.ProbeSettings(steps=2, lr=1e-3, trainable="unet")
+    settings = world_probe.ProbeSettings(steps=2, lr=1e-3, trainable="unet", seeds=1)
     report = world_probe.run_world_probe(pair, oracle, [procedural_subject(3_000_001)], settings, tmp_path,
                                          log=lambda m: None)
     assert changed and min(changed) > len(before) // 2  # most tensors trained (a few get no gradient)
@@ -78,6 +79,72 @@ def test_the_whole_unet_diagnostic_trains_every_weight_and_puts_them_all_back(wo
         world_probe.ProbeSettings(trainable="lora")
 
 
+def test_two_seeds_a_class_prior_and_a_paired_comparison(world, tmp_path, monkeypatch):
+    """Each subject runs once per seed; the class pictures are drawn once per class word and seed by the untrained
+    teacher and trained on in the same UNet call; --compare pairs the runs both reports made."""
+    pair, oracle = world
+    drawn, batches = [], []
+    real_prior, real_call = world_probe.class_prior_set, world_probe.unet_call
+
+    def counting_prior(pair_, class_word, count, seed):
+        drawn.append((class_word, count, seed))
+        assert not any("<v*>" in w for w in pair_.tokenizer.get_vocab())  # before the token row is added
+        return real_prior(pair_, class_word, count, seed)
+
+    def counting_call(unet, latents, timesteps, states):
+        batches.append(len(latents))
+        return real_call(unet, latents, timesteps, states)
+
+    monkeypatch.setattr(world_probe, "class_prior_set", counting_prior)
+    monkeypatch.setattr(world_probe, "unet_call", counting_call)
+    subjects = [procedural_subject(3_000_002), procedural_subject(3_000_003)]
+    settings = world_probe.ProbeSettings(steps=1, seeds=2, seed=4, prior_weight=1.0, prior_images=3)
+    first = world_probe.run_world_probe(pair, oracle, subjects, settings, tmp_path / "a", log=lambda m: None)
+    assert [(r["concept"], r["seed"]) for r in first["records"]] == [
+        ("procedural_3000002", 4), ("procedural_3000002", 5), ("procedural_3000003", 4), ("procedural_3000003", 5)]
+    classes = {s.class_word for s in subjects}
+    assert sorted(drawn) == sorted({(c, 3, seed) for c in classes for seed in (4, 5)})  # once per class and seed
+    assert batches == [2 * settings.batch] * 4  # subject pictures + as many class pictures, one call per step
+    mean = sum(r["subject_fidelity"] for r in first["records"]) / 4
+    assert first["mean"]["subject_fidelity"] == pytest.approx(mean)
+    by_subject = first["subject_fidelity_by_subject"]
+    assert set(by_subject) == {"procedural_3000002", "procedural_3000003"}
+    a, b = by_subject.values()
+    assert first["standard_error"] == pytest.approx(abs(a - b) / 2)  # n = 2: std/√2 = |a − b|/√2/√2
+    assert first["fair"] is False  # the prior term makes it a diagnostic, whatever it scores
+    text = (tmp_path / "a" / "world_probe.md").read_text()
+    assert "Diagnostic run: a class-prior term (weight 1, 3 class pictures)" in text and "2 seed(s)" in text
+    assert {p.name for p in (tmp_path / "a" / "sheets").iterdir()} == {
+        f"procedural_300000{i}_seed{s}.png" for i in (2, 3) for s in (4, 5)}
+
+    token_alone = world_probe.ProbeSettings(steps=1, seeds=1, seed=5, lr=0.0)
+    second = world_probe.run_world_probe(pair, oracle, subjects[:1], token_alone, tmp_path / "b",
+                                         log=lambda m: None, baseline=("a/world_probe.json", first))
+    compared = second["compared_with"]
+    assert compared["pairs"] == 1 and compared["standard_error"] is None
+    assert compared["mean"] == pytest.approx(second["records"][0]["subject_fidelity"]
+                                             - first["records"][1]["subject_fidelity"])
+    text = (tmp_path / "b" / "world_probe.md").read_text()
+    assert "Against a/world_probe.json: subject fidelity" in text and "paired over 1" in text
+    assert "Diagnostic run: the token row alone" in text and second["fair"] is False
+    with pytest.raises(ValueError, match="probed none of these subjects"):
+        world_probe.run_world_probe(pair, oracle, [procedural_subject(3_000_004)], token_alone, tmp_path / "c",
+                                    baseline=("a", first))
+    assert not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_class_pictures_show_the_class_word_in_world_scenes(world):
+    pair, _ = world
+    latents, prompts = world_probe.class_prior_set(pair, "ring", 3, seed=0)
+    assert latents.shape == (3, 4, 16, 16) and torch.isfinite(latents).all()
+    assert len(prompts) == 3 and all(p.startswith("a ") and " ring" in p and "<v*>" not in p for p in prompts)
+    again, same = world_probe.class_prior_set(pair, "ring", 3, seed=0)
+    assert same == prompts and torch.equal(again, latents)  # the same pictures for the same seed
+    assert world_probe.class_prior_set(pair, "ring", 3, seed=1)[1] != prompts
+    with pytest.raises(ValueError, match="class word 'dog': the world's grammar draws only circle"):
+        world_probe.class_prior_set(pair, "dog", 1, seed=0)
+
+
 def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "echodistill", "bench", "world-probe", *args,
@@ -87,6 +154,10 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
     assert unknown.returncode == 2 and "unknown subject 'dog'" in unknown.stderr and "Traceback" not in unknown.stderr
     trained = run("--concepts", "procedural_5")  # the base models saw it: no test of the world
     assert trained.returncode == 2 and "procedural_5 is no fresh subject" in trained.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"records": []}')
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"records": [{"concept": "window", "seed": 0, "subject_fidelity": 0.4}]}))
     nothing = run("--steps", "0")
     assert nothing.returncode == 2 and "--steps 0: give 1 or more" in nothing.stderr
     missing = run("--models", str(tmp_path / "nowhere"), "--steps", "1")
@@ -99,7 +170,13 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
                            (("--min-scale", "0"), "--min-scale 0.0: give a fraction of the picture in (0, 1]"),
                            (("--seed", "-1"), "--seed -1: give an integer from 0 to"),
                            (("--fresh", "100001"), "--fresh 100001: give 0 to 100000"),
-                           (("--trainable", "lora"), "argument --trainable: invalid choice: 'lora'")):
+                           (("--trainable", "lora"), "argument --trainable: invalid choice: 'lora'"),
+                           (("--seeds", "0"), "--seeds 0: give 1 to 20 seeds per subject"),
+                           (("--prior-weight", "-1"), "--prior-weight -1.0: give a weight from 0 to 100"),
+                           (("--prior-images", "0"), "--prior-images 0: give 1 to 10,000 class pictures"),
+                           (("--compare", str(tmp_path / "none.json")), "none.json: no such file"),
+                           (("--compare", str(bad)), "no world-probe records in it"),
+                           (("--compare", str(other)), "probed none of these subjects with these seeds")):
         refused = run("--concepts", "smiley", *flags)  # before any model loads: no report with NaN in it
         assert refused.returncode == 2 and message in refused.stderr, (flags, refused.stderr)
         assert not (tmp_path / "sheets").exists() and not (tmp_path / "world_probe.json").exists()

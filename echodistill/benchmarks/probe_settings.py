@@ -18,6 +18,12 @@ TRAINABLE = ("adapter", "unet")
 # (docs/quality.md, token row at 1e-2) crossed_ring scored 0.136 at 1e-3, 0.242 at 1e-4, 0.166 at 3e-5.
 # Whole UNet: 1e-5 (smiley 0.611, crossed_ring 0.420) beat 1e-4 (0.463, 0.360) on the same teacher.
 DEFAULT_LR = {"adapter": 1e-4, "unet": 1e-5}
+# One seed moves a single subject by 0.1–0.3 between neighbouring settings (docs/quality.md): two per subject
+# halve the variance of every comparison, as the quality table's 6 subjects x 2 seeds do.
+DEFAULT_SEEDS = 2
+# Custom Diffusion's class-prior regularization (Kumari et al. 2023, §3.1 "Regularization dataset": 200 images
+# of the class, trained on beside the subject's): here the untrained teacher's own pictures of the class word.
+PRIOR_IMAGES = 200
 
 
 @dataclass(frozen=True)
@@ -27,10 +33,29 @@ class ProbeSettings:
     lr: float = DEFAULT_LR["adapter"]  # of what `trainable` names
     token_lr: float = 1e-2
     trainable: str = "adapter"  # one of TRAINABLE
+    min_scale: float = AUGMENT_MIN_SCALE
+    seed: int = 0  # the first seed; the probe runs seed, seed + 1, ..., seed + seeds - 1
+    seeds: int = DEFAULT_SEEDS
+    images_per_prompt: int = 1
+    prior_weight: float = 0.0  # the class-prior term's weight: 0 is the plain masked denoising loss (the bar's)
+    prior_images: int = PRIOR_IMAGES
 
     def __post_init__(self) -> None:
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable={self.trainable!r}: give one of {', '.join(TRAINABLE)}")
-    min_scale: float = AUGMENT_MIN_SCALE
-    seed: int = 0
-    images_per_prompt: int = 1
+        if self.seeds < 1 or self.prior_images < 1:
+            raise ValueError(f"seeds={self.seeds}, prior_images={self.prior_images}: give 1 or more")
+
+    def diagnostics(self) -> list[str]:
+        """Why a run with these settings is not the bar (empty: it is): the bar trains the paper's teacher
+        adapter, K/V deltas + token row, with the plain masked denoising loss."""
+        reasons = []
+        if self.trainable == "unet":
+            reasons.append("every UNet weight + the token row trained")
+        elif self.lr == 0:
+            reasons.append("the token row alone (K/V deltas frozen at --lr 0)")
+        if self.token_lr == 0:
+            reasons.append("the token row frozen (--token-lr 0)")
+        if self.prior_weight > 0:
+            reasons.append(f"a class-prior term (weight {self.prior_weight:g}, {self.prior_images} class pictures)")
+        return reasons

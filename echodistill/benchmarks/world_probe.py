@@ -12,23 +12,29 @@ grammar captions, then the teacher (25 DDIM steps, CFG 7.5) draws the subject's 
 prompts and the oracle scores them; the untrained teacher's class-word prior is scored the same way.
 The teacher also redraws the five references from their own captions with the token ("fit"): low
 there too means the trained teacher cannot draw the subject at all, not that it fails to generalize.
-With `trainable="unet"` every UNet weight trains instead of the K/V deltas (a diagnostic, not the bar).
+Each subject is probed with `settings.seeds` seeds (training draws and evaluation noise); the mean
+runs over subjects x seeds. With `trainable="unet"` every UNet weight trains instead of the K/V deltas, with
+`lr=0` the token row trains alone, and with `prior_weight > 0` Custom Diffusion's class-prior term joins the
+loss: each is a diagnostic, not the bar (`ProbeSettings.diagnostics`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..imaging import labelled_rows, save_png
 from ..miniworld.concepts import Concept, reference_captions
 from ..miniworld.evaluate import vae_round_trip_fidelity
+from ..miniworld.grammar import SHAPES, describe, sample_scene
 from ..miniworld.oracle import Oracle
 from ..miniworld.recipe import RESOLUTION, TOKEN
 from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_PRIOR, TEACHER_STEPS, UnitInputs, score_prior
@@ -47,12 +53,17 @@ from .probe_settings import PROMPT_BAR, SUBJECT_BAR, ProbeSettings
 
 
 def probe_subject(pair: ModelPair, oracle: Oracle, concept: Concept, settings: ProbeSettings,
-                  log: Callable[[str], None] = print) -> tuple[dict, dict[str, torch.Tensor]]:
+                  log: Callable[[str], None] = print,
+                  class_prior: tuple[torch.Tensor, list[str]] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Train the teacher's K/V + token row on `concept` inside a borrow of `pair`; score its 25-step pictures.
 
+    One seed: `settings.seed` (run_world_probe loops over the seeds). `class_prior`: the class pictures'
+    latents (P, 4, 16, 16) and prompts, from `class_prior_set`; needed when `settings.prior_weight > 0`.
     Returns the record (subject and prompt fidelity, fit, seconds) and the sheet's rows: {label: (N, 3, 64, 64)
     pictures in [0, 1]}.
     """
+    if settings.prior_weight > 0 and class_prior is None:
+        raise ValueError("prior_weight > 0 needs the class pictures: pass class_prior=class_prior_set(...)")
     unit = UnitInputs.build(concept, settings.seed, settings.images_per_prompt, captions=True)
     own_captions = [caption.format(f"{TOKEN} {concept.class_word}") for caption in reference_captions(concept)]
     with pristine(pair) as borrowed, _restored(borrowed.teacher.unet, settings.trainable == "unet"):
@@ -79,13 +90,21 @@ def probe_subject(pair: ModelPair, oracle: Oracle, concept: Concept, settings: P
             batch = dataset.sample_batch(settings.batch, data)
             with torch.no_grad():
                 latents = vae.encode(batch.pixel_values).latent_dist.mean * vae.config.scaling_factor  # (B, 4, 16, 16)
-            encoder_hidden_states = encode_prompts(borrowed.tokenizer, borrowed.text_encoder, batch.prompts)
+            prompts = batch.prompts
+            if settings.prior_weight > 0:  # as many class pictures as subject ones, in the same UNet call
+                pick = torch.randint(0, len(class_prior[1]), (settings.batch,), generator=data)
+                latents = torch.cat([latents, class_prior[0][pick]])  # (2B, 4, 16, 16)
+                prompts = prompts + [class_prior[1][i] for i in pick.tolist()]
+            encoder_hidden_states = encode_prompts(borrowed.tokenizer, borrowed.text_encoder, prompts)
             noise = torch.randn(latents.shape, generator=draws)
-            timesteps = torch.randint(0, len(alphas_cumprod), (settings.batch,), generator=draws)
+            timesteps = torch.randint(0, len(alphas_cumprod), (len(latents),), generator=draws)
             prediction = unet_call(unet, add_noise(latents, noise, timesteps, alphas_cumprod), timesteps,
                                    encoder_hidden_states)
             target = denoising_target(latents, noise, timesteps, alphas_cumprod, borrowed.teacher.prediction_type)
-            loss = masked_denoising_loss(prediction, target, batch.mask).mean()
+            b = settings.batch
+            loss = masked_denoising_loss(prediction[:b], target[:b], batch.mask).mean()
+            if settings.prior_weight > 0:  # Custom Diffusion's prior term: the whole class picture, no mask
+                loss = loss + settings.prior_weight * (prediction[b:].float() - target[b:].float()).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -100,7 +119,8 @@ def probe_subject(pair: ModelPair, oracle: Oracle, concept: Concept, settings: P
             refit = sample_teacher(borrowed, own_captions, seeds=[s + FIT_SEED for s in range(len(own_captions))],
                                    steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE, width=RESOLUTION,
                                    height=RESOLUTION, return_latents=False).images  # (5, 3, 64, 64)
-    record = {"concept": concept.name, **unit.score(oracle, images), "train_seconds": round(seconds, 1),
+    record = {"concept": concept.name, "seed": settings.seed, **unit.score(oracle, images),
+              "train_seconds": round(seconds, 1),
               "fit_subject_fidelity": float(oracle.subject_fidelity(refit, unit.reference_pixels)),
               "subject_fidelity_by_size": fidelity_by_size(oracle, images, unit),
               "vae_ceiling": vae_round_trip_fidelity(pair.vae, oracle, concept)}
@@ -136,55 +156,159 @@ def fidelity_by_size(oracle: Oracle, images: torch.Tensor, unit: UnitInputs) -> 
             for size in ("small", "large") if size in sizes}
 
 
+PRIOR_NOISE_SEED = 1_000_000_000  # the class pictures' noise: clear of every evaluation and fit seed
+
+
+@torch.no_grad()
+def class_prior_set(pair: ModelPair, class_word: str, count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """The untrained teacher's own pictures of the class word, for Custom Diffusion's class-prior term.
+
+    Prompts are random scenes of the world's grammar with the class word as the object and no colour stated
+    ("a large ring on the left, on a blue striped background"), drawn as the bar's evaluation pictures are
+    (25 DDIM steps, CFG 7.5). Returns their latents (count, 4, 16, 16), in the UNet's scaled space, and the
+    prompts. Raises ValueError for a class word the grammar has no shape for.
+    """
+    if class_word not in SHAPES:
+        raise ValueError(f"class word {class_word!r}: the world's grammar draws only {', '.join(SHAPES)}")
+    rng = np.random.default_rng([seed, PRIOR_NOISE_SEED])
+    prompts = []
+    for _ in range(count):
+        scene = sample_scene(rng, subject=class_word)
+        prompts.append(describe(scene, frozenset(scene.attributes()) - {"color"}).text)
+    seeds = [PRIOR_NOISE_SEED + seed * 10_000 + i for i in range(count)]
+    latents = torch.cat([
+        sample_teacher(pair, prompts[i : i + 50], seeds=seeds[i : i + 50], steps=TEACHER_STEPS,
+                       guidance=TEACHER_GUIDANCE, width=RESOLUTION, height=RESOLUTION).latents
+        for i in range(0, count, 50)])  # (count, 4, 16, 16)
+    return latents, prompts
+
+
 def run_world_probe(pair: ModelPair, oracle: Oracle, concepts: Sequence[Concept], settings: ProbeSettings,
-                    out: str | Path, extra: dict | None = None, log: Callable[[str], None] = print) -> dict:
-    """Probe every concept; write world_probe.json, world_probe.md and one sheet per concept into `out`."""
+                    out: str | Path, extra: dict | None = None, log: Callable[[str], None] = print,
+                    baseline: tuple[str, dict] | None = None) -> dict:
+    """Probe every concept with every seed; write world_probe.json, world_probe.md and one sheet per concept and
+    seed into `out`. The mean runs over subjects x seeds; its standard error over the subjects' own means.
+
+    `baseline`: (its path, an earlier world_probe.json's content) to report the paired difference against
+    (`paired_difference`); raises ValueError, before any training, when the two share no subject and seed.
+    """
+    if baseline is not None:  # refuse a baseline with nothing to pair before hours of work
+        check_baseline(concepts, settings, baseline[1])
     out = Path(out)
     make_folder(out / "sheets")  # the command line removes it again if the probe fails or is stopped
-    records = []
+    records, priors = [], {}
     for concept in concepts:
-        record, rows = probe_subject(pair, oracle, concept, settings, log)
-        records.append(record)
-        log(f"{concept.name}: subject fidelity {record['subject_fidelity']:.3f} (prior "
-            f"{record['prior_subject_fidelity']:.3f}), prompt fidelity {record['prompt_fidelity']:.3f}, "
-            f"own captions {record['fit_subject_fidelity']:.3f}")
-        save_png(labelled_rows(list(rows.items())), out / "sheets" / f"{concept.name}.png", {"concept": concept.name})
+        for seed in range(settings.seed, settings.seed + settings.seeds):
+            one = replace(settings, seed=seed)
+            class_prior = None
+            if settings.prior_weight > 0:  # drawn once per class word and seed, by the untrained teacher
+                key = (concept.class_word, seed)
+                if key not in priors:
+                    log(f"drawing {settings.prior_images} class pictures of '{concept.class_word}' (seed {seed})")
+                    priors[key] = class_prior_set(pair, concept.class_word, settings.prior_images, seed)
+                class_prior = priors[key]
+            record, rows = probe_subject(pair, oracle, concept, one, log, class_prior)
+            records.append(record)
+            log(f"{concept.name} (seed {seed}): subject fidelity {record['subject_fidelity']:.3f} (prior "
+                f"{record['prior_subject_fidelity']:.3f}), prompt fidelity {record['prompt_fidelity']:.3f}, "
+                f"own captions {record['fit_subject_fidelity']:.3f}")
+            save_png(labelled_rows(list(rows.items())), out / "sheets" / f"{concept.name}_seed{seed}.png",
+                     {"concept": concept.name, "seed": str(seed)})
     mean = {key: sum(r[key] for r in records) / len(records)
             for key in ("subject_fidelity", "prompt_fidelity", "fit_subject_fidelity", "prior_subject_fidelity",
                         "prior_prompt_fidelity", "vae_ceiling")}
+    by_subject = {c.name: _mean([r["subject_fidelity"] for r in records if r["concept"] == c.name]) for c in concepts}
     report = {
         "settings": {**asdict(settings), **(extra or {})},
         "records": records,
         "mean": mean,
+        "subject_fidelity_by_subject": by_subject,
+        "standard_error": standard_error(list(by_subject.values())),
         "bar": {"subject_fidelity": SUBJECT_BAR, "prompt_fidelity": PROMPT_BAR},
-        # only the paper's adapter can pass: the whole-UNet run is a diagnostic
-        "fair": (settings.trainable == "adapter" and mean["subject_fidelity"] >= SUBJECT_BAR
+        # only the paper's adapter, with the plain loss, can pass: every other run is a diagnostic
+        "fair": (not settings.diagnostics() and mean["subject_fidelity"] >= SUBJECT_BAR
                  and mean["prompt_fidelity"] >= PROMPT_BAR),
     }
+    if baseline is not None:
+        report["compared_with"] = {"path": baseline[0], **paired_difference(report, baseline[1])}
     atomic_write_text(out / "world_probe.json", json.dumps(report, indent=2))
     atomic_write_text(out / "world_probe.md", markdown(report))
     return report
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def standard_error(values: Sequence[float]) -> float | None:
+    """Standard error of the mean of `values` (sample std / √n); None for fewer than two."""
+    if len(values) < 2:
+        return None
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def check_baseline(concepts: Sequence[Concept], settings: ProbeSettings, baseline: dict) -> None:
+    """Raise ValueError unless `baseline` (a world_probe.json's content) probed one of `concepts` with one of the
+    seeds `settings` runs: otherwise there is nothing to pair."""
+    planned = {(c.name, seed) for c in concepts for seed in range(settings.seed, settings.seed + settings.seeds)}
+    if not planned & {(r.get("concept"), r.get("seed", 0)) for r in baseline["records"]}:
+        raise ValueError("the baseline probed none of these subjects with these seeds: give a report of the same "
+                         "subjects and --seed")
+
+
+def paired_difference(report: dict, baseline: dict) -> dict:
+    """This report's subject fidelity minus `baseline`'s, paired on the (subject, seed) both probed.
+
+    Returns {"pairs": n, "mean": mean difference, "standard_error": over the subjects' mean differences
+    (None for one subject)}. Raises ValueError when the two reports share no (subject, seed).
+    """
+    theirs = {(r["concept"], r.get("seed", 0)): r["subject_fidelity"] for r in baseline["records"]}
+    differences: dict[str, list[float]] = {}
+    for r in report["records"]:
+        key = (r["concept"], r.get("seed", 0))
+        if key in theirs:
+            differences.setdefault(r["concept"], []).append(r["subject_fidelity"] - theirs[key])
+    if not differences:
+        raise ValueError("the two probes share no subject and seed: nothing to pair")
+    per_subject = [_mean(values) for values in differences.values()]
+    return {"pairs": sum(len(v) for v in differences.values()),
+            "mean": _mean([d for values in differences.values() for d in values]),
+            "standard_error": standard_error(per_subject)}
+
+
 def markdown(report: dict) -> str:
-    lines = ["| subject | subject fidelity | small / large | own captions (fit) | class-word prior | "
+    lines = ["| subject | seed | subject fidelity | small / large | own captions (fit) | class-word prior | "
              "through the VAE (ceiling) | prompt fidelity | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["records"]:
         sizes = r["subject_fidelity_by_size"]
         by_size = " / ".join(f"{sizes[size]:.3f}" if size in sizes else "–" for size in ("small", "large"))
-        lines.append(f"| {r['concept']} | {r['subject_fidelity']:.3f} | {by_size} | {r['fit_subject_fidelity']:.3f} | "
-                     f"{r['prior_subject_fidelity']:.3f} | {r['vae_ceiling']:.3f} | {r['prompt_fidelity']:.3f} | "
-                     f"{r['train_seconds']:.0f} |")
+        lines.append(f"| {r['concept']} | {r.get('seed', 0)} | {r['subject_fidelity']:.3f} | {by_size} | "
+                     f"{r['fit_subject_fidelity']:.3f} | {r['prior_subject_fidelity']:.3f} | {r['vae_ceiling']:.3f} | "
+                     f"{r['prompt_fidelity']:.3f} | {r['train_seconds']:.0f} |")
     m = report["mean"]
-    lines.append(f"| **mean** | **{m['subject_fidelity']:.3f}** | | {m['fit_subject_fidelity']:.3f} | "
+    error = report.get("standard_error")
+    spread = f" ± {error:.3f}" if error is not None else ""
+    lines.append(f"| **mean** | | **{m['subject_fidelity']:.3f}**{spread} | | {m['fit_subject_fidelity']:.3f} | "
                  f"{m['prior_subject_fidelity']:.3f} | "
                  f"{m['vae_ceiling']:.3f} | **{m['prompt_fidelity']:.3f}** | |")
     lines.append("")
-    steps = report["settings"]["steps"]
-    if report["settings"].get("trainable", "adapter") == "unet":
-        lines.append(f"Diagnostic run: every UNet weight + the token row trained ({steps} steps), not the bar, "
-                     "which trains the paper's K/V + token row.")
+    settings = report["settings"]
+    subjects = len(report.get("subject_fidelity_by_subject") or {r["concept"] for r in report["records"]})
+    lines.append(f"Mean over {subjects} subject(s) x {settings.get('seeds', 1)} seed(s)"
+                 + (" ± the standard error over the subjects' means." if error is not None else "."))
+    if "compared_with" in report:
+        c = report["compared_with"]
+        error = f" ± {c['standard_error']:.3f}" if c["standard_error"] is not None else ""
+        lines.append(f"Against {c['path']}: subject fidelity {c['mean']:+.3f}{error} (paired over {c['pairs']} "
+                     "subject x seed runs both probed; standard error over the subjects' mean differences).")
+    known = {field: settings[field] for field in ProbeSettings.__dataclass_fields__ if field in settings}
+    reasons = ProbeSettings(**known).diagnostics()
+    steps = settings["steps"]
+    if reasons:
+        lines.append(f"Diagnostic run: {'; '.join(reasons)} ({steps} steps). Not the bar, which trains the "
+                     "paper's K/V + token row with the plain masked denoising loss.")
     else:
         verdict = "meets" if report["fair"] else "does NOT meet"
         lines.append(f"The world {verdict} the bar: mean subject fidelity ≥ {SUBJECT_BAR:.2f} at prompt fidelity "

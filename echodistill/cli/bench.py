@@ -497,8 +497,31 @@ def _logger(name: str):
 
 # --- bench world-probe ---------------------------------------------------------------------------
 
+MAX_PROBE_SEEDS = 20
+MAX_PRIOR_IMAGES = 10_000
+
+
+def read_probe_report(path: str) -> dict:
+    """An earlier `bench world-probe` world_probe.json, checked to hold scored records; BenchError otherwise."""
+    from ..benchmarks.measuring import BenchError
+
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise BenchError(f"--compare {path}: no such file; give a world_probe.json an earlier run wrote") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise BenchError(f"--compare {path}: not a readable world_probe.json ({error})") from None
+    records = report.get("records") if isinstance(report, dict) else None
+    if not (isinstance(records, list) and records and all(
+            isinstance(r, dict) and isinstance(r.get("concept"), str)
+            and isinstance(r.get("subject_fidelity"), (int, float)) and isinstance(r.get("seed", 0), int)
+            for r in records)):
+        raise BenchError(f"--compare {path}: no world-probe records in it (a list of subjects with their "
+                         "subject_fidelity); give a world_probe.json an earlier run wrote")
+    return report
+
 def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..benchmarks.probe_settings import DEFAULT_LR, TRAINABLE, ProbeSettings
+    from ..benchmarks.probe_settings import DEFAULT_LR, PRIOR_IMAGES, TRAINABLE, ProbeSettings
 
     defaults = ProbeSettings()
     parser.add_argument("--concepts", nargs="+",
@@ -522,7 +545,24 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
                         default=defaults.min_scale,
                         help="smallest augmentation rescale, a fraction of the 64-pixel picture")
     parser.add_argument("--seed", type=whole_number("--seed", "a whole number from 0", 0),
-                        default=defaults.seed, help="training and sampling seed")
+                        default=defaults.seed, help="first training and sampling seed")
+    parser.add_argument("--seeds", type=whole_number("--seeds", "a whole number of seeds", 2),
+                        default=defaults.seeds,
+                        help=f"seeds per subject: --seed, --seed + 1, ... (default: {defaults.seeds}; one seed moves a "
+                             "subject by 0.1-0.3)")
+    parser.add_argument("--prior-weight", type=number("--prior-weight", "a weight from 0 to 100", 1.0),
+                        default=defaults.prior_weight,
+                        help="weight of Custom Diffusion's class-prior term: the untrained teacher's own pictures "
+                             "of the class word trained on beside the subject's (default: 0, the bar's plain loss; "
+                             "above 0 the run is a diagnostic)")
+    parser.add_argument("--prior-images", type=whole_number("--prior-images", "a whole number of class pictures",
+                                                            PRIOR_IMAGES),
+                        default=defaults.prior_images,
+                        help=f"class pictures drawn per class word and seed for --prior-weight (default: "
+                             f"{PRIOR_IMAGES}, Custom Diffusion's)")
+    parser.add_argument("--compare", metavar="WORLD_PROBE_JSON",
+                        help="an earlier run's world_probe.json: also report the paired difference in subject "
+                             "fidelity over the subjects and seeds both probed")
     parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/world_probe", help="folder for world_probe.json/.md and sheets/")
@@ -534,7 +574,7 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
 def run_world_probe(args: argparse.Namespace) -> int:
     from ..benchmarks.measuring import BenchError
     from ..benchmarks.probe_settings import DEFAULT_LR, ProbeSettings
-    from ..benchmarks.world_probe import markdown, run_world_probe as probe
+    from ..benchmarks.world_probe import check_baseline, markdown, run_world_probe as probe
     from ..training.config import MAX_SEED, MAX_STEPS
     from ..miniworld import CONCEPTS
     from ..miniworld.procedural import VALIDATION_SEEDS, fresh_subject_name, lookup_subject, procedural_subject
@@ -561,13 +601,28 @@ def run_world_probe(args: argparse.Namespace) -> int:
         raise BenchError(f"--min-scale {args.min_scale}: give a fraction of the picture in (0, 1]")
     if not 0 <= args.seed <= MAX_SEED:
         raise BenchError(f"--seed {args.seed}: give an integer from 0 to {MAX_SEED}")
+    check_count("--seeds", args.seeds, 1, MAX_PROBE_SEEDS, "seeds per subject")
+    if not (math.isfinite(args.prior_weight) and 0 <= args.prior_weight <= 100):
+        raise BenchError(f"--prior-weight {args.prior_weight}: give a weight from 0 to 100 (0: no class-prior term)")
+    check_count("--prior-images", args.prior_images, 1, MAX_PRIOR_IMAGES, "class pictures")
+    if args.seed + args.seeds - 1 > MAX_SEED:
+        raise BenchError(f"--seed {args.seed} --seeds {args.seeds}: the last seed passes {MAX_SEED}")
+    baseline = None
+    if args.compare:
+        baseline = (args.compare, read_probe_report(args.compare))
     subjects += [procedural_subject(seed) for seed in VALIDATION_SEEDS.seeds()[: args.fresh]]
     settings = ProbeSettings(steps=args.steps, lr=args.lr, token_lr=args.token_lr, min_scale=args.min_scale,
-                             seed=args.seed, trainable=args.trainable)
+                             seed=args.seed, seeds=args.seeds, trainable=args.trainable,
+                             prior_weight=args.prior_weight, prior_images=args.prior_images)
+    if baseline is not None:
+        try:
+            check_baseline(subjects, settings, baseline[1])
+        except ValueError as error:
+            raise BenchError(f"--compare {args.compare}: {error}") from None
     pair, oracle, world = load_world(args)
     report = probe(pair, oracle, subjects, settings, args.out,
                    extra={**world, "command": shlex.join(["echodistill", *sys.argv[1:]])},
-                   log=_logger("world-probe"))
+                   log=_logger("world-probe"), baseline=baseline)
     print(markdown(report))
     print(f"wrote {Path(args.out) / 'world_probe.json'} and {Path(args.out) / 'world_probe.md'}")
     return 0
