@@ -4,13 +4,32 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 
 def close_name(name: str, valid: Iterable[str]) -> str | None:
     """The valid name `name` most likely misspells (difflib.get_close_matches, its default cutoff 0.6), or None."""
     close = difflib.get_close_matches(name, list(valid), n=1)
     return close[0] if close else None
+
+
+def unknown_name(name: str, valid: Iterable[str], *, shown: str | None = None, where: str = "") -> str:
+    """An unknown `name` as every message writes it: `shown` (default: the name itself), then in brackets `where`
+    it was given and the valid name it may misspell: "stepz (--set stepz=3; did you mean steps?)"; neither: the
+    name alone."""
+    close = close_name(name, valid)
+    notes = [note for note in (where, f"did you mean {close}?" if close else "") if note]
+    shown = name if shown is None else shown
+    return f"{shown} ({'; '.join(notes)})" if notes else shown
+
+
+def valid_names(unknown: Iterable[str], valid: Sequence[str], *, label: str, listed_in: str) -> str:
+    """How a message about `unknown` names ends: "<label>: a, b, ..." when one of them resembles no valid name
+    (the user needs the choices), else "<label>: see <listed_in>": each one's did-you-mean (unknown_name) is the
+    likely fix, and a list of ~50 names would bury it."""
+    if all(close_name(name, valid) for name in unknown):
+        return f"{label}: see {listed_in}"
+    return f"{label}: {', '.join(valid)}"
 
 
 class EchoDistillError(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from echodistill.concepts.bundle import ConceptBundle
+from echodistill.concepts.export import load_checked_bundle
 from echodistill.files import check_name
 
 from . import folders
@@ -63,7 +63,9 @@ class LoadConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, concept_name) -> io.NodeOutput:
-        return io.NodeOutput(ConceptBundle.load(folders.find_concept(concept_name)))
+        # Checked against the UNet configs it stores: an edited file is refused here, naming itself and the misfit,
+        # not later in a sampler as a bare shape error.
+        return io.NodeOutput(load_checked_bundle(folders.find_concept(concept_name)))
 
 
 NODES = [SaveConcept, LoadConcept]

@@ -69,6 +69,16 @@ def test_a_binary_prompts_file_is_refused(tmp_path, capsys):
     assert "not a UTF-8 text file" in capsys.readouterr().err
 
 
+def test_a_prompts_file_saved_with_a_utf8_byte_order_mark_keeps_its_first_prompt_as_written(tmp_path):
+    import argparse
+
+    from echodistill.cli.after_training import _prompts
+
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n", encoding="utf-8-sig")  # as Notepad saves
+    args = argparse.Namespace(prompt=None, prompts_file=str(tmp_path / "prompts.txt"), concept=None)
+    assert _prompts(args) == ["a red circle", "a blue square"]
+
+
 def test_a_file_that_is_not_a_checkpoint_is_refused_as_one(tmp_path):
     torch.save({"embedding": torch.zeros(3), "token": "<v*>"}, tmp_path / "concept.pt")
     with pytest.raises(EchoDistillError, match="is not a training checkpoint"):

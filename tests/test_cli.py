@@ -223,15 +223,19 @@ def test_a_damaged_bundle_is_refused_alike_by_inspect_export_and_load(tmp_path, 
 def test_smoke_runs_end_to_end_on_a_tiny_random_pair(tmp_path, capsys):
     assert main(["smoke", "--out", str(tmp_path), "--steps", "2"]) == 0
     assert ConceptBundle.load(tmp_path / "concept.safetensors").step == 2
-    assert "concept bundle written" in capsys.readouterr().out
+    out = capsys.readouterr().out  # a kept bundle is named where it is
+    assert f"concept bundle written: {tmp_path / 'concept.safetensors'} (token '<v*>', 2 steps)" in out, out
 
 
-def test_smoke_leaves_no_temporary_folder_behind(tmp_path, monkeypatch, capsys):
+def test_smoke_leaves_no_temporary_folder_behind_and_names_no_path_in_it(tmp_path, monkeypatch, capsys):
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert main(["smoke", "--steps", "1"]) == 0
-    assert "smoke check passed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert str(tmp_path) not in out, out  # the folder is gone when the line is read: a path into it would mislead
+    assert ("tiny models, concept and previews were written to a temporary folder, now removed (--out DIR keeps "
+            "them)\nsmoke check passed in ") in out, out
     assert list(tmp_path.iterdir()) == []
 
 
@@ -444,13 +448,26 @@ def test_set_gives_a_field_that_has_its_own_flag_and_a_disagreement_is_refused(t
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "0", "--set", "steps=3"]) == 2
     assert capsys.readouterr().err == ("error: --steps 0 and --set steps=3: two values for steps; give it once, with "
                                        "--steps\n")
-    assert main([*WINDOW, *out, "--set", "stepz=3"]) == 2
+    assert main([*WINDOW, *out, "--set", "stepz=3"]) == 2  # the likely fix, not ~50 names burying it
+    assert capsys.readouterr().err == ("error: unknown config field(s): stepz (--set stepz=3; did you mean steps?); "
+                                       'valid fields: see the options table in README.md ("Training a concept")\n')
+    assert main([*WINDOW, *out, "--set", "stepz=3", "--set", "zzzz=1"]) == 2  # one resembling nothing: every field
     assert capsys.readouterr().err.startswith("error: unknown config field(s): stepz (--set stepz=3; did you mean "
-                                              "steps?); valid fields: steps, batch_size, ")
+                                              "steps?), zzzz (--set zzzz=1); valid fields: steps, batch_size, ")
     assert main([*WINDOW, *out, "--backbone", "dino=/models/dino"]) == 2  # not "--set discriminators=..."
     assert capsys.readouterr().err.startswith("error: --backbone dino=/models/dino: 'dino' is no discriminator; "
                                               "name one of teacher_features, dino_vits16")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_config_file_saved_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    """Windows Notepad starts UTF-8 with a BOM, which json refuses: the file is read as the text it marks."""
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"steps": 30, "token": "<sks>", "seed": 3, "echo": False}),
+                           encoding="utf-8-sig")
+    assert config_file.read_bytes().startswith(b"\xef\xbb\xbf")
+    config = _config_of([*WINDOW, "--out", str(tmp_path / "w.safetensors"), "--config", str(config_file)])
+    assert (config.steps, config.token, config.seed) == (30, "<sks>", 3)
 
 
 def test_a_config_files_values_are_named_as_its_keys_and_the_flags_as_typed(tmp_path, capsys):

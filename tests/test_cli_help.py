@@ -187,3 +187,40 @@ def test_the_demo_refuses_an_unusable_out_folder_before_it_prints_anything(tmp_p
     assert captured.out == "" and "error: " in captured.err and str(blocker) in captured.err
     assert main(["demo", "--out", ""]) == 2
     assert capsys.readouterr().err.strip() == "error: --out '': name the folder for the bundle, contact sheet and metrics"
+
+
+def test_the_demo_refuses_to_replace_an_earlier_demos_results_unless_told_to(tmp_path, capsys, monkeypatch):
+    from echodistill.errors import ConfigError
+    from echodistill.jobs import demo as demo_job
+
+    out = tmp_path / "demo"
+    earlier = {out / "window.safetensors": b"bundle", out / "window_metrics.json": b"{}",
+               out / "run" / "checkpoint.pt": b"checkpoint"}
+    for path, data in earlier.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    assert main(["demo", "--concept", "window", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the header and the bar, as train refuses an existing --out
+    assert captured.err == (f"error: --out {out} holds an earlier demo's results (window.safetensors, "
+                            "window_metrics.json, run/checkpoint.pt): pick another --out, or pass --overwrite to run "
+                            "the demo anew and replace them\n")
+    assert main(["demo", "--concept", "smiley", "--out", str(out)]) == 2  # another subject: only run/ is shared
+    assert f"error: --out {out} holds an earlier demo's results (run/checkpoint.pt): " in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"holds an earlier demo's results .*pass overwrite=True"):
+        demo_job.run_demo(out, concept_name="window")  # the library refuses alike, before any model loads
+    assert {path: path.read_bytes() for path in earlier} == earlier  # nothing replaced
+
+    asked = []
+
+    def finished(out_dir, *, concept_name, overwrite, **_):  # the job itself, without its minutes of training
+        asked.append(overwrite)
+        sheet, bundle = out / f"{concept_name}_contact_sheet.png", out / f"{concept_name}.safetensors"
+        return demo_job.DemoReport(concept_name, 2, 1.0, 0.1, 0.2, 0.3, 0.4, 0.05, str(sheet), str(bundle))
+
+    monkeypatch.setattr(demo_job, "run_demo", finished)
+    assert main(["demo", "--concept", "window", "--out", str(out), "--overwrite"]) == 0
+    assert asked == [True]
+    last = capsys.readouterr().out.splitlines()[-1]  # every file it wrote, the metrics too
+    assert last == (f"trained in 1 s; contact sheet {out / 'window_contact_sheet.png'}; bundle "
+                    f"{out / 'window.safetensors'}; metrics {out / 'window_metrics.json'}"), last

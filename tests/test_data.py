@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from echodistill.training.data import (
     ConceptImage,
     load_concept_images,
 )
+from echodistill.training.photos import EmptyCaptionWarning
 from echodistill.training.templates import PROMPT_TEMPLATES, render_prompt
 
 RES = 64  # tiny resolution: 8x8 latent cells with latent_scale 8
@@ -133,15 +136,22 @@ def test_folder_sorting_hidden_files_and_sidecar_captions(tmp_path):
         _noise_image(0).save(tmp_path / name)
     (tmp_path / "notes.md").write_text("not an image")
     (tmp_path / "a.txt").write_text("a photo of {} on the\ngrass\n", encoding="utf-8")
-    (tmp_path / "c.webp.txt").write_text("  ", encoding="utf-8")  # empty caption = none
+    (tmp_path / "c.webp.txt").write_text("  ", encoding="utf-8")  # empty caption = none, with a warning
 
-    items = load_concept_images(tmp_path, resolution=64)
+    with pytest.warns(EmptyCaptionWarning) as caught:
+        items = load_concept_images(tmp_path, resolution=64)
     assert [i.name for i in items] == ["a.jpg", "b.png", "c.webp"]
     assert [i.caption for i in items] == ["a photo of {} on the grass", None, None]
+    assert [str(w.message) for w in caught] == [  # once, naming the file
+        f"1 caption file(s) in {str(tmp_path)!r} are empty, so their photos train with the prompt templates instead: "
+        "c.webp.txt; write a caption in each (e.g. 'a photo of {} on the grass') or delete them"]
 
-    items = load_concept_images(tmp_path, resolution=64, captions={"b": "my <v*> dog"})
+    with pytest.warns(EmptyCaptionWarning, match="c.webp.txt"):
+        items = load_concept_images(tmp_path, resolution=64, captions={"b": "my <v*> dog"})
     assert [i.caption for i in items] == ["a photo of {} on the grass", "my <v*> dog", None]
-    items = load_concept_images(tmp_path, resolution=64, captions=[None, None, "x <v*>"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a caption given for that photo replaces the empty file: nothing to say
+        items = load_concept_images(tmp_path, resolution=64, captions=[None, None, "x <v*>"])
     assert [i.caption for i in items] == ["a photo of {} on the grass", None, "x <v*>"]
 
     with pytest.raises(DataError, match="2 captions were given for 3 images"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from echodistill.concepts.export import (
     EXPORT_METADATA_KEY,
     ExportError,
     OutputExistsError,
+    RankWarning,
     bundle_deltas,
     export_concept,
     export_embedding,
@@ -170,6 +172,30 @@ def test_rank_one_export_reports_the_svd_tail_energy(cd_bundle, tmp_path):
     print(f"\nrank-1 relative error: max {report.max_error:.6f}, mean {report.mean_error:.6f}")
 
 
+def test_a_rank_above_what_the_layers_hold_warns_once_naming_both_ranks(cd_bundle, lora_bundle, tmp_path, capsys):
+    layers = len(bundle_deltas(cd_bundle, "student"))  # tiny K/V: (32 or 64, 32), so full rank is 32
+    with pytest.warns(RankWarning) as caught:
+        report = export_lora(cd_bundle, tmp_path / "r40.safetensors", rank=40)
+    assert [str(w.message) for w in caught] == [
+        f"rank 40 was asked for, but {layers} of {layers} layers hold less: they are written at the full rank of their "
+        "ΔW (32), which is exact; a rank of 32 or less fits every layer"]
+    assert report.rank == 32 and report.max_error < 1e-6
+    with pytest.warns(RankWarning, match=r"^rank 5 was asked for, .* of their ΔW \(3\), which is exact"):
+        assert export_lora(lora_bundle, tmp_path / "lora5.safetensors", rank=5).rank == 3  # its own LoRA factors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RankWarning)
+        export_lora(cd_bundle, tmp_path / "r32.safetensors", rank=32)  # what every layer holds: nothing to say
+        export_lora(lora_bundle, tmp_path / "lora3.safetensors", rank=3)
+
+    from echodistill.cli import main
+
+    concept = cd_bundle.save(tmp_path / "c.safetensors")
+    assert main(["export", "--concept", str(concept), "--out", str(tmp_path / "loras"), "--rank", "40"]) == 0
+    err = capsys.readouterr().err
+    assert err == (f"warning: rank 40 was asked for, but {layers} of {layers} layers hold less: they are written at "
+                   "the full rank of their ΔW (32), which is exact; a rank of 32 or less fits every layer\n")
+
+
 def test_peft_lora_bundle_converts_exactly(lora_bundle, tiny_pair_folders, tmp_path):
     report = export_lora(lora_bundle, tmp_path / "lora.safetensors", mode="lowrank")
     assert report.rank == 3 and report.max_error == 0.0
@@ -241,6 +267,10 @@ def test_export_checks_a_bundle_against_the_unet_config_it_stored(cd_bundle, tin
     negative = {**stored["student"], "cross_attention_dim": -3}  # a config no UNet can be built from
     with pytest.raises(ExportError, match="the UNet config does not build a diffusers UNet"):
         export_lora(dataclasses.replace(bundle, unet_configs={"student": negative}), tmp_path / "n.safetensors")
+    quoted = {**stored["student"], "in_channels": "4"}  # once an unrelated formatting TypeError inside torch
+    with pytest.raises(ExportError, match=r'^the UNet config does not build a diffusers UNet \(in_channels is "4", '
+                                          r"not a whole number of at least 1\): give the config.json of the UNet"):
+        export_lora(dataclasses.replace(bundle, unet_configs={"student": quoted}), tmp_path / "q.safetensors")
     sdxl_config = {**stored["student"], "addition_embed_type": "text_time"}
     with pytest.raises(ExportError, match="stored student UNet config is not the diffusers config of an SD 1.x / 2.x"):
         export_lora(dataclasses.replace(bundle, unet_configs={"student": sdxl_config}), tmp_path / "x.safetensors")

@@ -83,7 +83,7 @@ def test_manifest_lists_every_problem_at_once(tiny_pair_folders, tmp_path):
     assert "'f': photos folder" in message and "'f': `class_word` is missing" in message and "'f': steps=0" in message
     for expected in ("concept 'a': duplicate output name", "name '../escape' cannot be used",
                      "missing-folder does not exist",
-                     "unknown config key 'lr_studnet' (did you mean 'lr_student'?)",
+                     "unknown config key 'lr_studnet' (did you mean lr_student?)",
                      "resolution=100 must be a multiple of 64", "unknown subject 'no_such_subject'"):
         assert expected in message, message
 
@@ -467,9 +467,10 @@ def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path,
     good = _photos(tmp_path / "good", 40)
     path = _write_manifest(tmp_path / "fleet.toml", tiny_pair_folders,
                            [{"name": "a", "photos": str(good), "class_word": "dog"}])
-    for flag in ("--workers", "--threads", "--max-attempts"):
+    for flag, message in (("--workers", "1 to 1,024 worker slots"), ("--threads", "1 to 1,024 CPU threads per worker"),
+                          ("--max-attempts", "1 to 100 tries per concept")):
         assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check", flag, "0"]) == 2
-        assert capsys.readouterr().err.strip() == f"error: {flag} 0: give 1 or more"
+        assert capsys.readouterr().err == f"error: {flag} 0: give {message}\n"
     assert main(["fleet", "run", str(path), "--out", str(tmp_path / "out"), "--check"]) == 0
     printed = capsys.readouterr().out
     assert "1 concepts" in printed and "the pair loads" in printed and not (tmp_path / "out").exists()
@@ -504,15 +505,23 @@ def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path,
     assert "conv_out.weight" in error and "Traceback" not in error and not (tmp_path / "out").exists()
 
 
+def test_a_manifest_saved_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    """Windows Notepad starts UTF-8 with a BOM, which TOML itself refuses: it is read as the text it marks."""
+    path = _write_manifest(tmp_path / "fleet.toml", MINIWORLD_PAIR, [{"name": "a", "photos": "miniworld/smiley"}])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    (concept,) = load_manifest(path).concepts
+    assert concept.name == "a" and concept.subject == "smiley" and concept.config.steps == STEPS
+
+
 def test_misspelt_manifest_keys_name_the_key_they_may_mean(tmp_path):
     path = _write_manifest(tmp_path / "fleet.toml", MINIWORLD_PAIR,
                            [{"name": "a", "photos": "miniworld/smiley", "captons": ["x"], "config": {"stepz": 3}}],
                            shared={**SHARED, "presett": "paper"}, config={**CONFIG, "lr_studnet": 1e-4})
     message = _refused(path)
-    for expected in ("unknown top-level key 'presett' (did you mean 'preset'?)",
-                     "[config]: unknown config key 'lr_studnet' (did you mean 'lr_student'?)",
-                     "concept 'a': unknown key 'captons' (did you mean 'captions'?)",
-                     "unknown config key 'stepz' (did you mean 'steps'?)"):
+    for expected in ("unknown top-level key 'presett' (did you mean preset?)",
+                     "[config]: unknown config key 'lr_studnet' (did you mean lr_student?)",
+                     "concept 'a': unknown key 'captons' (did you mean captions?)",
+                     "unknown config key 'stepz' (did you mean steps?)"):
         assert expected in message, message
 
 

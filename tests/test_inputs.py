@@ -267,3 +267,18 @@ def test_train_refuses_two_photos_and_warns_once_about_too_many(tmp_path, capsys
                        "uses all 21 (each is drawn less often in the same steps); keep the 20 most varied to stay "
                        "within it"], captured.err
     assert captured.err.splitlines()[-1].startswith("error: model not found")
+
+
+def test_train_warns_once_of_empty_caption_files_naming_them(tmp_path, capsys):
+    photos = _plain_photos(tmp_path / "photos", 3)
+    (photos / "p00.txt").write_text("a photo of {} on a table")
+    (photos / "p01.txt").write_text("")
+    (photos / "p02.png.txt").write_text(" \n\t\n")  # only whitespace: as empty
+    assert main(["train", "--teacher", str(tmp_path / "no-teacher"), "--student", str(tmp_path / "no-student"),
+                 "--images", str(photos), "--class-word", "mug", "--out", str(tmp_path / "c.safetensors")]) == 2
+    captured = capsys.readouterr()
+    assert "3 photo(s) used" in captured.out  # trained on all three, as before: the warning loses nothing
+    warning = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warning == [f"warning: 2 caption file(s) in {str(photos)!r} are empty, so their photos train with the "
+                       "prompt templates instead: p01.txt, p02.png.txt; write a caption in each (e.g. 'a photo of {} "
+                       "on the grass') or delete them"], captured.err

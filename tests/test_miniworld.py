@@ -393,10 +393,17 @@ def test_demo_trains_a_fresh_procedural_subject_by_seed(tmp_path):
     assert (tmp_path / f"{name}_contact_sheet.png").is_file()
 
 
-def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path):
+def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path, capsys):
     from echodistill.cli import main
 
     assert main(["demo", "--steps", "2", "--concept", "window", "--out", str(tmp_path), "--threads", "1"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]  # names every file it wrote
+    for name in ("window_contact_sheet.png", "window.safetensors", "window_metrics.json"):
+        assert f" {tmp_path / name}" in last and (tmp_path / name).is_file(), (name, last)
+    written = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    assert main(["demo", "--steps", "2", "--concept", "window", "--out", str(tmp_path), "--threads", "1"]) == 2
+    assert "pass --overwrite to run the demo anew" in capsys.readouterr().err  # a second run replaces nothing
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == written
     metrics = json.loads((tmp_path / "window_metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["concept"] == "window"
     for key in ("student_subject_fidelity", "teacher_subject_fidelity", "student_prompt_fidelity",

@@ -170,10 +170,35 @@ def test_a_diffusers_folder_whose_config_misfits_its_weights_is_named_as_such(ti
     message = str(info.value)
     assert "in the file but" in message and "unet/config.json does not describe its weights" in message, message
     assert "family" not in message  # a folder's configs are its own: no family would fit it
-    config["block_out_channels"] = "x"  # a value no UNet can be built from: a ModelLoadError, no traceback
+    config["block_out_channels"] = [32]  # whole numbers, but one block for four: no UNet builds, no traceback
     config_path.write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="UNet of teacher: its config cannot build the model"):
         load_unet(ModelSource.open(folder))
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ({"in_channels": "4"}, 'in_channels is "4", not a whole number of at least 1'),
+    ({"layers_per_block": 2.0}, "layers_per_block is 2.0, not a whole number of at least 1"),
+    ({"block_out_channels": ["32", "32", "64", "64"]},
+     'block_out_channels is ["32", "32", "64", "64"], not whole numbers of at least 1'),
+    ({"cross_attention_dim": "32", "sample_size": True},
+     'sample_size is true, not a whole number of at least 1; cross_attention_dim is "32", not a whole number')])
+def test_a_unet_config_with_text_or_fractions_for_sizes_names_the_file_and_the_key(tiny_pair_folders, tmp_path, edit,
+                                                                                  problem, capsys):
+    """diffusers checks no types: "4" failed deep in torch as "not all arguments converted during string formatting"."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_pair_folders[0], teacher)
+    config_path = teacher / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **edit}))
+    with pytest.raises(ModelLoadError) as info:
+        load_model_pair(teacher, tiny_pair_folders[1])
+    message = str(info.value)
+    assert message.startswith(f"{config_path} cannot describe a UNet: {problem}") and message.endswith(
+        ". Write whole numbers there (without quotes), or restore the file from the model's release."), message
+    from echodistill.cli import main
+
+    assert main(["inspect", str(teacher)]) == 2  # the config is checked where it is parsed: no --load needed
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_a_folder_read_with_a_named_family_is_advised_to_use_its_own_configs(tiny_pair_folders, tiny_world,

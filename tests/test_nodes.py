@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 import shutil
 import sys
 
@@ -260,6 +261,43 @@ def test_a_fresh_procedural_subject_loads_by_name_listed_or_not(comfy):
     images, count, _, _ = loader.execute(f"miniworld/procedural_{seed}", 64).result
     torch.testing.assert_close(images, torch.from_numpy(reference_images(procedural_subject(seed))).float() / 255,
                                atol=1 / 255, rtol=0)
+
+
+@torch.inference_mode()
+def test_load_concept_refuses_a_misshapen_bundle_naming_the_file_and_the_misfit(comfy):
+    """Checked as `inspect` / `sample` check it, so the error is not a bare shape error in a sampler later on."""
+    import dataclasses
+    from pathlib import Path
+
+    from echodistill.concepts.bundle import ConceptBundle
+    from echodistill.concepts.export import ExportError
+    from echodistill.miniworld import SHIPPED_CONCEPT_DIR, STUDENT_DIR, TEACHER_DIR
+
+    shipped = ConceptBundle.load(next(SHIPPED_CONCEPT_DIR.glob("*.safetensors")))
+    configs = {part: json.loads((Path(folder) / "unet" / "config.json").read_text())
+               for part, folder in (("student", STUDENT_DIR), ("teacher", TEACHER_DIR))}
+    intact = dataclasses.replace(shipped, unet_configs=configs)  # as training stores them now
+    key = sorted(intact.student_adapter)[0]
+    narrow = dataclasses.replace(intact, student_adapter={**intact.student_adapter,
+                                                          key: intact.student_adapter[key][..., :-8]})
+    folder = comfy["base"] / "echodistill" / "concepts"
+    folder.mkdir(parents=True, exist_ok=True)
+    intact.save(folder / "intact.safetensors")
+    narrow.save(folder / "narrow.safetensors")
+    dataclasses.replace(intact, embedding=torch.randn(40)).save(folder / "wide_row.safetensors")
+    ConceptBundle.load(folder / "narrow.safetensors")  # the unchecked load takes it: the check is what refuses it
+
+    load = comfy["nodes"]["EchoDistillLoadConcept"]
+    assert torch.equal(load.execute("intact.safetensors").result[0].embedding, intact.embedding)
+    out, width = intact.student_adapter[key].shape  # a K/V ΔW reads the text states: width = the token row's
+    with pytest.raises(ExportError, match=re.escape(
+            f"narrow.safetensors: {key.removesuffix('.delta')}: ΔW has shape ({out}, {width - 8}) but the student "
+            f"UNet it was trained on's weight is ({out}, {width}) (its config, stored in the bundle): the bundle was "
+            "edited or damaged; use the bundle as training saved it")):
+        load.execute("narrow.safetensors")
+    with pytest.raises(ExportError, match=r"^wide_row.safetensors: the bundle's embedding row is 40 wide but the "
+                                          rf"student it was trained on reads {width}-wide text states"):
+        load.execute("wide_row.safetensors")
 
 
 # --- SDXL: two shared text encoders through the same nodes ----------------------------------------

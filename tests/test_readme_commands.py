@@ -222,6 +222,11 @@ def test_the_options_table_is_the_one_train_config_writes():
     assert options_table() in readme, (
         "the README's options table is out of date: .venv/bin/python -m echodistill.training.options_doc --write README.md")
     assert "| `offload` | `False` |" in options_table() and "| `augment_min_scale` | `0.333` |" in options_table()
+    from echodistill.training.config import FIELDS_LISTED_IN
+
+    # where an unknown-field message sends the user for every field: that section holds the table
+    assert FIELDS_LISTED_IN == 'the options table in README.md ("Training a concept")'
+    assert options_table() in readme.split("\n## Training a concept\n", 1)[1].split("\n## ", 1)[0]
     stale = readme.replace("| `offload` |", "| `offloaded` |")
     assert replace_table(stale) == readme  # the rewrite restores it in place, nothing else moves
     with pytest.raises(ValueError, match="no options table"):

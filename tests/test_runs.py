@@ -4,6 +4,7 @@ failing without losing the run, any grad mode."""
 from __future__ import annotations
 
 import errno
+import re
 import subprocess
 import sys
 import textwrap
@@ -59,6 +60,30 @@ def test_every_run_ends_with_a_checkpoint_that_more_steps_resume(tiny_pair_folde
     assert (first.bundle.step, more.resumed_from, more.bundle.step) == (2, 2, 3)
     with pytest.raises(EchoDistillError, match="holds this run at step 3, beyond steps=2: ask for 3 steps or more"):
         train_concept(pair, images, _config(steps=2), run_dir=tmp_path / "job", reuse_finished=False)
+
+
+def test_a_finished_bundle_edited_since_is_refused_naming_it_not_reused(tiny_pair_folders, tmp_path):
+    import dataclasses
+
+    from echodistill.concepts.bundle import ConceptBundle
+    from echodistill.concepts.export import ExportError
+
+    pair, images, run = load_model_pair(*tiny_pair_folders), _pictures(), tmp_path / "job"
+    train_concept(pair, images, _config(), run_dir=run)
+    finished = run / "concept.safetensors"
+    bundle = ConceptBundle.load(finished)
+    key = sorted(bundle.student_adapter)[0]
+    dataclasses.replace(bundle, student_adapter={**bundle.student_adapter, key: bundle.student_adapter[key][..., :-8]}
+                        ).save(finished)
+    with pytest.raises(ExportError, match=rf"^concept\.safetensors: {re.escape(key.removesuffix('.delta'))}: ΔW has "
+                                          r"shape .* the bundle was edited or damaged; use the bundle as training saved "
+                                          rf"it \(the finished run in {re.escape(str(run))}: delete concept\.safetensors "
+                                          r"there to train it again\)$"):
+        train_concept(pair, images, _config(), run_dir=run)
+    finished.unlink()  # as the message says: the run's checkpoint then writes the bundle again, nothing retrained
+    again = train_concept(pair, images, _config(), run_dir=run)
+    assert (again.resumed_from, again.history, again.bundle.step) == (2, [], 2)
+    assert torch.equal(ConceptBundle.load(finished).student_adapter[key], bundle.student_adapter[key])
 
 
 def test_a_failed_bundle_write_keeps_the_run_and_says_where(tiny_pair_folders, tmp_path, monkeypatch):

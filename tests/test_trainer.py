@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -88,12 +89,13 @@ def test_paper_preset_holds_every_default_of_the_paper():
 def test_config_json_round_trip_and_errors_name_the_key():
     config = _config(discriminators=("teacher_features", "clip_vit_h14"), adapter="lora")
     assert TrainConfig.from_json(config.to_json()) == config
-    with pytest.raises(ConfigError, match="unknown config key\\(s\\) learning_rate"):
-        TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ConfigError, match=r"^unknown config key\(s\) learning_rate; valid keys: steps, batch_size, "):
+        TrainConfig.from_dict({"learning_rate": 1.0})  # no field is close: all of them, to choose from
     with pytest.raises(ConfigError) as info:  # unknown keys and the known fields' problems, all at once
         TrainConfig.from_dict({"stepz": 3, "steps": 0, "lr_studnet": 1.0})
     assert str(info.value).startswith("2 config problems:\n  - unknown config key(s) lr_studnet (did you mean "
-                                      "lr_student?), stepz (did you mean steps?); valid keys: steps, ")
+                                      "lr_student?), stepz (did you mean steps?); valid keys: see the options table "
+                                      'in README.md ("Training a concept")\n')
     assert str(info.value).endswith("\n  - steps=0 must be at least 1")
     assert set(info.value.parameters) == {"lr_studnet", "stepz", "steps"}
     with pytest.raises(ConfigError, match=r"^2 config problems:\n  - unknown config key\(s\) batchsize \(did you "
@@ -125,6 +127,25 @@ def test_config_json_round_trip_and_errors_name_the_key():
     with pytest.raises(ConfigError, match="unknown preset 'fast'; valid presets: paper, balanced, lite"):
         preset("fast")
     assert set(TrainConfig.help()) == set(config.to_dict())
+
+
+def test_lora_targets_with_the_custom_diffusion_adapter_is_refused_not_ignored(tmp_path, capsys):
+    told = ("lora_targets=['to_q', 'to_v'] is read by the LoRA adapter only: custom_diffusion always trains every "
+            "cross-attention K/V (attn2.to_k, attn2.to_v); use adapter='lora' with it, or leave lora_targets out")
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(lora_targets=("to_q", "to_v"))  # the default adapter is custom_diffusion
+    assert str(info.value) == told and info.value.parameters == ("lora_targets", "adapter")
+    with pytest.raises(ConfigError, match=re.escape(told)):  # switching a LoRA config over keeps no stale targets
+        TrainConfig(adapter="lora", lora_targets=("to_q", "to_v")).with_changes(adapter="custom_diffusion")
+    assert TrainConfig(adapter="lora", lora_targets=("to_q", "to_v")).lora_targets == ("to_q", "to_v")
+    assert TrainConfig().with_changes(adapter="lora").adapter == "lora"  # the default targets go with either
+    from echodistill.cli import main
+
+    assert main(["train", "--teacher", "miniworld/teacher", "--student", "miniworld/student", "--images",
+                 "miniworld/window", "--class-word", "square", "--steps", "2", "--set", 'lora_targets=["to_q", "to_v"]',
+                 "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert capsys.readouterr().err == f"error: --set {told}\n"  # in flag terms, before anything loads
+    assert not list(tmp_path.iterdir())
 
 
 def test_every_config_problem_is_reported_at_once_with_its_parameters():

@@ -25,7 +25,7 @@ from .terminal import SIGNALLED, Parser, exit_on_stop_signals
 DESCRIPTION = "The `echodistill` command line: the library's jobs without ComfyUI."
 
 # A library argument whose flag is not its name with dashes.
-FLAG_NAMES = {"clip_path": "--clip", "dino_path": "--dino", "prompts": "--prompt"}
+FLAG_NAMES = {"clip_path": "--clip", "dino_path": "--dino", "prompts": "--prompt", "out_dir": "--out"}
 
 
 def flag_names(parser: argparse.ArgumentParser, parameters: tuple[str, ...]) -> dict[str, str]:

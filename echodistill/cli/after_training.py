@@ -45,7 +45,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
-            text = Path(args.prompts_file).read_text(encoding="utf-8")
+            text = Path(args.prompts_file).read_text(encoding="utf-8-sig")  # -sig: a BOM is no prompt text
         except UnicodeDecodeError:
             raise EchoDistillError(f"--prompts-file {args.prompts_file}: not a UTF-8 text file; give one prompt "
                                    "per line") from None

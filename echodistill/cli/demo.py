@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=whole_number("--seed", "a whole number from 0", DEMO_SEED),
                         help=f"seed of training and of the sampling noise (default: {DEMO_SEED})")
     parser.add_argument("--out", default="demo-output", help="folder for the bundle, contact sheet and metrics")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="run anew over an earlier demo's results in --out (without it, they are refused, so "
+                             "that no finished run is lost)")
     parser.add_argument("--threads", type=whole_number("--threads", "a whole number of CPU threads", 1), default=None,
                         help="torch CPU threads (default: chosen per model size: 1 for the mini world)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -55,12 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from ..files import check_writable
-    from ..jobs.demo import demo_config, run_demo
+    from ..jobs.demo import demo_config, demo_outputs, refuse_to_replace, run_demo
     from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS
     from ..training.config import TrainConfig
 
-    if args.threads is not None and args.threads < 1:
-        raise EchoDistillError(f"--threads {args.threads}: give 1 or more (or leave it out)")
     check_count("--threads", args.threads, 1, MAX_THREADS, "CPU threads")
     if args.threads:
         from ..training.threads import set_cpu_threads
@@ -73,13 +74,15 @@ def run(args: argparse.Namespace) -> int:
                           lambda: demo_config(args.concept, steps, seed, overrides))
     if not args.out.strip():
         raise EchoDistillError("--out '': name the folder for the bundle, contact sheet and metrics")
+    refuse_to_replace(args.out, args.concept, args.overwrite)  # as train refuses: before anything is printed
     check_writable(args.out, "--out")  # an unusable folder too (removed again if the run fails)
     print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {config.steps} steps, seed {config.seed}")
     callbacks = TerminalCallbacks(config.steps, preview_dir=Path(args.out) / "run")
     with stop_on_ctrl_c(callbacks, resumable=False):  # the demo takes no --resume
         report = run_demo(args.out, concept_name=args.concept, steps=steps, seed=seed, overrides=overrides,
-                          callbacks=callbacks)
+                          callbacks=callbacks, overwrite=args.overwrite)
     callbacks.bar.close()
     print(report.table())
-    print(f"trained in {report.train_seconds:.0f} s; contact sheet {report.contact_sheet}; bundle {report.bundle}")
+    print(f"trained in {report.train_seconds:.0f} s; contact sheet {report.contact_sheet}; bundle {report.bundle}; "
+          f"metrics {demo_outputs(args.out, report.concept).metrics}")
     return 0

@@ -59,9 +59,6 @@ def add_fleet_command(commands) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..fleet.manifest import load_manifest
 
-    for flag, value in (("--workers", args.workers), ("--threads", args.threads), ("--max-attempts", args.max_attempts)):
-        if value is not None and value < 1:
-            raise EchoDistillError(f"{flag} {value}: give 1 or more")
     check_count("--workers", args.workers, 1, MAX_WORKERS, "worker slots")
     check_count("--threads", args.threads, 1, MAX_THREADS, "CPU threads per worker")
     check_count("--max-attempts", args.max_attempts, 1, MAX_ATTEMPTS, "tries per concept")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import ConfigError, EchoDistillError, close_name
+from ..errors import ConfigError, EchoDistillError, unknown_name, valid_names
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -292,18 +292,16 @@ def given_config_values(args: argparse.Namespace, fields: tuple[str, ...]) -> tu
 def unknown_fields(values: dict, fields: tuple[str, ...], where: dict[str, str]) -> ConfigError | None:
     """The keys of `values` that are no config field, each named with `where` it was given and the field it may
     mean, as one ConfigError (None when every key is a field): "unknown config field(s): stepz (--set stepz=3;
-    did you mean steps?); valid fields: ...". Callers list it with the other values' problems
-    (`built_config`)."""
+    did you mean steps?); valid fields: see the options table in README.md (...)", or every field where a key
+    resembles none (errors.valid_names). Callers list it with the other values' problems (`built_config`)."""
+    from ..training.config import FIELDS_LISTED_IN
+
     unknown = [key for key in values if key not in fields]
     if not unknown:
         return None
-
-    def told(key: str) -> str:
-        close = close_name(key, fields)
-        return f"{key} ({where[key]}{f'; did you mean {close}?' if close else ''})"
-
-    return ConfigError(f"unknown config field(s): {', '.join(map(told, unknown))}; valid fields: {', '.join(fields)}",
-                       parameters=tuple(unknown))
+    told = ", ".join(unknown_name(key, fields, where=where[key]) for key in unknown)
+    listed = valid_names(unknown, fields, label="valid fields", listed_in=FIELDS_LISTED_IN)
+    return ConfigError(f"unknown config field(s): {told}; {listed}", parameters=tuple(unknown))
 
 
 def built_config(sources: "ValueSources", build: Callable):

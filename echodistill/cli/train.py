@@ -140,12 +140,15 @@ def run_training(
     resume: str | None = None,
     backbone_paths: dict | None = None,
     ip_adapter: str | None = None,
+    announce: bool = True,
+    resumable: bool = True,
 ) -> Path:
     """Train with terminal progress, save the bundle atomically; Ctrl-C saves a resumable checkpoint.
 
     Both outputs are held for this process (a second training into them is refused, naming this one) and
     probed for writing before the first step; the run ends with a checkpoint, so a bundle that cannot be
-    written loses nothing.
+    written loses nothing. `announce`: print where the bundle was written (not for a folder about to be
+    removed); `resumable`: whether the command takes --resume (what a stopped run's line tells).
     """
     from ..errors import OutputWriteError
     from ..files import check_writable, exclusive_output
@@ -170,7 +173,7 @@ def run_training(
             # counted as the bar's start, so that its rate and time left cover this run's steps only
             callbacks.bar.initial = callbacks.bar.n = callbacks.bar.last_print_n = trainer.step
             callbacks.bar.refresh()
-        with stop_on_ctrl_c(callbacks):
+        with stop_on_ctrl_c(callbacks, resumable=resumable):
             bundle = trainer.train()
         callbacks.bar.close()
         try:
@@ -181,7 +184,8 @@ def run_training(
                 f"fix the folder, then run the same command with --resume {trainer.last_checkpoint} to write the "
                 "bundle without training again"
             ) from exc
-    print(f"concept bundle written: {path} (token {bundle.token!r}, {bundle.step} steps)")
+    if announce:
+        print(f"concept bundle written: {path} (token {bundle.token!r}, {bundle.step} steps)")
     return path
 
 
@@ -365,17 +369,17 @@ def _smoke(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     if args.out:
-        _smoke_in(Path(args.out), args)
+        _smoke_in(Path(args.out), args, kept=True)
         print(f"tiny models, concept and previews kept in {args.out}")
-    else:
+    else:  # no path is printed: it would name a folder that is gone by the time it is read
         with tempfile.TemporaryDirectory(prefix="echodistill-smoke-") as folder:
-            _smoke_in(Path(folder), args)
+            _smoke_in(Path(folder), args, kept=False)
         print("tiny models, concept and previews were written to a temporary folder, now removed (--out DIR keeps them)")
     print(f"smoke check passed in {time.perf_counter() - started:.1f} s")
     return 0
 
 
-def _smoke_in(root: Path, args: argparse.Namespace) -> None:
+def _smoke_in(root: Path, args: argparse.Namespace, kept: bool) -> None:
     import torch
 
     from ..models import tiny
@@ -419,13 +423,14 @@ def _smoke_in(root: Path, args: argparse.Namespace) -> None:
         sample_every=steps,
         save_every=0,
     )
-    run_training(pair, images, config, out=root / "concept.safetensors", run_dir=root / "run")
+    run_training(pair, images, config, out=root / "concept.safetensors", run_dir=root / "run", announce=kept,
+                 resumable=False)  # smoke takes no --resume
 
 
 def _config_text(path: str) -> str:
     """The --config file's text; ConfigError naming the flag for a file that is missing or not UTF-8 text."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")  # -sig: Windows Notepad starts UTF-8 with a BOM
     except UnicodeDecodeError:
         raise ConfigError(f"--config {path} is not UTF-8 text: give a JSON file as TrainConfig.to_json writes") from None
     except OSError as exc:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping, get_args
@@ -81,6 +82,10 @@ MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 class OutputExistsError(ExportError, FileExistsError):
     """The export target exists and overwrite=False."""
+
+
+class RankWarning(UserWarning):
+    """A lowrank export asked for a rank above what some layers' ΔW holds: those are written at their full rank."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,9 @@ def export_lora(
     own factors (down = lora_A, up = lora_B: exact) unless `rank` is below its rank; custom-diffusion
     ΔW (and a LoRA asked for a lower rank) is fitted by truncated SVD at `rank` (None: full rank,
     exact). One alpha is written for every layer and each layer's own scale is folded into its
-    factors, so alpha / r · up @ down is that layer's ΔW at strength 1 in every client.
+    factors, so alpha / r · up @ down is that layer's ΔW at strength 1 in every client. A `rank` above what a
+    layer's ΔW holds (min(out, in), or a LoRA bundle's own rank) writes that layer at its full rank, exact, and
+    warns once (RankWarning) naming the rank asked for and the ranks used.
     mode="diff": one exact ``.diff`` (ΔW) per layer; the patched weight is W + strength·ΔW. ComfyUI,
     A1111/Forge and InvokeAI read it; diffusers does not. The report gives each layer's relative
     Frobenius error and their max and mean.
@@ -246,6 +253,7 @@ def export_lora(
     alphas: set[float] = set()
     peft = lora_factors(bundle, part) if bundle.adapter == "lora" else {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    capped: dict[str, int] = {}  # module -> the rank written, where it is below the rank asked for
     for module, delta in sorted(deltas.items()):
         key = keys[module]
         if mode == "diff":
@@ -258,7 +266,14 @@ def export_lora(
         else:
             down, up, errors[module] = low_rank_factors(delta, rank or min(delta.flatten(1).shape))
             alpha = float(down.shape[0])
+        if rank is not None and down.shape[0] < rank:
+            capped[module] = int(down.shape[0])
         factors[module] = (down, up, alpha)
+    if capped:  # one warning per export, not one per layer
+        used = sorted(set(capped.values()))
+        warnings.warn(f"rank {rank} was asked for, but {len(capped)} of {len(deltas)} layers hold less: they are "
+                      f"written at the full rank of their ΔW ({', '.join(map(str, used))}), which is exact; a rank "
+                      f"of {min(used)} or less fits every layer", RankWarning, stacklevel=2)
     # One alpha for all layers (diffusers keeps only one, see the module docstring): each layer's
     # alpha_l / r becomes alpha / r by scaling both factors by sqrt(alpha_l / alpha) (<= 1).
     common = max((alpha for _, _, alpha in factors.values()), default=0.0)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import EchoDistillError, ModelLoadError
 from ..models.checkpoint_layout import UNET_PREFIX, unet_sources
-from ..models.families import SDXL_FAMILIES, family_config
+from ..models.families import SDXL_FAMILIES, family_config, unet_config_problems
 
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "diff", "diff_b")
@@ -130,6 +130,10 @@ def check_against_unet(shapes: Mapping[str, tuple[int, ...]], unet_config: Mappi
     else:
         from diffusers import UNet2DConditionModel
 
+        problems = unet_config_problems(unet_config)  # a "4" would fail in torch as an unrelated formatting error
+        if problems:
+            raise ExportError(f"the UNet config does not build a diffusers UNet ({'; '.join(problems)}): give the "
+                              "config.json of the UNet the concept was trained on")
         try:
             with torch.device("meta"):
                 unet = UNet2DConditionModel.from_config(dict(unet_config))

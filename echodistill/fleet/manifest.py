@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError, EchoDistillError, close_name
+from ..errors import ConfigError, DataError, EchoDistillError, unknown_name
 from ..files import check_name as check_output_name
 from ..models.loading import ModelSource, resolve_dtype
 from ..models.pair import check_shareable
@@ -134,7 +134,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 
         raise ConfigError(f"reading a manifest on Python 3.10 needs tomli: {sys.executable} -m pip install 'tomli>=1.1'")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Windows Notepad starts UTF-8 with a BOM
     except FileNotFoundError:
         raise ConfigError(f"manifest not found: {path}") from None
     except UnicodeDecodeError:
@@ -317,9 +317,8 @@ def checked_config(preset_name: str, changes: dict, line: str = "sd") -> tuple[T
 
 
 def _told(key: str, valid) -> str:
-    """'stepz' (did you mean 'steps'?): an unknown key with the valid one it may misspell."""
-    close = close_name(key, sorted(valid))
-    return f"{key!r} (did you mean {close!r}?)" if close else repr(key)
+    """'stepz' (did you mean steps?): an unknown key with the valid one it may misspell."""
+    return unknown_name(key, sorted(valid), shown=repr(key))
 
 
 def _table(value, where: str, problems: list[str]) -> dict:

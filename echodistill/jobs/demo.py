@@ -9,9 +9,11 @@ with the student in one step and with the teacher in 25, write a contact sheet
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -24,8 +26,10 @@ from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS, preset_config
 from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_STEPS, UnitInputs, score_prior
 from ..models.pair import load_model_pair
 from ..models.pristine import pristine
+from ..errors import ConfigError
 from ..files import atomic_write_text, check_writable
 from ..training.callbacks import Callbacks
+from ..training.checkpointing import CHECKPOINT_NAME
 from ..training.trainer import Trainer
 
 DEFAULT_STEPS = DEMO_STEPS
@@ -54,6 +58,35 @@ class DemoReport:
         return "\n".join(f"{a:<26}{b:>18}{c:>18}" for a, b, c in rows)
 
 
+class DemoOutputs(NamedTuple):
+    """Where a demo of one subject writes into its output folder."""
+
+    bundle: Path
+    contact_sheet: Path
+    metrics: Path
+    checkpoint: Path  # in run/, which every subject's demo in this folder shares
+
+
+def demo_outputs(out_dir: str | os.PathLike, concept_name: str) -> DemoOutputs:
+    out_dir = Path(out_dir)
+    return DemoOutputs(out_dir / f"{concept_name}.safetensors", out_dir / f"{concept_name}_contact_sheet.png",
+                       out_dir / f"{concept_name}_metrics.json", out_dir / "run" / CHECKPOINT_NAME)
+
+
+def refuse_to_replace(out_dir: str | os.PathLike, concept_name: str, overwrite: bool = False) -> None:
+    """Unless `overwrite`, refuse a demo whose files `out_dir` already holds from an earlier one (its subject's
+    bundle, sheet or metrics, or any subject's checkpoint in run/): ConfigError naming the folder, the files and
+    the two ways on, as `echodistill train` refuses to replace a bundle. Cheap: before anything loads."""
+    if overwrite:
+        return
+    found = [path for path in demo_outputs(out_dir, concept_name) if path.exists()]
+    if found:
+        names = ", ".join(path.relative_to(out_dir).as_posix() for path in found)
+        raise ConfigError(f"out_dir={out_dir} holds an earlier demo's results ({names}): pick another out_dir=..., "
+                          "or pass overwrite=True to run the demo anew and replace them",
+                          parameters=("out_dir", "overwrite"))
+
+
 def demo_config(concept_name: str, steps: int, seed: int, overrides: dict | None = None):
     """The demo's TrainConfig for `concept_name` (recipe.tuned_config with `overrides`).
 
@@ -65,11 +98,14 @@ def demo_config(concept_name: str, steps: int, seed: int, overrides: dict | None
 
 
 def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int = DEFAULT_STEPS, seed: int = DEMO_SEED,
-             overrides: dict | None = None, callbacks: Callbacks | None = None) -> DemoReport:
-    """Train, sample, measure; `callbacks` observe and steer the training (the command line's show a bar)."""
+             overrides: dict | None = None, callbacks: Callbacks | None = None, overwrite: bool = False) -> DemoReport:
+    """Train, sample, measure; `callbacks` observe and steer the training (the command line's show a bar).
+    An earlier demo's results in `out_dir` are refused unless `overwrite` (refuse_to_replace)."""
     name = concept_name or sorted(CONCEPTS)[0]
     concept = lookup_subject(name)  # a shipped subject or a fresh procedural one ("procedural_<seed>")
     config = demo_config(name, steps, seed, overrides)  # bad values fail before a file is touched
+    refuse_to_replace(out_dir, name, overwrite)
+    outputs = demo_outputs(out_dir, name)
     out_dir = check_writable(out_dir, "output folder")  # before a model is loaded or a step taken
     oracle = Oracle.load()  # before training: a missing file should cost seconds, not a run
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR)
@@ -78,10 +114,10 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
 
     started = time.perf_counter()
     with pristine(pair):  # training adds the token and adapters; the samplers below apply the bundle themselves
-        trainer = Trainer(pair, unit.images, config, run_dir=out_dir / "run", callbacks=callbacks)
-        bundle_path = trainer.train().save(out_dir / f"{name}.safetensors")
+        trainer = Trainer(pair, unit.images, config, run_dir=outputs.checkpoint.parent, callbacks=callbacks)
+        bundle_path = trainer.train().save(outputs.bundle)
     train_seconds = time.perf_counter() - started
-    bundle = ConceptBundle.load(bundle_path)
+    bundle = ConceptBundle.load(bundle_path)  # written just above by our trainer: no shape check needed
 
     student = unit.sample(pair, concept=bundle, part="student")
     teacher = unit.sample(pair, concept=bundle, part="teacher", steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE)
@@ -89,7 +125,7 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     student_scores, teacher_scores = unit.score(oracle, student), unit.score(oracle, teacher)
 
     sheet = _contact_sheet(unit.reference_pixels, student, teacher, unit.texts)
-    sheet_path = save_png(sheet, out_dir / f"{name}_contact_sheet.png", {"echodistill": json.dumps(
+    sheet_path = save_png(sheet, outputs.contact_sheet, {"echodistill": json.dumps(
         {"concept": name, "prompts": unit.texts, "seeds": unit.noise_seeds})})
     report = DemoReport(
         concept=name, steps=config.steps, train_seconds=train_seconds,  # overrides' steps win, as in training
@@ -100,7 +136,7 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
         base_student_subject_fidelity=base["subject_fidelity"],
         contact_sheet=str(sheet_path), bundle=str(bundle_path),
     )
-    atomic_write_text(out_dir / f"{name}_metrics.json", json.dumps(report.__dict__, indent=2) + "\n")
+    atomic_write_text(outputs.metrics, json.dumps(report.__dict__, indent=2) + "\n")
     return report
 
 

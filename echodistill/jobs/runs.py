@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..concepts.bundle import ConceptBundle
+from ..concepts.export import load_checked_bundle
 from ..errors import EchoDistillError, OutputWriteError
 from ..files import check_writable, exclusive_output
 from ..models.pair import ModelPair
@@ -98,7 +99,8 @@ def train_concept(
 
     `run_dir` names one run (see `run_key`): when it holds the finished bundle, that is reused
     (`reuse_finished`); when it holds a checkpoint of a stopped run, training resumes from it
-    (`resume`). Cancellation raises TrainingCancelled after the checkpoint is written.
+    (`resume`). Cancellation raises TrainingCancelled after the checkpoint is written. A finished bundle that is
+    damaged, or does not fit the UNet configs it stores, is refused (EchoDistillError naming it and the run folder).
     """
     run_dir = Path(run_dir)
     check_writable(run_dir, "run folder")  # before any photo is read or step is taken
@@ -112,7 +114,11 @@ def _train_in(run_dir: Path, pair: ModelPair, images, config: TrainConfig, *, ca
               backbone_paths, ip_adapter_path, captions) -> TrainingResult:
     finished = run_dir / BUNDLE_NAME
     if reuse_finished and finished.is_file():
-        bundle = ConceptBundle.load(finished)
+        try:  # a file from an earlier process, maybe edited since: checked before a sampler reads it
+            bundle = load_checked_bundle(finished)
+        except EchoDistillError as exc:
+            raise type(exc)(f"{exc} (the finished run in {run_dir}: delete {finished.name} there to train it "
+                            "again)") from None
         base = pair.fingerprints()
         if bundle.step == config.steps and {k: bundle.fingerprints.get(k) for k in base} == base:
             prompt = f"a photo of a {bundle.token} {bundle.class_word}"

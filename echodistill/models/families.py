@@ -27,6 +27,12 @@ from .tensor_files import TensorFile
 
 CONFIG_ROOT = Path(__file__).parent.parent / "configs"
 UNET_REQUIRED = ("block_out_channels", "cross_attention_dim")  # what the loaders read from every UNet config
+# UNet sizes that must be whole numbers of at least 1 where given (a list of them per block for some; null: unset).
+# diffusers checks none of their types: "4" fails deep in torch with an unrelated formatting TypeError.
+UNET_SIZES = ("in_channels", "out_channels", "sample_size", "layers_per_block", "block_out_channels",
+              "cross_attention_dim", "attention_head_dim", "num_attention_heads", "transformer_layers_per_block",
+              "norm_num_groups", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+              "addition_embed_type_num_heads", "conv_in_kernel", "conv_out_kernel")
 
 # name -> (text tower kind, tokenizer style per text encoder, what it is)
 FAMILIES: dict[str, tuple[str, str, str]] = {
@@ -41,6 +47,25 @@ SDXL_FAMILIES = ("sdxl-base", "sdxl-turbo")
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")  # diffusers' names, in prompt-embedding order
 
 Role = Literal["teacher", "student"]
+
+
+def unet_config_problems(settings) -> list[str]:
+    """Each size in a diffusers UNet config (`UNET_SIZES`) that is not a whole number of at least 1, nor a list of
+    them, nor null, one phrase each naming the key and its value as written, e.g. 'in_channels is "4", not a whole
+    number of at least 1'. Absent keys take diffusers' defaults and are not problems."""
+
+    def whole(value) -> bool:
+        if isinstance(value, list):
+            return all(whole(item) for item in value)  # per block (nested for SDXL's transformer layers)
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    problems = []
+    for key in (k for k in UNET_SIZES if k in settings and settings[k] is not None):
+        value = settings[key]
+        if not whole(value):
+            what = "whole numbers" if isinstance(value, list) else "a whole number"
+            problems.append(f"{key} is {json.dumps(value)}, not {what} of at least 1")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -65,10 +90,15 @@ class FamilyConfig:
     @cached_property
     def unet(self) -> dict:
         config = self._read("unet")
+        path = self.folder / "unet" / "config.json"
         missing = [key for key in UNET_REQUIRED if key not in config]
         if missing:
-            raise ModelLoadError(f"{self.folder / 'unet' / 'config.json'} lacks {', '.join(missing)}: not a UNet "
-                                 "config; restore the file from the model's release")
+            raise ModelLoadError(f"{path} lacks {', '.join(missing)}: not a UNet config; restore the file from the "
+                                 "model's release")
+        problems = unet_config_problems(config)
+        if problems:
+            raise ModelLoadError(f"{path} cannot describe a UNet: {'; '.join(problems)}. Write whole numbers there "
+                                 "(without quotes), or restore the file from the model's release.")
         return config
 
     @cached_property

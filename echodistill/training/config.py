@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Literal, get_args, get_origin, get_type_hints
 
-from ..errors import ConfigError, close_name
+from ..errors import ConfigError, unknown_name, valid_names
 
 AdapterKind = Literal["custom_diffusion", "lora"]
 Precision = Literal["no", "bf16", "fp16"]
@@ -279,6 +279,14 @@ class TrainConfig:
                 )
             if self.steps == 1:  # 0 is reported above
                 yield ConfigError(f"schedule='sequential' needs steps >= 2 (one per phase), got steps={self.steps}")
+        # custom_diffusion always adapts every attn2.to_k / to_v: targets given for it would be dropped silently.
+        default_targets = next(f.default for f in fields(self) if f.name == "lora_targets")
+        if (checked("adapter", "lora_targets") and self.adapter == "custom_diffusion"
+                and self.lora_targets != default_targets):
+            yield ConfigError(
+                f"lora_targets={list(self.lora_targets)!r} is read by the LoRA adapter only: custom_diffusion always "
+                "trains every cross-attention K/V (attn2.to_k, attn2.to_v); use adapter='lora' with it, or leave "
+                "lora_targets out", parameters=("lora_targets", "adapter"))
 
     # --- derived ------------------------------------------------------------------------------
     @property
@@ -338,6 +346,10 @@ class TrainConfig:
         return {f.name: f.metadata["help"] for f in fields(TrainConfig)}
 
 
+# Where every config field is listed, for a message whose unknown names each come with their likely fix.
+FIELDS_LISTED_IN = "the options table in README.md (\"Training a concept\")"
+
+
 def _built_with_unknown_keys(values: dict[str, Any], build) -> "TrainConfig":
     """build(the known fields of `values`), or ConfigError listing the unknown keys (each with the field it may
     mean) together with the problems of the known ones."""
@@ -345,12 +357,9 @@ def _built_with_unknown_keys(values: dict[str, Any], build) -> "TrainConfig":
     unknown = sorted(set(values) - set(names))
     if not unknown:
         return build(values)
-    def told(key: str) -> str:
-        close = close_name(key, names)
-        return f"{key} (did you mean {close}?)" if close else key
-
-    problems = [ConfigError(f"unknown config key(s) {', '.join(map(told, unknown))}; valid keys: {', '.join(names)}",
-                            parameters=tuple(unknown))]
+    told = ", ".join(unknown_name(key, names) for key in unknown)
+    listed = valid_names(unknown, names, label="valid keys", listed_in=FIELDS_LISTED_IN)
+    problems = [ConfigError(f"unknown config key(s) {told}; {listed}", parameters=tuple(unknown))]
     try:
         with draft_configs():  # refused anyway: no caveat about it
             build({k: v for k, v in values.items() if k in names})

@@ -107,9 +107,16 @@ def load_concept_images(
         )
     entries, skipped = _list_entries(source)
     names = [name for name, _, _ in entries]
-    sidecars = [_read_sidecar(item) if not isinstance(item, Image.Image) else None
-                for _, _, item in entries]
-    merged = _merge_captions(names, sidecars, captions)
+    read = [_read_sidecar(item) if not isinstance(item, Image.Image) else (None, None) for _, _, item in entries]
+    merged = _merge_captions(names, [caption for caption, _ in read], captions)
+    in_folder = isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir()
+    # an empty caption file was surely meant to hold one: say so, rather than train on the templates in silence
+    empty = [file.name if in_folder else str(file)
+             for (caption, file), final in zip(read, merged) if file is not None and caption is None and final is None]
+    if empty:
+        warnings.warn(f"{len(empty)} caption file(s){_where(source)} are empty, so their photos train with the "
+                      f"prompt templates instead: {', '.join(empty)}; write a caption in each (e.g. 'a photo of {{}} "
+                      "on the grass') or delete them", EmptyCaptionWarning, stacklevel=2)
 
     min_side = math.ceil(min_size_fraction * resolution)
     images: list[ConceptImage] = []
@@ -125,9 +132,7 @@ def load_concept_images(
             too_small.append(f"{label} ({image.width}x{image.height})")
         images.append(ConceptImage(image=image, caption=caption, name=name, text=_text_chunks(item)))
 
-    where = ""
-    if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
-        where = f" in {str(Path(source).expanduser())!r}"
+    where = _where(source)
     problems = []
     if unreadable:
         problems.append(
@@ -144,6 +149,17 @@ def load_concept_images(
     if problems:
         raise DataError("\n".join(problems))
     return ConceptPhotos(images, skipped)
+
+
+def _where(source) -> str:
+    """" in '<folder>'" for a folder source (how messages say where their files are), else ""."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
+        return f" in {str(Path(source).expanduser())!r}"
+    return ""
+
+
+class EmptyCaptionWarning(UserWarning):
+    """A photo's caption file holds no text: the photo trains with the prompt templates, as one without."""
 
 
 class PhotoCountWarning(UserWarning):
@@ -246,16 +262,17 @@ def _list_entries(source) -> tuple[list[tuple[str, str, Path | Image.Image]], li
     return entries, []
 
 
-def _read_sidecar(path: Path) -> str | None:
+def _read_sidecar(path: Path) -> tuple[str | None, Path | None]:
+    """(the caption of the photo at `path`, None where it has none or an empty one; its caption file or None)."""
     for candidate in (path.with_suffix(".txt"), path.with_name(path.name + ".txt")):
         if candidate.is_file():
             try:
-                return _clean_caption(candidate.read_text(encoding="utf-8-sig"), candidate.name)
+                return _clean_caption(candidate.read_text(encoding="utf-8-sig"), candidate.name), candidate
             except UnicodeDecodeError:
                 raise DataError(
                     f"caption file {str(candidate)!r} is not UTF-8 text; save it as UTF-8"
                 ) from None
-    return None
+    return None, None
 
 
 def _merge_captions(names: list[str], sidecars: list[str | None], captions) -> list[str | None]:
