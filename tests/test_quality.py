@@ -54,7 +54,8 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
     report = quality.run_quality(pair, random_oracle, out=out, **every)
     # One training per method, the teacher row sampling the full run's teacher, the image prompt none:
     # equal budgets, one seed.
-    assert sorted(trained) == sorted((m, 2, 3) for m in methods.METHODS if m not in ("teacher", scoring.IMAGE_PROMPT))
+    assert sorted(trained) == sorted((m, 2, 3) for m in methods.METHODS
+                                     if m not in ("teacher", "teacher_no_echo", scoring.IMAGE_PROMPT))
     records = {r["method"]: r for r in report["records"]}
     assert set(records) == {scoring.PRIOR, scoring.START_PRIOR, scoring.TEACHER_PRIOR, *methods.METHODS}
     assert all(r["concept"] == "smiley" and r["seed"] == 3 for r in records.values())
@@ -62,6 +63,8 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
         assert 0 <= record["subject_fidelity"] <= 1 and 0 <= record["prompt_fidelity"] <= 1
     assert records["teacher"]["trained_as"] == "echodistill"
     assert records["teacher"]["train_seconds"] == records["echodistill"]["train_seconds"] > 0
+    assert records["teacher_no_echo"]["trained_as"] == "no_echo"  # the echo measured on the teacher too
+    assert records["teacher_no_echo"]["train_seconds"] == records["no_echo"]["train_seconds"] > 0
     assert records[scoring.PRIOR]["train_seconds"] is None and records[scoring.TEACHER_PRIOR]["train_seconds"] is None
     assert records["sequential"]["seconds_per_step"] == pytest.approx(records["sequential"]["train_seconds"] / 2)
     assert records[scoring.IMAGE_PROMPT]["train_seconds"] == records[scoring.IMAGE_PROMPT]["seconds_per_step"] == 0
@@ -73,7 +76,8 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
     for method in methods.METHODS.values():
         assert f"| {method.label} |" in table
     assert (out / "sheets" / "smiley-seed3.png").is_file()
-    assert len(list((out / "bundles").glob("smiley-seed3-*.safetensors"))) == len(methods.METHODS) - 2
+    assert len(list((out / "bundles").glob("smiley-seed3-*.safetensors"))) == len(methods.METHODS) - 3
+    assert "| w/o echo: teacher, 25 DDIM steps (against EchoDistill teacher, 25 DDIM steps) |" in table
 
     _forbid_training(monkeypatch)  # a finished concept x seed is kept by --resume, not retrained
     again = quality.run_quality(pair, random_oracle, out=out, resume=True, **every)
@@ -256,6 +260,23 @@ def test_pairing_by_unit_sees_a_consistent_difference_that_concept_spread_hides(
     assert paired["reference_wins_subject"] == 3 and paired["units"] == 3
     assert quality_report.paired_against_reference(records, "echodistill") is None
     assert quality_report.paired_against_reference(records, "textual_inversion") is None
+    # the teacher without echo is paired with the teacher with it, not with the student
+    for unit, level in enumerate([0.2, 0.6]):
+        for method, score in (("teacher", level + 0.05), ("teacher_no_echo", level)):
+            records.append({"method": method, "concept": f"c{unit}", "seed": 0, "subject_fidelity": score,
+                            "prompt_fidelity": 0.5, "train_seconds": 1.0, "seconds_per_step": 0.1})
+    echo = quality_report.paired_against_reference(records, "teacher_no_echo")
+    assert echo["reference"] == "teacher" and echo["units"] == 2
+    assert echo["subject_fidelity"]["mean"] == pytest.approx(0.05)
+    assert quality_report.paired_against_reference(records, "teacher")["reference"] == "echodistill"
+
+
+def test_the_teacher_without_echo_row_trains_the_no_echo_run_once_and_draws_its_teacher():
+    assert methods.training_runs(["teacher_no_echo"]) == ["no_echo"]
+    assert methods.training_runs(["no_echo", "teacher", "teacher_no_echo"]) == ["no_echo", "echodistill"]
+    assert methods.rows_served("no_echo", ["no_echo", "teacher", "teacher_no_echo"]) == ["no_echo", "teacher_no_echo"]
+    assert methods.prior_rows(["teacher_no_echo"])[-1] == scoring.TEACHER_PRIOR
+    assert methods.prior_rows(["no_echo"]) == [scoring.PRIOR, scoring.START_PRIOR]
 
 
 def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):

@@ -25,6 +25,11 @@ class Method:
     baseline: str | None = None  # a baselines.BASELINES name: student-only training
     part: str = "student"  # which side of the trained concept is sampled
     trained: bool = True  # False: no training run; the row samples the untrained pair with an adapter file
+    run: str | None = None  # the training run whose concept the row samples (None: its own)
+    paired_with: str | None = None  # the row it is paired against (None: REFERENCE_METHOD)
+
+    def run_of(self, name: str) -> str:
+        return self.run or name
 
 
 METHODS: dict[str, Method] = {
@@ -36,7 +41,10 @@ METHODS: dict[str, Method] = {
     "custom_diffusion": Method("Custom Diffusion K/V on the student", baseline="custom_diffusion"),
     "textual_inversion": Method("Textual Inversion on the student", baseline="textual_inversion"),
     "dreambooth_lora": Method("DreamBooth-LoRA on the student", baseline="dreambooth_lora"),
-    "teacher": Method(f"EchoDistill teacher, {TEACHER_STEPS} DDIM steps", part="teacher"),
+    "teacher": Method(f"EchoDistill teacher, {TEACHER_STEPS} DDIM steps", part="teacher", run="echodistill"),
+    # the echo's effect on the teacher it feeds back into (the paper's claim is about both sides)
+    "teacher_no_echo": Method(f"w/o echo: teacher, {TEACHER_STEPS} DDIM steps", part="teacher", run="no_echo",
+                              paired_with="teacher"),
     IMAGE_PROMPT: Method("zero-training image prompt (IP-Adapter style), student 1 step", trained=False),
 }
 # What `bench quality` runs when --methods is not given: every row that needs no file beyond the
@@ -52,7 +60,8 @@ REFERENCE_METHOD = "echodistill"  # the row every other row is paired against
 
 def prior_rows(methods: Sequence[str]) -> list[str]:
     """The untrained reference rows a table of `methods` shows."""
-    return [PRIOR, START_PRIOR, *([TEACHER_PRIOR] if "teacher" in methods else [])]
+    teacher_rows = any(METHODS[m].part == "teacher" for m in methods)
+    return [PRIOR, START_PRIOR, *([TEACHER_PRIOR] if teacher_rows else [])]
 
 
 LR_FAMILIES = ("echodistill", "custom_diffusion", "textual_inversion", "dreambooth_lora")
@@ -89,8 +98,11 @@ def method_config(name: str, class_word: str, steps: int, seed: int, lr_scale: f
 
 
 def training_runs(methods: Sequence[str]) -> list[str]:
-    """The trainings the rows need: the teacher row is the teacher side of the full run; untrained rows need none."""
-    runs = [m for m in methods if m != "teacher" and METHODS[m].trained]
-    if "teacher" in methods and "echodistill" not in runs:
-        runs.insert(0, "echodistill")
-    return runs
+    """The trainings the rows need, each once, in the rows' order: a teacher row is the teacher side of the run it
+    names (the full run, or w/o echo); untrained rows need none."""
+    return list(dict.fromkeys(METHODS[m].run_of(m) for m in methods if METHODS[m].trained))
+
+
+def rows_served(run: str, methods: Sequence[str]) -> list[str]:
+    """The rows of `methods` that sample the concept training `run` makes (itself and/or a teacher row)."""
+    return [m for m in methods if METHODS[m].trained and METHODS[m].run_of(m) == run]

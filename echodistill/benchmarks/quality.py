@@ -53,7 +53,7 @@ from ..training.config import TrainConfig
 from ..training.trainer import Trainer
 from .baselines import StudentBaseline
 from .measuring import BenchError
-from .methods import LR_FAMILIES, METHODS, lr_family, method_config, prior_rows, training_runs
+from .methods import LR_FAMILIES, METHODS, lr_family, method_config, prior_rows, rows_served, training_runs
 from .quality_report import markdown, summarize
 
 
@@ -115,9 +115,7 @@ def evaluate_unit(pair, oracle, concept, seed: int, *, steps: int, methods: Sequ
         log(f"{concept.name} seed {seed}: {IMAGE_PROMPT:<18} no training  subject {record['subject_fidelity']:.3f}"
             f"  prompt {record['prompt_fidelity']:.3f}")
     for run in training_runs(methods):
-        served = [run] if run in methods else []
-        if run == "echodistill" and "teacher" in methods:
-            served.append("teacher")
+        served = rows_served(run, methods)
         bundle_path = bundle_dir / f"{concept.name}-seed{seed}-{run}.safetensors" if bundle_dir else None
         run_records, run_rows = train_and_score(pair, oracle, unit, run, served, steps=steps,
                                                 lr_scale=lr_scales.get(lr_family(run), 1.0),

@@ -28,23 +28,30 @@ def _mean_se(values: list[float]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(values), "se": se}
 
 
+def reference_of(name: str) -> str:
+    """The row `name` is paired against: EchoDistill (full), or the row its Method names (the teacher without
+    echo against the teacher with it)."""
+    return (METHODS[name].paired_with if name in METHODS else None) or REFERENCE_METHOD
+
+
 def paired_against_reference(records: list[dict], name: str) -> dict | None:
-    """EchoDistill (full) minus `name`, unit by unit (same concept, seed and sampling noise).
+    """Its reference row (`reference_of`) minus `name`, unit by unit (same concept, seed and sampling noise).
 
     Concepts differ far more from each other than methods do, so the mean ± std columns hide
     small but consistent differences; pairing by concept x seed removes that spread. None when
     there is no reference row or `name` is the reference.
     """
-    if name == REFERENCE_METHOD:
+    reference = reference_of(name)
+    if name == reference:
         return None
     scores = {(r["concept"], r["seed"], r["method"]): r for r in records}
     units = sorted({(c, seed) for c, seed, m in scores if m == name}
-                   & {(c, seed) for c, seed, m in scores if m == REFERENCE_METHOD})
+                   & {(c, seed) for c, seed, m in scores if m == reference})
     if not units:
         return None
-    deltas = {key: [scores[(*u, REFERENCE_METHOD)][key] - scores[(*u, name)][key] for u in units]
+    deltas = {key: [scores[(*u, reference)][key] - scores[(*u, name)][key] for u in units]
               for key in ("subject_fidelity", "prompt_fidelity")}
-    return {"units": len(units), "subject_fidelity": _mean_se(deltas["subject_fidelity"]),
+    return {"units": len(units), "reference": reference, "subject_fidelity": _mean_se(deltas["subject_fidelity"]),
             "prompt_fidelity": _mean_se(deltas["prompt_fidelity"]),
             "reference_wins_subject": sum(d > 0 for d in deltas["subject_fidelity"])}
 
@@ -158,9 +165,9 @@ def markdown(report: dict) -> str:
         lines.append(f"- device: {s['device']}, torch {s.get('torch')}")
     untrained = "; the image prompt's is 0: nothing trains" if "image_prompt" in s.get("methods", ()) else ""
     lines += [
-        "- mean ± std over concepts x seeds; train s is wall time of one training run (the teacher row's is the full "
-        f"EchoDistill run it samples{untrained}); subject and prompt fidelity are the mini world's oracles, higher "
-        "is better",
+        "- mean ± std over concepts x seeds; train s is wall time of one training run (a teacher row's is that of "
+        f"the run whose teacher it draws{untrained}); subject and prompt fidelity are the mini world's oracles, "
+        "higher is better",
         "",
         "| method | subject fidelity | prompt fidelity | train s | s/step | runs |",
         "|:--|--:|--:|--:|--:|--:|",
@@ -171,13 +178,16 @@ def markdown(report: dict) -> str:
     paired = [row for row in summary if row.get("reference_minus_this")]
     if paired:
         reference = METHODS[REFERENCE_METHOD].label
-        lines += ["", f"Paired by concept x seed (same references, same sampling noise): {reference} minus each row, "
-                  "mean ± standard error over the units; wins = units where EchoDistill's subject fidelity is higher:",
-                  "", "| row | Δ subject fidelity | Δ prompt fidelity | EchoDistill wins |", "|:--|--:|--:|--:|"]
+        lines += ["", f"Paired by concept x seed (same references, same sampling noise): {reference} (or the row "
+                  "named in brackets) minus each row, mean ± standard error over the units; wins = units where the "
+                  "reference's subject fidelity is higher:",
+                  "", "| row | Δ subject fidelity | Δ prompt fidelity | reference wins |", "|:--|--:|--:|--:|"]
         for row in paired:
             d = row["reference_minus_this"]
             subject, prompt = d["subject_fidelity"], d["prompt_fidelity"]
-            lines.append(f"| {row['label']} | {subject['mean']:+.4f} ± {subject['se']:.4f} | "
+            against = d.get("reference", REFERENCE_METHOD)
+            label = row["label"] + (f" (against {METHODS[against].label})" if against != REFERENCE_METHOD else "")
+            lines.append(f"| {label} | {subject['mean']:+.4f} ± {subject['se']:.4f} | "
                          f"{prompt['mean']:+.4f} ± {prompt['se']:.4f} | {d['reference_wins_subject']}/{d['units']} |")
     concepts = s["concepts"]
     lines += ["", "Subject fidelity per concept (mean over seeds):", "",
