@@ -52,6 +52,7 @@ from echodistill.miniworld.evaluate import image_grid, prompt_fidelity_report, v
 from echodistill.miniworld.grammar import Caption  # noqa: E402
 from echodistill.miniworld.image_prompt import ImagePromptSettings, adapter_path, train_image_prompt  # noqa: E402
 from echodistill.miniworld.oracle import Oracle, OracleError  # noqa: E402
+from echodistill.miniworld.snapshot import SnapshotError, restore_snapshot, save_snapshot  # noqa: E402
 from echodistill.miniworld.oracle_train import (  # noqa: E402
     OracleSettings,
     generalization_report,
@@ -98,7 +99,7 @@ class RunSettings:
     eval_prompts: int = 300
 
 
-# Sized for several hours on one 2-core CPU (see the README for the measured time).
+# Sized for several hours on one 2-core CPU (docs/miniworld.md gives the measured time).
 FULL = RunSettings(
     train_images=40000,
     vae=VaeSettings(steps=12000, full_steps=1000),  # at 1500 steps the round trip lost the subjects' detail
@@ -187,6 +188,12 @@ def main() -> None:
                             "(default: the package's); written beside the oracle")
     modes.add_argument("--oracle-only", action="store_true",
                        help="train only the oracles (they need no other stage), e.g. in a second process")
+    modes.add_argument("--save-snapshot", type=Path, metavar="DIR",
+                       help="write a compact snapshot of <log-dir>/ckpt (VAE, teacher so far, student) into DIR, to "
+                            "carry the run to another machine (echodistill/miniworld/snapshot.py says what it keeps)")
+    modes.add_argument("--restore-snapshot", type=Path, metavar="DIR",
+                       help="write the checkpoints of DIR's snapshot into an empty <log-dir>/ckpt; then run again "
+                            "with --from-stage teacher (or the stage after the last one the snapshot holds)")
     args = parser.parse_args()
 
     settings = QUICK if args.quick else FULL
@@ -208,6 +215,19 @@ def main() -> None:
 
     if args.oracle_only:
         train_oracle_stage(settings, args, oracle_root, log)
+        return
+    if args.save_snapshot or args.restore_snapshot:
+        try:
+            if args.save_snapshot:
+                done_parts = save_snapshot(ckpt, args.save_snapshot, settings.teacher)
+                log("train", f"snapshot of {ckpt} in {args.save_snapshot}: {json.dumps(done_parts)}")
+            else:
+                done_parts = restore_snapshot(args.restore_snapshot, ckpt, settings.teacher)
+                following = "write" if "student" in done_parts else "student" if done_parts.get("teacher") == "finished" \
+                    else "teacher"
+                log("train", f"restored {json.dumps(done_parts)} into {ckpt}; go on with --from-stage {following}")
+        except SnapshotError as error:
+            parser.error(str(error))
         return
     if args.image_prompt_only:
         image_prompt_stage(settings, args, model_root, oracle_root, ckpt, log)
@@ -353,8 +373,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
     staged = args.from_stage != "render" or args.to_stage != STAGES[-1]
-    mode = next((f"--{m.replace('_', '-')}" for m in ("eval_only", "image_prompt_only", "oracle_only")
-                 if getattr(args, m)), None)
+    mode = next((f"--{m.replace('_', '-')}" for m in ("eval_only", "image_prompt_only", "oracle_only", "save_snapshot",
+                                                      "restore_snapshot") if getattr(args, m)), None)
     if mode and staged:
         parser.error(f"{mode} runs on its own: leave out --from-stage/--to-stage")
     if mode and args.device != "cpu":

@@ -230,7 +230,7 @@ def test_sampling_flops_of_both_lines_are_counted_on_the_meta_device():
     from echodistill.benchmarks.meta_run import flops_by_model
 
     flops = flops_by_model("sdxl", "sample", 64)
-    # 98.5 GFLOP per image is what `bench sample --model sd --size 64` counted on a CPU (README, Performance).
+    # 98.5 GFLOP per image is what `bench sample --model sd --size 64` counted on a CPU (docs/benchmarks.md).
     assert flops["sd"] == pytest.approx(98.5e9, rel=0.005)
     assert flops["sdxl"] > 2 * flops["sd"]  # a 2.6 G-parameter UNet and two text encoders
     lines = bench.flops_lines({"benchmark": "sample", "settings": {"size": 64}, "flops_by_model": flops})

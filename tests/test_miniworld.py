@@ -339,6 +339,56 @@ def test_stages_take_a_device_and_return_cpu_models_without_touching_their_input
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # the teacher stayed as it was
 
 
+def test_a_snapshot_carries_a_cut_teacher_run_to_an_empty_checkpoint_folder(tmp_path, cut_after_checkpoint):
+    """Saved: float16 weights, the step, the generator; restored: a loop state the teacher goes on from, at the
+    same schedule position and random draws, with fresh AdamW moments."""
+    from echodistill.miniworld import snapshot, training
+
+    scheduler, latents, ids, empty = _teacher_inputs()
+    settings = training.TeacherSettings(steps=4, batch=2, warmup=1, checkpoint_every=2)
+    ckpt, folder, elsewhere = tmp_path / "ckpt", tmp_path / "snapshot", tmp_path / "elsewhere" / "ckpt"
+    with pytest.raises(snapshot.SnapshotError, match="no vae.pt, teacher.pt, teacher_running.pt or student.pt"):
+        snapshot.save_snapshot(ckpt, folder, settings)
+    with cut_after_checkpoint():
+        training.train_teacher(latents, ids, empty, scheduler, settings, 0, lambda m: None,
+                               resume_path=ckpt / "teacher_running.pt")
+    vae = training.build_vae()
+    training.save_atomically(ckpt / "vae.pt", {"state": vae.state_dict(), "scaling_factor": 0.25})
+    assert snapshot.save_snapshot(ckpt, folder, settings) == {"vae": "finished", "teacher": "step 2 of 4"}
+    assert sorted(p.name for p in folder.iterdir()) == ["teacher.safetensors", "text_encoder.safetensors",
+                                                        "vae.safetensors"]
+
+    assert snapshot.restore_snapshot(folder, elsewhere, settings) == {
+        "vae": "finished", "teacher": "step 2 of 4 (AdamW moments restart)"}
+    cut = torch.load(ckpt / "teacher_running.pt", weights_only=True)
+    carried = torch.load(elsewhere / "teacher_running.pt", weights_only=True)
+    assert carried["step"] == 2 and torch.equal(carried["generator"], cut["generator"])
+    assert carried["scheduler"]["last_epoch"] == cut["scheduler"]["last_epoch"] == 2
+    assert carried["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cut["optimizer"]["param_groups"][0]["lr"])
+    assert carried["optimizer"]["state"] == {} and cut["optimizer"]["state"]  # the moments start afresh
+    for name, weight in cut["unet"].items():  # rounded to float16 once, float32 again
+        assert carried["unet"][name].dtype == weight.dtype
+        assert torch.equal(carried["unet"][name], weight.half().float()), name
+    vae_back = torch.load(elsewhere / "vae.pt", weights_only=True)
+    assert vae_back["scaling_factor"] == 0.25
+    assert all(torch.equal(vae_back["state"][k], v) for k, v in vae.state_dict().items())  # float32 kept
+
+    lines = []  # the teacher goes on from the restored state to the end
+    unet, _ = training.train_teacher(latents, ids, empty, scheduler, settings, 0, lines.append,
+                                     resume_path=elsewhere / "teacher_running.pt")
+    assert any("resumed" in line and "step 2/4" in line for line in lines), lines
+    assert all(torch.isfinite(w).all() for w in unet.state_dict().values())
+
+    with pytest.raises(snapshot.SnapshotError, match="already holds vae.pt, teacher_running.pt"):
+        snapshot.restore_snapshot(folder, elsewhere, settings)  # this machine's own checkpoints win
+    with pytest.raises(snapshot.SnapshotError, match="saved from a 4-step teacher run; this recipe trains 8"):
+        snapshot.restore_snapshot(folder, tmp_path / "third", training.TeacherSettings(steps=8))
+    (folder / "text_encoder.safetensors").write_bytes(b"cut")
+    with pytest.raises(snapshot.SnapshotError, match="text_encoder.safetensors is not a readable safetensors file"):
+        snapshot.restore_snapshot(folder, tmp_path / "fourth", settings)
+    assert not (tmp_path / "third").exists() and not (tmp_path / "fourth").exists()  # nothing half restored
+
+
 def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(tmp_path):
     import subprocess
     import sys
@@ -354,6 +404,7 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
                            (("--threads", "0"), "--threads 0: give 1 or more"),
                            (("--seed", "-1"), "--seed -1: give a non-negative integer"),
                            (("--oracle-only", "--to-stage", "vae"), "--oracle-only runs on its own"),
+                           (("--save-snapshot", "x", "--from-stage", "vae"), "--save-snapshot runs on its own"),
                            (("--from-stage", "eval", "--keep-oracle"), "the eval stage needs the oracle")):
         refused = run(*flags)  # refused before anything renders or writes
         assert refused.returncode == 2 and message in refused.stderr, (flags, refused.stderr)
@@ -366,6 +417,11 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
     ckpt = tmp_path / "quick" / "ckpt"
     assert (ckpt / "vae.pt").is_file() and not (ckpt / "teacher.pt").exists()
     assert "stopped after the vae stage" in done.stdout
+    saved = run("--save-snapshot", str(tmp_path / "snapshot"))  # carried to another machine: the VAE alone so far
+    assert saved.returncode == 0 and '"vae": "finished"' in saved.stdout, saved.stderr
+    assert sorted(p.name for p in (tmp_path / "snapshot").iterdir()) == ["vae.safetensors"]
+    kept = run("--restore-snapshot", str(tmp_path / "snapshot"))
+    assert kept.returncode == 2 and "already holds vae.pt" in kept.stderr  # this machine's own checkpoint wins
     missing = run("--from-stage", "student")  # the VAE is there, the teacher is not
     assert missing.returncode == 2 and f"reads {ckpt / 'teacher.pt'}, which does not exist" in missing.stderr
     for stale in ("teacher.pt", "student.pt"):  # trained on the latents of a VAE about to be replaced

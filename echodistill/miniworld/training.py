@@ -330,6 +330,14 @@ def structured_noise(shape: torch.Size, generator: torch.Generator, offset: floa
     return (white + offset * mean + coarse * layout) / math.sqrt(1 + offset**2 + coarse**2)
 
 
+def teacher_optimizer(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, settings: TeacherSettings):
+    """The teacher loop's AdamW and its warm-up + cosine schedule (the text encoder trains only at text_lr > 0)."""
+    groups = [{"params": list(unet.parameters()), "lr": settings.lr, "weight_decay": 1e-2}]
+    if settings.text_lr > 0:  # no decay on the text encoder: the ~49k unused token rows would shrink for nothing
+        groups.append({"params": list(text_encoder.parameters()), "lr": settings.text_lr, "weight_decay": 0.0})
+    return make_optimizer(groups, settings.steps, settings.warmup)
+
+
 def train_teacher(
     latents: torch.Tensor,
     token_ids: torch.Tensor,
@@ -359,11 +367,8 @@ def train_teacher(
     alphas_cumprod = alphas_cumprod_for(scheduler_config).to(device)  # (T,)
     snr = alphas_cumprod / (1 - alphas_cumprod)  # (T,)
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    groups = [{"params": list(unet.parameters()), "lr": settings.lr, "weight_decay": 1e-2}]
-    if not frozen_text:  # no decay on the text encoder: the ~49k unused token rows would shrink for nothing
-        groups.append({"params": list(text_encoder.parameters()), "lr": settings.text_lr, "weight_decay": 0.0})
-    optimizer, scheduler = make_optimizer(groups, settings.steps, settings.warmup)
-    params = [p for group in groups for p in group["params"]]
+    optimizer, scheduler = teacher_optimizer(unet, text_encoder, settings)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     modules = {"unet": unet, "text_encoder": text_encoder}
     first = restore_loop_state(resume_path, modules, optimizer, scheduler, generator, log, "teacher", settings.steps)
     meter = Meter()
