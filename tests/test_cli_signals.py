@@ -62,6 +62,16 @@ def test_sigterm_during_training_saves_a_checkpoint_that_resumes_and_leaves_no_l
     assert out.is_file() and _locks(tmp_path) == []
 
 
+def test_sigterm_during_smoke_names_no_checkpoint_in_the_folder_it_removes(tmp_path):
+    log = tmp_path / "log.txt"
+    process = _start(["smoke", "--steps", "1000"], log)
+    _wait_for(log, "1/1000", process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    text = log.read_text()
+    assert "(in a temporary folder, now removed)" in text and "checkpoint:" not in text and "--resume" not in text
+
+
 def test_sigterm_outside_training_unwinds_as_an_exception_that_releases_locks(tmp_path):
     previous = signal.getsignal(signal.SIGTERM)
     target = tmp_path / "run"

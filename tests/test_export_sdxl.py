@@ -307,6 +307,11 @@ def test_export_command_takes_the_unet_config_of_an_sdxl_concept(bundle, tiny_sd
     assert "pass --unet-config (the diffusers config of the UNet it was trained on)" in err and "unet_config" not in err
     assert main(["export", *out, "--unet-config", str(tmp_path / "nowhere")]) == 2
     assert "--unet-config " + str(tmp_path / "nowhere") + ": not a readable UNet config.json" in capsys.readouterr().err
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({"block_out_channels": [32, 64], "in_channels": "4"}))
+    assert main(["export", *out, "--unet-config", str(edited)]) == 2  # the file named, not "the UNet config"
+    assert (f'--unet-config {edited}: {edited} does not describe a UNet (in_channels is "4", not a whole number of at '
+            "least 1)") in capsys.readouterr().err
     assert not (tmp_path / "loras").exists() or not any((tmp_path / "loras").iterdir())
 
     _, student = tiny_sdxl_folders

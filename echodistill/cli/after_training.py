@@ -259,6 +259,12 @@ def _unet_config(path: str) -> dict:
                                f"(give the file, or a folder holding unet/config.json): {error}") from None
     if not isinstance(config, dict) or "block_out_channels" not in config:
         raise EchoDistillError(f"--unet-config {path}: {file.name} is not a diffusers UNet config (no block_out_channels)")
+    from ..models.families import unet_config_problems
+
+    problems = unet_config_problems(config)
+    if problems:  # named here, where the file is known, not later as "the UNet config"
+        raise EchoDistillError(f"--unet-config {path}: {file} does not describe a UNet ({'; '.join(problems)}): give "
+                               "the config.json of the UNet the concept was trained on")
     return config
 
 

@@ -155,11 +155,11 @@ class TerminalCallbacks:
 
 
 @contextlib.contextmanager
-def stop_on_ctrl_c(callbacks: TerminalCallbacks, resumable: bool = True) -> Iterator[None]:
+def stop_on_ctrl_c(callbacks: TerminalCallbacks, resumable: bool = True, kept: bool = True) -> Iterator[None]:
     """While training: the first Ctrl-C or SIGTERM (a scheduler's or `kill`'s stop) stops cleanly after the
-    iteration; the cancelled run says where to resume (when the command takes --resume: `resumable`) and exits
-    128 + the signal (130 Ctrl-C, 143 SIGTERM). A stop asked for before (while the models loaded) stops the run
-    at its first iteration."""
+    iteration; the cancelled run says where to resume (when the command takes --resume: `resumable`; where its
+    checkpoint is when `kept`, not in a temporary folder about to be removed) and exits 128 + the signal (130
+    Ctrl-C, 143 SIGTERM). A stop asked for before (while the models loaded) stops the run at its first iteration."""
     from ..training.callbacks import TrainingCancelled
 
     previous = {signum: signal.signal(signum, callbacks.request_stop) for signum in STOP_SIGNALS}
@@ -169,8 +169,11 @@ def stop_on_ctrl_c(callbacks: TerminalCallbacks, resumable: bool = True) -> Iter
         yield
     except TrainingCancelled as cancelled:
         callbacks.bar.close()
-        where = f"resume with --resume {cancelled.checkpoint}" if resumable else f"its checkpoint: {cancelled.checkpoint}"
-        print(f"stopped at step {cancelled.step}; {where}")
+        if resumable:
+            where = f"; resume with --resume {cancelled.checkpoint}"
+        else:
+            where = f"; its checkpoint: {cancelled.checkpoint}" if kept else " (in a temporary folder, now removed)"
+        print(f"stopped at step {cancelled.step}{where}")
         raise SystemExit(128 + callbacks.stop_signal) from None
     finally:
         for signum, handler in previous.items():

@@ -173,7 +173,7 @@ def run_training(
             # counted as the bar's start, so that its rate and time left cover this run's steps only
             callbacks.bar.initial = callbacks.bar.n = callbacks.bar.last_print_n = trainer.step
             callbacks.bar.refresh()
-        with stop_on_ctrl_c(callbacks, resumable=resumable):
+        with stop_on_ctrl_c(callbacks, resumable=resumable, kept=announce):  # not announced: a temporary folder
             bundle = trainer.train()
         callbacks.bar.close()
         try:
