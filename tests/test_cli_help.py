@@ -65,6 +65,25 @@ def _options(parser: argparse.ArgumentParser, path: tuple[str, ...]):
             yield path, action
 
 
+def test_every_commands_help_imports_no_torch():
+    """`--help` answers at once for every command: none loads torch to name its choices (in one process, so
+    the test does not start torch 20 times)."""
+    paths = sorted({path[1:] for path, _ in _options(build_parser(), ("echodistill",)) if len(path) > 1})
+    assert ("bench", "quality") in paths and ("fleet", "run") in paths
+    probe = PROBE.replace('sys.argv = ["echodistill", *sys.argv[1:]]\ntry:\n    runpy.run_module("echodistill", '
+                          'run_name="__main__")\nexcept SystemExit as stop:\n    code = stop.code',
+                          "import contextlib, io\nfor path in " + repr([list(p) for p in paths]) + ":\n"
+                          "    sys.argv = ['echodistill', *path, '--help']\n"
+                          "    with contextlib.redirect_stdout(io.StringIO()):\n"
+                          "        try:\n            runpy.run_module('echodistill', run_name='__main__')\n"
+                          "        except SystemExit:\n            pass\n"
+                          "    loaded = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+                          "    assert not loaded, (path, loaded)")
+    assert "for path in" in probe  # the loop replaced the single run
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr.strip().endswith("HEAVY:"), result.stderr[-2000:]
+
+
 def test_every_option_of_every_command_says_what_it_does_and_shows_its_default():
     options = list(_options(build_parser(), ("echodistill",)))
     assert len({path for path, _ in options}) >= 13  # every command and bench's five

@@ -17,16 +17,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from ..errors import EchoDistillError
+from .names import DTYPE_NAMES, BenchError  # noqa: F401 - imported from here by every benchmark
 
 try:
     import psutil
 except ImportError:  # optional: CPU memory is then not measured
     psutil = None
-
-
-class BenchError(EchoDistillError, ValueError):
-    """A benchmark cannot run as asked (device, model, sizes)."""
 
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets.
@@ -44,7 +40,6 @@ PEAK_TFLOPS: dict[str, float] = {
 }
 PEAK_BASIS = "dense fp16/bf16 tensor-core peak (fp32 runs cannot reach it)"
 PROJECTED_ITERATIONS = 1000  # the paper's iterations per concept
-DTYPE_NAMES = ("fp32", "fp16", "bf16")  # as echodistill.models.loading.DTYPES
 
 
 # --- device facts --------------------------------------------------------------------------------

@@ -11,11 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..miniworld.recipe import AUGMENT_MIN_SCALE, RESOLUTION, TOKEN, TUNED_LR_SCALES, echodistill_config, scaled_rates
-from ..miniworld.scoring import IMAGE_PROMPT, PRIOR, START_PRIOR, TEACHER_PRIOR, TEACHER_STEPS
+from ..miniworld.recipe import (
+    AUGMENT_MIN_SCALE,
+    IMAGE_PROMPT,
+    PRIOR,
+    RESOLUTION,
+    START_PRIOR,
+    TEACHER_PRIOR,
+    TEACHER_STEPS,
+    TOKEN,
+    TUNED_LR_SCALES,
+    echodistill_config,
+    scaled_rates,
+)
 from ..training.config import TrainConfig
-from .baselines import baseline_config
-from .measuring import BenchError
+from .baseline_settings import baseline_config
+from .names import BenchError
 
 
 @dataclass(frozen=True)

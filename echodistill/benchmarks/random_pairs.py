@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .measuring import BenchError
+from .names import MODEL_HELP  # noqa: F401 - the help beside the builders
 
 if TYPE_CHECKING:  # models imports diffusers: load it only when a benchmark runs
     from ..models.pair import ModelPair
@@ -142,8 +143,6 @@ def _tiny_pair(device: torch.device, dtype: torch.dtype, with_teacher: bool) -> 
 MODELS: dict[str, Callable[[torch.device, torch.dtype, bool], "ModelPair"]] = {
     "tiny": _tiny_pair, "sd": _sd_pair, "sdxl": _sdxl_pair,
 }
-MODEL_HELP = ("sd: SD-Turbo / SD 2.1 base architectures with random weights; sdxl: SDXL-Turbo / SDXL base (two text "
-              "encoders); tiny: the test models")
 
 
 def build_pair(

@@ -75,7 +75,7 @@ def add_threads_arguments(threads: argparse.ArgumentParser) -> None:
 
 
 def run_threads(args: argparse.Namespace) -> int:
-    from ..benchmarks.measuring import BenchError
+    from ..benchmarks.names import BenchError
     from ..benchmarks.threads import thread_benchmark, thread_table
 
     if args.steps < 1 or any(n < 0 for n in args.load or []) or any(n < 1 for n in args.threads or []):
@@ -101,10 +101,9 @@ DEVICE_HELP = "torch device, e.g. cpu, cuda (default: cuda when there is one, el
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..benchmarks.measuring import DTYPE_NAMES
-    from ..benchmarks.random_pairs import MODEL_HELP, MODELS
+    from ..benchmarks.names import DTYPE_NAMES, MODEL_HELP, MODEL_NAMES
 
-    parser.add_argument("--model", choices=tuple(MODELS), default="sd", help=MODEL_HELP)
+    parser.add_argument("--model", choices=MODEL_NAMES, default="sd", help=MODEL_HELP)
     parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--batch", type=whole_number("--batch", "whole numbers of images", 16),
@@ -126,11 +125,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..benchmarks.measuring import DTYPE_NAMES
-    from ..benchmarks.random_pairs import MODEL_HELP, MODELS
+    from ..benchmarks.names import DTYPE_NAMES, MODEL_HELP, MODEL_NAMES
     from ..training.config import PRESETS
 
-    parser.add_argument("--model", choices=tuple(MODELS), default="sd", help=MODEL_HELP)
+    parser.add_argument("--model", choices=MODEL_NAMES, default="sd", help=MODEL_HELP)
     parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weights dtype (presets autocast)")
     parser.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS),
@@ -160,7 +158,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_memory(args: argparse.Namespace) -> int:
-    from ..benchmarks.measuring import BenchError
+    from ..benchmarks.names import BenchError
     from ..benchmarks.memory import bench_memory, memory_table
 
     sizes = [args.resolution, *args.teacher_resolutions]
@@ -200,7 +198,7 @@ def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _set_threads(threads: int | None) -> None:
-    from ..benchmarks.measuring import BenchError
+    from ..benchmarks.names import BenchError
 
     if threads is not None:
         if threads < 1:
@@ -362,7 +360,7 @@ def image_prompt_file(args: argparse.Namespace) -> Path:
 
     A missing file is a BenchError in one line naming the command that builds it.
     """
-    from ..benchmarks.measuring import BenchError
+    from ..benchmarks.names import BenchError
     from ..miniworld import ORACLE_ROOT
     from ..miniworld.image_prompt import BUILD_COMMAND, adapter_path
 
@@ -385,7 +383,7 @@ def run_quality(args: argparse.Namespace) -> int:
     from ..benchmarks.quality_report import markdown
     from ..miniworld import CONCEPTS
     from ..miniworld.image_prompt import ImagePromptAdapter
-    from ..miniworld.scoring import IMAGE_PROMPT
+    from ..miniworld.recipe import IMAGE_PROMPT
 
     args.concepts = args.concepts or sorted(CONCEPTS)
     _check_training_numbers(args)
@@ -459,7 +457,7 @@ def lr_sweep_command_line(args: argparse.Namespace) -> str:
 
 def run_lr_sweep(args: argparse.Namespace) -> int:
     from ..benchmarks.lr_sweep import lr_scale_argument, markdown, run_lr_sweep
-    from ..benchmarks.measuring import BenchError
+    from ..benchmarks.names import BenchError
 
     _check_training_numbers(args)
     for factor in args.factors:
@@ -503,7 +501,7 @@ MAX_PRIOR_IMAGES = 10_000
 
 def read_probe_report(path: str) -> dict:
     """An earlier `bench world-probe` world_probe.json, checked to hold scored records; BenchError otherwise."""
-    from ..benchmarks.measuring import BenchError
+    from ..benchmarks.names import BenchError
 
     try:
         report = json.loads(Path(path).read_text(encoding="utf-8-sig"))
@@ -572,7 +570,7 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_world_probe(args: argparse.Namespace) -> int:
-    from ..benchmarks.measuring import BenchError
+    from ..benchmarks.names import BenchError
     from ..benchmarks.probe_settings import DEFAULT_LR, ProbeSettings
     from ..benchmarks.world_probe import check_baseline, markdown, run_world_probe as probe
     from ..training.config import MAX_SEED, MAX_STEPS

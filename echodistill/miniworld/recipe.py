@@ -17,6 +17,13 @@ from .concepts import Concept, reference_captions, reference_images
 from .drawing import RESOLUTION
 
 TOKEN = "<v*>"
+TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5  # how every score of the mini world draws with the teacher
+# Untrained reference rows: what a trained concept is measured against (miniworld.scoring scores them; kept here,
+# free of torch, so that command-line help can name them at once).
+PRIOR = "class_prior"  # the untrained student given the prompts without the token
+TEACHER_PRIOR = "class_prior_teacher"  # what the teacher drew before training, the same way
+START_PRIOR = "token_at_start"  # the untrained student with the token at its starting row: where training begins
+IMAGE_PROMPT = "image_prompt"  # the untrained student with the image-prompt adapter: no training at all
 DEMO_STEPS = 200  # the demo's training iterations: about 75 s on an idle 2-core CPU
 DEMO_SEED = 0  # the demo's training and sampling seed
 ECHO_SAMPLES = 8  # student images drawn per echo round at the mini world's size (the paper preset draws 16)

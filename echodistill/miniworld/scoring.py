@@ -18,14 +18,16 @@ from .concepts import Concept, evaluation_prompts, reference_images
 from .drawing import RESOLUTION
 from .image_prompt import ImagePromptAdapter, image_prompt_student
 from .oracle import Oracle
-from .recipe import TOKEN, training_references
-
-TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
-# Untrained reference rows: what a trained concept is measured against.
-PRIOR = "class_prior"  # the untrained student given the prompts without the token
-TEACHER_PRIOR = "class_prior_teacher"  # what the teacher drew before training, the same way
-START_PRIOR = "token_at_start"  # the untrained student with the token at its starting row: where training begins
-IMAGE_PROMPT = "image_prompt"  # the untrained student with the image-prompt adapter: no training at all
+from .recipe import (  # noqa: F401 - the row names and sampling settings are read from here too
+    IMAGE_PROMPT,
+    PRIOR,
+    START_PRIOR,
+    TEACHER_GUIDANCE,
+    TEACHER_PRIOR,
+    TEACHER_STEPS,
+    TOKEN,
+    training_references,
+)
 
 
 @dataclass
