@@ -188,10 +188,10 @@ def main() -> None:
                             "(default: the package's); written beside the oracle")
     modes.add_argument("--oracle-only", action="store_true",
                        help="train only the oracles (they need no other stage), e.g. in a second process")
-    modes.add_argument("--save-snapshot", type=Path, metavar="DIR",
+    modes.add_argument("--save-snapshot", type=folder_argument, metavar="DIR",
                        help="write a compact snapshot of <log-dir>/ckpt (VAE, teacher so far, student) into DIR, to "
                             "carry the run to another machine (echodistill/miniworld/snapshot.py says what it keeps)")
-    modes.add_argument("--restore-snapshot", type=Path, metavar="DIR",
+    modes.add_argument("--restore-snapshot", type=folder_argument, metavar="DIR",
                        help="write the checkpoints of DIR's snapshot into an empty <log-dir>/ckpt; then run again "
                             "with --from-stage teacher (or the stage after the last one the snapshot holds)")
     args = parser.parse_args()
@@ -219,10 +219,10 @@ def main() -> None:
     if args.save_snapshot or args.restore_snapshot:
         try:
             if args.save_snapshot:
-                done_parts = save_snapshot(ckpt, args.save_snapshot, settings.teacher)
+                done_parts = save_snapshot(ckpt, args.save_snapshot, settings.teacher, args.seed)
                 log("train", f"snapshot of {ckpt} in {args.save_snapshot}: {json.dumps(done_parts)}")
             else:
-                done_parts = restore_snapshot(args.restore_snapshot, ckpt, settings.teacher)
+                done_parts = restore_snapshot(args.restore_snapshot, ckpt, settings.teacher, args.seed)
                 following = "write" if "student" in done_parts else "student" if done_parts.get("teacher") == "finished" \
                     else "teacher"
                 log("train", f"restored {json.dumps(done_parts)} into {ckpt}; go on with --from-stage {following}")
@@ -361,6 +361,13 @@ def run_late_stages(settings: RunSettings, args: argparse.Namespace, model_root:
                      "hardware": hardware(args.device), "shipped_bytes": arch.folder_size(model_root) + arch.folder_size(oracle_root)}
     atomic_write_text(log_dir / "eval.json", json.dumps(report, indent=2))
     log("train", f"done in {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU; report in {log_dir / 'eval.json'}")
+
+
+def folder_argument(text: str) -> Path:
+    """A folder named on the command line: an empty name (an unset shell variable) is refused, not read as '.'."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give a folder name (an empty one would mean the current folder)")
+    return Path(text)
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, ckpt: Path, oracle_root: Path) -> None:

@@ -188,6 +188,7 @@ def test_the_demo_sheet_captions_every_column_and_leaves_no_empty_cell():
     (["--steps", "0"], "error: --steps 0 must be at least 1"),
     (["--set", "echo=maybe"], "error: --set echo='maybe' must be true or false"),
     (["--set", "seed=99999999999999999999"], "error: --set seed=99999999999999999999 must be at most "),
+    (["--seed", str(2**62)], f"error: seed {2**62}: give 0 to 92,233,720,368,546 (the demo's sampling noise"),
 ])
 def test_the_demo_refuses_a_bad_value_before_it_prints_or_writes_anything(argv, message, tmp_path, capsys):
     out = tmp_path / "demo"
@@ -222,10 +223,12 @@ def test_the_demo_refuses_to_replace_an_earlier_demos_results_unless_told_to(tmp
     captured = capsys.readouterr()
     assert captured.out == ""  # refused before the header and the bar, as train refuses an existing --out
     assert captured.err == (f"error: --out {out} holds an earlier demo's results (window.safetensors, "
-                            "window_metrics.json, run/checkpoint.pt): pick another --out, or pass --overwrite to run "
+                            "window_metrics.json): pick another --out, or pass --overwrite to run "
                             "the demo anew and replace them\n")
-    assert main(["demo", "--concept", "smiley", "--out", str(out)]) == 2  # another subject: only run/ is shared
-    assert f"error: --out {out} holds an earlier demo's results (run/checkpoint.pt): " in capsys.readouterr().err
+    assert main(["demo", "--concept", "smiley", "--out", str(out), "--steps", "0"]) == 2  # another subject: its
+    assert "holds an earlier demo" not in capsys.readouterr().err  # own results are none; run/ no demo resumes
+    assert main(["demo", "--concept", "window", "--out", str(out), "--set", "echo_start=0"]) == 2
+    assert "echo_start" not in capsys.readouterr().err  # the refusal comes before the config is even read
     with pytest.raises(ConfigError, match=r"holds an earlier demo's results .*pass overwrite=True"):
         demo_job.run_demo(out, concept_name="window")  # the library refuses alike, before any model loads
     assert {path: path.read_bytes() for path in earlier} == earlier  # nothing replaced

@@ -310,7 +310,7 @@ def test_export_command_takes_the_unet_config_of_an_sdxl_concept(bundle, tiny_sd
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps({"block_out_channels": [32, 64], "in_channels": "4"}))
     assert main(["export", *out, "--unet-config", str(edited)]) == 2  # the file named, not "the UNet config"
-    assert (f'--unet-config {edited}: {edited} does not describe a UNet (in_channels is "4", not a whole number of at '
+    assert (f'--unet-config {edited}: {edited} cannot describe a UNet (in_channels is "4", not a whole number of at '
             "least 1)") in capsys.readouterr().err
     assert not (tmp_path / "loras").exists() or not any((tmp_path / "loras").iterdir())
 

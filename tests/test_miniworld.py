@@ -340,25 +340,32 @@ def test_stages_take_a_device_and_return_cpu_models_without_touching_their_input
 
 
 def test_a_snapshot_carries_a_cut_teacher_run_to_an_empty_checkpoint_folder(tmp_path, cut_after_checkpoint):
-    """Saved: float16 weights, the step, the generator; restored: a loop state the teacher goes on from, at the
-    same schedule position and random draws, with fresh AdamW moments."""
+    """Saved: float16 weights, the step, the generator, the seed; restored: a loop state the teacher goes on from,
+    at the same schedule position and random draws, with fresh AdamW moments."""
+    from safetensors.torch import load_file, save_file
+
     from echodistill.miniworld import snapshot, training
 
     scheduler, latents, ids, empty = _teacher_inputs()
     settings = training.TeacherSettings(steps=4, batch=2, warmup=1, checkpoint_every=2)
     ckpt, folder, elsewhere = tmp_path / "ckpt", tmp_path / "snapshot", tmp_path / "elsewhere" / "ckpt"
-    with pytest.raises(snapshot.SnapshotError, match="no vae.pt, teacher.pt, teacher_running.pt or student.pt"):
-        snapshot.save_snapshot(ckpt, folder, settings)
+    with pytest.raises(snapshot.SnapshotError, match="no vae.pt to save"):
+        snapshot.save_snapshot(ckpt, folder, settings, seed=0)
+    assert not folder.exists()  # refused before the folder is made
     with cut_after_checkpoint():
         training.train_teacher(latents, ids, empty, scheduler, settings, 0, lambda m: None,
                                resume_path=ckpt / "teacher_running.pt")
     vae = training.build_vae()
     training.save_atomically(ckpt / "vae.pt", {"state": vae.state_dict(), "scaling_factor": 0.25})
-    assert snapshot.save_snapshot(ckpt, folder, settings) == {"vae": "finished", "teacher": "step 2 of 4"}
+    folder.mkdir()
+    (folder / "student.safetensors").write_bytes(b"an older snapshot's student, of another teacher")
+    assert snapshot.save_snapshot(ckpt, folder, settings, seed=0) == {"vae": "finished", "teacher": "step 2 of 4"}
     assert sorted(p.name for p in folder.iterdir()) == ["teacher.safetensors", "text_encoder.safetensors",
-                                                        "vae.safetensors"]
+                                                        "vae.safetensors"]  # the stale student is gone
 
-    assert snapshot.restore_snapshot(folder, elsewhere, settings) == {
+    with pytest.raises(snapshot.SnapshotError, match="saved from a run with --seed 0; this run's is 5"):
+        snapshot.restore_snapshot(folder, elsewhere, settings, seed=5)
+    assert snapshot.restore_snapshot(folder, elsewhere, settings, seed=0) == {
         "vae": "finished", "teacher": "step 2 of 4 (AdamW moments restart)"}
     cut = torch.load(ckpt / "teacher_running.pt", weights_only=True)
     carried = torch.load(elsewhere / "teacher_running.pt", weights_only=True)
@@ -380,13 +387,32 @@ def test_a_snapshot_carries_a_cut_teacher_run_to_an_empty_checkpoint_folder(tmp_
     assert all(torch.isfinite(w).all() for w in unet.state_dict().values())
 
     with pytest.raises(snapshot.SnapshotError, match="already holds vae.pt, teacher_running.pt"):
-        snapshot.restore_snapshot(folder, elsewhere, settings)  # this machine's own checkpoints win
-    with pytest.raises(snapshot.SnapshotError, match="saved from a 4-step teacher run; this recipe trains 8"):
-        snapshot.restore_snapshot(folder, tmp_path / "third", training.TeacherSettings(steps=8))
+        snapshot.restore_snapshot(folder, elsewhere, settings, seed=0)  # this machine's own checkpoints win
+    progress = tmp_path / "progress" / "ckpt"
+    progress.mkdir(parents=True)
+    (progress / "student_pairs.pt").write_bytes(b"another run's student progress")
+    with pytest.raises(snapshot.SnapshotError, match="already holds student_pairs.pt"):
+        snapshot.restore_snapshot(folder, progress, settings, seed=0)
+    with pytest.raises(snapshot.SnapshotError, match="saved from a 4-step teacher run; this run trains 8 steps"):
+        snapshot.restore_snapshot(folder, tmp_path / "third", training.TeacherSettings(steps=8), seed=0)
+    with pytest.raises(snapshot.SnapshotError, match="no such folder"):
+        snapshot.restore_snapshot(tmp_path / "nowhere", tmp_path / "fifth", settings, seed=0)
+    teacher_file = folder / "teacher.safetensors"
+    tensors, metadata = load_file(teacher_file), snapshot._read(teacher_file)[1]
+    del tensors["conv_in.bias"]
+    save_file(tensors, teacher_file, metadata=metadata)
+    with pytest.raises(snapshot.SnapshotError, match="tensors do not fit the model this recipe builds.*conv_in.bias"):
+        snapshot.restore_snapshot(folder, tmp_path / "sixth", settings, seed=0)
+    (folder / "text_encoder.safetensors").write_bytes(b"cut")
+    snapshot.save_snapshot(ckpt, folder, settings, seed=0)  # saved again: whole
     (folder / "text_encoder.safetensors").write_bytes(b"cut")
     with pytest.raises(snapshot.SnapshotError, match="text_encoder.safetensors is not a readable safetensors file"):
-        snapshot.restore_snapshot(folder, tmp_path / "fourth", settings)
-    assert not (tmp_path / "third").exists() and not (tmp_path / "fourth").exists()  # nothing half restored
+        snapshot.restore_snapshot(folder, tmp_path / "fourth", settings, seed=0)
+    for refused in ("third", "fourth", "fifth", "sixth"):  # nothing half restored
+        assert not (tmp_path / refused).exists()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(snapshot.SnapshotError, match="a_file is a file, not a folder"):
+        snapshot.save_snapshot(ckpt, tmp_path / "a_file", settings, seed=0)
 
 
 def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(tmp_path):
@@ -405,6 +431,7 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
                            (("--seed", "-1"), "--seed -1: give a non-negative integer"),
                            (("--oracle-only", "--to-stage", "vae"), "--oracle-only runs on its own"),
                            (("--save-snapshot", "x", "--from-stage", "vae"), "--save-snapshot runs on its own"),
+                           (("--save-snapshot", ""), "give a folder name (an empty one would mean the current"),
                            (("--from-stage", "eval", "--keep-oracle"), "the eval stage needs the oracle")):
         refused = run(*flags)  # refused before anything renders or writes
         assert refused.returncode == 2 and message in refused.stderr, (flags, refused.stderr)

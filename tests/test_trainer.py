@@ -139,6 +139,8 @@ def test_lora_targets_with_the_custom_diffusion_adapter_is_refused_not_ignored(t
         TrainConfig(adapter="lora", lora_targets=("to_q", "to_v")).with_changes(adapter="custom_diffusion")
     assert TrainConfig(adapter="lora", lora_targets=("to_q", "to_v")).lora_targets == ("to_q", "to_v")
     assert TrainConfig().with_changes(adapter="lora").adapter == "lora"  # the default targets go with either
+    reordered = tuple(reversed(TrainConfig().lora_targets))
+    assert TrainConfig(lora_targets=reordered).adapter == "custom_diffusion"  # the same targets, another order
     from echodistill.cli import main
 
     assert main(["train", "--teacher", "miniworld/teacher", "--student", "miniworld/student", "--images",

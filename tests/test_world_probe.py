@@ -74,7 +74,7 @@ def test_the_whole_unet_diagnostic_trains_every_weight_and_puts_them_all_back(wo
     assert all(torch.equal(before[k], after[k]) for k in before)  # handed back exactly
     assert not any(p.requires_grad for p in pair.teacher.unet.parameters())
     assert report["fair"] is False and report["settings"]["trainable"] == "unet"
-    assert "Diagnostic run: every UNet weight" in (tmp_path / "world_probe.md").read_text()
+    assert "Diagnostic run, 2 step(s): every UNet weight" in (tmp_path / "world_probe.md").read_text()
     with pytest.raises(ValueError, match="trainable='lora'"):
         world_probe.ProbeSettings(trainable="lora")
 
@@ -113,7 +113,8 @@ def test_two_seeds_a_class_prior_and_a_paired_comparison(world, tmp_path, monkey
     assert first["standard_error"] == pytest.approx(abs(a - b) / 2)  # n = 2: std/√2 = |a − b|/√2/√2
     assert first["fair"] is False  # the prior term makes it a diagnostic, whatever it scores
     text = (tmp_path / "a" / "world_probe.md").read_text()
-    assert "Diagnostic run: a class-prior term (weight 1, 3 class pictures)" in text and "2 seed(s)" in text
+    assert "Diagnostic run, 1 step(s): a class-prior term (weight 1, 3 class pictures)." in text
+    assert "2 seed(s)" in text
     assert {p.name for p in (tmp_path / "a" / "sheets").iterdir()} == {
         f"procedural_300000{i}_seed{s}.png" for i in (2, 3) for s in (4, 5)}
 
@@ -125,8 +126,12 @@ def test_two_seeds_a_class_prior_and_a_paired_comparison(world, tmp_path, monkey
     assert compared["mean"] == pytest.approx(second["records"][0]["subject_fidelity"]
                                              - first["records"][1]["subject_fidelity"])
     text = (tmp_path / "b" / "world_probe.md").read_text()
-    assert "Against a/world_probe.json: subject fidelity" in text and "paired over 1" in text
-    assert "Diagnostic run: the token row alone" in text and second["fair"] is False
+    assert "Against a/world_probe.json: subject fidelity" in text and "paired over the 1 subject x seed" in text
+    assert "one subject: no standard error" in text
+    assert "Diagnostic run, 1 step(s): the token row alone" in text and second["fair"] is False
+    (tmp_path / "b" / "sheets" / "gone_seed9.png").write_bytes(b"an earlier probe's sheet")
+    world_probe.run_world_probe(pair, oracle, subjects[:1], token_alone, tmp_path / "b", log=lambda m: None)
+    assert [p.name for p in (tmp_path / "b" / "sheets").iterdir()] == ["procedural_3000002_seed5.png"]
     with pytest.raises(ValueError, match="probed none of these subjects"):
         world_probe.run_world_probe(pair, oracle, [procedural_subject(3_000_004)], token_alone, tmp_path / "c",
                                     baseline=("a", first))
@@ -158,6 +163,10 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
     bad.write_text('{"records": []}')
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"records": [{"concept": "window", "seed": 0, "subject_fidelity": 0.4}]}))
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"records": [{"concept": "smiley", "seed": 0, "subject_fidelity": NaN}]}')
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps({"records": [{"concept": "smiley", "seed": 0, "subject_fidelity": 0.4}] * 2}))
     nothing = run("--steps", "0")
     assert nothing.returncode == 2 and "--steps 0: give 1 or more" in nothing.stderr
     missing = run("--models", str(tmp_path / "nowhere"), "--steps", "1")
@@ -165,7 +174,7 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
     for flags, message in ((("--lr", "nan"), "--lr nan: give a learning rate from 0 to 1"),
                            (("--token-lr", "-0.5"), "--token-lr -0.5: give a learning rate from 0 to 1"),
                            (("--lr", "1e300"), "--lr 1e+300: give a learning rate from 0 to 1"),
-                           (("--seed", str(2**64)), f"--seed {2**64}: give an integer from 0 to {2**63 - 1}"),
+                           (("--seed", str(2**64)), f"--seed {2**64}: give an integer from 0 to 92233720368546"),
                            (("--lr", "0", "--token-lr", "0"), "train nothing"),
                            (("--min-scale", "0"), "--min-scale 0.0: give a fraction of the picture in (0, 1]"),
                            (("--seed", "-1"), "--seed -1: give an integer from 0 to"),
@@ -176,10 +185,27 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
                            (("--prior-images", "0"), "--prior-images 0: give 1 to 10,000 class pictures"),
                            (("--compare", str(tmp_path / "none.json")), "none.json: no such file"),
                            (("--compare", str(bad)), "no world-probe records in it"),
-                           (("--compare", str(other)), "probed none of these subjects with these seeds")):
+                           (("--compare", str(other)), "probed none of these subjects with these seeds"),
+                           (("--compare", str(nan)), "a subject fidelity outside 0..1 (or not a number)"),
+                           (("--compare", str(twice)), "a subject and seed appear twice in it"),
+                           (("--prior-images", "5"), "--prior-images 5 is read only with a class-prior term"),
+                           (("--seed", str(2**62)), f"--seed {2**62}: give an integer from 0 to 92233720368546")):
         refused = run("--concepts", "smiley", *flags)  # before any model loads: no report with NaN in it
         assert refused.returncode == 2 and message in refused.stderr, (flags, refused.stderr)
         assert not (tmp_path / "sheets").exists() and not (tmp_path / "world_probe.json").exists()
+    earlier = tmp_path / "world_probe.json"  # a finished probe in --out is kept, and never compared with itself
+    earlier.write_text(json.dumps({"records": [{"concept": "smiley", "seed": 0, "subject_fidelity": 0.4}]}))
+    kept = run("--concepts", "smiley", "--steps", "1")
+    assert kept.returncode == 2 and "holds an earlier probe's report (world_probe.json)" in kept.stderr
+    assert "pass --overwrite to replace it" in kept.stderr
+    itself = run("--concepts", "smiley", "--overwrite", "--compare", str(earlier))
+    assert itself.returncode == 2 and "is the report this run writes: give another --out" in itself.stderr
+    assert json.loads(earlier.read_text())["records"][0]["subject_fidelity"] == 0.4
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    blocked = subprocess.run([sys.executable, "-m", "echodistill", "bench", "world-probe", "--concepts", "smiley",
+                              "--out", str(a_file)], capture_output=True, text=True, timeout=300)
+    assert blocked.returncode == 2 and "a_file is a file, not a folder" in blocked.stderr, blocked.stderr
 
 
 def test_the_vae_ceiling_scores_the_exact_renders_after_the_round_trip(world):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from ..miniworld.recipe import AUGMENT_MIN_SCALE
 
@@ -59,3 +60,12 @@ class ProbeSettings:
         if self.prior_weight > 0:
             reasons.append(f"a class-prior term (weight {self.prior_weight:g}, {self.prior_images} class pictures)")
         return reasons
+
+
+def check_baseline(concepts: Sequence, settings: ProbeSettings, baseline: dict) -> None:
+    """Raise ValueError unless `baseline` (a world_probe.json's content) probed one of `concepts` with one of the
+    seeds `settings` runs: otherwise there is nothing to pair."""
+    planned = {(c.name, seed) for c in concepts for seed in range(settings.seed, settings.seed + settings.seeds)}
+    if not planned & {(r.get("concept"), r.get("seed", 0)) for r in baseline["records"]}:
+        raise ValueError("the baseline probed none of these subjects with these seeds: give a report of the same "
+                         "subjects and --seed")

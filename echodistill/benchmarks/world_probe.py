@@ -49,7 +49,7 @@ from ..models.tensor_files import atomic_write_text
 from ..sampling.samplers import sample_teacher
 from ..training.data import ConceptDataset
 from ..training.losses import masked_denoising_loss
-from .probe_settings import PROMPT_BAR, SUBJECT_BAR, ProbeSettings
+from .probe_settings import PROMPT_BAR, SUBJECT_BAR, ProbeSettings, check_baseline
 
 
 def probe_subject(pair: ModelPair, oracle: Oracle, concept: Concept, settings: ProbeSettings,
@@ -233,6 +233,10 @@ def run_world_probe(pair: ModelPair, oracle: Oracle, concepts: Sequence[Concept]
         report["compared_with"] = {"path": baseline[0], **paired_difference(report, baseline[1])}
     atomic_write_text(out / "world_probe.json", json.dumps(report, indent=2))
     atomic_write_text(out / "world_probe.md", markdown(report))
+    written = {f"{c.name}_seed{seed}.png" for c in concepts for seed in range(settings.seed, settings.seed + settings.seeds)}
+    for stale in (out / "sheets").glob("*.png"):  # an earlier probe's sheets: only now, once this one is written
+        if stale.name not in written:
+            stale.unlink()
     return report
 
 
@@ -246,15 +250,6 @@ def standard_error(values: Sequence[float]) -> float | None:
         return None
     mean = _mean(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-
-
-def check_baseline(concepts: Sequence[Concept], settings: ProbeSettings, baseline: dict) -> None:
-    """Raise ValueError unless `baseline` (a world_probe.json's content) probed one of `concepts` with one of the
-    seeds `settings` runs: otherwise there is nothing to pair."""
-    planned = {(c.name, seed) for c in concepts for seed in range(settings.seed, settings.seed + settings.seeds)}
-    if not planned & {(r.get("concept"), r.get("seed", 0)) for r in baseline["records"]}:
-        raise ValueError("the baseline probed none of these subjects with these seeds: give a report of the same "
-                         "subjects and --seed")
 
 
 def paired_difference(report: dict, baseline: dict) -> dict:
@@ -300,14 +295,17 @@ def markdown(report: dict) -> str:
                  + (" ± the standard error over the subjects' means." if error is not None else "."))
     if "compared_with" in report:
         c = report["compared_with"]
-        error = f" ± {c['standard_error']:.3f}" if c["standard_error"] is not None else ""
-        lines.append(f"Against {c['path']}: subject fidelity {c['mean']:+.3f}{error} (paired over {c['pairs']} "
-                     "subject x seed runs both probed; standard error over the subjects' mean differences).")
+        if c["standard_error"] is not None:
+            error, basis = f" ± {c['standard_error']:.3f}", "; standard error over the subjects' mean differences"
+        else:
+            error, basis = "", "; one subject: no standard error"
+        lines.append(f"Against {c['path']}: subject fidelity {c['mean']:+.3f}{error} (paired over the {c['pairs']} "
+                     f"subject x seed run(s) both probed{basis}).")
     known = {field: settings[field] for field in ProbeSettings.__dataclass_fields__ if field in settings}
     reasons = ProbeSettings(**known).diagnostics()
     steps = settings["steps"]
     if reasons:
-        lines.append(f"Diagnostic run: {'; '.join(reasons)} ({steps} steps). Not the bar, which trains the "
+        lines.append(f"Diagnostic run, {steps} step(s): {'; '.join(reasons)}. Not the bar, which trains the "
                      "paper's K/V + token row with the plain masked denoising loss.")
     else:
         verdict = "meets" if report["fair"] else "does NOT meet"

@@ -263,7 +263,7 @@ def _unet_config(path: str) -> dict:
 
     problems = unet_config_problems(config)
     if problems:  # named here, where the file is known, not later as "the UNet config"
-        raise EchoDistillError(f"--unet-config {path}: {file} does not describe a UNet ({'; '.join(problems)}): give "
+        raise EchoDistillError(f"--unet-config {path}: {file} cannot describe a UNet ({'; '.join(problems)}): give "
                                "the config.json of the UNet the concept was trained on")
     return config
 

@@ -477,11 +477,12 @@ def run_lr_sweep(args: argparse.Namespace) -> int:
 
 def _check_training_numbers(args: argparse.Namespace) -> None:
     """The seeds, steps and images per prompt of `bench quality` / `lr-sweep`, refused before anything loads."""
-    from ..training.config import MAX_SEED, MAX_STEPS
+    from ..miniworld.recipe import MAX_UNIT_SEED
+    from ..training.config import MAX_STEPS
 
     flag, seeds = ("--seeds", args.seeds) if hasattr(args, "seeds") else ("--seed", [args.seed])
-    for seed in seeds:
-        check_count(flag, seed, 0, MAX_SEED, "as a seed")
+    for seed in seeds:  # each seeds its evaluation noise seed x 100,000 + i, in 64 bits
+        check_count(flag, seed, 0, MAX_UNIT_SEED, "as a seed")
     check_count("--steps", args.steps, 1, MAX_STEPS, "training steps")
     check_count("--images-per-prompt", args.images_per_prompt, 1, MAX_IMAGES_PER_PROMPT, "images")
 
@@ -507,15 +508,23 @@ def read_probe_report(path: str) -> dict:
         report = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise BenchError(f"--compare {path}: no such file; give a world_probe.json an earlier run wrote") from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         raise BenchError(f"--compare {path}: not a readable world_probe.json ({error})") from None
     records = report.get("records") if isinstance(report, dict) else None
     if not (isinstance(records, list) and records and all(
             isinstance(r, dict) and isinstance(r.get("concept"), str)
-            and isinstance(r.get("subject_fidelity"), (int, float)) and isinstance(r.get("seed", 0), int)
+            and isinstance(r.get("subject_fidelity"), (int, float)) and not isinstance(r["subject_fidelity"], bool)
+            and isinstance(r.get("seed", 0), int) and not isinstance(r.get("seed", 0), bool)
             for r in records)):
         raise BenchError(f"--compare {path}: no world-probe records in it (a list of subjects with their "
                          "subject_fidelity); give a world_probe.json an earlier run wrote")
+    if not all(0 <= r["subject_fidelity"] <= 1 for r in records):  # NaN and infinities fail this too
+        raise BenchError(f"--compare {path}: a subject fidelity outside 0..1 (or not a number) in it; give a "
+                         "world_probe.json an earlier run wrote")
+    units = [(r["concept"], r.get("seed", 0)) for r in records]
+    if len(set(units)) != len(units):
+        raise BenchError(f"--compare {path}: a subject and seed appear twice in it; give a world_probe.json an "
+                         "earlier run wrote")
     return report
 
 def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -546,8 +555,8 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
                         default=defaults.seed, help="first training and sampling seed")
     parser.add_argument("--seeds", type=whole_number("--seeds", "a whole number of seeds", 2),
                         default=defaults.seeds,
-                        help=f"seeds per subject: --seed, --seed + 1, ... (default: {defaults.seeds}; one seed moves a "
-                             "subject by 0.1-0.3)")
+                        help=f"seeds per subject, 1 to {MAX_PROBE_SEEDS}: --seed, --seed + 1, ... (default: "
+                             f"{defaults.seeds}; one seed moves a subject by 0.1-0.3)")
     parser.add_argument("--prior-weight", type=number("--prior-weight", "a weight from 0 to 100", 1.0),
                         default=defaults.prior_weight,
                         help="weight of Custom Diffusion's class-prior term: the untrained teacher's own pictures "
@@ -564,6 +573,9 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/world_probe", help="folder for world_probe.json/.md and sheets/")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier probe's report in --out (without it, it is refused, so that no "
+                             "finished probe is lost)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
     parser.add_argument("--threads", type=THREADS,
                         help="CPU threads for torch (default: chosen per model size, as training chooses: 1 here)")
@@ -571,9 +583,10 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_world_probe(args: argparse.Namespace) -> int:
     from ..benchmarks.names import BenchError
-    from ..benchmarks.probe_settings import DEFAULT_LR, ProbeSettings
-    from ..benchmarks.world_probe import check_baseline, markdown, run_world_probe as probe
-    from ..training.config import MAX_SEED, MAX_STEPS
+    from ..benchmarks.probe_settings import DEFAULT_LR, PRIOR_IMAGES, ProbeSettings, check_baseline
+    from ..files import check_writable
+    from ..miniworld.recipe import MAX_UNIT_SEED
+    from ..training.config import MAX_STEPS
     from ..miniworld import CONCEPTS
     from ..miniworld.procedural import VALIDATION_SEEDS, fresh_subject_name, lookup_subject, procedural_subject
 
@@ -597,17 +610,27 @@ def run_world_probe(args: argparse.Namespace) -> int:
         raise BenchError("--lr 0 and --token-lr 0 train nothing: give one of them a positive rate")
     if not (math.isfinite(args.min_scale) and 0 < args.min_scale <= 1):
         raise BenchError(f"--min-scale {args.min_scale}: give a fraction of the picture in (0, 1]")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise BenchError(f"--seed {args.seed}: give an integer from 0 to {MAX_SEED}")
+    if not 0 <= args.seed <= MAX_UNIT_SEED:  # its evaluation noise is seeded seed x 100,000 + i, in 64 bits
+        raise BenchError(f"--seed {args.seed}: give an integer from 0 to {MAX_UNIT_SEED}")
     check_count("--seeds", args.seeds, 1, MAX_PROBE_SEEDS, "seeds per subject")
     if not (math.isfinite(args.prior_weight) and 0 <= args.prior_weight <= 100):
         raise BenchError(f"--prior-weight {args.prior_weight}: give a weight from 0 to 100 (0: no class-prior term)")
     check_count("--prior-images", args.prior_images, 1, MAX_PRIOR_IMAGES, "class pictures")
-    if args.seed + args.seeds - 1 > MAX_SEED:
-        raise BenchError(f"--seed {args.seed} --seeds {args.seeds}: the last seed passes {MAX_SEED}")
+    if args.prior_images != PRIOR_IMAGES and args.prior_weight == 0:
+        raise BenchError(f"--prior-images {args.prior_images} is read only with a class-prior term: give "
+                         "--prior-weight above 0 too, or leave --prior-images out")
+    if args.seed + args.seeds - 1 > MAX_UNIT_SEED:
+        raise BenchError(f"--seed {args.seed} --seeds {args.seeds}: the last seed passes {MAX_UNIT_SEED}")
+    report_path = Path(args.out) / "world_probe.json"
+    if report_path.exists() and not args.overwrite:  # as train and demo refuse: no finished probe is lost
+        raise BenchError(f"--out {args.out} holds an earlier probe's report ({report_path.name}): pick another --out, "
+                         "or pass --overwrite to replace it")
     baseline = None
     if args.compare:
-        baseline = (args.compare, read_probe_report(args.compare))
+        if Path(args.compare).resolve() == report_path.resolve():
+            raise BenchError(f"--compare {args.compare} is the report this run writes: give another --out, so that "
+                             "the report compared with is kept")
+        baseline = (str(Path(args.compare).resolve()), read_probe_report(args.compare))
     subjects += [procedural_subject(seed) for seed in VALIDATION_SEEDS.seeds()[: args.fresh]]
     settings = ProbeSettings(steps=args.steps, lr=args.lr, token_lr=args.token_lr, min_scale=args.min_scale,
                              seed=args.seed, seeds=args.seeds, trainable=args.trainable,
@@ -617,6 +640,9 @@ def run_world_probe(args: argparse.Namespace) -> int:
             check_baseline(subjects, settings, baseline[1])
         except ValueError as error:
             raise BenchError(f"--compare {args.compare}: {error}") from None
+    check_writable(args.out, "--out")  # before the models load (a file in the way, no permission)
+    from ..benchmarks.world_probe import markdown, run_world_probe as probe  # torch: only once the flags are good
+
     pair, oracle, world = load_world(args)
     report = probe(pair, oracle, subjects, settings, args.out,
                    extra={**world, "command": shlex.join(["echodistill", *sys.argv[1:]])},

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..files import check_writable
     from ..jobs.demo import demo_config, demo_outputs, refuse_to_replace, run_demo
-    from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS
+    from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS, MAX_UNIT_SEED
     from ..training.config import TrainConfig
 
     check_count("--threads", args.threads, 1, MAX_THREADS, "CPU threads")
@@ -67,14 +67,17 @@ def run(args: argparse.Namespace) -> int:
         from ..training.threads import set_cpu_threads
 
         set_cpu_threads(args.threads)
+    if not args.out.strip():
+        raise EchoDistillError("--out '': name the folder for the bundle, contact sheet and metrics")
+    refuse_to_replace(args.out, args.concept, args.overwrite)  # as train refuses: before anything is printed
     # --steps / --seed or --set (not both with different values); messages name each value as the user gave it
     overrides, args.value_sources = given_config_values(args, tuple(f.name for f in fields(TrainConfig)))
     steps, seed = overrides.pop("steps", DEMO_STEPS), overrides.pop("seed", DEMO_SEED)
     config = built_config(args.value_sources,  # a bad value is refused before any output, every one at once
                           lambda: demo_config(args.concept, steps, seed, overrides))
-    if not args.out.strip():
-        raise EchoDistillError("--out '': name the folder for the bundle, contact sheet and metrics")
-    refuse_to_replace(args.out, args.concept, args.overwrite)  # as train refuses: before anything is printed
+    if config.seed > MAX_UNIT_SEED:
+        raise EchoDistillError(f"seed {config.seed}: give 0 to {MAX_UNIT_SEED:,} (the demo's sampling noise is seeded "
+                               "seed x 100,000 + i, which torch keeps in 64 bits)")
     check_writable(args.out, "--out")  # an unusable folder too (removed again if the run fails)
     print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {config.steps} steps, seed {config.seed}")
     callbacks = TerminalCallbacks(config.steps, preview_dir=Path(args.out) / "run")

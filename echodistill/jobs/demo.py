@@ -64,7 +64,7 @@ class DemoOutputs(NamedTuple):
     bundle: Path
     contact_sheet: Path
     metrics: Path
-    checkpoint: Path  # in run/, which every subject's demo in this folder shares
+    checkpoint: Path  # in run/, which every subject's demo in this folder shares (and replaces: no demo resumes)
 
 
 def demo_outputs(out_dir: str | os.PathLike, concept_name: str) -> DemoOutputs:
@@ -74,12 +74,14 @@ def demo_outputs(out_dir: str | os.PathLike, concept_name: str) -> DemoOutputs:
 
 
 def refuse_to_replace(out_dir: str | os.PathLike, concept_name: str, overwrite: bool = False) -> None:
-    """Unless `overwrite`, refuse a demo whose files `out_dir` already holds from an earlier one (its subject's
-    bundle, sheet or metrics, or any subject's checkpoint in run/): ConfigError naming the folder, the files and
-    the two ways on, as `echodistill train` refuses to replace a bundle. Cheap: before anything loads."""
+    """Unless `overwrite`, refuse a demo whose results `out_dir` already holds from an earlier one (its subject's
+    bundle, sheet or metrics; not the shared run/ checkpoint, which no demo resumes): ConfigError naming the
+    folder, the files and the two ways on, as `echodistill train` refuses to replace a bundle. Cheap: before
+    anything loads."""
     if overwrite:
         return
-    found = [path for path in demo_outputs(out_dir, concept_name) if path.exists()]
+    outputs = demo_outputs(out_dir, concept_name)
+    found = [path for path in (outputs.bundle, outputs.contact_sheet, outputs.metrics) if path.exists()]
     if found:
         names = ", ".join(path.relative_to(out_dir).as_posix() for path in found)
         raise ConfigError(f"out_dir={out_dir} holds an earlier demo's results ({names}): pick another out_dir=..., "

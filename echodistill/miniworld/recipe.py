@@ -18,6 +18,8 @@ from .drawing import RESOLUTION
 
 TOKEN = "<v*>"
 TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5  # how every score of the mini world draws with the teacher
+NOISE_SEEDS_PER_UNIT = 100_000  # a concept x seed draws its i-th evaluation picture from noise seed·100,000 + i
+MAX_UNIT_SEED = (2**63 - 1) // NOISE_SEEDS_PER_UNIT - 1  # the largest seed whose noise seeds fit torch's 64 bits
 # Untrained reference rows: what a trained concept is measured against (miniworld.scoring scores them; kept here,
 # free of torch, so that command-line help can name them at once).
 PRIOR = "class_prior"  # the untrained student given the prompts without the token

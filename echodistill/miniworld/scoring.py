@@ -20,6 +20,8 @@ from .image_prompt import ImagePromptAdapter, image_prompt_student
 from .oracle import Oracle
 from .recipe import (  # noqa: F401 - the row names and sampling settings are read from here too
     IMAGE_PROMPT,
+    MAX_UNIT_SEED,
+    NOISE_SEEDS_PER_UNIT,
     PRIOR,
     START_PRIOR,
     TEACHER_GUIDANCE,
@@ -44,7 +46,12 @@ class UnitInputs:
 
     @classmethod
     def build(cls, concept: Concept, seed: int, images_per_prompt: int, captions: bool = False) -> UnitInputs:
-        """`captions`: train on each reference's caption in the world's grammar instead of the templates."""
+        """`captions`: train on each reference's caption in the world's grammar instead of the templates.
+
+        Raises ValueError for a seed outside 0..MAX_UNIT_SEED (its noise seeds would not fit 64 bits)."""
+        if not 0 <= seed <= MAX_UNIT_SEED:
+            raise ValueError(f"seed {seed}: give 0 to {MAX_UNIT_SEED:,} (the evaluation noise is seeded "
+                             f"seed x {NOISE_SEEDS_PER_UNIT:,} + i, which torch keeps in 64 bits)")
         references = reference_images(concept)  # (5, 64, 64, 3) uint8
         prompts = evaluation_prompts(concept)
         return cls(
@@ -52,7 +59,7 @@ class UnitInputs:
             reference_pixels=torch.from_numpy(references).permute(0, 3, 1, 2).float() / 255.0,
             texts=[p.text.format(token=TOKEN) for p in prompts for _ in range(images_per_prompt)],
             stated=[p.stated for p in prompts for _ in range(images_per_prompt)],
-            noise_seeds=[seed * 100_000 + i for i in range(len(prompts) * images_per_prompt)],
+            noise_seeds=[seed * NOISE_SEEDS_PER_UNIT + i for i in range(len(prompts) * images_per_prompt)],
         )
 
     def texts_with(self, word: str) -> list[str]:

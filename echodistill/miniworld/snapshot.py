@@ -26,28 +26,44 @@ import torch
 
 from ..errors import EchoDistillError
 from ..models.tensor_files import atomic_save_safetensors, open_safetensors
-from .architecture import build_text_encoder, build_unet
+from .architecture import build_text_encoder, build_unet, build_vae
 from .training import TeacherSettings, save_atomically, teacher_optimizer
 
 FILES = {"vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors", "teacher": "teacher.safetensors",
          "student": "student.safetensors"}
 GENERATOR = "__generator_state__"  # the teacher loop's torch.Generator state, a uint8 tensor
+CHECKPOINTS = ("vae.pt", "vae_running.pt", "teacher.pt", "teacher_running.pt", "student.pt", "student_pairs.pt",
+               "student_running.pt")  # everything in ckpt/ a restored run would read or go on from
 
 
 class SnapshotError(EchoDistillError):
     """A snapshot or checkpoint folder that cannot be saved or restored; the message says which file and why."""
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    atomic_save_safetensors(tensors, path, metadata)
-
-
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a snapshot file; SnapshotError in one line when it is missing or unreadable."""
+def _read(path: Path, builder=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a snapshot file; SnapshotError in one line when it is missing, unreadable or (with
+    `builder`, a model constructor) its tensors do not fit the model the recipe builds."""
     if not path.is_file():
         raise SnapshotError(f"{path}: missing from the snapshot; save it again with --save-snapshot")
     with open_safetensors(path, SnapshotError, advice="save the snapshot again with --save-snapshot") as file:
-        return {name: file.get_tensor(name) for name in file.keys()}, dict(file.metadata() or {})
+        tensors, metadata = {name: file.get_tensor(name) for name in file.keys()}, dict(file.metadata() or {})
+    if builder is not None:
+        weights = {name: t for name, t in tensors.items() if name != GENERATOR}
+        try:
+            builder().load_state_dict(_float(weights))
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[1:2] or [type(error).__name__]
+            raise SnapshotError(f"{path}: its tensors do not fit the model this recipe builds ({first[0].strip()}); "
+                                "save the snapshot again with --save-snapshot") from None
+    return tensors, metadata
+
+
+def _field(metadata: dict[str, str], key: str, path: Path, kind=int):
+    try:
+        return kind(metadata[key])
+    except (KeyError, ValueError):
+        raise SnapshotError(f"{path}: its metadata has no readable {key!r}; save the snapshot again with "
+                            "--save-snapshot") from None
 
 
 def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,71 +81,97 @@ def _load(path: Path) -> dict:
         raise SnapshotError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
 
 
-def save_snapshot(ckpt: Path, folder: Path, settings: TeacherSettings) -> dict[str, str]:
+def save_snapshot(ckpt: Path, folder: Path, settings: TeacherSettings, seed: int) -> dict[str, str]:
     """Write the snapshot of the run whose checkpoints are in `ckpt` into `folder`; {part: what was saved}.
 
     Saves the VAE (ckpt/vae.pt), the teacher (ckpt/teacher.pt, else the loop state ckpt/teacher_running.pt)
-    with its text encoder, and the student (ckpt/student.pt) where they exist. Raises SnapshotError when
-    there is nothing to save or a checkpoint is unreadable.
+    with its text encoder, and the student (ckpt/student.pt) where they exist, each with the run's `seed`;
+    a part an earlier snapshot left in `folder` that this run has not reached is removed (it belonged to
+    another run). Raises SnapshotError when there is nothing to save, a checkpoint is unreadable, or `folder`
+    cannot hold the files.
     """
     ckpt, folder = Path(ckpt), Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    saved = {}
-    if (ckpt / "vae.pt").is_file():
-        vae = _load(ckpt / "vae.pt")
-        _write(folder / FILES["vae"], vae["state"], {"scaling_factor": repr(float(vae["scaling_factor"]))})
-        saved["vae"] = "finished"
     finished = (ckpt / "teacher.pt").is_file()
-    source = ckpt / ("teacher.pt" if finished else "teacher_running.pt")
-    if source.is_file():
-        state = _load(source)
+    teacher_source = ckpt / ("teacher.pt" if finished else "teacher_running.pt")
+    if not (ckpt / "vae.pt").is_file():
+        raise SnapshotError(f"{ckpt}: no vae.pt to save (the VAE stage has not finished); every later stage "
+                            "trains on its latents")
+    if folder.exists() and not folder.is_dir():
+        raise SnapshotError(f"{folder} is a file, not a folder; give the folder to write the snapshot into")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SnapshotError(f"{folder}: cannot be made ({error.strerror or error}); give a folder you can write to")
+    run = {"seed": str(seed), "steps": str(settings.steps)}
+    parts: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+    vae = _load(ckpt / "vae.pt")
+    parts["vae"] = (vae["state"], {**run, "scaling_factor": repr(float(vae["scaling_factor"]))})
+    saved = {"vae": "finished"}
+    if teacher_source.is_file():
+        state = _load(teacher_source)
         step = settings.steps if finished else int(state["step"])
-        _write(folder / FILES["text_encoder"], _half(state["text_encoder"]), {"precision": "float16"})
+        parts["text_encoder"] = (_half(state["text_encoder"]), {**run, "precision": "float16"})
         tensors = _half(state["unet"])
-        metadata = {"step": str(step), "steps": str(settings.steps), "finished": json.dumps(finished),
-                    "precision": "float16", "moments": "not kept: AdamW restarts from zero on restore"}
         if not finished:
             tensors[GENERATOR] = state["generator"]
-        _write(folder / FILES["teacher"], tensors, metadata)
+        parts["teacher"] = (tensors, {**run, "step": str(step), "finished": json.dumps(finished),
+                                      "precision": "float16",
+                                      "moments": "not kept: AdamW restarts from zero on restore"})
         saved["teacher"] = "finished" if finished else f"step {step} of {settings.steps}"
-    if (ckpt / "student.pt").is_file():
-        _write(folder / FILES["student"], _half(_load(ckpt / "student.pt")["unet"]), {"precision": "float16"})
-        saved["student"] = "finished"
-    if not saved:
-        raise SnapshotError(f"{ckpt}: no vae.pt, teacher.pt, teacher_running.pt or student.pt to save")
+        if finished and (ckpt / "student.pt").is_file():
+            parts["student"] = (_half(_load(ckpt / "student.pt")["unet"]), {**run, "precision": "float16"})
+            saved["student"] = "finished"
+    for part, (tensors, metadata) in parts.items():
+        atomic_save_safetensors(tensors, folder / FILES[part], metadata)
+    for part, name in FILES.items():  # an older snapshot's later parts: another run's, never to be restored
+        if part not in parts:
+            (folder / name).unlink(missing_ok=True)
     return saved
 
 
-def restore_snapshot(folder: Path, ckpt: Path, settings: TeacherSettings) -> dict[str, str]:
+def restore_snapshot(folder: Path, ckpt: Path, settings: TeacherSettings, seed: int) -> dict[str, str]:
     """Write the checkpoints `folder`'s snapshot holds into `ckpt`; {part: what was restored}.
 
-    Refuses (SnapshotError) to replace a checkpoint `ckpt` already has: a run on this machine is further
-    along, or exact, and wins. A teacher snapshot saved at another total of steps than `settings.steps`
-    is refused too (its schedule would not fit). Every file is read and checked before one is written.
+    Refuses (SnapshotError), before writing anything: a `ckpt` that already holds any checkpoint or progress
+    file (a run on this machine is further along, or exact, and wins; another run's student progress would be
+    resumed against this teacher); a snapshot of another seed or total of teacher steps than this run's; and
+    files whose tensors do not fit the models the recipe builds.
     """
     folder, ckpt = Path(folder), Path(ckpt)
+    if not folder.is_dir():
+        raise SnapshotError(f"{folder}: no such folder; give the folder a snapshot was saved to")
     if not (folder / FILES["vae"]).is_file():
         raise SnapshotError(f"{folder}: no {FILES['vae']} in it; give the folder a snapshot was saved to")
-    present = [name for name in ("vae.pt", "teacher.pt", "teacher_running.pt", "student.pt") if (ckpt / name).is_file()]
+    present = [name for name in CHECKPOINTS if (ckpt / name).is_file()]
     if present:
         raise SnapshotError(f"{ckpt} already holds {', '.join(present)}: this machine's own checkpoints go on from "
                             "there; restore into an empty --log-dir")
-    vae_state, vae_metadata = _read(folder / FILES["vae"])
-    writes = {"vae.pt": {"state": vae_state, "scaling_factor": float(vae_metadata["scaling_factor"])}}
+    vae_state, vae_metadata = _read(folder / FILES["vae"], build_vae)
+    saved_seed = _field(vae_metadata, "seed", folder / FILES["vae"])
+    if saved_seed != seed:
+        raise SnapshotError(f"{folder} was saved from a run with --seed {saved_seed}; this run's is {seed}: give "
+                            f"--seed {saved_seed} to go on with it")
+    writes = {"vae.pt": {"state": vae_state,
+                         "scaling_factor": _field(vae_metadata, "scaling_factor", folder / FILES["vae"], float)}}
     restored = {"vae": "finished"}
     if (folder / FILES["teacher"]).is_file():
-        tensors, metadata = _read(folder / FILES["teacher"])
-        if int(metadata["steps"]) != settings.steps:
-            raise SnapshotError(f"{folder / FILES['teacher']} was saved from a {metadata['steps']}-step teacher run; "
-                                f"this recipe trains {settings.steps} steps")
+        path = folder / FILES["teacher"]
+        tensors, metadata = _read(path, build_unet)
+        steps = _field(metadata, "steps", path)
+        if steps != settings.steps:
+            raise SnapshotError(f"{path} was saved from a {steps}-step teacher run; this run trains {settings.steps} "
+                                "steps (a --quick run's snapshot restores only with --quick, and the reverse)")
         generator_state = tensors.pop(GENERATOR, None)
         unet_state = _float(tensors)
-        text_state = _float(_read(folder / FILES["text_encoder"])[0])
-        if json.loads(metadata["finished"]):
+        text_state = _float(_read(folder / FILES["text_encoder"], build_text_encoder)[0])
+        if _field(metadata, "finished", path, json.loads):
             writes["teacher.pt"] = {"unet": unet_state, "text_encoder": text_state}
             restored["teacher"] = "finished"
         else:
-            step = int(metadata["step"])
+            if generator_state is None:
+                raise SnapshotError(f"{path}: a running teacher without its random generator's state; save the "
+                                    "snapshot again with --save-snapshot")
+            step = _field(metadata, "step", path)
             unet, text_encoder = build_unet(), build_text_encoder()
             optimizer, scheduler = teacher_optimizer(unet, text_encoder, settings)
             for _ in range(step):  # the schedule's position: the learning rate after `step` steps
@@ -142,7 +184,7 @@ def restore_snapshot(folder: Path, ckpt: Path, settings: TeacherSettings) -> dic
     if (folder / FILES["student"]).is_file():
         if restored.get("teacher") != "finished":
             raise SnapshotError(f"{folder}: a student without its finished teacher; the snapshot is incomplete")
-        writes["student.pt"] = {"unet": _float(_read(folder / FILES["student"])[0])}
+        writes["student.pt"] = {"unet": _float(_read(folder / FILES["student"], build_unet)[0])}
         restored["student"] = "finished"
     for name, payload in writes.items():
         save_atomically(ckpt / name, payload)

@@ -282,7 +282,7 @@ class TrainConfig:
         # custom_diffusion always adapts every attn2.to_k / to_v: targets given for it would be dropped silently.
         default_targets = next(f.default for f in fields(self) if f.name == "lora_targets")
         if (checked("adapter", "lora_targets") and self.adapter == "custom_diffusion"
-                and self.lora_targets != default_targets):
+                and set(self.lora_targets) != set(default_targets)):  # the same targets in another order: harmless
             yield ConfigError(
                 f"lora_targets={list(self.lora_targets)!r} is read by the LoRA adapter only: custom_diffusion always "
                 "trains every cross-attention K/V (attn2.to_k, attn2.to_v); use adapter='lora' with it, or leave "
