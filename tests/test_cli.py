@@ -333,6 +333,8 @@ def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
     assert "pass --clip (a CLIP ViT-L/14-336" in err and "--dino (a DINOv2" in err and "_path" not in err
     assert main(["eval", "--images", str(tmp_path / "student"), "--references", str(tmp_path / "photos"),
                  "--class-word", "cup", "--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "scores.json")]) == 0
+    err = capsys.readouterr().err  # the generated images are pictures, the references photos
+    assert "images: 3 picture(s) used" in err and "references: 3 photo(s) used" in err
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["images"] == 3 and scores["references"] == 3
     assert 0 <= scores["clip_i"] <= 1 and 0 <= scores["clip_t"] <= 1 and "dino" not in scores

@@ -184,7 +184,7 @@ def _read_images(folder: str, what: str):
         photos = load_concept_images(folder, min_size_fraction=0)
     except EchoDistillError as error:  # which of the two folders: the flag says
         raise type(error)(f"--{what}: {error}") from None
-    print(f"{what}: {photos.report()}", file=sys.stderr)
+    print(f"{what}: {photos.report('picture' if what == 'images' else 'photo')}", file=sys.stderr)
     images, prompts = [], []
     for item in photos:
         pixels = np.asarray(item.image, dtype=np.float32) / 255.0  # (H, W, 3)

@@ -184,9 +184,17 @@ def build_models(family: Path, seed: int) -> dict[str, torch.nn.Module]:
 
 
 def write_diffusers_folder(models: dict, folder: Path, family: Path) -> Path:
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if part in models:
-            models[part].save_pretrained(folder / part, safe_serialization=True)
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # "Writing model shards" bars for a tiny model: noise on screen
+    try:
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if part in models:
+                models[part].save_pretrained(folder / part, safe_serialization=True)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     shutil.copy(family / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
     shutil.copy(family / "model_index.json", folder / "model_index.json")

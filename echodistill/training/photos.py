@@ -61,9 +61,10 @@ class ConceptPhotos(list):
         super().__init__(images)
         self.skipped: list[tuple[str, str]] = list(skipped)  # (file name, why it was not used)
 
-    def report(self) -> str:
-        """One line naming what was used, and one naming each file skipped with its reason."""
-        lines = [f"{len(self)} photo(s) used: {', '.join(item.name for item in self)}"]
+    def report(self, noun: str = "photo") -> str:
+        """One line naming what was used (as `noun`s: "picture" for generated ones), and one naming each file
+        skipped with its reason."""
+        lines = [f"{len(self)} {noun}(s) used: {', '.join(item.name for item in self)}"]
         if self.skipped:
             lines.append(f"{len(self.skipped)} file(s) not used: "
                          + "; ".join(f"{name} ({why})" for name, why in self.skipped))
