@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -363,6 +364,13 @@ def run_late_stages(settings: RunSettings, args: argparse.Namespace, model_root:
     log("train", f"done in {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU; report in {log_dir / 'eval.json'}")
 
 
+def logged_seeds(log: Path) -> set[int]:
+    """The seeds every start of a run logged in its train.log (none when there is no log)."""
+    if not log.is_file():
+        return set()
+    return {int(seed) for seed in re.findall(r"\] start: .*?; seed (\d+);", log.read_text(errors="replace"))}
+
+
 def folder_argument(text: str) -> Path:
     """A folder named on the command line: an empty name (an unset shell variable) is refused, not read as '.'."""
     if not text.strip():
@@ -384,6 +392,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
                                                       "restore_snapshot") if getattr(args, m)), None)
     if mode and staged:
         parser.error(f"{mode} runs on its own: leave out --from-stage/--to-stage")
+    if args.save_snapshot:  # the snapshot records the seed: it must be the one the checkpoints were trained with
+        trained = logged_seeds(ckpt.parent / "train.log")
+        if trained and trained != {args.seed}:
+            parser.error(f"--seed {args.seed}: the run in {ckpt.parent} trained with --seed "
+                         f"{', '.join(map(str, sorted(trained)))} (its train.log); give that seed")
     if mode and args.device != "cpu":
         parser.error(f"{mode} runs on the CPU: --device applies to the VAE, text encoder, teacher and student stages")
     if args.quick and (args.models_to or args.oracle_to):

@@ -188,7 +188,8 @@ def test_the_demo_sheet_captions_every_column_and_leaves_no_empty_cell():
     (["--steps", "0"], "error: --steps 0 must be at least 1"),
     (["--set", "echo=maybe"], "error: --set echo='maybe' must be true or false"),
     (["--set", "seed=99999999999999999999"], "error: --set seed=99999999999999999999 must be at most "),
-    (["--seed", str(2**62)], f"error: seed {2**62}: give 0 to 92,233,720,368,546 (the demo's sampling noise"),
+    (["--seed", str(2**62)], f"error: --seed {2**62}: give 0 to 92,233,720,368,546 (the demo's sampling noise"),
+    (["--set", f"seed={2**62}"], f"error: --set seed={2**62}: give 0 to 92,233,720,368,546 (the demo's sampling"),
 ])
 def test_the_demo_refuses_a_bad_value_before_it_prints_or_writes_anything(argv, message, tmp_path, capsys):
     out = tmp_path / "demo"

@@ -395,6 +395,18 @@ def test_a_snapshot_carries_a_cut_teacher_run_to_an_empty_checkpoint_folder(tmp_
         snapshot.restore_snapshot(folder, progress, settings, seed=0)
     with pytest.raises(snapshot.SnapshotError, match="saved from a 4-step teacher run; this run trains 8 steps"):
         snapshot.restore_snapshot(folder, tmp_path / "third", training.TeacherSettings(steps=8), seed=0)
+    from echodistill.models.tensor_files import atomic_save_safetensors
+
+    teacher_tensors, teacher_metadata = snapshot._read(folder / "teacher.safetensors")
+    for step in ("0", "4", "1000000000000"):  # only 1 .. steps - 1 is a running teacher (a huge one would hang)
+        atomic_save_safetensors(teacher_tensors, folder / "teacher.safetensors", {**teacher_metadata, "step": step})
+        with pytest.raises(snapshot.SnapshotError, match=f"a running teacher at step {step} of 4"):
+            snapshot.restore_snapshot(folder, tmp_path / "seventh", settings, seed=0)
+    for changed, message in ((("finished", "1"), "no readable 'finished'"), (("seed", "5"), "--seed 5; this run's is 0")):
+        atomic_save_safetensors(teacher_tensors, folder / "teacher.safetensors", {**teacher_metadata, changed[0]: changed[1]})
+        with pytest.raises(snapshot.SnapshotError, match=message):
+            snapshot.restore_snapshot(folder, tmp_path / "seventh", settings, seed=0)
+    atomic_save_safetensors(teacher_tensors, folder / "teacher.safetensors", teacher_metadata)
     with pytest.raises(snapshot.SnapshotError, match="no such folder"):
         snapshot.restore_snapshot(tmp_path / "nowhere", tmp_path / "fifth", settings, seed=0)
     teacher_file = folder / "teacher.safetensors"
@@ -408,7 +420,7 @@ def test_a_snapshot_carries_a_cut_teacher_run_to_an_empty_checkpoint_folder(tmp_
     (folder / "text_encoder.safetensors").write_bytes(b"cut")
     with pytest.raises(snapshot.SnapshotError, match="text_encoder.safetensors is not a readable safetensors file"):
         snapshot.restore_snapshot(folder, tmp_path / "fourth", settings, seed=0)
-    for refused in ("third", "fourth", "fifth", "sixth"):  # nothing half restored
+    for refused in ("third", "fourth", "fifth", "sixth", "seventh"):  # nothing half restored
         assert not (tmp_path / refused).exists()
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(snapshot.SnapshotError, match="a_file is a file, not a folder"):
@@ -447,6 +459,8 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
     saved = run("--save-snapshot", str(tmp_path / "snapshot"))  # carried to another machine: the VAE alone so far
     assert saved.returncode == 0 and '"vae": "finished"' in saved.stdout, saved.stderr
     assert sorted(p.name for p in (tmp_path / "snapshot").iterdir()) == ["vae.safetensors"]
+    typo = run("--save-snapshot", str(tmp_path / "other"), "--seed", "5")  # the run trained with seed 0
+    assert typo.returncode == 2 and "the run in" in typo.stderr and "trained with --seed 0" in typo.stderr
     kept = run("--restore-snapshot", str(tmp_path / "snapshot"))
     assert kept.returncode == 2 and "already holds vae.pt" in kept.stderr  # this machine's own checkpoint wins
     missing = run("--from-stage", "student")  # the VAE is there, the teacher is not

@@ -189,6 +189,7 @@ def test_probe_command_refuses_an_unknown_subject_and_a_missing_models_folder(tm
                            (("--compare", str(nan)), "a subject fidelity outside 0..1 (or not a number)"),
                            (("--compare", str(twice)), "a subject and seed appear twice in it"),
                            (("--prior-images", "5"), "--prior-images 5 is read only with a class-prior term"),
+                           (("--compare", ""), "--compare '': give the world_probe.json of an earlier run"),
                            (("--seed", str(2**62)), f"--seed {2**62}: give an integer from 0 to 92233720368546")):
         refused = run("--concepts", "smiley", *flags)  # before any model loads: no report with NaN in it
         assert refused.returncode == 2 and message in refused.stderr, (flags, refused.stderr)

@@ -626,7 +626,9 @@ def run_world_probe(args: argparse.Namespace) -> int:
         raise BenchError(f"--out {args.out} holds an earlier probe's report ({report_path.name}): pick another --out, "
                          "or pass --overwrite to replace it")
     baseline = None
-    if args.compare:
+    if args.compare is not None:
+        if not args.compare.strip():
+            raise BenchError("--compare '': give the world_probe.json of an earlier run")
         if Path(args.compare).resolve() == report_path.resolve():
             raise BenchError(f"--compare {args.compare} is the report this run writes: give another --out, so that "
                              "the report compared with is kept")

@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     config = built_config(args.value_sources,  # a bad value is refused before any output, every one at once
                           lambda: demo_config(args.concept, steps, seed, overrides))
     if config.seed > MAX_UNIT_SEED:
-        raise EchoDistillError(f"seed {config.seed}: give 0 to {MAX_UNIT_SEED:,} (the demo's sampling noise is seeded "
+        typed = args.value_sources.typed.get("seed", "seed ")  # "--seed" or "--set seed=", as the user gave it
+        given = f"{typed}{config.seed}" if typed.endswith(("=", " ")) else f"{typed} {config.seed}"
+        raise EchoDistillError(f"{given}: give 0 to {MAX_UNIT_SEED:,} (the demo's sampling noise is seeded "
                                "seed x 100,000 + i, which torch keeps in 64 bits)")
     check_writable(args.out, "--out")  # an unusable folder too (removed again if the run fails)
     print(f"EchoDistill on the shipped mini world: concept {args.concept!r}, {config.steps} steps, seed {config.seed}")

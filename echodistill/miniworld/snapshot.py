@@ -58,12 +58,25 @@ def _read(path: Path, builder=None) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, metadata
 
 
+def _flag(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError(text)
+    return text == "true"
+
+
 def _field(metadata: dict[str, str], key: str, path: Path, kind=int):
     try:
         return kind(metadata[key])
     except (KeyError, ValueError):
         raise SnapshotError(f"{path}: its metadata has no readable {key!r}; save the snapshot again with "
                             "--save-snapshot") from None
+
+
+def _check_seed(metadata: dict[str, str], path: Path, seed: int) -> None:
+    saved = _field(metadata, "seed", path)
+    if saved != seed:
+        raise SnapshotError(f"{path} was saved from a run with --seed {saved}; this run's is {seed}: give "
+                            f"--seed {saved} to go on with it")
 
 
 def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,24 +160,24 @@ def restore_snapshot(folder: Path, ckpt: Path, settings: TeacherSettings, seed: 
         raise SnapshotError(f"{ckpt} already holds {', '.join(present)}: this machine's own checkpoints go on from "
                             "there; restore into an empty --log-dir")
     vae_state, vae_metadata = _read(folder / FILES["vae"], build_vae)
-    saved_seed = _field(vae_metadata, "seed", folder / FILES["vae"])
-    if saved_seed != seed:
-        raise SnapshotError(f"{folder} was saved from a run with --seed {saved_seed}; this run's is {seed}: give "
-                            f"--seed {saved_seed} to go on with it")
+    _check_seed(vae_metadata, folder / FILES["vae"], seed)
     writes = {"vae.pt": {"state": vae_state,
                          "scaling_factor": _field(vae_metadata, "scaling_factor", folder / FILES["vae"], float)}}
     restored = {"vae": "finished"}
     if (folder / FILES["teacher"]).is_file():
         path = folder / FILES["teacher"]
         tensors, metadata = _read(path, build_unet)
+        _check_seed(metadata, path, seed)
         steps = _field(metadata, "steps", path)
         if steps != settings.steps:
             raise SnapshotError(f"{path} was saved from a {steps}-step teacher run; this run trains {settings.steps} "
                                 "steps (a --quick run's snapshot restores only with --quick, and the reverse)")
         generator_state = tensors.pop(GENERATOR, None)
         unet_state = _float(tensors)
-        text_state = _float(_read(folder / FILES["text_encoder"], build_text_encoder)[0])
-        if _field(metadata, "finished", path, json.loads):
+        text_tensors, text_metadata = _read(folder / FILES["text_encoder"], build_text_encoder)
+        _check_seed(text_metadata, folder / FILES["text_encoder"], seed)
+        text_state = _float(text_tensors)
+        if _field(metadata, "finished", path, _flag):
             writes["teacher.pt"] = {"unet": unet_state, "text_encoder": text_state}
             restored["teacher"] = "finished"
         else:
@@ -172,6 +185,9 @@ def restore_snapshot(folder: Path, ckpt: Path, settings: TeacherSettings, seed: 
                 raise SnapshotError(f"{path}: a running teacher without its random generator's state; save the "
                                     "snapshot again with --save-snapshot")
             step = _field(metadata, "step", path)
+            if not 1 <= step < settings.steps:
+                raise SnapshotError(f"{path}: a running teacher at step {step} of {settings.steps}; save the snapshot "
+                                    "again with --save-snapshot")
             unet, text_encoder = build_unet(), build_text_encoder()
             optimizer, scheduler = teacher_optimizer(unet, text_encoder, settings)
             for _ in range(step):  # the schedule's position: the learning rate after `step` steps
@@ -184,7 +200,9 @@ def restore_snapshot(folder: Path, ckpt: Path, settings: TeacherSettings, seed: 
     if (folder / FILES["student"]).is_file():
         if restored.get("teacher") != "finished":
             raise SnapshotError(f"{folder}: a student without its finished teacher; the snapshot is incomplete")
-        writes["student.pt"] = {"unet": _float(_read(folder / FILES["student"], build_unet)[0])}
+        student, student_metadata = _read(folder / FILES["student"], build_unet)
+        _check_seed(student_metadata, folder / FILES["student"], seed)
+        writes["student.pt"] = {"unet": _float(student)}
         restored["student"] = "finished"
     for name, payload in writes.items():
         save_atomically(ckpt / name, payload)
