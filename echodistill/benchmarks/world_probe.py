@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -217,7 +218,8 @@ def run_world_probe(pair: ModelPair, oracle: Oracle, concepts: Sequence[Concept]
     mean = {key: sum(r[key] for r in records) / len(records)
             for key in ("subject_fidelity", "prompt_fidelity", "fit_subject_fidelity", "prior_subject_fidelity",
                         "prior_prompt_fidelity", "vae_ceiling")}
-    by_subject = {c.name: _mean([r["subject_fidelity"] for r in records if r["concept"] == c.name]) for c in concepts}
+    by_subject = {c.name: statistics.fmean([r["subject_fidelity"] for r in records if r["concept"] == c.name])
+                  for c in concepts}
     report = {
         "settings": {**asdict(settings), **(extra or {})},
         "records": records,
@@ -240,16 +242,10 @@ def run_world_probe(pair: ModelPair, oracle: Oracle, concepts: Sequence[Concept]
     return report
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
 def standard_error(values: Sequence[float]) -> float | None:
-    """Standard error of the mean of `values` (sample std / √n); None for fewer than two."""
-    if len(values) < 2:
-        return None
-    mean = _mean(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    """Standard error of the mean of `values` (sample std / √n, as quality_report pairs rows); None for fewer
+    than two."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
 
 
 def paired_difference(report: dict, baseline: dict) -> dict:
@@ -266,9 +262,9 @@ def paired_difference(report: dict, baseline: dict) -> dict:
             differences.setdefault(r["concept"], []).append(r["subject_fidelity"] - theirs[key])
     if not differences:
         raise ValueError("the two probes share no subject and seed: nothing to pair")
-    per_subject = [_mean(values) for values in differences.values()]
+    per_subject = [statistics.fmean(values) for values in differences.values()]
     return {"pairs": sum(len(v) for v in differences.values()),
-            "mean": _mean([d for values in differences.values() for d in values]),
+            "mean": statistics.fmean([d for values in differences.values() for d in values]),
             "standard_error": standard_error(per_subject)}
 
 
