@@ -260,3 +260,42 @@ def test_sdxl_lite_fits_a_24_gb_card_on_paper():
     assert lite["adapter"] == "lora" and lite["weights_dtype"] == "bf16"
     assert lite["weights"]["teacher_unet"]["bytes"] == lite["weights"]["student_unet"]["bytes"] == 2 * 2_567_463_684
     assert lite["with_overhead_gb"] < 24
+
+
+@pytest.mark.parametrize("command, report", [
+    (["threads"], None), (["sample", "--model", "tiny"], None), (["train", "--model", "tiny"], None),
+    (["memory", "--models", "tiny"], None), (["lr-sweep"], "lr_sweep.json"), (["quality"], "quality.json"),
+    (["world-probe"], "world_probe.json")])
+def test_an_earlier_report_is_refused_before_anything_loads_and_kept(command, report, tmp_path, capsys, monkeypatch):
+    import echodistill.cli.bench as cli_bench
+
+    out = tmp_path / ("earlier.json" if report is None else "run")
+    written = out if report is None else out / report
+    written.parent.mkdir(parents=True, exist_ok=True)
+    written.write_text('{"finished": true}\n')
+    monkeypatch.setattr(cli_bench, "load_world", lambda args: pytest.fail("the world loaded before the refusal"))
+    assert main(["bench", *command, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} " in err and "pick another --out" in err and "--overwrite to replace it" in err, err
+    assert ("--resume to continue it" in err) == (command == ["quality"])
+    assert written.read_text() == '{"finished": true}\n'
+
+
+def test_overwrite_replaces_an_earlier_json_report(tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    out.write_text("{}\n")
+    assert main(["bench", "memory", "--models", "tiny", "--presets", "lite", "--resolution", "64", "--out",
+                 str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["settings"]["models"] == ["tiny"]
+
+
+def test_merging_refuses_to_write_over_a_run_it_merges_or_an_earlier_merge(tmp_path, capsys):
+    for folder in ("s0", "s1", "all"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "quality.json").write_text("{}\n")
+    runs = [str(tmp_path / "s0"), str(tmp_path / "s1")]
+    assert main(["bench", "quality-merge", *runs, "--out", runs[0], "--overwrite"]) == 2
+    assert "is one of the runs merged" in capsys.readouterr().err
+    assert main(["bench", "quality-merge", *runs, "--out", str(tmp_path / "all")]) == 2
+    assert "holds an earlier merged report (quality.json)" in capsys.readouterr().err
+    assert all((tmp_path / f / "quality.json").read_text() == "{}\n" for f in ("s0", "s1", "all"))

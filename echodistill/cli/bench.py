@@ -72,6 +72,7 @@ def add_threads_arguments(threads: argparse.ArgumentParser) -> None:
     threads.add_argument("--threads", type=THREADS, action="append",
                          help="thread counts to time (repeatable; default: 1, the chosen count, all cores)")
     threads.add_argument("--out", type=json_out, default="bench-threads.json", help="every number, as JSON")
+    add_overwrite_argument(threads, "--out file")
 
 
 def run_threads(args: argparse.Namespace) -> int:
@@ -85,6 +86,7 @@ def run_threads(args: argparse.Namespace) -> int:
         check_count("--load", load, 0, MAX_LOAD, "busy processes")
     for threads in args.threads or []:
         check_count("--threads", threads, 1, MAX_THREADS, "CPU threads")
+    refuse_earlier_report(Path(args.out), args)
     report = thread_benchmark(args.steps, tuple(args.load or (0, 1)), tuple(args.threads) if args.threads else None)
     return _finish(report, thread_table(report), args.out)
 
@@ -114,6 +116,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=whole_number("--warmup", "a whole number of calls", 2), default=2,
                         help="untimed calls per case first")
     parser.add_argument("--out", type=json_out, default="bench_sample.json", help="JSON file for every number")
+    add_overwrite_argument(parser, "--out file")
     speed = parser.add_argument_group("speed options of echodistill's sampler (SamplerOptions)")
     speed.add_argument("--no-prompt-cache", action="store_true", help="re-encode the prompts every call")
     speed.add_argument("--channels-last", action="store_true", help="NHWC convolutions (UNet and VAE)")
@@ -140,6 +143,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=pixels, default=512,
                         help="training resolution in pixels (square, a multiple of 64)")
     parser.add_argument("--out", type=json_out, default="bench_train.json", help="JSON file for every number")
+    add_overwrite_argument(parser, "--out file")
     _add_threads_argument(parser)
 
 
@@ -155,6 +159,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-resolutions", type=pixels, nargs="*", default=[],
                         help="also count the teacher's own iteration alone at these sizes in pixels, e.g. 512 1024")
     parser.add_argument("--out", type=json_out, default="bench_memory.json", help="JSON file for every number")
+    add_overwrite_argument(parser, "--out file")
 
 
 def run_memory(args: argparse.Namespace) -> int:
@@ -164,6 +169,7 @@ def run_memory(args: argparse.Namespace) -> int:
     sizes = [args.resolution, *args.teacher_resolutions]
     if any(size < 64 or size % 64 for size in sizes):
         raise BenchError(f"resolutions {sizes}: each must be a multiple of 64 pixels, at least 64")
+    refuse_earlier_report(Path(args.out), args)
     report = bench_memory(tuple(args.models), tuple(args.presets), args.resolution, tuple(args.teacher_resolutions))
     return _finish(report, memory_table(report), args.out)
 
@@ -187,6 +193,31 @@ def json_out(text: str) -> str:
     if path.parent != Path("") and path.parent.exists() and not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{path.parent} is not a folder")
     return text
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an earlier {what} (without it, it is refused, so that no finished "
+                        "measurement is lost)")
+
+
+def refuse_earlier_report(report: Path, args: argparse.Namespace, what: str = "an earlier report",
+                          resumable: bool = False) -> None:
+    """Refuse, before anything loads, to replace a finished report unasked (as train and demo refuse).
+
+    `report` is the file the command writes: `args.out` itself or a file in that folder. `args.overwrite`
+    allows replacing it, and so does `args.resume` where the command continues a stopped run (`resumable`).
+    Raises BenchError naming the ways on.
+    """
+    from ..benchmarks.names import BenchError
+
+    if not report.exists() or args.overwrite or (resumable and args.resume):
+        return
+    ways = ("pick another --out, pass --resume to continue it, or --overwrite to replace it" if resumable
+            else "pick another --out, or pass --overwrite to replace it")
+    if Path(args.out) == report:
+        raise BenchError(f"--out {args.out} is {what}: {ways}")
+    raise BenchError(f"--out {args.out} holds {what} ({report.name}): {ways}")
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +254,7 @@ def run_sample(args: argparse.Namespace) -> int:
         check_count("--batch", batch, 1, MAX_BATCH, "images per call")
     check_count("--repeats", args.repeats, 1, MAX_REPEATS, "timed calls")
     check_count("--warmup", args.warmup, 0, MAX_REPEATS, "untimed calls")
+    refuse_earlier_report(Path(args.out), args)
     _set_threads(args.threads)
     from ..benchmarks.meta_run import flops_by_model
     from ..benchmarks.speed import bench_sample, sample_table
@@ -240,6 +272,7 @@ def run_sample(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     check_count("--steps", args.steps, 1, MAX_REPEATS, "timed iterations")
     check_count("--warmup", args.warmup, 0, MAX_REPEATS, "untimed iterations")
+    refuse_earlier_report(Path(args.out), args)
     _set_threads(args.threads)
     from ..benchmarks.meta_run import flops_by_model
     from ..benchmarks.speed import bench_train, train_table
@@ -280,6 +313,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
                              "writes it)")
     parser.add_argument("--out", default="runs/quality", help="folder for quality.json, quality.md, sheets/, bundles/")
     parser.add_argument("--resume", action="store_true", help="keep the finished concept x seed runs in --out")
+    add_overwrite_argument(parser, "quality.json in --out")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
     parser.add_argument("--threads", type=THREADS,
                         help="CPU threads for torch (default: chosen per model size, as training chooses: 1 here)")
@@ -387,6 +421,7 @@ def run_quality(args: argparse.Namespace) -> int:
 
     args.concepts = args.concepts or sorted(CONCEPTS)
     _check_training_numbers(args)
+    refuse_earlier_report(Path(args.out) / "quality.json", args, "an earlier benchmark's report", resumable=True)
     lr_scales = parse_lr_scales(args.lr_scale)
     adapter = None
     if IMAGE_PROMPT in args.methods:  # before any model loads: a missing adapter fails at once
@@ -408,11 +443,17 @@ def run_quality(args: argparse.Namespace) -> int:
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folders", nargs="+", help="--out folders of `bench quality` runs to merge")
     parser.add_argument("--out", required=True, help="folder for the merged quality.json and quality.md")
+    add_overwrite_argument(parser, "quality.json in --out")
 
 
 def run_quality_merge(args: argparse.Namespace) -> int:
+    from ..benchmarks.names import BenchError
     from ..benchmarks.quality_report import markdown, merge_reports
 
+    if any(Path(folder).resolve() == Path(args.out).resolve() for folder in args.folders):
+        raise BenchError(f"--out {args.out} is one of the runs merged: give a new folder, so that its own report "
+                         "is kept")
+    refuse_earlier_report(Path(args.out) / "quality.json", args, "an earlier merged report")
     report = merge_reports(args.folders, args.out)
     print(markdown(report))
     print(f"wrote {Path(args.out) / 'quality.json'} and {Path(args.out) / 'quality.md'}")
@@ -440,6 +481,7 @@ def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train on the prompt templates instead of the references' grammar captions")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/lr_sweep", help="folder for lr_sweep.json and lr_sweep.md")
+    add_overwrite_argument(parser, "lr_sweep.json in --out")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
     parser.add_argument("--threads", type=THREADS,
                         help="CPU threads for torch (default: chosen per model size, as training chooses: 1 here)")
@@ -464,6 +506,7 @@ def run_lr_sweep(args: argparse.Namespace) -> int:
         if not (math.isfinite(factor) and 0 < factor <= 1000):
             raise BenchError(f"--factors {factor:g}: give multiples of the published rates above 0 (and at "
                              "most 1000), e.g. --factors 0.3 1 3")
+    refuse_earlier_report(Path(args.out) / "lr_sweep.json", args, "an earlier sweep's report")
     pair, oracle, settings = load_world(args)
     report = run_lr_sweep(pair, oracle, concept=args.concept, seed=args.seed, steps=args.steps,
                           factors=args.factors, families=args.families, images_per_prompt=args.images_per_prompt,
@@ -573,9 +616,7 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/world_probe", help="folder for world_probe.json/.md and sheets/")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier probe's report in --out (without it, it is refused, so that no "
-                             "finished probe is lost)")
+    add_overwrite_argument(parser, "world_probe.json in --out")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
     parser.add_argument("--threads", type=THREADS,
                         help="CPU threads for torch (default: chosen per model size, as training chooses: 1 here)")
@@ -622,9 +663,7 @@ def run_world_probe(args: argparse.Namespace) -> int:
     if args.seed + args.seeds - 1 > MAX_UNIT_SEED:
         raise BenchError(f"--seed {args.seed} --seeds {args.seeds}: the last seed passes {MAX_UNIT_SEED}")
     report_path = Path(args.out) / "world_probe.json"
-    if report_path.exists() and not args.overwrite:  # as train and demo refuse: no finished probe is lost
-        raise BenchError(f"--out {args.out} holds an earlier probe's report ({report_path.name}): pick another --out, "
-                         "or pass --overwrite to replace it")
+    refuse_earlier_report(report_path, args, "an earlier probe's report")
     baseline = None
     if args.compare is not None:
         if not args.compare.strip():
