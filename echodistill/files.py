@@ -83,6 +83,23 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def folder_mode() -> int:
+    """The mode a plain mkdir() gives a new folder: 0777 minus the process umask."""
+    return 0o777 & ~_umask()
+
+
+def give_plain_modes(root: str | os.PathLike) -> None:
+    """Give a written folder tree the modes open() and mkdir() would have: `tempfile.mkdtemp` makes folders 0700
+    and safetensors' writer (diffusers' `save_pretrained`) files 0600, which another user's ComfyUI cannot read."""
+    files, folders = file_mode(), folder_mode()
+    os.chmod(root, folders)
+    for parent, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(parent, name), folders)
+        for name in filenames:
+            os.chmod(os.path.join(parent, name), files)
+
+
 def _umask() -> int:
     try:  # Linux: read it without changing it (os.umask is process-wide, so not thread-safe to swap)
         for line in Path("/proc/self/status").read_text().splitlines():

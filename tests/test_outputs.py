@@ -143,6 +143,36 @@ def test_written_files_get_the_mode_open_would_give(bundle, tmp_path, umask, mod
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(mode) for p in written}
 
 
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_written_models_oracle_and_adapter_get_the_modes_open_and_mkdir_would_give(tmp_path, umask, file_mode,
+                                                                                 folder_mode):
+    # mkdtemp makes 0700 folders and safetensors' writer (diffusers' save_pretrained) 0600 files
+    from echodistill.miniworld import architecture as arch
+    from echodistill.miniworld.image_prompt import ImagePromptAdapter
+    from echodistill.miniworld.oracle import AttributeReader, Oracle, SubjectEncoder
+    from echodistill.models import tiny
+
+    torch.manual_seed(0)
+    unet, text_encoder, vae = arch.build_unet(), arch.build_text_encoder(), arch.build_vae()
+    previous = os.umask(umask)
+    try:
+        arch.write_model_folder(tmp_path / "models" / "teacher", "teacher", unet, text_encoder, vae)
+        Oracle(AttributeReader(width=8, hidden=16), SubjectEncoder(width=8, dim=16)).save(tmp_path / "oracle")
+        ImagePromptAdapter.for_unet(unet, tokens=2, width=8).save(tmp_path / "oracle" / "image_prompt.safetensors")
+        family = tiny.write_family(tmp_path / "families", "tiny-sd21")
+        models = tiny.build_models(family, seed=0)
+        tiny.write_diffusers_folder(models, tmp_path / "tiny", family)
+        tiny.write_single_file(models, tmp_path / "tiny.safetensors", family, "sgm", "openclip")
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "models" / "teacher", tmp_path / "oracle", tmp_path / "tiny", tmp_path / "tiny.safetensors"]
+    paths = [p for root in written for p in [root, *root.rglob("*")]]
+    assert any(p.name == "diffusion_pytorch_model.safetensors" for p in paths)
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    expected = {str(p.relative_to(tmp_path)): oct(folder_mode if p.is_dir() else file_mode) for p in paths}
+    assert modes == expected
+
+
 def test_stale_temp_files_of_ours_are_removed_at_the_next_write(tmp_path):
     old = time.time() - 3600
     stale = tmp_path / ".checkpoint.pt.k2j4_x9a.tmp"  # what a write killed an hour ago leaves

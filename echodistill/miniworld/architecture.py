@@ -30,6 +30,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..files import give_plain_modes
 from ..models.families import CONFIG_ROOT
 
 ASSET_ROOT = Path(__file__).resolve().parent.parent / "assets" / "miniworld"
@@ -137,8 +138,9 @@ def write_model_folder(
         for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
             _half_copy(module).save_pretrained(staging / name, safe_serialization=True)
         (staging / "scheduler").mkdir()
-        shutil.copy(family / "scheduler" / "scheduler_config.json", staging / "scheduler" / "scheduler_config.json")
-        shutil.copy(family / "model_index.json", staging / "model_index.json")
+        shutil.copyfile(family / "scheduler" / "scheduler_config.json", staging / "scheduler" / "scheduler_config.json")
+        shutil.copyfile(family / "model_index.json", staging / "model_index.json")
+        give_plain_modes(staging)
         replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

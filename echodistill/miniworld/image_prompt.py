@@ -43,12 +43,12 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import EchoDistillError
 from ..models.diffusion import alphas_cumprod_for, encode_prompts
 from ..models.schedule import add_noise, denoising_target
-from ..models.tensor_files import open_safetensors
+from ..models.tensor_files import atomic_save_safetensors, open_safetensors
 from ..sampling.samplers import native_resolution, sample_student
 from .grammar import COLORS, POSITIONS, SIZES, Scene, sample_scene
 from .procedural import BASE_SEEDS, procedural_caption, procedural_subject
@@ -185,11 +185,8 @@ class ImagePromptAdapter(nn.Module):
         """fp16 weights + constructor arguments in one safetensors file, written atomically."""
         path = Path(path)
         state = {k: v.detach().half().contiguous() for k, v in self.state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        save_file(state, str(temporary), metadata={"class": type(self).__name__, "config": json.dumps(self.config)})
-        os.replace(temporary, path)
-        return path
+        metadata = {"class": type(self).__name__, "config": json.dumps(self.config)}
+        return atomic_save_safetensors(state, path, metadata)  # with the mode a plain open() gives
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ImagePromptAdapter":

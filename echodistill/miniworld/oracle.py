@@ -33,11 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import EchoDistillError
 from ..evaluation.metrics import mean_clipped_cosine
-from ..models.tensor_files import open_safetensors
+from ..models.tensor_files import atomic_save_safetensors, open_safetensors
 from .architecture import ORACLE_ROOT
 from .grammar import ATTRIBUTES, COLORS, SHAPES
 from .procedural import ORACLE_SEEDS
@@ -119,10 +119,7 @@ def save_module(module: nn.Module, path: Path, labels: Mapping | Sequence) -> No
     """fp16 weights + constructor arguments + labels in one file, written atomically."""
     state = {k: v.detach().half().contiguous() for k, v in module.state_dict().items()}
     metadata = {"class": type(module).__name__, "config": json.dumps(module.config), "labels": json.dumps(labels)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    atomic_save_safetensors(state, path, metadata)  # with the mode a plain open() gives
 
 
 def load_module(path: Path, cls: type[nn.Module], labels: Mapping | Sequence | None) -> nn.Module:

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from ..files import give_plain_modes
 from . import checkpoint_layout as layout_map
 from .families import CONFIG_ROOT
+from .tensor_files import atomic_save_safetensors
 
 
 def unet_config(context_dim: int = 32) -> dict:
@@ -131,8 +132,8 @@ def write_family(root: Path, name: str) -> Path:
     folder = root / name
     for part in ("unet", "vae", "text_encoder", "scheduler"):
         (folder / part).mkdir(parents=True, exist_ok=True)
-    shutil.copy(CONFIG_ROOT / shipped / "model_index.json", folder / "model_index.json")
-    shutil.copy(
+    shutil.copyfile(CONFIG_ROOT / shipped / "model_index.json", folder / "model_index.json")
+    shutil.copyfile(
         CONFIG_ROOT / shipped / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"
     )
     (folder / "unet" / "config.json").write_text(json.dumps(unet_config(hidden)))
@@ -146,8 +147,8 @@ def _write_sdxl_family(root: Path, name: str) -> Path:
     folder = root / name
     for part in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
         (folder / part).mkdir(parents=True, exist_ok=True)
-    shutil.copy(CONFIG_ROOT / shipped / "model_index.json", folder / "model_index.json")
-    shutil.copy(
+    shutil.copyfile(CONFIG_ROOT / shipped / "model_index.json", folder / "model_index.json")
+    shutil.copyfile(
         CONFIG_ROOT / shipped / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"
     )
     first, second = sdxl_text_configs()
@@ -192,12 +193,13 @@ def write_diffusers_folder(models: dict, folder: Path, family: Path) -> Path:
         for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
             if part in models:
                 models[part].save_pretrained(folder / part, safe_serialization=True)
+                give_plain_modes(folder / part)  # safetensors' writer makes its files 0600
     finally:
         if shown:
             transformers_logging.enable_progress_bar()
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    shutil.copy(family / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
-    shutil.copy(family / "model_index.json", folder / "model_index.json")
+    shutil.copyfile(family / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+    shutil.copyfile(family / "model_index.json", folder / "model_index.json")
     return folder
 
 
@@ -253,8 +255,7 @@ def write_single_file(
     with_text: bool = True,
 ) -> Path:
     state = single_file_state(models, family, layout, text_kind, with_text)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
-    return path
+    return atomic_save_safetensors(state, path, metadata)
 
 
 def build_tiny_pair(root: Path) -> dict:
