@@ -291,8 +291,9 @@ def _lock_path(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_output(target: str | os.PathLike, what: str = "output") -> Iterator[None]:
-    """Hold `target` (a run folder or an output file) for this process; a second process is refused.
+def exclusive_output(target: str | os.PathLike, what: str = "output", activity: str = "training") -> Iterator[None]:
+    """Hold `target` (a run folder or an output file) for this process; a second process is refused
+    (OutputBusyError: "another {activity} is already writing ...; ... choose another {what}").
 
     The refusal names the holder (process id, host, since when, command) from a note written beside the lock.
     """
@@ -313,7 +314,7 @@ def exclusive_output(target: str | os.PathLike, what: str = "output") -> Iterato
             _OUR_LOCKS.add(key)
         except Timeout:
             raise OutputBusyError(
-                f"another training is already writing {target} ({_holder(lock_path)}): wait for it to finish, "
+                f"another {activity} is already writing {target} ({_holder(lock_path)}): wait for it to finish, "
                 f"stop it, or choose another {what}"
             ) from None
         except OSError as exc:

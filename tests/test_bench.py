@@ -154,7 +154,7 @@ def test_bench_sample_passes_the_speed_options_and_records_them(tmp_path, capsys
     assert options | {} == {**options, "channels_last": True, "fuse_qkv": True, "cache_prompts": False,
                             "cuda_graph": False, "compile": False}
     assert "echodistill options: channels_last, fuse_qkv" in capsys.readouterr().out
-    assert main([*argv[:-2], "--cuda-graph", "--out", str(out)]) != 0
+    assert main([*argv[:-2], "--cuda-graph", "--out", str(tmp_path / "graph.json")]) != 0
     assert "--cuda-graph needs the models on a CUDA device; they are on cpu" in capsys.readouterr().err
 
 
@@ -297,5 +297,83 @@ def test_merging_refuses_to_write_over_a_run_it_merges_or_an_earlier_merge(tmp_p
     assert main(["bench", "quality-merge", *runs, "--out", runs[0], "--overwrite"]) == 2
     assert "is one of the runs merged" in capsys.readouterr().err
     assert main(["bench", "quality-merge", *runs, "--out", str(tmp_path / "all")]) == 2
-    assert "holds an earlier merged report (quality.json)" in capsys.readouterr().err
+    assert "holds an earlier report (quality.json)" in capsys.readouterr().err
     assert all((tmp_path / f / "quality.json").read_text() == "{}\n" for f in ("s0", "s1", "all"))
+
+
+@pytest.mark.parametrize("command, out, message", [
+    (["lr-sweep"], "", "--out '': name a folder for the report"),
+    (["quality"], "", "--out '': name a folder for the report"),
+    (["world-probe"], "", "--out '': name a folder for the report"),
+    (["quality", "--overwrite"], "isdir", "quality.json is a folder, not a report"),
+    (["lr-sweep", "--overwrite"], "isdir", "lr_sweep.json is a folder, not a report"),
+    (["world-probe", "--overwrite"], "isdir", "world_probe.json is a folder, not a report"),
+    (["quality", "--resume", "--overwrite"], "run", "--resume continues the report in --out and --overwrite"),
+    (["quality", "--resume"], "damaged", "quality.json is not a readable quality report"),
+    (["quality"], "a_file/run", "a_file is a file, not a folder; choose another --out"),
+    (["lr-sweep"], "a_file", "a_file is a file, not a folder; choose another --out"),
+    (["sample", "--model", "tiny"], "a_file/deeper/s.json", "a_file is not a folder"),
+    (["memory"], "", "'': name a .json file"),
+    (["memory"], "new_folder/", "names a folder: name a .json file"),
+    (["memory"], "x" * 300 + ".json", "File name too long"),
+])
+def test_an_out_that_cannot_take_the_report_is_refused_before_anything_loads(command, out, message, tmp_path,
+                                                                             capsys, monkeypatch):
+    import echodistill.cli.bench as cli_bench
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a folder")
+    for name in ("quality.json", "lr_sweep.json", "world_probe.json"):
+        (tmp_path / "isdir" / name).mkdir(parents=True)
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "quality.json").write_text("{not json")
+    monkeypatch.setattr(cli_bench, "load_world", lambda args: pytest.fail("the world loaded before the refusal"))
+    try:
+        code = main(["bench", *command, "--out", out])
+    except SystemExit as exit_:  # argparse refuses a --out FILE.json while parsing
+        code = exit_.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and (tmp_path / "damaged" / "quality.json").read_text() == "{not json"
+
+
+def test_a_second_benchmark_writing_the_same_out_is_refused(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+    import textwrap
+
+    import echodistill.cli.bench as cli_bench
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from echodistill.files import exclusive_output
+        with exclusive_output({str(tmp_path / "run")!r}, "--out", activity="benchmark"):
+            print("held", flush=True)
+            time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    monkeypatch.setattr(cli_bench, "load_world", lambda args: pytest.fail("the world loaded beside another run"))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["bench", "lr-sweep", "--out", str(tmp_path / "run")]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"another benchmark is already writing {tmp_path / 'run'} (process {holder.pid}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "is not a readable quality report"), ("[]", "is not a quality report"),
+    ("{}", "is not a quality report"), ('{"settings": {}, "records": [{"concept": "a"}]}', "is not a quality report"),
+    (b"\xff\xfe", "is not a readable quality report")])
+def test_merging_a_damaged_report_names_it_without_a_traceback(content, message, tmp_path, capsys):
+    for folder in ("s0", "s1"):
+        (tmp_path / folder).mkdir()
+    good = {"settings": {}, "records": [{"concept": "a", "seed": 0, "method": "m"}]}
+    (tmp_path / "s0" / "quality.json").write_text(json.dumps(good))
+    bad = tmp_path / "s1" / "quality.json"
+    bad.write_bytes(content) if isinstance(content, bytes) else bad.write_text(content)
+    assert main(["bench", "quality-merge", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                 "--out", str(tmp_path / "all")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "all").exists()

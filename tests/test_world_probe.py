@@ -129,9 +129,15 @@ def test_two_seeds_a_class_prior_and_a_paired_comparison(world, tmp_path, monkey
     assert "Against a/world_probe.json: subject fidelity" in text and "paired over the 1 subject x seed" in text
     assert "one subject: no standard error" in text
     assert "Diagnostic run, 1 step(s): the token row alone" in text and second["fair"] is False
-    (tmp_path / "b" / "sheets" / "gone_seed9.png").write_bytes(b"an earlier probe's sheet")
+    # replacing a probe removes the sheets its report named and this one did not write, and nothing else
+    earlier = json.loads((tmp_path / "b" / "world_probe.json").read_text())
+    earlier["records"].append({**earlier["records"][0], "concept": "gone", "seed": 9})
+    (tmp_path / "b" / "world_probe.json").write_text(json.dumps(earlier))
+    for name in ("gone_seed9.png", "another_command_seed0.png"):
+        (tmp_path / "b" / "sheets" / name).write_bytes(b"a sheet")
     world_probe.run_world_probe(pair, oracle, subjects[:1], token_alone, tmp_path / "b", log=lambda m: None)
-    assert [p.name for p in (tmp_path / "b" / "sheets").iterdir()] == ["procedural_3000002_seed5.png"]
+    assert sorted(p.name for p in (tmp_path / "b" / "sheets").iterdir()) == [
+        "another_command_seed0.png", "procedural_3000002_seed5.png"]
     with pytest.raises(ValueError, match="probed none of these subjects"):
         world_probe.run_world_probe(pair, oracle, [procedural_subject(3_000_004)], token_alone, tmp_path / "c",
                                     baseline=("a", first))

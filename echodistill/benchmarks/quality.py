@@ -54,7 +54,7 @@ from ..training.trainer import Trainer
 from .baselines import StudentBaseline
 from .measuring import BenchError
 from .methods import LR_FAMILIES, METHODS, lr_family, method_config, prior_rows, rows_served, training_runs
-from .quality_report import markdown, summarize
+from .quality_report import markdown, read_report, summarize
 
 
 def train_method(pair, name: str, config: TrainConfig, images) -> tuple[Any, float]:
@@ -170,7 +170,7 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
     report_path = out / "quality.json" if out else None
     records: list[dict] = []
     if resume and report_path and report_path.is_file():
-        previous = json.loads(report_path.read_text())
+        previous = read_report(report_path, "give another --out, or --overwrite to start it anew")
         comparable = {k: v for k, v in settings.items() if k not in ("command", "concepts", "seeds", "threads")}
         if any(previous["settings"].get(k) != v for k, v in comparable.items()):
             raise BenchError(f"--resume: {report_path} was written with other settings; use another --out")

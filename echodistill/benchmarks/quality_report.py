@@ -82,6 +82,29 @@ def summarize(records: list[dict], methods: Sequence[str]) -> list[dict]:
     return summary
 
 
+RECORD_FIELDS = {"concept": str, "seed": int, "method": str}
+
+
+def read_report(path: Path, how: str = "give a folder `bench quality --out` wrote") -> dict:
+    """A quality.json that `bench quality` wrote: a settings object and a list of records, each naming its
+    concept, seed and method. Raises BenchError naming the file, what is wrong and `how` to go on."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise BenchError(f"{path} does not exist: {how}") from None
+    except IsADirectoryError:
+        raise BenchError(f"{path} is a folder, not a report: {how}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise BenchError(f"{path} is not a readable quality report ({error}): {how}") from None
+    records = report.get("records") if isinstance(report, dict) else None
+    if not (isinstance(report, dict) and isinstance(report.get("settings"), dict) and isinstance(records, list)
+            and all(isinstance(r, dict) and all(isinstance(r.get(k), t) and not isinstance(r.get(k), bool)
+                                                for k, t in RECORD_FIELDS.items()) for r in records)):
+        raise BenchError(f"{path} is not a quality report (settings and records, each record with its concept, "
+                         f"seed and method): {how}")
+    return report
+
+
 def merge_reports(folders: Sequence[str | Path], out: str | Path) -> dict:
     """One report from runs made side by side (e.g. one process per seed) with the same settings.
 
@@ -91,10 +114,7 @@ def merge_reports(folders: Sequence[str | Path], out: str | Path) -> dict:
     """
     reports = []
     for folder in folders:
-        path = Path(folder) / "quality.json"
-        if not path.is_file():
-            raise BenchError(f"{path} does not exist: give folders written by `bench quality --out`")
-        reports.append(json.loads(path.read_text()))
+        reports.append(read_report(Path(folder) / "quality.json", "give folders written by `bench quality --out`"))
     if len(reports) < 2:
         raise BenchError("give two or more report folders to merge")
     private = ("command", "commands", "concepts", "seeds", "threads", "device")

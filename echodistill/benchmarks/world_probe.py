@@ -233,13 +233,25 @@ def run_world_probe(pair: ModelPair, oracle: Oracle, concepts: Sequence[Concept]
     }
     if baseline is not None:
         report["compared_with"] = {"path": baseline[0], **paired_difference(report, baseline[1])}
+    earlier = _sheet_names(out / "world_probe.json")  # the report this one replaces, if any
     atomic_write_text(out / "world_probe.json", json.dumps(report, indent=2))
     atomic_write_text(out / "world_probe.md", markdown(report))
-    written = {f"{c.name}_seed{seed}.png" for c in concepts for seed in range(settings.seed, settings.seed + settings.seeds)}
-    for stale in (out / "sheets").glob("*.png"):  # an earlier probe's sheets: only now, once this one is written
-        if stale.name not in written:
-            stale.unlink()
+    for stale in earlier - _sheet_names(records):  # the replaced probe's own sheets, only now this one is written
+        (out / "sheets" / stale).unlink(missing_ok=True)
     return report
+
+
+def _sheet_names(source: Path | list[dict]) -> set[str]:
+    """The sheet file names of a probe's records, or of the world_probe.json at `source` (none if unreadable):
+    only those are ever removed, never a picture another command or the user put in sheets/."""
+    if isinstance(source, Path):
+        try:
+            source = json.loads(source.read_text(encoding="utf-8")).get("records", [])
+        except (OSError, ValueError, AttributeError):
+            return set()
+    return {f"{r['concept']}_seed{r['seed']}.png" for r in source
+            if isinstance(r, dict) and isinstance(r.get("concept"), str) and isinstance(r.get("seed"), int)
+            and "/" not in r["concept"] and "\\" not in r["concept"] and not r["concept"].startswith(".")}
 
 
 def standard_error(values: Sequence[float]) -> float | None:

@@ -15,13 +15,15 @@ The only module of the package that imports the benchmarks; each one is imported
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .terminal import MAX_THREADS, add_command, check_count, number, whole_number
 
@@ -86,9 +88,10 @@ def run_threads(args: argparse.Namespace) -> int:
         check_count("--load", load, 0, MAX_LOAD, "busy processes")
     for threads in args.threads or []:
         check_count("--threads", threads, 1, MAX_THREADS, "CPU threads")
-    refuse_earlier_report(Path(args.out), args)
-    report = thread_benchmark(args.steps, tuple(args.load or (0, 1)), tuple(args.threads) if args.threads else None)
-    return _finish(report, thread_table(report), args.out)
+    with report_output(args):
+        report = thread_benchmark(args.steps, tuple(args.load or (0, 1)),
+                                  tuple(args.threads) if args.threads else None)
+        return _finish(report, thread_table(report), args.out)
 
 
 # --- bench sample, bench train -------------------------------------------------------------------
@@ -169,9 +172,9 @@ def run_memory(args: argparse.Namespace) -> int:
     sizes = [args.resolution, *args.teacher_resolutions]
     if any(size < 64 or size % 64 for size in sizes):
         raise BenchError(f"resolutions {sizes}: each must be a multiple of 64 pixels, at least 64")
-    refuse_earlier_report(Path(args.out), args)
-    report = bench_memory(tuple(args.models), tuple(args.presets), args.resolution, tuple(args.teacher_resolutions))
-    return _finish(report, memory_table(report), args.out)
+    with report_output(args):
+        report = bench_memory(tuple(args.models), tuple(args.presets), args.resolution, tuple(args.teacher_resolutions))
+        return _finish(report, memory_table(report), args.out)
 
 
 def pixels(text: str) -> int:
@@ -187,11 +190,19 @@ def pixels(text: str) -> int:
 
 def json_out(text: str) -> str:
     """argparse type: a JSON file to write at the end, refused at once when it can never be written there."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("'': name a .json file, e.g. bench.json")
+    if text.endswith(("/", "\\")):
+        raise argparse.ArgumentTypeError(f"{text} names a folder: name a .json file, e.g. {Path(text) / 'bench.json'}")
     path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder: name a .json file, e.g. {path / 'bench.json'}")
-    if path.parent != Path("") and path.parent.exists() and not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{path.parent} is not a folder")
+    try:
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a folder: name a .json file, e.g. {path / 'bench.json'}")
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    except OSError as error:  # e.g. a name too long for the file system
+        raise argparse.ArgumentTypeError(f"{text}: {error.strerror or error}") from None
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(f"{blocking} is not a folder")
     return text
 
 
@@ -218,6 +229,33 @@ def refuse_earlier_report(report: Path, args: argparse.Namespace, what: str = "a
     if Path(args.out) == report:
         raise BenchError(f"--out {args.out} is {what}: {ways}")
     raise BenchError(f"--out {args.out} holds {what} ({report.name}): {ways}")
+
+
+@contextlib.contextmanager
+def report_output(args: argparse.Namespace, report: str | None = None, what: str = "an earlier report",
+                  resumable: bool = False) -> Iterator[None]:
+    """`--out` checked before anything loads and held by this process until the report is written.
+
+    `report` is the file the command writes inside the `--out` folder (None: `--out` is that file). Refused
+    (BenchError, OutputWriteError, OutputBusyError): an empty `--out`, a folder where the report goes, an
+    earlier report (`refuse_earlier_report`), --resume with --overwrite, a folder that cannot be written, and
+    another benchmark writing the same `--out`.
+    """
+    from ..benchmarks.names import BenchError
+    from ..files import check_writable, exclusive_output
+
+    if not str(args.out).strip():
+        raise BenchError(f"--out '': name a {'folder' if report else 'file'} for the report")
+    out = Path(args.out)
+    path = out if report is None else out / report
+    if report is not None and (path.is_dir() or (path.exists() and not path.is_file())):
+        raise BenchError(f"--out {args.out}: {path} is a folder, not a report; move it away or pick another --out")
+    if resumable and args.resume and args.overwrite:
+        raise BenchError("--resume continues the report in --out and --overwrite replaces it: give one of them")
+    refuse_earlier_report(path, args, what, resumable)
+    check_writable(out if report is not None else out.parent, "--out")  # a file in the way, no permission
+    with exclusive_output(out if report is not None else path, "--out", activity="benchmark"):
+        yield
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -254,33 +292,33 @@ def run_sample(args: argparse.Namespace) -> int:
         check_count("--batch", batch, 1, MAX_BATCH, "images per call")
     check_count("--repeats", args.repeats, 1, MAX_REPEATS, "timed calls")
     check_count("--warmup", args.warmup, 0, MAX_REPEATS, "untimed calls")
-    refuse_earlier_report(Path(args.out), args)
-    _set_threads(args.threads)
-    from ..benchmarks.meta_run import flops_by_model
-    from ..benchmarks.speed import bench_sample, sample_table
-    from ..sampling.speed import SamplerOptions
+    with report_output(args):
+        _set_threads(args.threads)
+        from ..benchmarks.meta_run import flops_by_model
+        from ..benchmarks.speed import bench_sample, sample_table
+        from ..sampling.speed import SamplerOptions
 
-    options = SamplerOptions(cache_prompts=not args.no_prompt_cache, channels_last=args.channels_last,
-                             fuse_qkv=args.fuse_qkv, compile=args.compile, compile_mode=args.compile_mode,
-                             cuda_graph=args.cuda_graph)
-    report = bench_sample(args.model, _default_device(args.device), args.dtype, tuple(args.batch), args.size,
-                          args.repeats, args.warmup, options)
-    report["flops_by_model"] = flops_by_model(args.model, "sample", args.size)
-    return _finish(report, sample_table(report), args.out)
+        options = SamplerOptions(cache_prompts=not args.no_prompt_cache, channels_last=args.channels_last,
+                                 fuse_qkv=args.fuse_qkv, compile=args.compile, compile_mode=args.compile_mode,
+                                 cuda_graph=args.cuda_graph)
+        report = bench_sample(args.model, _default_device(args.device), args.dtype, tuple(args.batch), args.size,
+                              args.repeats, args.warmup, options)
+        report["flops_by_model"] = flops_by_model(args.model, "sample", args.size)
+        return _finish(report, sample_table(report), args.out)
 
 
 def run_train(args: argparse.Namespace) -> int:
     check_count("--steps", args.steps, 1, MAX_REPEATS, "timed iterations")
     check_count("--warmup", args.warmup, 0, MAX_REPEATS, "untimed iterations")
-    refuse_earlier_report(Path(args.out), args)
-    _set_threads(args.threads)
-    from ..benchmarks.meta_run import flops_by_model
-    from ..benchmarks.speed import bench_train, train_table
+    with report_output(args):
+        _set_threads(args.threads)
+        from ..benchmarks.meta_run import flops_by_model
+        from ..benchmarks.speed import bench_train, train_table
 
-    report = bench_train(args.model, _default_device(args.device), args.dtype, tuple(args.presets), args.steps,
-                         args.warmup, args.resolution)
-    report["flops_by_model"] = flops_by_model(args.model, "train", args.resolution, tuple(args.presets))
-    return _finish(report, train_table(report), args.out)
+        report = bench_train(args.model, _default_device(args.device), args.dtype, tuple(args.presets), args.steps,
+                             args.warmup, args.resolution)
+        report["flops_by_model"] = flops_by_model(args.model, "train", args.resolution, tuple(args.presets))
+        return _finish(report, train_table(report), args.out)
 
 
 # --- bench quality, bench quality-merge ----------------------------------------------------------
@@ -414,30 +452,33 @@ def image_prompt_file(args: argparse.Namespace) -> Path:
 def run_quality(args: argparse.Namespace) -> int:
     from ..benchmarks.methods import parse_lr_scales
     from ..benchmarks.quality import run_quality
-    from ..benchmarks.quality_report import markdown
+    from ..benchmarks.quality_report import markdown, read_report
     from ..miniworld import CONCEPTS
     from ..miniworld.image_prompt import ImagePromptAdapter
     from ..miniworld.recipe import IMAGE_PROMPT
 
     args.concepts = args.concepts or sorted(CONCEPTS)
     _check_training_numbers(args)
-    refuse_earlier_report(Path(args.out) / "quality.json", args, "an earlier benchmark's report", resumable=True)
-    lr_scales = parse_lr_scales(args.lr_scale)
-    adapter = None
-    if IMAGE_PROMPT in args.methods:  # before any model loads: a missing adapter fails at once
-        args.image_prompt = image_prompt_file(args)
-        adapter = ImagePromptAdapter.load(args.image_prompt)
-    pair, oracle, settings = load_world(args)
-    if adapter is not None:
-        settings["image_prompt"] = {"path": shown_path(args.image_prompt), "digest": _file_digest(args.image_prompt)}
-    report = run_quality(pair, oracle, concepts=args.concepts, seeds=args.seeds, steps=args.steps,
-                         methods=args.methods, images_per_prompt=args.images_per_prompt, lr_scales=lr_scales,
-                         captions=not args.templates, out=args.out,
-                         settings={**settings, "command": quality_command_line(args)}, resume=args.resume,
-                         image_prompt=adapter, log=_logger("quality"))
-    print(markdown(report))
-    print(f"wrote {Path(args.out) / 'quality.json'} and {Path(args.out) / 'quality.md'}")
-    return 0
+    with report_output(args, "quality.json", "an earlier benchmark's report", resumable=True):
+        if args.resume and (Path(args.out) / "quality.json").is_file():  # a damaged report: before models load
+            read_report(Path(args.out) / "quality.json", "give another --out, or --overwrite to start it anew")
+        lr_scales = parse_lr_scales(args.lr_scale)
+        adapter = None
+        if IMAGE_PROMPT in args.methods:  # before any model loads: a missing adapter fails at once
+            args.image_prompt = image_prompt_file(args)
+            adapter = ImagePromptAdapter.load(args.image_prompt)
+        pair, oracle, settings = load_world(args)
+        if adapter is not None:
+            settings["image_prompt"] = {"path": shown_path(args.image_prompt),
+                                        "digest": _file_digest(args.image_prompt)}
+        report = run_quality(pair, oracle, concepts=args.concepts, seeds=args.seeds, steps=args.steps,
+                             methods=args.methods, images_per_prompt=args.images_per_prompt, lr_scales=lr_scales,
+                             captions=not args.templates, out=args.out,
+                             settings={**settings, "command": quality_command_line(args)}, resume=args.resume,
+                             image_prompt=adapter, log=_logger("quality"))
+        print(markdown(report))
+        print(f"wrote {Path(args.out) / 'quality.json'} and {Path(args.out) / 'quality.md'}")
+        return 0
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -446,18 +487,28 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     add_overwrite_argument(parser, "quality.json in --out")
 
 
+def same_folder(a: str, b: str) -> bool:
+    """Whether two paths name one folder: the same resolved path, or (both existing) the same inode."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # a bind mount or a hard-to-resolve alias
+    except OSError:
+        return False
+
+
 def run_quality_merge(args: argparse.Namespace) -> int:
     from ..benchmarks.names import BenchError
     from ..benchmarks.quality_report import markdown, merge_reports
 
-    if any(Path(folder).resolve() == Path(args.out).resolve() for folder in args.folders):
+    if any(same_folder(folder, args.out) for folder in args.folders):
         raise BenchError(f"--out {args.out} is one of the runs merged: give a new folder, so that its own report "
                          "is kept")
-    refuse_earlier_report(Path(args.out) / "quality.json", args, "an earlier merged report")
-    report = merge_reports(args.folders, args.out)
-    print(markdown(report))
-    print(f"wrote {Path(args.out) / 'quality.json'} and {Path(args.out) / 'quality.md'}")
-    return 0
+    with report_output(args, "quality.json", "an earlier report"):
+        report = merge_reports(args.folders, args.out)
+        print(markdown(report))
+        print(f"wrote {Path(args.out) / 'quality.json'} and {Path(args.out) / 'quality.md'}")
+        return 0
 
 
 # --- bench lr-sweep ------------------------------------------------------------------------------
@@ -506,16 +557,17 @@ def run_lr_sweep(args: argparse.Namespace) -> int:
         if not (math.isfinite(factor) and 0 < factor <= 1000):
             raise BenchError(f"--factors {factor:g}: give multiples of the published rates above 0 (and at "
                              "most 1000), e.g. --factors 0.3 1 3")
-    refuse_earlier_report(Path(args.out) / "lr_sweep.json", args, "an earlier sweep's report")
-    pair, oracle, settings = load_world(args)
-    report = run_lr_sweep(pair, oracle, concept=args.concept, seed=args.seed, steps=args.steps,
-                          factors=args.factors, families=args.families, images_per_prompt=args.images_per_prompt,
-                          captions=not args.templates, out=args.out,
-                          settings={**settings, "command": lr_sweep_command_line(args)}, log=_logger("lr-sweep"))
-    print(markdown(report))
-    print(f"wrote {Path(args.out) / 'lr_sweep.json'} and {Path(args.out) / 'lr_sweep.md'}")
-    print(lr_scale_argument(report["chosen"]))
-    return 0
+    with report_output(args, "lr_sweep.json", "an earlier sweep's report"):
+        pair, oracle, settings = load_world(args)
+        report = run_lr_sweep(pair, oracle, concept=args.concept, seed=args.seed, steps=args.steps,
+                              factors=args.factors, families=args.families,
+                              images_per_prompt=args.images_per_prompt, captions=not args.templates, out=args.out,
+                              settings={**settings, "command": lr_sweep_command_line(args)},
+                              log=_logger("lr-sweep"))
+        print(markdown(report))
+        print(f"wrote {Path(args.out) / 'lr_sweep.json'} and {Path(args.out) / 'lr_sweep.md'}")
+        print(lr_scale_argument(report["chosen"]))
+        return 0
 
 
 def _check_training_numbers(args: argparse.Namespace) -> None:
@@ -625,7 +677,6 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
 def run_world_probe(args: argparse.Namespace) -> int:
     from ..benchmarks.names import BenchError
     from ..benchmarks.probe_settings import DEFAULT_LR, PRIOR_IMAGES, ProbeSettings, check_baseline
-    from ..files import check_writable
     from ..miniworld.recipe import MAX_UNIT_SEED
     from ..training.config import MAX_STEPS
     from ..miniworld import CONCEPTS
@@ -663,31 +714,30 @@ def run_world_probe(args: argparse.Namespace) -> int:
     if args.seed + args.seeds - 1 > MAX_UNIT_SEED:
         raise BenchError(f"--seed {args.seed} --seeds {args.seeds}: the last seed passes {MAX_UNIT_SEED}")
     report_path = Path(args.out) / "world_probe.json"
-    refuse_earlier_report(report_path, args, "an earlier probe's report")
-    baseline = None
-    if args.compare is not None:
-        if not args.compare.strip():
-            raise BenchError("--compare '': give the world_probe.json of an earlier run")
-        if Path(args.compare).resolve() == report_path.resolve():
-            raise BenchError(f"--compare {args.compare} is the report this run writes: give another --out, so that "
-                             "the report compared with is kept")
-        baseline = (str(Path(args.compare).resolve()), read_probe_report(args.compare))
-    subjects += [procedural_subject(seed) for seed in VALIDATION_SEEDS.seeds()[: args.fresh]]
-    settings = ProbeSettings(steps=args.steps, lr=args.lr, token_lr=args.token_lr, min_scale=args.min_scale,
-                             seed=args.seed, seeds=args.seeds, trainable=args.trainable,
-                             prior_weight=args.prior_weight, prior_images=args.prior_images)
-    if baseline is not None:
-        try:
-            check_baseline(subjects, settings, baseline[1])
-        except ValueError as error:
-            raise BenchError(f"--compare {args.compare}: {error}") from None
-    check_writable(args.out, "--out")  # before the models load (a file in the way, no permission)
-    from ..benchmarks.world_probe import markdown, run_world_probe as probe  # torch: only once the flags are good
+    with report_output(args, "world_probe.json", "an earlier probe's report"):
+        baseline = None
+        if args.compare is not None:
+            if not args.compare.strip():
+                raise BenchError("--compare '': give the world_probe.json of an earlier run")
+            if Path(args.compare).resolve() == report_path.resolve():
+                raise BenchError(f"--compare {args.compare} is the report this run writes: give another --out, so "
+                                 "that the report compared with is kept")
+            baseline = (str(Path(args.compare).resolve()), read_probe_report(args.compare))
+        subjects += [procedural_subject(seed) for seed in VALIDATION_SEEDS.seeds()[: args.fresh]]
+        settings = ProbeSettings(steps=args.steps, lr=args.lr, token_lr=args.token_lr, min_scale=args.min_scale,
+                                 seed=args.seed, seeds=args.seeds, trainable=args.trainable,
+                                 prior_weight=args.prior_weight, prior_images=args.prior_images)
+        if baseline is not None:
+            try:
+                check_baseline(subjects, settings, baseline[1])
+            except ValueError as error:
+                raise BenchError(f"--compare {args.compare}: {error}") from None
+        from ..benchmarks.world_probe import markdown, run_world_probe as probe  # torch: only once the flags are good
 
-    pair, oracle, world = load_world(args)
-    report = probe(pair, oracle, subjects, settings, args.out,
-                   extra={**world, "command": shlex.join(["echodistill", *sys.argv[1:]])},
-                   log=_logger("world-probe"), baseline=baseline)
-    print(markdown(report))
-    print(f"wrote {Path(args.out) / 'world_probe.json'} and {Path(args.out) / 'world_probe.md'}")
-    return 0
+        pair, oracle, world = load_world(args)
+        report = probe(pair, oracle, subjects, settings, args.out,
+                       extra={**world, "command": shlex.join(["echodistill", *sys.argv[1:]])},
+                       log=_logger("world-probe"), baseline=baseline)
+        print(markdown(report))
+        print(f"wrote {Path(args.out) / 'world_probe.json'} and {Path(args.out) / 'world_probe.md'}")
+        return 0
