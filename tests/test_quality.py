@@ -7,6 +7,7 @@ the command-line smoke test uses the shipped mini-world models when they are pre
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -297,6 +298,7 @@ def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
                               "textual_inversion teacher --images-per-prompt 1 --lr-scale echodistill=3 "
                               "custom_diffusion=0.3 textual_inversion=10 dreambooth_lora=3 --oracle ")
     assert report["settings"]["lr_scales"] == recipe.TUNED_LR_SCALES and report["settings"]["captions"] is True
+    assert report["settings"]["caption_states"] == ["bg_color", "bg_pattern", "size"]
     assert {r["method"] for r in report["records"]} == {scoring.PRIOR, scoring.START_PRIOR, scoring.TEACHER_PRIOR,
                                                         "textual_inversion",
                                                         "teacher"}
@@ -381,10 +383,16 @@ def test_captioned_references_train_on_the_worlds_grammar_with_the_token():
     from echodistill.training.data import ConceptDataset
 
     unit = scoring.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=True)
-    assert all(image.caption.startswith("a {} on a plain ") for image in unit.images)
+    # each states the reference's nearest grammar size (radius >= 12 px: large) and its background, so the token
+    # follows a size word as in every evaluation prompt; the position is left out (a mirror image swaps it)
+    assert [image.caption for image in unit.images] == [
+        "a large {} on a plain red background", "a small {} on a plain yellow background",
+        "a large {} on a plain green background", "a small {} on a plain blue background",
+        "a large {} on a plain black background"]
     dataset = ConceptDataset(unit.images, token=recipe.TOKEN, class_word="square", resolution=64, latent_scale=4)
     batch = dataset.sample_batch(16, torch.Generator().manual_seed(0))
-    assert all("<v*> square on a plain " in prompt and "photo" not in prompt for prompt in batch.prompts)
+    assert all(re.search(r"\ba (large|small) <v\*> square on a plain ", prompt) and "photo" not in prompt
+               for prompt in batch.prompts)
     templated = scoring.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=False)
     assert all(image.caption is None for image in templated.images)
 

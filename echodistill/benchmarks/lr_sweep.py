@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..miniworld.concepts import CONCEPTS
+from ..miniworld.recipe import caption_states
 from ..miniworld.scoring import UnitInputs, score_prior
 from ..models.tensor_files import atomic_write_text
 from .measuring import BenchError
@@ -72,6 +73,7 @@ def run_lr_sweep(pair, oracle, *, concept: str, seed: int, steps: int, factors: 
               "settings": {**(settings or {}), "concept": concept, "seed": seed, "steps": steps,
                            "factors": sorted(factors), "families": list(families),
                            "images_per_prompt": images_per_prompt, "captions": captions,
+                           "caption_states": caption_states(captions),
                            "prompt_tolerance": PROMPT_TOLERANCE, "fingerprints": pair.fingerprints()},
               "prior": prior, "records": records, "chosen": chosen}
     if out:

@@ -38,7 +38,7 @@ import torch
 from ..imaging import labelled_rows, save_png
 from ..miniworld.concepts import CONCEPTS, reference_images
 from ..miniworld.image_prompt import ImagePromptAdapter
-from ..miniworld.recipe import RESOLUTION, TOKEN, TUNED_LR_SCALES
+from ..miniworld.recipe import RESOLUTION, TOKEN, TUNED_LR_SCALES, caption_states
 from ..miniworld.scoring import (
     IMAGE_PROMPT,
     TEACHER_GUIDANCE,
@@ -163,7 +163,7 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
 
     settings = {**(settings or {}), "concepts": list(concepts), "seeds": list(seeds), "steps": steps,
                 "methods": list(methods), "images_per_prompt": images_per_prompt, "lr_scales": lr_scales,
-                "captions": captions, "resolution": RESOLUTION,
+                "captions": captions, "caption_states": caption_states(captions), "resolution": RESOLUTION,
                 "token": TOKEN, "student_steps": 1, "teacher_steps": TEACHER_STEPS,
                 "teacher_guidance": TEACHER_GUIDANCE, "fingerprints": pair.fingerprints()}
     out = Path(out) if out else None

@@ -105,6 +105,15 @@ def read_report(path: Path, how: str = "give a folder `bench quality --out` wrot
     return report
 
 
+def caption_line(settings: dict) -> str:
+    """How a report's references were captioned in the grammar; reports from before the size was stated
+    (2026-11-30) record no caption_states."""
+    if "size" in (settings.get("caption_states") or ()):
+        return ("with their captions in the world's grammar, size and background (\"a large {} on a plain red "
+                "background\")")
+    return "with their captions in the world's grammar, background only (\"a {} on a plain red background\")"
+
+
 def merge_reports(folders: Sequence[str | Path], out: str | Path) -> dict:
     """One report from runs made side by side (e.g. one process per seed) with the same settings.
 
@@ -170,8 +179,8 @@ def markdown(report: dict) -> str:
         f"- models: {json.dumps(s['fingerprints'], sort_keys=True)}",
     ]
     if "captions" in s:
-        lines.append("- references trained " + ("with their captions in the world's grammar (\"a {} on a plain red "
-                     "background\")" if s["captions"] else "with the trainer's prompt templates (\"a photo of a {}\")"))
+        lines.append("- references trained " + (caption_line(s) if s["captions"] else
+                                              "with the trainer's prompt templates (\"a photo of a {}\")"))
     scaled = {family: factor for family, factor in s.get("lr_scales", {}).items() if factor != 1.0}
     if scaled:
         lines.append("- learning rates scaled from the published ones (the ablations and the teacher row follow "

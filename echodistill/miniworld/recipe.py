@@ -13,7 +13,7 @@ from PIL import Image
 from ..errors import ConfigError
 from ..training.config import TrainConfig, draft_configs, preset
 from ..training.photos import ConceptImage, load_concept_images
-from .concepts import Concept, reference_captions, reference_images
+from .concepts import REFERENCE_CAPTION_STATES, Concept, reference_captions, reference_images
 from .drawing import RESOLUTION
 
 TOKEN = "<v*>"
@@ -85,10 +85,15 @@ def preset_config(changes: dict, default_steps: int = DEMO_STEPS) -> TrainConfig
     return TrainConfig.from_dict({**config.to_dict(), **changes})
 
 
+def caption_states(captions: bool) -> list[str] | None:
+    """What the references' training captions state, as benchmark reports record it (None: prompt templates)."""
+    return sorted(REFERENCE_CAPTION_STATES) if captions else None
+
+
 def training_references(concept: Concept, captions: bool = True, rendered=None) -> list[ConceptImage]:
     """A concept's references as training images, captioned in the world's grammar unless `captions` is False.
 
-    The mini world's text encoder learned the grammar ("a {} on a plain red background"); a template
+    The mini world's text encoder learned the grammar ("a large {} on a plain red background"); a template
     ("a photo of a {}") is a context it saw in only a fifth of its captions, and what a concept learns
     there carries over less to the grammar's evaluation prompts. `rendered`: the references already drawn.
     """
