@@ -338,6 +338,13 @@ def test_sample_export_and_eval_commands(tiny_pair_folders, tmp_path, capsys):
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["images"] == 3 and scores["references"] == 3
     assert 0 <= scores["clip_i"] <= 1 and 0 <= scores["clip_t"] <= 1 and "dino" not in scores
+    again = ["eval", "--images", str(tmp_path / "student"), "--references", str(tmp_path / "photos"), "--class-word",
+             "cup", "--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "scores.json")]
+    (tmp_path / "scores.json").write_text('{"kept": true}')
+    assert main(again) == 2  # earlier scores are kept unless --overwrite
+    assert "holds earlier scores: pick another --out, or pass --overwrite" in capsys.readouterr().err
+    assert json.loads((tmp_path / "scores.json").read_text()) == {"kept": True}
+    assert main([*again, "--overwrite"]) == 0 and json.loads((tmp_path / "scores.json").read_text())["images"] == 3
 
 
 def test_train_on_a_shipped_subject_at_the_models_native_size(tmp_path):

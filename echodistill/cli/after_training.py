@@ -201,6 +201,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..files import atomic_write_text, check_writable
 
     if args.out:
+        if Path(args.out).exists() and not args.overwrite:  # as the bench commands: no finished scores are lost
+            raise EchoDistillError(f"--out {args.out} holds earlier scores: pick another --out, or pass --overwrite "
+                                   "to replace them")
         check_writable(Path(args.out).parent, "--out folder")
     generated, prompts = _read_images(args.images, "images")
     references, _ = _read_images(args.references, "references")
@@ -230,6 +233,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dino", help="DINOv2 / DINO ViT folder for the DINO score")
     parser.add_argument("--device", default="cpu", help="torch device for the scoring models, e.g. cpu, cuda")
     parser.add_argument("--out", help="write the scores as JSON here (default: print them only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier scores file at --out (without it, it is refused)")
 
 
 def run_export(args: argparse.Namespace) -> int:
