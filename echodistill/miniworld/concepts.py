@@ -185,7 +185,7 @@ def reference_captions(concept: Concept) -> list[str]:
     position is not: a mirror image swaps left and right. The size puts the token where every evaluation
     prompt has it ("a small <v*> ring on the left, ..."): the world's text encoder is causal (CLIP's), so
     the token's state depends on the words before it. Measured with `bench world-probe` (six subjects x
-    two seeds, second-world teacher at step 4,500): mean subject fidelity +0.073 ± 0.018 paired, every
-    subject up, over captions without the size (docs/quality.md).
+    two seeds) over captions without the size: +0.073 ± 0.018 paired on the second world's teacher at
+    step 4,500, every subject up; no difference at step 7,700 (docs/quality.md).
     """
     return [describe(scene, REFERENCE_CAPTION_STATES, noun="{}").text for scene, _ in reference_layouts(concept)]
