@@ -3,8 +3,8 @@
 Every file the pack writes (bundles, checkpoints, LoRAs, embeddings, PNGs, JSON) goes through
 `atomic_write`: the bytes go to a hidden temp file beside the target (`.<name>.<random>.tmp`),
 which is renamed over the target only when complete. The temp file gets the mode a plain
-`open()` would give (0666 minus the umask), not `mkstemp`'s 0600, so another user's ComfyUI can
-read what we wrote. A failed write names the path and the cause (no space, no permission).
+`open()` would give (0666 minus the umask for a new file, the old file's mode for one it replaces), not
+`mkstemp`'s 0600, so another user's ComfyUI can read what we wrote. A failed write names the path and the cause (no space, no permission).
 Temp files of ours that a killed process left behind are removed at the next write into that
 folder, once they are older than this process.
 """
@@ -18,6 +18,7 @@ import json
 import os
 import re
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -33,17 +34,22 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-def describe_os_error(exc: OSError) -> str:
-    """The cause in words a user acts on."""
+def describe_os_error(exc: OSError, action: str | None = None) -> str:
+    """The cause in words a user acts on. `action` ("write", "read"): what was being done, where known; a
+    permission error then says which permission is missing."""
     if exc.errno in _NO_SPACE:
         return "no space left on the device"
     if exc.errno in _NO_PERMISSION:
-        return "no permission to write there (read-only folder or file owned by another user)"
+        if exc.errno == errno.EROFS:
+            return "the file system is read-only"
+        if action:
+            return f"no permission to {action} there (read-only folder or file owned by another user)"
+        return "permission denied (a file or folder owned by another user, or not readable or writable by you)"
     return exc.strerror or str(exc)
 
 
 def write_error(path: str | os.PathLike, exc: OSError, advice: str = "") -> OutputWriteError:
-    text = f"cannot write {path}: {describe_os_error(exc)}"
+    text = f"cannot write {path}: {describe_os_error(exc, 'write')}"
     return OutputWriteError(f"{text}; {advice}" if advice else text)
 
 
@@ -149,7 +155,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         raise write_error(path, exc) from exc
     os.close(fd)
     try:
-        os.chmod(tmp, file_mode())
+        os.chmod(tmp, _replaced_mode(path))
         write(Path(tmp))
         os.replace(tmp, path)
     except OSError as exc:
@@ -159,6 +165,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _replaced_mode(path: Path) -> int:
+    """The mode the file written to `path` gets: the mode of the file it replaces (as a plain open() of an
+    existing file keeps it), else the mode a plain open() gives a new file."""
+    try:
+        existing = path.stat()
+    except OSError:
+        return file_mode()
+    return stat.S_IMODE(existing.st_mode) if stat.S_ISREG(existing.st_mode) else file_mode()
 
 
 def _write_bytes(tmp: Path, data: bytes) -> None:

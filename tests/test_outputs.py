@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -141,6 +142,34 @@ def test_written_files_get_the_mode_open_would_give(bundle, tmp_path, umask, mod
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == mode
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(mode) for p in written}
+
+
+@pytest.mark.parametrize("old_mode", [0o600, 0o640, 0o664])
+def test_a_replaced_file_keeps_its_mode_as_open_would(tmp_path, old_mode):
+    # open(path, "w") on an existing file keeps its mode: a user who made a report private keeps it private
+    target, plain = tmp_path / "scores.json", tmp_path / "plain.json"
+    for path in (target, plain):
+        path.write_text("old")
+        os.chmod(path, old_mode)
+    previous = os.umask(0o022)
+    try:
+        files.atomic_write_text(target, "new")
+        with open(plain, "w") as handle:
+            handle.write("new")
+    finally:
+        os.umask(previous)
+    assert target.read_text() == "new"
+    assert oct(stat.S_IMODE(target.stat().st_mode)) == oct(stat.S_IMODE(plain.stat().st_mode)) == oct(old_mode)
+
+
+def test_os_errors_name_the_permission_that_is_missing():
+    denied = PermissionError(errno.EACCES, "Permission denied", "x")
+    assert files.describe_os_error(denied, "write").startswith("no permission to write there")
+    assert files.describe_os_error(denied, "read").startswith("no permission to read there")
+    assert "write" not in files.describe_os_error(denied)  # a read refused is not called a write
+    assert files.describe_os_error(OSError(errno.EROFS, "Read-only file system")) == "the file system is read-only"
+    assert files.describe_os_error(OSError(errno.ENOSPC, "No space")) == "no space left on the device"
+    assert str(files.write_error("a/b.json", denied)).startswith("cannot write a/b.json: no permission to write")
 
 
 @pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from ..files import atomic_write
 from ..models.diffusion import alphas_cumprod_for, student_one_step
 from ..models.schedule import add_noise, denoising_target
 from ..sampling.samplers import ddim_schedule, denoise
@@ -92,11 +92,9 @@ class Meter:
 
 
 def save_atomically(path: Path, payload: dict) -> None:
-    """torch.save through a temporary file: a run killed mid-write leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    """torch.save through a temporary file (files.atomic_write): a run killed mid-write leaves the previous file
+    intact. Raises OutputWriteError naming the path when it cannot be written."""
+    atomic_write(path, lambda temporary: torch.save(payload, temporary))
 
 
 def save_loop_state(path: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, scheduler,
