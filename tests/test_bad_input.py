@@ -251,6 +251,11 @@ def test_a_number_flag_given_no_number_is_refused_in_one_line(argv, message, cap
     (["demo", "--threads", "100000", "--out", "demo"], "error: --threads 100000: give 1 to 1,024 CPU threads"),
     (["bench", "sample", "--batch", "1", "0"], "error: --batch 0: give 1 to 1,024 images per call"),
     (["bench", "lr-sweep", "--factors", "1", "nan"], "error: --factors nan: give multiples of the published rates"),
+    (["bench", "lr-sweep", "--concept", "dog"], "error: --concept: unknown subject 'dog': use a shipped one"),
+    (["bench", "lr-sweep", "--concept", "2000001"], "error: --concept: procedural_2000001 is no fresh subject"),
+    (["bench", "quality", "--concepts", "smiley", "dog"], "error: --concepts: unknown subject 'dog'"),
+    (["bench", "lr-sweep", "--models", "no_such_folder"], "error: --models no_such_folder: no_such_folder/teacher is "
+                                                          "not a folder"),
     (["fleet", "run", "fleet.toml", "--out", "o", "--workers", "5000"], "error: --workers 5000: give 1 to 1,024"),
 ])
 def test_a_number_out_of_range_is_refused_in_one_line_before_anything_runs(argv, message, tmp_path, monkeypatch,

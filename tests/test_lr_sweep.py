@@ -53,3 +53,17 @@ def test_sweep_trains_each_family_at_each_factor_with_scaled_rates(tiny_pair_fol
         lr_sweep.run_lr_sweep(pair, oracle, concept="window", seed=7, steps=1, factors=[1.0], families=["teacher"])
     with pytest.raises(BenchError, match="need factors > 0"):
         lr_sweep.run_lr_sweep(pair, oracle, concept="window", seed=7, steps=1, factors=[0.0])
+
+
+def test_a_sweep_can_tune_on_a_fresh_procedural_subject_no_table_row_scores(tiny_pair_folders, tmp_path):
+    torch.manual_seed(0)
+    oracle = Oracle(AttributeReader(width=8, hidden=16).eval(), SubjectEncoder(width=8, dim=16).eval())
+    pair = load_model_pair(*tiny_pair_folders)
+    report = lr_sweep.run_lr_sweep(pair, oracle, concept="3000002", seed=7, steps=1, factors=[1.0],
+                                   families=["textual_inversion"], out=tmp_path, log=lambda _: None)
+    assert report["settings"]["concept"] == "procedural_3000002"
+    assert {r["concept"] for r in report["records"]} == {"procedural_3000002"}
+    with pytest.raises(BenchError, match="concept: unknown subject 'dog'"):
+        lr_sweep.run_lr_sweep(pair, oracle, concept="dog", seed=7, steps=1, factors=[1.0])
+    with pytest.raises(BenchError, match="concept: procedural_5 is no fresh subject"):
+        lr_sweep.run_lr_sweep(pair, oracle, concept="procedural_5", seed=7, steps=1, factors=[1.0])

@@ -95,6 +95,30 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
         quality.run_quality(pair, random_oracle, out=out, resume=True, **{**every, "steps": 5})
 
 
+def test_a_fresh_procedural_subject_is_trained_and_scored_on_its_own_references(tiny_pair_folders, random_oracle,
+                                                                               tmp_path, monkeypatch):
+    from echodistill.miniworld.procedural import procedural_subject
+
+    pair = load_model_pair(*tiny_pair_folders)
+    trained = []
+    original = quality.train_method
+
+    def spy(pair, name, config, images):
+        trained.append((name, config.class_word, len(images)))
+        return original(pair, name, config, images)
+
+    monkeypatch.setattr(quality, "train_method", spy)
+    subject = procedural_subject(3_000_001)
+    # the bare seed and its full name are one subject, trained once
+    report = quality.run_quality(pair, random_oracle, concepts=["3000001", "procedural_3000001"], seeds=[0], steps=1,
+                                 methods=["textual_inversion"], images_per_prompt=1, out=tmp_path,
+                                 log=lambda _: None)
+    assert trained == [("textual_inversion", subject.class_word, 5)]
+    assert {r["concept"] for r in report["records"]} == {"procedural_3000001"}
+    assert report["settings"]["concepts"] == ["procedural_3000001"]
+    assert (tmp_path / "sheets" / "procedural_3000001-seed0.png").is_file()
+
+
 def test_the_teacher_row_alone_trains_the_full_run_but_reports_only_the_teacher(
     tiny_pair_folders, random_oracle, monkeypatch
 ):
@@ -205,8 +229,11 @@ def test_bad_requests_fail_before_anything_trains(tiny_pair_folders, random_orac
     common = dict(seeds=[0], steps=2, log=lambda _: None)
     with pytest.raises(BenchError, match="methods \\['dreambooth'\\]: give one or more of echodistill, no_echo"):
         quality.run_quality(pair, random_oracle, concepts=["smiley"], methods=["dreambooth"], **common)
-    with pytest.raises(BenchError, match="concepts \\['dog'\\]: give one or more of checker_diamond"):
+    with pytest.raises(BenchError, match="concepts: unknown subject 'dog': use a shipped one \\(checker_diamond"):
         quality.run_quality(pair, random_oracle, concepts=["dog"], methods=["echodistill"], **common)
+    # a procedural subject the oracle trained on is no test of personalization
+    with pytest.raises(BenchError, match="concepts: .*procedural_2000005.* subject oracle"):
+        quality.run_quality(pair, random_oracle, concepts=["procedural_2000005"], methods=["echodistill"], **common)
     with pytest.raises(ConfigError, match="schedule='sequential' needs steps >= 2"):
         quality.run_quality(pair, random_oracle, concepts=["smiley"], methods=["sequential"], seeds=[0], steps=1,
                             log=lambda _: None)

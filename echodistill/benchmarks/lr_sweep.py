@@ -8,7 +8,8 @@ weights are several times larger per element and its runs ten times shorter. So 
 factor x its published rates on one concept and seed, with the same step budget, and is scored by
 the oracle. The chosen factor is the one with the highest subject fidelity among those that keep
 prompt fidelity within PROMPT_TOLERANCE of the class-word prior's (a rate that makes the student
-ignore the prompt is not a better personalization). Pick a seed outside the table's seeds.
+ignore the prompt is not a better personalization). Pick a seed outside the table's seeds, or tune on a
+fresh procedural subject (`--concept procedural_<seed>`) that no row of the table scores.
 
 Outputs in --out: lr_sweep.json (every score, the choice) and lr_sweep.md; the last line printed is
 the `--lr-scale` argument to give `bench quality`.
@@ -21,12 +22,13 @@ import shlex
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..miniworld.concepts import CONCEPTS
+from ..miniworld.procedural import lookup_subject
 from ..miniworld.recipe import caption_states
 from ..miniworld.scoring import UnitInputs, score_prior
 from ..models.tensor_files import atomic_write_text
 from .measuring import BenchError
 from .methods import LR_FAMILIES, METHODS
+from .names import held_out_subjects
 from .quality import train_and_score
 
 PROMPT_TOLERANCE = 0.05  # prompt fidelity a chosen rate may lose against the class-word prior
@@ -48,16 +50,19 @@ def run_lr_sweep(pair, oracle, *, concept: str, seed: int, steps: int, factors: 
                  families: Sequence[str] = LR_FAMILIES, images_per_prompt: int = 1, captions: bool = True,
                  out: str | Path | None = None, settings: dict | None = None,
                  log: Callable[[str], None] = print) -> dict:
-    """Train every family at every factor on one concept x seed; score it; choose each family's factor."""
-    if concept not in CONCEPTS:
-        raise BenchError(f"concept {concept!r}: give one of {', '.join(sorted(CONCEPTS))}")
+    """Train every family at every factor on one concept x seed; score it; choose each family's factor.
+
+    `concept`: a held-out concept's name, or a fresh procedural subject ("procedural_<seed>"): tuning on a
+    subject no row of the table scores keeps the table's subjects out of the choice. Raises BenchError for
+    an unknown concept or family, or factors, steps or images out of range."""
+    [concept] = held_out_subjects([concept], "concept")
     unknown = [f for f in families if f not in LR_FAMILIES]
     if unknown or not families:
         raise BenchError(f"families {list(families)}: give one or more of {', '.join(LR_FAMILIES)}")
     if not factors or min(factors) <= 0 or steps < 1 or images_per_prompt < 1:
         raise BenchError(f"factors {list(factors)}, steps {steps}, images per prompt {images_per_prompt}: "
                          "need factors > 0, steps >= 1, images >= 1")
-    unit = UnitInputs.build(CONCEPTS[concept], seed, images_per_prompt, captions=captions)
+    unit = UnitInputs.build(lookup_subject(concept), seed, images_per_prompt, captions=captions)
     prior, _ = score_prior(pair, oracle, unit)
     records = []
     for family in families:

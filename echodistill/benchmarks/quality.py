@@ -2,7 +2,8 @@
 
     echodistill bench quality --steps 200 --seeds 0 1 --out runs/quality
 
-On the mini world's held-out concepts (echodistill.miniworld), for every concept x seed, each
+On the mini world's held-out concepts (echodistill.miniworld; fresh procedural subjects too, as
+"procedural_<seed>", which no model or oracle of the world saw), for every concept x seed, each
 method trains with the same step budget on the concept's five references (captioned in the world's
 grammar), at its published learning rates times the factor `bench lr-sweep` chose for its family
 (TUNED_LR_SCALES); its images for the concept's evaluation prompts (student: 1 step; teacher: 25
@@ -38,6 +39,7 @@ import torch
 from ..imaging import labelled_rows, save_png
 from ..miniworld.concepts import CONCEPTS, reference_images
 from ..miniworld.image_prompt import ImagePromptAdapter
+from ..miniworld.procedural import lookup_subject
 from ..miniworld.recipe import RESOLUTION, TOKEN, TUNED_LR_SCALES, caption_states
 from ..miniworld.scoring import (
     IMAGE_PROMPT,
@@ -53,6 +55,7 @@ from ..training.config import TrainConfig
 from ..training.trainer import Trainer
 from .baselines import StudentBaseline
 from .measuring import BenchError
+from .names import held_out_subjects
 from .methods import LR_FAMILIES, METHODS, lr_family, method_config, prior_rows, rows_served, training_runs
 from .quality_report import markdown, read_report, summarize
 
@@ -137,23 +140,25 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
     family's published learning rates;
     `captions` trains on the references' grammar captions (False: on the prompt templates);
     `image_prompt`: the adapter the `image_prompt` row samples with (required for that row).
-    Raises BenchError for unknown methods or concepts, bad seeds or factors, or the image_prompt
+    `concepts`: held-out concept names or fresh procedural subjects (names.held_out_subjects).
+    Raises BenchError for unknown methods or concepts (or a procedural seed the world trained on), bad seeds or factors, or the image_prompt
     row without its adapter; ImagePromptError when the adapter does not fit the student; ConfigError
     for a config a method cannot train with. All of these before anything trains.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise BenchError(f"methods {list(methods)}: give one or more of {', '.join(METHODS)}")
-    missing = [c for c in concepts if c not in CONCEPTS]
-    if missing or not concepts:
-        raise BenchError(f"concepts {list(concepts)}: give one or more of {', '.join(sorted(CONCEPTS))}")
+    if not concepts:
+        raise BenchError(f"no concepts: give one or more of {', '.join(sorted(CONCEPTS))} or procedural_<seed>")
+    concepts = held_out_subjects(concepts)
+    subjects = {name: lookup_subject(name) for name in concepts}
     if not seeds or min(seeds) < 0 or images_per_prompt < 1:
         raise BenchError(f"seeds {list(seeds)}, images per prompt {images_per_prompt}: need seeds >= 0, images >= 1")
     lr_scales = {**TUNED_LR_SCALES, **(lr_scales or {})}
     if set(lr_scales) != set(LR_FAMILIES) or not all(factor > 0 for factor in lr_scales.values()):
         raise BenchError(f"learning-rate scales {lr_scales}: give factors > 0 for {', '.join(LR_FAMILIES)}")
     for run in training_runs(methods):  # a bad config fails now, not hours into the run
-        method_config(run, CONCEPTS[concepts[0]].class_word, steps, 0, lr_scales[lr_family(run)])
+        method_config(run, subjects[concepts[0]].class_word, steps, 0, lr_scales[lr_family(run)])
     if IMAGE_PROMPT in methods:
         if image_prompt is None:
             raise BenchError(f"the {IMAGE_PROMPT} row needs the image-prompt adapter (ImagePromptAdapter.load); "
@@ -187,7 +192,7 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
             if set(methods) <= done:
                 missing = [row for row in priors if row not in done]  # e.g. a row added since: no training
                 if missing:
-                    unit = UnitInputs.build(CONCEPTS[name], seed, images_per_prompt, captions=captions)
+                    unit = UnitInputs.build(subjects[name], seed, images_per_prompt, captions=captions)
                     records += score_priors(pair, oracle, unit, missing)[0]
                     log(f"{name} seed {seed}: trained rows already in {report_path}; scored {', '.join(missing)}")
                     if out:
@@ -196,13 +201,13 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
                     log(f"{name} seed {seed}: already in {report_path}, skipped")
                 continue
             records = [r for r in records if not (r["concept"] == name and r["seed"] == seed)]
-            unit, rows = evaluate_unit(pair, oracle, CONCEPTS[name], seed, steps=steps, methods=methods,
+            unit, rows = evaluate_unit(pair, oracle, subjects[name], seed, steps=steps, methods=methods,
                                        images_per_prompt=images_per_prompt, lr_scales=lr_scales, captions=captions,
                                        bundle_dir=out / "bundles" if out else None, image_prompt=image_prompt,
                                        log=log)
             records += unit
             if out:
-                _save_sheet(out / "sheets" / f"{name}-seed{seed}.png", CONCEPTS[name], rows, images_per_prompt)
+                _save_sheet(out / "sheets" / f"{name}-seed{seed}.png", subjects[name], rows, images_per_prompt)
                 atomic_write_text(report_path, json.dumps(report(), indent=2) + "\n")
     final = report()
     if out:

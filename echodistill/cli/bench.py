@@ -327,7 +327,9 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.methods import DEFAULT_METHODS, METHODS
     from ..miniworld.recipe import TUNED_LR_SCALES
 
-    parser.add_argument("--concepts", nargs="+", help="held-out mini-world concepts (default: all six)")
+    parser.add_argument("--concepts", nargs="+",
+                        help="held-out mini-world concepts, or fresh procedural subjects as procedural_<seed> or the "
+                             "bare seed (e.g. 3000000-3099999, the validation seeds) (default: the six concepts)")
     parser.add_argument("--seeds", nargs="+", type=whole_number("--seeds", "whole numbers from 0", 0),
                         default=[0, 1], help="training and sampling seeds")
     parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", 200),
@@ -452,12 +454,13 @@ def image_prompt_file(args: argparse.Namespace) -> Path:
 def run_quality(args: argparse.Namespace) -> int:
     from ..benchmarks.methods import parse_lr_scales
     from ..benchmarks.quality import run_quality
+    from ..benchmarks.names import held_out_subjects
     from ..benchmarks.quality_report import markdown, read_report
     from ..miniworld import CONCEPTS
     from ..miniworld.image_prompt import ImagePromptAdapter
     from ..miniworld.recipe import IMAGE_PROMPT
 
-    args.concepts = args.concepts or sorted(CONCEPTS)
+    args.concepts = held_out_subjects(args.concepts or sorted(CONCEPTS), "--concepts")  # before anything loads
     _check_training_numbers(args)
     with report_output(args, "quality.json", "an earlier benchmark's report", resumable=True):
         if args.resume and (Path(args.out) / "quality.json").is_file():  # a damaged report: before models load
@@ -516,7 +519,9 @@ def run_quality_merge(args: argparse.Namespace) -> int:
 def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.methods import LR_FAMILIES
 
-    parser.add_argument("--concept", default="smiley", help="the tuning concept")
+    parser.add_argument("--concept", default="smiley",
+                        help="the tuning concept: a held-out concept's name, or a fresh procedural subject as "
+                             "procedural_<seed> or the bare seed (e.g. 3000000), which no row of the table scores")
     parser.add_argument("--seed", type=whole_number("--seed", "a whole number from 0", 100),
                         default=100, help="tuning seed (keep it out of the table's seeds)")
     parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", 100),
@@ -530,6 +535,7 @@ def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         default=1, help="images per evaluation prompt and run")
     parser.add_argument("--templates", action="store_true",
                         help="train on the prompt templates instead of the references' grammar captions")
+    parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")
     parser.add_argument("--oracle", help="oracle weights folder (default: the shipped mini-world oracle)")
     parser.add_argument("--out", default="runs/lr_sweep", help="folder for lr_sweep.json and lr_sweep.md")
     add_overwrite_argument(parser, "lr_sweep.json in --out")
@@ -542,6 +548,7 @@ def lr_sweep_command_line(args: argparse.Namespace) -> str:
     parts = ["echodistill", "bench", "lr-sweep", "--concept", args.concept, "--seed", str(args.seed), "--steps",
              str(args.steps), "--factors", *(f"{f:g}" for f in args.factors), "--families", *args.families,
              "--images-per-prompt", str(args.images_per_prompt), *(["--templates"] if args.templates else []),
+             *(["--models", shown_path(args.models)] if args.models else []),
              "--oracle", shown_path(args.oracle), "--out", str(args.out), "--device", args.device]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
@@ -550,8 +557,9 @@ def lr_sweep_command_line(args: argparse.Namespace) -> str:
 
 def run_lr_sweep(args: argparse.Namespace) -> int:
     from ..benchmarks.lr_sweep import lr_scale_argument, markdown, run_lr_sweep
-    from ..benchmarks.names import BenchError
+    from ..benchmarks.names import BenchError, held_out_subjects
 
+    [args.concept] = held_out_subjects([args.concept], "--concept")  # before anything loads
     _check_training_numbers(args)
     for factor in args.factors:
         if not (math.isfinite(factor) and 0 < factor <= 1000):
@@ -675,12 +683,12 @@ def add_world_probe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_world_probe(args: argparse.Namespace) -> int:
-    from ..benchmarks.names import BenchError
+    from ..benchmarks.names import BenchError, held_out_subjects
     from ..benchmarks.probe_settings import DEFAULT_LR, PRIOR_IMAGES, ProbeSettings, check_baseline
     from ..miniworld.recipe import MAX_UNIT_SEED
     from ..training.config import MAX_STEPS
     from ..miniworld import CONCEPTS
-    from ..miniworld.procedural import VALIDATION_SEEDS, fresh_subject_name, lookup_subject, procedural_subject
+    from ..miniworld.procedural import VALIDATION_SEEDS, lookup_subject, procedural_subject
 
     names = args.concepts or sorted(CONCEPTS)
     if args.lr is None:
@@ -688,11 +696,8 @@ def run_world_probe(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise BenchError(f"--steps {args.steps}: give 1 or more training iterations per subject (the bar: 400)")
     check_count("--steps", args.steps, 1, MAX_STEPS, "training iterations per subject")
-    try:  # a subject the base models or the oracle trained on is no test of the world
-        fresh = list(dict.fromkeys(fresh_subject_name(name) for name in names))  # each subject once
-        subjects = [lookup_subject(name) for name in fresh]
-    except ValueError as error:
-        raise BenchError(f"--concepts: {error}") from None
+    # a subject the base models or the oracle trained on is no test of the world; each subject once
+    subjects = [lookup_subject(name) for name in held_out_subjects(names, "--concepts")]
     if not 0 <= args.fresh <= len(VALIDATION_SEEDS.seeds()):
         raise BenchError(f"--fresh {args.fresh}: give 0 to {len(VALIDATION_SEEDS.seeds())} (the validation seeds)")
     for flag, value in (("--lr", args.lr), ("--token-lr", args.token_lr)):
