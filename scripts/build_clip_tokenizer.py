@@ -118,13 +118,19 @@ def build_vocab_and_merges(
     return vocab, [f"{a} {b}" for a, b in merges]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # read by setting; a build script runs single-threaded
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write through a temp file in the same folder, so a crash never leaves half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; assets must be readable by everyone
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give what a plain open() gives
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -79,7 +79,6 @@ def add_threads_arguments(threads: argparse.ArgumentParser) -> None:
 
 def run_threads(args: argparse.Namespace) -> int:
     from ..benchmarks.names import BenchError
-    from ..benchmarks.threads import thread_benchmark, thread_table
 
     if args.steps < 1 or any(n < 0 for n in args.load or []) or any(n < 1 for n in args.threads or []):
         raise BenchError("--steps and --threads must be at least 1, --load at least 0")
@@ -89,6 +88,8 @@ def run_threads(args: argparse.Namespace) -> int:
     for threads in args.threads or []:
         check_count("--threads", threads, 1, MAX_THREADS, "CPU threads")
     with report_output(args):
+        from ..benchmarks.threads import thread_benchmark, thread_table  # torch: only once --out is checked
+
         report = thread_benchmark(args.steps, tuple(args.load or (0, 1)),
                                   tuple(args.threads) if args.threads else None)
         return _finish(report, thread_table(report), args.out)
