@@ -250,3 +250,23 @@ def test_the_vae_ceiling_scores_the_exact_renders_after_the_round_trip(world):
     ceiling = vae_ceiling(StandIn(True), oracle)
     assert set(ceiling) == {*CONCEPTS, "mean"}
     assert ceiling["mean"] == pytest.approx(np.mean([ceiling[name] for name in CONCEPTS]), abs=1e-4)
+
+
+def test_fresh_subjects_join_the_named_ones_each_once(tmp_path, monkeypatch):
+    from echodistill.cli import bench as bench_cli
+    from echodistill.cli import main
+
+    probed = []
+
+    def fake_probe(pair, oracle, subjects, settings, out, **kwargs):
+        probed.extend(subject.name for subject in subjects)
+        return {}
+
+    monkeypatch.setattr(bench_cli, "load_world", lambda args: (None, None, {}))
+    monkeypatch.setattr(world_probe, "run_world_probe", fake_probe)
+    monkeypatch.setattr(world_probe, "markdown", lambda report: "")
+    assert main(["bench", "world-probe", "--concepts", "3000001", "smiley", "--fresh", "3",
+                 "--out", str(tmp_path / "probe")]) == 0
+    # the named fresh subject is not probed twice: --fresh adds three others
+    assert probed == ["procedural_3000001", "smiley", "procedural_3000000", "procedural_3000002",
+                      "procedural_3000003"]

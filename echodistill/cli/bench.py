@@ -689,7 +689,7 @@ def run_world_probe(args: argparse.Namespace) -> int:
     from ..miniworld.recipe import MAX_UNIT_SEED
     from ..training.config import MAX_STEPS
     from ..miniworld import CONCEPTS
-    from ..miniworld.procedural import VALIDATION_SEEDS, lookup_subject, procedural_subject
+    from ..miniworld.procedural import VALIDATION_SEEDS, lookup_subject, procedural_name, procedural_subject
 
     names = args.concepts or sorted(CONCEPTS)
     if args.lr is None:
@@ -729,7 +729,9 @@ def run_world_probe(args: argparse.Namespace) -> int:
                 raise BenchError(f"--compare {args.compare} is the report this run writes: give another --out, so "
                                  "that the report compared with is kept")
             baseline = (str(Path(args.compare).resolve()), read_probe_report(args.compare))
-        subjects += [procedural_subject(seed) for seed in VALIDATION_SEEDS.seeds()[: args.fresh]]
+        named = {subject.name for subject in subjects}  # --fresh adds subjects not named already: each once
+        fresh = [seed for seed in VALIDATION_SEEDS.seeds() if procedural_name(seed) not in named][: args.fresh]
+        subjects += [procedural_subject(seed) for seed in fresh]
         settings = ProbeSettings(steps=args.steps, lr=args.lr, token_lr=args.token_lr, min_scale=args.min_scale,
                                  seed=args.seed, seeds=args.seeds, trainable=args.trainable,
                                  prior_weight=args.prior_weight, prior_images=args.prior_images)
