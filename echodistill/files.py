@@ -155,8 +155,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         raise write_error(path, exc) from exc
     os.close(fd)
     try:
-        os.chmod(tmp, _replaced_mode(path))
         write(Path(tmp))
+        # the mode once the bytes are in: a read-only file being replaced would make the temp file unwritable
+        os.chmod(tmp, _replaced_mode(path))
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -7,6 +7,8 @@ derived numbers (ratios, throughput, projections) to come from the same measurem
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -377,3 +379,23 @@ def test_merging_a_damaged_report_names_it_without_a_traceback(content, message,
     err = capsys.readouterr().err
     assert f"{bad} {message}" in err and "Traceback" not in err
     assert not (tmp_path / "all").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quality", "--concepts", "dog"], "error: --concepts: unknown subject 'dog'"),
+    (["quality", "--lr-scale", "echodistill=-1"], "error: --lr-scale"),
+    (["quality", "--models", "nowhere"], "error: --models nowhere: nowhere/teacher is not a folder"),
+    (["lr-sweep", "--concept", "2000001"], "error: --concept: procedural_2000001 is no fresh subject"),
+    (["lr-sweep", "--families", "teacher"], "error: --families teacher: give one or more of echodistill"),
+    (["lr-sweep", "--models", "nowhere"], "error: --models nowhere: nowhere/teacher is not a folder"),
+    (["world-probe", "--models", "nowhere"], "error: --models nowhere: nowhere/teacher is not a folder"),
+])
+def test_training_benchmarks_refuse_a_bad_request_before_torch_loads(argv, message, tmp_path):
+    # torch takes seconds to load: a mistyped name or folder is answered at once, and nothing is written
+    script = ("import sys; from echodistill.cli import main; status = main(sys.argv[1:]); "
+              "print('torch loaded' if 'torch' in sys.modules else 'no torch'); sys.exit(status)")
+    done = subprocess.run([sys.executable, "-c", script, "bench", *argv, "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    assert done.stdout.strip() == "no torch"
+    assert not (tmp_path / "out").exists()

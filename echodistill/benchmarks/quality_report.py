@@ -10,8 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
-from ..models.tensor_files import atomic_write_text
-from .measuring import BenchError
+from ..files import atomic_write_text
+from .names import BenchError
 from .methods import METHODS, PRIOR_LABELS, REFERENCE_METHOD, prior_rows
 
 

@@ -392,12 +392,29 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
+def check_models_folder(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The teacher and student folders of `args.models` (the shipped ones when it is not given); BenchError, before
+    torch loads, when either is not a folder."""
+    from ..benchmarks.names import BenchError
+    from ..miniworld import STUDENT_DIR, TEACHER_DIR
+
+    models = getattr(args, "models", None)
+    teacher, student = (Path(models) / "teacher", Path(models) / "student") if models else (TEACHER_DIR, STUDENT_DIR)
+    for folder in (teacher, student):
+        if not folder.is_dir():
+            where = f"--models {models}" if models else "the shipped mini-world models"
+            raise BenchError(f"{where}: {folder} is not a folder; give a folder holding the mini world's teacher/ and "
+                             "student/ diffusers folders (scripts/train_miniworld.py --models-to), or leave --models "
+                             "out for the shipped ones")
+    return teacher, student
+
+
 def load_world(args: argparse.Namespace) -> tuple[Any, Any, dict]:
     """The shipped mini-world pair and the oracle of `args`, and the settings that identify them."""
     import torch
 
     from ..benchmarks.measuring import BenchError, device_name
-    from ..miniworld import ORACLE_ROOT, STUDENT_DIR, TEACHER_DIR, Oracle
+    from ..miniworld import ORACLE_ROOT, Oracle
     from ..miniworld.oracle import ENCODER_FILE, READER_FILE
     from ..models.pair import load_model_pair
 
@@ -410,19 +427,14 @@ def load_world(args: argparse.Namespace) -> tuple[Any, Any, dict]:
         set_cpu_threads(args.threads)
     args.oracle = Path(args.oracle or ORACLE_ROOT)
     oracle = Oracle.load(args.oracle)  # before anything trains: a missing oracle fails at once
-    models = getattr(args, "models", None)
-    teacher, student = (Path(models) / "teacher", Path(models) / "student") if models else (TEACHER_DIR, STUDENT_DIR)
-    for folder in (teacher, student):
-        if not folder.is_dir():
-            raise BenchError(f"--models {models}: {folder} is not a folder; give a folder holding the mini world's "
-                             "teacher/ and student/ diffusers folders (scripts/train_miniworld.py --models-to)")
+    teacher, student = check_models_folder(args)
     pair = load_model_pair(teacher, student, device=args.device)
     if args.threads is None:  # as training picks them (training.threads): one thread for the mini world's UNets
         from ..training.threads import configure_cpu_threads
 
         configure_cpu_threads(pair.teacher.unet, pair.device)
     settings = {
-        "models": shown_path(Path(models)) if models else "shipped",
+        "models": shown_path(Path(args.models)) if getattr(args, "models", None) else "shipped",
         "oracle": {"path": shown_path(args.oracle),
                    "digests": {f: _file_digest(args.oracle / f) for f in (READER_FILE, ENCODER_FILE)}},
         "device": device_name(pair.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -454,19 +466,22 @@ def image_prompt_file(args: argparse.Namespace) -> Path:
 
 def run_quality(args: argparse.Namespace) -> int:
     from ..benchmarks.methods import parse_lr_scales
-    from ..benchmarks.quality import run_quality
     from ..benchmarks.names import held_out_subjects
     from ..benchmarks.quality_report import markdown, read_report
     from ..miniworld import CONCEPTS
-    from ..miniworld.image_prompt import ImagePromptAdapter
     from ..miniworld.recipe import IMAGE_PROMPT
 
-    args.concepts = held_out_subjects(args.concepts or sorted(CONCEPTS), "--concepts")  # before anything loads
+    # torch-free checks first: a bad request is refused at once, not after torch loads
+    args.concepts = held_out_subjects(args.concepts or sorted(CONCEPTS), "--concepts")
     _check_training_numbers(args)
+    lr_scales = parse_lr_scales(args.lr_scale)
+    check_models_folder(args)
     with report_output(args, "quality.json", "an earlier benchmark's report", resumable=True):
         if args.resume and (Path(args.out) / "quality.json").is_file():  # a damaged report: before models load
             read_report(Path(args.out) / "quality.json", "give another --out, or --overwrite to start it anew")
-        lr_scales = parse_lr_scales(args.lr_scale)
+        from ..benchmarks.quality import run_quality
+        from ..miniworld.image_prompt import ImagePromptAdapter
+
         adapter = None
         if IMAGE_PROMPT in args.methods:  # before any model loads: a missing adapter fails at once
             args.image_prompt = image_prompt_file(args)
@@ -557,16 +572,23 @@ def lr_sweep_command_line(args: argparse.Namespace) -> str:
 
 
 def run_lr_sweep(args: argparse.Namespace) -> int:
-    from ..benchmarks.lr_sweep import lr_scale_argument, markdown, run_lr_sweep
+    from ..benchmarks.methods import LR_FAMILIES
     from ..benchmarks.names import BenchError, held_out_subjects
 
-    [args.concept] = held_out_subjects([args.concept], "--concept")  # before anything loads
+    # torch-free checks first: a bad request is refused at once, not after torch loads
+    [args.concept] = held_out_subjects([args.concept], "--concept")
     _check_training_numbers(args)
     for factor in args.factors:
         if not (math.isfinite(factor) and 0 < factor <= 1000):
             raise BenchError(f"--factors {factor:g}: give multiples of the published rates above 0 (and at "
                              "most 1000), e.g. --factors 0.3 1 3")
+    unknown = [family for family in args.families if family not in LR_FAMILIES]
+    if unknown:
+        raise BenchError(f"--families {' '.join(unknown)}: give one or more of {', '.join(LR_FAMILIES)}")
+    check_models_folder(args)
     with report_output(args, "lr_sweep.json", "an earlier sweep's report"):
+        from ..benchmarks.lr_sweep import lr_scale_argument, markdown, run_lr_sweep
+
         pair, oracle, settings = load_world(args)
         report = run_lr_sweep(pair, oracle, concept=args.concept, seed=args.seed, steps=args.steps,
                               factors=args.factors, families=args.families,
@@ -719,6 +741,7 @@ def run_world_probe(args: argparse.Namespace) -> int:
                          "--prior-weight above 0 too, or leave --prior-images out")
     if args.seed + args.seeds - 1 > MAX_UNIT_SEED:
         raise BenchError(f"--seed {args.seed} --seeds {args.seeds}: the last seed passes {MAX_UNIT_SEED}")
+    check_models_folder(args)
     report_path = Path(args.out) / "world_probe.json"
     with report_output(args, "world_probe.json", "an earlier probe's report"):
         baseline = None

@@ -26,8 +26,7 @@ import importlib
 # Public name -> the module defining it. Imported on first use (PEP 562): the grammar, drawing, concepts
 # and procedural subjects are numpy-only, so `echodistill --help` can list the subjects without torch.
 _PUBLIC = {
-    "ORACLE_ROOT": "architecture", "SHIPPED_CONCEPT_DIR": "architecture", "STUDENT_DIR": "architecture",
-    "TEACHER_DIR": "architecture",
+    "ORACLE_ROOT": "paths", "SHIPPED_CONCEPT_DIR": "paths", "STUDENT_DIR": "paths", "TEACHER_DIR": "paths",
     "CONCEPTS": "concepts", "Concept": "concepts", "ConceptPrompt": "concepts",
     "evaluation_prompts": "concepts", "reference_captions": "concepts", "reference_images": "concepts",
     "ATTRIBUTES": "grammar", "Caption": "grammar", "Scene": "grammar", "describe": "grammar",

@@ -32,15 +32,15 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..files import give_plain_modes
 from ..models.families import CONFIG_ROOT
+from .paths import (  # noqa: F401 - the shipped world's paths are read from here too
+    ASSET_ROOT,
+    MODEL_ROOT,
+    ORACLE_ROOT,
+    SHIPPED_CONCEPT_DIR,
+    STUDENT_DIR,
+    TEACHER_DIR,
+)
 
-ASSET_ROOT = Path(__file__).resolve().parent.parent / "assets" / "miniworld"
-MODEL_ROOT = ASSET_ROOT / "models"
-ORACLE_ROOT = ASSET_ROOT / "oracle"
-TEACHER_DIR = MODEL_ROOT / "teacher"
-STUDENT_DIR = MODEL_ROOT / "student"
-# Concept bundles trained on the shipped pair (`echodistill demo --concept NAME`), so a graph that
-# samples a saved concept runs on a fresh install.
-SHIPPED_CONCEPT_DIR = ASSET_ROOT / "concepts"
 SHIPPED_PREFIX = "miniworld/"  # how the loaders, the command line and fleet manifests name the shipped pair
 SHIPPED_MODELS: dict[str, Path] = {f"{SHIPPED_PREFIX}{folder.name}": folder for folder in (TEACHER_DIR, STUDENT_DIR)}
 

@@ -85,7 +85,12 @@ def is_procedural(name: str) -> bool:
     """Whether `name` is "procedural_<seed>", the seed written in ASCII digits, 0 to MAX_SEED."""
     seed = name[len(PREFIX):]
     return (name.startswith(PREFIX) and seed.isascii() and seed.isdigit() and len(seed.lstrip("0")) <= 19
-            and int(seed) <= MAX_SEED)  # the length first: int() refuses strings of 4,300+ digits
+            and _seed_of(name) <= MAX_SEED)  # the length first: int() refuses strings of 4,300+ digits
+
+
+def _seed_of(name: str) -> int:
+    """The seed of "procedural_<digits>" (leading zeros dropped before int(), which refuses 4,300+ digits)."""
+    return int(name[len(PREFIX):].lstrip("0") or "0")
 
 
 def trained_on(seed: int) -> tuple[str, SeedRange] | None:
@@ -216,7 +221,7 @@ def fresh_subject_name(text: str) -> str:
             f"unknown subject {text[:40] + ('...' if len(text) > 40 else '')!r}: use a shipped one "
             f"({', '.join(sorted(CONCEPTS))}), procedural_<seed> or a bare seed for a fresh procedural subject "
             f"(e.g. {fresh.start}: seeds {fresh.start}-{fresh.stop - 1} are kept for such tests)")
-    seed = int(name[len(PREFIX):])
+    seed = _seed_of(name)
     trained = trained_on(seed)
     if trained is not None:
         what, seeds = trained
@@ -236,10 +241,10 @@ def lookup_subject(name: str) -> Concept:
     if name in CONCEPTS:
         return CONCEPTS[name]
     if is_procedural(name):
-        return procedural_subject(int(name[len(PREFIX):]))
+        return procedural_subject(_seed_of(name))
     base, twin, outline = name.partition("_as_")
     if twin and is_procedural(base) and outline in SHAPES:
-        return procedural_subject(int(base[len(PREFIX):]), outline=outline)
+        return procedural_subject(_seed_of(base), outline=outline)
     raise ValueError(f"unknown subject {name!r}: use a concept {tuple(sorted(CONCEPTS))} or '{PREFIX}<seed>'")
 
 

@@ -23,6 +23,7 @@ cost is the teacher's sampling of the pairs, paid once.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ..files import atomic_write
+from ..files import atomic_write_bytes
 from ..models.diffusion import alphas_cumprod_for, student_one_step
 from ..models.schedule import add_noise, denoising_target
 from ..sampling.samplers import ddim_schedule, denoise
@@ -92,9 +93,13 @@ class Meter:
 
 
 def save_atomically(path: Path, payload: dict) -> None:
-    """torch.save through a temporary file (files.atomic_write): a run killed mid-write leaves the previous file
-    intact. Raises OutputWriteError naming the path when it cannot be written."""
-    atomic_write(path, lambda temporary: torch.save(payload, temporary))
+    """torch.save through a temporary file (files.atomic_write_bytes): a run killed mid-write leaves the previous
+    file intact. Serialized in memory first, so that a full disk is named as such (OutputWriteError with the
+    path), not as torch's writer error."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)  # the temporary name of earlier versions
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_loop_state(path: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, scheduler,
