@@ -162,6 +162,22 @@ def test_a_replaced_file_keeps_its_mode_as_open_would(tmp_path, old_mode):
     assert oct(stat.S_IMODE(target.stat().st_mode)) == oct(stat.S_IMODE(plain.stat().st_mode)) == oct(old_mode)
 
 
+def test_a_read_only_file_is_replaced_without_making_its_temp_file_unwritable(tmp_path):
+    # the old mode (0444) is given once the bytes are in: a user who is not root could not write the temp file
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    os.chmod(target, 0o444)
+    modes_while_writing = []
+
+    def write(temporary):
+        modes_while_writing.append(stat.S_IMODE(temporary.stat().st_mode))
+        temporary.write_text("new")
+
+    files.atomic_write(target, write)
+    assert modes_while_writing[0] & stat.S_IWUSR  # writable by its owner while written
+    assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o444
+
+
 def test_os_errors_name_the_permission_that_is_missing():
     denied = PermissionError(errno.EACCES, "Permission denied", "x")
     assert files.describe_os_error(denied, "write").startswith("no permission to write there")
