@@ -269,3 +269,21 @@ def test_a_failed_job_removes_only_the_empty_folders_it_made(tmp_path):
     with removing_new_folders_on_error():  # success: everything stays
         check_writable(tmp_path / "ok" / "out")
     assert (tmp_path / "ok" / "out").is_dir()
+
+
+def test_a_full_disk_while_a_mini_world_checkpoint_is_saved_is_named_and_keeps_the_previous_one(tmp_path,
+                                                                                             monkeypatch):
+    from echodistill.errors import OutputWriteError
+    from echodistill.miniworld.training import save_atomically
+
+    path = tmp_path / "ckpt" / "teacher_running.pt"
+    save_atomically(path, {"step": 1, "weights": torch.ones(3)})
+
+    def full(temporary, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_write_bytes", full)
+    with pytest.raises(OutputWriteError, match="teacher_running.pt: no space left on the device"):
+        save_atomically(path, {"step": 2, "weights": torch.zeros(3)})
+    assert torch.load(path, weights_only=True)["step"] == 1  # the previous checkpoint is intact
+    assert [p.name for p in path.parent.iterdir()] == ["teacher_running.pt"]  # no temp file left
