@@ -144,9 +144,13 @@ def clean_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """`write(temp_path)` then rename onto `path`; a crash never leaves half a file at `path`.
 
-    Raises OutputWriteError naming `path` and the cause when the folder or the bytes cannot be written.
+    A symbolic link at `path` is written through, as a plain open() writes through it: its target is replaced,
+    the link stays. Raises OutputWriteError naming `path` and the cause when the folder or the bytes cannot be
+    written.
     """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temp_files(path.parent)

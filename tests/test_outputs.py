@@ -178,6 +178,23 @@ def test_a_read_only_file_is_replaced_without_making_its_temp_file_unwritable(tm
     assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o444
 
 
+def test_a_write_to_a_symbolic_link_goes_through_it_as_open_would(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "scores.json").write_text("old")
+    os.chmod(shared / "scores.json", 0o640)
+    link = tmp_path / "scores.json"
+    link.symlink_to(shared / "scores.json")
+    files.atomic_write_text(link, "new")
+    assert link.is_symlink() and (shared / "scores.json").read_text() == "new"
+    assert stat.S_IMODE((shared / "scores.json").stat().st_mode) == 0o640
+    assert sorted(p.name for p in shared.iterdir()) == ["scores.json"]  # no temp file left beside the target
+    dangling = tmp_path / "new.json"
+    dangling.symlink_to(shared / "new.json")  # open() creates a missing target
+    files.atomic_write_text(dangling, "made")
+    assert dangling.is_symlink() and (shared / "new.json").read_text() == "made"
+
+
 def test_os_errors_name_the_permission_that_is_missing():
     denied = PermissionError(errno.EACCES, "Permission denied", "x")
     assert files.describe_os_error(denied, "write").startswith("no permission to write there")
