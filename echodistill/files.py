@@ -4,7 +4,8 @@ Every file the pack writes (bundles, checkpoints, LoRAs, embeddings, PNGs, JSON)
 `atomic_write`: the bytes go to a hidden temp file beside the target (`.<name>.<random>.tmp`),
 which is renamed over the target only when complete. The temp file gets the mode a plain
 `open()` would give (0666 minus the umask for a new file, the old file's mode for one it replaces), not
-`mkstemp`'s 0600, so another user's ComfyUI can read what we wrote. A failed write names the path and the cause (no space, no permission).
+`mkstemp`'s 0600, so another user's ComfyUI can read what we wrote. A failed write names the path and the
+cause (no space, no permission).
 Temp files of ours that a killed process left behind are removed at the next write into that
 folder, once they are older than this process.
 """

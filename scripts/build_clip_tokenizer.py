@@ -20,9 +20,12 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from echodistill.files import atomic_write_text  # noqa: E402  (torch-free)
 
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -118,33 +121,15 @@ def build_vocab_and_merges(
     return vocab, [f"{a} {b}" for a, b in merges]
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # read by setting; a build script runs single-threaded
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give what a plain open() gives
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_tokenizer_files(vocab: dict[str, int], merges: list[str], out_dir: str | os.PathLike) -> None:
     """Write ``vocab.json`` and ``merges.txt`` in the layout ``CLIPTokenizer`` loads."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # One compact line of UTF-8 rather than \u escapes: ~10% smaller, and every token stays legible.
     text = json.dumps(vocab, ensure_ascii=False, separators=(",", ":"))
-    _write_atomic(out / "vocab.json", text + "\n")
-    _write_atomic(out / "merges.txt", "\n".join([MERGES_HEADER, *merges]) + "\n")
+    # through a temp file, with the mode a plain open() gives (the pack's own writer)
+    atomic_write_text(out / "vocab.json", text + "\n")
+    atomic_write_text(out / "merges.txt", "\n".join([MERGES_HEADER, *merges]) + "\n")
 
 
 def build_clip_tokenizer(

@@ -141,8 +141,8 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
     `captions` trains on the references' grammar captions (False: on the prompt templates);
     `image_prompt`: the adapter the `image_prompt` row samples with (required for that row).
     `concepts`: held-out concept names or fresh procedural subjects (names.held_out_subjects).
-    Raises BenchError for unknown methods or concepts (or a procedural seed the world trained on), bad seeds or factors, or the image_prompt
-    row without its adapter; ImagePromptError when the adapter does not fit the student; ConfigError
+    Raises BenchError for unknown methods or concepts (or a procedural seed the world trained on), bad seeds
+    or factors, or the image_prompt row without its adapter; ImagePromptError when the adapter does not fit the student; ConfigError
     for a config a method cannot train with. All of these before anything trains.
     """
     unknown = [m for m in methods if m not in METHODS]
