@@ -260,7 +260,7 @@ def test_train_reads_miniworld_subjects_as_the_loaders_do(tmp_path):
     from echodistill.miniworld.procedural import VALIDATION_SEEDS
 
     named = concept_images("miniworld/checker_diamond", 64)
-    assert len(named) == 5 and named[0].caption == "a large {} on a plain red background"  # size and background
+    assert len(named) == 5 and named[0].caption == "a {} on a plain red background"  # the background only
     assert len(concept_images(f"miniworld/procedural_{VALIDATION_SEEDS.start}", 64)) == 5
     with pytest.raises(ConfigError, match="--images 'miniworld/unicorn': unknown subject"):
         concept_images("miniworld/unicorn", 64)

@@ -32,7 +32,7 @@ def test_sweep_trains_each_family_at_each_factor_with_scaled_rates(tiny_pair_fol
 
     def spy(pair, name, config, images):
         trained.append((name, config.lr_student, config.steps))
-        assert images[0].caption.startswith(("a large {} on a plain ", "a small {} on a plain "))
+        assert images[0].caption.startswith("a {} on a plain ")
         return original(pair, name, config, images)
 
     monkeypatch.setattr(quality, "train_method", spy)

@@ -325,7 +325,7 @@ def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
                               "textual_inversion teacher --images-per-prompt 1 --lr-scale echodistill=3 "
                               "custom_diffusion=0.3 textual_inversion=10 dreambooth_lora=3 --oracle ")
     assert report["settings"]["lr_scales"] == recipe.TUNED_LR_SCALES and report["settings"]["captions"] is True
-    assert report["settings"]["caption_states"] == ["bg_color", "bg_pattern", "size"]
+    assert report["settings"]["caption_states"] == ["bg_color", "bg_pattern"]
     assert {r["method"] for r in report["records"]} == {scoring.PRIOR, scoring.START_PRIOR, scoring.TEACHER_PRIOR,
                                                         "textual_inversion",
                                                         "teacher"}
@@ -410,15 +410,15 @@ def test_captioned_references_train_on_the_worlds_grammar_with_the_token():
     from echodistill.training.data import ConceptDataset
 
     unit = scoring.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=True)
-    # each states the reference's nearest grammar size (radius >= 12 px: large) and its background, so the token
-    # follows a size word as in every evaluation prompt; the position is left out (a mirror image swaps it)
+    # each states its background, true under mirror images and zoomed-in crops; neither the position (a mirror
+    # image swaps it) nor the size (measured: the finished world's teacher learns subjects better without it)
     assert [image.caption for image in unit.images] == [
-        "a large {} on a plain red background", "a small {} on a plain yellow background",
-        "a large {} on a plain green background", "a small {} on a plain blue background",
-        "a large {} on a plain black background"]
+        "a {} on a plain red background", "a {} on a plain yellow background",
+        "a {} on a plain green background", "a {} on a plain blue background",
+        "a {} on a plain black background"]
     dataset = ConceptDataset(unit.images, token=recipe.TOKEN, class_word="square", resolution=64, latent_scale=4)
     batch = dataset.sample_batch(16, torch.Generator().manual_seed(0))
-    assert all(re.search(r"\ba (large|small) <v\*> square on a plain ", prompt) and "photo" not in prompt
+    assert all(re.search(r"\ba <v\*> square on a plain ", prompt) and "photo" not in prompt
                for prompt in batch.prompts)
     templated = scoring.UnitInputs.build(CONCEPTS["window"], 0, 1, captions=False)
     assert all(image.caption is None for image in templated.images)

@@ -174,18 +174,17 @@ def reference_images(concept: Concept) -> np.ndarray:
 
 
 # What a reference's caption states (benchmark reports record it: captions of another form are other runs).
-REFERENCE_CAPTION_STATES = frozenset({"size", "bg_color", "bg_pattern"})
+REFERENCE_CAPTION_STATES = frozenset({"bg_color", "bg_pattern"})
 
 
 def reference_captions(concept: Concept) -> list[str]:
     """One caption per reference in the world's grammar, "{}" standing for "<token> <class word>".
 
-    The size (the nearest grammar size) and the background are stated ("a large {} on a plain yellow
-    background"): both stay true under the recipe's augmentations (mirror images, zoomed-in crops). The
-    position is not: a mirror image swaps left and right. The size puts the token where every evaluation
-    prompt has it ("a small <v*> ring on the left, ..."): the world's text encoder is causal (CLIP's), so
-    the token's state depends on the words before it. Measured with `bench world-probe` (six subjects x
-    two seeds) over captions without the size: +0.073 ± 0.018 paired on the second world's teacher at
-    step 4,500, every subject up; no difference at step 7,700 (docs/quality.md).
+    The background is stated ("a {} on a plain yellow background"): it stays true under the recipe's
+    augmentations (mirror images, zoomed-in crops); the position does not (a mirror image swaps left and
+    right). Stating the size as well ("a large {} on ...") was measured with `bench world-probe` (six
+    subjects x two seeds) on the second world's teacher: +0.073 ± 0.018 paired at step 4,500, alike at
+    step 7,700, and on the final teacher −0.030 ± 0.029 at 0.036 less prompt fidelity (0.524 at 0.910
+    against 0.553 at 0.946), so the finished world's captions leave it out (docs/quality.md).
     """
     return [describe(scene, REFERENCE_CAPTION_STATES, noun="{}").text for scene, _ in reference_layouts(concept)]
