@@ -15,11 +15,13 @@ Stages (each logged to runs/miniworld/<stage>.log and, all together, to train.lo
                 procedural subjects through the written teacher, into echodistill/assets/miniworld/image_prompt/
   8. eval     — load both folders with load_model_pair, sample through echodistill.sampling,
                 score with the oracle; numbers in runs/miniworld/eval.json, pictures beside them
-Intermediate results are kept in runs/miniworld/ckpt/, so `--from-stage student` redoes only the
+Intermediate results are kept in runs/miniworld/ckpt/, so `--from-stage write` redoes only the
 later stages, and `--to-stage teacher` stops after the teacher. A run cut off (a session ending, Ctrl-C)
-goes on from its last checkpoint when started again with the same command: every training loop
-(VAE, teacher, student, oracles, image-prompt adapter; not the text encoder's minutes-long pretraining) and the
-student's teacher pairs save their state. With `--device cuda` the VAE, text
+goes on when started again with the same command: the VAE, teacher and student stages finished in ckpt/
+are kept, and every training loop (VAE, teacher, student, oracles, image-prompt adapter; not the text
+encoder's minutes-long pretraining) and the student's teacher pairs go on from their saved state. A finished
+training stage is never trained again by accident: `--from-stage` naming it is refused until its
+checkpoint is removed. With `--device cuda` the VAE, text
 encoder, teacher and student train on the GPU from the same random draws as on the CPU (training.py),
 and their checkpoints resume on either. `--quick` shrinks every stage to seconds, to check the script end to end (it writes
 into runs/miniworld/quick/ instead of the package).
@@ -86,6 +88,8 @@ from echodistill.sampling.samplers import sample_student  # noqa: E402
 STAGES = ("render", "vae", "teacher", "student", "write", "oracle", "image_prompt", "eval")
 # The student stage's resumable progress in ckpt/: the teacher's pairs so far, the distillation loop state.
 STUDENT_PROGRESS = ("student_pairs.pt", "student_running.pt")
+# What each training stage leaves in ckpt/ when it has finished (a run started again keeps it).
+FINISHED = {"vae": "vae.pt", "teacher": "teacher.pt", "student": "student.pt"}
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=2, help="processes rendering scenes")
     parser.add_argument("--log-dir", type=Path, default=REPO / "runs" / "miniworld")
-    parser.add_argument("--from-stage", choices=STAGES, default="render",
-                        help="redo this stage and the later ones, reading earlier results from <log-dir>/ckpt")
+    parser.add_argument("--from-stage", choices=STAGES,
+                        help="redo this stage and the later ones, reading earlier results from <log-dir>/ckpt "
+                             "(default: go on from the first training stage not finished there; a finished "
+                             "vae, teacher or student stage is refused: remove its checkpoint to train it again)")
     parser.add_argument("--to-stage", choices=STAGES[1:], default=STAGES[-1],
                         help="stop after this stage (its results are in <log-dir>/ckpt or the written folders)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -202,14 +208,16 @@ def main() -> None:
     model_root = log_dir / "models" if args.quick else (args.models_to or arch.MODEL_ROOT)
     oracle_root = log_dir / "oracle" if args.quick else (args.oracle_to or arch.ORACLE_ROOT)
     ckpt = log_dir / "ckpt"
+    check_arguments(parser, args, ckpt, oracle_root)  # also sets --from-stage when it was left out
     first, last = STAGES.index(args.from_stage), STAGES.index(args.to_stage)
-    check_arguments(parser, args, ckpt, oracle_root)
     torch.set_num_threads(args.threads)
     log = RunLog(log_dir)
     redo = lambda stage: STAGES.index(stage) >= first  # noqa: E731
     done = lambda stage: STAGES.index(stage) >= last  # noqa: E731
     log("train", f"start: {' '.join(sys.argv)}; seed {args.seed}; {hardware(args.device)}")
     log("train", f"settings: {json.dumps(asdict(settings))}")
+    if first > STAGES.index("vae") and not any((args.eval_only, args.image_prompt_only, args.oracle_only)):
+        log("train", f"from the {args.from_stage} stage, on the finished stages kept in {ckpt}")
     cpu_start, wall_start = cpu_seconds(), time.time()
     teacher_config = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["teacher"]).scheduler
     student_config = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["student"]).scheduler
@@ -226,7 +234,8 @@ def main() -> None:
                 done_parts = restore_snapshot(args.restore_snapshot, ckpt, settings.teacher, args.seed)
                 following = "write" if "student" in done_parts else "student" if done_parts.get("teacher") == "finished" \
                     else "teacher"
-                log("train", f"restored {json.dumps(done_parts)} into {ckpt}; go on with --from-stage {following}")
+                log("train", f"restored {json.dumps(done_parts)} into {ckpt}; run the training command without "
+                             f"--restore-snapshot to go on (from the {following} stage)")
         except SnapshotError as error:
             parser.error(str(error))
         return
@@ -387,11 +396,23 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
         parser.error(f"--seed {args.seed}: give a non-negative integer")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
-    staged = args.from_stage != "render" or args.to_stage != STAGES[-1]
+    staged = args.from_stage is not None or args.to_stage != STAGES[-1]
     mode = next((f"--{m.replace('_', '-')}" for m in ("eval_only", "image_prompt_only", "oracle_only", "save_snapshot",
                                                       "restore_snapshot") if getattr(args, m)), None)
     if mode and staged:
         parser.error(f"{mode} runs on its own: leave out --from-stage/--to-stage")
+    going_on = next((stage for stage, name in FINISHED.items() if not (ckpt / name).is_file()), "write")
+    going_on = "render" if going_on == "vae" else going_on  # nothing kept: from the start
+    if args.from_stage is None:
+        if not mode and STAGES.index(args.to_stage) < STAGES.index(going_on):
+            parser.error(f"the run in {ckpt.parent} has finished every stage up to --to-stage {args.to_stage} "
+                         f"({ckpt}); it would go on from the {going_on} stage")
+        args.from_stage = "render" if mode else going_on
+    elif not mode and args.from_stage in FINISHED and (ckpt / FINISHED[args.from_stage]).is_file():
+        parser.error(f"--from-stage {args.from_stage}: the {args.from_stage} stage has finished "
+                     f"({ckpt / FINISHED[args.from_stage]}); training it again starts it from scratch and removes "
+                     f"what was made from it. To go on, leave out --from-stage (this run would go on from the "
+                     f"{going_on} stage); to train it again, remove {ckpt / FINISHED[args.from_stage]} first")
     if args.save_snapshot:  # the snapshot records the seed: it must be the one the checkpoints were trained with
         trained = logged_seeds(ckpt.parent / "train.log")
         if trained and trained != {args.seed}:

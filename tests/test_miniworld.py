@@ -465,16 +465,30 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
     assert kept.returncode == 2 and "already holds vae.pt" in kept.stderr  # this machine's own checkpoint wins
     missing = run("--from-stage", "student")  # the VAE is there, the teacher is not
     assert missing.returncode == 2 and f"reads {ckpt / 'teacher.pt'}, which does not exist" in missing.stderr
+    # a finished stage is never trained again from scratch by accident: it would replace hours of training
+    vae_bytes = (ckpt / "vae.pt").read_bytes()
+    again = run("--from-stage", "vae")
+    assert again.returncode == 2 and f"the vae stage has finished ({ckpt / 'vae.pt'})" in again.stderr
+    assert "leave out --from-stage (this run would go on from the teacher stage)" in again.stderr
+    nothing_left = run("--to-stage", "vae")  # the same command again: the VAE is done
+    assert nothing_left.returncode == 2 and "has finished every stage up to --to-stage vae" in nothing_left.stderr
+    assert (ckpt / "vae.pt").read_bytes() == vae_bytes
     for stale in ("teacher.pt", "student.pt"):  # trained on the latents of a VAE about to be replaced
         (ckpt / stale).write_bytes(b"old")
+    (ckpt / "vae.pt").unlink()  # to train a finished stage again, its checkpoint goes first
     redone = run("--to-stage", "vae")
     assert redone.returncode == 0 and not (ckpt / "teacher.pt").exists() and not (ckpt / "student.pt").exists()
     assert "removed teacher.pt: it was trained on another VAE's latents" in redone.stdout
-    rest = run("--from-stage", "teacher", "--to-stage", "image_prompt", "--keep-oracle")  # on the VAE just made
+    rest = run("--to-stage", "image_prompt", "--keep-oracle")  # goes on from the teacher, on the VAE just made
     assert rest.returncode == 0, rest.stderr
+    assert "from the teacher stage, on the finished stages kept in" in rest.stdout
     assert "stopped after the image_prompt stage" in rest.stdout
     assert (tmp_path / "quick" / "image_prompt" / "image_prompt_adapter.safetensors").is_file()
     assert sorted(p.name for p in ckpt.iterdir()) == ["student.pt", "teacher.pt", "vae.pt"]  # no progress files left
+    kept = {name: (ckpt / name).read_bytes() for name in ("vae.pt", "teacher.pt", "student.pt")}
+    rewritten = run("--to-stage", "write")  # started again when all is trained: writes the folders again
+    assert rewritten.returncode == 0 and "from the write stage" in rewritten.stdout, rewritten.stderr
+    assert {name: (ckpt / name).read_bytes() for name in kept} == kept
 
 
 # --- the main job -------------------------------------------------------------------------------
