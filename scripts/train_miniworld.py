@@ -20,8 +20,8 @@ later stages, and `--to-stage teacher` stops after the teacher. A run cut off (a
 goes on when started again with the same command: the VAE, teacher and student stages finished in ckpt/
 are kept, and every training loop (VAE, teacher, student, oracles, image-prompt adapter; not the text
 encoder's minutes-long pretraining) and the student's teacher pairs go on from their saved state. A finished
-training stage is never trained again by accident: `--from-stage` naming it is refused until its
-checkpoint is removed. With `--device cuda` the VAE, text
+training stage is never trained again by accident: a `--from-stage` at or before it is refused until its
+checkpoint is removed, and so is a run whose checkpoints cannot be read or were trained with another seed. With `--device cuda` the VAE, text
 encoder, teacher and student train on the GPU from the same random draws as on the CPU (training.py),
 and their checkpoints resume on either. `--quick` shrinks every stage to seconds, to check the script end to end (it writes
 into runs/miniworld/quick/ instead of the package).
@@ -55,7 +55,7 @@ from echodistill.miniworld.evaluate import image_grid, prompt_fidelity_report, v
 from echodistill.miniworld.grammar import Caption  # noqa: E402
 from echodistill.miniworld.image_prompt import ImagePromptSettings, adapter_path, train_image_prompt  # noqa: E402
 from echodistill.miniworld.oracle import Oracle, OracleError  # noqa: E402
-from echodistill.miniworld.snapshot import SnapshotError, restore_snapshot, save_snapshot  # noqa: E402
+from echodistill.miniworld.snapshot import SnapshotError, load_checkpoint, restore_snapshot, save_snapshot  # noqa: E402
 from echodistill.miniworld.oracle_train import (  # noqa: E402
     OracleSettings,
     generalization_report,
@@ -200,7 +200,7 @@ def main() -> None:
                             "carry the run to another machine (echodistill/miniworld/snapshot.py says what it keeps)")
     modes.add_argument("--restore-snapshot", type=folder_argument, metavar="DIR",
                        help="write the checkpoints of DIR's snapshot into an empty <log-dir>/ckpt; then run again "
-                            "with --from-stage teacher (or the stage after the last one the snapshot holds)")
+                            "without --restore-snapshot: it goes on from the stage after the last one the snapshot holds")
     args = parser.parse_args()
 
     settings = QUICK if args.quick else FULL
@@ -208,16 +208,26 @@ def main() -> None:
     model_root = log_dir / "models" if args.quick else (args.models_to or arch.MODEL_ROOT)
     oracle_root = log_dir / "oracle" if args.quick else (args.oracle_to or arch.ORACLE_ROOT)
     ckpt = log_dir / "ckpt"
-    check_arguments(parser, args, ckpt, oracle_root)  # also sets --from-stage when it was left out
+    check_arguments(parser, args, ckpt, model_root, oracle_root)  # also sets --from-stage when it was left out
+    if args.nothing_left:  # the same command again once it has finished: nothing lost, nothing to do
+        print(f"the run in {log_dir} has finished every stage up to --to-stage {args.to_stage} (kept in {ckpt}): "
+              f"nothing to do. A later --to-stage goes on from the {args.going_on} stage; removing a stage's "
+              "checkpoint trains it again")
+        return
     first, last = STAGES.index(args.from_stage), STAGES.index(args.to_stage)
+    kept = read_kept_checkpoints(parser, ckpt, first)
     torch.set_num_threads(args.threads)
     log = RunLog(log_dir)
     redo = lambda stage: STAGES.index(stage) >= first  # noqa: E731
     done = lambda stage: STAGES.index(stage) >= last  # noqa: E731
     log("train", f"start: {' '.join(sys.argv)}; seed {args.seed}; {hardware(args.device)}")
     log("train", f"settings: {json.dumps(asdict(settings))}")
-    if first > STAGES.index("vae") and not any((args.eval_only, args.image_prompt_only, args.oracle_only)):
+    if STAGES.index("vae") < first <= STAGES.index("write"):
         log("train", f"from the {args.from_stage} stage, on the finished stages kept in {ckpt}")
+    retrains_oracle = first <= STAGES.index("oracle") <= last and not args.keep_oracle
+    if retrains_oracle and (oracle_root / "subject_encoder.safetensors").is_file():
+        log("train", f"the oracle stage trains the oracles in {oracle_root} again (hours on a CPU); "
+                     "--keep-oracle keeps them")
     cpu_start, wall_start = cpu_seconds(), time.time()
     teacher_config = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["teacher"]).scheduler
     student_config = family_config(CONFIG_ROOT / arch.FAMILY_OF_ROLE["student"]).scheduler
@@ -271,7 +281,7 @@ def main() -> None:
                 (ckpt / stale).unlink()
                 log("vae", f"removed {stale}: it was trained on another VAE's latents")
     else:
-        saved = torch.load(ckpt / "vae.pt", map_location="cpu", weights_only=True)
+        saved = kept["vae"]
         vae.load_state_dict(saved["state"])
         vae.register_to_config(scaling_factor=saved["scaling_factor"])
         vae.eval()
@@ -308,7 +318,7 @@ def main() -> None:
                 (ckpt / stale).unlink()
                 log("teacher", f"removed {stale}: it was made from the previous teacher")
     else:
-        saved = torch.load(ckpt / "teacher.pt", map_location="cpu", weights_only=True)
+        saved = kept["teacher"]
         unet.load_state_dict(saved["unet"])
         text_encoder.load_state_dict(saved["text_encoder"])
     unet.eval().requires_grad_(False)
@@ -334,7 +344,7 @@ def main() -> None:
         for finished in STUDENT_PROGRESS:
             (ckpt / finished).unlink(missing_ok=True)
     else:
-        student.load_state_dict(torch.load(ckpt / "student.pt", map_location="cpu", weights_only=True)["unet"])
+        student.load_state_dict(kept["student"]["unet"])
     if done("student"):
         return finish(log, wall_start, cpu_start, "student")
 
@@ -387,8 +397,13 @@ def folder_argument(text: str) -> Path:
     return Path(text)
 
 
-def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, ckpt: Path, oracle_root: Path) -> None:
-    """Refuse, before anything is rendered or written, what the run could not finish (parser.error exits with 2)."""
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, ckpt: Path, model_root: Path,
+                    oracle_root: Path) -> None:
+    """Refuse, before anything is rendered or written, what the run could not finish (parser.error exits with 2).
+
+    Sets args.from_stage when it was left out (where the run goes on: args.going_on) and args.nothing_left
+    when every stage up to --to-stage has finished.
+    """
     for flag, value in (("--threads", args.threads), ("--workers", args.workers)):
         if value < 1:
             parser.error(f"{flag} {value}: give 1 or more")
@@ -401,30 +416,28 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
                                                       "restore_snapshot") if getattr(args, m)), None)
     if mode and staged:
         parser.error(f"{mode} runs on its own: leave out --from-stage/--to-stage")
-    going_on = next((stage for stage, name in FINISHED.items() if not (ckpt / name).is_file()), "write")
-    going_on = "render" if going_on == "vae" else going_on  # nothing kept: from the start
+    missing = next((stage for stage, name in FINISHED.items() if not (ckpt / name).is_file()), None)
+    args.going_on = "write" if missing is None else "render" if missing == "vae" else missing  # render: from the start
+    args.nothing_left = False
     if args.from_stage is None:
-        if not mode and STAGES.index(args.to_stage) < STAGES.index(going_on):
-            parser.error(f"the run in {ckpt.parent} has finished every stage up to --to-stage {args.to_stage} "
-                         f"({ckpt}); it would go on from the {going_on} stage")
-        args.from_stage = "render" if mode else going_on
-    elif not mode and args.from_stage in FINISHED and (ckpt / FINISHED[args.from_stage]).is_file():
-        parser.error(f"--from-stage {args.from_stage}: the {args.from_stage} stage has finished "
-                     f"({ckpt / FINISHED[args.from_stage]}); training it again starts it from scratch and removes "
-                     f"what was made from it. To go on, leave out --from-stage (this run would go on from the "
-                     f"{going_on} stage); to train it again, remove {ckpt / FINISHED[args.from_stage]} first")
-    if args.save_snapshot:  # the snapshot records the seed: it must be the one the checkpoints were trained with
+        args.from_stage = "render" if mode else args.going_on
+        args.nothing_left = not mode and STAGES.index(args.to_stage) < STAGES.index(args.going_on)
+    if not mode and not args.nothing_left:
+        refuse_retraining_finished_stages(parser, args, ckpt)
+    keeps = not mode and STAGES.index(args.from_stage) > STAGES.index("vae")  # reads finished stages from ckpt/
+    if args.save_snapshot or keeps:  # the checkpoints must be the ones this seed trains
         trained = logged_seeds(ckpt.parent / "train.log")
         if trained and trained != {args.seed}:
             parser.error(f"--seed {args.seed}: the run in {ckpt.parent} trained with --seed "
-                         f"{', '.join(map(str, sorted(trained)))} (its train.log); give that seed")
+                         f"{', '.join(map(str, sorted(trained)))} (its train.log); give that seed"
+                         + (", or another --log-dir for a new run" if keeps else ""))
     if mode and args.device != "cpu":
         parser.error(f"{mode} runs on the CPU: --device applies to the VAE, text encoder, teacher and student stages")
     if args.quick and (args.models_to or args.oracle_to):
         parser.error("--quick writes into <log-dir>/quick: leave out --models-to/--oracle-to")
-    if STAGES.index(args.to_stage) < STAGES.index(args.from_stage):
+    if STAGES.index(args.to_stage) < STAGES.index(args.from_stage) and not args.nothing_left:
         parser.error(f"--to-stage {args.to_stage} comes before --from-stage {args.from_stage}")
-    first = STAGES.index(args.from_stage)
+    first, last = STAGES.index(args.from_stage), STAGES.index(args.to_stage)
     if not mode and first <= STAGES.index("write"):  # the stages before --from-stage are read back from ckpt/
         for stage, name in (("vae", "vae.pt"), ("teacher", "teacher.pt"), ("student", "student.pt")):
             if STAGES.index(stage) < first and not (ckpt / name).is_file():
@@ -437,6 +450,49 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
             Oracle.load(oracle_root)
         except OracleError as error:
             parser.error(f"the eval stage needs the oracle: {error}")
+    reads_models = args.eval_only or args.image_prompt_only or (
+        not mode and first > STAGES.index("write") and last >= STAGES.index("image_prompt"))
+    written = [model_root / role / "model_index.json" for role in ("teacher", "student")]
+    if reads_models and not all(path.is_file() for path in written):
+        parser.error(f"{mode or '--from-stage ' + args.from_stage} reads the written models in {model_root}, which "
+                     "holds none: run the write stage first (it writes them from the finished stages in ckpt/)")
+
+
+def refuse_retraining_finished_stages(parser: argparse.ArgumentParser, args: argparse.Namespace, ckpt: Path) -> None:
+    """A finished VAE, teacher or student (hours of training) is trained again only once its checkpoint is removed.
+
+    Refuses --from-stage at or before a finished stage, and a gap in ckpt/ (a finished stage whose
+    predecessor's checkpoint is gone: it would be removed once that predecessor is trained again).
+    The message names every file to remove, the stage's progress files included (a stale one would
+    be resumed from).
+    """
+    first = STAGES.index(args.from_stage)
+    redone = [stage for stage, name in FINISHED.items() if STAGES.index(stage) >= first and (ckpt / name).is_file()]
+    if not redone:
+        return
+    progress = {"vae": ("vae_running.pt",), "teacher": ("teacher_running.pt",), "student": STUDENT_PROGRESS}
+    files = [ckpt / name for stage in redone for name in (FINISHED[stage], *progress[stage]) if (ckpt / name).is_file()]
+    remove = f"remove {', '.join(map(str, files))} first"
+    if STAGES.index(redone[-1]) > STAGES.index(args.going_on):  # a gap: what they were made from is gone
+        gone = FINISHED["vae" if args.going_on == "render" else args.going_on]
+        parser.error(f"{ckpt} holds {', '.join(FINISHED[s] for s in redone)} but not {gone}, which they were made "
+                     f"from: put {gone} back to go on, or, to train again from there, {remove}")
+    parser.error(f"--from-stage {args.from_stage}: the {redone[0]} stage has finished ({ckpt / FINISHED[redone[0]]}); "
+                 f"training it again starts it from scratch and removes what was made from it. To go on, leave out "
+                 f"--from-stage (this run would go on from the {args.going_on} stage); to train it again, {remove}")
+
+
+def read_kept_checkpoints(parser: argparse.ArgumentParser, ckpt: Path, first: int) -> dict[str, dict]:
+    """The finished stages this run reads instead of training them, loaded before anything renders; an
+    unreadable one is refused (parser.error) naming it, not found broken after the minutes-long render."""
+    kept = {}
+    for stage, name in FINISHED.items():
+        if STAGES.index(stage) < first:
+            try:
+                kept[stage] = load_checkpoint(ckpt / name)
+            except SnapshotError as error:
+                parser.error(f"{error}: remove it to train the {stage} stage again")
+    return kept
 
 
 def finish(log: RunLog, wall_start: float, cpu_start: float, stage: str) -> None:

@@ -447,7 +447,9 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
                            (("--oracle-only", "--to-stage", "vae"), "--oracle-only runs on its own"),
                            (("--save-snapshot", "x", "--from-stage", "vae"), "--save-snapshot runs on its own"),
                            (("--save-snapshot", ""), "give a folder name (an empty one would mean the current"),
-                           (("--from-stage", "eval", "--keep-oracle"), "the eval stage needs the oracle")):
+                           (("--from-stage", "eval", "--keep-oracle"), "the eval stage needs the oracle"),
+                           (("--from-stage", "image_prompt", "--to-stage", "image_prompt"), "reads the written models"),
+                           (("--image-prompt-only",), "--image-prompt-only reads the written models in")):
         refused = run(*flags)  # refused before anything renders or writes
         assert refused.returncode == 2 and message in refused.stderr, (flags, refused.stderr)
     if not torch.cuda.is_available():
@@ -470,18 +472,30 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
     assert missing.returncode == 2 and f"reads {ckpt / 'teacher.pt'}, which does not exist" in missing.stderr
     # a finished stage is never trained again from scratch by accident: it would replace hours of training
     vae_bytes = (ckpt / "vae.pt").read_bytes()
-    again = run("--from-stage", "vae")
-    assert again.returncode == 2 and f"the vae stage has finished ({ckpt / 'vae.pt'})" in again.stderr
-    assert "leave out --from-stage (this run would go on from the teacher stage)" in again.stderr
-    nothing_left = run("--to-stage", "vae")  # the same command again: the VAE is done
-    assert nothing_left.returncode == 2 and "has finished every stage up to --to-stage vae" in nothing_left.stderr
+    for start in ("vae", "render"):
+        again = run("--from-stage", start)
+        assert again.returncode == 2 and f"the vae stage has finished ({ckpt / 'vae.pt'})" in again.stderr
+        assert "leave out --from-stage (this run would go on from the teacher stage)" in again.stderr
+        assert f"remove {ckpt / 'vae.pt'} first" in again.stderr
+    other_seed = run("--seed", "3")  # would go on from a VAE another seed trained
+    assert other_seed.returncode == 2 and "trained with --seed 0 (its train.log)" in other_seed.stderr
+    nothing_left = run("--to-stage", "vae")  # the same command again: the VAE is done, nothing to do, no error
+    assert nothing_left.returncode == 0 and "nothing to do" in nothing_left.stdout, nothing_left.stderr
     assert (ckpt / "vae.pt").read_bytes() == vae_bytes
-    for stale in ("teacher.pt", "student.pt"):  # trained on the latents of a VAE about to be replaced
-        (ckpt / stale).write_bytes(b"old")
+    (ckpt / "teacher.pt").write_bytes(b"old")  # a finished teacher's file, damaged: refused before the render
+    damaged = run("--to-stage", "write")
+    assert damaged.returncode == 2 and f"{ckpt / 'teacher.pt'}: not a readable checkpoint" in damaged.stderr
+    assert "remove it to train the teacher stage again" in damaged.stderr and "Traceback" not in damaged.stderr
+    (ckpt / "vae.pt").rename(ckpt / "vae.kept")  # a gap: the teacher was made from the VAE that is gone
+    gap = run("--to-stage", "vae")
+    assert gap.returncode == 2 and "holds teacher.pt but not vae.pt, which they were made from" in gap.stderr
+    (ckpt / "vae.kept").rename(ckpt / "vae.pt")
+    (ckpt / "teacher.pt").unlink()
+    (ckpt / "teacher_running.pt").write_bytes(b"old")  # a cut teacher, on the latents of a VAE about to be replaced
     (ckpt / "vae.pt").unlink()  # to train a finished stage again, its checkpoint goes first
     redone = run("--to-stage", "vae")
-    assert redone.returncode == 0 and not (ckpt / "teacher.pt").exists() and not (ckpt / "student.pt").exists()
-    assert "removed teacher.pt: it was trained on another VAE's latents" in redone.stdout
+    assert redone.returncode == 0 and (ckpt / "vae.pt").is_file() and not (ckpt / "teacher_running.pt").exists()
+    assert "removed teacher_running.pt: it was trained on another VAE's latents" in redone.stdout
     rest = run("--to-stage", "image_prompt", "--keep-oracle")  # goes on from the teacher, on the VAE just made
     assert rest.returncode == 0, rest.stderr
     assert "from the teacher stage, on the finished stages kept in" in rest.stdout

@@ -87,7 +87,8 @@ def _float(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
 
 
-def _load(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict:
+    """A run checkpoint (torch.load, weights only, on the CPU); SnapshotError naming the file when it cannot be read."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is one line
@@ -117,11 +118,11 @@ def save_snapshot(ckpt: Path, folder: Path, settings: TeacherSettings, seed: int
         raise SnapshotError(f"{folder}: cannot be made ({error.strerror or error}); give a folder you can write to")
     run = {"seed": str(seed), "steps": str(settings.steps)}
     parts: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
-    vae = _load(ckpt / "vae.pt")
+    vae = load_checkpoint(ckpt / "vae.pt")
     parts["vae"] = (vae["state"], {**run, "scaling_factor": repr(float(vae["scaling_factor"]))})
     saved = {"vae": "finished"}
     if teacher_source.is_file():
-        state = _load(teacher_source)
+        state = load_checkpoint(teacher_source)
         step = settings.steps if finished else int(state["step"])
         parts["text_encoder"] = (_half(state["text_encoder"]), {**run, "precision": "float16"})
         tensors = _half(state["unet"])
@@ -132,7 +133,7 @@ def save_snapshot(ckpt: Path, folder: Path, settings: TeacherSettings, seed: int
                                       "moments": "not kept: AdamW restarts from zero on restore"})
         saved["teacher"] = "finished" if finished else f"step {step} of {settings.steps}"
         if finished and (ckpt / "student.pt").is_file():
-            parts["student"] = (_half(_load(ckpt / "student.pt")["unet"]), {**run, "precision": "float16"})
+            parts["student"] = (_half(load_checkpoint(ckpt / "student.pt")["unet"]), {**run, "precision": "float16"})
             saved["student"] = "finished"
     for part, (tensors, metadata) in parts.items():
         atomic_save_safetensors(tensors, folder / FILES[part], metadata)
