@@ -224,7 +224,7 @@ def main() -> None:
     log("train", f"settings: {json.dumps(asdict(settings))}")
     if STAGES.index("vae") < first <= STAGES.index("write"):
         log("train", f"from the {args.from_stage} stage, on the finished stages kept in {ckpt}")
-    retrains_oracle = first <= STAGES.index("oracle") <= last and not args.keep_oracle
+    retrains_oracle = not args.mode and first <= STAGES.index("oracle") <= last and not args.keep_oracle
     if retrains_oracle and (oracle_root / "subject_encoder.safetensors").is_file():
         log("train", f"the oracle stage trains the oracles in {oracle_root} again (hours on a CPU); "
                      "--keep-oracle keeps them")
@@ -401,8 +401,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
                     oracle_root: Path) -> None:
     """Refuse, before anything is rendered or written, what the run could not finish (parser.error exits with 2).
 
-    Sets args.from_stage when it was left out (where the run goes on: args.going_on) and args.nothing_left
-    when every stage up to --to-stage has finished.
+    Sets args.from_stage when it was left out (where the run goes on: args.going_on), args.nothing_left
+    when every stage up to --to-stage has finished, and args.mode (the flag of a run on its own, or None).
     """
     for flag, value in (("--threads", args.threads), ("--workers", args.workers)):
         if value < 1:
@@ -416,6 +416,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
                                                       "restore_snapshot") if getattr(args, m)), None)
     if mode and staged:
         parser.error(f"{mode} runs on its own: leave out --from-stage/--to-stage")
+    args.mode = mode
     missing = next((stage for stage, name in FINISHED.items() if not (ckpt / name).is_file()), None)
     args.going_on = "write" if missing is None else "render" if missing == "vae" else missing  # render: from the start
     args.nothing_left = False
