@@ -174,7 +174,9 @@ def main() -> None:
     # core at every op, and steps measured 2-15x slower than with one.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=2, help="processes rendering scenes")
-    parser.add_argument("--log-dir", type=Path, default=REPO / "runs" / "miniworld")
+    parser.add_argument("--log-dir", type=Path, default=REPO / "runs" / "miniworld",
+                        help="folder for the logs, ckpt/ (the checkpoints a run goes on from) and eval.json "
+                             "(default: runs/miniworld in the repository)")
     parser.add_argument("--from-stage", choices=STAGES,
                         help="redo this stage and the later ones, reading earlier results from <log-dir>/ckpt "
                              "(default: go on from the first training stage not finished there; a finished "
@@ -212,7 +214,7 @@ def main() -> None:
     if args.nothing_left:  # the same command again once it has finished: nothing lost, nothing to do
         print(f"the run in {log_dir} has finished every stage up to --to-stage {args.to_stage} (kept in {ckpt}): "
               f"nothing to do. A later --to-stage goes on from the {args.going_on} stage; removing a stage's "
-              "checkpoint trains it again")
+              "checkpoint trains it again.")
         return
     first, last = STAGES.index(args.from_stage), STAGES.index(args.to_stage)
     kept = read_kept_checkpoints(parser, ckpt, first)
@@ -473,14 +475,15 @@ def refuse_retraining_finished_stages(parser: argparse.ArgumentParser, args: arg
         return
     progress = {"vae": ("vae_running.pt",), "teacher": ("teacher_running.pt",), "student": STUDENT_PROGRESS}
     files = [ckpt / name for stage in redone for name in (FINISHED[stage], *progress[stage]) if (ckpt / name).is_file()]
-    remove = f"remove {', '.join(map(str, files))} first"
+    names = [str(path) for path in files]
+    remove = f"remove {' and '.join(filter(None, [', '.join(names[:-1]), names[-1]]))} first"
     if STAGES.index(redone[-1]) > STAGES.index(args.going_on):  # a gap: what they were made from is gone
         gone = FINISHED["vae" if args.going_on == "render" else args.going_on]
         parser.error(f"{ckpt} holds {', '.join(FINISHED[s] for s in redone)} but not {gone}, which they were made "
-                     f"from: put {gone} back to go on, or, to train again from there, {remove}")
+                     f"from: put {gone} back to go on, or, to train again from there, {remove}.")
     parser.error(f"--from-stage {args.from_stage}: the {redone[0]} stage has finished ({ckpt / FINISHED[redone[0]]}); "
                  f"training it again starts it from scratch and removes what was made from it. To go on, leave out "
-                 f"--from-stage (this run would go on from the {args.going_on} stage); to train it again, {remove}")
+                 f"--from-stage (this run would go on from the {args.going_on} stage); to train it again, {remove}.")
 
 
 def read_kept_checkpoints(parser: argparse.ArgumentParser, ckpt: Path, first: int) -> dict[str, dict]:
