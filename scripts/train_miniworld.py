@@ -385,11 +385,16 @@ def run_late_stages(settings: RunSettings, args: argparse.Namespace, model_root:
     log("train", f"done in {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU; report in {log_dir / 'eval.json'}")
 
 
+ON_ITS_OWN = ("--eval-only", "--image-prompt-only", "--oracle-only", "--save-snapshot", "--restore-snapshot")
+
+
 def logged_seeds(log: Path) -> set[int]:
-    """The seeds every start of a run logged in its train.log (none when there is no log)."""
+    """The seeds the runs that trained the checkpoints logged in train.log (none when there is no log); runs on
+    their own (--oracle-only, ...) leave ckpt/'s VAE, teacher and student alone and do not count."""
     if not log.is_file():
         return set()
-    return {int(seed) for seed in re.findall(r"\] start: .*?; seed (\d+);", log.read_text(errors="replace"))}
+    starts = re.findall(r"\] start: (.*?); seed (\d+);", log.read_text(errors="replace"))
+    return {int(seed) for command, seed in starts if not any(flag in command.split() for flag in ON_ITS_OWN)}
 
 
 def folder_argument(text: str) -> Path:
@@ -427,8 +432,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
         args.nothing_left = not mode and STAGES.index(args.to_stage) < STAGES.index(args.going_on)
     if not mode and not args.nothing_left:
         refuse_retraining_finished_stages(parser, args, ckpt)
-    keeps = not mode and STAGES.index(args.from_stage) > STAGES.index("vae")  # reads finished stages from ckpt/
-    if args.save_snapshot or keeps:  # the checkpoints must be the ones this seed trains
+    # a run that reads or resumes anything in ckpt/ must have the seed that trained it
+    keeps = not mode and ckpt.is_dir() and any(ckpt.glob("*.pt"))
+    if args.save_snapshot or keeps:
         trained = logged_seeds(ckpt.parent / "train.log")
         if trained and trained != {args.seed}:
             parser.error(f"--seed {args.seed}: the run in {ckpt.parent} trained with --seed "
@@ -486,16 +492,30 @@ def refuse_retraining_finished_stages(parser: argparse.ArgumentParser, args: arg
                  f"--from-stage (this run would go on from the {args.going_on} stage); to train it again, {remove}.")
 
 
+# What each finished stage's checkpoint holds (save_atomically's payloads in main).
+CHECKPOINT_KEYS = {"vae": {"state", "scaling_factor"}, "teacher": {"unet", "text_encoder"}, "student": {"unet"}}
+
+
 def read_kept_checkpoints(parser: argparse.ArgumentParser, ckpt: Path, first: int) -> dict[str, dict]:
-    """The finished stages this run reads instead of training them, loaded before anything renders; an
-    unreadable one is refused (parser.error) naming it, not found broken after the minutes-long render."""
+    """The finished stages this run reads instead of training them (when it writes the models), loaded before
+    anything renders; one that cannot be read or is not that stage's checkpoint is refused (parser.error)
+    naming it and what was made from it, not found broken after the minutes-long render."""
     kept = {}
+    if first > STAGES.index("write"):  # the later stages read the written folders, not ckpt/
+        return kept
     for stage, name in FINISHED.items():
         if STAGES.index(stage) < first:
+            made_from = [ckpt / later for later_stage, later in FINISHED.items()
+                         if STAGES.index(later_stage) >= STAGES.index(stage) and (ckpt / later).is_file()]
+            remove = " and ".join(str(path) for path in made_from)
             try:
                 kept[stage] = load_checkpoint(ckpt / name)
             except SnapshotError as error:
-                parser.error(f"{error}: remove it to train the {stage} stage again")
+                parser.error(f"{error}: remove {remove} to train the {stage} stage again")
+            missing = CHECKPOINT_KEYS[stage] - set(kept[stage]) if isinstance(kept[stage], dict) else CHECKPOINT_KEYS[stage]
+            if missing:
+                parser.error(f"{ckpt / name} is not a {stage} checkpoint (it lacks {', '.join(sorted(missing))}): "
+                             f"remove {remove} to train the {stage} stage again")
     return kept
 
 

@@ -482,10 +482,17 @@ def test_train_script_stops_after_the_stage_asked_and_refuses_what_it_cannot_do(
     nothing_left = run("--to-stage", "vae")  # the same command again: the VAE is done, nothing to do, no error
     assert nothing_left.returncode == 0 and "nothing to do" in nothing_left.stdout, nothing_left.stderr
     assert (ckpt / "vae.pt").read_bytes() == vae_bytes
+    with open(tmp_path / "quick" / "train.log", "a") as log:  # a run on its own with another seed trains no ckpt/
+        log.write("[00:00:00 +      0s] start: scripts/train_miniworld.py --oracle-only --seed 5; seed 5; {}\n")
+    assert "the vae stage has finished" in run("--from-stage", "vae").stderr  # not a seed refusal
     (ckpt / "teacher.pt").write_bytes(b"old")  # a finished teacher's file, damaged: refused before the render
     damaged = run("--to-stage", "write")
     assert damaged.returncode == 2 and f"{ckpt / 'teacher.pt'}: not a readable checkpoint" in damaged.stderr
-    assert "remove it to train the teacher stage again" in damaged.stderr and "Traceback" not in damaged.stderr
+    assert f"remove {ckpt / 'teacher.pt'} to train the teacher stage again" in damaged.stderr
+    assert "Traceback" not in damaged.stderr
+    (ckpt / "teacher.pt").write_bytes((ckpt / "vae.pt").read_bytes())  # readable, but another stage's
+    wrong = run("--to-stage", "write")
+    assert wrong.returncode == 2 and "teacher.pt is not a teacher checkpoint (it lacks text_encoder, unet)" in wrong.stderr
     (ckpt / "vae.pt").rename(ckpt / "vae.kept")  # a gap: the teacher was made from the VAE that is gone
     gap = run("--to-stage", "vae")
     assert gap.returncode == 2 and "holds teacher.pt but not vae.pt, which they were made from" in gap.stderr
