@@ -419,8 +419,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
     staged = args.from_stage is not None or args.to_stage != STAGES[-1]
-    mode = next((f"--{m.replace('_', '-')}" for m in ("eval_only", "image_prompt_only", "oracle_only", "save_snapshot",
-                                                      "restore_snapshot") if getattr(args, m)), None)
+    mode = next((flag for flag in ON_ITS_OWN if getattr(args, flag[2:].replace("-", "_"))), None)
     if mode and staged:
         parser.error(f"{mode} runs on its own: leave out --from-stage/--to-stage")
     args.mode = mode
@@ -448,7 +447,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, c
         parser.error(f"--to-stage {args.to_stage} comes before --from-stage {args.from_stage}")
     first, last = STAGES.index(args.from_stage), STAGES.index(args.to_stage)
     if not mode and first <= STAGES.index("write"):  # the stages before --from-stage are read back from ckpt/
-        for stage, name in (("vae", "vae.pt"), ("teacher", "teacher.pt"), ("student", "student.pt")):
+        for stage, name in FINISHED.items():
             if STAGES.index(stage) < first and not (ckpt / name).is_file():
                 parser.error(f"--from-stage {args.from_stage} reads {ckpt / name}, which does not exist: "
                              f"start from --from-stage {stage}")
@@ -481,8 +480,7 @@ def refuse_retraining_finished_stages(parser: argparse.ArgumentParser, args: arg
         return
     progress = {"vae": ("vae_running.pt",), "teacher": ("teacher_running.pt",), "student": STUDENT_PROGRESS}
     files = [ckpt / name for stage in redone for name in (FINISHED[stage], *progress[stage]) if (ckpt / name).is_file()]
-    names = [str(path) for path in files]
-    remove = f"remove {' and '.join(filter(None, [', '.join(names[:-1]), names[-1]]))} first"
+    remove = f"remove {listed(files)} first"
     if STAGES.index(redone[-1]) > STAGES.index(args.going_on):  # a gap: what they were made from is gone
         gone = FINISHED["vae" if args.going_on == "render" else args.going_on]
         parser.error(f"{ckpt} holds {', '.join(FINISHED[s] for s in redone)} but not {gone}, which they were made "
@@ -490,6 +488,12 @@ def refuse_retraining_finished_stages(parser: argparse.ArgumentParser, args: arg
     parser.error(f"--from-stage {args.from_stage}: the {redone[0]} stage has finished ({ckpt / FINISHED[redone[0]]}); "
                  f"training it again starts it from scratch and removes what was made from it. To go on, leave out "
                  f"--from-stage (this run would go on from the {args.going_on} stage); to train it again, {remove}.")
+
+
+def listed(paths: list[Path]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    names = [str(path) for path in paths]
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
 
 
 # What each finished stage's checkpoint holds (save_atomically's payloads in main).
@@ -507,7 +511,7 @@ def read_kept_checkpoints(parser: argparse.ArgumentParser, ckpt: Path, first: in
         if STAGES.index(stage) < first:
             made_from = [ckpt / later for later_stage, later in FINISHED.items()
                          if STAGES.index(later_stage) >= STAGES.index(stage) and (ckpt / later).is_file()]
-            remove = " and ".join(str(path) for path in made_from)
+            remove = listed(made_from)
             try:
                 kept[stage] = load_checkpoint(ckpt / name)
             except SnapshotError as error:
