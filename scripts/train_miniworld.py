@@ -278,7 +278,8 @@ def main() -> None:
         factor = set_scaling_factor(vae, latents)
         save_atomically(ckpt / "vae.pt", {"state": vae.state_dict(), "scaling_factor": factor})
         resume.unlink(missing_ok=True)
-        for stale in ("teacher_running.pt", "teacher.pt", "student.pt", *STUDENT_PROGRESS):  # the old VAE's latents
+        # progress made on the old VAE's latents (finished teacher/student files are refused before a VAE retrain)
+        for stale in ("teacher_running.pt", *STUDENT_PROGRESS):
             if (ckpt / stale).is_file():
                 (ckpt / stale).unlink()
                 log("vae", f"removed {stale}: it was trained on another VAE's latents")
@@ -315,7 +316,7 @@ def main() -> None:
                                            log.stage("teacher"), text_encoder, resume, args.device)
         save_atomically(ckpt / "teacher.pt", {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()})
         resume.unlink(missing_ok=True)
-        for stale in ("student.pt", *STUDENT_PROGRESS):  # distilled from the teacher just replaced
+        for stale in STUDENT_PROGRESS:  # from the teacher just replaced (a finished student.pt is refused first)
             if (ckpt / stale).is_file():
                 (ckpt / stale).unlink()
                 log("teacher", f"removed {stale}: it was made from the previous teacher")
