@@ -76,6 +76,10 @@ class TrainConcept(io.ComfyNode):
                 io.Int.Input("echo_samples", optional=True, default=0, min=0, max=256,
                              tooltip="Student images drawn per echo round, the best quarter kept for the "
                                      "teacher; 0 = the preset's (paper 16, lite 8; the mini world's recipe 8)."),
+                io.Float.Input("lr_token", optional=True, default=0.0, min=0.0, max=1e-1, step=1e-5,
+                               tooltip="Learning rate of the concept token row alone; 0 = lr_teacher's, as the "
+                                       "paper trains it. The row is one vector every prompt with the token reads: "
+                                       "the mini world trains it at a higher rate than its adapters."),
             ],
             outputs=[
                 Concept.Output(display_name="concept", tooltip="The trained concept (token + both adapters)."),
@@ -88,12 +92,13 @@ class TrainConcept(io.ComfyNode):
     @classmethod
     def execute(cls, models, images, token, class_word, preset, steps, resolution, lr_student, lr_teacher, lr_heads,
                 adapter, echo, sample_every, save_every, seed, resume, force, backbones=None,
-                captions="", augment_min_scale=0.0, echo_samples=0) -> io.NodeOutput:
+                captions="", augment_min_scale=0.0, echo_samples=0, lr_token=0.0) -> io.NodeOutput:
         members = backbones["members"] if backbones else ["teacher_features"]
         resolution = resolution or native_resolution(models, "student")
         chosen_adapter = {} if adapter == "preset" else {"adapter": adapter}
         advanced = {name: value for name, value in (("augment_min_scale", augment_min_scale),
-                                                     ("echo_samples", echo_samples)) if value}  # 0: the preset's
+                                                     ("echo_samples", echo_samples), ("lr_token", lr_token))
+                    if value}  # 0: the preset's
         config = preset_config(preset, line="sdxl" if models.is_sdxl else "sd", steps=steps, resolution=resolution,
                                token=token, class_word=class_word, lr_student=lr_student, lr_teacher=lr_teacher,
                                lr_heads=lr_heads, echo=echo, sample_every=sample_every, save_every=save_every,

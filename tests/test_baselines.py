@@ -11,6 +11,7 @@ from echodistill.concepts.bundle import ConceptBundle
 from echodistill.errors import ConfigError
 from echodistill.jobs.runs import sample
 from echodistill.models.adapters import WeightDelta, adapter_state_dict
+from echodistill.models.concept import concept_embedding
 from echodistill.models.pair import load_model_pair
 from echodistill.models.pristine import pristine
 from echodistill.sampling.samplers import sample_student
@@ -73,6 +74,21 @@ def test_custom_diffusion_baseline_wraps_the_student_kv_and_lora_every_attention
     adapted = {n.split(".lora_")[0] for n, _ in pair.student.unet.named_parameters() if "lora_A" in n}
     for suffix in ("attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v"):
         assert any(n.endswith(suffix) for n in adapted), suffix
+
+
+def test_a_baselines_token_row_trains_at_its_own_rate_when_one_is_given(tiny_pair_folders):
+    pair = load_model_pair(*tiny_pair_folders)
+    published = StudentBaseline(pair, _images(), _config("custom_diffusion"), "custom_diffusion")
+    assert [group["lr"] for group in published.optimizer.param_groups] == [1e-5]
+    pair = load_model_pair(*tiny_pair_folders)
+    own = StudentBaseline(pair, _images(), _config("custom_diffusion", lr_token=1e-3), "custom_diffusion")
+    adapters, rows = own.optimizer.param_groups
+    assert (adapters["lr"], rows["lr"]) == (1e-5, 1e-3)
+    assert rows["params"] == [concept_embedding(pair.text_encoder).concept_row]
+    # DreamBooth's identifier stays frozen whatever the rate: there is no row to give it to.
+    pair = load_model_pair(*tiny_pair_folders)
+    frozen = StudentBaseline(pair, _images(), _config("dreambooth_lora", lr_token=1e-3), "dreambooth_lora")
+    assert len(frozen.optimizer.param_groups) == 1
 
 
 def test_dreambooth_identifier_is_the_rare_words_frozen_row(tiny_pair_folders):

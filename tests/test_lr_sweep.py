@@ -55,6 +55,41 @@ def test_sweep_trains_each_family_at_each_factor_with_scaled_rates(tiny_pair_fol
         lr_sweep.run_lr_sweep(pair, oracle, concept="window", seed=7, steps=1, factors=[0.0])
 
 
+def test_the_token_stage_trains_each_family_at_its_factor_with_the_row_at_each_rate(tiny_pair_folders, tmp_path,
+                                                                                       monkeypatch):
+    torch.manual_seed(0)
+    oracle = Oracle(AttributeReader(width=8, hidden=16).eval(), SubjectEncoder(width=8, dim=16).eval())
+    pair = load_model_pair(*tiny_pair_folders)
+    trained = []
+    original = quality.train_method
+
+    def spy(pair, name, config, images):
+        trained.append((name, config.lr_student, config.lr_token))
+        return original(pair, name, config, images)
+
+    monkeypatch.setattr(quality, "train_method", spy)
+    report = lr_sweep.run_lr_sweep(pair, oracle, concept="window", seed=7, steps=1, token_rates=[1e-2, 1e-3],
+                                   lr_scales={"custom_diffusion": 2.0}, families=["custom_diffusion"], out=tmp_path,
+                                   log=lambda _: None)
+    # rate 0 (the row at the adapters' rate) is always a candidate; every run at the family's factor (x2 of 1e-5)
+    assert trained == [("custom_diffusion", pytest.approx(2e-5), 0.0), ("custom_diffusion", pytest.approx(2e-5), 1e-3),
+                       ("custom_diffusion", pytest.approx(2e-5), 1e-2)]
+    assert report["settings"]["token_rates"] == [0.0, 1e-3, 1e-2] and "factors" not in report["settings"]
+    assert report["chosen"]["custom_diffusion"] in (0.0, 1e-3, 1e-2)
+    assert [r["token_lr"] for r in report["records"]] == [0.0, 1e-3, 1e-2]
+    table = (tmp_path / "lr_sweep.md").read_text()
+    assert "| family | 0 | 0.001 | 0.01 |" in table and "(Custom Diffusion K/V on the student, x2)" in table
+    arguments = lr_sweep.quality_arguments(report)
+    assert arguments.startswith("--lr-scale custom_diffusion=2 --token-lr custom_diffusion=")
+    with pytest.raises(BenchError, match="families \\['textual_inversion'\\]: give one or more of echodistill, "
+                                         "custom_diffusion for --token-rates"):
+        lr_sweep.run_lr_sweep(pair, oracle, concept="window", seed=7, steps=1, token_rates=[1e-3],
+                              families=["textual_inversion"])
+    with pytest.raises(BenchError, match="token rates in \\(0, 1\\]"):
+        lr_sweep.run_lr_sweep(pair, oracle, concept="window", seed=7, steps=1, token_rates=[2.0],
+                              families=["custom_diffusion"])
+
+
 def test_a_sweep_can_tune_on_a_fresh_procedural_subject_no_table_row_scores(tiny_pair_folders, tmp_path):
     torch.manual_seed(0)
     oracle = Oracle(AttributeReader(width=8, hidden=16).eval(), SubjectEncoder(width=8, dim=16).eval())

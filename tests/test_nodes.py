@@ -136,7 +136,10 @@ def test_advanced_training_inputs_reach_the_config_and_zero_keeps_the_presets_va
     inputs = {p.id: p for p in train.define_schema().inputs}
     scale, samples = inputs["augment_min_scale"], inputs["echo_samples"]
     # optional and last, so workflows saved before they existed load with their widgets where they were
-    assert [p.id for p in train.define_schema().inputs][-2:] == ["augment_min_scale", "echo_samples"]
+    assert [p.id for p in train.define_schema().inputs][-3:] == ["augment_min_scale", "echo_samples", "lr_token"]
+    token_rate = inputs["lr_token"]
+    assert token_rate.optional and (token_rate.default, token_rate.min) == (0.0, 0.0) and "0 = lr_teacher's" in (
+        token_rate.tooltip)
     assert scale.optional and (scale.default, scale.min, scale.max) == (0.0, 0.0, 1.0)
     assert "fraction of the training resolution" in scale.tooltip and "0 = the preset's" in scale.tooltip
     assert samples.optional and samples.default == 0 and "0 = the preset's" in samples.tooltip
@@ -154,6 +157,8 @@ def test_advanced_training_inputs_reach_the_config_and_zero_keeps_the_presets_va
     assert bounded.config["augment_min_scale"] == 0.5 and bounded.config["echo_samples"] == 8
     with pytest.raises(ConfigError, match="augment_min_scale=1.5 must be in"):
         train.execute(**base, augment_min_scale=1.5)
+    assert default.config["lr_token"] == 0.0  # the row at the teacher's rate, as the paper trains it
+    assert train.execute(**base, lr_token=1e-3).result[0].config["lr_token"] == 1e-3
 
 
 def test_loader_reads_sidecar_captions_one_line_per_photo(comfy):

@@ -323,8 +323,10 @@ def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
     command = report["settings"]["command"]
     assert command.startswith("echodistill bench quality --concepts crossed_ring --seeds 0 --steps 2 --methods "
                               "textual_inversion teacher --images-per-prompt 1 --lr-scale echodistill=3 "
-                              "custom_diffusion=0.3 textual_inversion=10 dreambooth_lora=3 --oracle ")
+                              "custom_diffusion=0.3 textual_inversion=10 dreambooth_lora=3 --token-lr echodistill=0 "
+                              "custom_diffusion=0 --oracle ")
     assert report["settings"]["lr_scales"] == recipe.TUNED_LR_SCALES and report["settings"]["captions"] is True
+    assert report["settings"]["token_lrs"] == recipe.TUNED_TOKEN_LRS
     assert report["settings"]["caption_states"] == ["bg_color", "bg_pattern"]
     assert {r["method"] for r in report["records"]} == {scoring.PRIOR, scoring.START_PRIOR, scoring.TEACHER_PRIOR,
                                                         "textual_inversion",
@@ -403,6 +405,19 @@ def test_learning_rate_scales_multiply_each_familys_published_rates_and_ablation
     for bad in ("no_echo=3", "echodistill", "echodistill=0", "echodistill=x"):
         with pytest.raises(BenchError, match="write FAMILY=FACTOR"):
             methods.parse_lr_scales([bad])
+
+
+def test_token_rates_reach_the_token_row_of_the_families_that_train_one():
+    assert methods.method_config("no_echo", "ring", 10, 0).lr_token == 0.0  # the adapters' rate, as published
+    assert methods.method_config("sequential", "ring", 10, 0, lr_scale=3.0, token_lr=1e-3).lr_token == 1e-3
+    custom = methods.method_config("custom_diffusion", "ring", 10, 0, lr_scale=2.0, token_lr=3e-4)
+    assert (custom.lr_student, custom.lr_token) == (pytest.approx(2e-5), 3e-4)
+    assert methods.parse_token_lrs(["echodistill=1e-3"]) == {**recipe.TUNED_TOKEN_LRS, "echodistill": 1e-3}
+    assert set(recipe.TUNED_TOKEN_LRS) == set(methods.TOKEN_LR_FAMILIES) <= set(methods.LR_FAMILIES)
+    assert recipe.tuned_config("ring", 10, 0).lr_token == recipe.TUNED_TOKEN_LRS["echodistill"]
+    for bad in ("textual_inversion=1e-3", "echodistill", "echodistill=-1", "echodistill=2", "echodistill=x"):
+        with pytest.raises(BenchError, match="--token-lr .*: write FAMILY=RATE with a rate from 0"):
+            methods.parse_token_lrs([bad])
 
 
 def test_captioned_references_train_on_the_worlds_grammar_with_the_token():

@@ -562,6 +562,35 @@ def test_without_shared_encoder_the_student_trains_its_own_token_row(make_traine
     assert concept_embedding(trainer.pair.text_encoder).concept_row is teacher_row
 
 
+def test_the_token_row_trains_at_its_own_rate_when_one_is_given(make_trainer):
+    # 0 (the default): the row in one AdamW group with the teacher's adapters, at their rate, as published
+    published = make_trainer(_config(steps=1, echo=False))
+    assert [group["lr"] for group in published.teacher_optimizer.param_groups] == [1e-5]
+    own = make_trainer(_config(steps=1, echo=False, lr_token=1e-2))
+    row = concept_embedding(own.pair.text_encoder).concept_row
+    adapters, rows = own.teacher_optimizer.param_groups
+    assert (adapters["lr"], rows["lr"]) == (1e-5, 1e-2) and rows["params"] == [row]
+    assert all(p is not row for p in adapters["params"]) and len(own.student_optimizer.param_groups) == 1
+    before = row.detach().clone()
+    own.train_step()
+    # Adam's first step moves each element with a gradient by the rate (weight decay adds lr * 1e-2 * |row|)
+    moved = (row.detach() - before).abs()
+    assert moved.max().item() == pytest.approx(1e-2, rel=0.05) and (moved > 5e-3).float().mean() > 0.5
+    # The student's own row (no shared encoder) trains at the same rate, beside the student's adapters.
+    apart = make_trainer(_config(steps=1, echo=False, shared_text_encoder=False, lr_token=3e-3))
+    student_adapters, student_rows = apart.student_optimizer.param_groups
+    assert student_adapters["lr"] == 2e-5 and student_rows["lr"] == 3e-3
+    assert student_rows["params"] == [apart.student_row.concept_row]
+
+
+def test_the_token_rows_rate_is_checked_like_every_rate():
+    with pytest.raises(ConfigError, match="lr_token=-0.001 must not be negative"):
+        TrainConfig(lr_token=-1e-3)
+    with pytest.raises(ConfigError, match="lr_token=2 must be at most 1"):
+        TrainConfig(lr_token=2)
+    assert TrainConfig(lr_token=1e-3).lr_token == 1e-3 and TrainConfig().lr_token == 0.0
+
+
 def test_separate_token_rows_checkpoint_and_bundle_round_trip(make_trainer, tiny_pair_folders, tmp_path):
     from echodistill.jobs.runs import sample
 

@@ -66,15 +66,14 @@ class StudentBaseline:
                 params += add_custom_diffusion(unet)
             else:
                 params += add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
-        if self.baseline.trains_token:
-            params += concept_parameters(pair.text_encoder)
-        else:
+        rows = concept_parameters(pair.text_encoder) if self.baseline.trains_token else []
+        if not rows:
             concept_embedding(pair.text_encoder).concept_row.requires_grad_(False)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        self.params = params
+        self.params = params + rows
         self.optimizer = torch.optim.AdamW(
-            params, lr=config.lr_student, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+            config.parameter_groups(params, rows, config.lr_student), betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
             weight_decay=config.weight_decay,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")

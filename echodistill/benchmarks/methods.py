@@ -20,7 +20,9 @@ from ..miniworld.recipe import (
     TEACHER_PRIOR,
     TEACHER_STEPS,
     TOKEN,
+    TOKEN_LR_FAMILIES,
     TUNED_LR_SCALES,
+    TUNED_TOKEN_LRS,
     echodistill_config,
     scaled_rates,
 )
@@ -84,28 +86,44 @@ def lr_family(name: str) -> str:
 
 def parse_lr_scales(specs: Sequence[str]) -> dict[str, float]:
     """`FAMILY=FACTOR` strings -> {family: factor} for every family (TUNED_LR_SCALES where not given)."""
-    scales = dict(TUNED_LR_SCALES)
+    return _family_values("--lr-scale", "FACTOR", specs, TUNED_LR_SCALES, LR_FAMILIES, positive=True)
+
+
+def parse_token_lrs(specs: Sequence[str]) -> dict[str, float]:
+    """`FAMILY=RATE` strings -> {family: the token row's rate} for every family of TOKEN_LR_FAMILIES
+    (TUNED_TOKEN_LRS where not given; 0: the rate of the adapters beside the row). Raises BenchError."""
+    return _family_values("--token-lr", "RATE", specs, TUNED_TOKEN_LRS, TOKEN_LR_FAMILIES, positive=False)
+
+
+def _family_values(flag: str, value_name: str, specs: Sequence[str], defaults: dict[str, float],
+                   families: Sequence[str], *, positive: bool) -> dict[str, float]:
+    values = dict(defaults)
     for spec in specs:
-        family, _, factor = spec.partition("=")
+        family, _, text = spec.partition("=")
         try:
-            value = float(factor)
+            value = float(text)
         except ValueError:
             value = float("nan")
-        if family not in LR_FAMILIES or not value > 0:
-            raise BenchError(f"--lr-scale {spec!r}: write FAMILY=FACTOR with a factor > 0 and FAMILY one of "
-                             f"{', '.join(LR_FAMILIES)}")
-        scales[family] = value
-    return scales
+        in_range = 0 < value <= 1000 if positive else 0 <= value <= 1
+        if family not in families or not in_range:
+            bound = "a factor > 0 (at most 1000)" if positive else "a rate from 0 (the adapters' rate) to 1"
+            raise BenchError(f"{flag} {spec!r}: write FAMILY={value_name} with {bound} and FAMILY one of "
+                             f"{', '.join(families)}")
+        values[family] = value
+    return values
 
 
-def method_config(name: str, class_word: str, steps: int, seed: int, lr_scale: float = 1.0) -> TrainConfig:
-    """A method's config; `lr_scale` multiplies the rates of what it personalizes (adapters, token rows)."""
+def method_config(name: str, class_word: str, steps: int, seed: int, lr_scale: float = 1.0,
+                  token_lr: float = 0.0) -> TrainConfig:
+    """A method's config; `lr_scale` multiplies the rates of what it personalizes (adapters, token rows);
+    `token_lr` > 0 trains the token row at that rate instead (TrainConfig.lr_token)."""
     method = METHODS[name]
     if method.baseline:
         config = baseline_config(method.baseline, steps=steps, resolution=RESOLUTION, token=TOKEN,
                                  class_word=class_word, seed=seed, augment_min_scale=AUGMENT_MIN_SCALE)
-        return config.with_changes(lr_student=config.lr_student * lr_scale)
-    return scaled_rates(echodistill_config(class_word, steps, seed, **method.changes), lr_scale)
+        return config.with_changes(lr_student=config.lr_student * lr_scale, lr_token=token_lr)
+    return scaled_rates(echodistill_config(class_word, steps, seed, **method.changes), lr_scale).with_changes(
+        lr_token=token_lr)
 
 
 def training_runs(methods: Sequence[str]) -> list[str]:

@@ -40,7 +40,7 @@ from ..imaging import labelled_rows, save_png
 from ..miniworld.concepts import CONCEPTS, reference_images
 from ..miniworld.image_prompt import ImagePromptAdapter
 from ..miniworld.procedural import lookup_subject
-from ..miniworld.recipe import RESOLUTION, TOKEN, TUNED_LR_SCALES, caption_states
+from ..miniworld.recipe import RESOLUTION, TOKEN, TOKEN_LR_FAMILIES, TUNED_LR_SCALES, TUNED_TOKEN_LRS, caption_states
 from ..miniworld.scoring import (
     IMAGE_PROMPT,
     TEACHER_GUIDANCE,
@@ -83,10 +83,12 @@ def score_priors(pair, oracle, unit: UnitInputs, rows: Sequence[str]) -> tuple[l
 
 
 def train_and_score(pair, oracle, unit: UnitInputs, run: str, rows: Sequence[str], *, steps: int,
-                    lr_scale: float = 1.0, bundle_path: Path | None = None,
+                    lr_scale: float = 1.0, token_lr: float = 0.0, bundle_path: Path | None = None,
                     log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
-    """Train one method and score the `rows` it serves (itself and/or the teacher row): (records, {row: images})."""
-    config = method_config(run, unit.concept.class_word, steps, unit.seed, lr_scale)
+    """Train one method and score the `rows` it serves (itself and/or the teacher row): (records, {row: images}).
+
+    `lr_scale` multiplies the method's published rates; `token_lr` > 0 trains its token row at that rate."""
+    config = method_config(run, unit.concept.class_word, steps, unit.seed, lr_scale, token_lr)
     bundle, seconds = train_method(pair, run, config, unit.images)
     if bundle_path is not None:
         bundle.save(bundle_path)
@@ -97,19 +99,19 @@ def train_and_score(pair, oracle, unit: UnitInputs, run: str, rows: Sequence[str
         scores = unit.score(oracle, generated)
         records.append({"concept": unit.concept.name, "seed": unit.seed, "method": row, **scores,
                         "train_seconds": seconds, "seconds_per_step": seconds / steps, "trained_as": run,
-                        "lr_scale": lr_scale})
+                        "lr_scale": lr_scale, "token_lr": token_lr})
         images[row] = generated
         log(f"{unit.concept.name} seed {unit.seed}: {row:<18} trained {seconds:7.1f} s ({seconds / steps:.3f} s/step)"
-            f"  lr x{lr_scale:g}  subject {scores['subject_fidelity']:.3f}  prompt {scores['prompt_fidelity']:.3f}")
+            f"  lr x{lr_scale:g}{f'  token lr {token_lr:g}' if token_lr else ''}  subject {scores['subject_fidelity']:.3f}  prompt {scores['prompt_fidelity']:.3f}")
     return records, images
 
 
 def evaluate_unit(pair, oracle, concept, seed: int, *, steps: int, methods: Sequence[str], images_per_prompt: int,
-                  lr_scales: dict[str, float] | None = None, captions: bool = True, bundle_dir: Path | None = None,
-                  image_prompt: ImagePromptAdapter | None = None,
+                  lr_scales: dict[str, float] | None = None, token_lrs: dict[str, float] | None = None,
+                  captions: bool = True, bundle_dir: Path | None = None, image_prompt: ImagePromptAdapter | None = None,
                   log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
     """Train every method on one concept with one seed and score it: (records, {row: images})."""
-    lr_scales = lr_scales or {}
+    lr_scales, token_lrs = lr_scales or {}, token_lrs or {}
     unit = UnitInputs.build(concept, seed, images_per_prompt, captions=captions)
     records, rows = score_priors(pair, oracle, unit, prior_rows(methods))
     if IMAGE_PROMPT in methods:
@@ -122,6 +124,7 @@ def evaluate_unit(pair, oracle, concept, seed: int, *, steps: int, methods: Sequ
         bundle_path = bundle_dir / f"{concept.name}-seed{seed}-{run}.safetensors" if bundle_dir else None
         run_records, run_rows = train_and_score(pair, oracle, unit, run, served, steps=steps,
                                                 lr_scale=lr_scales.get(lr_family(run), 1.0),
+                                                token_lr=token_lrs.get(lr_family(run), 0.0),
                                                 bundle_path=bundle_path, log=log)
         records += run_records
         rows.update(run_rows)
@@ -131,13 +134,15 @@ def evaluate_unit(pair, oracle, concept, seed: int, *, steps: int, methods: Sequ
 # --- the whole table -------------------------------------------------------------------------------
 
 def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], steps: int, methods: Sequence[str],
-                images_per_prompt: int = 4, lr_scales: dict[str, float] | None = None, captions: bool = True,
+                images_per_prompt: int = 4, lr_scales: dict[str, float] | None = None,
+                token_lrs: dict[str, float] | None = None, captions: bool = True,
                 out: str | Path | None = None, settings: dict | None = None, resume: bool = False,
                 image_prompt: ImagePromptAdapter | None = None, log: Callable[[str], None] = print) -> dict:
     """Train, sample and score every method on every concept x seed; write the report as it grows.
 
     `lr_scales` ({family: factor}, see LR_FAMILIES; TUNED_LR_SCALES where not given) multiplies each
-    family's published learning rates;
+    family's published learning rates; `token_lrs` ({family: rate}, see TOKEN_LR_FAMILIES; TUNED_TOKEN_LRS where
+    not given) the rate of its token row (0: its adapters' rate);
     `captions` trains on the references' grammar captions (False: on the prompt templates);
     `image_prompt`: the adapter the `image_prompt` row samples with (required for that row).
     `concepts`: held-out concept names or fresh procedural subjects (names.held_out_subjects).
@@ -157,8 +162,12 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
     lr_scales = {**TUNED_LR_SCALES, **(lr_scales or {})}
     if set(lr_scales) != set(LR_FAMILIES) or not all(factor > 0 for factor in lr_scales.values()):
         raise BenchError(f"learning-rate scales {lr_scales}: give factors > 0 for {', '.join(LR_FAMILIES)}")
+    token_lrs = {**TUNED_TOKEN_LRS, **(token_lrs or {})}
+    if set(token_lrs) != set(TOKEN_LR_FAMILIES) or not all(rate >= 0 for rate in token_lrs.values()):
+        raise BenchError(f"token-row rates {token_lrs}: give rates >= 0 for {', '.join(TOKEN_LR_FAMILIES)}")
     for run in training_runs(methods):  # a bad config fails now, not hours into the run
-        method_config(run, subjects[concepts[0]].class_word, steps, 0, lr_scales[lr_family(run)])
+        method_config(run, subjects[concepts[0]].class_word, steps, 0, lr_scales[lr_family(run)],
+                      token_lrs.get(lr_family(run), 0.0))
     if IMAGE_PROMPT in methods:
         if image_prompt is None:
             raise BenchError(f"the {IMAGE_PROMPT} row needs the image-prompt adapter (ImagePromptAdapter.load); "
@@ -168,7 +177,7 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
 
     settings = {**(settings or {}), "concepts": list(concepts), "seeds": list(seeds), "steps": steps,
                 "methods": list(methods), "images_per_prompt": images_per_prompt, "lr_scales": lr_scales,
-                "captions": captions, "caption_states": caption_states(captions), "resolution": RESOLUTION,
+                "token_lrs": token_lrs, "captions": captions, "caption_states": caption_states(captions), "resolution": RESOLUTION,
                 "token": TOKEN, "student_steps": 1, "teacher_steps": TEACHER_STEPS,
                 "teacher_guidance": TEACHER_GUIDANCE, "fingerprints": pair.fingerprints()}
     out = Path(out) if out else None
@@ -202,7 +211,8 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
                 continue
             records = [r for r in records if not (r["concept"] == name and r["seed"] == seed)]
             unit, rows = evaluate_unit(pair, oracle, subjects[name], seed, steps=steps, methods=methods,
-                                       images_per_prompt=images_per_prompt, lr_scales=lr_scales, captions=captions,
+                                       images_per_prompt=images_per_prompt, lr_scales=lr_scales, token_lrs=token_lrs,
+                                       captions=captions,
                                        bundle_dir=out / "bundles" if out else None, image_prompt=image_prompt,
                                        log=log)
             records += unit

@@ -185,6 +185,10 @@ def markdown(report: dict) -> str:
     if scaled:
         lines.append("- learning rates scaled from the published ones (the ablations and the teacher row follow "
                      "echodistill): " + ", ".join(f"{family} x{factor:g}" for family, factor in scaled.items()))
+    token_rates = {family: rate for family, rate in s.get("token_lrs", {}).items() if rate}
+    if token_rates:
+        lines.append("- the concept token row trained at its own rate (else at its adapters'): "
+                     + ", ".join(f"{family} {rate:g}" for family, rate in token_rates.items()))
     if "oracle" in s:
         lines.append(f"- oracle: `{s['oracle']['path']}` ({json.dumps(s['oracle']['digests'], sort_keys=True)})")
     if "image_prompt" in s:

@@ -214,10 +214,11 @@ def custom_diffusion_step(pair: ModelPair, images, config: TrainConfig) -> Calla
 
     device, vae, unet = pair.device, pair.vae, pair.teacher.unet
     add_concept_tokens(pair.tokenizers, pair.text_encoders, config.token, config.initializer_word)
-    params = add_custom_diffusion(unet) + concept_rows(pair.text_encoders)  # K/V deltas + one row per encoder
+    adapters, rows = add_custom_diffusion(unet), concept_rows(pair.text_encoders)  # K/V deltas, a row per encoder
+    params = adapters + rows
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=config.lr_teacher, betas=(config.adam_beta1, config.adam_beta2),
+    optimizer = torch.optim.AdamW(config.parameter_groups(adapters, rows, config.lr_teacher), betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
     dataset = ConceptDataset.from_config(images, config, pair.vae_downscale)
     abar = alphas_cumprod_for(pair.teacher.scheduler_config, device)  # (T,)

@@ -326,7 +326,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.methods import DEFAULT_METHODS, METHODS
-    from ..miniworld.recipe import TUNED_LR_SCALES
+    from ..miniworld.recipe import TUNED_LR_SCALES, TUNED_TOKEN_LRS
 
     parser.add_argument("--concepts", nargs="+",
                         help="held-out mini-world concepts, or fresh procedural subjects as procedural_<seed> or the "
@@ -344,6 +344,10 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multiply a family's published learning rates (`bench lr-sweep` chooses them; "
                              "default: " + " ".join(f"{f}={x:g}" for f, x in TUNED_LR_SCALES.items()) + "; "
                              "1 for the published rates)")
+    parser.add_argument("--token-lr", nargs="+", default=[], metavar="FAMILY=RATE",
+                        help="train a family's concept token row at RATE (`bench lr-sweep --token-rates` chooses "
+                             "it; default: " + " ".join(f"{f}={x:g}" for f, x in TUNED_TOKEN_LRS.items()) + "; 0: "
+                             "the rate of the adapters beside the row, as published)")
     parser.add_argument("--templates", action="store_true",
                         help="train on the prompt templates instead of the references' grammar captions")
     parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")
@@ -370,12 +374,13 @@ def shown_path(path: Path) -> str:
 
 def quality_command_line(args: argparse.Namespace) -> str:
     """The exact, complete command for these settings (every default spelled out)."""
-    from ..benchmarks.methods import parse_lr_scales
+    from ..benchmarks.methods import parse_lr_scales, parse_token_lrs
 
     parts = ["echodistill", "bench", "quality", "--concepts", *args.concepts, "--seeds", *map(str, args.seeds),
              "--steps", str(args.steps), "--methods", *args.methods, "--images-per-prompt",
              str(args.images_per_prompt), "--lr-scale",
-             *(f"{family}={factor:g}" for family, factor in parse_lr_scales(args.lr_scale).items()),
+             *(f"{family}={factor:g}" for family, factor in parse_lr_scales(args.lr_scale).items()), "--token-lr",
+             *(f"{family}={rate:g}" for family, rate in parse_token_lrs(args.token_lr).items()),
              *(["--templates"] if args.templates else []),
              *(["--models", shown_path(args.models)] if args.models else []),
              "--oracle", shown_path(args.oracle),
@@ -465,7 +470,7 @@ def image_prompt_file(args: argparse.Namespace) -> Path:
 
 
 def run_quality(args: argparse.Namespace) -> int:
-    from ..benchmarks.methods import parse_lr_scales
+    from ..benchmarks.methods import parse_lr_scales, parse_token_lrs
     from ..benchmarks.names import held_out_subjects
     from ..benchmarks.quality_report import markdown, read_report
     from ..miniworld import CONCEPTS
@@ -474,7 +479,7 @@ def run_quality(args: argparse.Namespace) -> int:
     # torch-free checks first: a bad request is refused at once, not after torch loads
     args.concepts = held_out_subjects(args.concepts or sorted(CONCEPTS), "--concepts")
     _check_training_numbers(args)
-    lr_scales = parse_lr_scales(args.lr_scale)
+    lr_scales, token_lrs = parse_lr_scales(args.lr_scale), parse_token_lrs(args.token_lr)
     check_models_folder(args)
     with report_output(args, "quality.json", "an earlier benchmark's report", resumable=True):
         if args.resume and (Path(args.out) / "quality.json").is_file():  # a damaged report: before models load
@@ -492,7 +497,7 @@ def run_quality(args: argparse.Namespace) -> int:
                                         "digest": _file_digest(args.image_prompt)}
         report = run_quality(pair, oracle, concepts=args.concepts, seeds=args.seeds, steps=args.steps,
                              methods=args.methods, images_per_prompt=args.images_per_prompt, lr_scales=lr_scales,
-                             captions=not args.templates, out=args.out,
+                             token_lrs=token_lrs, captions=not args.templates, out=args.out,
                              settings={**settings, "command": quality_command_line(args)}, resume=args.resume,
                              image_prompt=adapter, log=_logger("quality"))
         print(markdown(report))
@@ -533,7 +538,7 @@ def run_quality_merge(args: argparse.Namespace) -> int:
 # --- bench lr-sweep ------------------------------------------------------------------------------
 
 def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..benchmarks.methods import LR_FAMILIES
+    from ..benchmarks.methods import LR_FAMILIES, TOKEN_LR_FAMILIES
 
     parser.add_argument("--concept", default="smiley",
                         help="the tuning concept: a held-out concept's name, or a fresh procedural subject as "
@@ -543,10 +548,17 @@ def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", 100),
                         default=100, help="training iterations (the table's budget)")
     parser.add_argument("--factors", nargs="+", type=number("--factors", "positive numbers", 3.0),
-                        default=[0.3, 1.0, 3.0, 10.0],
-                        help="multiples of each family's published learning rates to try")
-    parser.add_argument("--families", nargs="+", default=list(LR_FAMILIES), metavar="FAMILY",
-                        help=f"families to tune (default: all): {', '.join(LR_FAMILIES)}")
+                        help="multiples of each family's published learning rates to try (default: 0.3 1 3 10)")
+    parser.add_argument("--token-rates", nargs="+", type=number("--token-rates", "rates above 0", 1e-3),
+                        help="the second stage instead of --factors: rates of the concept token row to try beside "
+                             "0 (its adapters' rate), each family at its --lr-scale factor (families that train a "
+                             f"token row beside adapters: {', '.join(TOKEN_LR_FAMILIES)})")
+    parser.add_argument("--lr-scale", nargs="+", default=[], metavar="FAMILY=FACTOR",
+                        help="with --token-rates: each family's factor, as `bench quality --lr-scale` (default: the "
+                             "tuned ones)")
+    parser.add_argument("--families", nargs="+", metavar="FAMILY",
+                        help=f"families to tune (default: all): {', '.join(LR_FAMILIES)}; with --token-rates: "
+                             f"{', '.join(TOKEN_LR_FAMILIES)}")
     parser.add_argument("--images-per-prompt", type=whole_number("--images-per-prompt", "a whole number of images", 1),
                         default=1, help="images per evaluation prompt and run")
     parser.add_argument("--templates", action="store_true",
@@ -561,8 +573,13 @@ def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def lr_sweep_command_line(args: argparse.Namespace) -> str:
+    from ..benchmarks.methods import parse_lr_scales
+
+    stage = (["--token-rates", *(f"{r:g}" for r in args.token_rates), "--lr-scale",
+              *(f"{f}={x:g}" for f, x in parse_lr_scales(args.lr_scale).items() if f in args.families)]
+             if args.token_rates else ["--factors", *(f"{f:g}" for f in args.factors)])
     parts = ["echodistill", "bench", "lr-sweep", "--concept", args.concept, "--seed", str(args.seed), "--steps",
-             str(args.steps), "--factors", *(f"{f:g}" for f in args.factors), "--families", *args.families,
+             str(args.steps), *stage, "--families", *args.families,
              "--images-per-prompt", str(args.images_per_prompt), *(["--templates"] if args.templates else []),
              *(["--models", shown_path(args.models)] if args.models else []),
              "--oracle", shown_path(args.oracle), "--out", str(args.out), "--device", args.device]
@@ -572,32 +589,47 @@ def lr_sweep_command_line(args: argparse.Namespace) -> str:
 
 
 def run_lr_sweep(args: argparse.Namespace) -> int:
-    from ..benchmarks.methods import LR_FAMILIES
+    from ..benchmarks.methods import LR_FAMILIES, TOKEN_LR_FAMILIES, parse_lr_scales
     from ..benchmarks.names import BenchError, held_out_subjects
 
     # torch-free checks first: a bad request is refused at once, not after torch loads
     [args.concept] = held_out_subjects([args.concept], "--concept")
     _check_training_numbers(args)
+    if args.token_rates and args.factors:
+        raise BenchError("give --factors (the first stage) or --token-rates (the second), not both")
+    if args.lr_scale and not args.token_rates:
+        raise BenchError("--lr-scale sets the factors --token-rates trains at; the first stage (--factors) sweeps "
+                         "them: leave --lr-scale out, or add --token-rates")
+    args.factors = [] if args.token_rates else args.factors or [0.3, 1.0, 3.0, 10.0]
     for factor in args.factors:
         if not (math.isfinite(factor) and 0 < factor <= 1000):
             raise BenchError(f"--factors {factor:g}: give multiples of the published rates above 0 (and at "
                              "most 1000), e.g. --factors 0.3 1 3")
-    unknown = [family for family in args.families if family not in LR_FAMILIES]
+    for rate in args.token_rates or []:
+        if not (math.isfinite(rate) and 0 < rate <= 1):
+            raise BenchError(f"--token-rates {rate:g}: give rates above 0 and at most 1 (AdamW moves the row by "
+                             "about the rate per step), e.g. --token-rates 3e-4 1e-3 3e-3")
+    allowed = TOKEN_LR_FAMILIES if args.token_rates else LR_FAMILIES
+    args.families = args.families or list(allowed)
+    unknown = [family for family in args.families if family not in allowed]
     if unknown:
-        raise BenchError(f"--families {' '.join(unknown)}: give one or more of {', '.join(LR_FAMILIES)}")
+        what = " (the families that train a token row beside adapters)" if args.token_rates else ""
+        raise BenchError(f"--families {' '.join(unknown)}: give one or more of {', '.join(allowed)}{what}")
+    lr_scales = parse_lr_scales(args.lr_scale)
     check_models_folder(args)
     with report_output(args, "lr_sweep.json", "an earlier sweep's report"):
-        from ..benchmarks.lr_sweep import lr_scale_argument, markdown, run_lr_sweep
+        from ..benchmarks.lr_sweep import markdown, quality_arguments, run_lr_sweep
 
         pair, oracle, settings = load_world(args)
         report = run_lr_sweep(pair, oracle, concept=args.concept, seed=args.seed, steps=args.steps,
-                              factors=args.factors, families=args.families,
+                              factors=args.factors, token_rates=args.token_rates or (), lr_scales=lr_scales,
+                              families=args.families,
                               images_per_prompt=args.images_per_prompt, captions=not args.templates, out=args.out,
                               settings={**settings, "command": lr_sweep_command_line(args)},
                               log=_logger("lr-sweep"))
         print(markdown(report))
         print(f"wrote {Path(args.out) / 'lr_sweep.json'} and {Path(args.out) / 'lr_sweep.md'}")
-        print(lr_scale_argument(report["chosen"]))
+        print(quality_arguments(report))
         return 0
 
 

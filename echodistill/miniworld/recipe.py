@@ -41,6 +41,11 @@ AUGMENT_MIN_SCALE = 1.0
 # --concept smiley --seed 100` (docs/quality.md); the defaults of `bench quality` and the demo.
 TUNED_LR_SCALES: dict[str, float] = {"echodistill": 3.0, "custom_diffusion": 0.3, "textual_inversion": 10.0,
                                      "dreambooth_lora": 3.0}
+# The concept token row's own rate (TrainConfig.lr_token; 0: the rate of the adapters beside it) of the families that
+# train a token row beside adapters, chosen by `bench lr-sweep --token-rates` at the factors above. (Textual
+# Inversion trains the row alone, at its factor's rate; DreamBooth-LoRA keeps its identifier frozen.)
+TOKEN_LR_FAMILIES = ("echodistill", "custom_diffusion")
+TUNED_TOKEN_LRS: dict[str, float] = {"echodistill": 0.0, "custom_diffusion": 0.0}
 
 
 def echodistill_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
@@ -59,10 +64,10 @@ def scaled_rates(config: TrainConfig, lr_scale: float) -> TrainConfig:
 
 
 def tuned_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
-    """EchoDistill at the mini world's tuned rates (TUNED_LR_SCALES): what the demo trains."""
+    """EchoDistill at the mini world's tuned rates (TUNED_LR_SCALES, TUNED_TOKEN_LRS): what the demo trains."""
     with draft_configs():  # the rates change below: only the config returned warns
         config = echodistill_config(class_word, steps, seed, **changes)
-    return scaled_rates(config, TUNED_LR_SCALES["echodistill"])
+    return scaled_rates(config, TUNED_LR_SCALES["echodistill"]).with_changes(lr_token=TUNED_TOKEN_LRS["echodistill"])
 
 
 PRESET = "miniworld"  # the name `train --preset` and a fleet manifest's `preset =` give this recipe

@@ -77,7 +77,8 @@ def raise_together(problems: list[ConfigError]) -> None:
 _POSITIVE = ("steps", "batch_size", "resolution", "lora_rank", "target_steps", "echo_every", "echo_samples",
              "echo_per_step", "echo_buffer_size", "ms_swd_projections", "ms_swd_scales", "log_every")
 _NON_NEGATIVE = ("weight_decay", "grad_clip", "weight_adversarial", "weight_latent_mse", "weight_semantic",
-                 "weight_ms_swd", "teacher_cfg", "echo_weight", "echo_start", "sample_every", "save_every", "seed")
+                 "weight_ms_swd", "teacher_cfg", "echo_weight", "echo_start", "sample_every", "save_every", "seed",
+                 "lr_token")
 
 
 def _f(default, help: str):
@@ -107,8 +108,14 @@ class TrainConfig:
         "the student reads the prompts through its own copy, its own token row trained by the student's losses",
     )
     # --- optimisation (paper: AdamW, constant LRs) ------------------------------------------
-    lr_student: float = _f(2e-5, "learning rate of the student's adapters (and own token row, if not shared)")
-    lr_teacher: float = _f(1e-5, "learning rate of the teacher's adapters and the concept token row")
+    lr_student: float = _f(2e-5, "learning rate of the student's adapters (and own token row, if not shared, unless "
+                                 "lr_token)")
+    lr_teacher: float = _f(1e-5, "learning rate of the teacher's adapters and the concept token row (unless lr_token)")
+    lr_token: float = _f(
+        0.0,
+        "learning rate of the concept token row(s) alone; 0: the rate of the adapters trained beside them (lr_teacher "
+        "for the shared encoder's row, lr_student for the student's own), as the paper and Custom Diffusion train them",
+    )
     lr_heads: float = _f(1e-4, "learning rate of the discriminator heads")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -220,7 +227,7 @@ class TrainConfig:
         for name in ("lr_student", "lr_teacher", "lr_heads", "adam_epsilon", "lora_alpha"):
             if checked(name) and not getattr(self, name) > 0:
                 yield ConfigError(f"{name}={getattr(self, name)!r} must be positive", parameters=(name,))
-        for name in ("lr_student", "lr_teacher", "lr_heads"):  # AdamW steps of size ~lr: above 1 is a typo
+        for name in ("lr_student", "lr_teacher", "lr_heads", "lr_token"):  # AdamW steps of size ~lr: above 1 is a typo
             if checked(name) and getattr(self, name) > 1:
                 yield ConfigError(f"{name}={getattr(self, name)!r} must be at most 1 (AdamW moves each weight by "
                                   "about the rate per step)", parameters=(name,))
@@ -336,6 +343,13 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"the config must be a JSON object of fields, not {type(data).__name__}")
         return data
+
+    def parameter_groups(self, adapters: list, token_rows: list, adapter_lr: float) -> list[dict]:
+        """AdamW parameter groups: `adapters` at `adapter_lr`, `token_rows` at lr_token (one group with the
+        adapters when lr_token is 0, so that the optimizer's state keeps the layout of runs before the field)."""
+        if not self.lr_token or not token_rows:
+            return [{"params": [*adapters, *token_rows], "lr": adapter_lr}]
+        return [{"params": list(adapters), "lr": adapter_lr}, {"params": list(token_rows), "lr": self.lr_token}]
 
     def with_changes(self, **changes) -> "TrainConfig":
         """This config with `changes`; ConfigError lists every problem at once, as from_dict."""

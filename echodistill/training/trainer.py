@@ -95,8 +95,6 @@ class Trainer:
         student_params = add_adapter(pair.student.unet, config)
         # No shared encoder (ablation): the student reads the prompts with its own token row(s), trained by its losses.
         self.student_rows = None if config.shared_text_encoder else own_concept_embeddings(pair.text_encoders)
-        if self.student_rows is not None:
-            student_params = student_params + [row.concept_row for row in self.student_rows]
         if config.gradient_checkpointing:
             pair.teacher.unet.enable_gradient_checkpointing()
             pair.student.unet.enable_gradient_checkpointing()
@@ -125,9 +123,12 @@ class Trainer:
             fused=self.device.type == "cuda",  # one kernel per step instead of one per tensor
         )
         self.teacher_optimizer = torch.optim.AdamW(
-            teacher_params + concept_rows(pair.text_encoders), lr=config.lr_teacher, **adamw
+            config.parameter_groups(teacher_params, concept_rows(pair.text_encoders), config.lr_teacher), **adamw
         )
-        self.student_optimizer = torch.optim.AdamW(student_params, lr=config.lr_student, **adamw)
+        own_rows = [] if self.student_rows is None else [row.concept_row for row in self.student_rows]
+        self.student_optimizer = torch.optim.AdamW(
+            config.parameter_groups(student_params, own_rows, config.lr_student), **adamw
+        )
         self.heads_optimizer = torch.optim.AdamW(self.ensemble.heads_parameters(), lr=config.lr_heads, **adamw)
         fp16 = config.mixed_precision == "fp16"
         self.scalers = {
