@@ -505,6 +505,23 @@ def test_fleet_run_check_validates_without_training(tiny_pair_folders, tmp_path,
     assert "conv_out.weight" in error and "Traceback" not in error and not (tmp_path / "out").exists()
 
 
+def test_a_bundle_finished_before_a_config_field_existed_is_still_finished(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from echodistill.fleet import engine
+    from echodistill.fleet.manifest import ConceptJob
+    from echodistill.training.config import TrainConfig
+
+    config = TrainConfig(steps=3, class_word="mug", echo=False)
+    written_before = {k: v for k, v in config.to_dict().items() if k != "lr_token"}  # a bundle older than the field
+    path = tmp_path / "concept.safetensors"
+    path.write_bytes(b"stands for a bundle")
+    monkeypatch.setattr(engine.ConceptBundle, "load", lambda p: SimpleNamespace(step=3, config=written_before))
+    assert engine.bundle_is_finished(ConceptJob("c", "miniworld/smiley", config), path)
+    # a manifest asking for another token rate is another run: trained, not skipped
+    assert not engine.bundle_is_finished(ConceptJob("c", "miniworld/smiley", config.with_changes(lr_token=1e-3)), path)
+
+
 def test_a_manifest_saved_with_a_utf8_byte_order_mark_is_read(tmp_path):
     """Windows Notepad starts UTF-8 with a BOM, which TOML itself refuses: it is read as the text it marks."""
     path = _write_manifest(tmp_path / "fleet.toml", MINIWORLD_PAIR, [{"name": "a", "photos": "miniworld/smiley"}])

@@ -62,6 +62,18 @@ def test_every_run_ends_with_a_checkpoint_that_more_steps_resume(tiny_pair_folde
         train_concept(pair, images, _config(steps=2), run_dir=tmp_path / "job", reuse_finished=False)
 
 
+def test_a_field_added_later_at_its_earlier_behaviour_keeps_the_key_of_runs_made_before_it():
+    from types import SimpleNamespace
+
+    pair = SimpleNamespace(fingerprints=lambda: {"teacher": "t", "student": "s"})
+    images = [Image.new("RGB", (8, 8), (200, 40, 60))]
+    config = TrainConfig(steps=2, class_word="dog", echo=False)
+    # the key this run had before lr_token existed: its finished result and checkpoint are still found
+    assert run_key(pair, images, config) == run_key(pair, images, config.with_changes(lr_token=0.0)) == (
+        "c70fd174d51f7279")
+    assert run_key(pair, images, config.with_changes(lr_token=1e-3)) != "c70fd174d51f7279"  # another run
+
+
 def test_a_finished_bundle_edited_since_is_refused_naming_it_not_reused(tiny_pair_folders, tmp_path):
     import dataclasses
 

@@ -23,6 +23,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ..concepts.bundle import ConceptBundle
 from ..errors import EchoDistillError
 from ..jobs.runs import BUNDLE_NAME
+from ..training.config import FIELDS_ADDED_LATER
 from .manifest import ConceptJob, Manifest
 from .state import PROGRESS_NAME, FleetState, read_progress
 from .worker import remote_worker
@@ -83,7 +84,7 @@ def bundle_is_finished(job: ConceptJob, path: Path) -> bool:
     except EchoDistillError:
         return False
     wanted = {k: v for k, v in job.config.to_dict().items() if k not in WATCHING}
-    saved = {k: v for k, v in bundle.config.items() if k not in WATCHING}
+    saved = {k: v for k, v in {**FIELDS_ADDED_LATER, **bundle.config}.items() if k not in WATCHING}
     return bundle.step == job.config.steps and saved == wanted
 
 

@@ -25,7 +25,7 @@ from ..models.pristine import pristine
 from ..sampling.with_concept import sample
 from ..training.callbacks import Callbacks
 from ..training.checkpointing import CHECKPOINT_NAME, TrainingCheckpoint
-from ..training.config import TrainConfig
+from ..training.config import FIELDS_ADDED_LATER, TrainConfig
 from ..training.data import load_concept_images
 from ..training.photos import check_photo_count
 from ..training.trainer import Trainer
@@ -68,6 +68,9 @@ def run_key(pair: ModelPair, images: Sequence[Image.Image], config: TrainConfig,
     # step for step (a sequential schedule switches phase at steps // 2, so there it names another run).
     exclude = {"sample_every", "save_every", "log_every"} | ({"steps"} if config.schedule != "sequential" else set())
     fields = {k: v for k, v in config.to_dict().items() if k not in exclude}
+    for name, before in FIELDS_ADDED_LATER.items():  # at the value that trains as before the field: the key of old
+        if fields.get(name) == before:  # runs, so that their finished results and checkpoints are still found
+            fields.pop(name)
     if not config.echo:  # a schedule that never runs computes nothing
         fields.pop("echo_start"), fields.pop("echo_every")
     elif "steps" in exclude:  # the echo schedule a preset scales to the length: its fraction of the run names it

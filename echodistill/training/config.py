@@ -81,6 +81,11 @@ _NON_NEGATIVE = ("weight_decay", "grad_clip", "weight_adversarial", "weight_late
                  "lr_token")
 
 
+# Fields added after runs, checkpoints and bundles were first written, each with the value that computes what
+# runs did before it existed: a run key leaves them out at that value, and a record without them reads it.
+FIELDS_ADDED_LATER = {"lr_token": 0.0}
+
+
 def _f(default, help: str):
     """A field with its help text (defaults are immutable: tuples, not lists)."""
     return field(default=default, metadata={"help": help})
