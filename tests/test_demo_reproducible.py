@@ -16,8 +16,8 @@ from safetensors import safe_open
 
 from echodistill.cli import main
 
-BUNDLE_TENSORS_SHA256 = "7154aaa96c02e9c9bc031cc52d5249f9548cac6593f51ca83f0609ebcc9f94a0"
-CONTACT_SHEET_SHA256 = "614d7d38f6d6a5a1bbce61b36da7d6565a502618745f05818c1ba8e791d1ffc9"
+BUNDLE_TENSORS_SHA256 = "8fe1812593d6132fb59ca01d2f09da0726c49d1756d655c901c8392c5cf8cca0"
+CONTACT_SHEET_SHA256 = "82c41c132e2a76d5f85ec93ea4819f3fc03f8b11c34295ace4fe4fce36478917"
 
 
 def tensors_digest(path) -> str:

@@ -149,6 +149,19 @@ def test_shipped_folders_share_encoder_and_vae_and_have_the_right_schedulers():
     assert student["prediction_type"] == "epsilon"
 
 
+def test_the_shipped_image_prompt_adapter_sits_beside_the_oracle_and_fits_the_shipped_student(pair):
+    from echodistill.miniworld.image_prompt import ImagePromptAdapter, adapter_path
+
+    path = adapter_path(arch.ORACLE_ROOT)  # where `bench quality --methods image_prompt` looks by default
+    assert path == arch.ASSET_ROOT / "image_prompt" / "image_prompt_adapter.safetensors"
+    adapter = ImagePromptAdapter.load(path)
+    unet = pair.student.unet
+    processors = dict(unet.attn_processors)
+    with adapter.attached(unet):  # raises ImagePromptError for an adapter made for another UNet
+        assert dict(unet.attn_processors) != processors
+    assert dict(unet.attn_processors) == processors  # handed back as it was
+
+
 def test_shipped_student_makes_finite_64px_images_in_one_step(pair):
     assert pair.text_encoder.config.vocab_size == 49408
     assert pair.teacher.prediction_type == pair.student.prediction_type == "epsilon"
@@ -554,8 +567,10 @@ def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path, c
 
     bundle = ConceptBundle.load(tmp_path / "window.safetensors")
     assert bundle.step == 2
-    # trained as bench quality trains EchoDistill: tuned rates (x3 the paper's) on grammar-captioned references
-    assert bundle.config["lr_teacher"] == pytest.approx(3e-5) and bundle.config["lr_student"] == pytest.approx(6e-5)
+    # trained as bench quality trains EchoDistill: tuned rates (x10 the paper's, the token row at 1e-3) on
+    # grammar-captioned references
+    assert bundle.config["lr_teacher"] == pytest.approx(1e-4) and bundle.config["lr_student"] == pytest.approx(2e-4)
+    assert bundle.config["lr_token"] == 1e-3
 
 
 def test_teacher_stage_with_text_lr_zero_leaves_the_pretrained_encoder_untouched():

@@ -322,8 +322,8 @@ def test_cli_smoke_on_the_shipped_mini_world(tmp_path, capsys, random_oracle):
     report = json.loads((out / "quality.json").read_text())
     command = report["settings"]["command"]
     assert command.startswith("echodistill bench quality --concepts crossed_ring --seeds 0 --steps 2 --methods "
-                              "textual_inversion teacher --images-per-prompt 1 --lr-scale echodistill=3 "
-                              "custom_diffusion=0.3 textual_inversion=10 dreambooth_lora=3 --token-lr echodistill=0 "
+                              "textual_inversion teacher --images-per-prompt 1 --lr-scale echodistill=10 "
+                              "custom_diffusion=1 textual_inversion=3 dreambooth_lora=1 --token-lr echodistill=0.001 "
                               "custom_diffusion=0 --oracle ")
     assert report["settings"]["lr_scales"] == recipe.TUNED_LR_SCALES and report["settings"]["captions"] is True
     assert report["settings"]["token_lrs"] == recipe.TUNED_TOKEN_LRS

@@ -60,8 +60,8 @@ METHODS: dict[str, Method] = {
                               paired_with="teacher"),
     IMAGE_PROMPT: Method("zero-training image prompt (IP-Adapter style), student 1 step", trained=False),
 }
-# What `bench quality` runs when --methods is not given: every row that needs no file beyond the
-# models and the oracle (the image-prompt adapter is trained separately and not shipped).
+# What `bench quality` runs when --methods is not given: every row that needs no file beyond the models and the
+# oracle (the image_prompt row also reads an adapter file: shipped beside the mini world's oracle, trained per world).
 DEFAULT_METHODS = tuple(name for name in METHODS if name != IMAGE_PROMPT)
 PRIOR_LABEL = "class-word prior (untrained student, token removed)"
 PRIOR_LABELS = {PRIOR: PRIOR_LABEL,

@@ -26,7 +26,7 @@ PRIOR = "class_prior"  # the untrained student given the prompts without the tok
 TEACHER_PRIOR = "class_prior_teacher"  # what the teacher drew before training, the same way
 START_PRIOR = "token_at_start"  # the untrained student with the token at its starting row: where training begins
 IMAGE_PROMPT = "image_prompt"  # the untrained student with the image-prompt adapter: no training at all
-DEMO_STEPS = 200  # the demo's training iterations: about 75 s on an idle 2-core CPU
+DEMO_STEPS = 400  # the demo's training iterations (the quality benchmark's budget): about 2.5 min on 2 idle cores
 DEMO_SEED = 0  # the demo's training and sampling seed
 ECHO_SAMPLES = 8  # student images drawn per echo round at the mini world's size (the paper preset draws 16)
 # The augmentation's smallest rescale at 64 px: the whole picture, so no subject is ever shrunk (Custom
@@ -37,15 +37,17 @@ ECHO_SAMPLES = 8  # student images drawn per echo round at the mini world's size
 # world, the teacher fitted with all UNet weights: 0.57 without the augmentation, 0.19-0.22 with it.)
 AUGMENT_MIN_SCALE = 1.0
 
-# Factors of the published rates chosen for the mini world at 100 steps by `echodistill bench lr-sweep
-# --concept smiley --seed 100` (docs/quality.md); the defaults of `bench quality` and the demo.
-TUNED_LR_SCALES: dict[str, float] = {"echodistill": 3.0, "custom_diffusion": 0.3, "textual_inversion": 10.0,
-                                     "dreambooth_lora": 3.0}
+# Factors of the published rates chosen for the mini world at 400 steps by `echodistill bench lr-sweep --concept
+# procedural_3000002 --seed 100 --steps 400 --images-per-prompt 4` (docs/quality.md: a fresh subject no table row
+# scores); the defaults of `bench quality` and the demo.
+TUNED_LR_SCALES: dict[str, float] = {"echodistill": 10.0, "custom_diffusion": 1.0, "textual_inversion": 3.0,
+                                     "dreambooth_lora": 1.0}
 # The concept token row's own rate (TrainConfig.lr_token; 0: the rate of the adapters beside it) of the families that
-# train a token row beside adapters, chosen by `bench lr-sweep --token-rates` at the factors above. (Textual
-# Inversion trains the row alone, at its factor's rate; DreamBooth-LoRA keeps its identifier frozen.)
+# train a token row beside adapters, chosen by the same sweep's second stage (`--token-rates 3e-4 1e-3 3e-3 1e-2`)
+# at the factors above. (Textual Inversion trains the row alone, at its factor's rate; DreamBooth-LoRA keeps its
+# identifier frozen.)
 TOKEN_LR_FAMILIES = ("echodistill", "custom_diffusion")
-TUNED_TOKEN_LRS: dict[str, float] = {"echodistill": 0.0, "custom_diffusion": 0.0}
+TUNED_TOKEN_LRS: dict[str, float] = {"echodistill": 1e-3, "custom_diffusion": 0.0}
 
 
 def echodistill_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
