@@ -91,7 +91,7 @@ def test_the_mini_world_workflow_trains_exactly_as_the_demo_does():
     # The node's config: the preset, then each input named as a config field (0 keeps the preset's value).
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     config = preset(train["preset"], **{k: v for k, v in train.items()
-                                        if k in fields and not (k in ("augment_min_scale", "echo_samples") and v == 0)})
+                                        if k in fields and not (k in ("augment_min_scale", "echo_samples", "lr_token") and v == 0)})
 
     def same(a, b) -> bool:
         return math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) else a == b
@@ -100,3 +100,4 @@ def test_the_mini_world_workflow_trains_exactly_as_the_demo_does():
     # Previews every 50 steps and a checkpoint every 100: what the workflow shows; they change no training.
     assert differing == {"sample_every", "save_every"}, {n: (getattr(config, n), getattr(demo, n)) for n in differing}
     assert config.augment_min_scale == 1.0 and config.echo_samples == 8 and config.seed == DEMO_SEED
+    assert config.lr_token == 1e-3 and config.steps == DEMO_STEPS == 400

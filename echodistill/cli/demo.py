@@ -10,7 +10,7 @@ from .terminal import (MAX_THREADS, TerminalCallbacks, add_command, built_config
                        stop_on_ctrl_c, whole_number)
 
 HELP = ("the main job on the shipped mini world: train a held-out subject, sample it, write a contact sheet, "
-        "print the oracle metrics (about 1.5 minutes on an idle 2-core CPU at the default steps)")
+        "print the oracle metrics (about 3 minutes on an idle 2-core CPU at the default steps)")
 
 
 def add_demo_command(commands) -> None:
