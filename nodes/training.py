@@ -76,7 +76,7 @@ class TrainConcept(io.ComfyNode):
                 io.Int.Input("echo_samples", optional=True, default=0, min=0, max=256,
                              tooltip="Student images drawn per echo round, the best quarter kept for the "
                                      "teacher; 0 = the preset's (paper 16, lite 8; the mini world's recipe 8)."),
-                io.Float.Input("lr_token", optional=True, default=0.0, min=0.0, max=1e-1, step=1e-5,
+                io.Float.Input("lr_token", optional=True, default=0.0, min=0.0, max=1.0, step=1e-5,
                                tooltip="Learning rate of the concept token row alone; 0 = lr_teacher's, as the "
                                        "paper trains it. The row is one vector every prompt with the token reads: "
                                        "the mini world trains it at a higher rate than its adapters."),

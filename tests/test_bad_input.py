@@ -219,7 +219,13 @@ def test_inspect_load_finds_what_only_loading_the_tensors_shows(case, tiny_pair_
                                       "--resolution 512"),
     ([*TRAIN, "--batch-size", "1.5"], "--batch-size 1.5: give a whole number of images per iteration, e.g. "
                                       "--batch-size 2"),
-    (["demo", "--steps", "nan"], "--steps nan: give a whole number of training steps, e.g. --steps 200"),
+    (["demo", "--steps", "nan"], "--steps nan: give a whole number of training steps, e.g. --steps 400"),
+    (["bench", "quality", "--steps", "4_00"], "--steps 4_00: give a whole number of training steps, e.g. --steps 200"),
+    (["bench", "lr-sweep", "--token-rates", "0_001"],
+     "--token-rates 0_001: give rates above 0 and at most 1, e.g. --token-rates 0.001"),
+    # a list option given twice would keep the last list alone
+    (["bench", "quality", "--seeds", "0", "--seeds", "1"],
+     "--seeds given twice: list every value after one --seeds, e.g. --seeds A B"),
     (["smoke", "--threads", "1e9"], "--threads 1e9: give a whole number of CPU threads, e.g. --threads 1"),
     (["sample", *MODELS, "--prompt", "x", "--out", "o", "--count", "inf"],
      "--count inf: give a whole number of images per prompt, e.g. --count 4"),
@@ -262,6 +268,13 @@ def test_a_number_flag_given_no_number_is_refused_in_one_line(argv, message, cap
      "error: --lr-scale 'echodistill=0': write FAMILY=FACTOR with a factor > 0"),
     (["bench", "quality", "--token-lr", "textual_inversion=1e-3"],
      "error: --token-lr 'textual_inversion=1e-3': write FAMILY=RATE with a rate from 0"),
+    (["bench", "quality", "--token-lr", "echodistill=0_001"], "error: --token-lr 'echodistill=0_001': write FAMILY="),
+    (["bench", "quality", "--token-lr", "echodistill=1e-3", "echodistill=2e-3"],
+     "error: --token-lr: two values for echodistill; give each family once"),
+    (["bench", "lr-sweep", "--token-rates", "1e-3", "--lr-scale", "dreambooth_lora=2"],
+     "error: --lr-scale dreambooth_lora=2: only the swept families' factors are used"),
+    (["bench", "lr-sweep", "--families", "echodistill", "echodistill"],
+     "error: --families echodistill echodistill: name each family once"),
     (["bench", "lr-sweep", "--concept", "2000001"], "error: --concept: procedural_2000001 is no fresh subject"),
     (["bench", "quality", "--concepts", "smiley", "dog"], "error: --concepts: unknown subject 'dog'"),
     (["bench", "lr-sweep", "--models", "no_such_folder"], "error: --models no_such_folder: no_such_folder/teacher is "

@@ -540,6 +540,13 @@ def test_misspelt_manifest_keys_name_the_key_they_may_mean(tmp_path):
                      "concept 'a': unknown key 'captons' (did you mean captions?)",
                      "unknown config key 'stepz' (did you mean steps?)"):
         assert expected in message, message
+    # a config field one level too high says where it goes
+    path = _write_manifest(tmp_path / "fleet2.toml", MINIWORLD_PAIR,
+                           [{"name": "a", "photos": "miniworld/smiley", "lr_token": 1e-3}],
+                           shared={**SHARED, "lr_student": 1e-4}, config=CONFIG)
+    message = _refused(path)
+    assert "concept 'a': 'lr_token' is a config field: put it under [concept.config]" in message, message
+    assert "'lr_student' is a config field: put it under [config]" in message, message
 
 
 def test_fleet_run_check_reads_every_photo_as_a_worker_will(tiny_pair_folders, tmp_path, capsys):

@@ -91,8 +91,16 @@ def test_every_method_is_trained_sampled_and_scored_once_per_concept_and_seed(
     by_method = {r["method"]: r for r in filled["records"]}
     assert by_method[scoring.TEACHER_PRIOR] == json.loads(json.dumps(records[scoring.TEACHER_PRIOR]))
     assert len(filled["records"]) == len(report["records"])
-    with pytest.raises(BenchError, match="was written with other settings"):
-        quality.run_quality(pair, random_oracle, out=out, resume=True, **{**every, "steps": 5})
+    # a report from before the token row had its own rate trained it at its adapters' rate: resumable at 0
+    saved = json.loads((out / "quality.json").read_text())
+    del saved["settings"]["token_lrs"]
+    (out / "quality.json").write_text(json.dumps(saved))
+    published = {"token_lrs": {"echodistill": 0.0, "custom_diffusion": 0.0}}
+    assert quality.run_quality(pair, random_oracle, out=out, resume=True, **every, **published)["records"]
+    with pytest.raises(BenchError, match=r"was written with other settings \(token_lrs\)"):
+        quality.run_quality(pair, random_oracle, out=out, resume=True, **every)  # the tuned 1e-3: another table
+    with pytest.raises(BenchError, match=r"was written with other settings \(steps\)"):
+        quality.run_quality(pair, random_oracle, out=out, resume=True, **{**every, **published, "steps": 5})
 
 
 def test_a_fresh_procedural_subject_is_trained_and_scored_on_its_own_references(tiny_pair_folders, random_oracle,

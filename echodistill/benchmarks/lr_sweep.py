@@ -14,7 +14,8 @@ fresh procedural subject (`--concept procedural_<seed>`) that no row of the tabl
 A second stage tunes the concept token row's own rate (TrainConfig.lr_token) of the families that train
 it beside adapters (TOKEN_LR_FAMILIES), each at its chosen factor, by the same rule:
 
-    echodistill bench lr-sweep ... --lr-scale echodistill=10 custom_diffusion=1 --token-rates 3e-4 1e-3 3e-3
+    echodistill bench lr-sweep ... --lr-scale echodistill=10 custom_diffusion=1 --token-rates 3e-4 1e-3 3e-3 \
+        --out runs/lr_sweep_token
 
 Rate 0 (the row at its adapters' rate, as published) is always among the candidates. A token row is
 one vector that every prompt with the token reads: at the adapters' rate (1e-5 x the factor) it barely

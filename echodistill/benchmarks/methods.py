@@ -97,13 +97,16 @@ def parse_token_lrs(specs: Sequence[str]) -> dict[str, float]:
 
 def _family_values(flag: str, value_name: str, specs: Sequence[str], defaults: dict[str, float],
                    families: Sequence[str], *, positive: bool) -> dict[str, float]:
-    values = dict(defaults)
+    values, given = dict(defaults), set()
     for spec in specs:
         family, _, text = spec.partition("=")
         try:
-            value = float(text)
+            value = float(text) if "_" not in text else float("nan")  # float() reads "0_001" as 1
         except ValueError:
             value = float("nan")
+        if family in given:
+            raise BenchError(f"{flag}: two values for {family}; give each family once")
+        given.add(family)
         in_range = 0 < value <= 1000 if positive else 0 <= value <= 1
         if family not in families or not in_range:
             bound = "a factor > 0 (at most 1000)" if positive else "a rate from 0 (the adapters' rate) to 1"

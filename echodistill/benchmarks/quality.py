@@ -186,8 +186,12 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
     if resume and report_path and report_path.is_file():
         previous = read_report(report_path, "give another --out, or --overwrite to start it anew")
         comparable = {k: v for k, v in settings.items() if k not in ("command", "concepts", "seeds", "threads")}
-        if any(previous["settings"].get(k) != v for k, v in comparable.items()):
-            raise BenchError(f"--resume: {report_path} was written with other settings; use another --out")
+        # reports from before the token row had its own rate trained it at its adapters' rate: 0 in today's terms
+        written = {"token_lrs": dict.fromkeys(TOKEN_LR_FAMILIES, 0.0), **previous["settings"]}
+        differing = [k for k, v in comparable.items() if written.get(k) != v]
+        if differing:
+            raise BenchError(f"--resume: {report_path} was written with other settings ({', '.join(differing)}); "
+                             "use another --out")
         records = previous["records"]
 
     def report() -> dict:

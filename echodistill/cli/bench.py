@@ -549,7 +549,7 @@ def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         default=100, help="training iterations (the table's budget)")
     parser.add_argument("--factors", nargs="+", type=number("--factors", "positive numbers", 3.0),
                         help="multiples of each family's published learning rates to try (default: 0.3 1 3 10)")
-    parser.add_argument("--token-rates", nargs="+", type=number("--token-rates", "rates above 0", 1e-3),
+    parser.add_argument("--token-rates", nargs="+", type=number("--token-rates", "rates above 0 and at most 1", 1e-3),
                         help="the second stage instead of --factors: rates of the concept token row to try beside "
                              "0 (its adapters' rate), each family at its --lr-scale factor (families that train a "
                              f"token row beside adapters: {', '.join(TOKEN_LR_FAMILIES)})")
@@ -615,7 +615,15 @@ def run_lr_sweep(args: argparse.Namespace) -> int:
     if unknown:
         what = " (the families that train a token row beside adapters)" if args.token_rates else ""
         raise BenchError(f"--families {' '.join(unknown)}: give one or more of {', '.join(allowed)}{what}")
+    if len(set(args.families)) < len(args.families):
+        raise BenchError(f"--families {' '.join(args.families)}: name each family once")
     lr_scales = parse_lr_scales(args.lr_scale)
+    unswept = [spec for spec in args.lr_scale if spec.partition("=")[0] not in args.families]
+    if unswept:
+        raise BenchError(f"--lr-scale {' '.join(unswept)}: only the swept families' factors are used; give factors "
+                         f"for {', '.join(args.families)} (--families), or leave the others out")
+    args.factors = sorted(set(args.factors))
+    args.token_rates = sorted(set(args.token_rates or []))
     check_models_folder(args)
     with report_output(args, "lr_sweep.json", "an earlier sweep's report"):
         from ..benchmarks.lr_sweep import markdown, quality_arguments, run_lr_sweep

@@ -59,6 +59,13 @@ class Parser(argparse.ArgumentParser):
         self.populate()
         return super().format_usage()
 
+    def add_argument(self, *names, **kwargs):
+        """An option taking a list (`nargs` "+" or "*") is refused when given twice: argparse would keep the last
+        list alone, so `--seeds 0 --seeds 1` would silently run seed 1 only."""
+        if kwargs.get("nargs") in ("+", "*") and "action" not in kwargs and names and names[0].startswith("-"):
+            kwargs["action"] = _ListGivenOnce
+        return super().add_argument(*names, **kwargs)
+
     def error(self, message: str):
         """A value a number flag's type refused (`whole_number`, `number`) is said in one `error:` line, as the
         commands' own errors are; any other argument error as argparse says it, after the usage."""
@@ -69,6 +76,19 @@ class Parser(argparse.ArgumentParser):
 
 
 _REFUSED_NUMBERS: set[str] = set()  # what `whole_number` and `number` refused, in their words (for Parser.error)
+
+
+class _ListGivenOnce(argparse.Action):
+    """Store an option's list, refusing the option a second time in one command line (Parser.add_argument)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_lists_given", set())
+        if self.dest in given:
+            flag = self.option_strings[-1]
+            raise argparse.ArgumentError(self, _refused(f"{option_string} given twice: list every value after one "
+                                                        f"{flag}, e.g. {flag} A B").args[0])
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 def _refused(message: str) -> argparse.ArgumentTypeError:
@@ -93,6 +113,8 @@ def number(flag: str, what: str, example: float) -> Callable[[str], float]:
 def _number_type(convert: Callable[[str], int | float], name: str, flag: str, what: str, example) -> Callable:
     def parse(text: str):
         try:
+            if "_" in text:  # int() and float() read digit separators: "0_001" would be 1
+                raise ValueError(text)
             return convert(text)
         except ValueError:
             raise _refused(f"{flag} {text}: give {what}, e.g. {flag} {example}") from None

@@ -50,6 +50,8 @@ def add_train_command(commands) -> None:
 
 
 def _train_arguments(train: argparse.ArgumentParser) -> None:
+    from ..miniworld.recipe import DEMO_STEPS
+
     add_model_arguments(train)
     train.add_argument("--images", required=True,
                        help="folder of 3-20 concept photos (fewer is refused; more are all used, with a warning; "
@@ -64,7 +66,8 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--out", required=True, help="concept bundle to write (.safetensors)")
     train.add_argument("--preset",
                        help="training preset: paper, balanced, lite, or miniworld (the demo's tuned rates and "
-                            "200 steps, as a fleet manifest's preset = \"miniworld\"; for the mini world's models) "
+                            f"{DEMO_STEPS} steps, as a fleet manifest's preset = \"miniworld\"; for the mini world's "
+                            "models) "
                             f"(default: {DEFAULT_PRESET}; not with --config)")
     train.add_argument("--config", help="a JSON config (from TrainConfig.to_json) instead of a preset; the flags "
                                         "below and --set change its values")

@@ -151,7 +151,9 @@ def parse_manifest(data: dict, path: Path) -> Manifest:
     problems: list[str] = []
     known = {f.name for f in fields(TrainConfig)}
     for key in sorted(set(data) - SHARED_KEYS):
-        problems.append(f"unknown top-level key {_told(key, SHARED_KEYS)}; valid: {', '.join(sorted(SHARED_KEYS))}")
+        problems.append(f"{key!r} is a config field: put it under [config] (every concept) or [concept.config]"
+                        if key in known else
+                        f"unknown top-level key {_told(key, SHARED_KEYS)}; valid: {', '.join(sorted(SHARED_KEYS))}")
     for key in ("preset", "teacher_family", "student_family", "dtype"):
         if key in data and not isinstance(data[key], str):
             problems.append(f"`{key}` must be a string, got {data[key]!r}")
@@ -334,7 +336,9 @@ def _concept_job(entry: dict, where: str, shared: dict, preset_name: str, known:
     """One concept's job, or None with its problems added. `faults`: the shared fields at fault and their
     problems' texts (listed once already, by _check_shared_config): this concept is checked without them."""
     count = len(problems)
-    problems += [f"{where}: unknown key {_told(k, CONCEPT_KEYS)}; valid: {', '.join(sorted(CONCEPT_KEYS))}"
+    problems += [f"{where}: {k!r} is a config field: put it under [concept.config] (or [config], for every concept)"
+                 if k in known else
+                 f"{where}: unknown key {_told(k, CONCEPT_KEYS)}; valid: {', '.join(sorted(CONCEPT_KEYS))}"
                  for k in sorted(set(entry) - CONCEPT_KEYS)]
     own = _table(entry.get("config", {}), f"{where} [concept.config]", problems)
     problems += [f"{where}: unknown config key {_told(k, known)}" for k in sorted(set(own) - known)]

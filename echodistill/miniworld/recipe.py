@@ -26,7 +26,7 @@ PRIOR = "class_prior"  # the untrained student given the prompts without the tok
 TEACHER_PRIOR = "class_prior_teacher"  # what the teacher drew before training, the same way
 START_PRIOR = "token_at_start"  # the untrained student with the token at its starting row: where training begins
 IMAGE_PROMPT = "image_prompt"  # the untrained student with the image-prompt adapter: no training at all
-DEMO_STEPS = 400  # the demo's training iterations (the quality benchmark's budget): about 2.5 min on 2 idle cores
+DEMO_STEPS = 400  # the demo's training iterations (the quality benchmark's budget): about 3 min on 2 idle cores
 DEMO_SEED = 0  # the demo's training and sampling seed
 ECHO_SAMPLES = 8  # student images drawn per echo round at the mini world's size (the paper preset draws 16)
 # The augmentation's smallest rescale at 64 px: the whole picture, so no subject is ever shrunk (Custom
