@@ -220,7 +220,7 @@ def test_inspect_load_finds_what_only_loading_the_tensors_shows(case, tiny_pair_
     ([*TRAIN, "--batch-size", "1.5"], "--batch-size 1.5: give a whole number of images per iteration, e.g. "
                                       "--batch-size 2"),
     (["demo", "--steps", "nan"], "--steps nan: give a whole number of training steps, e.g. --steps 400"),
-    (["bench", "quality", "--steps", "4_00"], "--steps 4_00: give a whole number of training steps, e.g. --steps 200"),
+    (["bench", "quality", "--steps", "4_00"], "--steps 4_00: give a whole number of training steps, e.g. --steps 400"),
     (["bench", "lr-sweep", "--token-rates", "0_001"],
      "--token-rates 0_001: give rates above 0 and at most 1, e.g. --token-rates 0.001"),
     # a list option given twice would keep the last list alone

@@ -1,6 +1,6 @@
 """`echodistill bench lr-sweep`: each method's learning rate, chosen on a tuning run before the table.
 
-    echodistill bench lr-sweep --concept smiley --seed 100 --steps 100 --factors 0.3 1 3 10
+    echodistill bench lr-sweep --concept procedural_3000002 --seed 100 --steps 400 --factors 0.3 1 3 10
 
 The published learning rates were set for SD-sized weights and ~1000 steps; the mini world's
 weights are several times larger per element and its runs ten times shorter. So every family of

@@ -326,15 +326,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.methods import DEFAULT_METHODS, METHODS
-    from ..miniworld.recipe import TUNED_LR_SCALES, TUNED_TOKEN_LRS
+    from ..miniworld.recipe import DEMO_STEPS, TUNED_LR_SCALES, TUNED_TOKEN_LRS
 
     parser.add_argument("--concepts", nargs="+",
                         help="held-out mini-world concepts, or fresh procedural subjects as procedural_<seed> or the "
                              "bare seed (e.g. 3000000-3099999, the validation seeds) (default: the six concepts)")
     parser.add_argument("--seeds", nargs="+", type=whole_number("--seeds", "whole numbers from 0", 0),
                         default=[0, 1], help="training and sampling seeds")
-    parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", 200),
-                        default=200, help="training iterations of every method (equal budget)")
+    parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", DEMO_STEPS),
+                        default=DEMO_STEPS, help="training iterations of every method (equal budget; the budget the "
+                                                 "rates were tuned at)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help=f"rows to train and score: {', '.join(METHODS)} (default: all but image_prompt, the "
                              "zero-training row, which needs the --image-prompt adapter file)")
@@ -539,14 +540,15 @@ def run_quality_merge(args: argparse.Namespace) -> int:
 
 def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.methods import LR_FAMILIES, TOKEN_LR_FAMILIES
+    from ..miniworld.recipe import DEMO_STEPS
 
-    parser.add_argument("--concept", default="smiley",
+    parser.add_argument("--concept", default="procedural_3000002",
                         help="the tuning concept: a held-out concept's name, or a fresh procedural subject as "
                              "procedural_<seed> or the bare seed (e.g. 3000000), which no row of the table scores")
     parser.add_argument("--seed", type=whole_number("--seed", "a whole number from 0", 100),
                         default=100, help="tuning seed (keep it out of the table's seeds)")
-    parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", 100),
-                        default=100, help="training iterations (the table's budget)")
+    parser.add_argument("--steps", type=whole_number("--steps", "a whole number of training steps", DEMO_STEPS),
+                        default=DEMO_STEPS, help="training iterations (the table's budget)")
     parser.add_argument("--factors", nargs="+", type=number("--factors", "positive numbers", 3.0),
                         help="multiples of each family's published learning rates to try (default: 0.3 1 3 10)")
     parser.add_argument("--token-rates", nargs="+", type=number("--token-rates", "rates above 0 and at most 1", 1e-3),
@@ -559,8 +561,8 @@ def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--families", nargs="+", metavar="FAMILY",
                         help=f"families to tune (default: all): {', '.join(LR_FAMILIES)}; with --token-rates: "
                              f"{', '.join(TOKEN_LR_FAMILIES)}")
-    parser.add_argument("--images-per-prompt", type=whole_number("--images-per-prompt", "a whole number of images", 1),
-                        default=1, help="images per evaluation prompt and run")
+    parser.add_argument("--images-per-prompt", type=whole_number("--images-per-prompt", "a whole number of images", 4),
+                        default=4, help="images per evaluation prompt and run (one image per prompt ranks noise)")
     parser.add_argument("--templates", action="store_true",
                         help="train on the prompt templates instead of the references' grammar captions")
     parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")
