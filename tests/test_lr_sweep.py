@@ -23,19 +23,24 @@ def test_the_best_subject_fidelity_that_keeps_the_prompt_is_chosen():
     assert lr_sweep.choose_factor(scores, prior_prompt_fidelity=1.2) == 0.3
 
 
-def test_sweep_trains_each_family_at_each_factor_with_scaled_rates(tiny_pair_folders, tmp_path, monkeypatch):
+def _spied_world(tiny_pair_folders, monkeypatch, *fields: str):
+    """A tiny pair, a random oracle, and the list every training appends (method, *config fields) to."""
     torch.manual_seed(0)
     oracle = Oracle(AttributeReader(width=8, hidden=16).eval(), SubjectEncoder(width=8, dim=16).eval())
-    pair = load_model_pair(*tiny_pair_folders)
     trained = []
     original = quality.train_method
 
     def spy(pair, name, config, images):
-        trained.append((name, config.lr_student, config.steps))
+        trained.append((name, *(getattr(config, f) for f in fields)))
         assert images[0].caption.startswith("a {} on a plain ")
         return original(pair, name, config, images)
 
     monkeypatch.setattr(quality, "train_method", spy)
+    return load_model_pair(*tiny_pair_folders), oracle, trained
+
+
+def test_sweep_trains_each_family_at_each_factor_with_scaled_rates(tiny_pair_folders, tmp_path, monkeypatch):
+    pair, oracle, trained = _spied_world(tiny_pair_folders, monkeypatch, "lr_student", "steps")
     report = lr_sweep.run_lr_sweep(pair, oracle, concept="window", seed=7, steps=1, factors=[2.0, 0.5],
                                    families=["textual_inversion", "custom_diffusion"], out=tmp_path,
                                    log=lambda _: None)
@@ -57,17 +62,7 @@ def test_sweep_trains_each_family_at_each_factor_with_scaled_rates(tiny_pair_fol
 
 def test_the_token_stage_trains_each_family_at_its_factor_with_the_row_at_each_rate(tiny_pair_folders, tmp_path,
                                                                                        monkeypatch):
-    torch.manual_seed(0)
-    oracle = Oracle(AttributeReader(width=8, hidden=16).eval(), SubjectEncoder(width=8, dim=16).eval())
-    pair = load_model_pair(*tiny_pair_folders)
-    trained = []
-    original = quality.train_method
-
-    def spy(pair, name, config, images):
-        trained.append((name, config.lr_student, config.lr_token))
-        return original(pair, name, config, images)
-
-    monkeypatch.setattr(quality, "train_method", spy)
+    pair, oracle, trained = _spied_world(tiny_pair_folders, monkeypatch, "lr_student", "lr_token")
     report = lr_sweep.run_lr_sweep(pair, oracle, concept="window", seed=7, steps=1, token_rates=[1e-2, 1e-3],
                                    lr_scales={"custom_diffusion": 2.0}, families=["custom_diffusion"], out=tmp_path,
                                    log=lambda _: None)
