@@ -73,8 +73,8 @@ class StudentBaseline:
             unet.enable_gradient_checkpointing()
         self.params = params + rows
         self.optimizer = torch.optim.AdamW(
-            config.parameter_groups(params, rows, config.lr_student), betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-            weight_decay=config.weight_decay,
+            config.parameter_groups(params, rows, config.lr_student), betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon, weight_decay=config.weight_decay,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         self.abar = alphas_cumprod_for(pair.student.scheduler_config, self.device)  # (T,)

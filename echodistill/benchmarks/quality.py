@@ -102,7 +102,8 @@ def train_and_score(pair, oracle, unit: UnitInputs, run: str, rows: Sequence[str
                         "lr_scale": lr_scale, "token_lr": token_lr})
         images[row] = generated
         log(f"{unit.concept.name} seed {unit.seed}: {row:<18} trained {seconds:7.1f} s ({seconds / steps:.3f} s/step)"
-            f"  lr x{lr_scale:g}{f'  token lr {token_lr:g}' if token_lr else ''}  subject {scores['subject_fidelity']:.3f}  prompt {scores['prompt_fidelity']:.3f}")
+            f"  lr x{lr_scale:g}{f'  token lr {token_lr:g}' if token_lr else ''}"
+            f"  subject {scores['subject_fidelity']:.3f}  prompt {scores['prompt_fidelity']:.3f}")
     return records, images
 
 
@@ -177,7 +178,8 @@ def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], 
 
     settings = {**(settings or {}), "concepts": list(concepts), "seeds": list(seeds), "steps": steps,
                 "methods": list(methods), "images_per_prompt": images_per_prompt, "lr_scales": lr_scales,
-                "token_lrs": token_lrs, "captions": captions, "caption_states": caption_states(captions), "resolution": RESOLUTION,
+                "token_lrs": token_lrs, "captions": captions, "caption_states": caption_states(captions),
+                "resolution": RESOLUTION,
                 "token": TOKEN, "student_steps": 1, "teacher_steps": TEACHER_STEPS,
                 "teacher_guidance": TEACHER_GUIDANCE, "fingerprints": pair.fingerprints()}
     out = Path(out) if out else None

@@ -218,7 +218,8 @@ def custom_diffusion_step(pair: ModelPair, images, config: TrainConfig) -> Calla
     params = adapters + rows
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(config.parameter_groups(adapters, rows, config.lr_teacher), betas=(config.adam_beta1, config.adam_beta2),
+    optimizer = torch.optim.AdamW(config.parameter_groups(adapters, rows, config.lr_teacher),
+                                  betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
     dataset = ConceptDataset.from_config(images, config, pair.vae_downscale)
     abar = alphas_cumprod_for(pair.teacher.scheduler_config, device)  # (T,)
