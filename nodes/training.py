@@ -9,6 +9,8 @@ from comfy_api.latest import io
 
 from echodistill.imaging import loss_curve
 from echodistill.jobs.runs import run_key, train_concept
+from echodistill.miniworld.recipe import PRESET as MINIWORLD_PRESET
+from echodistill.miniworld.recipe import preset_config as miniworld_preset
 from echodistill.sampling.samplers import native_resolution
 from echodistill.training.callbacks import TrainingCancelled
 from echodistill.training.config import PRESETS
@@ -36,11 +38,13 @@ class TrainConcept(io.ComfyNode):
                 io.Image.Input("images", tooltip="3-20 photos of the subject (a batch; e.g. Load Images From Folder)."),
                 io.String.Input("token", default="<v*>", tooltip="The new word that will mean your subject in prompts."),
                 io.String.Input("class_word", default="dog", tooltip="What the subject is (dog, mug, toy...)."),
-                io.Combo.Input("preset", options=list(PRESETS), default="paper",
+                io.Combo.Input("preset", options=[*PRESETS, MINIWORLD_PRESET], default="paper",
                                tooltip="paper: the published defaults; balanced/lite: bf16 + gradient checkpointing "
                                        "for smaller GPUs (load the models in bf16). Estimated peak GPU memory at "
                                        "512 px (docs/memory.md): SD 2.x paper 27 GB, balanced 12, lite 9; SDXL paper "
-                                       "54, balanced 30, lite 17 (SDXL's lite trains LoRA K/V)."),
+                                       "54, balanced 30, lite 17 (SDXL's lite trains LoRA K/V). miniworld: the "
+                                       "shipped mini world's recipe, as scripts/demo trains (its tuned rates; the "
+                                       "echo draws the world's own scenes)."),
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Training iterations (paper: 1000)."),
                 io.Int.Input("resolution", default=0, min=0, max=1024, step=64,
                              tooltip="Training resolution in pixels; 0 = the student's native size (512 for "
@@ -99,10 +103,13 @@ class TrainConcept(io.ComfyNode):
         advanced = {name: value for name, value in (("augment_min_scale", augment_min_scale),
                                                      ("echo_samples", echo_samples), ("lr_token", lr_token))
                     if value}  # 0: the preset's
-        config = preset_config(preset, line="sdxl" if models.is_sdxl else "sd", steps=steps, resolution=resolution,
-                               token=token, class_word=class_word, lr_student=lr_student, lr_teacher=lr_teacher,
-                               lr_heads=lr_heads, echo=echo, sample_every=sample_every, save_every=save_every,
-                               seed=seed, discriminators=tuple(members), **chosen_adapter, **advanced)
+        values = dict(steps=steps, resolution=resolution, token=token, class_word=class_word, lr_student=lr_student,
+                      lr_teacher=lr_teacher, lr_heads=lr_heads, echo=echo, sample_every=sample_every,
+                      save_every=save_every, seed=seed, discriminators=tuple(members), **chosen_adapter, **advanced)
+        if preset == MINIWORLD_PRESET:  # the demo's recipe, every value the node shows over it
+            config = miniworld_preset(values)
+        else:
+            config = preset_config(preset, line="sdxl" if models.is_sdxl else "sd", **values)
         photos = to_pil_list(images)
         per_photo = photo_captions(captions, len(photos))
         paths = dict(backbones["backbones"]) if backbones else {}

@@ -94,6 +94,7 @@ MINIWORLD_USER_VALUES = {
     **{("EchoDistillTrainConcept", field): getattr(_DEMO, field)
        for field in ("steps", "seed", "lr_student", "lr_teacher", "lr_heads", "adapter", "echo", "echo_samples",
                      "augment_min_scale", "lr_token")},
+    ("EchoDistillTrainConcept", "preset"): "miniworld",
     ("EchoDistillTrainConcept", "sample_every"): 50,
     ("EchoDistillTrainConcept", "save_every"): 100,
     ("EchoDistillOneStepSampler", "batch_size"): 4,

@@ -16,8 +16,8 @@ from safetensors import safe_open
 
 from echodistill.cli import main
 
-BUNDLE_TENSORS_SHA256 = "8fe1812593d6132fb59ca01d2f09da0726c49d1756d655c901c8392c5cf8cca0"
-CONTACT_SHEET_SHA256 = "82c41c132e2a76d5f85ec93ea4819f3fc03f8b11c34295ace4fe4fce36478917"
+BUNDLE_TENSORS_SHA256 = "f801e45e234e6303bd29b482a6ca31fb09b6f27a4caf70b7e0e54c761be03b02"
+CONTACT_SHEET_SHA256 = "0eaa48c1e8c6e65b0fcf0a795f065c355c2a651707233e26272dfe549823a141"
 
 
 def tensors_digest(path) -> str:

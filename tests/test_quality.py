@@ -428,6 +428,19 @@ def test_token_rates_reach_the_token_row_of_the_families_that_train_one():
             methods.parse_token_lrs([bad])
 
 
+def test_the_mini_worlds_echo_draws_its_own_scenes_and_none_the_evaluation_shows():
+    from echodistill.miniworld import CONCEPTS
+    from echodistill.miniworld.concepts import evaluation_prompts
+
+    config = recipe.tuned_config("diamond", 400, 0)
+    assert config.echo_prompts == recipe.ECHO_PROMPTS and len(config.echo_prompts) == 174
+    assert all(p.startswith("a ") and p.count("{}") == 1 and p.endswith(" background") for p in config.echo_prompts)
+    scenes = {p.replace("{}", f"<v*> {c.class_word}") for p in config.echo_prompts for c in CONCEPTS.values()}
+    shown = {e.text.replace("{token}", "<v*>") for c in CONCEPTS.values() for e in evaluation_prompts(c)}
+    assert not scenes & shown  # the evaluation's scenes are never echoed into training
+    assert methods.method_config("custom_diffusion", "ring", 10, 0).echo_prompts != config.echo_prompts  # no echo
+
+
 def test_captioned_references_train_on_the_worlds_grammar_with_the_token():
     from echodistill.miniworld import CONCEPTS
     from echodistill.training.data import ConceptDataset

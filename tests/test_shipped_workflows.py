@@ -15,8 +15,9 @@ from echodistill.jobs.runs import sample
 from echodistill.miniworld import SHIPPED_CONCEPT_DIR, STUDENT_DIR, TEACHER_DIR
 from echodistill.miniworld.procedural import lookup_subject
 from echodistill.miniworld.recipe import DEMO_SEED, DEMO_STEPS, tuned_config
+from echodistill.miniworld.recipe import preset_config as miniworld_preset
 from echodistill.models.pair import load_model_pair
-from echodistill.training.config import TrainConfig, preset
+from echodistill.training.config import TrainConfig
 
 GRAPHS = Path(__file__).parent / "api_graphs"
 SHIPPED_PREFIX = "miniworld/"
@@ -90,8 +91,10 @@ def test_the_mini_world_workflow_trains_exactly_as_the_demo_does():
     demo = tuned_config(lookup_subject(folder.removeprefix("miniworld/")).class_word, DEMO_STEPS, DEMO_SEED)
     # The node's config: the preset, then each input named as a config field (0 keeps the preset's value).
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    config = preset(train["preset"], **{k: v for k, v in train.items()
-                                        if k in fields and not (k in ("augment_min_scale", "echo_samples", "lr_token") and v == 0)})
+    shown = {k: v for k, v in train.items()
+             if k in fields and not (k in ("augment_min_scale", "echo_samples", "lr_token") and v == 0)}
+    assert train["preset"] == "miniworld"  # the recipe's own fields (the echo's scenes) come with the preset
+    config = miniworld_preset(shown)
 
     def same(a, b) -> bool:
         return math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) else a == b

@@ -433,6 +433,25 @@ def test_echoed_samples_train_the_teacher_but_never_count_as_real(make_trainer, 
     assert real_batches == [2]  # the heads' "real" side is the photos alone
 
 
+def test_the_echo_draws_the_configs_own_contexts(make_trainer):
+    default = make_trainer(_config(steps=2, echo_start=1, echo_every=1))
+    default.train_step()
+    assert all(p.startswith("a photo of a <v*> dog ") for p in default.echo.prompts)  # the SD scenes by default
+    contexts = ("a small {} on the left, on a plain red background", "a large {} at the top, on a blue background")
+    own = make_trainer(_config(steps=2, echo_start=1, echo_every=1, echo_prompts=contexts))
+    own.train_step()
+    assert len(own.echo) == 2 and set(own.echo.prompts) <= {c.replace("{}", "<v*> dog") for c in contexts}
+
+
+def test_echo_prompts_are_checked():
+    with pytest.raises(ConfigError, match=r"echo_prompts=\[\] must list at least one prompt"):
+        TrainConfig(echo_prompts=())
+    with pytest.raises(ConfigError, match="echo_prompts: 'in the snow' has 0 '{}' placeholders; each needs exactly one"):
+        TrainConfig(echo_prompts=("a photo of a {} on a beach", "in the snow"))
+    assert TrainConfig.from_json(TrainConfig(echo_prompts=("a {} at the zoo",)).to_json()).echo_prompts == (
+        "a {} at the zoo",)
+
+
 def test_a_failing_callback_still_leaves_a_checkpoint(make_trainer):
     class Broken(Callbacks):
         def on_progress(self, step, total, logs):

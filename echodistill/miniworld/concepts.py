@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .grammar import COLORS, Caption, Scene, describe
+from .grammar import COLORS, PATTERNS, POSITIONS, SIZES, Caption, Scene, describe
 from .drawing import (
     PALETTE, Layer, Layout, Painter, POSITION_CENTRES, annulus, box, disk, draw, rhombus, star, triangle,
 )
@@ -130,6 +130,19 @@ EVALUATION_CONTEXTS: tuple[tuple[str, str, str, str], ...] = (
     ("large", "center", "red", "gradient"),
     ("small", "right", "yellow", "plain"),
 )
+
+
+def echo_prompts() -> tuple[str, ...]:
+    """The echo's new contexts on the mini world (TrainConfig.echo_prompts): every scene of the grammar whose size,
+    position and background pattern no evaluation context has (174 of 240), with "{}" for "<token> <class word>",
+    e.g. "a small {} on the left, on a plain red background". The trainer's default contexts ("on a sandy
+    beach", ...) are words the world's text encoder has no scene for: the student's pictures of them would
+    teach the teacher nothing of the world, and the evaluation's own scenes stay out of training.
+    """
+    shown = {(size, position, pattern) for size, position, _, pattern in EVALUATION_CONTEXTS}
+    return tuple(describe(Scene("echo", None, size, position, color, pattern), noun="{}").text
+                 for size in SIZES for position in POSITIONS for pattern in PATTERNS for color in COLORS
+                 if (size, position, pattern) not in shown)
 
 
 def evaluation_prompts(concept: Concept) -> list[ConceptPrompt]:

@@ -13,7 +13,7 @@ from PIL import Image
 from ..errors import ConfigError
 from ..training.config import TrainConfig, draft_configs, preset
 from ..training.photos import ConceptImage, load_concept_images
-from .concepts import REFERENCE_CAPTION_STATES, Concept, reference_captions, reference_images
+from .concepts import REFERENCE_CAPTION_STATES, Concept, echo_prompts, reference_captions, reference_images
 from .drawing import RESOLUTION
 
 TOKEN = "<v*>"
@@ -29,6 +29,7 @@ IMAGE_PROMPT = "image_prompt"  # the untrained student with the image-prompt ada
 DEMO_STEPS = 400  # the demo's training iterations (the quality benchmark's budget): about 3 min on 2 idle cores
 DEMO_SEED = 0  # the demo's training and sampling seed
 ECHO_SAMPLES = 8  # student images drawn per echo round at the mini world's size (the paper preset draws 16)
+ECHO_PROMPTS = echo_prompts()  # the echo's new contexts: the world's own scenes, none of the evaluation's
 # The augmentation's smallest rescale at 64 px: the whole picture, so no subject is ever shrunk (Custom
 # Diffusion's zoomed-in crops and mirror images remain). Shrinking ruins a 64-px subject's detail, and its "a far
 # away" / "very small" captions teach the token "draw it small": the world probe (teacher K/V + token, 400 steps,
@@ -51,10 +52,11 @@ TUNED_TOKEN_LRS: dict[str, float] = {"echodistill": 1e-3, "custom_diffusion": 0.
 
 
 def echodistill_config(class_word: str, steps: int, seed: int, **changes) -> TrainConfig:
-    """The paper preset at the mini world's size, echo rounds scaled to the step budget (as the demo)."""
+    """The paper preset at the mini world's size, echo rounds scaled to the step budget (as the demo), the echo
+    drawing scenes of the world's own grammar (concepts.echo_prompts)."""
     return preset("paper", steps=steps, resolution=RESOLUTION, token=TOKEN, class_word=class_word, seed=seed,
-                  echo_samples=ECHO_SAMPLES, sample_every=0, save_every=0, augment_min_scale=AUGMENT_MIN_SCALE,
-                  **changes)  # preset() scales the echo rounds to `steps`
+                  echo_samples=ECHO_SAMPLES, echo_prompts=ECHO_PROMPTS, sample_every=0, save_every=0,
+                  augment_min_scale=AUGMENT_MIN_SCALE, **changes)  # preset() scales the echo rounds to `steps`
 
 
 def scaled_rates(config: TrainConfig, lr_scale: float) -> TrainConfig:

@@ -81,9 +81,15 @@ _NON_NEGATIVE = ("weight_decay", "grad_clip", "weight_adversarial", "weight_late
                  "lr_token")
 
 
+# The echo's new contexts for SD-sized models (TrainConfig.echo_prompts): scenes SD knows, none like the references'.
+ECHO_PROMPTS = tuple(f"a photo of a {{}} {context}" for context in (
+    "on a sandy beach", "in the snow", "on a wooden table", "in a city street", "in a green forest",
+    "on a kitchen counter", "in front of a brick wall", "on a sofa", "at night under street lights",
+    "in a field of flowers", "on top of a mountain", "in a swimming pool",
+))
 # Fields added after runs, checkpoints and bundles were first written, each with the value that computes what
 # runs did before it existed: a run key leaves them out at that value, and a record without them reads it.
-FIELDS_ADDED_LATER = {"lr_token": 0.0}
+FIELDS_ADDED_LATER = {"lr_token": 0.0, "echo_prompts": list(ECHO_PROMPTS)}
 
 
 def _f(default, help: str):
@@ -160,6 +166,11 @@ class TrainConfig:
     echo_weight: float = _f(0.5, "weight of an echoed sample in the teacher's loss (a real image weighs 1)")
     echo_per_step: int = _f(1, "echoed samples added to each teacher batch once echo has started")
     echo_buffer_size: int = _f(32, "most recent echoed samples kept")
+    echo_prompts: tuple[str, ...] = _f(
+        ECHO_PROMPTS,
+        "the new contexts the student draws the concept in for the echo, each with one {} for '<token> <class "
+        "word>'; contexts the base models know (the mini world's recipe: its own grammar)",
+    )
     # --- precision / memory -----------------------------------------------------------------
     mixed_precision: Precision = _f("no", "autocast dtype for forwards: no, bf16 or fp16")
     gradient_checkpointing: bool = _f(
@@ -257,6 +268,15 @@ class TrainConfig:
         if checked("augment_min_scale") and not 0 < self.augment_min_scale <= 1:
             yield ConfigError(f"augment_min_scale={self.augment_min_scale!r} must be in (0, 1]",
                               parameters=("augment_min_scale",))
+        if checked("echo_prompts"):
+            if not self.echo_prompts:
+                yield ConfigError("echo_prompts=[] must list at least one prompt, e.g. [\"a photo of a {} in the "
+                                  "snow\"]", parameters=("echo_prompts",))
+            for prompt in self.echo_prompts:
+                if prompt.count("{}") != 1:
+                    yield ConfigError(f"echo_prompts: {prompt!r} has {prompt.count('{}')} '{{}}' placeholders; each "
+                                      "needs exactly one, where '<token> <class word>' goes (e.g. 'a photo of a {} in "
+                                      "the snow')", parameters=("echo_prompts",))
         if checked("echo_keep_ratio") and not 0 < self.echo_keep_ratio <= 1:
             yield ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]",
                               parameters=("echo_keep_ratio",))

@@ -13,24 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-ECHO_CONTEXTS = (
-    "on a sandy beach",
-    "in the snow",
-    "on a wooden table",
-    "in a city street",
-    "in a green forest",
-    "on a kitchen counter",
-    "in front of a brick wall",
-    "on a sofa",
-    "at night under street lights",
-    "in a field of flowers",
-    "on top of a mountain",
-    "in a swimming pool",
-)
+from .templates import render_prompt
 
 
-def echo_prompt(token: str, class_word: str, context_index: int) -> str:
-    return f"a photo of a {token} {class_word} {ECHO_CONTEXTS[context_index % len(ECHO_CONTEXTS)]}"
+def echo_prompt(templates: tuple[str, ...], token: str, class_word: str, context_index: int) -> str:
+    """The `context_index`-th (cyclically) of the echo's prompt templates (TrainConfig.echo_prompts), filled
+    with "<token> <class word>". Raises ConfigError for a template without exactly one "{}"."""
+    return render_prompt(templates[context_index % len(templates)], token, class_word)
 
 
 def select_best(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:

@@ -408,7 +408,7 @@ class Trainer:
         """Draw `echo_samples` student images in new contexts; keep the best into the buffer."""
         cfg, pair = self.config, self.pair
         contexts = torch.randint(0, 1 << 16, (cfg.echo_samples,), generator=self.data_generator).tolist()
-        prompts = [echo_prompt(cfg.token, cfg.class_word, c) for c in contexts]
+        prompts = [echo_prompt(cfg.echo_prompts, cfg.token, cfg.class_word, c) for c in contexts]
         with self._autocast():
             cond = self.encode(prompts)
             latents = student_one_step(
