@@ -21,7 +21,8 @@ def _default(value) -> str:
     if isinstance(value, float):
         return repr(value) if len(repr(value)) <= 8 else f"{value:.3g}"  # 1/3 reads 0.333
     if isinstance(value, tuple):
-        return str(list(value))
+        shown = str(list(value))
+        return shown if len(shown) <= 80 else f"[{value[0]!r}, ...] ({len(value)} items)"  # e.g. the echo's scenes
     if value == "":
         return '""'
     return str(value)
