@@ -446,7 +446,8 @@ def test_the_echo_draws_the_configs_own_contexts(make_trainer):
 def test_echo_prompts_are_checked():
     with pytest.raises(ConfigError, match=r"echo_prompts=\[\] must list at least one prompt"):
         TrainConfig(echo_prompts=())
-    with pytest.raises(ConfigError, match="echo_prompts: 'in the snow' has 0 '{}' placeholders; each needs exactly one"):
+    with pytest.raises(ConfigError, match=r"echo_prompts=\[\.\.\., 'in the snow', \.\.\.\]: that prompt has 0 '{}' "
+                                          "placeholders; each needs exactly one"):
         TrainConfig(echo_prompts=("a photo of a {} on a beach", "in the snow"))
     assert TrainConfig.from_json(TrainConfig(echo_prompts=("a {} at the zoo",)).to_json()).echo_prompts == (
         "a {} at the zoo",)

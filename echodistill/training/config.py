@@ -274,9 +274,9 @@ class TrainConfig:
                                   "snow\"]", parameters=("echo_prompts",))
             for prompt in self.echo_prompts:
                 if prompt.count("{}") != 1:
-                    yield ConfigError(f"echo_prompts: {prompt!r} has {prompt.count('{}')} '{{}}' placeholders; each "
-                                      "needs exactly one, where '<token> <class word>' goes (e.g. 'a photo of a {} in "
-                                      "the snow')", parameters=("echo_prompts",))
+                    yield ConfigError(f"echo_prompts=[..., {prompt!r}, ...]: that prompt has {prompt.count('{}')} "
+                                      "'{}' placeholders; each needs exactly one, where '<token> <class word>' goes "
+                                      "(e.g. 'a photo of a {} in the snow')", parameters=("echo_prompts",))
         if checked("echo_keep_ratio") and not 0 < self.echo_keep_ratio <= 1:
             yield ConfigError(f"echo_keep_ratio={self.echo_keep_ratio!r} must be in (0, 1]",
                               parameters=("echo_keep_ratio",))
