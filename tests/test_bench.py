@@ -34,7 +34,8 @@ def _check_measured(case: dict, per_call: str, count: int) -> None:
 @pytest.mark.parametrize("command", [
     ["sample", "--model", "sdxl", "--size", "100"], ["sample", "--model", "sdxl", "--size", "0"],
     ["train", "--model", "sdxl", "--resolution", "100"], ["memory", "--teacher-resolutions", "512", "100"],
-    ["memory", "--out", "."], ["sample", "--model", "tiny", "--device", "bogus"]])
+    ["memory", "--out", "."], ["sample", "--model", "tiny", "--device", "bogus"],
+    ["sample", "--model", "sdxl", "--size", "5_12"]])
 def test_bench_sizes_and_outputs_are_refused_before_anything_is_built(command, capsys):
     # argparse refuses them while parsing (exit 2), so no model can have been built; the device before building
     try:  # argparse exits for a bad argument; main returns 2 for an error found after parsing
@@ -43,7 +44,8 @@ def test_bench_sizes_and_outputs_are_refused_before_anything_is_built(command, c
         code = exit_.code
     assert code == 2
     err = capsys.readouterr().err
-    assert any(reason in err for reason in ("must be a positive multiple of 64", "is a folder", "is not a device")), err
+    assert any(reason in err for reason in ("must be a positive multiple of 64", "is a folder", "is not a device",
+                                            "'5_12' is not a whole number of pixels")), err
 
 
 def test_bench_sample_tiny_writes_json_and_prints_table(tmp_path, capsys):

@@ -181,9 +181,11 @@ def run_memory(args: argparse.Namespace) -> int:
 def pixels(text: str) -> int:
     """argparse type: a positive multiple of 64 (the VAE's 8 × the UNet's 8), checked before any model is built."""
     try:
-        value = int(text)
+        value = int(text) if "_" not in text else None  # int() reads digit separators: "5_12" would be 512
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels")
     if value <= 0 or value % 64:
         raise argparse.ArgumentTypeError(f"{value} must be a positive multiple of 64, e.g. {max(64, value // 64 * 64)}")
     return value
