@@ -17,7 +17,7 @@ from safetensors import safe_open
 from echodistill.cli import main
 
 BUNDLE_TENSORS_SHA256 = "f801e45e234e6303bd29b482a6ca31fb09b6f27a4caf70b7e0e54c761be03b02"
-CONTACT_SHEET_SHA256 = "0eaa48c1e8c6e65b0fcf0a795f065c355c2a651707233e26272dfe549823a141"
+CONTACT_SHEET_SHA256 = "cc8629ac74309dbd52764c98581cd7de82f5f19ae505d08c8edee7c67e8895ce"
 
 
 def tensors_digest(path) -> str:

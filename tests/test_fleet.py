@@ -569,3 +569,24 @@ def test_fleet_run_check_reads_every_photo_as_a_worker_will(tiny_pair_folders, t
     assert main(["fleet", "run", str(good_only), "--out", str(tmp_path / "afile" / "out"), "--check"]) == 2
     assert "afile is a file, not a folder; choose another --out folder" in capsys.readouterr().err
     assert "concept 'good'" not in error and not (tmp_path / "out").exists()
+
+
+def test_fleet_report_metrics_scores_a_mini_world_concept_as_its_table_row(tmp_path, capsys):
+    """`fleet report --metrics` draws each subject's evaluation prompts four times with the student, as `bench
+    quality` and the demo do: the shipped concept (the demo's checker_diamond, seed 0) scores its table row."""
+    import shutil
+
+    from echodistill.fleet.state import FleetState
+    from echodistill.miniworld.paths import SHIPPED_CONCEPT_DIR
+
+    bundle = shutil.copy(SHIPPED_CONCEPT_DIR / "checker_diamond.safetensors", tmp_path / "checker_diamond.safetensors")
+    out = tmp_path / "fleet"
+    FleetState(out, {"diamond": {"concept": "diamond", "status": "done", "subject": "checker_diamond",
+                                 "bundle": str(bundle)},
+                     "queued": {"concept": "queued", "status": "queued", "subject": "window"}}).save()
+    assert main(["fleet", "report", "--out", str(out), "--metrics"]) == 0
+    rows = {row["concept"]: row for row in json.loads((out / "fleet-report.json").read_text())}
+    # 0.352 / 0.979 when it drew one picture per prompt (12 pictures); the table's 0.420 / 0.974 at four (48)
+    assert rows["diamond"]["subject_fidelity"] == pytest.approx(0.4202, abs=5e-4)
+    assert rows["diamond"]["prompt_fidelity"] == pytest.approx(0.9740, abs=5e-4)
+    assert rows["queued"]["subject_fidelity"] is None  # not finished: not scored

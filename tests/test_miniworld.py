@@ -553,7 +553,7 @@ def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path, c
     assert "pass --overwrite to run the demo anew" in capsys.readouterr().err  # a second run replaces nothing
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == written
     metrics = json.loads((tmp_path / "window_metrics.json").read_text())
-    assert metrics["steps"] == 2 and metrics["concept"] == "window"
+    assert metrics["steps"] == 2 and metrics["concept"] == "window" and metrics["images_per_prompt"] == 4
     for key in ("student_subject_fidelity", "teacher_subject_fidelity", "student_prompt_fidelity",
                 "teacher_prompt_fidelity", "base_student_subject_fidelity"):
         assert -1.0 <= metrics[key] <= 1.0, key
@@ -562,7 +562,9 @@ def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path, c
     sheet = Image.open(tmp_path / "window_contact_sheet.png")
     prompts = len(evaluation_prompts(CONCEPTS["window"]))
     assert sheet.width >= 64 * min(prompts, 8) and sheet.height >= 3 * 64  # three rows of pictures
-    assert json.loads(sheet.info["echodistill"])["concept"] == "window"
+    shown = json.loads(sheet.info["echodistill"])
+    assert shown["concept"] == "window" and len(shown["prompts"]) == prompts
+    assert shown["seeds"] == [4 * i for i in range(prompts)]  # each prompt's first of the four pictures scored
     from echodistill.concepts.bundle import ConceptBundle
 
     bundle = ConceptBundle.load(tmp_path / "window.safetensors")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..miniworld.procedural import lookup_subject
-from ..miniworld.recipe import caption_states
+from ..miniworld.recipe import EVAL_IMAGES_PER_PROMPT, caption_states
 from ..miniworld.scoring import UnitInputs, score_prior
 from ..models.tensor_files import atomic_write_text
 from .measuring import BenchError
@@ -57,7 +57,8 @@ def choose_factor(scores: dict[float, dict[str, float]], prior_prompt_fidelity: 
 
 
 def run_lr_sweep(pair, oracle, *, concept: str, seed: int, steps: int, factors: Sequence[float] = (),
-                 families: Sequence[str] = LR_FAMILIES, images_per_prompt: int = 1, captions: bool = True,
+                 families: Sequence[str] = LR_FAMILIES, images_per_prompt: int = EVAL_IMAGES_PER_PROMPT,
+                 captions: bool = True,
                  token_rates: Sequence[float] = (), lr_scales: dict[str, float] | None = None,
                  out: str | Path | None = None, settings: dict | None = None,
                  log: Callable[[str], None] = print) -> dict:

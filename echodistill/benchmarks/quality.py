@@ -40,7 +40,15 @@ from ..imaging import labelled_rows, save_png
 from ..miniworld.concepts import CONCEPTS, reference_images
 from ..miniworld.image_prompt import ImagePromptAdapter
 from ..miniworld.procedural import lookup_subject
-from ..miniworld.recipe import RESOLUTION, TOKEN, TOKEN_LR_FAMILIES, TUNED_LR_SCALES, TUNED_TOKEN_LRS, caption_states
+from ..miniworld.recipe import (
+    EVAL_IMAGES_PER_PROMPT,
+    RESOLUTION,
+    TOKEN,
+    TOKEN_LR_FAMILIES,
+    TUNED_LR_SCALES,
+    TUNED_TOKEN_LRS,
+    caption_states,
+)
 from ..miniworld.scoring import (
     IMAGE_PROMPT,
     TEACHER_GUIDANCE,
@@ -135,7 +143,7 @@ def evaluate_unit(pair, oracle, concept, seed: int, *, steps: int, methods: Sequ
 # --- the whole table -------------------------------------------------------------------------------
 
 def run_quality(pair, oracle, *, concepts: Sequence[str], seeds: Sequence[int], steps: int, methods: Sequence[str],
-                images_per_prompt: int = 4, lr_scales: dict[str, float] | None = None,
+                images_per_prompt: int = EVAL_IMAGES_PER_PROMPT, lr_scales: dict[str, float] | None = None,
                 token_lrs: dict[str, float] | None = None, captions: bool = True,
                 out: str | Path | None = None, settings: dict | None = None, resume: bool = False,
                 image_prompt: ImagePromptAdapter | None = None, log: Callable[[str], None] = print) -> dict:

@@ -328,7 +328,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.methods import DEFAULT_METHODS, METHODS
-    from ..miniworld.recipe import DEMO_STEPS, TUNED_LR_SCALES, TUNED_TOKEN_LRS
+    from ..miniworld.recipe import DEMO_STEPS, EVAL_IMAGES_PER_PROMPT, TUNED_LR_SCALES, TUNED_TOKEN_LRS
 
     parser.add_argument("--concepts", nargs="+",
                         help="held-out mini-world concepts, or fresh procedural subjects as procedural_<seed> or the "
@@ -341,8 +341,9 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help=f"rows to train and score: {', '.join(METHODS)} (default: all but image_prompt, the "
                              "zero-training row, which needs the --image-prompt adapter file)")
-    parser.add_argument("--images-per-prompt", type=whole_number("--images-per-prompt", "a whole number of images", 4),
-                        default=4, help="images per evaluation prompt and run")
+    parser.add_argument("--images-per-prompt", type=whole_number("--images-per-prompt", "a whole number of images",
+                                                                   EVAL_IMAGES_PER_PROMPT),
+                        default=EVAL_IMAGES_PER_PROMPT, help="images per evaluation prompt and run")
     parser.add_argument("--lr-scale", nargs="+", default=[], metavar="FAMILY=FACTOR",
                         help="multiply a family's published learning rates (`bench lr-sweep` chooses them; "
                              "default: " + " ".join(f"{f}={x:g}" for f, x in TUNED_LR_SCALES.items()) + "; "
@@ -542,7 +543,7 @@ def run_quality_merge(args: argparse.Namespace) -> int:
 
 def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     from ..benchmarks.methods import LR_FAMILIES, TOKEN_LR_FAMILIES
-    from ..miniworld.recipe import DEMO_STEPS
+    from ..miniworld.recipe import DEMO_STEPS, EVAL_IMAGES_PER_PROMPT
 
     parser.add_argument("--concept", default="procedural_3000002",
                         help="the tuning concept: a held-out concept's name, or a fresh procedural subject as "
@@ -563,8 +564,9 @@ def add_lr_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--families", nargs="+", metavar="FAMILY",
                         help=f"families to tune (default: all): {', '.join(LR_FAMILIES)}; with --token-rates: "
                              f"{', '.join(TOKEN_LR_FAMILIES)}")
-    parser.add_argument("--images-per-prompt", type=whole_number("--images-per-prompt", "a whole number of images", 4),
-                        default=4, help="images per evaluation prompt and run (one image per prompt ranks noise)")
+    parser.add_argument("--images-per-prompt", type=whole_number("--images-per-prompt", "a whole number of images",
+                                                                   EVAL_IMAGES_PER_PROMPT),
+                        default=EVAL_IMAGES_PER_PROMPT, help="images per evaluation prompt and run (one image per prompt ranks noise)")
     parser.add_argument("--templates", action="store_true",
                         help="train on the prompt templates instead of the references' grammar captions")
     parser.add_argument("--models", help="folder with the mini world's teacher/ and student/ (default: shipped)")

@@ -22,7 +22,7 @@ from ..concepts.bundle import ConceptBundle
 from ..imaging import contact_sheet, save_png
 from ..miniworld import CONCEPTS, STUDENT_DIR, TEACHER_DIR, Oracle
 from ..miniworld.procedural import lookup_subject
-from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS, preset_config
+from ..miniworld.recipe import DEMO_SEED, DEMO_STEPS, EVAL_IMAGES_PER_PROMPT, preset_config
 from ..miniworld.scoring import TEACHER_GUIDANCE, TEACHER_STEPS, UnitInputs, score_prior
 from ..models.pair import load_model_pair
 from ..models.pristine import pristine
@@ -39,6 +39,7 @@ DEFAULT_STEPS = DEMO_STEPS
 class DemoReport:
     concept: str
     steps: int
+    images_per_prompt: int  # pictures scored per evaluation prompt (the sheet shows each prompt's first)
     train_seconds: float
     student_subject_fidelity: float
     teacher_subject_fidelity: float
@@ -111,8 +112,9 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     out_dir = check_writable(out_dir, "output folder")  # before a model is loaded or a step taken
     oracle = Oracle.load()  # before training: a missing file should cost seconds, not a run
     pair = load_model_pair(TEACHER_DIR, STUDENT_DIR)
-    # Trained, drawn and scored as bench quality does it: captioned references, its rates, its prompts and noise.
-    unit = UnitInputs.build(concept, seed, images_per_prompt=1, captions=True)
+    # Trained, drawn and scored as bench quality does it: captioned references, its rates, its prompts, pictures
+    # per prompt and noise, so the demo's numbers are its table row for this subject and seed.
+    unit = UnitInputs.build(concept, seed, images_per_prompt=EVAL_IMAGES_PER_PROMPT, captions=True)
 
     started = time.perf_counter()
     with pristine(pair):  # training adds the token and adapters; the samplers below apply the bundle themselves
@@ -126,11 +128,13 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     base, _ = score_prior(pair, oracle, unit)  # the untrained student, prompts without the token
     student_scores, teacher_scores = unit.score(oracle, student), unit.score(oracle, teacher)
 
-    sheet = _contact_sheet(unit.reference_pixels, student, teacher, unit.texts)
+    first = slice(None, None, EVAL_IMAGES_PER_PROMPT)  # the sheet shows each prompt's first picture
+    sheet = _contact_sheet(unit.reference_pixels, student[first], teacher[first], unit.texts[first])
     sheet_path = save_png(sheet, outputs.contact_sheet, {"echodistill": json.dumps(
-        {"concept": name, "prompts": unit.texts, "seeds": unit.noise_seeds})})
+        {"concept": name, "prompts": unit.texts[first], "seeds": unit.noise_seeds[first]})})
     report = DemoReport(
-        concept=name, steps=config.steps, train_seconds=train_seconds,  # overrides' steps win, as in training
+        concept=name, steps=config.steps,  # overrides' steps win, as in training
+        images_per_prompt=EVAL_IMAGES_PER_PROMPT, train_seconds=train_seconds,
         student_subject_fidelity=student_scores["subject_fidelity"],
         teacher_subject_fidelity=teacher_scores["subject_fidelity"],
         student_prompt_fidelity=student_scores["prompt_fidelity"],

@@ -28,6 +28,9 @@ START_PRIOR = "token_at_start"  # the untrained student with the token at its st
 IMAGE_PROMPT = "image_prompt"  # the untrained student with the image-prompt adapter: no training at all
 DEMO_STEPS = 400  # the demo's training iterations (the quality benchmark's budget): about 3 min on 2 idle cores
 DEMO_SEED = 0  # the demo's training and sampling seed
+EVAL_IMAGES_PER_PROMPT = 4  # pictures per evaluation prompt (12 prompts a subject) of bench quality, lr-sweep, the
+# demo and fleet metrics: at one, two scorings of the same trained concept differ by far more than the rows do (the
+# demo's subject: 0.352 on 12 pictures, 0.420 on 48; docs/miniworld.md)
 ECHO_SAMPLES = 8  # student images drawn per echo round at the mini world's size (the paper preset draws 16)
 ECHO_PROMPTS = echo_prompts()  # the echo's new contexts: the world's own scenes, none of the evaluation's
 # The augmentation's smallest rescale at 64 px: the whole picture, so no subject is ever shrunk (Custom
