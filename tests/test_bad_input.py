@@ -221,6 +221,9 @@ def test_inspect_load_finds_what_only_loading_the_tensors_shows(case, tiny_pair_
                                       "--batch-size 2"),
     (["demo", "--steps", "nan"], "--steps nan: give a whole number of training steps, e.g. --steps 400"),
     (["bench", "quality", "--steps", "4_00"], "--steps 4_00: give a whole number of training steps, e.g. --steps 400"),
+    (["demo", "--seed", "\u0663"], "--seed \u0663: give a whole number from 0, e.g. --seed 0"),  # Arabic-Indic 3
+    (["bench", "quality", "--images-per-prompt", "\uff14"],
+     "--images-per-prompt \uff14: give a whole number of images, e.g. --images-per-prompt 4"),  # full-width 4
     (["bench", "lr-sweep", "--token-rates", "0_001"],
      "--token-rates 0_001: give rates above 0 and at most 1, e.g. --token-rates 0.001"),
     # a list option given twice would keep the last list alone
@@ -256,6 +259,7 @@ def test_a_number_flag_given_no_number_is_refused_in_one_line(argv, message, cap
     (["smoke", "--threads", "100000"], "error: --threads 100000: give 1 to 1,024 CPU threads"),
     (["demo", "--threads", "100000", "--out", "demo"], "error: --threads 100000: give 1 to 1,024 CPU threads"),
     (["bench", "sample", "--batch", "1", "0"], "error: --batch 0: give 1 to 1,024 images per call"),
+    (["bench", "quality", "--images-per-prompt", "101"], "error: --images-per-prompt 101: give 1 to 100 images"),
     (["bench", "lr-sweep", "--factors", "1", "nan"], "error: --factors nan: give multiples of the published rates"),
     (["bench", "lr-sweep", "--concept", "dog"], "error: --concept: unknown subject 'dog': use a shipped one"),
     (["bench", "lr-sweep", "--factors", "1", "--token-rates", "1e-3"],

@@ -240,7 +240,7 @@ def test_the_demo_refuses_to_replace_an_earlier_demos_results_unless_told_to(tmp
     def finished(out_dir, *, concept_name, overwrite, **_):  # the job itself, without its minutes of training
         asked.append(overwrite)
         sheet, bundle = out / f"{concept_name}_contact_sheet.png", out / f"{concept_name}.safetensors"
-        return demo_job.DemoReport(concept_name, 2, 4, 1.0, 0.1, 0.2, 0.3, 0.4, 0.05, str(sheet), str(bundle))
+        return demo_job.DemoReport(concept_name, 2, 0, 4, 1.0, 0.1, 0.2, 0.3, 0.4, 0.05, str(sheet), str(bundle))
 
     monkeypatch.setattr(demo_job, "run_demo", finished)
     assert main(["demo", "--concept", "window", "--out", str(out), "--overwrite"]) == 0

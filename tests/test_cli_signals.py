@@ -105,3 +105,19 @@ def test_a_stop_the_command_swallowed_still_sets_its_exit_status(monkeypatch):
 
     monkeypatch.setattr(demo, "run", swallowing)
     assert main(["demo"]) == 128 + signal.SIGTERM
+
+
+def test_ctrl_c_after_training_stops_at_once_as_nothing_is_left_to_checkpoint():
+    """Once training is over (the demo then draws and scores for a while) the first Ctrl-C ends the command, rather
+    than promising a checkpoint after an iteration that will never come."""
+    from echodistill.cli.terminal import SIGNALLED, TerminalCallbacks, stop_on_ctrl_c
+
+    callbacks = TerminalCallbacks(3)
+    SIGNALLED.clear()
+    with pytest.raises(SystemExit) as stop, stop_on_ctrl_c(callbacks, resumable=False):
+        callbacks.on_train_end(3)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)
+    assert stop.value.code == 128 + signal.SIGINT and SIGNALLED == [signal.SIGINT]
+    assert callbacks.bar.n == 3 and callbacks.bar.disable  # closed at the last step: what follows is no iteration
+    SIGNALLED.clear()

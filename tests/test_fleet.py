@@ -573,20 +573,56 @@ def test_fleet_run_check_reads_every_photo_as_a_worker_will(tiny_pair_folders, t
 
 def test_fleet_report_metrics_scores_a_mini_world_concept_as_its_table_row(tmp_path, capsys):
     """`fleet report --metrics` draws each subject's evaluation prompts four times with the student, as `bench
-    quality` and the demo do: the shipped concept (the demo's checker_diamond, seed 0) scores its table row."""
+    quality` and the demo do: the shipped concept (the demo's checker_diamond, seed 0) scores its table row. What
+    cannot be scored says why in its row, the rest is scored, and the driver's state file is left as it was."""
     import shutil
 
     from echodistill.fleet.state import FleetState
     from echodistill.miniworld.paths import SHIPPED_CONCEPT_DIR
 
     bundle = shutil.copy(SHIPPED_CONCEPT_DIR / "checker_diamond.safetensors", tmp_path / "checker_diamond.safetensors")
+    (tmp_path / "folder.safetensors").mkdir()
     out = tmp_path / "fleet"
-    FleetState(out, {"diamond": {"concept": "diamond", "status": "done", "subject": "checker_diamond",
-                                 "bundle": str(bundle)},
-                     "queued": {"concept": "queued", "status": "queued", "subject": "window"}}).save()
+    done = {"status": "done", "subject": "checker_diamond", "bundle": str(bundle)}
+    state_file = FleetState(out, {
+        "diamond": done,
+        "queued": {"status": "queued", "subject": "window"},
+        "unknown": {**done, "subject": "no_such_subject"},
+        "gone": {**done, "bundle": str(tmp_path / "gone.safetensors")},
+        "folder": {**done, "bundle": str(tmp_path / "folder.safetensors")},
+        "number": {**done, "bundle": 5},
+    }).save()
+    written = state_file.read_bytes()
     assert main(["fleet", "report", "--out", str(out), "--metrics"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert state_file.read_bytes() == written
     rows = {row["concept"]: row for row in json.loads((out / "fleet-report.json").read_text())}
     # 0.352 / 0.979 when it drew one picture per prompt (12 pictures); the table's 0.420 / 0.974 at four (48)
     assert rows["diamond"]["subject_fidelity"] == pytest.approx(0.4202, abs=5e-4)
     assert rows["diamond"]["prompt_fidelity"] == pytest.approx(0.9740, abs=5e-4)
-    assert rows["queued"]["subject_fidelity"] is None  # not finished: not scored
+    assert rows["diamond"]["metrics_error"] is None
+    assert rows["queued"]["subject_fidelity"] is None and rows["queued"]["metrics_error"] is None  # not finished
+    assert "unknown subject 'no_such_subject'" in rows["unknown"]["metrics_error"]
+    assert "concept bundle not found" in rows["gone"]["metrics_error"]
+    assert "is a folder, not a concept bundle" in rows["folder"]["metrics_error"]
+    assert "not a file path" in rows["number"]["metrics_error"]
+    assert "| no_such_subject" not in (out / "fleet-report.md").read_text()  # the reason, in the markdown too
+    assert "unknown subject 'no_such_subject'" in (out / "fleet-report.md").read_text()
+
+    # a later plain report keeps the scores of the same bundle; one trained anew since shows none
+    assert main(["fleet", "report", "--out", str(out)]) == 0
+    assert json.loads((out / "fleet-report.json").read_text())[0]["subject_fidelity"] == pytest.approx(0.4202, abs=5e-4)
+    os.utime(bundle, ns=(1, 1))
+    assert main(["fleet", "report", "--out", str(out)]) == 0
+    assert json.loads((out / "fleet-report.json").read_text())[0]["subject_fidelity"] is None
+
+
+def test_fleet_report_refuses_a_state_file_whose_records_are_not_records(tmp_path, capsys):
+    out = tmp_path / "fleet"
+    out.mkdir()
+    for concepts in ('{"a": "done"}', "[1, 2]"):
+        (out / "fleet-state.json").write_text(f'{{"manifest": "", "concepts": {concepts}}}')
+        assert main(["fleet", "report", "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert "is not a fleet state file (its concepts are not one record per concept)" in error, error
+        assert "Traceback" not in error

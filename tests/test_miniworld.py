@@ -127,6 +127,19 @@ def pair():
         return load_model_pair(arch.TEACHER_DIR, arch.STUDENT_DIR)
 
 
+def test_a_units_pictures_are_drawn_a_batch_at_a_time_each_from_its_own_seed(pair):
+    from echodistill.miniworld.scoring import SAMPLE_BATCH, UnitInputs
+
+    unit = UnitInputs.build(CONCEPTS["window"], 3, images_per_prompt=5, captions=True)  # 60 pictures: two batches
+    assert len(unit.texts) == 60 > SAMPLE_BATCH
+    images = unit.sample(pair, part="student")
+    assert images.shape == (60, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    last = UnitInputs.build(CONCEPTS["window"], 3, images_per_prompt=5, captions=True)
+    last.texts, last.noise_seeds = unit.texts[-1:], unit.noise_seeds[-1:]  # the last picture, drawn alone
+    assert unit.noise_seeds[-1] == 3 * 100_000 + 59
+    torch.testing.assert_close(last.sample(pair, part="student")[0], images[-1], atol=1e-4, rtol=0)
+
+
 def test_shipped_assets_fit_the_size_budget():
     # git stores identical files once (the text encoder and VAE both folders share): distinct content counts
     distinct = {hashlib.sha256(path.read_bytes()).hexdigest(): path.stat().st_size
@@ -554,6 +567,7 @@ def test_demo_trains_a_held_out_concept_and_writes_sheet_and_metrics(tmp_path, c
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == written
     metrics = json.loads((tmp_path / "window_metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["concept"] == "window" and metrics["images_per_prompt"] == 4
+    assert metrics["seed"] == 0
     for key in ("student_subject_fidelity", "teacher_subject_fidelity", "student_prompt_fidelity",
                 "teacher_prompt_fidelity", "base_student_subject_fidelity"):
         assert -1.0 <= metrics[key] <= 1.0, key
@@ -594,3 +608,31 @@ def test_teacher_stage_with_text_lr_zero_leaves_the_pretrained_encoder_untouched
     torch.manual_seed(0)  # train_teacher's own seeding: this is the UNet it started from
     start = arch.build_unet()
     assert not torch.equal(unet.conv_in.weight, start.conv_in.weight)  # the UNet did train
+
+
+def test_a_demo_that_fails_to_finish_leaves_the_earlier_results_whole(tmp_path, capsys, monkeypatch):
+    """--overwrite replaces the bundle, sheet and metrics together at the end: a demo failing on the way (here: its
+    metrics cannot be written) leaves the earlier three as they were. A folder where a file goes is refused first."""
+    from echodistill.cli import main
+    from echodistill.errors import OutputWriteError
+    from echodistill.jobs import demo as demo_job
+
+    earlier = {tmp_path / name: name.encode() for name in
+               ("window.safetensors", "window_contact_sheet.png", "window_metrics.json")}
+    for path, content in earlier.items():
+        path.write_bytes(content)
+
+    def failing(path, text):
+        raise OutputWriteError(f"cannot write {path}: no space left on device")
+
+    monkeypatch.setattr(demo_job, "atomic_write_text", failing)
+    assert main(["demo", "--steps", "1", "--concept", "window", "--out", str(tmp_path), "--threads", "1",
+                 "--overwrite"]) == 2
+    assert "no space left on device" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in earlier} == earlier
+
+    (tmp_path / "window_metrics.json").unlink()
+    (tmp_path / "window_metrics.json").mkdir()
+    assert main(["demo", "--concept", "window", "--out", str(tmp_path), "--overwrite"]) == 2
+    captured = capsys.readouterr()
+    assert "window_metrics.json is a folder where the demo writes a file" in captured.err and captured.out == ""

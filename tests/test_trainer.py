@@ -301,10 +301,19 @@ def test_cancel_saves_a_checkpoint_that_resumes(make_trainer):
         trainer.train()
     assert info.value.checkpoint.is_file()
     assert [p[:2] for p in callbacks.progress] == [(1, 4), (2, 4)]
-    resumed = make_trainer(_config(steps=4))
+
+    class Ends(Callbacks):
+        def __init__(self):
+            self.ended = []
+
+        def on_train_end(self, step):
+            self.ended.append(step)
+
+    ends = Ends()
+    resumed = make_trainer(_config(steps=4), callbacks=ends)
     resumed.resume(info.value.checkpoint)
     bundle = resumed.train()
-    assert bundle.step == 4
+    assert bundle.step == 4 and ends.ended == [4]  # once, at the end (not at the cancelled run's stop)
 
 
 def test_resume_refuses_a_changed_config(make_trainer, tmp_path):

@@ -119,10 +119,11 @@ def _report(args: argparse.Namespace) -> int:
 
     state = FleetState.load(args.out)
     if args.metrics:
+        from ..files import check_writable
         from ..fleet.metrics import score_miniworld
 
-        score_miniworld(state)
-        state.save()
+        check_writable(args.out, "--out folder")  # before minutes of scoring, not after
+        score_miniworld(state)  # into fleet-metrics.json: the state file is the driver's alone
     markdown, json_path = state.write_report()
     print(markdown.read_text(encoding="utf-8"))
     print(f"written: {markdown} and {json_path}")

@@ -113,7 +113,8 @@ def number(flag: str, what: str, example: float) -> Callable[[str], float]:
 def _number_type(convert: Callable[[str], int | float], name: str, flag: str, what: str, example) -> Callable:
     def parse(text: str):
         try:
-            if "_" in text:  # int() and float() read digit separators: "0_001" would be 1
+            # int() and float() read digit separators ("0_001" would be 1) and any script's digits ("٣" is 3)
+            if "_" in text or not text.isascii():
                 raise ValueError(text)
             return convert(text)
         except ValueError:
@@ -152,6 +153,7 @@ class TerminalCallbacks:
         self.preview_dir = preview_dir
         self.stop_requested = False
         self.stop_signal = signal.SIGINT  # the signal that asked for the stop: the exit status says which
+        self.trained = False  # training over: a stop asked for now has no iteration to wait for
 
     def on_progress(self, step: int, total: int, logs: dict[str, float]) -> None:
         self.bar.n = step
@@ -164,11 +166,17 @@ class TerminalCallbacks:
 
         save_grid(images, self.preview_dir / f"preview-{step:06d}.png")
 
+    def on_train_end(self, step: int) -> None:
+        self.bar.n = step
+        self.bar.close()  # what follows (a bundle written, pictures drawn) is not an iteration of the bar
+        self.trained = True
+
     def should_stop(self) -> bool:
         return self.stop_requested
 
     def request_stop(self, signum: int = signal.SIGINT, _frame=None):
-        if self.stop_requested:  # the second: stop now, unwinding (locks released), without a traceback
+        if self.stop_requested or self.trained:  # the second, or after training: stop now, unwinding (locks
+            SIGNALLED.append(signum)  # released), without a traceback
             raise SystemExit(128 + signum)
         SIGNALLED.append(signum)  # even if this run ends anyway, the command's exit status says it was asked to stop
         self.stop_requested, self.stop_signal = True, signum

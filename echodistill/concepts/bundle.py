@@ -309,6 +309,8 @@ class ConceptBundle:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ConceptBundle":
         path = Path(path)
+        if path.is_dir():
+            raise EchoDistillError(f"{path} is a folder, not a concept bundle: give its .safetensors file")
         if not path.is_file():
             raise EchoDistillError(f"concept bundle not found: {path}")
         with open_safetensors(path, EchoDistillError, "copy the bundle again, or train the concept anew") as handle:

@@ -96,7 +96,7 @@ def run_fleet(manifest: Manifest, out: str | Path, options: FleetOptions | None 
     front ends watch progress with it). Needs `ray.init` done, or calls `start_ray()` itself.
     """
     options = options or FleetOptions()
-    out = Path(out)
+    out = Path(out).resolve()  # the state names bundles by absolute path: a report from any folder finds them
     out.mkdir(parents=True, exist_ok=True)
     started_here = start_ray()
     state = FleetState.load_or_new(out, str(manifest.path))

@@ -2,39 +2,70 @@
 
 Scored as the demo and `bench quality` score them (miniworld/scoring.py): the subject's evaluation
 prompts drawn by the student in one step with the bundle (4 pictures per prompt), the same noise, the world's
-oracles.
+oracles. The scores go to out/fleet-metrics.json, never into the state file the driver alone writes, each with
+the identity of the bundle file it scored (state.bundle_identity): a bundle trained anew since shows no score.
 """
 
 from __future__ import annotations
 
+import json
+
 from ..concepts.bundle import ConceptBundle
 from ..errors import EchoDistillError
+from ..models.tensor_files import atomic_write_text
 from .manifest import subject_of
-from .state import FINISHED, FleetState
+from .state import FINISHED, METRICS_NAME, FleetState, bundle_identity
 
 
-def score_miniworld(state: FleetState) -> int:
-    """Add subject and prompt fidelity to each finished mini-world concept's record; returns how many."""
-    from ..miniworld import STUDENT_DIR, TEACHER_DIR, Oracle
+def _unit(record: dict, bundle: ConceptBundle):
+    """The concept x seed unit a finished record is scored on; EchoDistillError when it has none."""
     from ..miniworld.recipe import EVAL_IMAGES_PER_PROMPT
     from ..miniworld.scoring import UnitInputs
+
+    subject = record.get("subject")
+    try:
+        concept = subject_of(f"miniworld/{subject}") if isinstance(subject, str) else None
+    except ValueError as exc:
+        raise EchoDistillError(str(exc)) from None
+    if concept is None:
+        raise EchoDistillError(f"subject {subject!r} is no mini-world subject")
+    seed = bundle.config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise EchoDistillError(f"the bundle's config has seed {seed!r}, not a whole number")
+    try:
+        return UnitInputs.build(concept, seed, images_per_prompt=EVAL_IMAGES_PER_PROMPT, captions=True)
+    except ValueError as exc:  # a seed the evaluation noise cannot be drawn for: trained, but not scorable
+        raise EchoDistillError(f"not scored: {exc}") from None
+
+
+def score_miniworld(state: FleetState) -> dict[str, dict]:
+    """Score every finished mini-world concept of `state` and write out/fleet-metrics.json (atomically).
+
+    Returns {concept name: {"bundle": identity, "subject_fidelity", "prompt_fidelity"} or {"bundle": ...,
+    "metrics_error": why}}. A record that cannot be scored (its bundle gone, damaged, trained on other base models,
+    an unknown subject, a seed beyond the evaluation's noise) gets its reason, and the others are still scored.
+    """
+    from ..miniworld import STUDENT_DIR, TEACHER_DIR, Oracle
     from ..models.pair import load_model_pair
 
-    records = [r for r in state.concepts.values()
-               if r.get("status") in FINISHED and r.get("subject") and r.get("bundle")]
-    if not records:
-        return 0
-    pair, oracle, scored = load_model_pair(TEACHER_DIR, STUDENT_DIR), Oracle.load(), 0
-    for record in records:
+    records = {name: r for name, r in state.concepts.items()
+               if r.get("status") in FINISHED and r.get("subject") and r.get("bundle")}
+    pair = oracle = None
+    scores: dict[str, dict] = {}
+    for name, record in sorted(records.items()):
+        path = record["bundle"]
+        entry = scores[name] = {"bundle": bundle_identity(path) if isinstance(path, str) else None}
         try:
-            bundle = ConceptBundle.load(record["bundle"])
+            if not isinstance(path, str):
+                raise EchoDistillError(f"the state names bundle {path!r}, not a file path")
+            bundle = ConceptBundle.load(path)
+            if pair is None:  # loaded once, and only when something is to be scored
+                pair, oracle = load_model_pair(TEACHER_DIR, STUDENT_DIR), Oracle.load()
             bundle.check_base(pair)  # trained on other base models: the world's oracles do not apply
+            unit = _unit(record, bundle)
         except EchoDistillError as exc:
-            record["metrics_error"] = str(exc)
+            entry["metrics_error"] = str(exc)
             continue
-        unit = UnitInputs.build(subject_of(f"miniworld/{record['subject']}"), bundle.config.get("seed", 0),
-                                images_per_prompt=EVAL_IMAGES_PER_PROMPT, captions=True)
-        scores = unit.score(oracle, unit.sample(pair, concept=bundle, part="student"))
-        record.update(subject_fidelity=scores["subject_fidelity"], prompt_fidelity=scores["prompt_fidelity"])
-        scored += 1
-    return scored
+        entry.update(unit.score(oracle, unit.sample(pair, concept=bundle, part="student")))
+    atomic_write_text(state.out / METRICS_NAME, json.dumps(scores, indent=2, sort_keys=True) + "\n")
+    return scores

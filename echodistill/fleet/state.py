@@ -5,6 +5,7 @@
     out/<name>/checkpoint.pt      the last checkpoint (a lost worker's successor resumes from it)
     out/<name>/progress.json      the step the worker training it is at (written by that worker)
     out/fleet-report.md|json      `fleet report`
+    out/fleet-metrics.json        `fleet report --metrics`: the oracles' scores, each with the bundle file it scored
 
 States: queued -> training (step k of n) -> done | failed; on a second run a finished bundle is
 `verifying` until a worker has loaded it and checked it against its base models, then `skipped` (or
@@ -22,9 +23,30 @@ from ..models.tensor_files import atomic_write_text
 STATE_NAME = "fleet-state.json"
 PROGRESS_NAME = "progress.json"
 REPORT_NAME = "fleet-report"
+METRICS_NAME = "fleet-metrics.json"
 FINISHED = ("done", "skipped")
-COLUMNS = ("concept", "status", "steps", "wall_s", "attempts", "worker", "bundle", "subject_fidelity",
-           "prompt_fidelity", "error", "note")
+METRIC_COLUMNS = ("subject_fidelity", "prompt_fidelity", "metrics_error")
+COLUMNS = ("concept", "status", "steps", "wall_s", "attempts", "worker", "bundle", *METRIC_COLUMNS[:2], "error",
+           "note", METRIC_COLUMNS[2])
+
+
+def bundle_identity(path: str) -> dict | None:
+    """What says a bundle file is still the one scored: its absolute path, size and modification time (None:
+    no such file)."""
+    try:
+        stat = Path(path).stat()
+    except (OSError, ValueError):
+        return None
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def read_metrics(out: str | Path) -> dict[str, dict]:
+    """out/fleet-metrics.json ({} when there is none, or it cannot be read: the report then shows no scores)."""
+    try:
+        scores = json.loads((Path(out) / METRICS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in scores.items() if isinstance(v, dict)} if isinstance(scores, dict) else {}
 
 
 class FleetState:
@@ -47,6 +69,8 @@ class FleetState:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             concepts, manifest = data.get("concepts", {}), data.get("manifest", "")
+            if not isinstance(concepts, dict) or not all(isinstance(r, dict) for r in concepts.values()):
+                raise ValueError("its concepts are not one record per concept")
         except (ValueError, AttributeError) as error:
             from ..errors import EchoDistillError
 
@@ -92,8 +116,18 @@ class FleetState:
         return lines + [f"{len(self.concepts)} concepts: {summary}"]
 
     def rows(self) -> list[dict]:
+        """One row per concept; the scores of fleet-metrics.json where they are of the bundle the record names now
+        (a concept trained again since, or not finished, shows none)."""
+        scores = read_metrics(self.out)
+
+        def metrics(name: str, record: dict) -> dict:
+            entry, bundle = scores.get(name, {}), record.get("bundle")
+            current = (record.get("status") in FINISHED and name in scores  # a missing file's reason is current too
+                       and entry.get("bundle") == (bundle_identity(bundle) if isinstance(bundle, str) else None))
+            return {column: entry.get(column) if current else None for column in METRIC_COLUMNS}
+
         return [{column: record.get(column, record.get("step") if column == "steps" else None)
-                 for column in COLUMNS} | {"concept": name}
+                 for column in COLUMNS} | metrics(name, record) | {"concept": name}
                 for name, record in sorted(self.concepts.items())]
 
     def write_report(self) -> tuple[Path, Path]:

@@ -39,6 +39,7 @@ DEFAULT_STEPS = DEMO_STEPS
 class DemoReport:
     concept: str
     steps: int
+    seed: int
     images_per_prompt: int  # pictures scored per evaluation prompt (the sheet shows each prompt's first)
     train_seconds: float
     student_subject_fidelity: float
@@ -79,9 +80,13 @@ def refuse_to_replace(out_dir: str | os.PathLike, concept_name: str, overwrite: 
     bundle, sheet or metrics; not the shared run/ checkpoint, which no demo resumes): ConfigError naming the
     folder, the files and the two ways on, as `echodistill train` refuses to replace a bundle. Cheap: before
     anything loads."""
+    outputs = demo_outputs(out_dir, concept_name)
+    in_the_way = [path for path in outputs[:3] if path.is_dir()]
+    if in_the_way:  # not even --overwrite replaces a folder: said now, not after minutes of training
+        raise ConfigError(f"out_dir={out_dir}: {', '.join(p.name for p in in_the_way)} is a folder where the demo "
+                          "writes a file: move it away, or pick another out_dir=...", parameters=("out_dir",))
     if overwrite:
         return
-    outputs = demo_outputs(out_dir, concept_name)
     found = [path for path in (outputs.bundle, outputs.contact_sheet, outputs.metrics) if path.exists()]
     if found:
         names = ", ".join(path.relative_to(out_dir).as_posix() for path in found)
@@ -116,12 +121,16 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
     # per prompt and noise, so the demo's numbers are its table row for this subject and seed.
     unit = UnitInputs.build(concept, seed, images_per_prompt=EVAL_IMAGES_PER_PROMPT, captions=True)
 
+    # Every result is written into run/ first and moved into place at the end, all three together: a demo stopped
+    # on the way, or failing to write, leaves an earlier demo's results as they were (not one file of each).
+    run_dir = outputs.checkpoint.parent
+    staged = DemoOutputs(*(run_dir / path.name for path in outputs[:3]), outputs.checkpoint)
     started = time.perf_counter()
     with pristine(pair):  # training adds the token and adapters; the samplers below apply the bundle themselves
-        trainer = Trainer(pair, unit.images, config, run_dir=outputs.checkpoint.parent, callbacks=callbacks)
-        bundle_path = trainer.train().save(outputs.bundle)
+        trainer = Trainer(pair, unit.images, config, run_dir=run_dir, callbacks=callbacks)
+        trainer.train().save(staged.bundle)
     train_seconds = time.perf_counter() - started
-    bundle = ConceptBundle.load(bundle_path)  # written just above by our trainer: no shape check needed
+    bundle = ConceptBundle.load(staged.bundle)  # written just above by our trainer: no shape check needed
 
     student = unit.sample(pair, concept=bundle, part="student")
     teacher = unit.sample(pair, concept=bundle, part="teacher", steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE)
@@ -130,19 +139,21 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
 
     first = slice(None, None, EVAL_IMAGES_PER_PROMPT)  # the sheet shows each prompt's first picture
     sheet = _contact_sheet(unit.reference_pixels, student[first], teacher[first], unit.texts[first])
-    sheet_path = save_png(sheet, outputs.contact_sheet, {"echodistill": json.dumps(
+    save_png(sheet, staged.contact_sheet, {"echodistill": json.dumps(
         {"concept": name, "prompts": unit.texts[first], "seeds": unit.noise_seeds[first]})})
     report = DemoReport(
-        concept=name, steps=config.steps,  # overrides' steps win, as in training
+        concept=name, steps=config.steps, seed=config.seed,  # overrides' steps and seed win, as in training
         images_per_prompt=EVAL_IMAGES_PER_PROMPT, train_seconds=train_seconds,
         student_subject_fidelity=student_scores["subject_fidelity"],
         teacher_subject_fidelity=teacher_scores["subject_fidelity"],
         student_prompt_fidelity=student_scores["prompt_fidelity"],
         teacher_prompt_fidelity=teacher_scores["prompt_fidelity"],
         base_student_subject_fidelity=base["subject_fidelity"],
-        contact_sheet=str(sheet_path), bundle=str(bundle_path),
+        contact_sheet=str(outputs.contact_sheet), bundle=str(outputs.bundle),
     )
-    atomic_write_text(outputs.metrics, json.dumps(report.__dict__, indent=2) + "\n")
+    atomic_write_text(staged.metrics, json.dumps(report.__dict__, indent=2) + "\n")
+    for source, target in zip(staged[:3], outputs[:3]):
+        os.replace(source, target)  # the same file system: each a rename
     return report
 
 

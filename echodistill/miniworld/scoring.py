@@ -32,6 +32,9 @@ from .recipe import (  # noqa: F401 - the row names and sampling settings are re
 )
 
 
+SAMPLE_BATCH = 48  # pictures drawn per sampler call: one subject's 12 prompts x 4
+
+
 @dataclass
 class UnitInputs:
     """What every method of one concept x seed trains on and is scored against."""
@@ -67,8 +70,14 @@ class UnitInputs:
         return [" ".join(text.replace(TOKEN, word).split()) for text in self.texts]
 
     def sample(self, pair, texts: list[str] | None = None, **options) -> torch.Tensor:
-        return sample(pair, texts or self.texts, seeds=self.noise_seeds, width=RESOLUTION, height=RESOLUTION,
-                      return_latents=False, **options).images  # (N, 3, 64, 64)
+        """(N, 3, 64, 64) in [0, 1]: one picture per text and noise seed, drawn SAMPLE_BATCH at a time (memory
+        stays that of one batch however many pictures are asked for; each picture depends on its own seed only)."""
+        texts = texts or self.texts
+        return torch.cat([
+            sample(pair, texts[i:i + SAMPLE_BATCH], seeds=self.noise_seeds[i:i + SAMPLE_BATCH], width=RESOLUTION,
+                   height=RESOLUTION, return_latents=False, **options).images
+            for i in range(0, len(texts), SAMPLE_BATCH)
+        ])
 
     def score(self, oracle: Oracle, images: torch.Tensor) -> dict[str, float]:
         return {"subject_fidelity": float(oracle.subject_fidelity(images, self.reference_pixels)),

@@ -32,5 +32,7 @@ class Callbacks:
 
     def on_preview(self, step: int, images: torch.Tensor) -> None: ...  # (N, 3, H, W) in [0, 1]
 
+    def on_train_end(self, step: int) -> None: ...  # the last step done and its checkpoint written (if any)
+
     def should_stop(self) -> bool:
         return False

@@ -516,6 +516,7 @@ class Trainer:
         # The end is a checkpoint too: more steps later resume from here, and a failed bundle write loses nothing.
         if self.run_dir and not self._saved_at(self.step):
             self._save_or_explain()
+        self.callbacks.on_train_end(self.step)
         return self.bundle()
 
     def _saved_at(self, step: int) -> bool:
