@@ -586,6 +586,7 @@ def test_fleet_report_metrics_scores_a_mini_world_concept_as_its_table_row(tmp_p
     done = {"status": "done", "subject": "checker_diamond", "bundle": str(bundle)}
     state_file = FleetState(out, {
         "diamond": done,
+        "twin": dict(done),  # the same bundle file: scored once, the same numbers
         "queued": {"status": "queued", "subject": "window"},
         "unknown": {**done, "subject": "no_such_subject"},
         "gone": {**done, "bundle": str(tmp_path / "gone.safetensors")},
@@ -601,6 +602,8 @@ def test_fleet_report_metrics_scores_a_mini_world_concept_as_its_table_row(tmp_p
     assert rows["diamond"]["subject_fidelity"] == pytest.approx(0.4202, abs=5e-4)
     assert rows["diamond"]["prompt_fidelity"] == pytest.approx(0.9740, abs=5e-4)
     assert rows["diamond"]["metrics_error"] is None
+    assert (rows["twin"]["subject_fidelity"], rows["twin"]["prompt_fidelity"]) == (
+        rows["diamond"]["subject_fidelity"], rows["diamond"]["prompt_fidelity"])
     assert rows["queued"]["subject_fidelity"] is None and rows["queued"]["metrics_error"] is None  # not finished
     assert "unknown subject 'no_such_subject'" in rows["unknown"]["metrics_error"]
     assert "concept bundle not found" in rows["gone"]["metrics_error"]
@@ -612,6 +615,12 @@ def test_fleet_report_metrics_scores_a_mini_world_concept_as_its_table_row(tmp_p
     # a later plain report keeps the scores of the same bundle; one trained anew since shows none
     assert main(["fleet", "report", "--out", str(out)]) == 0
     assert json.loads((out / "fleet-report.json").read_text())[0]["subject_fidelity"] == pytest.approx(0.4202, abs=5e-4)
+    metrics = json.loads((out / "fleet-metrics.json").read_text())
+    metrics["twin"]["subject_fidelity"] = "abc"  # a file edited by hand: not shown as a score
+    (out / "fleet-metrics.json").write_text(json.dumps(metrics))
+    assert main(["fleet", "report", "--out", str(out)]) == 0
+    rows = {row["concept"]: row for row in json.loads((out / "fleet-report.json").read_text())}
+    assert rows["twin"]["subject_fidelity"] is None and rows["diamond"]["subject_fidelity"] is not None
     os.utime(bundle, ns=(1, 1))
     assert main(["fleet", "report", "--out", str(out)]) == 0
     assert json.loads((out / "fleet-report.json").read_text())[0]["subject_fidelity"] is None

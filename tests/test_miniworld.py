@@ -636,3 +636,9 @@ def test_a_demo_that_fails_to_finish_leaves_the_earlier_results_whole(tmp_path, 
     assert main(["demo", "--concept", "window", "--out", str(tmp_path), "--overwrite"]) == 2
     captured = capsys.readouterr()
     assert "window_metrics.json is a folder where the demo writes a file" in captured.err and captured.out == ""
+    (tmp_path / "window_metrics.json").rmdir()
+    staged = tmp_path / "run" / "window_contact_sheet.png"  # where it is written first (left by the failed run)
+    staged.unlink()
+    staged.mkdir()
+    assert main(["demo", "--concept", "window", "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "run/window_contact_sheet.png is a folder where the demo writes a file" in capsys.readouterr().err

@@ -52,9 +52,15 @@ def score_miniworld(state: FleetState) -> dict[str, dict]:
                if r.get("status") in FINISHED and r.get("subject") and r.get("bundle")}
     pair = oracle = None
     scores: dict[str, dict] = {}
+    scored: dict[tuple, dict] = {}  # (bundle file, subject): its scores, for records that share a bundle
     for name, record in sorted(records.items()):
         path = record["bundle"]
         entry = scores[name] = {"bundle": bundle_identity(path) if isinstance(path, str) else None}
+        # no file, no key: each missing file's reason names its own path
+        key = (json.dumps(entry["bundle"], sort_keys=True), str(record.get("subject"))) if entry["bundle"] else None
+        if key in scored:
+            entry.update(scored[key])
+            continue
         try:
             if not isinstance(path, str):
                 raise EchoDistillError(f"the state names bundle {path!r}, not a file path")
@@ -65,7 +71,10 @@ def score_miniworld(state: FleetState) -> dict[str, dict]:
             unit = _unit(record, bundle)
         except EchoDistillError as exc:
             entry["metrics_error"] = str(exc)
+            if key:
+                scored[key] = {"metrics_error": str(exc)}
             continue
-        entry.update(unit.score(oracle, unit.sample(pair, concept=bundle, part="student")))
+        scored[key] = unit.score(oracle, unit.sample(pair, concept=bundle, part="student"))
+        entry.update(scored[key])
     atomic_write_text(state.out / METRICS_NAME, json.dumps(scores, indent=2, sort_keys=True) + "\n")
     return scores

@@ -46,7 +46,19 @@ def read_metrics(out: str | Path) -> dict[str, dict]:
         scores = json.loads((Path(out) / METRICS_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in scores.items() if isinstance(v, dict)} if isinstance(scores, dict) else {}
+    if not isinstance(scores, dict):
+        return {}
+    return {name: entry for name, entry in scores.items() if isinstance(entry, dict) and _well_formed(entry)}
+
+
+def _well_formed(entry: dict) -> bool:
+    """Scores are finite numbers and a reason is text, or the entry is not shown (a file edited by hand)."""
+    import math
+
+    scores = [entry.get(column) for column in METRIC_COLUMNS[:2] if entry.get(column) is not None]
+    reason = entry.get(METRIC_COLUMNS[2])
+    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores)
+            and (reason is None or isinstance(reason, str)))
 
 
 class FleetState:

@@ -8,8 +8,11 @@ with the student in one step and with the teacher in 25, write a contact sheet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,16 +78,24 @@ def demo_outputs(out_dir: str | os.PathLike, concept_name: str) -> DemoOutputs:
                        out_dir / f"{concept_name}_metrics.json", out_dir / "run" / CHECKPOINT_NAME)
 
 
+def staged_outputs(outputs: DemoOutputs) -> DemoOutputs:
+    """Where a demo writes its results before moving them into place, all three together: run/."""
+    run_dir = outputs.checkpoint.parent
+    return DemoOutputs(*(run_dir / path.name for path in outputs[:3]), outputs.checkpoint)
+
+
 def refuse_to_replace(out_dir: str | os.PathLike, concept_name: str, overwrite: bool = False) -> None:
     """Unless `overwrite`, refuse a demo whose results `out_dir` already holds from an earlier one (its subject's
     bundle, sheet or metrics; not the shared run/ checkpoint, which no demo resumes): ConfigError naming the
     folder, the files and the two ways on, as `echodistill train` refuses to replace a bundle. Cheap: before
     anything loads."""
     outputs = demo_outputs(out_dir, concept_name)
-    in_the_way = [path for path in outputs[:3] if path.is_dir()]
+    written = [*outputs[:3], *staged_outputs(outputs)[:3]]
+    in_the_way = [path for path in written if path.is_dir()]
     if in_the_way:  # not even --overwrite replaces a folder: said now, not after minutes of training
-        raise ConfigError(f"out_dir={out_dir}: {', '.join(p.name for p in in_the_way)} is a folder where the demo "
-                          "writes a file: move it away, or pick another out_dir=...", parameters=("out_dir",))
+        names = ", ".join(path.relative_to(out_dir).as_posix() for path in in_the_way)
+        raise ConfigError(f"out_dir={out_dir}: {names} is a folder where the demo writes a file: move it away, "
+                          "or pick another out_dir=...", parameters=("out_dir",))
     if overwrite:
         return
     found = [path for path in (outputs.bundle, outputs.contact_sheet, outputs.metrics) if path.exists()]
@@ -123,8 +134,7 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
 
     # Every result is written into run/ first and moved into place at the end, all three together: a demo stopped
     # on the way, or failing to write, leaves an earlier demo's results as they were (not one file of each).
-    run_dir = outputs.checkpoint.parent
-    staged = DemoOutputs(*(run_dir / path.name for path in outputs[:3]), outputs.checkpoint)
+    run_dir, staged = outputs.checkpoint.parent, staged_outputs(outputs)
     started = time.perf_counter()
     with pristine(pair):  # training adds the token and adapters; the samplers below apply the bundle themselves
         trainer = Trainer(pair, unit.images, config, run_dir=run_dir, callbacks=callbacks)
@@ -152,9 +162,24 @@ def run_demo(out_dir: str | Path, *, concept_name: str | None = None, steps: int
         contact_sheet=str(outputs.contact_sheet), bundle=str(outputs.bundle),
     )
     atomic_write_text(staged.metrics, json.dumps(report.__dict__, indent=2) + "\n")
-    for source, target in zip(staged[:3], outputs[:3]):
-        os.replace(source, target)  # the same file system: each a rename
+    with _stop_signals_held():  # a Ctrl-C between two renames would leave one new file beside two old ones
+        for source, target in zip(staged[:3], outputs[:3]):
+            os.replace(source, target)  # the same file system: each a rename
     return report
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """SIGINT and SIGTERM held back (delivered on leaving) where the platform can (POSIX, main thread)."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _contact_sheet(references: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
