@@ -15,6 +15,7 @@ queued again, with a `note` saying why).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -53,8 +54,6 @@ def read_metrics(out: str | Path) -> dict[str, dict]:
 
 def _well_formed(entry: dict) -> bool:
     """Scores are finite numbers and a reason is text, or the entry is not shown (a file edited by hand)."""
-    import math
-
     scores = [entry.get(column) for column in METRIC_COLUMNS[:2] if entry.get(column) is not None]
     reason = entry.get(METRIC_COLUMNS[2])
     return (all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores)
